@@ -1,0 +1,237 @@
+"""Kronecker-factored drop-in replacements for nn.Linear / GPT-2 Conv1D and nn.Embedding.
+
+The forward pass never forms the dense weight: y = Σ_k (A_k ⊗ B_k) x = Σ_k vec(A_k · X · B_kᵀ) with X the input
+viewed as (n1 x n2), contracted in whichever order costs fewer multiply-adds for this shape.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .factor import kron_macs, kron_params, nearest_kronecker, validate_shape
+
+__all__ = [
+    "FusedKroneckerLinear",
+    "KroneckerEmbedding",
+    "KroneckerLinear",
+    "dense_weight",
+    "kron_linear",
+]
+
+
+def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
+                order: str = "auto") -> torch.Tensor:
+    """y = x · (Σ_k A_k ⊗ B_k)ᵀ + bias for x (..., n1·n2), A (r, m1, n1), B (r, m2, n2); returns (..., m1·m2).
+
+    order: "a_first" (cost m1·n2·(n1+m2) per token), "b_first" (n1·m2·(n2+m1)) or "auto" (the cheaper).
+    """
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if order == "auto":
+        order = kron_macs(m1, n1, m2, n2, r)[1]
+    lead = x.shape[:-1]
+    X = x.reshape(-1, n1, n2)
+    T = X.shape[0]
+    if order == "a_first":
+        # U[t, j2, (k, i1)] = Σ_j1 X[t, j1, j2] A[k, i1, j1]
+        Xt = X.transpose(1, 2).reshape(T * n2, n1)
+        U = Xt @ A.reshape(r * m1, n1).T  # (T·n2, r·m1)
+        U = U.reshape(T, n2, r, m1).permute(0, 3, 2, 1).reshape(T * m1, r * n2)
+        Bm = B.permute(0, 2, 1).reshape(r * n2, m2)  # [(k, j2), i2] = B[k, i2, j2]
+        Y = U * Bm if r * n2 == 1 else U @ Bm  # (T·m1, m2); an outer product needs no matmul
+        y = Y.reshape(T, m1 * m2)
+    elif order == "b_first":
+        # Z[t, j1, (k, i2)] = Σ_j2 X[t, j1, j2] B[k, i2, j2]
+        Z = X.reshape(T * n1, n2) @ B.reshape(r * m2, n2).T  # (T·n1, r·m2)
+        Z = Z.reshape(T, n1, r, m2).permute(0, 3, 2, 1).reshape(T * m2, r * n1)
+        Am = A.permute(0, 2, 1).reshape(r * n1, m1)  # [(k, j1), i1] = A[k, i1, j1]
+        Y = Z * Am if r * n1 == 1 else Z @ Am  # (T·m2, m1)
+        y = Y.reshape(T, m2, m1).transpose(1, 2).reshape(T, m1 * m2)
+    else:
+        raise ValueError(f"order must be 'auto', 'a_first' or 'b_first', got {order!r}")
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, m1 * m2)
+
+
+def dense_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Σ_k A_k ⊗ B_k as an (m1·m2, n1·n2) matrix."""
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    # (k, i1, j1) x (k, i2, j2) -> (i1, i2, j1, j2), summed over k
+    return torch.einsum("kab,kcd->acbd", A, B).reshape(m1 * m2, n1 * n2)
+
+
+def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (out, in) weight and bias of an nn.Linear or a transformers Conv1D (stored as (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.T, module.bias
+    raise TypeError(
+        f"cannot factor a {type(module).__name__}: supported types are torch.nn.Linear and "
+        "transformers.pytorch_utils.Conv1D"
+    )
+
+
+class KroneckerLinear(nn.Module):
+    """Linear layer with weight Σ_k A_k ⊗ B_k: A (rank, m1, n1), B (rank, m2, n2), in = n1·n2, out = m1·m2."""
+
+    def __init__(self, in_features: int, out_features: int, shape, rank: int = 1, bias: bool = True,
+                 order: str = "auto", device=None, dtype=None):
+        super().__init__()
+        m1, n1, m2, n2 = validate_shape(out_features, in_features, shape, rank, what="KroneckerLinear")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.shape = (m1, n1, m2, n2)
+        kw = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.empty(rank, m1, n1, **kw))
+        self.B = nn.Parameter(torch.empty(rank, m2, n2, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.order = kron_macs(m1, n1, m2, n2, rank)[1] if order == "auto" else order
+        self.init_error: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Variance of a product of independent factors multiplies; aim at Kaiming-uniform-like scale for W.
+        bound = (1.0 / math.sqrt(self.in_features)) ** 0.5 / self.rank ** 0.25
+        nn.init.uniform_(self.A, -bound * math.sqrt(3), bound * math.sqrt(3))
+        nn.init.uniform_(self.B, -bound * math.sqrt(3), bound * math.sqrt(3))
+
+    @property
+    def macs_per_token(self) -> int:
+        return kron_macs(*self.shape, self.rank)[0]
+
+    @property
+    def factor_params(self) -> int:
+        return kron_params(*self.shape, self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kron_linear(x, self.A, self.B, self.bias, self.order)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight, (out, in) like nn.Linear.weight."""
+        return dense_weight(self.A, self.B)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, shape, rank: int = 1) -> "KroneckerLinear":
+        """Factor an nn.Linear or GPT-2 Conv1D by SVD (nearest Kronecker product), keeping device and dtype."""
+        weight, bias = _linear_weight(module)
+        out_f, in_f = weight.shape
+        validate_shape(out_f, in_f, shape, rank, what=f"{type(module).__name__}({in_f} -> {out_f})")
+        return cls._from_weight(weight, bias, shape, rank)
+
+    @classmethod
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, shape, rank: int) -> "KroneckerLinear":
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, shape, rank, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        factors = nearest_kronecker(weight, shape, rank)
+        with torch.no_grad():
+            layer.A.copy_(factors.A.to(weight.dtype))
+            layer.B.copy_(factors.B.to(weight.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.init_error = factors.rel_error
+        return layer
+
+    def extra_repr(self) -> str:
+        m1, n1, m2, n2 = self.shape
+        return (f"in={self.in_features}, out={self.out_features}, A={m1}x{n1}, B={m2}x{n2}, rank={self.rank}, "
+                f"bias={self.bias is not None}, order={self.order}")
+
+
+class FusedKroneckerLinear(nn.Module):
+    """A fused projection (GPT-2's c_attn = [Q; K; V]) split into equal output blocks, each its own Kronecker layer.
+
+    The papers factor Q, K and V separately; factoring the fused 2304 x 768 matrix as one product would tie them.
+    """
+
+    def __init__(self, blocks: list[KroneckerLinear], bias: torch.Tensor | None):
+        super().__init__()
+        if len({b.in_features for b in blocks}) != 1:
+            raise ValueError("all blocks of a FusedKroneckerLinear need the same input size")
+        self.blocks = nn.ModuleList(blocks)
+        self.in_features = blocks[0].in_features
+        self.out_features = sum(b.out_features for b in blocks)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @property
+    def init_error(self) -> float | None:
+        errs = [b.init_error for b in self.blocks]
+        if any(e is None for e in errs):
+            return None
+        return math.sqrt(sum(e * e for e in errs) / len(errs))
+
+    @property
+    def macs_per_token(self) -> int:
+        return sum(b.macs_per_token for b in self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([b(x) for b in self.blocks], dim=-1)
+        return y + self.bias if self.bias is not None else y
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.cat([b.to_dense() for b in self.blocks], dim=0)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, shape, rank: int = 1, blocks: int = 3) -> "FusedKroneckerLinear":
+        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and factor each with `shape`."""
+        weight, bias = _linear_weight(module)
+        out_f, in_f = weight.shape
+        if blocks < 1 or out_f % blocks:
+            raise PlanError(f"cannot split {out_f} output features into {blocks} equal blocks")
+        rows = out_f // blocks
+        validate_shape(rows, in_f, shape, rank, what=f"each of {blocks} blocks ({in_f} -> {rows})")
+        parts = [KroneckerLinear._from_weight(w, None, shape, rank) for w in weight.split(rows, dim=0)]
+        return cls(parts, bias)
+
+
+class KroneckerEmbedding(nn.Module):
+    """Embedding table A (v x d/f) ⊗ B (1 x f), as in KroneckerBERT/KnGPT2: row i of A is still word i's vector,
+    and a lookup costs O(d)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, factor: int, padding_idx: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if factor < 1 or embedding_dim % factor:
+            raise PlanError(
+                f"embedding factor f={factor} must divide the embedding size {embedding_dim}; valid f: "
+                f"{[f for f in range(1, embedding_dim + 1) if embedding_dim % f == 0]}"
+            )
+        self.num_embeddings, self.embedding_dim, self.factor = num_embeddings, embedding_dim, factor
+        self.padding_idx = padding_idx
+        kw = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.randn(num_embeddings, embedding_dim // factor, **kw) * 0.02)
+        self.B = nn.Parameter(torch.ones(1, factor, **kw))
+        self.init_error: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_embeddings, self.embedding_dim // self.factor, 1, self.factor)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.A, self.padding_idx)
+        return (rows.unsqueeze(-1) * self.B[0]).flatten(-2)
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.kron(self.A, self.B)
+
+    @classmethod
+    def from_embedding(cls, module: nn.Embedding, factor: int) -> "KroneckerEmbedding":
+        """Factor an nn.Embedding (v x d) as A (v x d/f) ⊗ B (1 x f) by SVD, keeping device and dtype."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"cannot factor a {type(module).__name__} as an embedding: expected torch.nn.Embedding")
+        W = module.weight
+        v, d = W.shape
+        layer = cls(v, d, factor, module.padding_idx, device=W.device, dtype=W.dtype)
+        factors = nearest_kronecker(W, (v, d // factor, 1, factor), 1)
+        with torch.no_grad():
+            layer.A.copy_(factors.A[0].to(W.dtype))
+            layer.B.copy_(factors.B[0].to(W.dtype))
+        layer.init_error = factors.rel_error
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, A={self.num_embeddings}x{self.embedding_dim // self.factor}, B=1x{self.factor}"

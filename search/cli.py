@@ -1,0 +1,78 @@
+"""The `kronsearch` console script: one parser, subcommands contributed by each package.
+
+Each package's `cli.py` exposes `add_parsers(subparsers)`; handlers import their heavy dependencies lazily so
+`kronsearch --help` stays fast. A `UserError` (or a missing file) exits 2 with one line and no traceback; any
+other exception exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Packages contributing subcommands, in the order they appear in --help.
+_COMMAND_MODULES = ("kron.cli", "trials.cli", "search.commands", "analysis.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kronsearch",
+        description="Search Kronecker-factored compressions of pre-trained Transformers.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a package not written yet must not break the others
+            if exc.name != name:
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kronsearch")
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from kron.errors import UserError
+
+    try:
+        rc = args.func(args)
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        print(f"kronsearch {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kronsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # internal error: keep it short, point at the traceback switch
+        if os.environ.get("KRONSEARCH_TRACEBACK"):
+            raise
+        print(
+            f"kronsearch {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set KRONSEARCH_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return int(rc or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
