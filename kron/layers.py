@@ -35,23 +35,32 @@ def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.T
     lead = x.shape[:-1]
     X = x.reshape(-1, n1, n2)
     T = X.shape[0]
+    # Each order is one large GEMM plus one batched GEMM, laid out so that no activation-sized tensor is
+    # transposed for rank 1 (on CPU a fresh activation-sized copy costs as much as the small matmuls).
     if order == "a_first":
-        # U[t, j2, (k, i1)] = Σ_j1 X[t, j1, j2] A[k, i1, j1]
-        Xt = X.transpose(1, 2).reshape(T * n2, n1)
-        U = Xt @ A.reshape(r * m1, n1).T  # (T·n2, r·m1)
-        U = U.reshape(T, n2, r, m1).permute(0, 3, 2, 1).reshape(T * m1, r * n2)
+        # U[t, (k, i1), j2] = Σ_j1 A[k, i1, j1] X[t, j1, j2]
+        if n2 == 1:
+            U = X.reshape(T, n1) @ A.reshape(r * m1, n1).T
+        else:
+            U = torch.matmul(A.reshape(r * m1, n1), X)  # batched over tokens: (T, r·m1, n2)
+        if r == 1:
+            U = U.reshape(T * m1, n2)
+        else:
+            U = U.reshape(T, r, m1, n2).permute(0, 2, 1, 3).reshape(T * m1, r * n2)
         Bm = B.permute(0, 2, 1).reshape(r * n2, m2)  # [(k, j2), i2] = B[k, i2, j2]
         Y = U * Bm if r * n2 == 1 else U @ Bm  # (T·m1, m2); an outer product needs no matmul
-        y = Y.reshape(T, m1 * m2)
     elif order == "b_first":
         # Z[t, j1, (k, i2)] = Σ_j2 X[t, j1, j2] B[k, i2, j2]
-        Z = X.reshape(T * n1, n2) @ B.reshape(r * m2, n2).T  # (T·n1, r·m2)
-        Z = Z.reshape(T, n1, r, m2).permute(0, 3, 2, 1).reshape(T * m2, r * n1)
-        Am = A.permute(0, 2, 1).reshape(r * n1, m1)  # [(k, j1), i1] = A[k, i1, j1]
-        Y = Z * Am if r * n1 == 1 else Z @ Am  # (T·m2, m1)
-        y = Y.reshape(T, m2, m1).transpose(1, 2).reshape(T, m1 * m2)
+        Z = X.reshape(T * n1, n2) @ B.reshape(r * m2, n2).T
+        if r == 1:
+            Z = Z.reshape(T, n1, m2)
+        else:
+            Z = Z.reshape(T, n1, r, m2).permute(0, 2, 1, 3).reshape(T, r * n1, m2)
+        Am = A.permute(1, 0, 2).reshape(m1, r * n1)  # [i1, (k, j1)] = A[k, i1, j1]
+        Y = Z.reshape(T, r * n1) @ Am.T if m2 == 1 else torch.matmul(Am, Z)  # (T, m1, m2)
     else:
         raise ValueError(f"order must be 'auto', 'a_first' or 'b_first', got {order!r}")
+    y = Y.reshape(T, m1 * m2)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, m1 * m2)
