@@ -1,0 +1,133 @@
+"""One trial end to end on tiny teachers, early stopping, divergence, config errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from kron.errors import ConfigError
+from trials.config import load_trial_config
+from trials.trial import SUMMARY_NAME, clear_caches, run_trial
+
+
+def _lm_config(teacher, corpus, **over):
+    cfg = {
+        "teacher": str(teacher),
+        "plan": {"rules": [{"select": "h.*.mlp.c_fc", "shape": [64, 16, 2, 2]},
+                           {"select": "attn.c_attn", "layers": "odd", "shape": [16, 16, 2, 2], "blocks": 3},
+                           {"select": "transformer.wte", "embedding_factor": 2}]},
+        "data": {"source": str(corpus), "seq_len": 32, "val_blocks": 8},
+        "stage1": {"lr": 3e-3, "batch_size": 4, "max_steps": 12, "eval_every": 4,
+                   "early_stopping": {"patience": 5}},
+        "seed": 0,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_lm_trial_end_to_end(tiny_lm_teacher, text_corpus, tmp_path):
+    seen = []
+    summary = run_trial(_lm_config(tiny_lm_teacher, text_corpus), report=lambda m, c: seen.append(m),
+                        output_dir=tmp_path)
+    assert summary["status"] == "complete"
+    assert summary["quality_name"] == "val_ppl" and summary["quality_mode"] == "min"
+    assert summary["params"] < summary["params_teacher"]
+    assert summary["compression_ratio"] > 1
+    assert math.isfinite(summary["quality"]) and math.isfinite(summary["quality_at_init"])
+    assert summary["quality"] <= summary["quality_at_init"]  # best of the evaluations, including step 0
+    steps = [h["step"] for h in summary["history"]]
+    assert steps == [0, 4, 8, 12]
+    for h in summary["history"][1:]:
+        for key in ("loss", "loss_emb", "loss_att", "loss_hid", "loss_ce", "tokens_seen", "wall_time_s",
+                    "throughput_tokens_per_s"):
+            assert key in h, key
+    assert [m["step"] for m in seen] == steps
+    assert all(m["params"] == summary["params"] for m in seen)
+    on_disk = json.loads((tmp_path / SUMMARY_NAME).read_text())
+    assert on_disk["status"] == "complete" and on_disk["quality"] == summary["quality"]
+    assert on_disk["plan_resolved"]["transformer.h.1.attn.c_attn"]["blocks"] == 3
+    # The best checkpoint reloads without the teacher and reproduces the recorded validation perplexity.
+    from kron.io import load_compressed
+    from trials.trial import evaluate_lm, load_lm_data, load_trial_config as _l  # noqa: F401
+
+    student = load_compressed(tmp_path / "checkpoint")
+    cfg = load_trial_config(_lm_config(tiny_lm_teacher, text_corpus))
+    from trials.trial import load_teacher
+
+    teacher, tok = load_teacher(cfg, torch.device("cpu"))
+    _, val = load_lm_data(cfg, teacher, tok, torch.device("cpu"))
+    again = evaluate_lm(student, val, 4, torch.device("cpu"))["quality"]
+    assert again == pytest.approx(summary["quality"], rel=1e-4)
+
+
+def test_trial_from_teacher_samples_and_preset(tiny_lm_teacher, tmp_path):
+    cfg = _lm_config(tiny_lm_teacher, None, plan={"preset": "uniform:2"},
+                     data={"source": "teacher-samples", "seq_len": 32, "num_samples": 16, "val_blocks": 4})
+    cfg["stage1"]["max_steps"] = 4
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete"
+    assert 1.5 < summary["compression_ratio"] < 2.5 or summary["params"] < summary["params_teacher"]
+
+
+def test_early_stopping_on_plateau(tiny_lm_teacher, text_corpus, tmp_path):
+    # lr 0: the validation perplexity never improves after step 0, so patience 2 stops after two more evaluations.
+    cfg = _lm_config(tiny_lm_teacher, text_corpus)
+    cfg["stage1"].update(lr=1e-12, max_steps=40, eval_every=2, early_stopping={"patience": 2, "min_delta": 0.01})
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete"
+    assert [h["step"] for h in summary["history"]] == [0, 2, 4]
+    assert summary["steps"] == 4
+
+
+def test_divergence_ends_the_trial_with_status_diverged(tiny_lm_teacher, text_corpus, tmp_path):
+    cfg = _lm_config(tiny_lm_teacher, text_corpus)
+    cfg["stage1"].update(lr=1e6, grad_clip=None, max_steps=40, eval_every=2, early_stopping=None)
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "diverged"
+    assert "non-finite loss" in summary["error"]
+    assert summary["steps"] < 40
+    assert json.loads((tmp_path / SUMMARY_NAME).read_text())["status"] == "diverged"
+
+
+def test_glue_trial_on_tiny_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_path):
+    cfg = {
+        "teacher": str(tiny_bert_classifier),
+        "plan": {"rules": [{"select": "re:.*attention\\.self\\.(query|key|value)", "shape": [8, 8, 4, 4]},
+                           {"select": "intermediate.dense", "shape": [8, 4, 8, 8]},
+                           {"select": "re:.*layer\\.\\d+\\.output\\.dense", "layers": "all", "shape": [4, 8, 8, 8]}]},
+        "stage1": None,
+        "glue": {"task": "sst2", "source": str(sst2_dir), "max_len": 32},
+        "stage2": {"lr": 1e-3, "batch_size": 8, "max_steps": 6, "eval_every": 3,
+                   "distill": {"ce": 1.0, "logits": 1.0}},
+    }
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete"
+    assert summary["quality_name"] == "accuracy" and summary["quality_mode"] == "max"
+    assert 0.0 <= summary["quality"] <= 1.0
+    assert [h["step"] for h in summary["history"]] == [0, 3, 6]
+    assert "loss_logits" in summary["history"][-1] and "glue_accuracy" in summary["history"][-1]
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"stage1": {"lr": -1}}, "stage1.lr"),
+        ({"teacher_model": "x"}, "teacher_model: unknown key"),
+        ({"plan": None}, "needs a plan"),
+        ({"plan": {"preset": "kngpt2", "file": "p.yaml"}}, "exactly one of preset, file or rules"),
+        ({"method": "pruning"}, "method"),
+        ({"stage2": {"max_steps": 3}}, "stage2 (task distillation) needs a glue task"),
+    ],
+)
+def test_bad_configs_name_the_field(patch, message):
+    cfg = {"teacher": "demo", "plan": {"preset": "kngpt2"}}
+    cfg.update(patch)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_trial_config(cfg)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    clear_caches()
+    yield
+    clear_caches()

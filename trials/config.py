@@ -1,0 +1,205 @@
+"""Typed, validated trial configuration (YAML/JSON/dict).
+
+Unknown keys are errors; every error names the field, the value and what would be valid. The same model is
+embedded in search configs, so a trial config is also what one search sample becomes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kron.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "DistillConfig",
+    "EarlyStopConfig",
+    "GlueConfig",
+    "PlanSource",
+    "StageConfig",
+    "TrialConfig",
+    "format_validation_error",
+    "load_trial_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Text for LM distillation (stage 1)."""
+
+    source: str = Field("teacher-samples", description="a local file/dir, a datasets-hub name, or 'teacher-samples'")
+    config_name: str | None = None
+    seq_len: int = Field(128, ge=8, le=8192)
+    max_train_tokens: int | None = Field(None, ge=1)
+    val_blocks: int = Field(32, ge=1)
+    # data-free text sampled from the teacher
+    num_samples: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(50, ge=0)
+
+
+class GlueConfig(_Strict):
+    """A GLUE task for stage-2 task distillation."""
+
+    task: str
+    source: str = Field("glue", description="a local directory in the GLUE TSV layout, or 'glue' (the hub)")
+    max_len: int = Field(128, ge=8, le=4096)
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+
+class DistillConfig(_Strict):
+    """α weights of the ILKD loss (method.md) and the logits-KD temperature."""
+
+    emb: float = Field(0.5, ge=0)
+    att: float = Field(0.5, ge=0)
+    hid: float = Field(0.5, ge=0)
+    ce: float = Field(0.1, ge=0)
+    logits: float = Field(0.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    layer_map: list[int] | None = None
+
+
+class EarlyStopConfig(_Strict):
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="relative improvement that counts (0.01 = 1%)")
+
+
+class StageConfig(_Strict):
+    """One distillation stage: optimiser, budget, evaluation cadence, early stopping."""
+
+    lr: float = Field(2.5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(200, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per evaluation")
+    early_stopping: EarlyStopConfig | None = Field(default_factory=EarlyStopConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class PlanSource(_Strict):
+    """Where the compression plan comes from: exactly one of preset, file, or inline rules."""
+
+    preset: str | None = None
+    file: str | None = None
+    rules: list[dict[str, Any]] | None = None
+    default: str = "keep"
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("preset", "file", "rules") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of preset, file or rules (got {given or 'none'})")
+        return self
+
+
+class TrialConfig(_Strict):
+    """One trial: teacher → compressed student → distillation stage(s) → evaluation."""
+
+    name: str | None = None
+    teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
+    method: Literal["kronecker", "lowrank", "layerdrop", "teacher"] = "kronecker"
+    plan: PlanSource | None = None
+    lowrank_ratio: float | None = Field(None, gt=1, description="lowrank: parameter reduction of each matrix")
+    keep_layers: list[int] | Literal["odd", "even"] | None = Field(None, description="layerdrop: layers kept")
+    data: DataConfig = Field(default_factory=DataConfig)
+    stage1: StageConfig | None = Field(default_factory=StageConfig)
+    glue: GlueConfig | None = None
+    stage2: StageConfig | None = None
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch threads (default: leave torch's choice)")
+    save_checkpoint: bool = True
+    trust_remote_code: bool = False
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("teacher must name a model ('demo', a directory, a hub name or config:...)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method == "kronecker" and self.plan is None:
+            raise ValueError("method 'kronecker' needs a plan (preset, file or rules)")
+        if self.method == "lowrank" and self.lowrank_ratio is None:
+            raise ValueError("method 'lowrank' needs lowrank_ratio (e.g. 2.0)")
+        if self.method == "layerdrop" and self.keep_layers is None:
+            raise ValueError("method 'layerdrop' needs keep_layers ('odd', 'even' or a list)")
+        if self.stage2 is not None and self.glue is None:
+            raise ValueError("stage2 (task distillation) needs a glue task")
+        if self.glue is not None and self.stage2 is None:
+            self.stage2 = StageConfig(lr=2e-5, batch_size=16, distill=DistillConfig(ce=0.02, logits=1.0))
+        if self.stage1 is None and self.stage2 is None:
+            raise ValueError("a trial needs stage1 (LM distillation) and/or stage2 (GLUE task distillation)")
+        return self
+
+    @property
+    def quality_name(self) -> str:
+        if self.glue is not None:
+            from .glue import main_metric
+
+            return main_metric(self.glue.task)[0]
+        return "val_ppl"
+
+    @property
+    def quality_mode(self) -> str:
+        return "max" if self.glue is not None else "min"
+
+
+def format_validation_error(exc: ValidationError, where: str = "config") -> str:
+    """One line per problem: `field.path: message (got value)`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
+        lines.append(f"{where}: {loc}: {msg} (got {shown})")
+    return "; ".join(lines)
+
+
+def _known_fields(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def load_trial_config(src: str | Path | dict | TrialConfig) -> TrialConfig:
+    """Build a TrialConfig from a YAML/JSON path, a dict or an existing config; ConfigError on any problem."""
+    if isinstance(src, TrialConfig):
+        return src
+    where = "trial config"
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise ConfigError(f"trial config file not found: {path}")
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of trial settings, got {type(data).__name__}")
+        data = data.get("trial", data) if set(data) == {"trial"} else data
+    else:
+        data = dict(src)
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as exc:
+        msg = format_validation_error(exc, where)
+        if "unknown key" in msg:
+            msg += f" — valid top-level keys: {_known_fields(TrialConfig)}"
+        raise ConfigError(msg) from None

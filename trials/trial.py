@@ -1,0 +1,500 @@
+"""One trial end to end: teacher → compressed student (SVD init) → ILKD stage(s) → evaluation → JSON summary.
+
+`run_trial` is the unit the search runs thousands of times, so the teacher, tokenizer and data are cached per
+process (a reused Ray actor pays for them once) and every evaluation rewrites `trial_summary.json` atomically:
+a trial killed at any moment leaves its latest state on disk.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from kron.errors import UserError
+from kron.fsutil import atomic_write_json
+
+from .config import StageConfig, TrialConfig, load_trial_config
+from .distill import DistillWeights, forward_for_distillation, ilkd_loss
+
+__all__ = ["run_trial", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
+
+SUMMARY_NAME = "trial_summary.json"
+SCHEMA = "kronsearch.trial/1"
+Reporter = Callable[[dict[str, Any], "str | None"], None]
+
+# Per-process caches: a reused worker loads each teacher and data set once.
+_TEACHERS: dict[tuple, Any] = {}
+_DATA: dict[tuple, Any] = {}
+
+
+def clear_caches() -> None:
+    _TEACHERS.clear()
+    _DATA.clear()
+
+
+@dataclass
+class TrialResult:
+    summary: dict[str, Any]
+    student: torch.nn.Module | None = None
+
+
+class _Diverged(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def resolve_teacher_source(src: str) -> str:
+    """'demo' → the bundled demo teacher's directory; anything else unchanged."""
+    if src == "demo":
+        from .teacher import demo_teacher_dir
+
+        return str(demo_teacher_dir())
+    return src
+
+
+def load_teacher(cfg: TrialConfig, device: torch.device):
+    """The teacher (eval mode, frozen, eager attention) and its tokenizer, cached per process."""
+    task = "sequence-classification" if cfg.glue is not None else "auto"
+    key = (cfg.teacher, task, str(device), cfg.dtype, cfg.trust_remote_code)
+    if key not in _TEACHERS:
+        from kron.models import load_model, load_tokenizer
+
+        src = resolve_teacher_source(cfg.teacher)
+        model = load_model(src, task=task, device=device, dtype=getattr(torch, cfg.dtype),
+                           trust_remote_code=cfg.trust_remote_code)
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")  # ILKD needs the attention probabilities
+        model.eval().requires_grad_(False)
+        tokenizer = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
+        _TEACHERS[key] = (model, tokenizer)
+    return _TEACHERS[key]
+
+
+def _is_causal_lm(model) -> bool:
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and (
+        type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+    )
+
+
+def load_lm_data(cfg: TrialConfig, teacher, tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_blocks, val_blocks) of token ids for stage 1, cached per process."""
+    d = cfg.data
+    key = ("lm", cfg.teacher, d.model_dump_json())
+    if key not in _DATA:
+        from . import data as data_mod
+
+        if d.source == "teacher-samples":
+            if not _is_causal_lm(teacher):
+                raise UserError("data.source 'teacher-samples' needs a causal-LM teacher; give a text corpus instead")
+            # the cache key of sample_teacher_text covers the teacher's weights and the sampling settings
+            sample = dict(temperature=d.temperature, top_k=d.top_k, device=device)
+            train = data_mod.sample_teacher_text(teacher, tokenizer, d.num_samples, d.seq_len, seed=0, **sample)
+            val = data_mod.sample_teacher_text(teacher, tokenizer, d.val_blocks, d.seq_len, seed=1, **sample)
+        else:
+            train = data_mod.load_text_blocks(d.source, tokenizer, d.seq_len, "train", config_name=d.config_name,
+                                              max_tokens=d.max_train_tokens)
+            val = data_mod.load_text_blocks(d.source, tokenizer, d.seq_len, "valid", config_name=d.config_name)
+            val = val[: d.val_blocks]
+        _DATA[key] = (train, val)
+    return _DATA[key]
+
+
+def load_glue_data(cfg: TrialConfig, tokenizer):
+    """Encoded (train, dev) tensors dicts for stage 2, cached per process."""
+    g = cfg.glue
+    key = ("glue", cfg.teacher, g.model_dump_json())
+    if key not in _DATA:
+        from . import glue as glue_mod
+
+        out = []
+        for split, cap in (("train", g.max_train_examples), ("dev", g.max_eval_examples)):
+            examples = glue_mod.load_glue(g.task, g.source, split)
+            if cap is not None:
+                examples = examples[:cap] if isinstance(examples, list) else examples.select(range(min(cap, len(examples))))
+            out.append(glue_mod.encode_glue(examples, tokenizer, g.max_len))
+        _DATA[key] = tuple(out)
+    return _DATA[key]
+
+
+# ----------------------------------------------------------------------------------------------- student
+
+
+def build_plan(cfg: TrialConfig, model_config):
+    from kron.plan import CompressionPlan
+    from kron.presets import preset_plan
+
+    p = cfg.plan
+    if p.preset is not None:
+        return preset_plan(p.preset, model_config)
+    if p.file is not None:
+        return CompressionPlan.load(p.file)
+    return CompressionPlan.from_dict({"default": p.default, "rules": p.rules})
+
+
+def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any]:
+    """A trainable copy of the teacher compressed by the trial's method; returns (student, report dict, plan)."""
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    if cfg.method == "kronecker":
+        from kron.surgery import compress
+
+        plan = build_plan(cfg, teacher.config)
+        report = compress(student, plan, inplace=True, init="svd")
+        return student, report.to_dict(), plan
+    if cfg.method in ("lowrank", "layerdrop"):
+        from kron import baselines
+
+        return baselines.build(cfg, student)
+    if cfg.method == "teacher":  # the uncompressed reference point, distilled from itself (no-op) and evaluated
+        return student, _report_counts(student), None
+    raise UserError(f"unknown method {cfg.method!r}")
+
+
+def _report_counts(model) -> dict:
+    from kron.surgery import count_params, macs_per_token
+
+    n_all, n_excl = count_params(model), count_params(model, exclude_output_embedding=True)
+    macs = macs_per_token(model)
+    return {"params_before": n_all, "params_after": n_all,
+            "params_before_excluding_output_embedding": n_excl, "params_after_excluding_output_embedding": n_excl,
+            "macs_per_token_before": macs, "macs_per_token_after": macs, "compression_ratio": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def _batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int) -> Iterator[dict]:
+    """Endless shuffled batches (training), or one ordered pass (evaluation)."""
+    n = next(iter(tensors.values())).shape[0]
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        # training drops the ragged last batch so every step sees batch_size examples
+        stop = max(n - batch_size + 1, 1) if shuffle else n
+        for i in range(0, stop, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: v[idx] for k, v in tensors.items()}
+        if not shuffle:
+            return
+
+
+@torch.no_grad()
+def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device, max_batches: int | None = None) -> dict:
+    """Perplexity exp(mean next-token NLL) over full blocks, and the model's forward throughput."""
+    model.eval()
+    nll, count, seconds = 0.0, 0, 0.0
+    for b, i in enumerate(range(0, blocks.shape[0], batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        ids = blocks[i : i + batch_size].to(device)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += ids[:, 1:].numel()
+    mean = nll / max(count, 1)
+    ppl = math.exp(mean) if mean < 700 else float("inf")
+    tokens = count + (count // max(blocks.shape[1] - 1, 1))
+    return {"quality": ppl, "val_nll": mean, "throughput_tokens_per_s": tokens / seconds if seconds else None}
+
+
+@torch.no_grad()
+def evaluate_glue(model, data: dict[str, torch.Tensor], task: str, batch_size: int, device,
+                  max_batches: int | None = None) -> dict:
+    """The task's GLUE metrics on the dev split (main metric as `quality`) and forward throughput."""
+    from .glue import glue_metrics, main_metric
+
+    model.eval()
+    preds, labels, seconds, tokens = [], [], 0.0, 0
+    for b, batch in enumerate(_batches(data, batch_size, shuffle=False, seed=0)):
+        if max_batches is not None and b >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        tokens += int(batch["attention_mask"].sum())
+        preds.append(logits.squeeze(-1).float().cpu() if logits.shape[-1] == 1 else logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    metrics = glue_metrics(task, torch.cat(preds).numpy(), torch.cat(labels).numpy())
+    name = main_metric(task)[0]
+    return {"quality": float(metrics[name]), **{f"glue_{k}": float(v) for k, v in metrics.items()},
+            "throughput_tokens_per_s": tokens / seconds if seconds else None}
+
+
+@torch.no_grad()
+def evaluate_kd(student, teacher, blocks: torch.Tensor, weights: DistillWeights, batch_size: int, device,
+                max_batches: int | None = None, layer_map=None) -> dict:
+    """Mean ILKD loss on held-out text: the stage-1 metric for models without an LM head (BERT encoders)."""
+    student.eval()
+    total, n, seconds, tokens = 0.0, 0, 0.0, 0
+    for b, i in enumerate(range(0, blocks.shape[0], batch_size)):
+        if max_batches is not None and b >= max_batches:
+            break
+        ids = blocks[i : i + batch_size].to(device)
+        t_out = forward_for_distillation(teacher, ids)
+        t0 = time.perf_counter()
+        s_out = forward_for_distillation(student, ids)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        tokens += ids.numel()
+        total += ilkd_loss(s_out, t_out, weights, layer_map=layer_map).loss.item()
+        n += 1
+    return {"quality": total / max(n, 1), "throughput_tokens_per_s": tokens / seconds if seconds else None}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State shared by the stages of one trial: counters, history, best checkpoint, summary file."""
+
+    def __init__(self, cfg: TrialConfig, out_dir: Path | None, report: Reporter | None, progress: bool):
+        self.cfg, self.out_dir, self.report_fn, self.progress = cfg, out_dir, report, progress
+        self.t0 = time.time()
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.checkpoint: str | None = None
+        self.summary: dict[str, Any] = {}
+
+    def better(self, value: float, mode: str, min_delta: float = 0.0) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.best is None:
+            return True
+        if mode == "min":
+            return value < self.best * (1 - min_delta) if self.best > 0 else value < self.best
+        return value > self.best * (1 + min_delta) if self.best > 0 else value > self.best
+
+    def write(self, **updates) -> None:
+        self.summary.update(updates)
+        self.summary["history"] = self.history
+        self.summary["wall_time_s"] = round(time.time() - self.t0, 3)
+        self.summary["steps"], self.summary["tokens_seen"] = self.step, self.tokens_seen
+        if self.out_dir is not None:
+            atomic_write_json(self.out_dir / SUMMARY_NAME, self.summary)
+
+
+def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.PathLike | None = None,
+              progress: bool | None = None, return_student: bool = False) -> dict[str, Any]:
+    """Run one trial and return its JSON summary (also written to `output_dir/trial_summary.json`).
+
+    Args:
+        config: a TrialConfig, a dict, or a YAML path.
+        report: called as report(metrics, checkpoint_dir_or_None) after every evaluation (Ray Tune's hook).
+        output_dir: where the summary and the best checkpoint go (None: nothing written).
+        progress: show a progress bar (default: when no reporter is given).
+    A NaN/inf loss ends the trial with status 'diverged'; a bad config raises ConfigError before any work;
+    any other error during the run is recorded with status 'error' and re-raised.
+    """
+    cfg = load_trial_config(config)
+    out_dir = Path(output_dir) if output_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg, out_dir, report, report is None if progress is None else progress)
+    run.summary = {
+        "schema": SCHEMA, "trial_id": cfg.name or (out_dir.name if out_dir else "trial"), "search": None,
+        "method": cfg.method, "label": cfg.name, "status": "running", "error": None,
+        "quality_name": cfg.quality_name, "quality_mode": cfg.quality_mode, "quality": None,
+        "quality_at_init": None, "teacher_quality": None, "config": cfg.model_dump(mode="json"), "checkpoint": None,
+    }
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    from kron.models import pick_device
+
+    device = pick_device(cfg.device)
+    student = None
+    try:
+        teacher, tokenizer = load_teacher(cfg, device)
+        student, comp, plan = build_student(cfg, teacher)
+        student.to(device)
+        if hasattr(student, "set_attn_implementation"):
+            student.set_attn_implementation("eager")
+        run.summary.update(_size_fields(comp, plan))
+        run.plan = plan
+        run.teacher = teacher
+        stages = []
+        if cfg.stage1 is not None:
+            stages.append(("lm", cfg.stage1))
+        if cfg.stage2 is not None:
+            stages.append(("glue", cfg.stage2))
+        for kind, stage_cfg in stages:
+            run.best, run.best_step = None, None  # each stage selects on its own validation metric
+            _run_stage(run, kind, stage_cfg, teacher, student, tokenizer, device)
+        status = "complete"
+    except _Diverged as exc:
+        status = "diverged"
+        run.write(status=status, error=str(exc))
+    except UserError:
+        raise
+    except Exception as exc:
+        run.write(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
+        raise
+    if status == "complete":
+        run.write(status="complete")
+    return (run.summary, student) if return_student else run.summary
+
+
+def _size_fields(comp: dict, plan) -> dict:
+    fields = {
+        "params": comp.get("params_after"),
+        "params_excl_output_embedding": comp.get("params_after_excluding_output_embedding", comp.get("params_after")),
+        "params_teacher": comp.get("params_before"),
+        "compression_ratio": comp.get("compression_ratio"),
+        "macs_per_token": comp.get("macs_per_token_after"),
+        "macs_per_token_teacher": comp.get("macs_per_token_before"),
+        "plan": plan.to_dict() if plan is not None and hasattr(plan, "to_dict") else comp.get("plan"),
+        "plan_summary": comp.get("plan_summary") or (plan.summary() if plan is not None and hasattr(plan, "summary") else ""),
+        "plan_resolved": comp.get("plan_resolved") or _resolved_from_report(comp),
+        "init_errors": {m["name"]: m.get("init_error") for m in comp.get("modules", []) if m.get("init_error") is not None},
+    }
+    return fields
+
+
+def _resolved_from_report(comp: dict) -> dict:
+    out = {}
+    for m in comp.get("modules", []):
+        spec = m.get("spec")
+        out[m["name"]] = spec if spec is not None else "keep"
+    return out
+
+
+def _evaluate(run: _Run, kind: str, student, eval_data, stage: StageConfig, device) -> dict:
+    if kind == "lm" and _is_causal_lm(student):
+        return evaluate_lm(student, eval_data, stage.batch_size, device, stage.eval_batches)
+    if kind == "lm":
+        weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
+        return evaluate_kd(student, run.teacher, eval_data, weights, stage.batch_size, device, stage.eval_batches,
+                           stage.distill.layer_map)
+    return evaluate_glue(student, eval_data, run.cfg.glue.task, stage.batch_size, device, stage.eval_batches)
+
+
+def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, tokenizer, device) -> None:
+    cfg = run.cfg
+    if kind == "lm":
+        train, val = load_lm_data(cfg, teacher, tokenizer, device)
+        train_iter = _batches({"input_ids": train}, stage.batch_size, shuffle=True, seed=cfg.seed)
+        eval_data = val
+        mode = "min"  # perplexity, or the held-out ILKD loss for encoders
+    else:
+        train_t, dev_t = load_glue_data(cfg, tokenizer)
+        train_iter = _batches(train_t, stage.batch_size, shuffle=True, seed=cfg.seed)
+        eval_data = dev_t
+        mode = "max"
+    final_stage = kind == ("glue" if cfg.stage2 is not None else "lm")
+    weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0)
+
+    since_best = 0
+
+    def evaluate_and_report(stage_step: int, losses: dict[str, float]) -> bool:
+        """Evaluate, log, keep the best checkpoint; return True when early stopping says stop."""
+        nonlocal since_best
+        metrics = _evaluate(run, kind, student, eval_data, stage, device)
+        q = metrics["quality"]
+        if stage_step == 0 and run.summary.get("quality_at_init") is None and final_stage:
+            run.summary["quality_at_init"] = q
+        improved = run.better(q, mode, stage.early_stopping.min_delta if stage.early_stopping else 0.0)
+        if improved:
+            run.best, run.best_step = q, run.step
+            if final_stage:
+                run.summary["quality"] = q
+                run.summary["throughput_tokens_per_s"] = metrics.get("throughput_tokens_per_s")
+                _save_best(run, student)
+        record = {"stage": kind, "step": run.step, "tokens_seen": run.tokens_seen,
+                  "wall_time_s": round(time.time() - run.t0, 3), **metrics,
+                  **{f"loss_{k}" if k != "loss" else k: v for k, v in losses.items()}}
+        run.history.append(record)
+        run.write()
+        if run.report_fn is not None:
+            rep = {**record, "quality_name": cfg.quality_name, "params": run.summary["params"],
+                   "compression_ratio": run.summary["compression_ratio"],
+                   "macs_per_token": run.summary["macs_per_token"],
+                   "best_quality": run.summary["quality"] if final_stage else None}
+            run.report_fn(rep, None)
+        since_best = 0 if improved else since_best + 1
+        return stage.early_stopping is not None and since_best >= stage.early_stopping.patience
+
+    if evaluate_and_report(0, {}):
+        return
+    t_stage = time.time()
+    acc: dict[str, float] = {}
+    n_acc = 0
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stage.max_steps, desc=f"stage {kind}", unit="step", leave=False)
+    try:
+        for s in range(1, stage.max_steps + 1):
+            student.train()
+            batch = {k: v.to(device) for k, v in next(train_iter).items()}
+            mask = batch.get("attention_mask")
+            labels = batch.get("labels")
+            if kind == "lm" and _is_causal_lm(student):
+                labels = batch["input_ids"]
+            with torch.no_grad():
+                t_out = forward_for_distillation(teacher, batch["input_ids"], mask)
+            s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
+            out = ilkd_loss(s_out, t_out, weights, attention_mask=mask, layer_map=stage.distill.layer_map,
+                            ce_loss=getattr(s_out, "loss", None))
+            if not torch.isfinite(out.loss):
+                raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
+                                f"components {out.parts}")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if stage.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+            opt.step()
+            sched.step()
+            run.step += 1
+            run.tokens_seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            acc["loss"] = acc.get("loss", 0.0) + out.loss.item()
+            for k, v in out.parts.items():
+                acc[k] = acc.get(k, 0.0) + v
+            n_acc += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss.item():.3f}", best=run.best)
+            out_of_time = stage.max_minutes is not None and time.time() - t_stage > stage.max_minutes * 60
+            if s % stage.eval_every == 0 or s == stage.max_steps or out_of_time:
+                stop = evaluate_and_report(s, {k: v / n_acc for k, v in acc.items()})
+                acc, n_acc = {}, 0
+                if stop or out_of_time:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save_best(run: _Run, student) -> None:
+    if run.out_dir is None or not run.cfg.save_checkpoint:
+        return
+    from kron.io import save_compressed
+
+    save_compressed(student, run.plan, run.out_dir / "checkpoint")
+    run.summary["checkpoint"] = "checkpoint"
