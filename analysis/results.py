@@ -1,0 +1,395 @@
+"""Load saved search results (per-trial `trial_summary.json` files) into tidy pandas tables.
+
+A *source* is a directory searched recursively for `trial_summary.json` (a Ray Tune experiment directory keeps
+one per trial subfolder; a standalone trial writes one in its output directory) or a single summary file.
+Nothing here imports Ray, torch or transformers: analysis works from the saved files alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.pareto import nondominated_ranks
+from kron.errors import CheckpointError, DataError
+
+SCHEMA = "kronsearch.trial/1"
+SUMMARY_NAME = "trial_summary.json"
+META_NAME = "search_meta.json"
+
+STATUSES = ("complete", "pruned", "diverged", "error", "running")
+# Methods whose rows are reference points (baselines), not members of a search's front.
+REFERENCE_METHODS = ("teacher", "preset", "lowrank", "layerdrop")
+
+# Column name -> dtype of the table returned by `load_results`, in column order.
+RESULT_COLUMNS = {
+    "search": "string",
+    "trial_id": "string",
+    "method": "string",
+    "label": "string",
+    "status": "string",
+    "error": "string",
+    "quality_name": "string",
+    "quality_mode": "string",
+    "quality": "float64",
+    "quality_at_init": "float64",
+    "params": "Int64",
+    "params_excl_output_embedding": "Int64",
+    "compression_ratio": "float64",
+    "macs_per_token": "Int64",
+    "throughput_tokens_per_s": "float64",
+    "wall_time_s": "float64",
+    "steps": "Int64",
+    "tokens_seen": "Int64",
+    "plan_summary": "string",
+    "summary_path": "string",
+    "checkpoint": "object",
+}
+# Keys a summary must have; every other key may be missing (read as null).
+_REQUIRED_KEYS = ("schema", "trial_id", "method", "status", "quality_name", "quality_mode")
+# Columns of `load_history` that identify the trial, followed by the evaluation fields in this order.
+_HISTORY_ID_COLUMNS = ("search", "trial_id", "method", "label", "status", "quality_name", "quality_mode")
+_HISTORY_FIELDS = (
+    "step", "tokens_seen", "wall_time_s", "quality", "loss", "loss_emb", "loss_att", "loss_hid", "loss_ce",
+    "loss_logits", "throughput_tokens_per_s",
+)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def find_summaries(source: str | os.PathLike) -> list[Path]:
+    """Absolute paths of the trial summaries in `source` (a directory, searched recursively, or one file).
+
+    Raises `DataError` when the path does not exist or a directory holds no `trial_summary.json`.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"results source {str(path)!r} does not exist")
+    if path.is_file():
+        return [path.resolve()]
+    found = sorted(p.resolve() for p in path.rglob(SUMMARY_NAME) if p.is_file())
+    if not found:
+        raise DataError(f"no {SUMMARY_NAME} found under {str(path)!r}")
+    return found
+
+
+def read_summary(path: str | os.PathLike) -> dict:
+    """Parse and validate one trial summary file; returns the dict with `summary_path` (absolute) added.
+
+    Raises `CheckpointError` naming the file when it is unreadable, truncated, not a JSON object, lacks a
+    required key, or has a schema version other than "kronsearch.trial/1".
+    """
+    path = Path(path).resolve()
+    summary = _read_json_object(path)
+    missing = [key for key in _REQUIRED_KEYS if key not in summary]
+    if missing:
+        raise CheckpointError(f"{path}: trial summary lacks required key(s) {missing}")
+    if summary["schema"] != SCHEMA:
+        raise CheckpointError(
+            f"{path}: unknown trial summary schema {summary['schema']!r}; this version reads {SCHEMA!r}"
+        )
+    if summary["status"] not in STATUSES:
+        raise CheckpointError(f"{path}: unknown status {summary['status']!r}; expected one of {list(STATUSES)}")
+    if summary["quality_mode"] not in ("min", "max"):
+        raise CheckpointError(f"{path}: quality_mode must be 'min' or 'max', got {summary['quality_mode']!r}")
+    summary["summary_path"] = str(path)
+    return summary
+
+
+def read_search_meta(path: str | os.PathLike) -> dict:
+    """Parse one `search_meta.json` ({"name", "objectives", "method"}); `CheckpointError` if corrupt."""
+    path = Path(path).resolve()
+    meta = _read_json_object(path)
+    if "name" in meta and not isinstance(meta["name"], str):
+        raise CheckpointError(f"{path}: 'name' must be a string, got {meta['name']!r}")
+    return meta
+
+
+def iter_summaries(sources) -> Iterator[dict]:
+    """Yield every validated summary of `sources` (one path or a list) once, with `search` filled in.
+
+    The search name is, in order: the summary's own `search` field; the `name` in the nearest
+    `search_meta.json` between the summary's folder and the source root; the source directory's name (for a
+    single-file source, its parent folder's name).
+    """
+    seen: set[Path] = set()
+    for source in _as_list(sources):
+        root = Path(source).expanduser()
+        paths = find_summaries(root)
+        root = root.resolve()
+        if root.is_file():
+            root = root.parent
+        for path in paths:
+            if path in seen:  # the same file reached through two overlapping sources
+                continue
+            seen.add(path)
+            summary = read_summary(path)
+            if not summary.get("search"):
+                summary["search"] = _search_name(path.parent, root)
+            yield summary
+
+
+def load_results(sources, *, with_history: bool = False) -> pd.DataFrame:
+    """One row per trial of `sources` (a path or a list of paths), columns as in `RESULT_COLUMNS`.
+
+    `checkpoint` is an absolute path string (resolved against the summary's folder) or None. With
+    `with_history=True` a `history` column holds each trial's list of evaluation dicts.
+    """
+    rows = []
+    for summary in iter_summaries(sources):
+        row = {column: summary.get(column) for column in RESULT_COLUMNS}
+        row["checkpoint"] = _checkpoint_path(summary)
+        if with_history:
+            row["history"] = list(summary.get("history") or [])
+        rows.append(row)
+    columns = list(RESULT_COLUMNS) + (["history"] if with_history else [])
+    frame = pd.DataFrame(rows, columns=columns)
+    return _with_dtypes(frame, RESULT_COLUMNS)
+
+
+def load_history(sources) -> pd.DataFrame:
+    """One row per evaluation of every trial in `sources`: trial identity columns, then the history fields."""
+    rows = []
+    extra: list[str] = []
+    for summary in iter_summaries(sources):
+        ident = {column: summary.get(column) for column in _HISTORY_ID_COLUMNS}
+        history = summary.get("history") or []
+        if not isinstance(history, list):
+            raise CheckpointError(f"{summary['summary_path']}: history must be a list, got {type(history).__name__}")
+        for entry in history:
+            if not isinstance(entry, Mapping):
+                raise CheckpointError(f"{summary['summary_path']}: history entries must be objects, got {entry!r}")
+            extra += [key for key in entry if key not in _HISTORY_FIELDS and key not in extra]
+            rows.append({**ident, **entry})
+    columns = [*_HISTORY_ID_COLUMNS, *_HISTORY_FIELDS, *sorted(set(extra) - set(_HISTORY_ID_COLUMNS))]
+    frame = pd.DataFrame(rows, columns=columns)
+    dtypes = {column: "string" for column in _HISTORY_ID_COLUMNS}
+    dtypes.update({"step": "Int64", "tokens_seen": "Int64"})
+    dtypes.update({field: "float64" for field in _HISTORY_FIELDS if field not in dtypes})
+    return _with_dtypes(frame, dtypes)
+
+
+def mark_pareto(df: pd.DataFrame, x: str = "params", y: str = "quality", *, by: str = "search") -> pd.DataFrame:
+    """Copy of `df` with `front_rank` (0 = Pareto front) and `on_front` columns, computed per `by` group.
+
+    Only complete, non-reference rows take part (others get `front_rank` <NA>, `on_front` False). The
+    direction of `y` = "quality" comes from `quality_mode` (which must agree within a group); see
+    `column_direction` for the others.
+    """
+    work = df.reset_index(drop=True)  # positional labels: df's own index may have duplicates
+    ranks = pd.array([pd.NA] * len(work), dtype="Int64")
+    eligible = (work["status"] == "complete").fillna(False) & ~is_reference(work)
+    for _, group in work[eligible].groupby(by, sort=False, dropna=False):
+        directions = [column_direction(group, x), column_direction(group, y)]
+        values = np.column_stack([_as_float(group[x]), _as_float(group[y])])
+        ranks[group.index.to_numpy()] = nondominated_ranks(values, directions)
+    out = df.copy()
+    out["front_rank"] = ranks
+    out["on_front"] = (ranks == 0).fillna(False).astype(bool)
+    return out
+
+
+def is_reference(df: pd.DataFrame) -> pd.Series:
+    """Boolean Series: rows that are reference points (method teacher/preset/lowrank/layerdrop)."""
+    return df["method"].isin(REFERENCE_METHODS).fillna(False).astype(bool)
+
+
+def column_direction(df: pd.DataFrame, column: str) -> str:
+    """"min" or "max" for an objective column: `quality` follows `quality_mode`; throughput and
+    compression_ratio are maximised; everything else (params, macs, time) is minimised."""
+    if column == "quality":
+        modes = df["quality_mode"].dropna().unique()
+        if len(modes) > 1:
+            raise DataError(f"trials mix quality modes {sorted(modes)}; compare one quality metric at a time")
+        return str(modes[0]) if len(modes) else "min"
+    return "max" if column in ("throughput_tokens_per_s", "compression_ratio") else "min"
+
+
+# --- plans --------------------------------------------------------------------------------------------------
+
+# Index levels of `plan_table`: enough to label a heat-map row without the results table.
+PLAN_INDEX = ("search", "trial_id", "label", "params", "quality", "quality_name")
+
+
+def plan_table(df_or_summaries) -> pd.DataFrame:
+    """Trial x module table of factorisations, for the plan heat map.
+
+    Accepts a `load_results` DataFrame (plans are re-read from each row's `summary_path`) or an iterable of
+    summary dicts. Cells are shape strings such as "384x768⊗2x1 r1" (with " b3" when a matrix is split into 3
+    blocks), "keep", or <NA> when a plan does not mention the module. The index has levels `PLAN_INDEX`;
+    columns keep the order modules first appear in.
+    """
+    if isinstance(df_or_summaries, pd.DataFrame):
+        summaries = [read_summary(path) for path in df_or_summaries["summary_path"]]
+        for summary, search in zip(summaries, df_or_summaries["search"]):
+            summary["search"] = search  # the table's search name may come from search_meta / the folder
+    else:
+        summaries = list(df_or_summaries)
+    index, rows = [], []
+    for summary in summaries:
+        index.append(tuple(summary.get(level) for level in PLAN_INDEX))
+        resolved = summary.get("plan_resolved") or {}
+        if not isinstance(resolved, Mapping):
+            raise CheckpointError(f"{summary.get('summary_path', 'summary')}: plan_resolved must be an object")
+        rows.append({module: format_factorisation(spec) for module, spec in resolved.items()})
+    columns = list(dict.fromkeys(module for row in rows for module in row))
+    table = pd.DataFrame(rows, columns=columns, dtype="string")
+    table.index = pd.MultiIndex.from_tuples(index, names=PLAN_INDEX) if index else pd.MultiIndex.from_arrays(
+        [[]] * len(PLAN_INDEX), names=PLAN_INDEX
+    )
+    table.columns.name = "module"
+    return table
+
+
+def format_factorisation(spec) -> str:
+    """"keep" or "m1xn1⊗m2xn2 rR" (+ " bB" for B > 1 blocks) from one `plan_resolved` entry."""
+    if spec == "keep":
+        return "keep"
+    if not isinstance(spec, Mapping) or "shape" not in spec or len(spec["shape"]) != 4:
+        raise CheckpointError(f"plan_resolved entry must be 'keep' or {{'shape': [m1, n1, m2, n2], ...}}, got {spec!r}")
+    m1, n1, m2, n2 = (int(v) for v in spec["shape"])
+    text = f"{m1}x{n1}⊗{m2}x{n2} r{int(spec.get('rank', 1))}"
+    blocks = int(spec.get("blocks", 1))
+    return text + (f" b{blocks}" if blocks > 1 else "")
+
+
+def compression_factor(cell) -> float:
+    """Dense / factored parameter count of one `plan_table` cell: 1.0 for "keep", NaN for missing.
+
+    A block of m1*m2 x n1*n2 stored as a rank-r sum of A (m1 x n1) ⊗ B (m2 x n2) keeps r*(m1*n1 + m2*n2)
+    numbers; the block count cancels out.
+    """
+    if cell is None or cell is pd.NA or (isinstance(cell, float) and math.isnan(cell)):
+        return math.nan
+    if cell == "keep":
+        return 1.0
+    try:
+        shapes, rank, *_ = str(cell).split()
+        (m1, n1), (m2, n2) = (map(int, part.split("x")) for part in shapes.split("⊗"))
+        r = int(rank.removeprefix("r"))
+    except ValueError as exc:
+        raise DataError(f"cannot parse factorisation {cell!r}; expected e.g. '384x768⊗2x1 r1'") from exc
+    return (m1 * m2 * n1 * n2) / (r * (m1 * n1 + m2 * n2))
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Context manager yielding a temporary path next to `path`; on success it replaces `path` atomically.
+
+    Readers never see a half-written file; on an exception the temporary file is removed and `path` is left
+    as it was. Use for writers that want a filename (`savefig`, `write_html`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the final file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+# --- internals ----------------------------------------------------------------------------------------------
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _search_name(folder: Path, root: Path) -> str:
+    """Name from the nearest search_meta.json from `folder` up to `root`, else `root`'s folder name."""
+    for candidate in (folder, *folder.parents):
+        meta = candidate / META_NAME
+        if meta.is_file():
+            name = read_search_meta(meta).get("name")
+            if name:
+                return name
+        if candidate == root:
+            break
+    return root.name
+
+
+def _checkpoint_path(summary: Mapping) -> str | None:
+    checkpoint = summary.get("checkpoint")
+    if not checkpoint:
+        return None
+    return str((Path(summary["summary_path"]).parent / checkpoint).resolve())
+
+
+def _with_dtypes(frame: pd.DataFrame, dtypes: Mapping[str, str]) -> pd.DataFrame:
+    for column, dtype in dtypes.items():
+        if column not in frame:
+            continue
+        if dtype == "object":  # keep None as None (pandas would infer a str column with NaN)
+            frame[column] = pd.Series([None if pd.isna(v) else v for v in frame[column]], index=frame.index,
+                                      dtype=object)
+            continue
+        try:
+            values = frame[column]
+            if dtype in ("float64", "Int64"):
+                values = pd.to_numeric(values)
+            frame[column] = values.astype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"column {column!r} cannot be read as {dtype}: {exc}") from None
+    return frame
+
+
+def _as_float(series: pd.Series) -> np.ndarray:
+    return pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
+
+
+def _as_list(sources) -> list:
+    if isinstance(sources, (str, os.PathLike)):
+        return [sources]
+    if isinstance(sources, Iterable):
+        return list(sources)
+    raise DataError(f"results sources must be a path or a list of paths, got {type(sources).__name__}")
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask; done once per process
+    os.umask(mask)
+    return mask
