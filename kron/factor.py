@@ -126,6 +126,8 @@ def factor_shapes(
     """
     if m < 1 or n < 1:
         raise ShapeError(f"cannot factor a {m}x{n} weight")
+    if not isinstance(rank, int) or rank < 1:
+        raise ShapeError(f"rank must be a positive integer, got {rank!r}")
     dense = m * n
     out: list[FactorShape] = []
     for m1 in divisors(m):

@@ -1,0 +1,221 @@
+"""`kronsearch shapes | plan | compress | merge`: factor shapes, plans, one-shot compression, merging back.
+
+Model sources (--model): a local model directory, a hub name, config:gpt2 / config:bert-base-uncased /
+config:PATH (random weights), or `demo` (the small GPT-2 bundled with kronsearch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+_SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
+             "config:bert-base-uncased / config:PATH/config.json (random weights)")
+
+
+def add_parsers(subparsers) -> None:
+    from .presets import PRESETS
+
+    presets = "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
+
+    p = subparsers.add_parser(
+        "shapes", help="list the valid Kronecker factor shapes of an M x N (out x in) weight",
+        description="Every split W (M x N) = A (m1 x n1) ⊗ B (m2 x n2), largest first, with its parameters, "
+                    "compression, multiply-adds per token and the cheaper contraction order.")
+    p.add_argument("m", type=int, metavar="M", help="rows of the weight (out features)")
+    p.add_argument("n", type=int, metavar="N", help="columns of the weight (in features)")
+    p.add_argument("--rank", type=int, default=1, help="number of summed Kronecker products (default 1)")
+    p.add_argument("--min-compression", type=float, default=None, help="keep shapes compressing at least this much")
+    p.add_argument("--max-compression", type=float, default=None, help="keep shapes compressing at most this much")
+    p.add_argument("--max-aspect", type=float, default=None,
+                   help="keep shapes whose A and B have max(rows, cols)/min(rows, cols) <= this")
+    p.add_argument("--limit", type=int, default=None, help="show at most this many shapes")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=_shapes)
+
+    p = subparsers.add_parser(
+        "plan", help="resolve a preset or plan file against a model and show what it would do (no SVD, no weights)",
+        description="Builds the model's structure on the meta device (no weights are loaded), applies the plan "
+                    f"and prints the replaced modules and the counts. Presets: {presets}")
+    p.add_argument("--model", required=True, help=_SRC_HELP)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", help="a preset name (kngpt2, kroneckerbert8, ..., uniform:<factor>)")
+    g.add_argument("--plan", help="a plan file (.yaml/.json) or a preset name")
+    p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
+    p.add_argument("--out", help="write the plan (with its concrete shapes) to this .yaml/.json file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
+    p = subparsers.add_parser(
+        "compress", help="compress a model with a plan (SVD initialisation) and save it",
+        description=f"Loads the model, factors the selected weights by SVD and saves the compressed model. "
+                    f"Presets: {presets}")
+    p.add_argument("--model", required=True, help=_SRC_HELP)
+    p.add_argument("--plan", required=True, help="a plan file (.yaml/.json) or a preset name")
+    p.add_argument("--out", required=True, help="output directory (replaced if it holds a kronsearch checkpoint)")
+    p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
+    p.add_argument("--num-labels", type=int, default=None, help="labels of a sequence-classification head")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 (default: the checkpoint's), bfloat16, float16, float64")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of a table")
+    p.set_defaults(func=_compress)
+
+    p = subparsers.add_parser(
+        "merge", help="turn a compressed model back into a plain dense transformers model directory",
+        description="Multiplies the Kronecker factors out (W = Σ A_k ⊗ B_k) and writes a directory that "
+                    "transformers' from_pretrained loads without kronsearch.")
+    p.add_argument("dir", help="a directory written by `kronsearch compress`")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_merge)
+
+
+def resolve_source(src: str) -> str:
+    """'demo' -> the bundled demo teacher's directory; anything else unchanged."""
+    if src == "demo":
+        from .errors import CheckpointError
+
+        try:
+            from trials.teacher import demo_teacher_dir
+        except ImportError as exc:
+            raise CheckpointError(f"the demo teacher is not available ({exc}); give a model directory") from None
+        return str(demo_teacher_dir())
+    return src
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def _shapes(args) -> int:
+    from .errors import ShapeError
+    from .factor import factor_shapes
+
+    if args.m < 1 or args.n < 1:
+        raise ShapeError(f"M and N must be positive integers (the weight's out and in sizes), got {args.m} x {args.n}")
+    if args.rank < 1:
+        raise ShapeError(f"--rank must be a positive integer, got {args.rank}")
+    if args.limit is not None and args.limit < 1:
+        raise ShapeError(f"--limit must be a positive integer, got {args.limit}")
+    rows = factor_shapes(args.m, args.n, rank=args.rank, min_compression=args.min_compression,
+                         max_compression=args.max_compression, max_aspect=args.max_aspect)
+    total = len(rows)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows]))
+        return 0
+    header = ("m1", "n1", "m2", "n2", "rank", "params", "compression", "macs/token", "mac-reduction", "order")
+    table = [(r.m1, r.n1, r.m2, r.n2, r.rank, f"{r.params:,}", f"{r.compression:.2f}x", f"{r.macs_per_token:,}",
+              f"{r.mac_reduction:.2f}x", r.order) for r in rows]
+    print(f"{args.m} x {args.n} weight (out x in): {args.m * args.n:,} parameters, {args.m * args.n:,} multiply-adds "
+          f"per token dense")
+    _print_table(header, table)
+    shown = f"{len(rows)} of {total}" if len(rows) < total else f"{total}"
+    print(f"{shown} shapes (rank {args.rank}; trivial 1x1 factors omitted)")
+    return 0
+
+
+def _print_table(header, rows) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+def _plan(args) -> int:
+    from .models import build_from_config, load_config
+    from .plan import KEEP
+    from .presets import get_plan, preset_plan
+    from .surgery import apply_specs
+
+    src = resolve_source(args.model)
+    config = load_config(src)
+    model = build_from_config(config, task=args.task, device="meta")
+    plan = preset_plan(args.preset, config) if args.preset is not None else get_plan(args.plan, config)
+    resolved = plan.resolve(model)
+    report = apply_specs(model, resolved, init="none")
+    if args.out:
+        plan.save(args.out)
+    kept = sum(1 for s in resolved.values() if s == KEEP)
+    if args.json:
+        out = {"model": args.model, "plan": plan.to_dict(),
+               "modules": {n: s.to_dict() for n, s in resolved.items() if s != KEEP}, "kept_dense": kept,
+               "report": report.to_dict()}
+        if args.out:
+            out["plan_file"] = str(args.out)
+        print(json.dumps(out))
+        return 0
+    print(f"plan {plan.name or args.plan!s} on {args.model} ({type(model).__name__}): "
+          f"{len(report.modules)} modules factored, {kept} linear/embedding modules kept dense")
+    print(report.summary(max_modules=None))
+    if args.out:
+        print(f"plan written to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- compress
+
+
+def _compress(args) -> int:
+    from .io import save_compressed
+    from .models import load_model
+    from .presets import get_plan
+    from .surgery import compress
+
+    src = resolve_source(args.model)
+    model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
+    plan = get_plan(args.plan, model.config)
+    report = compress(model, plan, init="svd")
+    tok = src if Path(src).is_dir() else None
+    out = save_compressed(model, plan, args.out, report=report, tokenizer_dir=tok)
+    if args.json:
+        d = report.to_dict()
+        d["init_errors"] = report.init_errors()
+        d["out"] = str(out)
+        d["plan"] = plan.to_dict()
+        print(json.dumps(d))
+        return 0
+    print(report.summary())
+    print(f"saved to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- merge
+
+
+def _merge(args) -> int:
+    from .errors import CheckpointError
+    from .io import TOKENIZER_FILES, load_compressed, merge
+    from .surgery import count_params
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    model = load_compressed(args.dir, device="cpu")
+    merge(model)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(str(tmp))
+        for name in TOKENIZER_FILES:
+            f = Path(args.dir) / name
+            if f.is_file() and not (tmp / name).exists():
+                shutil.copy2(f, tmp / name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else os.unlink(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = count_params(model)
+    if args.json:
+        print(json.dumps({"out": str(out), "model_class": type(model).__name__, "params": n}))
+    else:
+        print(f"merged {args.dir} into a dense {type(model).__name__} ({n:,} parameters): {out}")
+    return 0

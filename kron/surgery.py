@@ -1,0 +1,397 @@
+"""Module surgery: swap a model's linear layers and embeddings for Kronecker ones, following a plan.
+
+The pattern is peft's: resolve the plan against `named_modules()` first (so every error is raised before the
+model changes), then replace each selected module through its parent (`get_submodule` + `setattr`), keeping
+device, dtype, train/eval mode and `requires_grad`.
+
+Tied embeddings: GPT-2 (and Llama checkpoints with `tie_word_embeddings`) share the input embedding with the
+LM head. When either side is compressed, the head keeps a dense copy of the original table as its own
+Parameter and the config is untied (`tie_word_embeddings=False`), as in KnGPT2, where the output embedding
+stays dense and is left out of the parameter counts.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Mapping
+
+from torch import nn
+
+from .errors import PlanError, ShapeError
+from .factor import validate_shape
+from .layers import FusedKroneckerLinear, KroneckerEmbedding, KroneckerLinear
+from .plan import KEEP, CompressionPlan, ModuleSpec, dense_dims, module_type
+
+__all__ = [
+    "CompressionReport",
+    "ModuleRecord",
+    "apply_specs",
+    "as_plan",
+    "compress",
+    "count_params",
+    "is_kronecker",
+    "macs_per_token",
+    "output_embedding_params",
+    "specs_from_model",
+]
+
+_KRON_TYPES = (KroneckerLinear, FusedKroneckerLinear, KroneckerEmbedding)
+_SOURCE_ATTR = "kron_source_type"  # the dense type a Kronecker module replaced ("Linear", "Conv1D", "Embedding")
+
+
+def is_kronecker(module: nn.Module) -> bool:
+    return isinstance(module, _KRON_TYPES)
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+def count_params(model: nn.Module, *, exclude_output_embedding: bool = False) -> int:
+    """Parameters of a model, each tensor counted once however many modules share it (tied embeddings).
+
+    exclude_output_embedding: leave out the LM head's weight (the papers' "excluding the output embedding")
+        unless it is tied to the input embedding, in which case the shared table is counted once, as the input
+        embedding.
+    """
+    total = sum(p.numel() for p in _unique_params(model))
+    if exclude_output_embedding:
+        total -= output_embedding_params(model)
+    return total
+
+
+def _unique_params(model: nn.Module):
+    seen: set[int] = set()
+    for p in model.parameters():  # parameters() already skips repeats; the id set also covers re-registered views
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def output_embedding_params(model: nn.Module) -> int:
+    """Parameters of the output embedding (LM head weight, or its factors) that no other module shares."""
+    head = _output_embedding(model)
+    if head is None:
+        return 0
+    own = {id(p): p for n, p in head.named_parameters() if n.rsplit(".", 1)[-1] != "bias"}
+    for mod in model.modules():
+        if mod is head:
+            continue
+        for p in mod.parameters(recurse=False):
+            own.pop(id(p), None)  # shared with e.g. the input embedding: counted there
+    return sum(p.numel() for p in own.values())
+
+
+def macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds per token of every linear layer (nn.Linear, Conv1D, Kronecker layers, the LM head included).
+
+    Dense layers cost in·out, Kronecker layers the cheaper contraction order. Embedding lookups, biases, norms,
+    activations and the attention-score products QKᵀ and softmax·V (which grow with sequence length) are not
+    counted. Heads that run once per sequence (BERT's pooler and classifier) are counted as if per token: a small
+    overestimate that is the same before and after compression unless the plan compresses them.
+    """
+    return sum(_module_macs(m) for m in _mac_leaves(model))
+
+
+def _mac_leaves(module: nn.Module):
+    if isinstance(module, (FusedKroneckerLinear, KroneckerLinear)) or module_type(module) in ("linear", "conv1d"):
+        yield module
+        return
+    for child in module.children():
+        yield from _mac_leaves(child)
+
+
+def _module_macs(module: nn.Module) -> int:
+    if isinstance(module, (FusedKroneckerLinear, KroneckerLinear)):
+        return int(module.macs_per_token)
+    m, n = dense_dims(module)
+    return m * n
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class ModuleRecord:
+    """One replaced module: its dense size (out x in; vocab x dim for embeddings), the spec and the costs."""
+
+    name: str
+    kind: str  # "linear" | "fused" | "embedding"
+    module_type: str  # the replaced class: "Linear", "Conv1D", "Embedding"
+    dense_shape: tuple[int, int]
+    spec: dict
+    params_before: int  # weight + bias
+    params_after: int  # factors + bias
+    macs_before: int
+    macs_after: int
+    init_error: float | None  # relative Frobenius error of the SVD initialisation; None with init="none"
+
+
+@dataclass
+class CompressionReport:
+    """What `compress` did. Parameter counts count a shared (tied) tensor once.
+
+    The `*_excluding_output_embedding` counts leave out the LM head weight (the papers' convention; it is kept
+    dense), unless it is tied to the input embedding, whose table is then counted once.
+    compression_ratio = params_before_excluding_output_embedding / params_after_excluding_output_embedding.
+    macs_per_token_*: see `macs_per_token` — every linear layer including the LM head; attention-score products,
+    which depend on the sequence length, are excluded.
+    """
+
+    params_before: int
+    params_after: int
+    params_before_excluding_output_embedding: int
+    params_after_excluding_output_embedding: int
+    compression_ratio: float
+    macs_per_token_before: int
+    macs_per_token_after: int
+    modules: list[ModuleRecord] = field(default_factory=list)
+    untied_output_embedding: bool = False
+    init: str = "svd"
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the compressed model
+
+    @property
+    def mac_reduction(self) -> float:
+        return self.macs_per_token_before / max(self.macs_per_token_after, 1)
+
+    def init_errors(self) -> dict[str, float | None]:
+        return {r.name: r.init_error for r in self.modules}
+
+    def to_dict(self) -> dict:
+        # not asdict(self): it would deep-copy the model
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "modules")}
+        d["mac_reduction"] = self.mac_reduction
+        d["modules"] = [{**asdict(r), "dense_shape": list(r.dense_shape)} for r in self.modules]
+        return d
+
+    def summary(self, *, max_modules: int | None = 40) -> str:
+        """A human-readable table of the replaced modules and the totals."""
+        lines = []
+        rows = self.modules if max_modules is None else self.modules[:max_modules]
+        if rows:
+            w = max(len(r.name) for r in rows)
+            lines.append(f"{'module':<{w}}  {'type':<9} {'dense':>12}  {'spec':<36} {'params':>23}  init_err")
+            for r in rows:
+                dense = f"{r.dense_shape[0]}x{r.dense_shape[1]}"
+                spec = ModuleSpec.from_dict(r.spec).describe(*r.dense_shape)
+                err = "-" if r.init_error is None else (f"{r.init_error:.4f}" if r.init_error >= 1e-3
+                                                        else f"{r.init_error:.1e}")
+                lines.append(f"{r.name:<{w}}  {r.module_type:<9} {dense:>12}  {spec:<36} "
+                             f"{r.params_before:>11,}->{r.params_after:<11,} {err}")
+            if len(self.modules) > len(rows):
+                lines.append(f"... and {len(self.modules) - len(rows)} more modules")
+        else:
+            lines.append("no module replaced")
+        lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,}")
+        lines.append(f"parameters excluding the output embedding: {self.params_before_excluding_output_embedding:,} "
+                     f"-> {self.params_after_excluding_output_embedding:,} ({self.compression_ratio:.2f}x)")
+        lines.append(f"multiply-adds per token (linear layers): {self.macs_per_token_before:,} -> "
+                     f"{self.macs_per_token_after:,} ({self.mac_reduction:.2f}x)")
+        if self.untied_output_embedding:
+            lines.append("the LM head was untied from the input embedding and kept dense")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- compress
+
+
+def as_plan(plan, config=None) -> CompressionPlan:
+    """A CompressionPlan from a plan, a plan dict, a .yaml/.json path, or a preset name (needs the config)."""
+    from .presets import get_plan
+
+    return get_plan(plan, config)
+
+
+def compress(model: nn.Module, plan, *, inplace: bool = True, init: str = "svd") -> CompressionReport:
+    """Replace the modules a plan selects with Kronecker layers.
+
+    Args:
+        model: a transformers model (GPT-2 with Conv1D, BERT, Llama-family, ...) or any nn.Module.
+        plan: a CompressionPlan, a plan dict, a plan file path, or a preset name ("kngpt2", "uniform:4", ...).
+        inplace: modify `model`; if False a deep copy is compressed (find it in `report.model`).
+        init: "svd" initialises the factors with the nearest Kronecker product of each weight; "none" only builds
+            the structure (factors random), for loading saved weights into it.
+    Returns a CompressionReport (counts before and after, per-module records).
+    """
+    if init not in ("svd", "none"):
+        raise ValueError(f"init must be 'svd' or 'none', got {init!r}")
+    plan = as_plan(plan, getattr(model, "config", None))
+    resolved = plan.resolve(model)  # raises before anything changes
+    return apply_specs(model, resolved, inplace=inplace, init=init)
+
+
+def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping], *, inplace: bool = True,
+                init: str = "svd") -> CompressionReport:
+    """Replace modules by name following resolved specs (name -> ModuleSpec | spec dict | "keep")."""
+    if init not in ("svd", "none"):
+        raise ValueError(f"init must be 'svd' or 'none', got {init!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    specs = {n: s if s == KEEP or isinstance(s, ModuleSpec) else ModuleSpec.from_dict(s) for n, s in specs.items()}
+    modules = dict(model.named_modules())  # snapshot before any swap
+    todo = [(n, s) for n, s in specs.items() if s != KEEP]
+    for name, spec in todo:  # check everything before changing anything
+        if name not in modules:
+            raise PlanError(f"the model has no module named {name!r}")
+        _check_kind(name, modules[name], spec)
+
+    params_before = count_params(model)
+    excl_before = count_params(model, exclude_output_embedding=True)
+    macs_before = macs_per_token(model)
+    in_emb, out_emb = _input_embedding(model), _output_embedding(model)
+    tied = (in_emb is not None and out_emb is not None
+            and getattr(out_emb, "weight", None) is not None and out_emb.weight is getattr(in_emb, "weight", None))
+
+    records: list[ModuleRecord] = []
+    replaced: set[int] = set()
+    for name, spec in todo:
+        old = modules[name]
+        new = _build(old, spec, init)
+        new.train(old.training)
+        weight = old.weight
+        if not weight.requires_grad:
+            new.requires_grad_(False)
+        setattr(new, _SOURCE_ATTR, type(old).__name__ if module_type(old) != "conv1d" else "Conv1D")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        replaced.add(id(old))
+        m, n = dense_dims(old)
+        records.append(ModuleRecord(
+            name=name, kind=spec.kind, module_type=getattr(new, _SOURCE_ATTR), dense_shape=(m, n),
+            spec=spec.to_dict(), params_before=sum(p.numel() for p in old.parameters()),
+            params_after=sum(p.numel() for p in new.parameters()),
+            macs_before=0 if spec.kind == "embedding" else m * n,
+            macs_after=0 if spec.kind == "embedding" else int(new.macs_per_token),
+            init_error=new.init_error,
+        ))
+
+    untied = False
+    if tied and (id(in_emb) in replaced or id(out_emb) in replaced):
+        if id(out_emb) not in replaced:  # the head keeps the dense table, now as its own tensor
+            w = out_emb.weight
+            out_emb.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        untie_word_embeddings(model)
+        untied = True
+
+    excl_after = count_params(model, exclude_output_embedding=True)
+    return CompressionReport(
+        params_before=params_before,
+        params_after=count_params(model),
+        params_before_excluding_output_embedding=excl_before,
+        params_after_excluding_output_embedding=excl_after,
+        compression_ratio=excl_before / max(excl_after, 1),
+        macs_per_token_before=macs_before,
+        macs_per_token_after=macs_per_token(model),
+        modules=records,
+        untied_output_embedding=untied,
+        init=init,
+        model=model,
+    )
+
+
+def untie_word_embeddings(model: nn.Module) -> None:
+    """Tell transformers the input and output embeddings are separate tensors from now on (config and the
+    tied-keys table used by save_pretrained / from_pretrained / tie_weights)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", None)
+        if callable(text):
+            try:
+                text().tie_word_embeddings = False
+            except AttributeError:
+                pass
+    for mod in model.modules():
+        if hasattr(mod, "all_tied_weights_keys") and hasattr(mod, "get_expanded_tied_weights_keys"):
+            mod.all_tied_weights_keys = {}
+
+
+def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
+    kind = module_type(module)
+    if kind is None:
+        from .plan import _unsupported_message
+
+        raise PlanError(_unsupported_message(name, module))
+    if (spec.kind == "embedding") != (kind == "embedding"):
+        raise PlanError(f"module {name} is a {type(module).__name__} but its spec is {spec.describe()!r}: "
+                        "embedding_factor is for nn.Embedding, shape for linear layers")
+    m, n = dense_dims(module)
+    if spec.kind == "embedding":
+        if n % spec.embedding_factor:
+            raise PlanError(f"module {name} ({m} x {n} embedding): embedding_factor {spec.embedding_factor} does not "
+                            f"divide {n}")
+        return
+    if m % spec.blocks:
+        raise PlanError(f"module {name} ({m} x {n}): {m} output features do not split into {spec.blocks} blocks")
+    try:
+        validate_shape(m // spec.blocks, n, spec.shape, spec.rank, what=f"module {name}")
+    except ShapeError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def _build(old: nn.Module, spec: ModuleSpec, init: str) -> nn.Module:
+    kind = module_type(old)
+    kw = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if kind == "embedding":
+        if init == "svd":
+            return KroneckerEmbedding.from_embedding(old, spec.embedding_factor)
+        return KroneckerEmbedding(old.num_embeddings, old.embedding_dim, spec.embedding_factor, old.padding_idx, **kw)
+    if spec.blocks > 1:
+        if init == "svd":
+            return FusedKroneckerLinear.from_linear(old, spec.shape, spec.rank, blocks=spec.blocks)
+        out_f, in_f = dense_dims(old)
+        if out_f % spec.blocks:
+            raise PlanError(f"cannot split {out_f} output features into {spec.blocks} equal blocks")
+        parts = [KroneckerLinear(in_f, out_f // spec.blocks, spec.shape, spec.rank, bias=False, **kw)
+                 for _ in range(spec.blocks)]
+        return FusedKroneckerLinear(parts, old.bias)
+    if init == "svd":
+        return KroneckerLinear.from_linear(old, spec.shape, spec.rank)
+    out_f, in_f = dense_dims(old)
+    return KroneckerLinear(in_f, out_f, spec.shape, spec.rank, bias=old.bias is not None, **kw)
+
+
+def specs_from_model(model: nn.Module) -> dict[str, ModuleSpec]:
+    """Name -> ModuleSpec of every Kronecker module in a (compressed) model: enough to rebuild its structure."""
+    out: dict[str, ModuleSpec] = {}
+    skip: set[str] = set()
+    for name, mod in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(mod, KroneckerEmbedding):
+            out[name] = ModuleSpec(embedding_factor=mod.factor)
+        elif isinstance(mod, FusedKroneckerLinear):
+            first = mod.blocks[0]
+            if any(b.shape != first.shape or b.rank != first.rank for b in mod.blocks):
+                raise PlanError(f"module {name}: fused blocks with different shapes cannot be described by one spec")
+            out[name] = ModuleSpec(shape=first.shape, rank=first.rank, blocks=len(mod.blocks))
+            skip.add(name)
+        elif isinstance(mod, KroneckerLinear):
+            out[name] = ModuleSpec(shape=mod.shape, rank=mod.rank)
+    return out
+
+
+def source_types(model: nn.Module) -> dict[str, str]:
+    """Name -> the dense class each Kronecker module replaced ("Linear", "Conv1D", "Embedding"), when recorded."""
+    return {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules() if is_kronecker(m)
+            and hasattr(m, _SOURCE_ATTR)}
