@@ -12,7 +12,7 @@ import os
 import sys
 
 # Packages contributing subcommands, in the order they appear in --help.
-_COMMAND_MODULES = ("kron.cli", "trials.cli", "search.commands", "analysis.cli")
+_COMMAND_MODULES = ("kron.cli", "trials.cli", "trials.commands", "search.commands", "analysis.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

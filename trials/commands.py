@@ -1,0 +1,127 @@
+"""`kronsearch trial CONFIG.yaml` and `kronsearch eval --model SRC ...` (heavy imports inside the handlers)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trial", help="run one trial: compress, distil, evaluate (one JSON summary)",
+        description="Run one trial from a YAML config: load the teacher, build the plan, SVD init, ILKD stage(s) "
+                    "with evaluation every k steps and early stopping; prints one JSON summary at the end.")
+    p.add_argument("config", help="trial config (YAML or JSON)")
+    p.add_argument("--out", default=None, help="output folder for trial_summary.json and the best checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stage1.max_steps=20 (YAML value syntax)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_trial)
+
+    e = subparsers.add_parser(
+        "eval", help="perplexity or GLUE metric of any model (teacher, compressed or merged directory)",
+        description="Evaluate a model: WikiText-style perplexity on a text source, or a GLUE task's metrics.")
+    e.add_argument("--model", required=True, help="'demo', a model directory (plain, compressed or merged), a hub "
+                                                   "name")
+    e.add_argument("--data", default=None, help="text source for perplexity: a file, a folder with "
+                                                "train/valid/test files, or a datasets-hub name")
+    e.add_argument("--config-name", default=None, help="datasets-hub config, e.g. wikitext-103-raw-v1")
+    e.add_argument("--split", default="valid", help="valid (default) or test; GLUE: dev")
+    e.add_argument("--seq-len", type=int, default=128)
+    e.add_argument("--max-blocks", type=int, default=None, help="evaluate on the first N blocks only")
+    e.add_argument("--glue-task", default=None, help="evaluate a classifier on this GLUE task instead")
+    e.add_argument("--glue-data", default="glue", help="GLUE folder in the TSV layout, or 'glue' (the hub)")
+    e.add_argument("--max-len", type=int, default=128)
+    e.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_eval)
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
+    import yaml
+
+    from kron.errors import ConfigError
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _trial(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from kron.errors import ConfigError
+
+    from .trial import run_trial
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"trial config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of trial settings")
+    data = _apply_overrides(data, args.set)
+    out = args.out or str(Path("runs") / "trials" / (data.get("name") or path.stem))
+    summary = run_trial(data, output_dir=out, progress=not args.no_progress)
+    brief = {k: v for k, v in summary.items() if k not in ("history", "config", "plan", "plan_resolved", "init_errors")}
+    brief["summary_path"] = str(Path(out) / "trial_summary.json")
+    print(json.dumps(brief, default=str))
+    return 0 if summary["status"] == "complete" else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from kron.errors import ConfigError
+    from kron.models import load_model, load_tokenizer, pick_device
+    from kron.surgery import count_params
+
+    from .trial import evaluate_glue, evaluate_lm, resolve_teacher_source
+
+    if (args.data is None) == (args.glue_task is None):
+        raise ConfigError("give exactly one of --data (perplexity) or --glue-task (GLUE metric)")
+    device = pick_device(args.device)
+    src = resolve_teacher_source(args.model)
+    task = "sequence-classification" if args.glue_task else "causal-lm"
+    model = load_model(src, task=task, device=device)
+    model.eval()
+    tokenizer = load_tokenizer(resolve_teacher_source(args.tokenizer) if args.tokenizer else src)
+    if args.data is not None:
+        from .data import load_text_blocks
+
+        blocks = load_text_blocks(args.data, tokenizer, args.seq_len, args.split, config_name=args.config_name)
+        if args.max_blocks:
+            blocks = blocks[: args.max_blocks]
+        metrics = evaluate_lm(model, blocks, args.batch_size, device)
+        result = {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len,
+                  "blocks": int(blocks.shape[0]), "perplexity": metrics["quality"], "nll": metrics["val_nll"],
+                  "throughput_tokens_per_s": metrics["throughput_tokens_per_s"]}
+    else:
+        from .glue import encode_glue, load_glue
+
+        split = "dev" if args.split == "valid" else args.split
+        data = encode_glue(load_glue(args.glue_task, args.glue_data, split), tokenizer, args.max_len)
+        metrics = evaluate_glue(model, data, args.glue_task, args.batch_size, device)
+        result = {"model": args.model, "task": args.glue_task, "split": split,
+                  **{k.removeprefix("glue_"): v for k, v in metrics.items() if k.startswith("glue_")},
+                  "throughput_tokens_per_s": metrics["throughput_tokens_per_s"]}
+    result["params"] = count_params(model)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>24s}: {v:.4f}" if isinstance(v, float) else f"{k:>24s}: {v}")
+    return 0
