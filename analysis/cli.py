@@ -1,0 +1,128 @@
+"""`kronsearch analyze | compare | export`: reports, comparisons and plan export from saved results.
+
+    kronsearch analyze RESULTS... --out DIR [--x params|macs_per_token] [--title T]
+    kronsearch compare A B ... --out DIR [--labels LA LB ...] [--title T]
+    kronsearch export RESULTS... --select knee|front|best-under-params:N|best-under-macs:N --out DIR [--build]
+
+RESULTS are search directories (searched recursively for trial_summary.json) or single summary files. Heavy
+modules (pandas, matplotlib; torch only for `export --build`) are imported inside the handlers, so
+`kronsearch --help` stays fast. Errors in the input (missing paths, no results, no matching trial) raise
+`kron.errors.UserError`, which the console script prints as one line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+
+_SELECT_HELP = ("knee (the front's best trade-off), front (every front trial), best-under-params:N or "
+                "best-under-macs:N (best quality within N; N like 2.5e6, 2500000, 2.5M, 800k)")
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", help="report on saved search results: tables, Pareto front, plan heat map, report.md",
+        description="Writes results.csv, pareto.csv, pareto.png (+ pareto.html with plotly), plans_heatmap.png "
+                    "and report.md (status counts, front table, knee point, best plans, hypervolume against a "
+                    "common reference point, failed trials) into --out.")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="search directories or trial_summary.json files")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--x", default="params", choices=("params", "macs_per_token"),
+                   help="size objective on the x axis (default: params)")
+    p.add_argument("--title", default=None, help="title of the plot and the report")
+    p.set_defaults(func=_analyze)
+
+    p = subparsers.add_parser(
+        "compare", help="overlay several searches and their baselines in one plot and one table",
+        description="Writes compare.csv, compare.png (+ compare.html with plotly) and compare.md: each search's "
+                    "hypervolume against a common reference point, and for every baseline (teacher, preset, "
+                    "low-rank, layer-drop) the best search plan that dominates it and by how much.")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="search directories (and baseline folders)")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="a display name per RESULTS path, in the same order")
+    p.add_argument("--title", default=None, help="title of the plot and of compare.md")
+    p.set_defaults(func=_compare)
+
+    p = subparsers.add_parser(
+        "export", help="export selected plans (YAML) and optionally build the compressed models",
+        description="Selects among the complete trials of RESULTS and writes <trial>.plan.yaml per selection and "
+                    "selection.json; with --build also <trial>/, a compressed-model directory (the trial's "
+                    "checkpoint when it kept one, else the teacher compressed with the plan, SVD-initialised).")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="search directories or trial_summary.json files")
+    p.add_argument("--select", required=True, metavar="RULE", help=_SELECT_HELP)
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--build", action="store_true", help="also write a loadable compressed model per selection")
+    p.set_defaults(func=_export)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from analysis.report import _analyze as analyze, format_front_table
+
+    written, summary = analyze(args.results, args.out, x=args.x, title=args.title)
+    marked = summary.marked
+    counts = marked["status"].value_counts()
+    print(f"{len(marked)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    print(format_front_table(marked, x=args.x))
+    _print_search_lines(summary)
+    _print_paths(written)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from analysis.report import _compare as compare, _delta, _int, _quality
+
+    written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title)
+    _print_search_lines(summary)
+    for _, row in dominance.iterrows():
+        if row["best_trial"] is None:
+            verdict = "no search plan this small"
+        elif row["dominates"]:
+            delta = _delta(row["quality_delta"], row["quality_delta_pct"])
+            verdict = (f"dominated by {row['best_search']}/{row['best_trial']} ({_int(row['best_params'])} params, "
+                       f"quality {_quality(row['best_quality'])}, Δ {delta})")
+        else:
+            verdict = (f"none dominates (best at <= its params: {row['best_search']}/{row['best_trial']}, "
+                       f"Δ {_delta(row['quality_delta'], row['quality_delta_pct'])})")
+        print(f"baseline {row['baseline']} [{row['method']}] {_int(row['params'])} params, quality "
+              f"{_quality(row['quality'])}: {verdict}")
+    _print_paths(written)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from analysis.export import export
+    from analysis.report import _human, _quality
+
+    record = export(args.results, args.select, args.out, build=args.build)
+    print(f"selected {len(record['selected'])} trial(s) by {record['how']}:")
+    for entry in record["selected"]:
+        print(f"  {entry['search']}/{entry['trial_id']}: params {_human(entry['params'])}, "
+              f"{entry['quality_name']} {_quality(entry['quality'])}, MACs/token {_human(entry['macs_per_token'])}")
+        print(f"    plan   {entry['plan_path']}")
+        if "model_dir" in entry:
+            print(f"    model  {entry['model_dir']} ({entry['model_params']:,} params; {entry['model_source']})")
+    print(f"written: {record['selection_path']}")
+    return 0
+
+
+def _print_search_lines(summary) -> None:
+    from analysis.report import HV_MARGIN, _human, _int, _quality, _quality_name, _sci
+
+    ref = summary.reference
+    if ref is not None:
+        y_name = _quality_name(summary.marked) if ref["columns"][1] == "quality" else ref["columns"][1]
+        print(f"hypervolume reference point (common to all searches): {ref['columns'][0]}={_int(ref['values'][0])}, "
+              f"{y_name}={_quality(ref['values'][1])} (worst observed values made {HV_MARGIN:.0%} worse)")
+    for _, row in summary.stats.iterrows():
+        if row["knee_trial"] is None:
+            print(f"{row['search']}: {row['trials']} trials, none complete")
+            continue
+        print(f"{row['search']}: {row['complete']}/{row['trials']} complete, {row['on_front']} on front, "
+              f"hypervolume {_sci(row['hypervolume'])}; best {row['best_trial']} (quality "
+              f"{_quality(row['best_quality'])}, {_human(row['best_params'])} params); knee {row['knee_trial']} "
+              f"({_human(row['knee_x'])} {summary.x}, quality {_quality(row['knee_quality'])})")
+
+
+def _print_paths(written: dict) -> None:
+    print("written:")
+    for path in written.values():
+        print(f"  {path}")

@@ -1,0 +1,687 @@
+"""Reports over saved search results: CSV tables, Pareto / plan figures and a markdown summary.
+
+* `analyze(sources, out_dir)`: one report over every trial of `sources` — `results.csv`, `pareto.csv`,
+  `pareto.png` (+ `pareto.html` with plotly), `plans_heatmap.png` and `report.md` (status counts, the front
+  table, knee points, best plans, hypervolumes against a stated common reference point, failed trials).
+* `compare(sources, out_dir, labels=...)`: several searches and baselines in one plot and one table
+  (`compare.csv`, `compare.png`, `compare.md`): each search's hypervolume against a common reference point and,
+  for every baseline, the best search plan that dominates it and by how much.
+* `format_front_table(df)`: the Pareto front as a plain-text table for the console.
+
+Hypervolume reference point: the worst value of each objective observed over the complete, non-baseline trials
+of all the searches compared, made 10% worse (×1.1 for a positive minimised objective such as params or
+perplexity, ×0.9 for a positive maximised one such as accuracy). Every search is measured against the same point,
+so their hypervolumes are comparable; the point is written into the report.
+
+Like the rest of `analysis`, this reads saved files only: no Ray, torch or transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from analysis.pareto import hypervolume, knee_point
+from analysis.results import (
+    STATUSES,
+    atomic_write_text,
+    column_direction,
+    is_reference,
+    load_results,
+    mark_pareto,
+    plan_table,
+)
+from kron.errors import DataError, UserError
+
+__all__ = ["analyze", "compare", "format_front_table", "common_reference", "search_stats", "front_rows",
+           "baseline_dominance", "load_labelled", "X_COLUMNS", "HV_MARGIN"]
+
+X_COLUMNS = ("params", "macs_per_token")  # the size axes a report may use
+HV_MARGIN = 0.1  # the reference point is the worst observed value made this much worse
+_FAILED = ("error", "diverged")
+_QUALITY_SHORT = {"val_ppl": "ppl"}
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+class Summary(NamedTuple):
+    """Everything a report shows, computed once (the CLI prints from it)."""
+
+    marked: pd.DataFrame  # load_results table + front_rank, on_front, is_knee
+    stats: pd.DataFrame  # one row per search (see `search_stats`)
+    front: pd.DataFrame  # the front rows of every search (see `front_rows`)
+    reference: dict | None  # {"values": [x_ref, y_ref], "columns": [x, y], "directions": [...]} or None
+    x: str
+    y: str
+
+
+def load_labelled(sources, labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """`load_results` of each source, concatenated; with `labels` (one per source) the source's search is renamed.
+
+    A source holding one search is renamed to its label; one holding several gets "label/search" names. Baseline
+    rows (teacher, preset, low-rank, layer-drop) are renamed too but never count as a search. A summary reached
+    through two sources is kept once (first source wins).
+    """
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    if not sources:
+        raise DataError("no results sources given")
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) != len(sources):
+            raise UserError(f"got {len(labels)} label(s) {labels} for {len(sources)} source(s); give one per source")
+        if any(not str(label).strip() for label in labels):
+            raise UserError("labels must be non-empty")
+    frames = []
+    for i, source in enumerate(sources):
+        frame = load_results(source)
+        if labels is not None:
+            names = frame["search"].dropna().unique()
+            label = str(labels[i])
+            frame["search"] = (frame["search"].map(lambda s: label) if len(names) <= 1
+                               else frame["search"].map(lambda s: f"{label}/{s}")).astype("string")
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return df.drop_duplicates("summary_path", keep="first").reset_index(drop=True)
+
+
+def _eligible(df: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Complete, non-baseline rows with finite x and y."""
+    ok = (df["status"] == "complete").fillna(False).astype(bool) & ~is_reference(df)
+    for column in (x, y):
+        ok &= np.isfinite(_floats(df[column]))
+    return ok
+
+
+def common_reference(df: pd.DataFrame, x: str = "params", y: str = "quality") -> dict | None:
+    """The hypervolume reference point shared by every search of `df` (see the module docstring), or None when
+    no complete non-baseline trial has finite objectives.
+
+    Returns {"columns": [x, y], "directions": [...], "values": [...], "worst": [...]}.
+    """
+    rows = df[_eligible(df, x, y)]
+    if rows.empty:
+        return None
+    directions = [column_direction(rows, x), column_direction(rows, y)]
+    values, worst_values = [], []
+    for column, direction in zip((x, y), directions):
+        observed = _floats(rows[column])
+        worst = float(observed.max() if direction == "min" else observed.min())
+        margin = HV_MARGIN * abs(worst)
+        if margin == 0:  # a worst value of exactly 0: fall back to a tenth of the observed span, else 0.1
+            span = float(observed.max() - observed.min())
+            margin = HV_MARGIN * span if span > 0 else HV_MARGIN
+        values.append(worst + margin if direction == "min" else worst - margin)
+        worst_values.append(worst)
+    return {"columns": [x, y], "directions": directions, "values": values, "worst": worst_values}
+
+
+def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", reference: dict | None = None
+                 ) -> pd.DataFrame:
+    """One row per search (groups with at least one non-baseline trial), in name order.
+
+    Columns: search, trials, complete, failed, on_front, best_trial, best_quality, best_params, best_plan,
+    knee_trial, knee_x, knee_quality, hypervolume, hypervolume_share (of the largest hypervolume).
+    `reference` defaults to `common_reference(df, x, y)`.
+    """
+    if reference is None:
+        reference = common_reference(df, x, y)
+    ok = _eligible(df, x, y)
+    searches = sorted(df.loc[~is_reference(df), "search"].dropna().unique(), key=str)
+    rows = []
+    for search in searches:
+        group = df[(df["search"] == search) & ~is_reference(df)]
+        good = group[ok[group.index]]
+        row = {"search": str(search), "trials": len(group), "complete": int((group["status"] == "complete").sum()),
+               "failed": int(group["status"].isin(_FAILED).sum()), "on_front": 0,
+               "best_trial": None, "best_quality": math.nan, "best_params": pd.NA, "best_plan": None,
+               "knee_trial": None, "knee_x": math.nan, "knee_quality": math.nan,
+               "hypervolume": math.nan, "hypervolume_share": math.nan}
+        if not good.empty:
+            directions = [column_direction(good, x), column_direction(good, y)]
+            values = np.column_stack([_floats(good[x]), _floats(good[y])])
+            best = good.iloc[_best_index(good, y, directions[1], x)]
+            knee = good.iloc[knee_point(values, directions)]
+            row.update(best_trial=str(best["trial_id"]), best_quality=float(best["quality"]),
+                       best_params=best["params"], best_plan=_text(best["plan_summary"]),
+                       knee_trial=str(knee["trial_id"]), knee_x=float(knee[x]), knee_quality=float(knee[y]))
+            if reference is not None:
+                row["hypervolume"] = hypervolume(values, directions, reference["values"])
+        if "on_front" in group:
+            row["on_front"] = int(group["on_front"].sum())
+        rows.append(row)
+    stats = pd.DataFrame(rows, columns=[
+        "search", "trials", "complete", "failed", "on_front", "best_trial", "best_quality", "best_params",
+        "best_plan", "knee_trial", "knee_x", "knee_quality", "hypervolume", "hypervolume_share"])
+    top = stats["hypervolume"].max() if len(stats) else math.nan
+    if np.isfinite(top) and top > 0:
+        stats["hypervolume_share"] = stats["hypervolume"] / top
+    return stats
+
+
+def front_rows(marked: pd.DataFrame, x: str = "params") -> pd.DataFrame:
+    """The Pareto-front rows of a `mark_pareto` table, per search in `x` order, with `rank` = 1, 2, ... along
+    the front (1 = smallest `x`)."""
+    front = marked[marked["on_front"]].copy()
+    front["_x"] = _floats(front[x])
+    front = front.sort_values(["search", "_x", "trial_id"], kind="stable").drop(columns="_x")
+    front.insert(1, "rank", front.groupby("search", sort=False).cumcount() + 1)
+    return front.reset_index(drop=True)
+
+
+def summarize(df: pd.DataFrame, x: str = "params", y: str = "quality") -> Summary:
+    """Fronts, knee points, per-search statistics and the common hypervolume reference of a results table."""
+    if x not in X_COLUMNS:
+        raise UserError(f"x must be one of {list(X_COLUMNS)}, got {x!r}")
+    if y != "quality":
+        raise UserError(f"y must be 'quality' (the trials' quality metric), got {y!r}")
+    marked = mark_pareto(df.reset_index(drop=True), x, y)
+    reference = common_reference(marked, x, y)
+    stats = search_stats(marked, x, y, reference)
+    marked["is_knee"] = False
+    for knee, search in zip(stats["knee_trial"], stats["search"]):
+        if knee is not None:
+            marked.loc[(marked["search"] == search) & (marked["trial_id"] == knee) & marked["on_front"],
+                       "is_knee"] = True
+    return Summary(marked, stats, front_rows(marked, x), reference, x, y)
+
+
+# --- analyze ------------------------------------------------------------------------------------------------
+
+
+def analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: str | None = None
+            ) -> dict[str, Path]:
+    """Write the report files of `sources` (result directories or summary files) into `out_dir`.
+
+    x: "params" or "macs_per_token" (the size objective); y: "quality" (the trials' metric, its direction from
+    `quality_mode`). Baseline trials (teacher/preset/lowrank/layerdrop) are drawn and counted but form no front.
+
+    Returns {file name: path} of what was written: results.csv, pareto.csv, pareto.png, pareto.html (when plotly
+    is installed), plans_heatmap.png (when the front trials have resolved plans) and report.md.
+    """
+    return _analyze(sources, out_dir, x=x, y=y, title=title)[0]
+
+
+def _analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: str | None = None):
+    """`analyze`, also returning its `Summary` (for the CLI's console output)."""
+    from analysis.plots import plot_pareto, plot_plan_heatmap
+
+    out = _out_dir(out_dir)
+    df = load_labelled(sources)
+    if df.empty:
+        raise DataError("no trials found in the given sources")
+    summary = summarize(df, x, y)
+    written: dict[str, Path] = {}
+
+    results = summary.marked.drop(columns=[c for c in ("history",) if c in summary.marked])
+    written["results.csv"] = atomic_write_text(out / "results.csv", results.to_csv(index=False))
+    written["pareto.csv"] = atomic_write_text(out / "pareto.csv", _pareto_csv(summary.front, y).to_csv(index=False))
+
+    html = out / "pareto.html" if _has_plotly() else None
+    written["pareto.png"] = plot_pareto(summary.marked, x=x, y=y, out_png=out / "pareto.png",
+                                        title=title or _default_title(summary), html_out=html)
+    if html is not None:
+        written["pareto.html"] = html
+
+    heatmap_note = None
+    front_trials = summary.marked[summary.marked["on_front"]]
+    if front_trials.empty:
+        heatmap_note = "no plan heat map: no search has a complete trial on its front"
+    else:
+        try:
+            table = plan_table(front_trials)
+            written["plans_heatmap.png"] = plot_plan_heatmap(
+                table, out / "plans_heatmap.png", title="Plans on the Pareto front (colour: compression per matrix)")
+        except DataError as exc:
+            heatmap_note = f"no plan heat map: {exc}"
+
+    text = report_markdown(summary, title=title, images=[name for name in ("pareto.png", "plans_heatmap.png")
+                                                         if name in written], note=heatmap_note)
+    written["report.md"] = atomic_write_text(out / "report.md", text)
+    return written, summary
+
+
+def _pareto_csv(front: pd.DataFrame, y: str) -> pd.DataFrame:
+    columns = ["search", "rank", "trial_id", "label", "method", "params", "compression_ratio", "quality",
+               "quality_name", "macs_per_token", "throughput_tokens_per_s", "plan_summary", "is_knee",
+               "front_rank", "summary_path", "checkpoint"]
+    return front[[c for c in columns if c in front]]
+
+
+def report_markdown(summary: Summary, *, title: str | None = None, images: Sequence[str] = (),
+                    note: str | None = None) -> str:
+    """The markdown text of `report.md`."""
+    marked, stats, x, y = summary.marked, summary.stats, summary.x, summary.y
+    qname = _quality_name(marked)
+    qdir = column_direction(marked[(marked["status"] == "complete").fillna(False)], "quality")
+    lines = [f"# {title or _default_title(summary)}", ""]
+    lines += [f"{len(marked)} trials in {marked['search'].nunique()} group(s); objectives: {_label(x)} (lower is "
+              f"better) and {qname} ({'lower' if qdir == 'min' else 'higher'} is better).", ""]
+    for image in images:
+        lines += [f"![{image}]({image})", ""]
+
+    lines += ["## Trials by status", ""]
+    counts = pd.crosstab(marked["search"].astype(str), marked["status"].astype(str))
+    statuses = [s for s in STATUSES if s in counts.columns] + [s for s in counts.columns if s not in STATUSES]
+    rows = [[search, *(int(counts.loc[search, s]) for s in statuses), int(counts.loc[search].sum())]
+            for search in counts.index]
+    lines += _md_table(["search", *statuses, "total"], rows, numeric=range(1, len(statuses) + 2)) + [""]
+
+    lines += ["## Pareto front", ""]
+    if summary.front.empty:
+        lines += ["No search has a complete trial: there is no front.", ""]
+    else:
+        lines += [f"Front of each search ({_label(x)} vs {qname}); ★ marks the knee point.", ""]
+        rows = []
+        for _, row in summary.front.iterrows():
+            rows.append([row["search"], int(row["rank"]), ("★ " if row["is_knee"] else "") + _trial_name(row),
+                         _int(row["params"]), _ratio(row["compression_ratio"]), _quality(row["quality"]),
+                         _human(row["macs_per_token"]), _human(row["throughput_tokens_per_s"]),
+                         _text(row["plan_summary"]) or ""])
+        lines += _md_table(["search", "#", "trial", "params", "compression", qname, "MACs/token", "tokens/s",
+                            "plan"], rows, numeric=(1, 3, 4, 5, 6, 7)) + [""]
+
+    lines += ["## Knee point", ""]
+    lines += ["The knee is the front point farthest from the line joining the front's two extremes (both objectives "
+              "normalised to [0, 1] over the front): the best trade-off where shrinking further starts to cost "
+              "much more quality.", ""]
+    for _, row in stats.iterrows():
+        if row["knee_trial"] is None:
+            lines.append(f"- **{row['search']}**: no complete trial")
+            continue
+        knee = _row_of(marked, row["search"], row["knee_trial"])
+        lines.append(f"- **{row['search']}**: {_trial_name(knee)} — {_label(x)} {_int(knee[x])}, "
+                     f"{qname} {_quality(knee['quality'])}, compression {_ratio(knee['compression_ratio'])}; "
+                     f"plan: {_text(knee['plan_summary']) or '—'}")
+    lines += ["", "## Best plan per search", ""]
+    rows = []
+    for _, row in stats.iterrows():
+        if row["best_trial"] is None:
+            rows.append([row["search"], "—", "", "", "", "no complete trial"])
+            continue
+        best = _row_of(marked, row["search"], row["best_trial"])
+        rows.append([row["search"], _trial_name(best), _quality(best["quality"]), _int(best["params"]),
+                     _ratio(best["compression_ratio"]), _text(best["plan_summary"]) or ""])
+    lines += _md_table(["search", f"best trial (by {qname})", qname, "params", "compression", "plan"], rows,
+                       numeric=(2, 3, 4)) + [""]
+
+    lines += ["## Hypervolume", ""]
+    lines += _hypervolume_lines(stats, summary.reference, qname)
+
+    lines += ["## Failed trials", ""]
+    failed = marked[marked["status"].isin(_FAILED).fillna(False)]
+    if failed.empty:
+        lines += ["None.", ""]
+    else:
+        rows = [[row["search"], _trial_name(row), row["status"], _one_line(row["error"]) or "(no error recorded)"]
+                for _, row in failed.sort_values(["search", "trial_id"]).iterrows()]
+        lines += _md_table(["search", "trial", "status", "error"], rows) + [""]
+    if note:
+        lines += [f"_Note: {note}._", ""]
+    return "\n".join(lines)
+
+
+def _hypervolume_lines(stats: pd.DataFrame, reference: dict | None, qname: str) -> list[str]:
+    if reference is None:
+        return ["Not computed: no complete trial with finite objectives.", ""]
+    (x, _), (rx, ry), (wx, wy) = reference["columns"], reference["values"], reference["worst"]
+    dx, dy = reference["directions"]
+    lines = [f"Common reference point (the same for every search): **{_label(x)} = {_int(rx)}, {qname} = "
+             f"{_quality(ry)}** — the worst value of each objective observed over the complete trials of all "
+             f"{len(stats)} search(es) ({_int(wx)} and {_quality(wy)}), made {HV_MARGIN:.0%} worse "
+             f"({_label(x)} {_margin_word(dx, wx)}, {qname} {_margin_word(dy, wy)}). "
+             f"Hypervolume is the area of the ({_label(x)}, {qname}) "
+             f"plane dominated by a search's trials up to that point (units: {_label(x)} × {qname}); larger is "
+             "better.", ""]
+    rows = [[row["search"], _sci(row["hypervolume"]), _percent(row["hypervolume_share"]), int(row["on_front"]),
+             int(row["complete"])] for _, row in stats.iterrows()]
+    return lines + _md_table(["search", "hypervolume", "share of best", "front points", "complete trials"], rows,
+                             numeric=(1, 2, 3, 4)) + [""]
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+
+def baseline_dominance(df: pd.DataFrame, y: str = "quality") -> pd.DataFrame:
+    """For every complete baseline row (teacher/preset/lowrank/layerdrop), the best search plan at <= its params.
+
+    Columns: baseline, method, params, quality, then for the best plan over all searches: best_search,
+    best_trial, best_params, best_quality, quality_delta (best - baseline, signed; the quality units),
+    quality_delta_pct, dominates (bool: no worse in both objectives and better in one); and per search
+    `delta:<search>` / `dominates:<search>`. "Best" = best quality, ties to fewer params, then trial id.
+    """
+    x = "params"
+    baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
+    baselines = baselines[np.isfinite(_floats(baselines[x])) & np.isfinite(_floats(baselines[y]))]
+    trials = df[_eligible(df, x, y)]
+    searches = sorted(trials["search"].dropna().unique(), key=str)
+    direction = column_direction(pd.concat([trials, baselines]), y) if len(trials) + len(baselines) else "min"
+    rows = []
+    for _, base in baselines.sort_values(x).iterrows():
+        bx, by = float(base[x]), float(base[y])
+        row = {"baseline": _trial_name(base), "method": str(base["method"]), "params": base[x], "quality": by}
+        for scope, pool in [(None, trials)] + [(s, trials[trials["search"] == s]) for s in searches]:
+            under = pool[_floats(pool[x]) <= bx]
+            best = under.iloc[_best_index(under, y, direction, x)] if len(under) else None
+            if best is None:
+                delta, dominates = math.nan, False
+            else:
+                qx, qy = float(best[x]), float(best[y])
+                delta = qy - by
+                better_q = qy < by if direction == "min" else qy > by
+                dominates = (qy == by and qx < bx) or better_q
+            if scope is None:
+                row.update(best_search=None if best is None else str(best["search"]),
+                           best_trial=None if best is None else str(best["trial_id"]),
+                           best_params=pd.NA if best is None else best[x],
+                           best_quality=math.nan if best is None else float(best[y]),
+                           quality_delta=delta, quality_delta_pct=100 * delta / abs(by) if by else math.nan,
+                           dominates=bool(dominates))
+            else:
+                row[f"delta:{scope}"] = delta
+                row[f"dominates:{scope}"] = bool(dominates)
+        rows.append(row)
+    columns = ["baseline", "method", "params", "quality", "best_search", "best_trial", "best_params",
+               "best_quality", "quality_delta", "quality_delta_pct", "dominates"]
+    columns += [f"{kind}:{s}" for s in searches for kind in ("delta", "dominates")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str | None = None
+            ) -> dict[str, Path]:
+    """Overlay several searches and their baselines: compare.csv, compare.png (+ compare.html with plotly) and
+    compare.md in `out_dir`. `labels` renames each source's search (one label per source).
+
+    compare.csv has one row per search (kind "search": trials, front size, best quality, hypervolume against the
+    common reference point) and one per baseline (kind "baseline": its params and quality, the best search plan
+    at <= its params, the quality delta, and whether that plan dominates it). Returns {file name: path}.
+    """
+    return _compare(sources, out_dir, labels=labels, title=title)[0]
+
+
+def _compare(sources, out_dir, *, labels=None, title=None):
+    from analysis.plots import plot_pareto
+
+    out = _out_dir(out_dir)
+    df = load_labelled(sources, labels)
+    if df.empty:
+        raise DataError("no trials found in the given sources")
+    summary = summarize(df, "params", "quality")
+    dominance = baseline_dominance(summary.marked)
+    table = _compare_table(summary.stats, dominance)
+    written: dict[str, Path] = {}
+    written["compare.csv"] = atomic_write_text(out / "compare.csv", table.to_csv(index=False))
+    html = out / "compare.html" if _has_plotly() else None
+    written["compare.png"] = plot_pareto(summary.marked, x="params", y="quality", out_png=out / "compare.png",
+                                         title=title or "Pareto fronts compared", html_out=html)
+    if html is not None:
+        written["compare.html"] = html
+    written["compare.md"] = atomic_write_text(out / "compare.md", compare_markdown(summary, dominance, title=title))
+    return written, summary, dominance
+
+
+def _compare_table(stats: pd.DataFrame, dominance: pd.DataFrame) -> pd.DataFrame:
+    searches = pd.DataFrame({
+        "kind": "search", "name": stats["search"], "trials": stats["trials"].astype("Int64"),
+        "complete": stats["complete"].astype("Int64"), "on_front": stats["on_front"].astype("Int64"),
+        "hypervolume": stats["hypervolume"],
+        "hypervolume_share": stats["hypervolume_share"], "params": stats["best_params"],
+        "quality": stats["best_quality"], "best_trial": stats["best_trial"],
+    })
+    baselines = pd.DataFrame({
+        "kind": "baseline", "name": dominance["baseline"], "method": dominance["method"],
+        "params": dominance["params"], "quality": dominance["quality"], "best_search": dominance["best_search"],
+        "best_trial": dominance["best_trial"], "best_params": dominance["best_params"],
+        "best_quality": dominance["best_quality"], "quality_delta": dominance["quality_delta"],
+        "quality_delta_pct": dominance["quality_delta_pct"], "dominates": dominance["dominates"],
+    })
+    columns = ["kind", "name", "method", "trials", "complete", "on_front", "hypervolume", "hypervolume_share",
+               "params", "quality", "best_search", "best_trial", "best_params", "best_quality", "quality_delta",
+               "quality_delta_pct", "dominates"]
+    frames = [frame for frame in (searches, baselines) if len(frame)]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    table = table.reindex(columns=columns)
+    for column in ("trials", "complete", "on_front", "params", "best_params"):
+        table[column] = pd.to_numeric(table[column]).astype("Int64")
+    table["dominates"] = table["dominates"].astype("boolean")
+    return table
+
+
+def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | None = None) -> str:
+    marked, stats = summary.marked, summary.stats
+    qname = _quality_name(marked)
+    lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
+    lines += ["## Searches", ""]
+    lines += _hypervolume_lines(stats, summary.reference, qname)
+    rows = [[row["search"], row["best_trial"] or "—", _quality(row["best_quality"]), _int(row["best_params"]),
+             row["knee_trial"] or "—", _int(row["knee_x"]), _quality(row["knee_quality"])]
+            for _, row in stats.iterrows()]
+    lines += _md_table(["search", "best trial", f"best {qname}", "its params", "knee trial", "knee params",
+                        f"knee {qname}"], rows, numeric=(2, 3, 5, 6)) + [""]
+
+    lines += ["## Baselines", ""]
+    if dominance.empty:
+        lines += ["No baseline trials (teacher, preset, low-rank, layer-drop) among the sources.", ""]
+        return "\n".join(lines)
+    lines += [f"For each baseline, the best search plan (by {qname}) with at most the baseline's parameters. "
+              f"Δ = plan − baseline in {qname}; the plan dominates the baseline when it is no worse in both "
+              "objectives and better in one.", ""]
+    searches = list(stats["search"])
+    rows = []
+    for _, row in dominance.iterrows():
+        if row["best_trial"] is None:
+            verdict = "none dominates (no plan this small)"
+        elif row["dominates"]:
+            verdict = (f"{row['best_search']}/{row['best_trial']} ({_int(row['best_params'])} params, "
+                       f"{_quality(row['best_quality'])})")
+        else:
+            verdict = (f"none dominates (best at ≤ its params: {row['best_search']}/{row['best_trial']}, "
+                       f"{_quality(row['best_quality'])})")
+        cells = [row["baseline"], row["method"], _int(row["params"]), _quality(row["quality"]), verdict,
+                 _delta(row["quality_delta"], row["quality_delta_pct"])]
+        for search in searches:
+            delta = row.get(f"delta:{search}", math.nan)
+            cells.append(_delta(delta) + ("" if not row.get(f"dominates:{search}") else " ✓")
+                         if np.isfinite(delta) else "no plan ≤ params")
+        rows.append(cells)
+    lines += _md_table(["baseline", "method", "params", qname, "best dominating plan", "Δ (best plan)",
+                        *[f"Δ {s}" for s in searches]], rows, numeric=[2, 3, 5, *range(6, 6 + len(searches))])
+    lines += ["", "✓: that search has a plan dominating the baseline.", ""]
+    return "\n".join(lines)
+
+
+# --- console ------------------------------------------------------------------------------------------------
+
+
+def format_front_table(df: pd.DataFrame, *, x: str = "params", y: str = "quality", max_plan: int = 48) -> str:
+    """The Pareto front of each search as a plain-text table (knee marked with *), for the console.
+
+    `df` is a `load_results` table (fronts are computed) or one already marked by `mark_pareto`/`summarize`.
+    """
+    if df.empty:
+        return "no trials"
+    if "on_front" not in df:
+        marked = summarize(df, x, y).marked
+    elif "is_knee" not in df:
+        marked = _with_knees(df, x, y)
+    else:
+        marked = df
+    front = front_rows(marked, x)
+    if front.empty:
+        return "no complete trials: no Pareto front"
+    qname = _quality_name(marked)
+    header = ["search", "#", "trial", "params", "compr.", qname, "MACs/tok", "tok/s", "plan"]
+    rows = []
+    for _, row in front.iterrows():
+        plan = _text(row["plan_summary"]) or ""
+        plan = plan if len(plan) <= max_plan else plan[: max_plan - 1] + "…"
+        rows.append([str(row["search"]), str(row["rank"]), ("*" if row["is_knee"] else " ") + _trial_name(row),
+                     _human(row["params"]), _ratio(row["compression_ratio"]), _quality(row["quality"]),
+                     _human(row["macs_per_token"]), _human(row["throughput_tokens_per_s"]), plan])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    right = {1, 3, 4, 5, 6, 7}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+                         ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out) + "\n(* = knee point)"
+
+
+def _with_knees(marked: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    marked = marked.copy()
+    marked["is_knee"] = False
+    stats = search_stats(marked, x, y)
+    for knee, search in zip(stats["knee_trial"], stats["search"]):
+        if knee is not None:
+            marked.loc[(marked["search"] == search) & (marked["trial_id"] == knee) & marked["on_front"],
+                       "is_knee"] = True
+    return marked
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _out_dir(out_dir) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _has_plotly() -> bool:
+    try:
+        return importlib.util.find_spec("plotly") is not None
+    except (ImportError, ValueError):  # a broken or stubbed plotly
+        return False
+
+
+def _best_index(group: pd.DataFrame, y: str, direction: str, x: str) -> int:
+    """Position of the best-`y` row of `group`; ties go to the smaller `x`, then to the smaller trial id."""
+    quality = _floats(group[y]) * (1.0 if direction == "min" else -1.0)
+    size = _floats(group[x])
+    ids = group["trial_id"].astype(str).to_numpy()
+    order = np.lexsort((ids, size, quality))
+    return int(order[0])
+
+
+def _row_of(df: pd.DataFrame, search: str, trial_id: str) -> pd.Series:
+    return df[(df["search"] == search) & (df["trial_id"] == trial_id)].iloc[0]
+
+
+def _default_title(summary: Summary) -> str:
+    searches = [str(s) for s in summary.stats["search"]]
+    names = ", ".join(searches) if len(searches) <= 3 else f"{len(searches)} searches"
+    return f"Pareto front{'s' if len(searches) > 1 else ''} of {names or 'no search'}: " \
+           f"{_label(summary.x)} vs {_quality_name(summary.marked)}"
+
+
+def _quality_name(df: pd.DataFrame) -> str:
+    names = df.loc[(df["status"] == "complete").fillna(False), "quality_name"].dropna().unique()
+    if not len(names):
+        names = df["quality_name"].dropna().unique()
+    return str(names[0]) if len(names) else "quality"
+
+
+def _label(column: str) -> str:
+    return {"params": "params", "macs_per_token": "MACs/token"}.get(column, column)
+
+
+def _margin_word(direction: str, worst: float) -> str:
+    """How the reference value was made from the worst observed one."""
+    if worst > 0:
+        return f"× {1 + HV_MARGIN:g}" if direction == "min" else f"× {1 - HV_MARGIN:g}"
+    return f"{'+' if direction == 'min' else '−'} {HV_MARGIN:.0%} of |worst| (or of the observed range when 0)"
+
+
+def _md_table(header, rows, numeric=()) -> list[str]:
+    numeric = set(numeric)
+    out = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
+           "|" + "|".join("---:" if i in numeric else "---" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _md_cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _floats(values) -> np.ndarray:
+    return pd.to_numeric(pd.Series(values), errors="coerce").astype("float64").to_numpy()
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and value is not pd.NA and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _human(value) -> str:
+    """2.51M, 800k, 12.3 — or "—" when missing."""
+    if not _finite(value):
+        return "—"
+    value = float(value)
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _int(value) -> str:
+    """"2.51M (2,512,345)" for counts, "—" when missing."""
+    if not _finite(value):
+        return "—"
+    value = float(value)
+    return f"{_human(value)} ({value:,.0f})" if abs(value) >= 1e3 else f"{value:,.0f}"
+
+
+def _quality(value) -> str:
+    return f"{float(value):.4g}" if _finite(value) else "—"
+
+
+def _ratio(value) -> str:
+    return f"{float(value):.2f}×" if _finite(value) else "—"
+
+
+def _sci(value) -> str:
+    return f"{float(value):.4g}" if _finite(value) else "—"
+
+
+def _percent(value) -> str:
+    return f"{100 * float(value):.1f}%" if _finite(value) else "—"
+
+
+def _delta(value, pct=None) -> str:
+    if not _finite(value):
+        return "—"
+    text = f"{float(value):+.4g}"
+    return text + (f" ({float(pct):+.1f}%)" if _finite(pct) else "")
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _one_line(value) -> str | None:
+    text = _text(value)
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def _trial_name(row) -> str:
+    label = row.get("label")
+    trial_id = str(row.get("trial_id"))
+    if isinstance(label, str) and label and label != trial_id:
+        return f"{trial_id} ({label})"
+    return trial_id
