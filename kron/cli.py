@@ -41,7 +41,7 @@ def add_parsers(subparsers) -> None:
                     f"and prints the replaced modules and the counts. Presets: {presets}")
     p.add_argument("--model", required=True, help=_SRC_HELP)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", help="a preset name (kngpt2, kroneckerbert8, ..., uniform:<factor>)")
+    g.add_argument("--preset", help="a preset name (kngpt2, kroneckerbert8, ..., uniform:<factor>, lowrank:<factor>)")
     g.add_argument("--plan", help="a plan file (.yaml/.json) or a preset name")
     p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
     p.add_argument("--out", help="write the plan (with its concrete shapes) to this .yaml/.json file")

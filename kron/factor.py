@@ -15,11 +15,15 @@ from .errors import ShapeError
 __all__ = [
     "FactorShape",
     "KroneckerFactors",
+    "LowRankFactors",
     "divisors",
     "factor_shapes",
     "kron_macs",
     "kron_params",
+    "lowrank_params",
+    "lowrank_rank_for_ratio",
     "nearest_kronecker",
+    "nearest_lowrank",
     "rearrange",
     "validate_shape",
 ]
@@ -202,6 +206,59 @@ def nearest_kronecker(W: torch.Tensor, shape, rank: int = 1, *, dtype: torch.dty
         A = (U[:, :rank] * root).T.reshape(rank, m1, n1)
         B = (Vh[:rank].T * root).T.reshape(rank, m2, n2)
     return KroneckerFactors(A.contiguous(), B.contiguous(), rel, S)
+
+
+def lowrank_params(m: int, n: int, rank: int) -> int:
+    """Parameters of U (m x rank) · V (rank x n), biases not included; also its multiply-adds per token."""
+    return rank * (m + n)
+
+
+def lowrank_rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """The rank whose U·V holds about 1/ratio of an m x n weight's parameters: max(1, floor(m·n / (ratio·(m+n))))."""
+    # the small epsilon keeps exact quotients such as 768·768 / (2·1536) = 192 from flooring to 191
+    return max(1, math.floor(m * n / (ratio * (m + n)) + 1e-9))
+
+
+@dataclass
+class LowRankFactors:
+    """Result of `nearest_lowrank`: U (m, rank), V (rank, n), relative Frobenius error, all singular values."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    rel_error: float
+    singular_values: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+
+def nearest_lowrank(W: torch.Tensor, rank: int, *, dtype: torch.dtype | None = None) -> LowRankFactors:
+    """Best rank-`rank` U·V to W in Frobenius norm (Eckart–Young): truncated SVD, √σ_k split between U and V.
+
+    Args:
+        W: (m, n) weight, any float dtype, any device. Not modified.
+        rank: 1 <= rank <= min(m, n).
+        dtype: float32 or float64 for the SVD; default float64 when W is float64, else float32.
+    Returns factors in the compute dtype (callers cast) and the relative error sqrt(Σ_{k>rank} σ_k²) / ‖W‖_F.
+    """
+    if W.dim() != 2:
+        raise ShapeError(f"nearest_lowrank expects a 2-D weight, got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ShapeError(f"rank must be an integer in [1, {min(m, n)}] for a {m}x{n} weight, got {rank!r}")
+    if dtype is None:
+        dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"SVD dtype must be float32 or float64, got {dtype}")
+    with torch.no_grad():
+        U, S, Vh = _svd(W.detach().to(dtype), rank)
+        total = torch.sum(S.double() ** 2)
+        tail = torch.sum(S[rank:].double() ** 2)
+        rel = math.sqrt(tail.item() / total.item()) if total.item() > 0 else 0.0
+        root = S[:rank].sqrt()
+        Uf = U[:, :rank] * root
+        Vf = root[:, None] * Vh[:rank]
+    return LowRankFactors(Uf.contiguous(), Vf.contiguous(), rel, S)
 
 
 def _svd(R: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from .errors import CheckpointError
 from .fsutil import atomic_write_json, atomic_write_text
 from .layers import KroneckerEmbedding
 from .plan import CompressionPlan, ModuleSpec, PlanError
-from .surgery import (_SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_kronecker, macs_per_token,
+from .surgery import (_SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
                       specs_from_model)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TOKENIZER_FILES", "load_compressed", "merge", "read_info", "save_compressed"]
@@ -126,7 +126,7 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "modules": {name: spec.to_dict() for name, spec in specs.items()},
             "source_types": {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules()
-                             if is_kronecker(m) and hasattr(m, _SOURCE_ATTR)},
+                             if is_factored(m) and hasattr(m, _SOURCE_ATTR)},
             "report": report,
             "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
         }
@@ -261,9 +261,10 @@ def load_compressed(dir: str | os.PathLike, device=None, *, dtype=None, verify: 
 
 @torch.no_grad()
 def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
-    """Replace every Kronecker module by the dense module it stands for (nn.Linear, GPT-2's Conv1D in its (in, out)
-    orientation, nn.Embedding) holding `to_dense()`, so that transformers' save_pretrained / from_pretrained work
-    without kronsearch. The LM head stays untied from the input embedding (their values differ)."""
+    """Replace every Kronecker (or low-rank U·V) module by the dense module it stands for (nn.Linear, GPT-2's Conv1D
+    in its (in, out) orientation, nn.Embedding) holding `to_dense()`, so that transformers' save_pretrained /
+    from_pretrained work without kronsearch. The LM head stays untied from the input embedding (their values
+    differ)."""
     import copy
 
     if not inplace:
@@ -271,7 +272,7 @@ def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     has_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     done: list[str] = []
     for name, mod in list(model.named_modules()):
-        if not is_kronecker(mod) or any(name.startswith(d + ".") for d in done):
+        if not is_factored(mod) or any(name.startswith(d + ".") for d in done):
             continue
         source = getattr(mod, _SOURCE_ATTR, None)
         if isinstance(mod, KroneckerEmbedding):

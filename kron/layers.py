@@ -1,7 +1,9 @@
-"""Kronecker-factored drop-in replacements for nn.Linear / GPT-2 Conv1D and nn.Embedding.
+"""Kronecker-factored drop-in replacements for nn.Linear / GPT-2 Conv1D and nn.Embedding, and the low-rank
+(U·V) baseline.
 
 The forward pass never forms the dense weight: y = Σ_k (A_k ⊗ B_k) x = Σ_k vec(A_k · X · B_kᵀ) with X the input
-viewed as (n1 x n2), contracted in whichever order costs fewer multiply-adds for this shape.
+viewed as (n1 x n2), contracted in whichever order costs fewer multiply-adds for this shape; a low-rank layer
+computes (x · Vᵀ) · Uᵀ.
 """
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .factor import kron_macs, kron_params, nearest_kronecker, validate_shape
+from .factor import kron_macs, kron_params, lowrank_params, nearest_kronecker, nearest_lowrank, validate_shape
 
 __all__ = [
     "FusedKroneckerLinear",
+    "FusedLowRankLinear",
     "KroneckerEmbedding",
     "KroneckerLinear",
+    "LowRankLinear",
     "dense_weight",
     "kron_linear",
+    "lowrank_linear",
 ]
 
 
@@ -151,16 +156,13 @@ class KroneckerLinear(nn.Module):
                 f"bias={self.bias is not None}, order={self.order}")
 
 
-class FusedKroneckerLinear(nn.Module):
-    """A fused projection (GPT-2's c_attn = [Q; K; V]) split into equal output blocks, each its own Kronecker layer.
+class _FusedLinear(nn.Module):
+    """Equal output blocks of a fused projection, each its own factored layer (no bias), plus the fused bias."""
 
-    The papers factor Q, K and V separately; factoring the fused 2304 x 768 matrix as one product would tie them.
-    """
-
-    def __init__(self, blocks: list[KroneckerLinear], bias: torch.Tensor | None):
+    def __init__(self, blocks: list[nn.Module], bias: torch.Tensor | None):
         super().__init__()
         if len({b.in_features for b in blocks}) != 1:
-            raise ValueError("all blocks of a FusedKroneckerLinear need the same input size")
+            raise ValueError(f"all blocks of a {type(self).__name__} need the same input size")
         self.blocks = nn.ModuleList(blocks)
         self.in_features = blocks[0].in_features
         self.out_features = sum(b.out_features for b in blocks)
@@ -184,6 +186,16 @@ class FusedKroneckerLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         return torch.cat([b.to_dense() for b in self.blocks], dim=0)
 
+
+class FusedKroneckerLinear(_FusedLinear):
+    """A fused projection (GPT-2's c_attn = [Q; K; V]) split into equal output blocks, each its own Kronecker layer.
+
+    The papers factor Q, K and V separately; factoring the fused 2304 x 768 matrix as one product would tie them.
+    """
+
+    def __init__(self, blocks: list[KroneckerLinear], bias: torch.Tensor | None):
+        super().__init__(blocks, bias)
+
     @classmethod
     def from_linear(cls, module: nn.Module, shape, rank: int = 1, blocks: int = 3) -> "FusedKroneckerLinear":
         """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and factor each with `shape`."""
@@ -194,6 +206,104 @@ class FusedKroneckerLinear(nn.Module):
         rows = out_f // blocks
         validate_shape(rows, in_f, shape, rank, what=f"each of {blocks} blocks ({in_f} -> {rows})")
         parts = [KroneckerLinear._from_weight(w, None, shape, rank) for w in weight.split(rows, dim=0)]
+        return cls(parts, bias)
+
+
+def lowrank_linear(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · Vᵀ · Uᵀ + bias for x (..., n), U (m, r), V (r, n): r·(m + n) multiply-adds per token, never m·n."""
+    return nn.functional.linear(nn.functional.linear(x, V), U, bias)
+
+
+def _check_lowrank(out_features: int, in_features: int, rank: int, what: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise PlanError(f"{what}: rank must be a positive integer, got {rank!r}")
+    if rank > min(out_features, in_features):
+        raise PlanError(f"{what}: rank {rank} exceeds min(out, in) = {min(out_features, in_features)} for a "
+                        f"{out_features} x {in_features} weight (the SVD has no more components)")
+
+
+class LowRankLinear(nn.Module):
+    """Linear layer with weight U · V: U (out x rank), V (rank x in); the low-rank baseline to Kronecker layers."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        _check_lowrank(out_features, in_features, rank, "LowRankLinear")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.V = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.init_error: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # W_ij sums `rank` products of independent factors: give W nn.Linear's variance 1/(3·in).
+        std = (1.0 / (3 * self.in_features * self.rank)) ** 0.25
+        nn.init.uniform_(self.U, -std * math.sqrt(3), std * math.sqrt(3))
+        nn.init.uniform_(self.V, -std * math.sqrt(3), std * math.sqrt(3))
+
+    @property
+    def macs_per_token(self) -> int:
+        return lowrank_params(self.out_features, self.in_features, self.rank)
+
+    @property
+    def factor_params(self) -> int:
+        return lowrank_params(self.out_features, self.in_features, self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowrank_linear(x, self.U, self.V, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight, (out, in) like nn.Linear.weight."""
+        return self.U @ self.V
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, rank: int) -> "LowRankLinear":
+        """Factor an nn.Linear or GPT-2 Conv1D by truncated SVD (√σ in each factor), keeping device and dtype."""
+        weight, bias = _linear_weight(module)
+        out_f, in_f = weight.shape
+        _check_lowrank(out_f, in_f, rank, f"{type(module).__name__}({in_f} -> {out_f})")
+        return cls._from_weight(weight, bias, rank)
+
+    @classmethod
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "LowRankLinear":
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, rank, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        factors = nearest_lowrank(weight, rank)
+        with torch.no_grad():
+            layer.U.copy_(factors.U.to(weight.dtype))
+            layer.V.copy_(factors.V.to(weight.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.init_error = factors.rel_error
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+class FusedLowRankLinear(_FusedLinear):
+    """A fused projection (GPT-2's c_attn = [Q; K; V]) split into equal output blocks, each its own U·V."""
+
+    def __init__(self, blocks: list[LowRankLinear], bias: torch.Tensor | None):
+        super().__init__(blocks, bias)
+
+    @property
+    def rank(self) -> int:
+        return self.blocks[0].rank
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, rank: int, blocks: int = 3) -> "FusedLowRankLinear":
+        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and give each a rank-`rank` U·V."""
+        weight, bias = _linear_weight(module)
+        out_f, in_f = weight.shape
+        if blocks < 1 or out_f % blocks:
+            raise PlanError(f"cannot split {out_f} output features into {blocks} equal blocks")
+        rows = out_f // blocks
+        _check_lowrank(rows, in_f, rank, f"each of {blocks} blocks ({in_f} -> {rows})")
+        parts = [LowRankLinear._from_weight(w, None, rank) for w in weight.split(rows, dim=0)]
         return cls(parts, bias)
 
 

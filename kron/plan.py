@@ -17,6 +17,8 @@ over a default of "keep" (stay dense). As YAML:
         rank: 1                              # number of summed Kronecker products
       - select: transformer.h.0.mlp.c_fc
         keep: true                           # per-module override back to dense
+      - select: mlp.c_proj                   # the low-rank baseline instead of Kronecker: W ≈ U (m x r) · V (r x n)
+        lowrank_ratio: 2                     # r = max(1, floor(m·n / (2·(m + n)))); or `lowrank_rank: r`
 
 Selectors: `re:PATTERN` is a regex full match on the dotted module name; a pattern with `*`, `?` or `[` is an
 fnmatch glob; anything else must equal the name. A non-regex selector may match the full name or any dotted
@@ -41,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 
 from .errors import PlanError, ShapeError
-from .factor import FactorShape, factor_shapes, kron_params, validate_shape
+from .factor import FactorShape, factor_shapes, kron_params, lowrank_params, lowrank_rank_for_ratio, validate_shape
 
 __all__ = [
     "KEEP",
@@ -59,7 +61,8 @@ __all__ = [
 KEEP = "keep"
 PLAN_VERSION = 1
 SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
-_RULE_KEYS = ("select", "layers", "shape", "factor", "rank", "blocks", "embedding_factor", "keep")
+_RULE_KEYS = ("select", "layers", "shape", "factor", "rank", "blocks", "embedding_factor", "keep", "lowrank_rank",
+              "lowrank_ratio")
 _PLAN_KEYS = ("version", "name", "description", "default", "rules")
 _GLOB_CHARS = set("*?[")
 
@@ -172,17 +175,28 @@ class ModuleSpec:
     rank: number of summed Kronecker products Σ_k A_k ⊗ B_k.
     blocks: 1, or the number of equal output blocks of a fused projection (GPT-2's c_attn = [Q; K; V]: 3).
     embedding_factor: for nn.Embedding (v x d) only: A (v x d/f) ⊗ B (1 x f); `shape` must then be None.
+    lowrank_rank: the low-rank baseline instead of Kronecker factors: W ≈ U (m x r) · V (r x n) (per block with
+        blocks > 1); `shape` and `embedding_factor` must then be None and `rank` 1.
     """
 
     shape: tuple[int, int, int, int] | None = None
     rank: int = 1
     blocks: int = 1
     embedding_factor: int | None = None
+    lowrank_rank: int | None = None
 
     def __post_init__(self):
-        if (self.shape is None) == (self.embedding_factor is None):
-            raise PlanError("a ModuleSpec needs exactly one of shape (linear layers) or embedding_factor (embeddings)")
-        if self.shape is not None:
+        given = [k for k in ("shape", "embedding_factor", "lowrank_rank") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PlanError("a ModuleSpec needs exactly one of shape (Kronecker factors of a linear layer), "
+                            "embedding_factor (embeddings) or lowrank_rank (low-rank U·V of a linear layer); got "
+                            f"{', '.join(given) if given else 'none'}")
+        if self.lowrank_rank is not None:
+            _positive_int(self.lowrank_rank, "lowrank_rank")
+            if self.rank != 1:
+                raise PlanError(f"a low-rank spec takes lowrank_rank (the rank of U·V), not rank={self.rank} (the "
+                                "number of summed Kronecker products)")
+        elif self.shape is not None:
             object.__setattr__(self, "shape", _as_shape(self.shape, "shape"))
         else:
             _positive_int(self.embedding_factor, "embedding_factor")
@@ -194,20 +208,31 @@ class ModuleSpec:
 
     @property
     def kind(self) -> str:
-        """"embedding", "fused" (blocks > 1) or "linear"."""
+        """"embedding", "lowrank" (U·V, any number of blocks), "fused" (Kronecker, blocks > 1) or "linear"."""
         if self.embedding_factor is not None:
             return "embedding"
+        if self.lowrank_rank is not None:
+            return "lowrank"
         return "fused" if self.blocks > 1 else "linear"
 
     def params(self, m: int, n: int) -> int:
         """Parameters of the factors (no bias) for an m x n weight."""
         if self.embedding_factor is not None:
             return m * (n // self.embedding_factor) + self.embedding_factor
+        if self.lowrank_rank is not None:
+            return self.blocks * lowrank_params(m // self.blocks, n, self.lowrank_rank)
         return self.blocks * kron_params(*self.shape, self.rank)
 
     def describe(self, m: int | None = None, n: int | None = None) -> str:
-        """"A 384x768 ⊗ B 2x1" (with "3 blocks of", ", rank r"); embeddings need the table size (m, n) to be
-        concrete."""
+        """"A 384x768 ⊗ B 2x1" (with "3 blocks of", ", rank r"); "U 768x192 · V 192x768" for low rank;
+        embeddings and low-rank specs need the weight size (m, n) to be concrete."""
+        if self.lowrank_rank is not None:
+            r = self.lowrank_rank
+            if m is not None and n is not None:
+                text = f"U {m // self.blocks}x{r} · V {r}x{n}"
+            else:
+                text = f"U·V of rank {r}"
+            return f"{self.blocks} blocks of {text}" if self.blocks > 1 else text
         if self.embedding_factor is not None:
             f = self.embedding_factor
             if m is not None and n is not None:
@@ -224,17 +249,22 @@ class ModuleSpec:
     def to_dict(self) -> dict:
         if self.embedding_factor is not None:
             return {"embedding_factor": self.embedding_factor}
-        out: dict[str, Any] = {"shape": list(self.shape), "rank": self.rank}
+        if self.lowrank_rank is not None:
+            out: dict[str, Any] = {"lowrank_rank": self.lowrank_rank}
+            if self.blocks != 1:
+                out["blocks"] = self.blocks
+            return out
+        out = {"shape": list(self.shape), "rank": self.rank}
         if self.blocks != 1:
             out["blocks"] = self.blocks
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModuleSpec":
-        valid = ("shape", "rank", "blocks", "embedding_factor")
+        valid = ("shape", "rank", "blocks", "embedding_factor", "lowrank_rank")
         _check_keys(d, valid, "module spec")
         return cls(shape=d.get("shape"), rank=d.get("rank", 1), blocks=d.get("blocks", 1),
-                   embedding_factor=d.get("embedding_factor"))
+                   embedding_factor=d.get("embedding_factor"), lowrank_rank=d.get("lowrank_rank"))
 
 
 def _positive_int(value, what: str) -> int:
@@ -318,8 +348,11 @@ class Rule:
     select: one selector or a list (see the module docstring); each must match at least one module.
     layers: None (no filter), "all", "odd", "even", or layer indices (ints / "a-b" ranges).
     Exactly one of: shape (m1, n1, m2, n2) | factor (target compression, nearest valid shape per module) |
-    embedding_factor (nn.Embedding only) | keep=True (stay dense, overriding earlier rules).
-    rank, blocks: as in ModuleSpec (with shape or factor only).
+    embedding_factor (nn.Embedding only) | lowrank_rank (low-rank U·V of that rank) | lowrank_ratio (low-rank U·V
+    at this parameter reduction: r = max(1, floor(m·n / (ratio·(m + n)))) per module) | keep=True (stay dense,
+    overriding earlier rules).
+    rank: number of summed Kronecker products (with shape or factor only).
+    blocks: as in ModuleSpec (with shape, factor, lowrank_rank or lowrank_ratio).
     """
 
     select: tuple[str, ...]
@@ -330,6 +363,8 @@ class Rule:
     blocks: int = 1
     embedding_factor: int | None = None
     keep: bool = False
+    lowrank_rank: int | None = None
+    lowrank_ratio: float | None = None
     where: str = field(default="rule", compare=False, repr=False)
 
     def __post_init__(self):
@@ -350,7 +385,8 @@ class Rule:
         object.__setattr__(self, "layers", _parse_layers(self.layers, w))
         if not isinstance(self.keep, bool):
             raise PlanError(f"{w}: keep must be true or false, got {self.keep!r}")
-        given = [k for k in ("shape", "factor", "embedding_factor") if getattr(self, k) is not None]
+        given = [k for k in ("shape", "factor", "embedding_factor", "lowrank_rank", "lowrank_ratio")
+                 if getattr(self, k) is not None]
         if self.keep:
             extra = given + [k for k in ("rank", "blocks") if getattr(self, k) != 1]
             if extra:
@@ -358,7 +394,8 @@ class Rule:
             return
         if len(given) != 1:
             raise PlanError(f"{w}: give exactly one of shape, factor, embedding_factor or keep: true "
-                            f"(got {', '.join(given) if given else 'none'})")
+                            f"(got {', '.join(given) if given else 'none'}); or, for a low-rank U·V instead of "
+                            "Kronecker factors, one of lowrank_rank or lowrank_ratio")
         _positive_int(self.rank, f"{w}: rank")
         _positive_int(self.blocks, f"{w}: blocks")
         if self.shape is not None:
@@ -372,6 +409,17 @@ class Rule:
             _positive_int(self.embedding_factor, f"{w}: embedding_factor")
             if self.rank != 1 or self.blocks != 1:
                 raise PlanError(f"{w}: embedding_factor cannot be combined with rank or blocks")
+        if self.lowrank_rank is not None:
+            _positive_int(self.lowrank_rank, f"{w}: lowrank_rank")
+        if self.lowrank_ratio is not None:
+            f = self.lowrank_ratio
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1:
+                raise PlanError(f"{w}: lowrank_ratio must be a parameter reduction > 1 (e.g. 2: U·V holds half the "
+                                f"weight's parameters), got {f!r}")
+            object.__setattr__(self, "lowrank_ratio", float(f))
+        if (self.lowrank_rank is not None or self.lowrank_ratio is not None) and self.rank != 1:
+            raise PlanError(f"{w}: rank is the number of summed Kronecker products and does not apply to a low-rank "
+                            f"U·V (got rank={self.rank}); give its rank as lowrank_rank")
 
     def matches(self, name: str) -> bool:
         return _layers_match(self.layers, layer_index(name)) and any(selector_matches(s, name) for s in self.select)
@@ -394,8 +442,9 @@ class Rule:
                                 f"f must divide the embedding size {n} and be > 1; valid: {valid}")
             return ModuleSpec(embedding_factor=f)
         if kind == "embedding":
+            what = "lowrank_rank or lowrank_ratio" if self.lowrank_rank or self.lowrank_ratio else "shape or factor"
             raise PlanError(f"{self.where}: module {name} is an nn.Embedding ({m} x {n}): use embedding_factor "
-                            "(A v x d/f ⊗ B 1 x f), not shape or factor")
+                            f"(A v x d/f ⊗ B 1 x f), not {what}")
         dims = f"{tname}, weight {m} x {n} (out x in)"
         if m % self.blocks:
             raise PlanError(f"{self.where}: module {name} ({dims}) cannot be split into {self.blocks} equal "
@@ -403,6 +452,8 @@ class Rule:
         rows = m // self.blocks
         if self.blocks > 1:
             dims += f", {self.blocks} blocks of {rows} x {n}"
+        if self.lowrank_rank is not None or self.lowrank_ratio is not None:
+            return self._lowrank_spec(name, dims, rows, n)
         if self.factor is not None:
             try:
                 shape = nearest_shape(rows, n, self.factor, self.rank).shape
@@ -423,6 +474,26 @@ class Rule:
                             f"{_valid_shapes_hint(rows, n, self.rank, rows * n // 2)}")
         return ModuleSpec(shape=self.shape, rank=self.rank, blocks=self.blocks)
 
+    def _lowrank_spec(self, name: str, dims: str, rows: int, n: int) -> ModuleSpec:
+        if self.lowrank_ratio is not None:
+            r = lowrank_rank_for_ratio(rows, n, self.lowrank_ratio)
+            asked = f"lowrank_ratio {_num(self.lowrank_ratio)} (rank {r})"
+        else:
+            r = self.lowrank_rank
+            asked = f"lowrank_rank {r}"
+        best = (rows * n - 1) // (rows + n)  # the largest rank with r·(m + n) < m·n
+        hint = (f"ranks 1-{best} compress it" if best >= 1
+                else "no rank compresses a matrix this thin; keep it dense")
+        per = f"each {rows} x {n} block" if self.blocks > 1 else f"a {rows} x {n} weight"
+        if r >= min(rows, n):
+            raise PlanError(f"{self.where}: module {name} ({dims}): {asked} is >= min(m, n) = {min(rows, n)}, so U·V "
+                            f"can hold any {rows} x {n} matrix with {lowrank_params(rows, n, r):,} parameters against "
+                            f"{rows * n:,} dense: no compression; {hint}")
+        if lowrank_params(rows, n, r) >= rows * n:
+            raise PlanError(f"{self.where}: module {name} ({dims}): {asked} gives U·V {lowrank_params(rows, n, r):,} "
+                            f"parameters for {per} of {rows * n:,}: no compression; {hint}")
+        return ModuleSpec(lowrank_rank=r, blocks=self.blocks)
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"select": self.select[0] if len(self.select) == 1 else list(self.select)}
         if self.layers is not None:
@@ -436,6 +507,10 @@ class Rule:
             out["factor"] = int(self.factor) if float(self.factor).is_integer() else self.factor
         if self.embedding_factor is not None:
             out["embedding_factor"] = self.embedding_factor
+        if self.lowrank_rank is not None:
+            out["lowrank_rank"] = self.lowrank_rank
+        if self.lowrank_ratio is not None:
+            out["lowrank_ratio"] = _num(self.lowrank_ratio)
         if self.rank != 1:
             out["rank"] = self.rank
         if self.blocks != 1:
@@ -627,8 +702,14 @@ class CompressionPlan:
                 continue
             spec = spec if isinstance(spec, ModuleSpec) else ModuleSpec.from_dict(spec)
             rules.append(Rule(select=("re:" + re.escape(name),), shape=spec.shape, rank=spec.rank,
-                              blocks=spec.blocks, embedding_factor=spec.embedding_factor))
+                              blocks=spec.blocks, embedding_factor=spec.embedding_factor,
+                              lowrank_rank=spec.lowrank_rank))
         return cls(rules, **kwargs)
+
+
+def _num(x: float) -> int | float:
+    """2.0 -> 2 for display and YAML; other floats unchanged."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _fmt_select(rule: Rule) -> str:

@@ -1,4 +1,5 @@
-"""Named compression plans: the papers' hand-picked configurations and a uniform compression factor.
+"""Named compression plans: the papers' hand-picked configurations, a uniform compression factor, and the low-rank
+baseline at a uniform parameter reduction.
 
 `preset_plan(name, config)` turns a preset name and a transformers config into a `CompressionPlan` with concrete
 shapes, checking that the preset fits the model's sizes before any model is touched.
@@ -22,6 +23,8 @@ PRESETS: dict[str, str] = {
     "kroneckerbert5": "KroneckerBERT5: BERT-base, attention A 384x384, FFN A 384x384 at rank 4, embedding f=12 (4.5x)",
     "uniform:<factor>": "every attention and FFN matrix of every layer at the valid shape nearest to <factor>x "
                         "(GPT-2, BERT, Llama-family incl. grouped-query attention)",
+    "lowrank:<factor>": "baseline: every attention and FFN matrix of every layer as a low-rank U·V holding 1/<factor> "
+                        "of its parameters (truncated SVD; GPT-2's Q, K, V each their own)",
 }
 
 _GPT2 = ("gpt2",)
@@ -80,12 +83,17 @@ def preset_plan(name: str, config) -> CompressionPlan:
 
     uniform:<factor> gives every attention and FFN matrix the valid shape nearest to <factor>x compression (per
     matrix, so grouped-query k/v projections get their own shape); embeddings and heads stay dense.
+
+    lowrank:<factor> selects the same matrices as uniform:<factor> but replaces each m x n one by U (m x r) · V (r x n)
+    with r = max(1, floor(m·n / (factor·(m + n)))): the low-rank baseline at the same parameter reduction.
     """
     config = _config_of(config)
     if not isinstance(name, str):
         raise PlanError(f"a preset name is a string, got {name!r}")
     if name.startswith("uniform:") or name == "uniform":
         return _uniform(name, config)
+    if name.startswith("lowrank:") or name == "lowrank":
+        return _lowrank(name, config)
     if name == "kngpt2":
         return _kngpt2(config)
     if name in _KRONECKERBERT:
@@ -104,7 +112,7 @@ def get_plan(spec, config=None) -> CompressionPlan:
         path = Path(text).expanduser()
         if path.is_file():
             return CompressionPlan.load(path)
-        if text in PRESETS or text.startswith("uniform:") or text == "uniform":
+        if text in PRESETS or text.startswith(("uniform:", "lowrank:")) or text in ("uniform", "lowrank"):
             if config is None:
                 raise PlanError(f"preset {text!r} needs the model's config to pick shapes")
             return preset_plan(text, config)
@@ -210,24 +218,41 @@ def _kroneckerbert(name: str, config) -> CompressionPlan:
     )
 
 
-def _uniform(name: str, config) -> CompressionPlan:
+def _preset_factor(name: str, prefix: str, minimum: str) -> float | int:
     text = name.partition(":")[2]
     try:
         factor = float(text)
     except ValueError:
         factor = float("nan")
-    if not math.isfinite(factor) or factor < 1:
-        raise PlanError(f"preset {name!r}: give a compression factor >= 1 after 'uniform:', e.g. uniform:4")
-    factor_out: float | int = int(factor) if factor.is_integer() else factor
+    ok = factor >= 1 if minimum == ">= 1" else factor > 1
+    if not math.isfinite(factor) or not ok:
+        raise PlanError(f"preset {name!r}: give a compression factor {minimum} after '{prefix}:', e.g. {prefix}:4")
+    return int(factor) if factor.is_integer() else factor
+
+
+def _matrix_rules(config, key: str, value) -> list[dict]:
+    """Rules giving `key: value` to every attention and FFN matrix of the model's family (GPT-2's fused c_attn as
+    3 blocks: Q, K, V)."""
     family = model_family(config)
     if family == "gpt2":
-        rules = [
-            {"select": "attn.c_attn", "factor": factor_out, "blocks": 3},
-            {"select": ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "factor": factor_out},
+        return [
+            {"select": "attn.c_attn", key: value, "blocks": 3},
+            {"select": ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"], key: value},
         ]
-    elif family == "bert":
-        rules = [{"select": [*_BERT_ATTN, "intermediate.dense", _BERT_FFN_OUT], "factor": factor_out}]
-    else:
-        rules = [{"select": _LLAMA_LINEAR, "factor": factor_out}]
-    return CompressionPlan(rules, name=f"uniform:{factor_out}",
+    if family == "bert":
+        return [{"select": [*_BERT_ATTN, "intermediate.dense", _BERT_FFN_OUT], key: value}]
+    return [{"select": _LLAMA_LINEAR, key: value}]
+
+
+def _uniform(name: str, config) -> CompressionPlan:
+    factor_out = _preset_factor(name, "uniform", ">= 1")
+    return CompressionPlan(_matrix_rules(config, "factor", factor_out), name=f"uniform:{factor_out}",
                            description=f"every attention and FFN matrix at the valid shape nearest to {factor_out}x")
+
+
+def _lowrank(name: str, config) -> CompressionPlan:
+    # at a reduction of 1, U·V would be as large as W itself: no compression to compare against
+    factor_out = _preset_factor(name, "lowrank", "> 1")
+    return CompressionPlan(_matrix_rules(config, "lowrank_ratio", factor_out), name=f"lowrank:{factor_out}",
+                           description=f"every attention and FFN matrix as a low-rank U·V with 1/{factor_out} of its "
+                                       "parameters")

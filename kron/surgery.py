@@ -1,4 +1,5 @@
-"""Module surgery: swap a model's linear layers and embeddings for Kronecker ones, following a plan.
+"""Module surgery: swap a model's linear layers and embeddings for Kronecker ones (or, for the low-rank baseline,
+U·V ones), following a plan.
 
 The pattern is peft's: resolve the plan against `named_modules()` first (so every error is raised before the
 model changes), then replace each selected module through its parent (`get_submodule` + `setattr`), keeping
@@ -19,7 +20,7 @@ from torch import nn
 
 from .errors import PlanError, ShapeError
 from .factor import validate_shape
-from .layers import FusedKroneckerLinear, KroneckerEmbedding, KroneckerLinear
+from .layers import FusedKroneckerLinear, FusedLowRankLinear, KroneckerEmbedding, KroneckerLinear, LowRankLinear
 from .plan import KEEP, CompressionPlan, ModuleSpec, dense_dims, module_type
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "as_plan",
     "compress",
     "count_params",
+    "is_factored",
     "is_kronecker",
     "macs_per_token",
     "output_embedding_params",
@@ -36,11 +38,19 @@ __all__ = [
 ]
 
 _KRON_TYPES = (KroneckerLinear, FusedKroneckerLinear, KroneckerEmbedding)
-_SOURCE_ATTR = "kron_source_type"  # the dense type a Kronecker module replaced ("Linear", "Conv1D", "Embedding")
+_LOWRANK_TYPES = (LowRankLinear, FusedLowRankLinear)
+_FACTORED_TYPES = _KRON_TYPES + _LOWRANK_TYPES
+_LINEAR_TYPES = (KroneckerLinear, FusedKroneckerLinear, LowRankLinear, FusedLowRankLinear)  # cost macs_per_token
+_SOURCE_ATTR = "kron_source_type"  # the dense type a factored module replaced ("Linear", "Conv1D", "Embedding")
 
 
 def is_kronecker(module: nn.Module) -> bool:
     return isinstance(module, _KRON_TYPES)
+
+
+def is_factored(module: nn.Module) -> bool:
+    """Whether a module is one kronsearch put in place of a dense one: Kronecker or low-rank (U·V)."""
+    return isinstance(module, _FACTORED_TYPES)
 
 
 # ----------------------------------------------------------------------------------------------- counting
@@ -102,18 +112,19 @@ def output_embedding_params(model: nn.Module) -> int:
 
 
 def macs_per_token(model: nn.Module) -> int:
-    """Multiply-adds per token of every linear layer (nn.Linear, Conv1D, Kronecker layers, the LM head included).
+    """Multiply-adds per token of every linear layer (nn.Linear, Conv1D, Kronecker and low-rank layers, the LM head
+    included).
 
-    Dense layers cost in·out, Kronecker layers the cheaper contraction order. Embedding lookups, biases, norms,
-    activations and the attention-score products QKᵀ and softmax·V (which grow with sequence length) are not
-    counted. Heads that run once per sequence (BERT's pooler and classifier) are counted as if per token: a small
+    Dense layers cost in·out, Kronecker layers the cheaper contraction order, low-rank layers r·(in + out). Embedding
+    lookups, biases, norms, activations and the attention-score products QKᵀ and softmax·V (which grow with sequence
+    length) are not counted. Heads that run once per sequence (BERT's pooler and classifier) are counted as if per token: a small
     overestimate that is the same before and after compression unless the plan compresses them.
     """
     return sum(_module_macs(m) for m in _mac_leaves(model))
 
 
 def _mac_leaves(module: nn.Module):
-    if isinstance(module, (FusedKroneckerLinear, KroneckerLinear)) or module_type(module) in ("linear", "conv1d"):
+    if isinstance(module, _LINEAR_TYPES) or module_type(module) in ("linear", "conv1d"):
         yield module
         return
     for child in module.children():
@@ -121,7 +132,7 @@ def _mac_leaves(module: nn.Module):
 
 
 def _module_macs(module: nn.Module) -> int:
-    if isinstance(module, (FusedKroneckerLinear, KroneckerLinear)):
+    if isinstance(module, _LINEAR_TYPES):
         return int(module.macs_per_token)
     m, n = dense_dims(module)
     return m * n
@@ -135,7 +146,7 @@ class ModuleRecord:
     """One replaced module: its dense size (out x in; vocab x dim for embeddings), the spec and the costs."""
 
     name: str
-    kind: str  # "linear" | "fused" | "embedding"
+    kind: str  # "linear" | "fused" | "embedding" | "lowrank"
     module_type: str  # the replaced class: "Linear", "Conv1D", "Embedding"
     dense_shape: tuple[int, int]
     spec: dict
@@ -334,7 +345,7 @@ def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
         raise PlanError(_unsupported_message(name, module))
     if (spec.kind == "embedding") != (kind == "embedding"):
         raise PlanError(f"module {name} is a {type(module).__name__} but its spec is {spec.describe()!r}: "
-                        "embedding_factor is for nn.Embedding, shape for linear layers")
+                        "embedding_factor is for nn.Embedding, shape or lowrank_rank for linear layers")
     m, n = dense_dims(module)
     if spec.kind == "embedding":
         if n % spec.embedding_factor:
@@ -343,6 +354,12 @@ def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
         return
     if m % spec.blocks:
         raise PlanError(f"module {name} ({m} x {n}): {m} output features do not split into {spec.blocks} blocks")
+    if spec.kind == "lowrank":
+        rows = m // spec.blocks
+        if spec.lowrank_rank > min(rows, n):
+            raise PlanError(f"module {name} ({m} x {n}): lowrank_rank {spec.lowrank_rank} exceeds min(m, n) = "
+                            f"{min(rows, n)} of its {rows} x {n} {'blocks' if spec.blocks > 1 else 'weight'}")
+        return
     try:
         validate_shape(m // spec.blocks, n, spec.shape, spec.rank, what=f"module {name}")
     except ShapeError as exc:
@@ -352,6 +369,8 @@ def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
 def _build(old: nn.Module, spec: ModuleSpec, init: str) -> nn.Module:
     kind = module_type(old)
     kw = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if spec.kind == "lowrank":
+        return _build_lowrank(old, spec, init, kw)
     if kind == "embedding":
         if init == "svd":
             return KroneckerEmbedding.from_embedding(old, spec.embedding_factor)
@@ -371,8 +390,23 @@ def _build(old: nn.Module, spec: ModuleSpec, init: str) -> nn.Module:
     return KroneckerLinear(in_f, out_f, spec.shape, spec.rank, bias=old.bias is not None, **kw)
 
 
+def _build_lowrank(old: nn.Module, spec: ModuleSpec, init: str, kw: dict) -> nn.Module:
+    r = spec.lowrank_rank
+    if spec.blocks > 1:
+        if init == "svd":
+            return FusedLowRankLinear.from_linear(old, r, blocks=spec.blocks)
+        out_f, in_f = dense_dims(old)
+        parts = [LowRankLinear(in_f, out_f // spec.blocks, r, bias=False, **kw) for _ in range(spec.blocks)]
+        return FusedLowRankLinear(parts, old.bias)
+    if init == "svd":
+        return LowRankLinear.from_linear(old, r)
+    out_f, in_f = dense_dims(old)
+    return LowRankLinear(in_f, out_f, r, bias=old.bias is not None, **kw)
+
+
 def specs_from_model(model: nn.Module) -> dict[str, ModuleSpec]:
-    """Name -> ModuleSpec of every Kronecker module in a (compressed) model: enough to rebuild its structure."""
+    """Name -> ModuleSpec of every Kronecker or low-rank module in a (compressed) model: enough to rebuild its
+    structure."""
     out: dict[str, ModuleSpec] = {}
     skip: set[str] = set()
     for name, mod in model.named_modules():
@@ -388,10 +422,17 @@ def specs_from_model(model: nn.Module) -> dict[str, ModuleSpec]:
             skip.add(name)
         elif isinstance(mod, KroneckerLinear):
             out[name] = ModuleSpec(shape=mod.shape, rank=mod.rank)
+        elif isinstance(mod, FusedLowRankLinear):
+            if len({b.rank for b in mod.blocks}) != 1:
+                raise PlanError(f"module {name}: fused blocks with different ranks cannot be described by one spec")
+            out[name] = ModuleSpec(lowrank_rank=mod.rank, blocks=len(mod.blocks))
+            skip.add(name)
+        elif isinstance(mod, LowRankLinear):
+            out[name] = ModuleSpec(lowrank_rank=mod.rank)
     return out
 
 
 def source_types(model: nn.Module) -> dict[str, str]:
-    """Name -> the dense class each Kronecker module replaced ("Linear", "Conv1D", "Embedding"), when recorded."""
-    return {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules() if is_kronecker(m)
+    """Name -> the dense class each factored module replaced ("Linear", "Conv1D", "Embedding"), when recorded."""
+    return {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules() if is_factored(m)
             and hasattr(m, _SOURCE_ATTR)}

@@ -110,8 +110,10 @@ class TrialConfig(_Strict):
     teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
     method: Literal["kronecker", "lowrank", "layerdrop", "teacher"] = "kronecker"
     plan: PlanSource | None = None
-    lowrank_ratio: float | None = Field(None, gt=1, description="lowrank: parameter reduction of each matrix")
-    keep_layers: list[int] | Literal["odd", "even"] | None = Field(None, description="layerdrop: layers kept")
+    lowrank_ratio: float | None = Field(None, gt=1, description="lowrank: parameter reduction of each attention/FFN "
+                                                                  "matrix (the preset lowrank:<ratio>)")
+    keep_layers: list[int] | Literal["odd", "even"] | None = Field(
+        None, description="layerdrop: teacher layers kept (zero-based; 'odd' = 1, 3, ...)")
     data: DataConfig = Field(default_factory=DataConfig)
     stage1: StageConfig | None = Field(default_factory=StageConfig)
     glue: GlueConfig | None = None
@@ -134,10 +136,21 @@ class TrialConfig(_Strict):
     def _consistent(self):
         if self.method == "kronecker" and self.plan is None:
             raise ValueError("method 'kronecker' needs a plan (preset, file or rules)")
-        if self.method == "lowrank" and self.lowrank_ratio is None:
-            raise ValueError("method 'lowrank' needs lowrank_ratio (e.g. 2.0)")
+        if self.method == "lowrank" and (self.lowrank_ratio is None) == (self.plan is None):
+            raise ValueError("method 'lowrank' needs exactly one of lowrank_ratio (e.g. 2.0: the preset lowrank:2) "
+                             "or a plan whose rules use lowrank_rank / lowrank_ratio (got "
+                             f"{'both' if self.plan is not None else 'neither'})")
         if self.method == "layerdrop" and self.keep_layers is None:
             raise ValueError("method 'layerdrop' needs keep_layers ('odd', 'even' or a list)")
+        if self.method == "layerdrop" and self.plan is not None:
+            raise ValueError("method 'layerdrop' keeps whole teacher layers and takes no plan; remove `plan` (or use "
+                             "method 'kronecker' / 'lowrank')")
+        if self.lowrank_ratio is not None and self.method != "lowrank":
+            raise ValueError(f"lowrank_ratio applies to method 'lowrank' only (method is {self.method!r})")
+        if self.keep_layers is not None and self.method != "layerdrop":
+            raise ValueError(f"keep_layers applies to method 'layerdrop' only (method is {self.method!r})")
+        if isinstance(self.keep_layers, list) and not self.keep_layers:
+            raise ValueError("keep_layers is empty: keep at least one layer ('odd', 'even' or a list of indices)")
         if self.stage2 is not None and self.glue is None:
             raise ValueError("stage2 (task distillation) needs a glue task")
         if self.glue is not None and self.stage2 is None:

@@ -105,13 +105,17 @@ def ilkd_loss(
 
     Args:
         student_out / teacher_out: transformers outputs with `hidden_states` (embeddings first, then one per
-            layer) and `attentions` (one per layer).
+            layer) and `attentions` (one per layer); teacher_out None means cross-entropy only.
         weights: the α of each term; a term whose α is 0 is still computed for logging unless it is expensive
             (logits KD is skipped at α = 0).
         attention_mask: (B, T) with 1 on real tokens; None means no padding.
         layer_map: student layer l is matched to teacher layer layer_map[l] (default: identity, same depth).
         ce_loss: the task/LM cross-entropy already computed by the model (labels passed to forward), or None.
     """
+    if teacher_out is None:  # plain cross-entropy training: nothing to distil
+        if ce_loss is None:
+            raise ValueError("without a teacher output the loss is the cross-entropy alone, and none was given")
+        return DistillOutput(weights.ce * ce_loss, {"ce": float(ce_loss.detach())})
     hs_s, hs_t = student_out.hidden_states, teacher_out.hidden_states
     at_s, at_t = student_out.attentions, teacher_out.attentions
     n_layers = len(at_s)

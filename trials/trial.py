@@ -132,6 +132,8 @@ def build_plan(cfg: TrialConfig, model_config):
     from kron.plan import CompressionPlan
     from kron.presets import preset_plan
 
+    if cfg.method == "lowrank" and cfg.lowrank_ratio is not None:
+        return preset_plan(f"lowrank:{cfg.lowrank_ratio:g}", model_config)
     p = cfg.plan
     if p.preset is not None:
         return preset_plan(p.preset, model_config)
@@ -141,21 +143,55 @@ def build_plan(cfg: TrialConfig, model_config):
 
 
 def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any]:
-    """A trainable copy of the teacher compressed by the trial's method; returns (student, report dict, plan)."""
+    """A trainable copy of the teacher compressed by the trial's method; returns (student, report dict, plan).
+
+    kronecker / lowrank: the plan's modules replaced by SVD-initialised Kronecker / U·V factors (the report is
+    CompressionReport.to_dict(); a lowrank plan may not hold Kronecker specs, nor a kronecker plan low-rank ones).
+    layerdrop: the teacher's kept layers (plan None); the report has the same keys plus plan, plan_summary and
+    layer_map (student layer i -> teacher layer), which the ILKD stages use unless a stage gives its own.
+    """
+    if cfg.method == "layerdrop":
+        from kron.baselines import drop_layers, size_report
+
+        student, layer_map = drop_layers(teacher, cfg.keep_layers, inplace=False)
+        student.requires_grad_(True)
+        n_teacher = teacher.config.num_hidden_layers
+        comp = size_report(teacher, student)
+        comp.update(plan={"method": "layerdrop", "keep_layers": layer_map, "teacher_layers": n_teacher},
+                    plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
+        return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if cfg.method == "kronecker":
-        from kron.surgery import compress
+    if cfg.method in ("kronecker", "lowrank"):
+        from kron.baselines import describe_lowrank
+        from kron.surgery import apply_specs
 
         plan = build_plan(cfg, teacher.config)
-        report = compress(student, plan, inplace=True, init="svd")
-        return student, report.to_dict(), plan
-    if cfg.method in ("lowrank", "layerdrop"):
-        from kron import baselines
-
-        return baselines.build(cfg, student)
+        specs = plan.resolve(student)
+        _check_method_specs(cfg.method, specs)
+        comp = apply_specs(student, specs, inplace=True, init="svd").to_dict()
+        if cfg.method == "lowrank":
+            comp["plan_summary"] = describe_lowrank(plan, comp)
+        return student, comp, plan
     if cfg.method == "teacher":  # the uncompressed reference point, distilled from itself (no-op) and evaluated
         return student, _report_counts(student), None
     raise UserError(f"unknown method {cfg.method!r}")
+
+
+def _check_method_specs(method: str, specs: dict) -> None:
+    """Keep the methods apart: a lowrank trial's plan factors matrices as U·V only, a kronecker trial's as Kronecker
+    products only (results are grouped by method, and a mixed plan would be neither baseline nor Kronecker)."""
+    from kron.plan import KEEP
+
+    for name, spec in specs.items():
+        if spec == KEEP:
+            continue
+        if method == "lowrank" and spec.kind != "lowrank":
+            raise UserError(f"method 'lowrank': the plan gives module {name} Kronecker factors "
+                            f"({spec.describe()}); a lowrank plan's rules use lowrank_rank or lowrank_ratio (or use "
+                            "method 'kronecker')")
+        if method == "kronecker" and spec.kind == "lowrank":
+            raise UserError(f"method 'kronecker': the plan makes module {name} a low-rank U·V; use method 'lowrank' "
+                            "for the low-rank baseline")
 
 
 def _report_counts(model) -> dict:
@@ -333,6 +369,8 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
             student.set_attn_implementation("eager")
         run.summary.update(_size_fields(comp, plan))
         run.plan = plan
+        run.comp = comp
+        run.layer_map = comp.get("layer_map")  # layerdrop: student layer i was teacher layer layer_map[i]
         run.teacher = teacher
         stages = []
         if cfg.stage1 is not None:
@@ -386,8 +424,15 @@ def _evaluate(run: _Run, kind: str, student, eval_data, stage: StageConfig, devi
     if kind == "lm":
         weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
         return evaluate_kd(student, run.teacher, eval_data, weights, stage.batch_size, device, stage.eval_batches,
-                           stage.distill.layer_map)
+                           _layer_map(run, stage))
     return evaluate_glue(student, eval_data, run.cfg.glue.task, stage.batch_size, device, stage.eval_batches)
+
+
+def _layer_map(run: _Run, stage: StageConfig) -> list[int] | None:
+    """The stage's ILKD layer_map if it gives one, else the one layer dropping implies (None: same depth)."""
+    if stage.distill.layer_map is not None:
+        return stage.distill.layer_map
+    return getattr(run, "layer_map", None)
 
 
 def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, tokenizer, device) -> None:
@@ -404,6 +449,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
         mode = "max"
     final_stage = kind == ("glue" if cfg.stage2 is not None else "lm")
     weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
+    needs_teacher = any((weights.emb, weights.att, weights.hid, weights.logits))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -457,10 +503,12 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
             labels = batch.get("labels")
             if kind == "lm" and _is_causal_lm(student):
                 labels = batch["input_ids"]
-            with torch.no_grad():
-                t_out = forward_for_distillation(teacher, batch["input_ids"], mask)
+            t_out = None
+            if needs_teacher:  # cross-entropy-only training (a baseline) skips the teacher's forward pass
+                with torch.no_grad():
+                    t_out = forward_for_distillation(teacher, batch["input_ids"], mask)
             s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
-            out = ilkd_loss(s_out, t_out, weights, attention_mask=mask, layer_map=stage.distill.layer_map,
+            out = ilkd_loss(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
                             ce_loss=getattr(s_out, "loss", None))
             if not torch.isfinite(out.loss):
                 raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
@@ -494,7 +542,12 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
 def _save_best(run: _Run, student) -> None:
     if run.out_dir is None or not run.cfg.save_checkpoint:
         return
-    from kron.io import save_compressed
+    if run.cfg.method == "layerdrop":  # a plain transformers model with fewer layers: save_pretrained
+        from kron.baselines import save_layerdrop
 
-    save_compressed(student, run.plan, run.out_dir / "checkpoint")
+        save_layerdrop(student, run.out_dir / "checkpoint", layer_map=run.layer_map, report=run.comp)
+    else:
+        from kron.io import save_compressed
+
+        save_compressed(student, run.plan, run.out_dir / "checkpoint")
     run.summary["checkpoint"] = "checkpoint"

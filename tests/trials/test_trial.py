@@ -117,6 +117,15 @@ def test_glue_trial_on_tiny_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_
         ({"plan": {"preset": "kngpt2", "file": "p.yaml"}}, "exactly one of preset, file or rules"),
         ({"method": "pruning"}, "method"),
         ({"stage2": {"max_steps": 3}}, "stage2 (task distillation) needs a glue task"),
+        ({"method": "lowrank", "plan": None}, "method 'lowrank' needs exactly one of lowrank_ratio"),
+        ({"method": "lowrank", "lowrank_ratio": 2}, "(got both)"),
+        ({"method": "lowrank", "plan": None, "lowrank_ratio": 1}, "lowrank_ratio: Input should be greater than 1"),
+        ({"method": "layerdrop", "plan": None}, "method 'layerdrop' needs keep_layers"),
+        ({"method": "layerdrop", "keep_layers": "odd"}, "method 'layerdrop' keeps whole teacher layers"),
+        ({"method": "layerdrop", "plan": None, "keep_layers": []}, "keep_layers is empty"),
+        ({"method": "layerdrop", "plan": None, "keep_layers": "first"}, "keep_layers"),
+        ({"lowrank_ratio": 2}, "lowrank_ratio applies to method 'lowrank' only (method is 'kronecker')"),
+        ({"keep_layers": "odd"}, "keep_layers applies to method 'layerdrop' only"),
     ],
 )
 def test_bad_configs_name_the_field(patch, message):
@@ -124,6 +133,115 @@ def test_bad_configs_name_the_field(patch, message):
     cfg.update(patch)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_trial_config(cfg)
+
+
+def _baseline_config(teacher, corpus, **over):
+    cfg = _lm_config(teacher, corpus, **{"plan": None, **over})
+    cfg["stage1"].update(max_steps=8)
+    return cfg
+
+
+def _reload_and_check(tmp_path, summary, teacher, corpus):
+    """The best checkpoint reloads through kron.models.load_model with the recorded size and perplexity."""
+    from kron.models import load_model
+    from kron.surgery import count_params
+    from trials.trial import evaluate_lm, load_lm_data, load_teacher
+
+    student = load_model(tmp_path / "checkpoint", device="cpu", attn_implementation="eager")
+    assert count_params(student) == summary["params"]
+    cfg = load_trial_config(_lm_config(teacher, corpus))
+    t, tok = load_teacher(cfg, torch.device("cpu"))
+    _, val = load_lm_data(cfg, t, tok, torch.device("cpu"))
+    assert evaluate_lm(student, val, 4, torch.device("cpu"))["quality"] == pytest.approx(summary["quality"], rel=1e-4)
+    return student
+
+
+def test_lowrank_trial_from_ratio(tiny_lm_teacher, text_corpus, tmp_path):
+    summary = run_trial(_baseline_config(tiny_lm_teacher, text_corpus, method="lowrank", lowrank_ratio=2),
+                        output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete" and summary["method"] == "lowrank"
+    assert summary["plan_summary"] == "lowrank 2x on attention+FFN"
+    assert summary["plan"]["name"] == "lowrank:2"
+    # d=32: Q, K, V blocks 32x32 -> rank floor(1024 / (2·64)) = 8; c_fc 128x32 -> floor(4096 / 320) = 12
+    assert summary["plan_resolved"]["transformer.h.0.attn.c_attn"] == {"lowrank_rank": 8, "blocks": 3}
+    assert summary["plan_resolved"]["transformer.h.1.mlp.c_fc"] == {"lowrank_rank": 12}
+    assert summary["params"] < summary["params_teacher"] and summary["compression_ratio"] > 1
+    assert math.isfinite(summary["quality"]) and summary["quality"] <= summary["quality_at_init"]
+    assert set(summary["init_errors"]) == set(summary["plan_resolved"])
+    assert (tmp_path / "checkpoint" / "kronsearch.json").is_file()
+    from kron.layers import FusedLowRankLinear
+
+    student = _reload_and_check(tmp_path, summary, tiny_lm_teacher, text_corpus)
+    assert isinstance(student.transformer.h[0].attn.c_attn, FusedLowRankLinear)
+
+
+def test_lowrank_trial_from_plan_rules(tiny_lm_teacher, text_corpus, tmp_path):
+    cfg = _baseline_config(tiny_lm_teacher, text_corpus, method="lowrank",
+                           plan={"rules": [{"select": "mlp.c_fc", "lowrank_rank": 4},
+                                           {"select": "attn.c_attn", "layers": "odd", "lowrank_rank": 2, "blocks": 3}]})
+    cfg["stage1"]["max_steps"] = 4
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete"
+    assert summary["plan_summary"] == "lowrank: 3 matrices, rank 2-4"
+    assert summary["plan_resolved"]["transformer.h.1.attn.c_attn"] == {"lowrank_rank": 2, "blocks": 3}
+    assert "transformer.h.0.attn.c_attn" not in summary["plan_resolved"]  # it lists the factored modules
+
+
+@pytest.mark.parametrize("method, rules, message", [
+    ("lowrank", [{"select": "mlp.c_fc", "factor": 2}],
+     "method 'lowrank': the plan gives module transformer.h.0.mlp.c_fc Kronecker factors"),
+    ("kronecker", [{"select": "mlp.c_fc", "lowrank_rank": 2}],
+     "method 'kronecker': the plan makes module transformer.h.0.mlp.c_fc a low-rank U·V"),
+])
+def test_methods_do_not_mix_factorisations(method, rules, message, tiny_lm_teacher, text_corpus, tmp_path):
+    from kron.errors import UserError
+
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, method=method, plan={"rules": rules})
+    with pytest.raises(UserError, match=message):
+        run_trial(cfg, output_dir=tmp_path, progress=False)
+
+
+def test_layerdrop_trial(tiny_lm_teacher, text_corpus, tmp_path):
+    summary = run_trial(_baseline_config(tiny_lm_teacher, text_corpus, method="layerdrop", keep_layers="odd"),
+                        output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete" and summary["method"] == "layerdrop"
+    assert summary["plan_summary"] == "layerdrop keep [1] of 2 layers"
+    assert summary["plan"] == {"method": "layerdrop", "keep_layers": [1], "teacher_layers": 2}
+    assert summary["plan_resolved"] == {} and summary["init_errors"] == {}
+    assert summary["params"] < summary["params_teacher"] and summary["compression_ratio"] > 1
+    # the ILKD terms ran: student layer 0 was matched to teacher layer 1 (without a layer_map the depths differ)
+    assert all("loss_att" in h and "loss_hid" in h for h in summary["history"][1:])
+    assert math.isfinite(summary["quality"]) and summary["quality"] <= summary["quality_at_init"]
+    ckpt = tmp_path / "checkpoint"
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    assert not (ckpt / "kronsearch.json").exists()  # a plain transformers directory
+    assert json.loads((ckpt / "layerdrop.json").read_text())["layer_map"] == [1]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(ckpt)).config.n_layer == 1
+    _reload_and_check(tmp_path, summary, tiny_lm_teacher, text_corpus)
+
+
+def test_layerdrop_stage_layer_map_overrides(tiny_lm_teacher, text_corpus, tmp_path):
+    cfg = _baseline_config(tiny_lm_teacher, text_corpus, method="layerdrop", keep_layers=[1])
+    cfg["stage1"].update(max_steps=2, eval_every=2, distill={"layer_map": [5]})  # not a teacher layer: shows it is used
+    with pytest.raises(ValueError, match=r"layer_map \[5\] must give one teacher layer in \[0, 2\)"):
+        run_trial(cfg, output_dir=tmp_path, progress=False)
+
+
+def test_layerdrop_glue_trial_on_tiny_bert(tiny_bert_classifier, sst2_dir, tmp_path):
+    cfg = {"teacher": str(tiny_bert_classifier), "method": "layerdrop", "keep_layers": [0], "stage1": None,
+           "glue": {"task": "sst2", "source": str(sst2_dir), "max_len": 32},
+           "stage2": {"lr": 1e-3, "batch_size": 8, "max_steps": 4, "eval_every": 2,
+                      "distill": {"ce": 1.0, "logits": 1.0}}}
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete" and 0.0 <= summary["quality"] <= 1.0
+    from kron.models import load_model
+    from kron.surgery import count_params
+
+    student = load_model(tmp_path / "checkpoint", device="cpu")
+    assert type(student).__name__ == "BertForSequenceClassification" and student.config.num_hidden_layers == 1
+    assert count_params(student) == summary["params"]
 
 
 @pytest.fixture(autouse=True)
