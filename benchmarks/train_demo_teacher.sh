@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Rebuild the bundled demo teacher (trials/demo_teacher/): a 4-layer GPT-2 trained from scratch on WikiText-2
+# on one CPU thread for 40 minutes. Needs the shared data checkout (../shared/data next to the repo) or DATA=...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-/work/shared/data/wikitext-2}
+OUT=${OUT:-/tmp/demo_teacher_out}
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+python -m search.cli teacher train --data "$DATA" --out "$OUT" \
+    --vocab-size 8192 --n-layer 4 --n-embd 256 --n-head 4 --n-positions 256 --seq-len 128 \
+    --batch-size 32 --lr 1e-3 --warmup-steps 100 --max-steps 100000 --max-minutes 40 \
+    --eval-every 100 --seed 0 --threads 1
+
+# The bundle: weights, config and tokenizer (the MODEL_CARD.md in trials/demo_teacher/ is edited by hand).
+for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json; do
+    [ -f "$OUT/$f" ] && install -m 644 "$OUT/$f" trials/demo_teacher/
+done
