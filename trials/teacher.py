@@ -290,6 +290,7 @@ def train_teacher(
         "test_tokens": None if test is None else int(test.numel()),
     }
     save_model_dir(model, tokenizer, out)
+    _portable_tokenizer_class(out)
     (out / "MODEL_CARD.md").write_text(
         _lm_card(data, cfg, summary, command or _command_line(), history), encoding="utf-8"
     )
@@ -304,6 +305,15 @@ def save_model_dir(model, tokenizer, out: str | os.PathLike) -> None:
     for stale in out.glob("pytorch_model*.bin"):
         stale.unlink()
     tokenizer.save_pretrained(out)
+
+
+def _portable_tokenizer_class(out: Path) -> None:
+    """Name the generic fast-tokenizer class that transformers 4.x also knows (5.x writes "TokenizersBackend")."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _command_line() -> str:
