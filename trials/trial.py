@@ -350,7 +350,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     run = _Run(cfg, out_dir, report, report is None if progress is None else progress)
     run.summary = {
         "schema": SCHEMA, "trial_id": cfg.name or (out_dir.name if out_dir else "trial"), "search": None,
-        "method": cfg.method, "label": cfg.name, "status": "running", "error": None,
+        "method": _summary_method(cfg), "label": cfg.name or _default_label(cfg), "status": "running", "error": None,
         "quality_name": cfg.quality_name, "quality_mode": cfg.quality_mode, "quality": None,
         "quality_at_init": None, "teacher_quality": None, "config": cfg.model_dump(mode="json"), "checkpoint": None,
     }
@@ -392,6 +392,25 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     if status == "complete":
         run.write(status="complete")
     return (run.summary, student) if return_student else run.summary
+
+
+def _summary_method(cfg: TrialConfig) -> str:
+    """What produced the student: a hand-designed preset is a reference point for analysis, not a search sample."""
+    if cfg.method == "kronecker" and cfg.plan is not None and cfg.plan.preset is not None:
+        return "preset"
+    return cfg.method
+
+
+def _default_label(cfg: TrialConfig) -> str | None:
+    if cfg.plan is not None and cfg.plan.preset is not None:
+        return cfg.plan.preset
+    if cfg.method == "lowrank" and cfg.lowrank_ratio is not None:
+        return f"lowrank:{cfg.lowrank_ratio:g}"
+    if cfg.method == "layerdrop":
+        return f"layerdrop:{cfg.keep_layers}"
+    if cfg.method == "teacher":
+        return "teacher"
+    return None
 
 
 def _size_fields(comp: dict, plan) -> dict:
