@@ -422,11 +422,29 @@ def _size_fields(comp: dict, plan) -> dict:
         "macs_per_token": comp.get("macs_per_token_after"),
         "macs_per_token_teacher": comp.get("macs_per_token_before"),
         "plan": plan.to_dict() if plan is not None and hasattr(plan, "to_dict") else comp.get("plan"),
-        "plan_summary": comp.get("plan_summary") or (plan.summary() if plan is not None and hasattr(plan, "summary") else ""),
+        "plan_summary": comp.get("plan_summary") or _plan_summary(comp),
         "plan_resolved": comp.get("plan_resolved") or _resolved_from_report(comp),
         "init_errors": {m["name"]: m.get("init_error") for m in comp.get("modules", []) if m.get("init_error") is not None},
     }
     return fields
+
+
+def _plan_summary(comp: dict) -> str:
+    """One line: how many matrices were factored, their compression range, and the embedding factor."""
+    mods = comp.get("modules", [])
+    if not mods:
+        return "dense (nothing factored)"
+    parts = []
+    emb = [m for m in mods if m.get("kind") == "embedding"]
+    mats = [m for m in mods if m.get("kind") != "embedding"]
+    if mats:
+        ratios = [m["params_before"] / m["params_after"] for m in mats if m.get("params_after")]
+        layers = sorted({int(p) for m in mats for p in m["name"].split(".") if p.isdigit()})
+        parts.append(f"{len(mats)} matrices in layers {layers} at {min(ratios):.3g}-{max(ratios):.3g}x")
+    for m in emb:
+        f = (m.get("spec") or {}).get("embedding_factor")
+        parts.append(f"embedding f={f}")
+    return "; ".join(parts)
 
 
 def _resolved_from_report(comp: dict) -> dict:
@@ -452,6 +470,18 @@ def _layer_map(run: _Run, stage: StageConfig) -> list[int] | None:
     if stage.distill.layer_map is not None:
         return stage.distill.layer_map
     return getattr(run, "layer_map", None)
+
+
+def _teacher_quality(run: _Run, kind: str, teacher, eval_data, stage: StageConfig, device) -> float | None:
+    """The teacher's score on the same validation data (cached per process: the search evaluates it once)."""
+    if kind == "lm" and not _is_causal_lm(teacher):
+        return None  # the encoder's stage-1 metric is a distance to itself
+    cfg = run.cfg
+    key = ("teacher_quality", cfg.teacher, kind, cfg.data.model_dump_json(),
+           cfg.glue.model_dump_json() if cfg.glue else None, stage.batch_size, stage.eval_batches)
+    if key not in _DATA:
+        _DATA[key] = _evaluate(run, kind, teacher, eval_data, stage, device)["quality"]
+    return _DATA[key]
 
 
 def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, tokenizer, device) -> None:
@@ -483,6 +513,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
         q = metrics["quality"]
         if stage_step == 0 and run.summary.get("quality_at_init") is None and final_stage:
             run.summary["quality_at_init"] = q
+            run.summary["teacher_quality"] = _teacher_quality(run, kind, teacher, eval_data, stage, device)
         improved = run.better(q, mode, stage.early_stopping.min_delta if stage.early_stopping else 0.0)
         if improved:
             run.best, run.best_step = q, run.step
