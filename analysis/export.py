@@ -36,6 +36,7 @@ from analysis.results import (
     read_summary,
 )
 from kron.errors import CheckpointError, DataError, UserError
+from kron.fsutil import replace_dir
 
 __all__ = ["select", "export", "parse_amount", "parse_how", "SELECTIONS", "SELECTION_NAME"]
 
@@ -243,7 +244,7 @@ def build_model(summary: dict, dest: Path) -> dict:
             raise CheckpointError(f"{what} for trial {summary.get('trial_id')} has {params:,} parameters but its "
                                   f"summary records {int(expected):,} ({summary['summary_path']}); was the teacher "
                                   "changed since the trial ran?")
-        _move_into_place(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -310,17 +311,6 @@ def _checkpoint_dir(summary: dict, *, existing_only: bool) -> str | None:
     if existing_only and not (path / _INFO_FILE).is_file():
         return None
     return str(path)
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`, replacing an earlier model directory there (old one moved aside, then deleted)."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _file_names(chosen: pd.DataFrame) -> list[str]:

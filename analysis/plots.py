@@ -21,6 +21,8 @@ from analysis.results import (
     REFERENCE_METHODS,
     PLAN_INDEX,
     atomic_path,
+    as_floats,
+    is_finite,
     column_direction,
     compression_factor,
     is_reference,
@@ -107,7 +109,7 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
     series = []
     for search, colour in zip(searches, colours):
         group = trials[trials["search"] == search]
-        gx, gy = _floats(group[x]), _floats(group[y])
+        gx, gy = as_floats(group[x]), as_floats(group[y])
         keep = np.isfinite(gx) & np.isfinite(gy)
         group, gx, gy = group[keep], gx[keep], gy[keep]
         on_front = pareto_mask(np.column_stack([gx, gy]), [x_dir, y_dir]) if len(gx) else np.zeros(0, bool)
@@ -121,12 +123,12 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
 
     refs = [
         ReferencePoint(_reference_label(row), str(row["method"]), float(row[x]), float(row[y]))
-        for _, row in complete[ref_mask].iterrows() if _finite(row[x]) and _finite(row[y])
+        for _, row in complete[ref_mask].iterrows() if is_finite(row[x]) and is_finite(row[y])
     ]
     if isinstance(references, pd.DataFrame):
         extra = references[(references["status"] == "complete").fillna(False)] if "status" in references else references
         refs += [ReferencePoint(_reference_label(row), str(row.get("method", "other")), float(row[x]), float(row[y]))
-                 for _, row in extra.iterrows() if _finite(row[x]) and _finite(row[y])]
+                 for _, row in extra.iterrows() if is_finite(row[x]) and is_finite(row[y])]
     elif isinstance(references, Mapping):
         refs += [ReferencePoint(str(label), "other", float(px), float(py)) for label, (px, py) in references.items()]
     elif references is not None and not isinstance(references, Sequence):
@@ -185,7 +187,7 @@ def heatmap_data(plan_table: pd.DataFrame) -> HeatmapData:
     table = plan_table
     if list(table.index.names) == list(PLAN_INDEX):
         meta = table.index.to_frame(index=False)
-        order = np.lexsort((_floats(meta["params"]), meta["search"].astype(str).to_numpy()))
+        order = np.lexsort((as_floats(meta["params"]), meta["search"].astype(str).to_numpy()))
         table, meta = table.iloc[order], meta.iloc[order]
         many = meta["search"].nunique() > 1
         row_labels = [_plan_row_label(row, many) for _, row in meta.iterrows()]
@@ -461,7 +463,6 @@ def _reference_label(row) -> str:
     label = row.get("label")
     if label is None or label is pd.NA or label != label:
         label = row.get("trial_id")
-    method = row.get("method")
     return str(label)  # the method shows in the marker and the legend
 
 
@@ -478,9 +479,9 @@ def _hover(row, x: str, y: str) -> str:
 def _plan_row_label(row, with_search: bool) -> str:
     name = row["label"] if isinstance(row["label"], str) else str(row["trial_id"])
     parts = [f"{row['search']}/{name}" if with_search else name]
-    if _finite(row["params"]):
+    if is_finite(row["params"]):
         parts.append(f"{_human(float(row['params']))}")
-    if _finite(row["quality"]):
+    if is_finite(row["quality"]):
         short = {"val_ppl": "ppl"}.get(str(row["quality_name"]), str(row["quality_name"]))
         quality = float(row["quality"])
         parts.append(f"{short} {quality:.1f}" if abs(quality) >= 10 else f"{short} {quality:.3f}")
@@ -495,15 +496,6 @@ def _module_key(name: str, position: int) -> tuple[int, int, int]:
     return (0, -1, position) if re.search(r"emb|wte|wpe", name) else (2, -1, position)
 
 
-def _floats(values) -> np.ndarray:
-    return pd.to_numeric(pd.Series(values), errors="coerce").astype("float64").to_numpy()
-
-
-def _finite(value) -> bool:
-    try:
-        return value is not None and value is not pd.NA and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 __all__ = ["plot_pareto", "plot_plan_heatmap", "pareto_plot_data", "heatmap_data", "short_module_name",

@@ -31,6 +31,8 @@ from analysis.pareto import hypervolume, knee_point
 from analysis.results import (
     STATUSES,
     atomic_write_text,
+    as_floats,
+    is_finite,
     column_direction,
     is_reference,
     load_results,
@@ -95,7 +97,7 @@ def _eligible(df: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Complete, non-baseline rows with finite x and y."""
     ok = (df["status"] == "complete").fillna(False).astype(bool) & ~is_reference(df)
     for column in (x, y):
-        ok &= np.isfinite(_floats(df[column]))
+        ok &= np.isfinite(as_floats(df[column]))
     return ok
 
 
@@ -111,7 +113,7 @@ def common_reference(df: pd.DataFrame, x: str = "params", y: str = "quality") ->
     directions = [column_direction(rows, x), column_direction(rows, y)]
     values, worst_values = [], []
     for column, direction in zip((x, y), directions):
-        observed = _floats(rows[column])
+        observed = as_floats(rows[column])
         worst = float(observed.max() if direction == "min" else observed.min())
         margin = HV_MARGIN * abs(worst)
         if margin == 0:  # a worst value of exactly 0: fall back to a tenth of the observed span, else 0.1
@@ -145,7 +147,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
                "hypervolume": math.nan, "hypervolume_share": math.nan}
         if not good.empty:
             directions = [column_direction(good, x), column_direction(good, y)]
-            values = np.column_stack([_floats(good[x]), _floats(good[y])])
+            values = np.column_stack([as_floats(good[x]), as_floats(good[y])])
             best = good.iloc[_best_index(good, y, directions[1], x)]
             knee = good.iloc[knee_point(values, directions)]
             row.update(best_trial=str(best["trial_id"]), best_quality=float(best["quality"]),
@@ -169,7 +171,7 @@ def front_rows(marked: pd.DataFrame, x: str = "params") -> pd.DataFrame:
     """The Pareto-front rows of a `mark_pareto` table, per search in `x` order, with `rank` = 1, 2, ... along
     the front (1 = smallest `x`)."""
     front = marked[marked["on_front"]].copy()
-    front["_x"] = _floats(front[x])
+    front["_x"] = as_floats(front[x])
     front = front.sort_values(["search", "_x", "trial_id"], kind="stable").drop(columns="_x")
     front.insert(1, "rank", front.groupby("search", sort=False).cumcount() + 1)
     return front.reset_index(drop=True)
@@ -358,7 +360,7 @@ def baseline_dominance(df: pd.DataFrame, y: str = "quality") -> pd.DataFrame:
     """
     x = "params"
     baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
-    baselines = baselines[np.isfinite(_floats(baselines[x])) & np.isfinite(_floats(baselines[y]))]
+    baselines = baselines[np.isfinite(as_floats(baselines[x])) & np.isfinite(as_floats(baselines[y]))]
     trials = df[_eligible(df, x, y)]
     searches = sorted(trials["search"].dropna().unique(), key=str)
     direction = column_direction(pd.concat([trials, baselines]), y) if len(trials) + len(baselines) else "min"
@@ -367,7 +369,7 @@ def baseline_dominance(df: pd.DataFrame, y: str = "quality") -> pd.DataFrame:
         bx, by = float(base[x]), float(base[y])
         row = {"baseline": _trial_name(base), "method": str(base["method"]), "params": base[x], "quality": by}
         for scope, pool in [(None, trials)] + [(s, trials[trials["search"] == s]) for s in searches]:
-            under = pool[_floats(pool[x]) <= bx]
+            under = pool[as_floats(pool[x]) <= bx]
             best = under.iloc[_best_index(under, y, direction, x)] if len(under) else None
             if best is None:
                 delta, dominates = math.nan, False
@@ -566,8 +568,8 @@ def _has_plotly() -> bool:
 
 def _best_index(group: pd.DataFrame, y: str, direction: str, x: str) -> int:
     """Position of the best-`y` row of `group`; ties go to the smaller `x`, then to the smaller trial id."""
-    quality = _floats(group[y]) * (1.0 if direction == "min" else -1.0)
-    size = _floats(group[x])
+    quality = as_floats(group[y]) * (1.0 if direction == "min" else -1.0)
+    size = as_floats(group[x])
     ids = group["trial_id"].astype(str).to_numpy()
     order = np.lexsort((ids, size, quality))
     return int(order[0])
@@ -614,20 +616,11 @@ def _md_cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _floats(values) -> np.ndarray:
-    return pd.to_numeric(pd.Series(values), errors="coerce").astype("float64").to_numpy()
-
-
-def _finite(value) -> bool:
-    try:
-        return value is not None and value is not pd.NA and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _human(value) -> str:
     """2.51M, 800k, 12.3 — or "—" when missing."""
-    if not _finite(value):
+    if not is_finite(value):
         return "—"
     value = float(value)
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -638,33 +631,33 @@ def _human(value) -> str:
 
 def _int(value) -> str:
     """"2.51M (2,512,345)" for counts, "—" when missing."""
-    if not _finite(value):
+    if not is_finite(value):
         return "—"
     value = float(value)
     return f"{_human(value)} ({value:,.0f})" if abs(value) >= 1e3 else f"{value:,.0f}"
 
 
 def _quality(value) -> str:
-    return f"{float(value):.4g}" if _finite(value) else "—"
+    return f"{float(value):.4g}" if is_finite(value) else "—"
 
 
 def _ratio(value) -> str:
-    return f"{float(value):.2f}×" if _finite(value) else "—"
+    return f"{float(value):.2f}×" if is_finite(value) else "—"
 
 
 def _sci(value) -> str:
-    return f"{float(value):.4g}" if _finite(value) else "—"
+    return f"{float(value):.4g}" if is_finite(value) else "—"
 
 
 def _percent(value) -> str:
-    return f"{100 * float(value):.1f}%" if _finite(value) else "—"
+    return f"{100 * float(value):.1f}%" if is_finite(value) else "—"
 
 
 def _delta(value, pct=None) -> str:
-    if not _finite(value):
+    if not is_finite(value):
         return "—"
     text = f"{float(value):+.4g}"
-    return text + (f" ({float(pct):+.1f}%)" if _finite(pct) else "")
+    return text + (f" ({float(pct):+.1f}%)" if is_finite(pct) else "")
 
 
 def _text(value) -> str | None:

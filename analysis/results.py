@@ -6,12 +6,9 @@ Nothing here imports Ray, torch or transformers: analysis works from the saved f
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pandas as pd
 
 from analysis.pareto import nondominated_ranks
 from kron.errors import CheckpointError, DataError
+from kron.fsutil import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 
 SCHEMA = "kronsearch.trial/1"
 SUMMARY_NAME = "trial_summary.json"
@@ -284,40 +282,20 @@ def compression_factor(cell) -> float:
 # --- writing ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Context manager yielding a temporary path next to `path`; on success it replaces `path` atomically.
+# atomic_path / atomic_write_text / atomic_write_bytes live in kron.fsutil (stdlib only) and are re-exported here.
 
-    Readers never see a half-written file; on an exception the temporary file is removed and `path` is left
-    as it was. Use for writers that want a filename (`savefig`, `write_html`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+
+def as_floats(values) -> np.ndarray:
+    """Numbers as a float64 array; anything non-numeric (None, pd.NA, text) becomes NaN."""
+    return pd.to_numeric(pd.Series(values), errors="coerce").astype("float64").to_numpy()
+
+
+def is_finite(value) -> bool:
+    """True for a real, finite number (False for None, pd.NA, NaN, ±inf and non-numbers)."""
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the final file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write `text` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temporary file in the same folder, fsync, `os.replace`)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return Path(path)
+        return value is not None and value is not pd.NA and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 # --- internals ----------------------------------------------------------------------------------------------
@@ -387,9 +365,3 @@ def _as_list(sources) -> list:
         return list(sources)
     raise DataError(f"results sources must be a path or a list of paths, got {type(sources).__name__}")
 
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read the umask; done once per process
-    os.umask(mask)
-    return mask

@@ -103,7 +103,6 @@ def drop_layers(model: nn.Module, keep: list[int] | str, *, inplace: bool = True
     if not inplace:
         model = copy.deepcopy(model)
         name, layers = layer_list(model)
-    config = model.config
     n_old = len(layers)
     kept = nn.ModuleList([layers[i] for i in keep])
     for new, (old, layer) in enumerate(zip(keep, kept)):
@@ -221,19 +220,13 @@ def save_layerdrop(model: nn.Module, dir: str | os.PathLike, *, layer_map: Seque
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
         from . import __version__
-        from .fsutil import atomic_write_json
+        from .fsutil import atomic_write_json, replace_dir
 
         atomic_write_json(tmp / LAYERDROP_INFO, {
             "method": "layerdrop", "kronsearch_version": __version__, "model_class": type(model).__name__,
             "layer_map": [int(i) for i in layer_map], "report": dict(report) if report is not None else None,
         })
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, replace_dir
 from .layers import KroneckerEmbedding
 from .plan import CompressionPlan, ModuleSpec, PlanError
 from .surgery import (_SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
@@ -131,13 +131,7 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
             "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
         }
         atomic_write_json(tmp / INFO, info)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

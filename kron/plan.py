@@ -158,7 +158,7 @@ def _valid_shapes_hint(m: int, n: int, rank: int, target_params: int | None, cou
         head = f"the {len(shapes)} valid shapes [m1, n1, m2, n2] nearest in parameter count"
     else:
         shapes = shapes[:count]
-        head = f"valid shapes [m1, n1, m2, n2] include"
+        head = "valid shapes [m1, n1, m2, n2] include"
     listed = "; ".join(f"{list(s.shape)} ({s.params:,} params, {s.compression:.1f}x)" for s in shapes)
     return f"{head}: {listed}"
 

@@ -176,7 +176,7 @@ def _kroneckerbert(name: str, config) -> CompressionPlan:
     (an1, am1), (fn1, fm1) = p["attention"], p["ffn"]
     f = p["embedding"]
     base = f"the KroneckerBERT shapes are for BERT-base (hidden 768, intermediate 3072); use uniform:<factor> for " \
-           f"other sizes"
+           "other sizes"
 
     def check(what: str, m: int, n: int, m1: int, n1: int, rank: int) -> list[int]:
         if m % m1 or n % n1:

@@ -152,7 +152,11 @@ def test_demo_source(capsys):
         pytest.skip(f"demo teacher not available: {exc}")
     rc, out, err = run(capsys, "plan", "--model", "demo", "--preset", "kngpt2", "--json")
     assert rc == 0, err
-    assert json.loads(out)["report"]["params_after"] < json.loads(out)["report"]["params_before"]
+    report = json.loads(out)["report"]
+    # The tied LM head becomes a dense copy (as in KnGPT2), so only the count without it shrinks on this small
+    # model whose embedding is 40% of its weights.
+    assert report["params_after_excluding_output_embedding"] < report["params_before_excluding_output_embedding"]
+    assert report["untied_output_embedding"] is True
 
 
 @pytest.mark.skipif(shutil.which("kronsearch") is None, reason="the kronsearch console script is not installed")
