@@ -1,0 +1,216 @@
+"""How much of a search's time goes to Ray and set-up rather than distillation, and what ASHA saves.
+
+Runs a search config twice with one local Ray — with its ASHA settings and with `asha: null`, same seed and trial
+count — and reports:
+
+* per-trial overhead as a fraction of the trial's wall time (target <= 10%), split into scheduling (driver says
+  "start" until the trainable runs: actor start or reuse), set-up (trainable entry until the first evaluation
+  starts: teacher/data from the worker cache, plan -> student with SVD initialisation) and tear-down (last report
+  until the driver records the end); the evaluations and training steps are the useful part;
+* total trial-steps spent and the best quality reached, with and without ASHA.
+
+    python benchmarks/search_overhead.py                      # examples/quickstart.yaml, both runs (~10 min on 2 cores)
+    python benchmarks/search_overhead.py --smoke              # tiny version: 2 trials x 4 steps each run
+    python benchmarks/search_overhead.py --teacher DIR        # another teacher (e.g. while the demo one is missing)
+
+Prints a table and, last, one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ray.tune import Callback  # noqa: E402
+
+
+class Timing(Callback):
+    """Driver-side timestamps of every trial's start, results and end."""
+
+    def __init__(self):
+        self.start: dict[str, float] = {}
+        self.end: dict[str, float] = {}
+        self.results: dict[str, list[dict]] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.start[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.results.setdefault(trial.trial_id, []).append(dict(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.end[trial.trial_id] = time.time()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.end[trial.trial_id] = time.time()
+
+
+def _eval_seconds(result: dict, trial_cfg) -> float:
+    """Time of one evaluation, from the measured forward throughput (tokens / (tokens/s))."""
+    tput = result.get("throughput_tokens_per_s")
+    stage = trial_cfg.stage2 or trial_cfg.stage1
+    if not tput:
+        return 0.0
+    blocks = trial_cfg.data.val_blocks
+    if stage.eval_batches:
+        blocks = min(blocks, stage.eval_batches * stage.batch_size)
+    return blocks * trial_cfg.data.seq_len / tput
+
+
+def trial_overheads(timing: Timing, trial_cfg) -> list[dict]:
+    """Per trial: wall time and its overhead segments.
+
+    A trial begins when the driver starts it, or, on a fresh worker, when that worker process started (actor
+    creation happens before the driver's start event). Segments: to_entry (scheduling, worker spawn, unpickling the
+    trainable), imports (torch/transformers/trials: the first trial of a worker only), setup (teacher and data from
+    the worker cache or disk, plan -> student with SVD init; the step-0 evaluation is subtracted), teardown (last
+    report until the driver records the end). Everything else is training steps and evaluations.
+    """
+    rows, seen_workers = [], set()
+    for tid in sorted(timing.results, key=lambda t: timing.start.get(t, 0)):
+        results = timing.results[tid]
+        if tid not in timing.start or tid not in timing.end or not results:
+            continue
+        first, last = results[0], results[-1]
+        enter, imported = first.get("trial_started_at"), first.get("trial_imported_at")
+        if enter is None or imported is None:
+            continue
+        worker = first.get("worker_started_at")
+        fresh = worker is not None and worker not in seen_workers
+        seen_workers.add(worker)
+        begin = min(timing.start[tid], worker) if fresh else timing.start[tid]
+        wall = timing.end[tid] - begin
+        to_entry = max(0.0, enter - begin)
+        imports = max(0.0, imported - enter)
+        setup = max(0.0, first["reported_at"] - imported - _eval_seconds(first, trial_cfg))
+        teardown = max(0.0, timing.end[tid] - last["reported_at"])
+        overhead = to_entry + imports + setup + teardown
+        rows.append({"trial_id": tid, "fresh_worker": fresh, "wall_s": wall, "to_entry_s": to_entry,
+                     "imports_s": imports, "setup_s": setup, "teardown_s": teardown, "overhead_s": overhead,
+                     "overhead_fraction": overhead / wall if wall > 0 else math.nan,
+                     "steps": int(last.get("step") or 0)})
+    return rows
+
+
+def run_once(cfg, space, label: str) -> dict:
+    from search.tuner import run_search
+
+    timing = Timing()
+    t0 = time.time()
+    outcome = run_search(cfg, space, callbacks=[timing], stream=open(os.devnull, "w"))
+    wall = time.time() - t0
+    from search.config import base_trial_config
+
+    rows = trial_overheads(timing, base_trial_config(cfg))
+    summaries = []
+    for t in outcome.trials:
+        path = Path(t["dir"]) / "trial_summary.json"
+        if path.is_file():
+            summaries.append(json.loads(path.read_text()))
+    mode = cfg.quality_mode()
+    complete = [s for s in summaries if s["status"] == "complete" and s.get("quality") is not None]
+    best = (min if mode == "min" else max)((s["quality"] for s in complete), default=None)
+    fractions = [r["overhead_fraction"] for r in rows if math.isfinite(r["overhead_fraction"])]
+    return {
+        "label": label,
+        "trials": len(summaries),
+        "complete": len(complete),
+        "pruned": sum(s["status"] == "pruned" for s in summaries),
+        "failed": sum(s["status"] in ("error", "diverged") for s in summaries),
+        "trial_steps": sum(int(s.get("steps") or 0) for s in summaries),
+        "best_quality": best,
+        "quality_name": summaries[0]["quality_name"] if summaries else None,
+        "search_wall_s": round(wall, 1),
+        "trial_wall_s_mean": round(statistics.mean(r["wall_s"] for r in rows), 2) if rows else None,
+        "overhead_fraction_mean": round(statistics.mean(fractions), 4) if fractions else None,
+        "overhead_fraction_median": round(statistics.median(fractions), 4) if fractions else None,
+        # time-weighted: all overhead seconds / all trial seconds
+        "overhead_fraction_total": round(sum(r["overhead_s"] for r in rows) / sum(r["wall_s"] for r in rows), 4)
+        if rows else None,
+        "fresh_workers": sum(r["fresh_worker"] for r in rows),
+        **{f"{k}_mean": round(statistics.mean(r[k] for r in rows), 3) if rows else None
+           for k in ("to_entry_s", "imports_s", "setup_s", "teardown_s")},
+        "per_trial": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "examples" / "quickstart.yaml"))
+    p.add_argument("--smoke", action="store_true", help="shrink the config (2 trials x 4 steps)")
+    p.add_argument("--teacher", default=None, help="override trial.teacher")
+    p.add_argument("--storage", default=None, help="where the two experiments go (default: a temporary folder)")
+    p.add_argument("--no-compare", action="store_true", help="only the run with ASHA")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from search.config import load_search_config
+    from search.space import SearchSpace
+    from search.tuner import init_local_ray
+
+    storage = args.storage or tempfile.mkdtemp(prefix="ksb", dir="/tmp")
+    os.environ.setdefault("KRONSEARCH_CACHE", str(Path(storage) / "cache"))
+    overrides = {"search.storage": storage, "trial.teacher": args.teacher}
+    cfg = load_search_config(args.config, overrides=overrides, smoke=args.smoke)
+    space = SearchSpace.from_config(cfg)
+    t0 = time.time()
+    init_local_ray(cfg.search.num_cpus, str(Path(storage) / ".ray") if len(storage) < 30 else None)
+    ray_start = time.time() - t0
+    runs = []
+    try:
+        asha_cfg = load_search_config(cfg, overrides={"name": f"{cfg.name}-asha"})
+        runs.append(run_once(asha_cfg, space, "with ASHA" if cfg.search.asha else "no ASHA (config)"))
+        if not args.no_compare and cfg.search.asha is not None:
+            plain = cfg.model_dump(mode="json")
+            plain["name"] = f"{cfg.name}-noasha"
+            plain["search"]["asha"] = None
+            runs.append(run_once(load_search_config(plain), space, "without ASHA"))
+    finally:
+        import ray
+
+        ray.shutdown()
+
+    header = ["run", "trials", "complete/pruned/failed", "trial-steps", "best " + str(runs[0]["quality_name"]),
+              "search s", "trial s", "overhead mean/total", "entry s", "imports s", "set-up s", "tear-down s",
+              "fresh workers"]
+    rows = [[r["label"], str(r["trials"]), f"{r['complete']}/{r['pruned']}/{r['failed']}", str(r["trial_steps"]),
+             f"{r['best_quality']:.4g}" if r["best_quality"] is not None else "-", f"{r['search_wall_s']:.0f}",
+             f"{r['trial_wall_s_mean']:.1f}" if r["trial_wall_s_mean"] else "-",
+             f"{100 * r['overhead_fraction_mean']:.1f}% / {100 * r['overhead_fraction_total']:.1f}%"
+             if r["overhead_fraction_mean"] is not None else "-",
+             *(f"{r[k + '_mean']:.2f}" if r[k + "_mean"] is not None else "-"
+               for k in ("to_entry_s", "imports_s", "setup_s", "teardown_s")), str(r["fresh_workers"])]
+            for r in runs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"config {args.config}{' (smoke)' if args.smoke else ''}; Ray start-up {ray_start:.1f} s; "
+          f"experiments in {storage}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("per trial (s): " + "; ".join(
+        f"{t['trial_id']}{'*' if t['fresh_worker'] else ''} {t['wall_s']:.1f} wall, {t['overhead_s']:.1f} overhead"
+        for r in runs for t in r["per_trial"]) + "   (* = first trial of a fresh worker)")
+    fractions = [t["overhead_fraction"] for r in runs for t in r["per_trial"]]
+    mean = statistics.mean(fractions) if fractions else None
+    record = {"benchmark": "search_overhead", "config": args.config, "smoke": args.smoke,
+              "ray_start_s": round(ray_start, 2), "overhead_fraction_mean": round(mean, 4) if mean else None,
+              "overhead_fraction_total": runs[0]["overhead_fraction_total"],
+              "target": 0.10, "meets_target": mean is not None and mean <= 0.10,
+              "runs": [{k: v for k, v in r.items() if k != "per_trial"} for r in runs]}
+    if len(runs) == 2 and runs[1]["trial_steps"]:
+        record["asha_step_ratio"] = round(runs[0]["trial_steps"] / runs[1]["trial_steps"], 3)
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

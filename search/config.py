@@ -1,0 +1,516 @@
+"""Search configuration (YAML): what to search (`space`), over which trial (`trial`), and how (`search`).
+
+    name: quickstart
+    trial:   {teacher: demo, data: {...}, stage1: {...}}     # a TrialConfig without `plan`
+    space:   {groups: [attention, ffn_in, ffn_out], layers: free, ranks: [1], budget: {max_params: 2e6}}
+    search:  {algorithm: tpe, num_samples: 8, max_concurrent: 2, objectives: [quality, params], asha: {...}}
+
+Everything is validated here, before Ray starts: unknown keys, wrong types and impossible values raise
+`ConfigError` naming the field, the value and what would be valid. Model-dependent checks (does every group
+match a module, can any plan meet the budget) happen when `search.space.SearchSpace` is built from this config.
+Relative paths (teacher directory, data sources, storage) are resolved against the current directory, because
+Ray runs each trial in its own working directory.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kron.errors import ConfigError
+
+__all__ = [
+    "GROUPS",
+    "OBJECTIVES",
+    "AshaConfig",
+    "BudgetConfig",
+    "LayerCount",
+    "ResourcesConfig",
+    "SearchConfig",
+    "SearchSettings",
+    "SpaceConfig",
+    "base_trial_config",
+    "load_search_config",
+    "smoke_config",
+]
+
+GROUPS = ("embedding", "attention", "attention_output", "ffn_in", "ffn_out")
+# objective name -> (metric reported to Ray, direction); "quality" takes its direction from the trial.
+OBJECTIVES = {
+    "quality": ("quality", None),
+    "params": ("params", "min"),
+    "params_excl_output_embedding": ("params_excl_output_embedding", "min"),
+    "macs": ("macs_per_token", "min"),
+    "latency": ("latency_us_per_token", "min"),
+}
+SIZE_OBJECTIVES = tuple(k for k in OBJECTIVES if k != "quality")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LayerCount(_Strict):
+    """Exactly `count` of the model's layers are decomposed; the search picks which."""
+
+    count: int = Field(ge=0)
+
+
+class BudgetConfig(_Strict):
+    """Hard limits: a sampled plan over any of them is rejected and resampled, never trained."""
+
+    max_params: int | None = Field(None, ge=1, description="all parameters after compression (the `params` metric)")
+    max_params_excl_output_embedding: int | None = Field(None, ge=1)
+    max_macs: int | None = Field(None, ge=1, description="multiply-adds per token of the linear layers")
+
+    @field_validator("max_params", "max_params_excl_output_embedding", "max_macs", mode="before")
+    @classmethod
+    def _numbers(cls, v):
+        # YAML reads 2e6 as a float (or even a string "2e6" in YAML 1.1); accept whole numbers in any spelling
+        if isinstance(v, str):
+            try:
+                v = float(v.replace("_", ""))
+            except ValueError:
+                return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.max_params is None and self.max_macs is None and self.max_params_excl_output_embedding is None:
+            raise ValueError("a budget needs max_params, max_params_excl_output_embedding and/or max_macs "
+                             "(or remove `budget`)")
+        return self
+
+
+class SpaceConfig(_Strict):
+    """Which matrices may be factored, and the choices for each."""
+
+    groups: list[Literal["embedding", "attention", "attention_output", "ffn_in", "ffn_out"]] = Field(
+        default_factory=lambda: ["attention", "attention_output", "ffn_in", "ffn_out"],
+        description="standard matrix groups, mapped to module names per architecture (GPT-2, BERT, Llama)")
+    modules: dict[str, list[str]] | None = Field(
+        None, description="extra groups given by module selectors (exact / glob / 're:' regex): name -> selectors")
+    tie_layers: bool = Field(False, description="one shape choice per group shared by all layers")
+    layers: Literal["all", "free", "odd", "even"] | list[int] | LayerCount = Field(
+        "all", description="which layers are decomposed: all, free (searched per layer), odd, even (0-based "
+                           "indices), a list of indices, or {count: k} (exactly k layers, searched)")
+    ranks: list[int] = Field(default_factory=lambda: [1], description="numbers of summed Kronecker products")
+    min_compression: float = Field(2.0, ge=1, description="smallest dense/Kronecker parameter ratio per matrix")
+    max_compression: float | None = Field(None, ge=1)
+    max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
+    max_shapes: int | None = Field(None, ge=1, description="keep at most this many shapes per matrix, evenly "
+                                                           "spread over log-compression (None: all)")
+    embedding_factors: list[int] = Field(default_factory=lambda: [2, 4, 8],
+                                         description="f of A (v x d/f) ⊗ B (1 x f) for the embedding group")
+    allow_keep: bool = Field(False, description="add 'keep' (stay dense) to every matrix's choices")
+    shapes: dict[str, list[str]] | None = Field(
+        None, description="explicit choices per group, e.g. {ffn_in: ['16x8,64x32,r1', keep]} (overrides the "
+                          "ranges above for that group)")
+    budget: BudgetConfig | None = None
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("ranks must list at least one rank, e.g. [1] or [1, 2]")
+        bad = [r for r in v if r < 1]
+        if bad:
+            raise ValueError(f"ranks must be positive integers, got {bad}")
+        return sorted(set(v))
+
+    @field_validator("embedding_factors")
+    @classmethod
+    def _factors(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("embedding_factors must list at least one factor f > 1, e.g. [2, 4]")
+        bad = [f for f in v if f < 2]
+        if bad:
+            raise ValueError(f"embedding factors must be integers >= 2 (f = 1 does not compress), got {bad}")
+        return sorted(set(v))
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_groups(cls, v: list[str]) -> list[str]:
+        dup = sorted({g for g in v if v.count(g) > 1})
+        if dup:
+            raise ValueError(f"groups listed twice: {dup}")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v):
+        valid = ("layers must be 'all', 'free' (searched per layer), 'odd', 'even' (0-based indices), a list of "
+                 "0-based layer indices, or {count: k} (exactly k layers, searched)")
+        if isinstance(v, str) and v not in ("all", "free", "odd", "even"):
+            raise ValueError(valid)
+        if isinstance(v, dict):
+            k = v.get("count")
+            if set(v) != {"count"} or isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(valid + "; count is a non-negative integer")
+            return LayerCount(count=k)
+        if not isinstance(v, (str, list, dict, LayerCount)):
+            raise ValueError(valid)
+        if isinstance(v, list):
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+            if bad or not v:
+                raise ValueError(f"a layer list holds 0-based layer indices (non-negative integers), got {v!r}")
+            return sorted(set(v))
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_compression is not None and self.max_compression < self.min_compression:
+            raise ValueError(f"max_compression {self.max_compression} is below min_compression "
+                             f"{self.min_compression}")
+        custom = self.modules or {}
+        clash = sorted(set(custom) & set(GROUPS))
+        if clash:
+            raise ValueError(f"modules: group names {clash} are standard groups; pick other names (standard "
+                             f"groups go in `groups`)")
+        for name, sels in custom.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+                raise ValueError(f"modules: group name {name!r} must be an identifier (letters, digits, _)")
+            if not sels:
+                raise ValueError(f"modules.{name}: give at least one module selector")
+        if not self.groups and not custom:
+            raise ValueError("the space is empty: list `groups` and/or `modules`")
+        known = set(self.groups) | set(custom)
+        for g in self.shapes or {}:
+            if g not in known:
+                raise ValueError(f"shapes: {g!r} is not a searched group; searched groups: {sorted(known)}")
+        return self
+
+
+class AshaConfig(_Strict):
+    """Asynchronous successive halving on the trial's `quality` (Ray Tune's ASHAScheduler)."""
+
+    grace_period: int = Field(10, ge=1, description="steps before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_t: int | None = Field(None, ge=1, description="default: the final stage's max_steps")
+    size_buckets: int = Field(3, ge=1, le=20, description="run ASHA separately within this many size strata (log "
+                                                          "scale, cheapest plan to teacher), so small plans compete "
+                                                          "with small plans; 1 = plain ASHA")
+
+
+class ResourcesConfig(_Strict):
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial (also its torch threads, rounded down, >= 1)")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions (0.5) share a GPU")
+
+
+class SearchSettings(_Strict):
+    algorithm: Literal["tpe", "nsga2", "random"] = "tpe"
+    num_samples: int = Field(16, ge=1, description="trials to run (plans over the budget do not count)")
+    max_concurrent: int = Field(2, ge=1)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    seed: int = 0
+    time_budget_minutes: float | None = Field(None, gt=0, description="wall-clock limit of the whole search")
+    objectives: list[str] = Field(default_factory=lambda: ["quality", "params"])
+    asha: AshaConfig | None = Field(default_factory=AshaConfig, description="null: no early stopping")
+    storage: str = Field("runs", description="experiment parent: a local path or a pyarrow URI (s3://, gs://)")
+    address: str | None = Field(None, description="null: start a local Ray; 'auto' or 'ray://host:10001'")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs Ray may use (default: all)")
+    startup_trials: int | None = Field(None, ge=1, description="TPE: random trials before modelling "
+                                                               "(default: num_samples/4, between 2 and 10)")
+    population_size: int | None = Field(None, ge=2, description="NSGA-II population (default: max_concurrent*4, "
+                                                                ">= 4)")
+    max_resamples: int = Field(200, ge=1, description="tries to draw a plan within the budget before repairing one")
+    reference: bool = Field(True, description="also evaluate the uncompressed teacher on the same data (no "
+                                              "training): a reference point in the results and the Pareto plot")
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        unknown = [o for o in v if o not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}; valid: {list(OBJECTIVES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives listed twice: {v}")
+        if "quality" not in v:
+            raise ValueError(f"objectives must include 'quality', got {v}")
+        sizes = [o for o in v if o != "quality"]
+        if not 1 <= len(sizes) <= 2:
+            raise ValueError(f"give quality plus one or two size objectives from {list(SIZE_OBJECTIVES)} "
+                             f"(e.g. [quality, params] or [quality, params, macs]), got {v}")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v):
+        if v is None or v == "auto" or v.startswith("ray://") or re.fullmatch(r"[\w.-]+:\d+", v):
+            return v
+        raise ValueError("address must be null (local Ray), 'auto', 'ray://host:port' or 'host:port'")
+
+
+class SearchConfig(_Strict):
+    name: str = Field(description="experiment name: the folder under `search.storage`")
+    trial: dict[str, Any] = Field(description="the base trial (TrialConfig keys, without `plan`)")
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("name must be 1-100 characters of letters, digits, '_', '.', '-' (it names a folder)")
+        return v
+
+    @field_validator("trial")
+    @classmethod
+    def _trial(cls, v: dict) -> dict:
+        base_trial_config(v)  # raises ValueError with "trial.<field>: ..." messages
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        trial = base_trial_config(self)
+        if self.search.asha is not None:
+            final = trial.stage2 if trial.stage2 is not None else trial.stage1
+            max_t = self.search.asha.max_t or final.max_steps
+            if max_t < 1:
+                raise ValueError("search.asha: the final stage has max_steps 0, nothing to schedule; set asha: null")
+            if self.search.asha.grace_period > max_t:
+                raise ValueError(f"search.asha.grace_period {self.search.asha.grace_period} exceeds max_t {max_t} "
+                                 "(the final stage's max_steps): no trial could ever be stopped early")
+        if self.search.resources.gpu > 0 and trial.device == "cpu":
+            raise ValueError("search.resources.gpu > 0 but trial.device is 'cpu'")
+        return self
+
+    # ------------------------------------------------------------------------------------------- derived
+
+    @property
+    def final_stage_steps(self) -> int:
+        trial = base_trial_config(self)
+        final = trial.stage2 if trial.stage2 is not None else trial.stage1
+        return final.max_steps
+
+    @property
+    def asha_max_t(self) -> int | None:
+        if self.search.asha is None:
+            return None
+        return self.search.asha.max_t or self.final_stage_steps
+
+    def quality_mode(self) -> str:
+        return base_trial_config(self).quality_mode
+
+    def objective_metrics(self) -> tuple[list[str], list[str]]:
+        """(metric names reported to Ray, modes) in the order of `search.objectives`."""
+        q_mode = self.quality_mode()
+        metrics, modes = [], []
+        for o in self.search.objectives:
+            metric, mode = OBJECTIVES[o]
+            metrics.append(metric)
+            modes.append(mode or q_mode)
+        return metrics, modes
+
+
+_PLACEHOLDER_PLAN = {"rules": []}
+
+
+def base_trial_config(cfg: SearchConfig | dict):
+    """The `trial` section as a TrialConfig (with an empty placeholder plan); ValueError on any problem."""
+    from trials.config import TrialConfig
+
+    trial = cfg.trial if isinstance(cfg, SearchConfig) else cfg
+    if "plan" in trial:
+        raise ValueError("trial.plan: the search chooses the plan; remove `plan` from the trial section")
+    method = trial.get("method", "kronecker")
+    if method != "kronecker":
+        raise ValueError(f"trial.method: a search compresses with method 'kronecker', got {method!r}")
+    try:
+        return TrialConfig.model_validate({**trial, "plan": _PLACEHOLDER_PLAN})
+    except ValidationError as exc:
+        raise ValueError(_format_errors(exc, "", root=TrialConfig, prefix="trial.")) from None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class reached by following `loc` (field names) from `root`, or None."""
+    import typing
+
+    model = root
+    for key in loc:
+        if model is None or not isinstance(key, str) or key not in model.model_fields:
+            return None
+        ann = model.model_fields[key].annotation
+        candidates = [ann, *typing.get_args(ann)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | None = None,
+                   prefix: str = "") -> str:
+    """One "<where>: <field.path>: <problem> (got <value>)" per problem; unknown keys list the valid ones."""
+    root = root or SearchConfig
+    head = f"{where}: " if where else ""
+    lines = []
+    for err in exc.errors():
+        # pydantic names union members in the location ("layers.LayerCount"); keep the real field names only
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or "'" in p))
+        field = prefix + (".".join(str(p) for p in loc) or "(top level)")
+        msg = err["msg"].removeprefix("Value error, ")
+        if msg.startswith("trial."):  # already formatted by the trial section's own validation
+            lines.append(head + msg)
+            continue
+        if err["type"] == "extra_forbidden":
+            model = _model_at(root, loc[:-1])
+            valid = f"; valid keys: {', '.join(model.model_fields)}" if model is not None else ""
+            lines.append(f"{head}{field}: unknown key{valid}")
+            continue
+        if err["type"] == "missing":
+            lines.append(f"{head}{field}: required field missing")
+            continue
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
+        lines.append(f"{head}{field}: {msg} (got {shown})")
+    # a union (layers) reports one error per member: keep the distinct lines only
+    return "; ".join(dict.fromkeys(lines))
+
+
+def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, overrides: dict | None = None,
+                       smoke: bool = False) -> SearchConfig:
+    """Read and validate a search config (YAML path, dict or SearchConfig); ConfigError on any problem.
+
+    overrides: dotted keys set after reading, e.g. {"search.num_samples": 4, "name": "try2"} (CLI flags).
+    smoke: shrink everything (a few tiny steps, two trials) for a quick end-to-end check; see `smoke_config`.
+    Relative local paths in the trial (teacher directory, data and GLUE sources) and the storage path are made
+    absolute against the current directory.
+    """
+    where = "search config"
+    if isinstance(src, SearchConfig):
+        data = src.model_dump(mode="json")
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ConfigError(f"search config file not found: {path}")
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a search config is a mapping with keys name, trial, space, search; "
+                              f"got {type(data).__name__}")
+    else:
+        data = copy.deepcopy(dict(src))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: cannot set {key}: {p} is not a mapping")
+        node[last] = value
+    if smoke:
+        data = smoke_config(data)
+    if isinstance(data.get("trial"), dict):
+        data["trial"] = _absolute_paths(data["trial"], where)
+    search = data.get("search")
+    if isinstance(search, dict) and isinstance(search.get("storage"), str):
+        search["storage"] = _absolute_storage(search["storage"])
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where)) from None
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..") or os.path.exists(value)
+
+
+def _absolute_paths(trial: dict, where: str) -> dict:
+    """Make local paths absolute (Ray runs trials in their own folders); a path-like value that does not exist
+    is an error now rather than in every trial."""
+    trial = copy.deepcopy(trial)
+
+    def fix(container: dict, key: str, field: str, keep: tuple[str, ...] = ()):
+        value = container.get(key)
+        if not isinstance(value, str) or value in keep or value.startswith("config:"):
+            return
+        if not _looks_local(value):
+            return  # a hub name
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{where}: {field}: local path {value!r} does not exist (relative paths are "
+                              f"relative to the current directory {os.getcwd()})")
+        container[key] = str(path.resolve())
+
+    fix(trial, "teacher", "trial.teacher", keep=("demo",))
+    if isinstance(trial.get("data"), dict):
+        fix(trial["data"], "source", "trial.data.source", keep=("teacher-samples",))
+    if isinstance(trial.get("glue"), dict):
+        fix(trial["glue"], "source", "trial.glue.source", keep=("glue",))
+    return trial
+
+
+def _absolute_storage(storage: str) -> str:
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def is_remote_storage(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+# ----------------------------------------------------------------------------------------------- smoke test
+
+
+def smoke_config(data: dict) -> dict:
+    """A copy of a raw config shrunk for a quick end-to-end check: 2 trials of 4 steps (evaluated every 2) on
+    16 short blocks, ASHA grace 2, and "-smoke" appended to the name."""
+    data = copy.deepcopy(data)
+    data["name"] = f"{data.get('name', 'search')}-smoke"
+    trial = data.setdefault("trial", {})
+    d = trial.setdefault("data", {})
+    d["seq_len"] = min(int(d.get("seq_len", 32)), 32)
+    d["num_samples"] = min(int(d.get("num_samples", 16)), 16)
+    d["val_blocks"] = min(int(d.get("val_blocks", 4)), 4)
+    if d.get("max_train_tokens") is None or int(d["max_train_tokens"]) > 20_000:
+        d["max_train_tokens"] = 20_000
+    for stage in ("stage1", "stage2"):
+        s = trial.get(stage)
+        if s is None:
+            continue
+        s["max_steps"], s["eval_every"], s["batch_size"] = 4, 2, min(int(s.get("batch_size", 2)), 2)
+        s["eval_batches"] = 2
+        s["max_minutes"] = None
+        s.pop("warmup_steps", None)
+    if isinstance(trial.get("glue"), dict):
+        trial["glue"]["max_train_examples"] = 32
+        trial["glue"]["max_eval_examples"] = 32
+        trial["glue"]["max_len"] = min(int(trial["glue"].get("max_len", 32)), 32)
+    s = data.setdefault("search", {})
+    s["num_samples"] = min(int(s.get("num_samples", 2)), 2)
+    s["max_concurrent"] = min(int(s.get("max_concurrent", 2)), 2)
+    if s.get("asha", {}) is not None:
+        s["asha"] = {"grace_period": 2, "reduction_factor": 2}
+    s["time_budget_minutes"] = None
+    return data
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def config_fingerprint(cfg: SearchConfig) -> dict:
+    """The parts of a config that must not change when a search is resumed (the trial and the space)."""
+    return {"trial": cfg.trial, "space": cfg.space.model_dump(mode="json")}
+
+
+def finite_or_none(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

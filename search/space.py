@@ -1,0 +1,908 @@
+"""The search space of Kronecker compression plans for one teacher, sized without loading its weights.
+
+The teacher's transformers config is instantiated on the `meta` device (no memory, no weights): enough to list its
+matrices and their shapes. Matrices are grouped (embedding, attention = Q/K/V, attention_output, ffn_in, ffn_out,
+plus any user groups given by module selectors), and the space is a set of categorical choices:
+
+* one choice per (group, layer), or per group with `tie_layers` — matrices of a group whose shapes differ
+  (Llama's grouped-query K/V against Q) get one choice per distinct shape;
+* options are factor shapes encoded as "m1xn1,m2xn2,rR" (A m1 x n1 ⊗ B m2 x n2, rank R; for GPT-2's fused
+  c_attn the shape of each of the 3 blocks), "f4" for an embedding factor, or "keep";
+* which layers are decomposed: all, a fixed mask, one boolean per layer ("L3.on", `layers: free`), or exactly k
+  layers (`layers: {count: k}`: a priority in [0, 1] per layer "L3.priority", the k highest win).
+
+The same drawing code serves Optuna (`define_by_run`) and plain random sampling (`sample`), so both always agree
+on which parameters exist. Costs are computed analytically (`plan_cost`): the teacher's counts plus, for each
+replaced matrix, the difference between its factors and its dense weight, following `kron.surgery`'s
+conventions (tied embeddings counted once; a compressed tied input embedding leaves the LM head a dense copy;
+multiply-adds of every linear layer including the LM head, embedding lookups free).
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+from kron.errors import ConfigError
+
+from .config import GROUPS, SearchConfig, SpaceConfig, base_trial_config
+
+__all__ = [
+    "KEEP",
+    "Choice",
+    "Matrix",
+    "PlanCost",
+    "SearchSpace",
+    "format_shape",
+    "parse_option",
+]
+
+KEEP = "keep"
+
+# Module-name patterns (regex full match) of the standard groups, per architecture family.
+FAMILY_PATTERNS: dict[str, dict[str, str]] = {
+    "gpt2": {
+        "embedding": r"(.*\.)?wte",
+        "attention": r".*\.attn\.c_attn",
+        "attention_output": r".*\.attn\.c_proj",
+        "ffn_in": r".*\.mlp\.c_fc",
+        "ffn_out": r".*\.mlp\.c_proj",
+    },
+    "bert": {
+        "embedding": r"(.*\.)?embeddings\.word_embeddings",
+        "attention": r".*\.attention\.self\.(query|key|value)",
+        "attention_output": r".*\.attention\.output\.dense",
+        "ffn_in": r".*\.intermediate\.dense",
+        "ffn_out": r".*\.layer\.\d+\.output\.dense",
+    },
+    "llama": {
+        "embedding": r"(.*\.)?embed_tokens",
+        "attention": r".*\.self_attn\.(q|k|v)_proj",
+        "attention_output": r".*\.self_attn\.o_proj",
+        "ffn_in": r".*\.mlp\.(gate|up)_proj",
+        "ffn_out": r".*\.mlp\.down_proj",
+    },
+}
+FAMILY_OF_MODEL_TYPE = {
+    "gpt2": "gpt2",
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
+    "gemma2": "llama", "olmo": "llama", "olmo2": "llama",
+}
+# Fused projections: (family, name regex) -> number of equal output blocks.
+FUSED = {("gpt2", r".*\.attn\.c_attn"): 3}
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+def format_shape(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> str:
+    return f"{m1}x{n1},{m2}x{n2},r{rank}"
+
+
+_SHAPE_RE = re.compile(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*(?:,\s*r(\d+)\s*)?")
+_FACTOR_RE = re.compile(r"\s*f(\d+)\s*")
+
+
+def parse_option(option: str) -> dict | str:
+    """"keep" -> "keep"; "f4" -> {"embedding_factor": 4}; "384x768,2x1,r1" -> {"shape": [...], "rank": 1}."""
+    if option == KEEP:
+        return KEEP
+    m = _SHAPE_RE.fullmatch(option)
+    if m:
+        m1, n1, m2, n2 = (int(g) for g in m.groups()[:4])
+        return {"shape": [m1, n1, m2, n2], "rank": int(m.group(5) or 1)}
+    m = _FACTOR_RE.fullmatch(option)
+    if m:
+        return {"embedding_factor": int(m.group(1))}
+    raise ValueError(f"cannot parse choice {option!r}; expected 'keep', 'f<factor>' or 'm1xn1,m2xn2,r<rank>'")
+
+
+# ----------------------------------------------------------------------------------------------- model side
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One compressible weight of the teacher."""
+
+    name: str
+    group: str
+    layer: int | None
+    kind: str  # "linear" | "conv1d" | "embedding"
+    m: int  # out features (vocab for embeddings)
+    n: int  # in features (dim for embeddings)
+    blocks: int = 1  # equal output blocks of a fused projection (GPT-2 c_attn: 3)
+
+    @property
+    def block_dims(self) -> tuple[int, int]:
+        return self.m // self.blocks, self.n
+
+
+@dataclass
+class ModelInfo:
+    """What the space needs from the teacher: its matrices and its counts before compression."""
+
+    family: str | None
+    model_type: str | None
+    matrices: list[Matrix]
+    layers: list[int]  # layer indices present in the model
+    params: int
+    params_excl_output_embedding: int
+    macs: int
+    tied_input_embedding: str | None  # name of the input embedding when the LM head shares its weight
+
+
+class PlanCost(NamedTuple):
+    """Parameters (all, as the trial's `params` metric) and multiply-adds per token of a plan."""
+
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One categorical decision: the option applied to a set of matrices (one layer's, or all layers' if tied)."""
+
+    key: str
+    group: str
+    layer: int | None  # None: tied across layers, or outside the numbered layers
+    dims: tuple[int, int]  # (rows, cols) of each block
+    options: tuple[str, ...]
+    matrices: tuple[Matrix, ...]
+    # option -> (Δparams, Δparams excluding the output embedding, Δmacs) of ONE of `matrices`
+    deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+def _family(model_type: str | None, names: Sequence[str]) -> str | None:
+    fam = FAMILY_OF_MODEL_TYPE.get(model_type or "")
+    if fam is not None:
+        return fam
+    best, hits = None, 0  # unknown model type: the family whose patterns match the most modules
+    for f, pats in FAMILY_PATTERNS.items():
+        n = sum(1 for name in names for p in pats.values() if re.fullmatch(p, name))
+        if n > hits:
+            best, hits = f, n
+    return best
+
+
+def inspect_model(model, space: SpaceConfig) -> ModelInfo:
+    """List the teacher's matrices per group (model may live on the meta device)."""
+    from kron.plan import dense_dims, layer_index, module_type, selector_matches
+    from kron.surgery import _input_embedding, _output_embedding, count_params, macs_per_token
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    modules = [(n, m) for n, m in model.named_modules() if n and module_type(m) is not None]
+    names = [n for n, _ in modules]
+    family = _family(model_type, names)
+    out_emb = _output_embedding(model)
+    in_emb = _input_embedding(model)
+    tied = (in_emb is not None and out_emb is not None and getattr(out_emb, "weight", None) is not None
+            and out_emb.weight is getattr(in_emb, "weight", None))
+    head_names = {n for n, m in modules if m is out_emb}
+    in_name = next((n for n, m in modules if m is in_emb), None)
+
+    wanted: list[tuple[str, Callable[[str], bool]]] = []
+    for g in space.groups:
+        if family is None:
+            raise ConfigError(
+                f"space.groups: cannot map groups to modules of model_type {model_type!r} (known families: GPT-2, "
+                f"BERT, Llama); list the matrices with space.modules, e.g. {{my_group: ['re:.*\\.mlp\\..*']}}. "
+                f"Module names look like: {', '.join(names[:6])}")
+        pat = FAMILY_PATTERNS[family][g]
+        wanted.append((g, lambda name, pat=pat: re.fullmatch(pat, name) is not None))
+    for g, sels in (space.modules or {}).items():
+        wanted.append((g, lambda name, sels=tuple(sels): any(selector_matches(s, name) for s in sels)))
+
+    owner: dict[str, str] = {}
+    matrices: list[Matrix] = []
+    for g, match in wanted:
+        hits = [(n, m) for n, m in modules if match(n)]
+        if not hits:
+            where = f"space.modules.{g}" if g not in GROUPS else f"space.groups: {g}"
+            raise ConfigError(f"{where}: no compressible module of this model (model_type {model_type!r}) matches; "
+                              f"module names look like: {', '.join(names[:8])}")
+        for n, m in hits:
+            if n in owner:
+                raise ConfigError(f"space: module {n} is in two groups ({owner[n]} and {g}); each matrix may be "
+                                  "searched by one group only")
+            if n in head_names:
+                raise ConfigError(f"space: {n} is the output embedding (LM head); it stays dense (the KnGPT2 "
+                                  "convention) — drop it from the group")
+            owner[n] = g
+            kind = module_type(m)
+            rows, cols = dense_dims(m)
+            if g == "embedding" and kind != "embedding":
+                raise ConfigError(f"space.groups: embedding matched {n}, a {type(m).__name__}, not an nn.Embedding")
+            blocks = 1
+            if family is not None:
+                for (fam, pat), b in FUSED.items():
+                    if fam == family and kind != "embedding" and re.fullmatch(pat, n):
+                        blocks = b
+            if rows % blocks:
+                blocks = 1
+            matrices.append(Matrix(n, g, layer_index(n) if kind != "embedding" else None, kind, rows, cols, blocks))
+    layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
+    return ModelInfo(
+        family=family, model_type=model_type, matrices=matrices, layers=layers,
+        params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
+        macs=macs_per_token(model), tied_input_embedding=in_name if tied else None,
+    )
+
+
+def teacher_skeleton(trial) -> Any:
+    """The teacher of a TrialConfig built on the meta device from its config alone (no weights are read)."""
+    from kron.errors import UserError
+    from kron.models import build_from_config, load_config
+
+    from trials.trial import resolve_teacher_source
+
+    try:
+        src = resolve_teacher_source(trial.teacher)
+        config = load_config(src, trust_remote_code=trial.trust_remote_code)
+        task = "sequence-classification" if trial.glue is not None else "auto"
+        return build_from_config(config, task=task, device="meta", trust_remote_code=trial.trust_remote_code)
+    except UserError as exc:
+        raise ConfigError(f"trial.teacher: {trial.teacher!r}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- the space
+
+
+def _thin(shapes: list, k: int | None) -> list:
+    """At most k shapes, evenly spread over log-compression (always keeping both ends)."""
+    if k is None or len(shapes) <= k:
+        return shapes
+    shapes = sorted(shapes, key=lambda s: (s.compression, s.macs_per_token, s.shape))
+    if k == 1:
+        return [shapes[len(shapes) // 2]]
+    logs = [math.log(s.compression) for s in shapes]
+    lo, hi = logs[0], logs[-1]
+    picked: list[int] = []
+    for i in range(k):
+        target = lo + (hi - lo) * i / (k - 1)
+        j = min((j for j in range(len(shapes)) if j not in picked), key=lambda j: (abs(logs[j] - target), j))
+        picked.append(j)
+    return [shapes[j] for j in sorted(picked)]
+
+
+class SearchSpace:
+    """All plans of a `space:` section for one teacher; see the module docstring for the parametrisation."""
+
+    def __init__(self, space: SpaceConfig, info: ModelInfo):
+        self.config = space
+        self.info = info
+        self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
+        self.choices: list[Choice] = self._build_choices(space, info)
+        if not self.choices:
+            raise ConfigError("space: nothing to search — no matrix of the selected groups lies in the decomposed "
+                              f"layers {self.fixed_layers}")
+        self._by_key = {c.key: c for c in self.choices}
+        if self.size() == 0:
+            raise ConfigError("space: every plan of this space is empty (nothing decomposed), e.g. layers {count: 0} "
+                              "with only per-layer groups; decompose at least one layer or add the embedding group")
+        self.budget = space.budget
+        if self.budget is not None:
+            self.feasible_plan = self._check_budget()
+
+    # --------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(cls, cfg: SearchConfig) -> "SearchSpace":
+        """Build the space of a search config, sizing it from the teacher's config on the meta device."""
+        trial = base_trial_config(cfg)
+        return cls.from_model(teacher_skeleton(trial), cfg.space)
+
+    @classmethod
+    def from_model(cls, model, space: SpaceConfig | dict) -> "SearchSpace":
+        """Build the space of a `space:` section (a SpaceConfig or its dict) for a model (the meta device is fine)."""
+        if isinstance(space, dict):
+            from pydantic import ValidationError
+
+            from .config import _format_errors
+
+            try:
+                space = SpaceConfig.model_validate(space)
+            except ValidationError as exc:
+                raise ConfigError(_format_errors(exc, "", root=SpaceConfig, prefix="space.")) from None
+        return cls(space, inspect_model(model, space))
+
+    @property
+    def layered_groups(self) -> list[str]:
+        return list(dict.fromkeys(m.group for m in self.info.matrices if m.layer is not None))
+
+    def _layer_mode(self, space: SpaceConfig, info: ModelInfo):
+        layers = space.layers
+        ids = sorted({m.layer for m in info.matrices if m.layer is not None})
+        if not ids:
+            return "all", [], None  # only embeddings / non-layer matrices
+        if isinstance(layers, list):
+            missing = [i for i in layers if i not in ids]
+            if missing:
+                raise ConfigError(f"space.layers: layers {missing} do not exist; the searched matrices are in layers "
+                                  f"{ids[0]}-{ids[-1]} (0-based)")
+            return "fixed", list(layers), None
+        if layers == "all":
+            return "fixed", ids, None
+        if layers == "odd":
+            return "fixed", [i for i in ids if i % 2 == 1], None
+        if layers == "even":
+            return "fixed", [i for i in ids if i % 2 == 0], None
+        if layers == "free":
+            return "free", ids, None
+        k = layers.count
+        if k > len(ids):
+            raise ConfigError(f"space.layers.count: {k} layers requested but the model has {len(ids)} (layers "
+                              f"{ids[0]}-{ids[-1]})")
+        if k == len(ids):
+            return "fixed", ids, None
+        return "count", ids, k
+
+    def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> tuple[list[str], dict]:
+        from kron.factor import factor_shapes, kron_macs, kron_params, validate_shape
+        from kron.errors import ShapeError
+
+        sc = self.config
+        rows, cols = dims
+        opts: list[str] = []
+        if kind == "embedding":
+            factors = [f for f in sc.embedding_factors if cols % f == 0]
+            if sc.shapes and group in sc.shapes:
+                factors = []
+                for o in sc.shapes[group]:
+                    if o == KEEP:
+                        continue
+                    p = _parse_or_error(o, group)
+                    f = p.get("embedding_factor") if isinstance(p, dict) else None
+                    if f is None or cols % f or f < 2:
+                        raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
+                                          f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
+                    factors.append(f)
+            if not factors:
+                valid = [d for d in range(2, min(cols, 64) + 1) if cols % d == 0]
+                raise ConfigError(f"space.embedding_factors: none of {sc.embedding_factors} divides the embedding "
+                                  f"size {cols} of {example}; valid factors include {valid}")
+            opts = [f"f{f}" for f in sorted(set(factors))]
+        elif sc.shapes and group in sc.shapes:
+            for o in sc.shapes[group]:
+                if o == KEEP:
+                    continue
+                p = _parse_or_error(o, group)
+                if "shape" not in p:
+                    raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
+                                      f"layers: write m1xn1,m2xn2,r<rank>")
+                try:
+                    validate_shape(rows, cols, p["shape"], p["rank"])
+                except ShapeError:
+                    continue  # fits another shape bucket of this group (e.g. Llama K/V vs Q)
+                m1, n1, m2, n2 = p["shape"]
+                if m1 * n1 == 1 or m2 * n2 == 1:
+                    raise ConfigError(f"space.shapes.{group}: {o!r} has a 1x1 factor, which does not compress")
+                opts.append(format_shape(*p["shape"], p["rank"]))
+            if not opts:
+                raise ConfigError(f"space.shapes.{group}: none of {sc.shapes[group]} fits {example} "
+                                  f"(each block {rows} x {cols}, out x in); need m1·m2 = {rows} and n1·n2 = {cols}")
+        else:
+            shapes = []
+            for r in sc.ranks:
+                shapes += factor_shapes(rows, cols, rank=r, min_compression=sc.min_compression,
+                                        max_compression=sc.max_compression, max_aspect=sc.max_aspect)
+            shapes = _thin(shapes, sc.max_shapes)
+            shapes.sort(key=lambda s: (s.compression, s.rank, s.macs_per_token, s.shape))
+            if not shapes:
+                rng = f"[{sc.min_compression}, {sc.max_compression or 'inf'}]"
+                raise ConfigError(
+                    f"space: group {group} has no valid factor shape for {example} (each block {rows} x {cols}) with "
+                    f"compression in {rng}, ranks {sc.ranks}" + (f", max_aspect {sc.max_aspect}" if sc.max_aspect
+                                                                 else "")
+                    + "; widen min_compression/max_compression, raise max_aspect or change ranks")
+            opts = [format_shape(*s.shape, s.rank) for s in shapes]
+        if sc.allow_keep or (sc.shapes and KEEP in sc.shapes.get(group, [])):
+            opts = opts + [KEEP]
+        costs = {}
+        for o in opts:
+            p = parse_option(o)
+            if p == KEEP:
+                costs[o] = (0, 0)
+            elif "embedding_factor" in p:
+                f = p["embedding_factor"]
+                costs[o] = (rows * (cols // f) + f - rows * cols, 0)
+            else:
+                kp = kron_params(*p["shape"], p["rank"])
+                km = kron_macs(*p["shape"], p["rank"])[0]
+                costs[o] = (kp - rows * cols, km - rows * cols)  # per block
+        return opts, costs
+
+    def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
+        active_layers = set(self.fixed_layers)
+        buckets: dict[tuple, list[Matrix]] = {}
+        for mx in info.matrices:
+            if mx.layer is not None and mx.layer not in active_layers:
+                continue
+            tied = space.tie_layers or mx.layer is None
+            layer = None if tied else mx.layer
+            buckets.setdefault((mx.group, layer, mx.block_dims, mx.kind == "embedding"), []).append(mx)
+        # groups whose matrices come in several shapes get the shape in the key
+        shapes_per_group: dict[str, set] = {}
+        for (g, _, dims, _), _ in buckets.items():
+            shapes_per_group.setdefault(g, set()).add(dims)
+        order = {g: i for i, g in enumerate(list(GROUPS) + list(space.modules or {}))}
+        choices = []
+        for (g, layer, dims, is_emb), mats in sorted(
+                buckets.items(), key=lambda kv: (-1 if kv[0][1] is None else kv[0][1], order[kv[0][0]], kv[0][2])):
+            key = g if layer is None else f"L{layer}.{g}"
+            if len(shapes_per_group[g]) > 1:
+                key += f".{dims[0]}x{dims[1]}"
+            kind = "embedding" if is_emb else "linear"
+            opts, per_block = self._options_for(g, dims, kind, mats[0].name)
+            deltas = {}
+            blocks = mats[0].blocks  # equal within a bucket: same group, same block dims
+            for o, (dp, dm) in per_block.items():
+                d_excl, d_macs = dp * blocks, dm * blocks
+                d_all = d_excl
+                if o != KEEP and is_emb and info.tied_input_embedding == mats[0].name:
+                    d_all += mats[0].m * mats[0].n  # the LM head keeps a dense copy of the table
+                deltas[o] = (d_all, d_excl, d_macs)
+            choices.append(Choice(key, g, layer, dims, tuple(opts), tuple(mats), deltas))
+        return choices
+
+    # --------------------------------------------------------------------------------- drawing
+
+    def _draw(self, categorical: Callable[[str, Sequence], Any], uniform: Callable[[str, float, float], float]) -> dict:
+        """Draw one plan's parameters through the two callbacks (Optuna's suggest_* or a random generator)."""
+        params: dict[str, Any] = {}
+        on = self._draw_layers(params, categorical, uniform)
+        for c in self.choices:
+            if c.layer is not None and c.layer not in on:
+                continue
+            if _tied(c) and not any(mx.layer in on for mx in c.matrices):
+                continue  # tied group with every layer switched off
+            params[c.key] = categorical(c.key, c.options)
+        return params
+
+    def _draw_layers(self, params: dict, categorical, uniform) -> set[int]:
+        if self.layer_mode == "free":
+            on = set()
+            for i in self.fixed_layers:
+                v = categorical(f"L{i}.on", (True, False))
+                params[f"L{i}.on"] = v
+                if v:
+                    on.add(i)
+            return on
+        if self.layer_mode == "count":
+            prio = {}
+            for i in self.fixed_layers:
+                prio[i] = uniform(f"L{i}.priority", 0.0, 1.0)
+                params[f"L{i}.priority"] = prio[i]
+            return set(_top_k(prio, self.count))
+        return set(self.fixed_layers)
+
+    def active_layers(self, params: dict) -> set[int]:
+        """Layers decomposed by a parameter set."""
+        if self.layer_mode == "free":
+            return {i for i in self.fixed_layers if params.get(f"L{i}.on")}
+        if self.layer_mode == "count":
+            return set(_top_k({i: float(params[f"L{i}.priority"]) for i in self.fixed_layers}, self.count))
+        return set(self.fixed_layers)
+
+    def define_by_run(self, trial) -> dict:
+        """Suggest one plan through an Optuna trial (categorical per choice, float priorities for `count`)."""
+        return self._draw(lambda name, opts: trial.suggest_categorical(name, list(opts)),
+                          lambda name, lo, hi: trial.suggest_float(name, lo, hi))
+
+    def sample(self, rng: random.Random | int | None = None) -> dict:
+        """One plan's parameters drawn uniformly per choice (dry runs, property tests); never the empty plan."""
+        if not isinstance(rng, random.Random):
+            rng = random.Random(rng)
+        for _ in range(10_000):
+            params = self._draw(lambda name, opts: opts[rng.randrange(len(opts))],
+                                lambda name, lo, hi: rng.uniform(lo, hi))
+            if not self.is_empty(params):
+                return params
+        raise ConfigError("space: random sampling keeps drawing the empty plan (nothing decomposed)")
+
+    def is_empty(self, params: dict) -> bool:
+        """True when the plan decomposes nothing (it would be the teacher itself: never worth a trial)."""
+        return not self.assignment(params)
+
+    def rejection_reasons(self, params: dict) -> list[str]:
+        """Why a sampled plan must not be trained: budget limits it breaks, or an empty plan."""
+        if self.is_empty(params):
+            return ["empty plan (nothing decomposed)"]
+        return self.over_budget(params)
+
+    def sample_within_budget(self, rng: random.Random | int | None = None, tries: int = 1000) -> dict:
+        """A random plan that meets the budget (rejection sampling, then greedy repair)."""
+        if not isinstance(rng, random.Random):
+            rng = random.Random(rng)
+        params = self.sample(rng)
+        for _ in range(tries - 1):
+            if self.within_budget(params):
+                return params
+            params = self.sample(rng)
+        return self.repair(params)  # a repair only removes cost, so it never empties a plan that was not empty
+
+    # --------------------------------------------------------------------------------- meaning
+
+    def _check(self, params: dict) -> None:
+        for key, value in params.items():
+            if key in self._by_key:
+                if value not in self._by_key[key].options:
+                    raise ConfigError(f"plan parameter {key}={value!r} is not one of {list(self._by_key[key].options)}")
+            elif not re.fullmatch(r"L\d+\.(on|priority)", key):
+                raise ConfigError(f"unknown plan parameter {key!r}; this space has {self.param_names()[:8]}...")
+
+    def param_names(self) -> list[str]:
+        names = []
+        if self.layer_mode == "free":
+            names += [f"L{i}.on" for i in self.fixed_layers]
+        elif self.layer_mode == "count":
+            names += [f"L{i}.priority" for i in self.fixed_layers]
+        return names + [c.key for c in self.choices]
+
+    def assignment(self, params: dict) -> dict[str, str]:
+        """Module name -> option string for every matrix the plan decomposes (kept ones left out)."""
+        self._check(params)
+        on = self.active_layers(params)
+        out: dict[str, str] = {}
+        for c in self.choices:
+            if c.key not in params:
+                continue
+            opt = params[c.key]
+            if opt == KEEP:
+                continue
+            for mx in c.matrices:
+                if mx.layer is None or mx.layer in on:
+                    out[mx.name] = opt
+        return out
+
+    def resolved(self, params: dict) -> dict[str, dict]:
+        """Module name -> kron spec dict ({"shape", "rank", "blocks"} or {"embedding_factor"}) of the plan."""
+        blocks = {mx.name: mx.blocks for mx in self.info.matrices}
+        out = {}
+        for name, opt in self.assignment(params).items():
+            spec = parse_option(opt)
+            if "shape" in spec and blocks[name] > 1:
+                spec["blocks"] = blocks[name]
+            out[name] = spec
+        return out
+
+    def to_plan_rules(self, params: dict) -> list[dict]:
+        """kron plan rules (TrialConfig.plan.rules) for a parameter set: one rule per distinct spec, selecting
+        exact module names, in model order."""
+        grouped: dict[str, tuple[dict, list[str]]] = {}
+        for name, spec in self.resolved(params).items():
+            key = repr(sorted(spec.items()))
+            grouped.setdefault(key, (spec, []))[1].append(name)
+        rules = []
+        for spec, names in grouped.values():
+            rule: dict[str, Any] = {"select": names[0] if len(names) == 1 else names}
+            if "embedding_factor" in spec:
+                rule["embedding_factor"] = spec["embedding_factor"]
+            else:
+                rule["shape"] = list(spec["shape"])
+                if spec.get("rank", 1) != 1:
+                    rule["rank"] = spec["rank"]
+                if spec.get("blocks", 1) != 1:
+                    rule["blocks"] = spec["blocks"]
+            rules.append(rule)
+        return rules
+
+    def to_plan_dict(self, params: dict, name: str | None = None) -> dict:
+        """A complete kron plan dict (version, default, rules)."""
+        plan = {"version": 1, "default": KEEP, "rules": self.to_plan_rules(params)}
+        if name:
+            plan = {"version": 1, "name": name, "default": KEEP, "rules": plan["rules"]}
+        return plan
+
+    def plan_costs(self, params: dict) -> dict[str, Any]:
+        """{"params", "params_excl_output_embedding", "macs_per_token", "compression_ratio"} of a plan, analytically."""
+        self._check(params)
+        on = self.active_layers(params)
+        p_all, p_excl, macs = self.info.params, self.info.params_excl_output_embedding, self.info.macs
+        for c in self.choices:
+            opt = params.get(c.key)
+            if opt is None:
+                continue
+            dp, de, dm = c.deltas[opt]
+            n = sum(1 for mx in c.matrices if mx.layer is None or mx.layer in on)
+            p_all += n * dp
+            p_excl += n * de
+            macs += n * dm
+        return {"params": p_all, "params_excl_output_embedding": p_excl, "macs_per_token": macs,
+                "compression_ratio": self.info.params_excl_output_embedding / max(p_excl, 1)}
+
+    def plan_cost(self, params: dict) -> PlanCost:
+        """(parameters, multiply-adds per token) after compression, computed analytically (no model built)."""
+        c = self.plan_costs(params)
+        return PlanCost(c["params"], c["macs_per_token"])
+
+    def describe(self, params: dict) -> str:
+        """One line: the decomposed layers and each choice, e.g. "layers 1,3 | L1.attention 32x64,2x1,r1 | ..."."""
+        parts = []
+        if self.layer_mode in ("free", "count"):
+            on = sorted(self.active_layers(params))
+            parts.append("layers " + (",".join(map(str, on)) if on else "none"))
+        for c in self.choices:
+            if c.key in params:
+                parts.append(f"{c.key} {params[c.key]}")
+        return " | ".join(parts)
+
+    # --------------------------------------------------------------------------------- budget
+
+    def over_budget(self, params: dict) -> list[str]:
+        """The budget limits a plan breaks, as readable strings (empty: within budget)."""
+        if self.budget is None:
+            return []
+        c = self.plan_costs(params)
+        return _breaches(c, self.budget)
+
+    def within_budget(self, params: dict) -> bool:
+        return not self.over_budget(params)
+
+    def _excess(self, params: dict) -> float:
+        c = self.plan_costs(params)
+        b = self.budget
+        total = 0.0
+        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]),
+                             (b.max_params_excl_output_embedding, c["params_excl_output_embedding"])):
+            if limit is not None and value > limit:
+                total += (value - limit) / limit
+        return total
+
+    def _neighbours(self, params: dict) -> Iterable[dict]:
+        on = self.active_layers(params)
+        if self.layer_mode == "free":
+            for i in self.fixed_layers:
+                if i not in on:
+                    p = dict(params)
+                    p[f"L{i}.on"] = True
+                    for c in self.choices:  # a switched-on layer takes each choice's cheapest option
+                        if c.layer == i:
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    yield p
+        if self.layer_mode == "count":
+            for i in on:
+                for j in self.fixed_layers:
+                    if j in on:
+                        continue
+                    p = dict(params)
+                    p[f"L{i}.priority"], p[f"L{j}.priority"] = 0.0, 1.0
+                    for c in self.choices:
+                        if c.layer == i:
+                            p.pop(c.key, None)
+                        if c.layer == j:
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    yield p
+        for c in self.choices:
+            if c.key in params:
+                for o in c.options:
+                    if o != params[c.key]:
+                        yield {**params, c.key: o}
+            elif _tied(c) and any(mx.layer in on for mx in c.matrices):
+                yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o][0])}
+
+    def repair(self, params: dict, max_moves: int = 10_000) -> dict:
+        """The nearest plan within budget by greedy local moves (each move lowers the budget excess most);
+        falls back to the cheapest feasible plan found when the budget was checked."""
+        if self.budget is None:
+            return dict(params)
+        params = self._normalise(params)
+        for _ in range(max_moves):
+            excess = self._excess(params)
+            if excess <= 0 and not self.is_empty(params):
+                return params
+            best, best_excess = None, excess
+            for cand in self._neighbours(params):
+                cand = self._normalise(cand)
+                e = self._excess(cand)
+                if e < best_excess - 1e-15:
+                    best, best_excess = cand, e
+            if best is None:
+                break
+            params = best
+        return dict(self.feasible_plan)
+
+    def _normalise(self, params: dict) -> dict:
+        """Drop parameters of switched-off layers and add missing ones for switched-on layers (cheapest option),
+        so the dict is exactly what `define_by_run` would have produced."""
+        out = {k: v for k, v in params.items() if re.fullmatch(r"L\d+\.(on|priority)", k)}
+        on = self.active_layers(out)
+        for c in self.choices:
+            needed = ((c.layer is None and not _tied(c)) or (c.layer is not None and c.layer in on)
+                      or (_tied(c) and any(mx.layer in on for mx in c.matrices)))
+            if needed:
+                out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o][0]))
+        return out
+
+    def cheapest(self, metric: str = "params") -> dict:
+        """The plan with the fewest `metric` ("params", "params_excl_output_embedding" or "macs_per_token")."""
+        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}[metric]
+
+        def best(c: Choice) -> str:
+            return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
+
+        params: dict[str, Any] = {}
+        if self.layer_mode in ("free", "count"):
+            # a layer's saving when decomposed with its cheapest options (tied groups: per-matrix share)
+            saving = {}
+            for i in self.fixed_layers:
+                saving[i] = sum(c.deltas[best(c)][col] * sum(1 for mx in c.matrices if mx.layer == i)
+                                for c in self.choices)
+            if self.layer_mode == "free":
+                for i in self.fixed_layers:
+                    params[f"L{i}.on"] = saving[i] < 0
+            else:
+                ranked = sorted(self.fixed_layers, key=lambda i: (saving[i], i))[: self.count]
+                for i in self.fixed_layers:
+                    params[f"L{i}.priority"] = 1.0 if i in ranked else 0.0
+        for c in self.choices:
+            params[c.key] = best(c)
+        return self._normalise(params)
+
+    def _check_budget(self) -> dict:
+        """Raise ConfigError when no plan meets the budget; return a plan that does (the repair fallback)."""
+        b = self.budget
+        limits = [("max_params", b.max_params, "params"), ("max_macs", b.max_macs, "macs_per_token"),
+                  ("max_params_excl_output_embedding", b.max_params_excl_output_embedding,
+                   "params_excl_output_embedding")]
+        candidates = []
+        for field_name, limit, metric in limits:
+            if limit is None:
+                continue
+            plan = self.cheapest(metric)
+            value = self.plan_costs(plan)[metric]
+            if value > limit:
+                raise ConfigError(
+                    f"space.budget.{field_name}: {limit:,} cannot be met — the cheapest plan of this space has "
+                    f"{value:,} {metric.replace('_', ' ')} (teacher: {self._teacher_value(metric):,}); raise the "
+                    "limit or widen the space (more groups or layers, higher max_compression, more embedding "
+                    "factors)")
+            candidates.append(plan)
+        for plan in candidates:
+            if self.within_budget(plan):
+                return plan
+        rng = random.Random(0)
+        for _ in range(200):
+            plan = self.repair_from(candidates[0], rng)
+            if plan is not None:
+                return plan
+        costs = "; ".join(f"{k}: {v:,}" for k, v in self.plan_costs(candidates[0]).items()
+                          if k != "compression_ratio")
+        raise ConfigError(f"space.budget: each limit can be met on its own but no plan meeting all of them together "
+                          f"was found (the plan with the fewest parameters has {costs}); relax one limit")
+
+    def repair_from(self, params: dict, rng: random.Random) -> dict | None:
+        params = self._normalise(params)
+        for _ in range(1000):
+            if self.within_budget(params):
+                return params
+            moves = [self._normalise(p) for p in self._neighbours(params)]
+            better = [p for p in moves if self._excess(p) < self._excess(params)]
+            if not better:
+                return None
+            params = rng.choice(better)
+        return None
+
+    def _teacher_value(self, metric: str) -> int:
+        return {"params": self.info.params, "macs_per_token": self.info.macs,
+                "params_excl_output_embedding": self.info.params_excl_output_embedding}[metric]
+
+    # --------------------------------------------------------------------------------- size
+
+    def size(self) -> int:
+        """Number of distinct non-empty plans in the space (a Python int: exact, however large)."""
+        return self._size_with_empty() - (1 if self._empty_possible() else 0)
+
+    def _empty_possible(self) -> bool:
+        non_layer = [c for c in self.choices if c.layer is None and not _tied(c)]
+        layered = [c for c in self.choices if c not in non_layer]
+        if not all(KEEP in c.options for c in non_layer):
+            return False
+        if self.layer_mode == "free" or (self.layer_mode == "count" and self.count == 0):
+            return True
+        return all(KEEP in c.options for c in layered)
+
+    def _size_with_empty(self) -> int:
+        allow_keep = {c.key: KEEP in c.options for c in self.choices}
+        n_opts = {c.key: len(c.options) for c in self.choices}
+        non_layer = [c for c in self.choices if c.layer is None and not _tied(c)]
+        tied = [c for c in self.choices if _tied(c)]
+        base = math.prod(n_opts[c.key] for c in non_layer)
+        if self.layer_mode not in ("free", "count"):
+            return base * math.prod(n_opts[c.key] for c in self.choices if c not in non_layer)
+        L = len(self.fixed_layers)
+        if tied:
+            # which layers are on x one shared option per tied group; all-keep collapses onto "no layer on"
+            P = math.prod(n_opts[c.key] for c in tied)
+            P_eff = P - (1 if all(allow_keep[c.key] for c in tied) else 0)
+            if self.layer_mode == "free":
+                return base * ((2 ** L - 1) * P_eff + 1)
+            if self.count == 0:
+                return base
+            return base * (math.comb(L, self.count) * P_eff + (P - P_eff))
+        per_layer = []
+        for i in self.fixed_layers:
+            cs = [c for c in self.choices if c.layer == i]
+            P = math.prod(n_opts[c.key] for c in cs)
+            per_layer.append(P - (1 if cs and all(allow_keep[c.key] for c in cs) else 0))
+        if self.layer_mode == "free":
+            return base * math.prod(1 + p for p in per_layer)
+        # exactly k layers on; layers whose options are all "keep" look like switched-off ones, so the distinct
+        # plans are those with at most k effectively decomposed layers when keep is allowed everywhere
+        keep_everywhere = all(allow_keep[c.key] for c in self.choices if c.layer is not None)
+        if keep_everywhere:
+            return base * sum(_elementary_symmetric(per_layer, j) for j in range(self.count + 1))
+        return base * _elementary_symmetric(per_layer, self.count)
+
+    def size_log10(self) -> float:
+        n = self.size()
+        return math.log10(n) if n > 0 else float("-inf")
+
+    def summary(self) -> str:
+        """A few lines describing the space: matrices, choices per group, layer mode, size."""
+        info = self.info
+        lines = [f"teacher: {info.model_type} ({info.family or 'custom'} family), {len(info.layers)} layers, "
+                 f"{info.params:,} parameters ({info.params_excl_output_embedding:,} excluding the output "
+                 f"embedding), {info.macs:,} multiply-adds per token"]
+        groups: dict[str, list[Choice]] = {}
+        for c in self.choices:
+            groups.setdefault(c.group, []).append(c)
+        for g, cs in groups.items():
+            dims = sorted({c.dims for c in cs})
+            n_mats = len({mx.name for c in cs for mx in c.matrices})
+            opts = sorted({len(c.options) for c in cs})
+            example = ", ".join(cs[0].options[:3]) + (", ..." if len(cs[0].options) > 3 else "")
+            lines.append(f"  {g:<17} {n_mats:>3} matrices, block {' / '.join(f'{a}x{b}' for a, b in dims)}: "
+                         f"{len(cs)} choice(s) of {'/'.join(map(str, opts))} options (e.g. {example})")
+        mode = {"fixed": f"fixed {self.fixed_layers}", "free": "free (one on/off per layer)",
+                "count": f"exactly {self.count} of {len(self.fixed_layers)}"}.get(self.layer_mode, self.layer_mode)
+        lines.append(f"  layers decomposed: {mode}; tie_layers: {self.config.tie_layers}")
+        if self.budget is not None:
+            lines.append("  budget: " + ", ".join(f"{k} {v:,}" for k, v in self.budget.model_dump().items()
+                                                  if v is not None))
+        n = self.size()
+        lines.append(f"  size: {n:,} distinct plans (10^{self.size_log10():.2f})" if n < 10 ** 15 else
+                     f"  size: 10^{self.size_log10():.2f} distinct plans")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _tied(c: Choice) -> bool:
+    """A choice shared by the matrices of several numbered layers (tie_layers)."""
+    return c.layer is None and any(mx.layer is not None for mx in c.matrices)
+
+
+def _parse_or_error(option: str, group: str):
+    try:
+        return parse_option(option)
+    except ValueError as exc:
+        raise ConfigError(f"space.shapes.{group}: {exc}") from None
+
+
+def _top_k(priorities: dict[int, float], k: int) -> list[int]:
+    """The k layers with the highest priority (ties: lower index first)."""
+    return sorted(sorted(priorities, key=lambda i: (-priorities[i], i))[:k])
+
+
+def _elementary_symmetric(values: Sequence[int], k: int) -> int:
+    e = [1] + [0] * k
+    for v in values:
+        for j in range(k, 0, -1):
+            e[j] += e[j - 1] * v
+    return e[k]
+
+
+def _breaches(costs: dict, budget) -> list[str]:
+    out = []
+    for name, limit, metric in (("max_params", budget.max_params, "params"),
+                                ("max_macs", budget.max_macs, "macs_per_token"),
+                                ("max_params_excl_output_embedding", budget.max_params_excl_output_embedding,
+                                 "params_excl_output_embedding")):
+        if limit is not None and costs[metric] > limit:
+            out.append(f"{metric} {costs[metric]:,} > {name} {limit:,}")
+    return out

@@ -1,0 +1,210 @@
+"""End-to-end searches on a tiny GPT-2 with the session's Ray: multi-objective TPE + ASHA, what Optuna is told,
+the files a search leaves, and resuming a search whose driver was killed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kron.plan import CompressionPlan
+from search.commands import write_analysis
+from search.config import load_search_config
+from search.space import SearchSpace
+from search.tuner import _saved_study, run_search
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _summaries(exp: Path) -> dict[str, dict]:
+    out = {}
+    for p in exp.glob("trial_*/trial_summary.json"):
+        try:
+            out[p.parent.name] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):  # being replaced right now
+            continue
+    return out
+
+
+def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
+    # One trial at a time, and the first two plans fixed: a mild compression, then the most aggressive plan, which
+    # is far worse at the first rung (step 2) and must be stopped there. TPE proposes the other two.
+    raw = tiny_search(name="mo", num_samples=4, max_concurrent=1, reference=True,
+                      asha={"grace_period": 2, "reduction_factor": 4, "size_buckets": 1})
+    cfg = load_search_config(raw)
+    space = SearchSpace.from_config(cfg)
+    mild = max((space.sample(i) for i in range(50)), key=lambda p: space.plan_costs(p)["params"])
+    harsh = space.cheapest("params")
+    outcome = run_search(cfg, space, initial_params=[mild, harsh])
+    exp = outcome.local_dir
+    assert not outcome.interrupted and len(outcome.trials) == 4
+
+    meta = json.loads((exp / "search_meta.json").read_text())
+    assert meta["name"] == "mo"
+    assert [(o["name"], o["mode"]) for o in meta["objectives"]] == [("quality", "min"), ("params", "min")]
+    assert meta["config"]["search"]["num_samples"] == 4
+
+    summaries = _summaries(exp)
+    assert len(summaries) == 4
+    statuses = {s["trial_id"]: s["status"] for s in summaries.values()}
+    assert set(statuses.values()) <= {"complete", "pruned"}
+    by_plan = {json.dumps(s["search_params"], sort_keys=True): s["status"] for s in summaries.values()}
+    assert by_plan[json.dumps(mild, sort_keys=True)] == "complete"
+    assert by_plan[json.dumps(harsh, sort_keys=True)] == "pruned"
+    assert all(s["search"] == "mo" for s in summaries.values())
+
+    # what the searcher's Optuna study was told (its saved state, as the experiment keeps it)
+    study = {t["user_attrs"]["ray_trial_id"]: t for t in _saved_study(exp) if "ray_trial_id" in t["user_attrs"]}
+    assert set(study) == set(statuses)
+    for trial_id, status in statuses.items():
+        t = study[trial_id]
+        summary = next(s for s in summaries.values() if s["trial_id"] == trial_id)
+        if status == "pruned":  # stopped by ASHA before max_t: PRUNED, never COMPLETE with partial metrics
+            assert t["state"] == "PRUNED" and t["values"] is None
+            assert summary["steps"] < 6
+        else:  # both objectives, as the trial measured them
+            assert t["state"] == "COMPLETE"
+            assert t["values"] == pytest.approx([summary["quality"], summary["params"]])
+            assert summary["params"] == space.plan_costs(t["params"])["params"]
+    assert json.loads((exp / "optuna_trials.json").read_text())
+
+    printed = capsys.readouterr().out
+    assert "teacher reference: val_ppl" in printed
+    assert "started" in printed and "finished at step 6" in printed and "pruned (stopped early)" in printed
+    assert "best val_ppl by size" in printed
+
+    # the uncompressed teacher, evaluated on the same data without training: a reference, not a trial
+    ref = json.loads((exp / "reference_teacher" / "trial_summary.json").read_text())
+    assert ref["method"] == "teacher" and ref["status"] == "complete" and ref["search"] == "mo"
+    assert ref["params"] == space.info.params and ref["steps"] == 0
+    assert 1 < ref["quality"] < 1e4
+
+    paths = write_analysis(cfg, exp, space)
+    table = capsys.readouterr().out
+    assert "(teacher)" in table and "uncompressed reference" in table
+    front = (exp / "analysis" / "pareto.csv").read_text().splitlines()
+    assert len(front) >= 2 and front[0].startswith("trial_id,status,quality_name,quality,params")
+    assert (exp / "analysis" / "pareto.png").stat().st_size > 0
+    plans = sorted((exp / "analysis" / "front").glob("*.yaml"))
+    assert plans and len(plans) == len(front) - 1
+    assert CompressionPlan.load(plans[0]).rules
+    assert paths["Pareto plot"] == exp / "analysis" / "pareto.png"
+
+
+def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_search, tmp_path):
+    """A trial that raises (here: a data file that disappears after validation) is recorded as an error in its
+    summary and in Optuna (FAIL); the other trials still run."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the teacher and the student\n" * 50)
+    raw = tiny_search(name="fails", num_samples=2, max_concurrent=1, asha=None)
+    raw["trial"]["data"] = {"source": str(corpus), "seq_len": 16, "val_blocks": 2}
+    cfg = load_search_config(raw)
+    space = SearchSpace.from_config(cfg)
+    corpus.unlink()  # valid when checked, gone when the trials run
+    outcome = run_search(cfg, space)
+    summaries = _summaries(outcome.local_dir)
+    assert len(summaries) == 2
+    assert {s["status"] for s in summaries.values()} == {"error"}
+    assert all(s["error"] for s in summaries.values())
+    study = [t for t in _saved_study(outcome.local_dir) if "ray_trial_id" in t["user_attrs"]]
+    assert [t["state"] for t in study] == ["FAIL", "FAIL"]
+
+
+def test_existing_experiment_needs_resume_and_resume_needs_one(ray_session, tiny_search):
+    from kron.errors import ConfigError
+    from search.tuner import write_meta
+
+    cfg = load_search_config(tiny_search(name="again", num_samples=1, asha=None))
+    space = SearchSpace.from_config(cfg)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_search(cfg, space, resume=True)
+    exp = Path(cfg.search.storage) / "again"
+    write_meta(cfg, space, exp)
+    (exp / "experiment_state-2000-01-01_00-00-00.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists .* pass --resume"):
+        run_search(cfg, space)
+    changed = load_search_config({**tiny_search(name="again", num_samples=1, asha=None),
+                                  "space": {"groups": ["attention"], "layers": "all"}})
+    with pytest.raises(ConfigError, match="space section.* changed"):
+        run_search(changed, resume=True)
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(ray_session, tiny_search, tmp_path):
+    """SIGKILL the `kronsearch search` process once a trial has finished, resume with --resume, and check that no
+    finished trial is lost or run again and that the search completes its trials."""
+    raw = tiny_search(name="killed", num_samples=5, max_concurrent=1, asha=None)
+    raw["trial"]["stage1"].update(max_steps=300, eval_every=50)  # ~3 s per trial: long enough to be caught mid-run
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    exp = Path(raw["search"]["storage"]) / "killed"
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path), "--address", address]
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished_before: dict[str, float] = {}
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = _terminated_in_state(exp)
+            complete = {d: s for d, s in _summaries(exp).items() if s["status"] == "complete"}
+            if done & set(complete):  # finished on disk AND recorded as finished in the experiment state
+                finished_before = {d: (s["history"], (exp / d / "progress.csv").read_text())
+                                   for d, s in complete.items()}
+                break
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    assert finished_before, f"no trial finished in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+    recorded = _terminated_in_state(exp)
+    assert len(finished_before) < 5, "the search ended before it could be killed"
+
+    result = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    after = _summaries(exp)
+    in_state = _all_in_state(exp)
+    assert len(in_state) == 5  # the search completed its 5 trials
+    assert all(after[d]["status"] == "complete" for d in in_state), {d: s["status"] for d, s in after.items()}
+    for d, (history, progress) in finished_before.items():
+        if d in recorded:  # finished and recorded before the kill: kept as it was, not run again
+            assert after[d]["history"] == history, f"{d} was rerun"
+            assert (exp / d / "progress.csv").read_text() == progress, f"{d} reported again"
+            assert after[d]["search"] == "killed"  # the resumed driver did finalise it
+    # a trial started after the last saved experiment state is unknown to the resumed search: closed, not left running
+    for d in set(after) - in_state:
+        assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
+    assert "Pareto front of killed" in result.stdout
+
+
+def _terminated_in_state(exp: Path) -> set[str]:
+    """Trial folders the experiment state (what a resume reads) records as TERMINATED."""
+    return _all_in_state(exp, "TERMINATED")
+
+
+def _all_in_state(exp: Path, status: str | None = None) -> set[str]:
+    """Trial folders the latest experiment state records (with that status, if given)."""
+    files = sorted(exp.glob("experiment_state-*.json"))  # named by the driver's start time: the last is current
+    if not files:
+        return set()
+    try:
+        state = json.loads(files[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    out = set()
+    for trial_json, _ in state["trial_data"]:
+        t = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        if status is None or t.get("status") == status:
+            out.add(f"trial_{t['trial_id']}")
+    return out

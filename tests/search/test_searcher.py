@@ -1,0 +1,155 @@
+"""PlanSearcher (the OptunaSearch subclass) without a running Ray: budget rejection and how trial outcomes reach
+Optuna (complete / pruned / failed), plus saving and restoring its state."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from search.config import load_search_config
+from search.space import SearchSpace
+from search.tuner import FINISHED, TIME_ATTR, PlanSearcher, make_searcher
+
+State = optuna.trial.TrialState
+
+
+@pytest.fixture
+def cfg_space(tiny_search):
+    def make(**space):
+        raw = tiny_search()
+        raw["space"].update(space)
+        cfg = load_search_config(raw)
+        return cfg, SearchSpace.from_config(cfg)
+
+    return make
+
+
+def _result(q=100.0, params=1000, step=6, finished=True, **extra):
+    r = {"quality": q, "params": params, TIME_ATTR: step, "trial_status": "complete", **extra}
+    if finished:
+        r[FINISHED] = True
+    return r
+
+
+def test_budget_breaking_samples_are_never_handed_out(cfg_space):
+    cfg, loose = cfg_space()
+    limit = sorted(loose.plan_costs(loose.sample(i))["params"] for i in range(100))[15]
+    cfg, space = cfg_space(budget={"max_params": limit})
+    searcher = make_searcher(cfg, space)
+    configs = [searcher.suggest(f"t{i}") for i in range(12)]
+    for c in configs:
+        assert space.plan_costs(c)["params"] <= limit
+        assert not space.is_empty(c)
+    trials = searcher.study.get_trials(deepcopy=False)
+    rejected = [t for t in trials if "rejected" in t.user_attrs]
+    assert rejected, "a tight budget must reject some samples"
+    assert all(t.state == State.FAIL for t in rejected)  # samplers ignore FAIL trials
+    assert all("params" in t.user_attrs["rejected"] or "empty" in t.user_attrs["rejected"] for t in rejected)
+    handed_out = [t for t in trials if "ray_trial_id" in t.user_attrs]
+    assert len(handed_out) == 12 and all(t.state == State.RUNNING for t in handed_out)
+    assert searcher.rejected == len(rejected)
+
+
+def test_repair_after_max_resamples(cfg_space):
+    cfg, loose = cfg_space()
+    limit = sorted(loose.plan_costs(loose.sample(i))["params"] for i in range(100))[3]
+    cfg, space = cfg_space(budget={"max_params": limit})
+    metrics, modes = cfg.objective_metrics()
+    searcher = PlanSearcher(space, metric=metrics, mode=modes, sampler=optuna.samplers.RandomSampler(seed=1),
+                            max_t=6, max_resamples=1)
+    for i in range(8):
+        c = searcher.suggest(f"t{i}")
+        assert space.within_budget(c)
+    assert searcher.repaired >= 1
+    assert any(t.user_attrs.get("repaired") for t in searcher.study.get_trials(deepcopy=False))
+
+
+@pytest.mark.parametrize(("result", "error", "state", "values"), [
+    (_result(), False, State.COMPLETE, [100.0, 1000.0]),
+    (_result(step=6, finished=False), False, State.COMPLETE, [100.0, 1000.0]),  # reached max_t, stopped there
+    (_result(step=2, finished=False), False, State.PRUNED, None),  # ASHA stopped it early
+    (None, False, State.PRUNED, None),
+    (_result(), True, State.FAIL, None),  # raised
+    (_result(trial_status="diverged"), False, State.FAIL, None),
+    (_result(q=math.nan), False, State.FAIL, None),
+    (_result(q=math.inf), False, State.FAIL, None),
+])
+def test_outcomes_reach_optuna_correctly(cfg_space, result, error, state, values):
+    cfg, space = cfg_space()
+    searcher = make_searcher(cfg, space)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", _result(step=2, finished=False))  # ignored: multi-objective
+    searcher.on_trial_complete("a", result=result, error=error)
+    searcher.on_trial_complete("a", result=_result(), error=False)  # a second completion is ignored
+    (trial,) = [t for t in searcher.study.get_trials(deepcopy=False) if t.user_attrs.get("ray_trial_id") == "a"]
+    assert trial.state == state
+    assert trial.values == values
+
+
+def test_multi_objective_directions_follow_the_config(cfg_space, tiny_search):
+    cfg, space = cfg_space()
+    searcher = make_searcher(cfg, space)
+    assert [d.name for d in searcher.study.directions] == ["MINIMIZE", "MINIMIZE"]
+    raw = tiny_search()
+    raw["search"]["objectives"] = ["quality", "params", "macs"]
+    raw["search"]["algorithm"] = "nsga2"
+    cfg3 = load_search_config(raw)
+    s3 = make_searcher(cfg3, space)
+    assert len(s3.study.directions) == 3
+    assert isinstance(s3.study.sampler, optuna.samplers.NSGAIISampler)
+    raw["search"]["algorithm"] = "random"
+    assert isinstance(make_searcher(load_search_config(raw), space).study.sampler, optuna.samplers.RandomSampler)
+
+
+def test_state_survives_save_and_restore(cfg_space, tmp_path):
+    cfg, space = cfg_space()
+    searcher = make_searcher(cfg, space)
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+    searcher.on_trial_complete("t0", _result())
+    searcher.on_trial_complete("t1", _result(step=2, finished=False))
+    searcher.save(str(tmp_path / "s.pkl"))
+    again = make_searcher(cfg, space)
+    again.restore(str(tmp_path / "s.pkl"))
+    def handed_out():
+        return [t for t in again.study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs]
+
+    assert [t.state for t in handed_out()] == [State.COMPLETE, State.PRUNED, State.RUNNING]
+    again.on_trial_complete("t2", _result(q=50.0))  # the trial running at save time can still finish
+    assert handed_out()[2].values == [50.0, 1000.0]
+    assert again.suggest("t3")
+
+
+class _Trial:
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config = trial_id, config
+
+
+def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, tiny_search):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    from search.tuner import SizeStratifiedASHA, make_scheduler
+
+    raw = tiny_search()
+    raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 2}
+    cfg = load_search_config(raw)
+    space = SearchSpace.from_config(cfg)
+    sched = make_scheduler(cfg, space)
+    assert isinstance(sched, SizeStratifiedASHA) and sched.metric == "quality"
+    assert "ASHA within 2 params strata" in sched.describe()
+    small, large = space.cheapest("params"), max((space.sample(i) for i in range(50)),
+                                                   key=lambda p: space.plan_costs(p)["params"])
+    assert sched.stratum(small) == 0 and sched.stratum(large) == 1
+    # a good large plan first, then a much worse small one: different strata, so the small one goes on
+    big, tiny_bad, tiny_worse = _Trial("big", large), _Trial("s1", small), _Trial("s2", small)
+    for t in (big, tiny_bad, tiny_worse):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, big, {"quality": 10.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, tiny_bad, {"quality": 100.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
+    # ... but a worse trial of the same stratum is stopped
+    assert sched.on_trial_result(None, tiny_worse, {"quality": 200.0, TIME_ATTR: 2}) == TrialScheduler.STOP
+    raw["search"]["asha"]["size_buckets"] = 1
+    assert isinstance(make_scheduler(load_search_config(raw), space), ASHAScheduler)
+    raw["search"]["asha"] = None
+    assert type(make_scheduler(load_search_config(raw), space)) is FIFOScheduler
