@@ -17,6 +17,8 @@ _SELECT_HELP = ("knee (the front's best trade-off), front (every front trial), b
                 "best-under-macs:N (best quality within N; N like 2.5e6, 2500000, 2.5M, 800k)")
 
 
+X_CHOICES = ("params", "params_excl_output_embedding", "macs_per_token")  # = analysis.report.X_COLUMNS
+
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "analyze", help="report on saved search results: tables, Pareto front, plan heat map, report.md",
@@ -25,7 +27,7 @@ def add_parsers(subparsers) -> None:
                     "common reference point, failed trials) into --out.")
     p.add_argument("results", nargs="+", metavar="RESULTS", help="search directories or trial_summary.json files")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--x", default="params", choices=("params", "macs_per_token"),
+    p.add_argument("--x", default="params", choices=X_CHOICES,
                    help="size objective on the x axis (default: params)")
     p.add_argument("--title", default=None, help="title of the plot and the report")
     p.set_defaults(func=_analyze)
@@ -40,6 +42,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="a display name per RESULTS path, in the same order")
     p.add_argument("--title", default=None, help="title of the plot and of compare.md")
+    p.add_argument("--x", default="params", choices=X_CHOICES,
+                   help="size objective on the x axis (params_excl_output_embedding: the papers' convention)")
     p.set_defaults(func=_compare)
 
     p = subparsers.add_parser(
@@ -70,7 +74,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from analysis.report import _compare as compare, _delta, _int, _quality
 
-    written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title)
+    written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title, x=args.x)
     _print_search_lines(summary)
     for _, row in dominance.iterrows():
         if row["best_trial"] is None:

@@ -44,7 +44,7 @@ from kron.errors import DataError, UserError
 __all__ = ["analyze", "compare", "format_front_table", "common_reference", "search_stats", "front_rows",
            "baseline_dominance", "load_labelled", "X_COLUMNS", "HV_MARGIN"]
 
-X_COLUMNS = ("params", "macs_per_token")  # the size axes a report may use
+X_COLUMNS = ("params", "params_excl_output_embedding", "macs_per_token")  # the size axes a report may use
 HV_MARGIN = 0.1  # the reference point is the worst observed value made this much worse
 _FAILED = ("error", "diverged")
 _QUALITY_SHORT = {"val_ppl": "ppl"}
@@ -350,15 +350,14 @@ def _hypervolume_lines(stats: pd.DataFrame, reference: dict | None, qname: str) 
 # --- compare ------------------------------------------------------------------------------------------------
 
 
-def baseline_dominance(df: pd.DataFrame, y: str = "quality") -> pd.DataFrame:
-    """For every complete baseline row (teacher/preset/lowrank/layerdrop), the best search plan at <= its params.
+def baseline_dominance(df: pd.DataFrame, y: str = "quality", *, x: str = "params") -> pd.DataFrame:
+    """For every complete baseline row (teacher/preset/lowrank/layerdrop), the best search plan at <= its size x.
 
     Columns: baseline, method, params, quality, then for the best plan over all searches: best_search,
     best_trial, best_params, best_quality, quality_delta (best - baseline, signed; the quality units),
     quality_delta_pct, dominates (bool: no worse in both objectives and better in one); and per search
     `delta:<search>` / `dominates:<search>`. "Best" = best quality, ties to fewer params, then trial id.
     """
-    x = "params"
     baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
     baselines = baselines[np.isfinite(as_floats(baselines[x])) & np.isfinite(as_floats(baselines[y]))]
     trials = df[_eligible(df, x, y)]
@@ -395,8 +394,8 @@ def baseline_dominance(df: pd.DataFrame, y: str = "quality") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str | None = None
-            ) -> dict[str, Path]:
+def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str | None = None,
+            x: str = "params") -> dict[str, Path]:
     """Overlay several searches and their baselines: compare.csv, compare.png (+ compare.html with plotly) and
     compare.md in `out_dir`. `labels` renames each source's search (one label per source).
 
@@ -404,23 +403,23 @@ def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str
     common reference point) and one per baseline (kind "baseline": its params and quality, the best search plan
     at <= its params, the quality delta, and whether that plan dominates it). Returns {file name: path}.
     """
-    return _compare(sources, out_dir, labels=labels, title=title)[0]
+    return _compare(sources, out_dir, labels=labels, title=title, x=x)[0]
 
 
-def _compare(sources, out_dir, *, labels=None, title=None):
+def _compare(sources, out_dir, *, labels=None, title=None, x="params"):
     from analysis.plots import plot_pareto
 
     out = _out_dir(out_dir)
     df = load_labelled(sources, labels)
     if df.empty:
         raise DataError("no trials found in the given sources")
-    summary = summarize(df, "params", "quality")
-    dominance = baseline_dominance(summary.marked)
+    summary = summarize(df, x, "quality")
+    dominance = baseline_dominance(summary.marked, x=x)
     table = _compare_table(summary.stats, dominance)
     written: dict[str, Path] = {}
     written["compare.csv"] = atomic_write_text(out / "compare.csv", table.to_csv(index=False))
     html = out / "compare.html" if _has_plotly() else None
-    written["compare.png"] = plot_pareto(summary.marked, x="params", y="quality", out_png=out / "compare.png",
+    written["compare.png"] = plot_pareto(summary.marked, x=x, y="quality", out_png=out / "compare.png",
                                          title=title or "Pareto fronts compared", html_out=html)
     if html is not None:
         written["compare.html"] = html
