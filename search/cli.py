@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' per-call advice (attention masks, loss_type) would drown the progress lines; errors still show
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars, one per model load
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating data split" bars
     parser = build_parser()
     args = parser.parse_args(argv)
     from kron.errors import UserError
