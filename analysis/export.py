@@ -161,6 +161,7 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {str(out)!r} exists and is not a directory")
+    parse_how(how)  # a bad --select rule fails before any results are read
     df = load_results(source_list)
     chosen = select(df, how)
     summaries = [read_summary(path) for path in chosen["summary_path"]]

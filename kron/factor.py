@@ -132,6 +132,12 @@ def factor_shapes(
         raise ShapeError(f"cannot factor a {m}x{n} weight")
     if not isinstance(rank, int) or rank < 1:
         raise ShapeError(f"rank must be a positive integer, got {rank!r}")
+    if min_compression is not None and max_compression is not None and min_compression > max_compression:
+        raise ShapeError(f"min_compression {min_compression:g} is above max_compression {max_compression:g}: no shape "
+                         "can lie in that range; give min_compression <= max_compression")
+    if max_aspect is not None and max_aspect < 1:
+        raise ShapeError(f"max_aspect must be >= 1 (the ratio of a factor's longer to its shorter side), "
+                         f"got {max_aspect:g}")
     dense = m * n
     out: list[FactorShape] = []
     for m1 in divisors(m):

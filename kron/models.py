@@ -240,9 +240,15 @@ def load_model(src: str | os.PathLike, *, task: str = "auto", num_labels: int | 
     if num_labels is not None:
         kwargs["ignore_mismatched_sizes"] = True  # a new classification head of the requested size
     cls = _auto_class(task)
+    from safetensors import SafetensorError
+
     try:
         model = cls.from_pretrained(str(path) if local else text, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt weights file
+        if local and isinstance(exc, SafetensorError):
+            weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), path)
+            raise CheckpointError(f"cannot load the model in {path}: {weights} is truncated or corrupt "
+                                  f"({_short(exc)})") from None
         if local:
             raise CheckpointError(f"cannot load the model in {path}: {_short(exc)}") from None
         raise CheckpointError(_hub_failure(text, exc)) from None

@@ -641,7 +641,12 @@ class CompressionPlan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist")
-        return cls.from_yaml(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{path}: not a text plan file (YAML/JSON expected; {exc.reason} at byte {exc.start})") \
+                from None
+        return cls.from_yaml(text, source=str(path))
 
     # --------------------------------------------------------------------------------- resolution
 

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' per-call advice (attention masks, loss_type) would drown the progress lines; errors still show
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars, one per model load
+    _quiet_if_imported()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating data split" bars
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -71,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return int(rc or 0)
+
+
+def _quiet_if_imported() -> None:
+    """The environment switches above act at import: when main() runs in a process that imported transformers
+    already (tests, notebooks), apply them through the libraries too, so an error stays one line."""
+    if "transformers" in sys.modules and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
+                hf_logging.set_verbosity_error()
+        except Exception:  # an older or newer transformers without these: cosmetic only
+            pass
 
 
 def _one_line(exc: BaseException) -> str:

@@ -225,6 +225,20 @@ class SearchSettings(_Strict):
     reference: bool = Field(True, description="also evaluate the uncompressed teacher on the same data (no "
                                               "training): a reference point in the results and the Pareto plot")
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if "://" in v and not v.startswith("file://"):
+            return v
+        path = Path(v.removeprefix("file://")).expanduser()
+        for p in (path, *path.parents):  # the folder itself, or the nearest part of it that exists
+            if p.exists():
+                if not p.is_dir():
+                    raise ValueError(f"storage {v!r}: {p} exists and is not a directory; give a folder to hold the "
+                                     "experiment (or an s3:// / gs:// URI)")
+                break
+        return v
+
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, v: list[str]) -> list[str]:
@@ -396,6 +410,8 @@ def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, override
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a search config is a mapping with keys name, trial, space, search; "
                               f"got {type(data).__name__}")
@@ -450,7 +466,33 @@ def _absolute_paths(trial: dict, where: str) -> dict:
         fix(trial["data"], "source", "trial.data.source", keep=("teacher-samples",))
     if isinstance(trial.get("glue"), dict):
         fix(trial["glue"], "source", "trial.glue.source", keep=("glue",))
+    _check_local_inputs(trial, where)
     return trial
+
+
+def _check_local_inputs(trial: dict, where: str) -> None:
+    """What would otherwise fail in every trial, checked once before Ray starts: a local teacher directory must hold
+    safetensors weights (never a pickle), a local corpus directory its train and valid splits."""
+    from kron.errors import UserError
+
+    teacher = trial.get("teacher")
+    if isinstance(teacher, str) and not teacher.startswith("config:") and Path(teacher).is_dir():
+        from kron.models import _check_weights
+
+        try:
+            _check_weights(Path(teacher))
+        except UserError as exc:
+            raise ConfigError(f"{where}: trial.teacher: {exc}") from None
+    data = trial.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, str) and Path(source).is_dir() and trial.get("stage1", {}) is not None:  # stage 1 reads it
+        from trials.data import _local_source_file
+
+        for split in ("train", "valid"):
+            try:
+                _local_source_file(source, split)
+            except UserError as exc:
+                raise ConfigError(f"{where}: trial.data.source: {exc}") from None
 
 
 def _absolute_storage(storage: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kron.errors import ConfigError
+from kron.errors import CheckpointError, ConfigError
 from kron.fsutil import atomic_write_json
 
 from .config import SearchConfig, base_trial_config, config_fingerprint, is_remote_storage
@@ -79,6 +79,7 @@ class TrialSetup:
     final_stage: str  # "lm" or "glue"
     experiment_dir: str | None  # local experiment folder, or None for remote storage (write to the trial dir)
     max_t: int | None  # ASHA's max_t (None: no ASHA)
+    fault_inject: str | None = None  # testing aid: the driver's KRONSEARCH_FAULT_INJECT, for the workers
 
 
 def _threads(cpus: float) -> int:
@@ -102,6 +103,11 @@ def trainable(config: dict, setup: TrialSetup) -> None:
 
     t_imported = time.time()
     torch.set_num_threads(_threads(setup.cpus))
+    # testing aid (trials.trial._fault_inject): a reused worker follows the driver of the search it now runs
+    if setup.fault_inject:
+        os.environ["KRONSEARCH_FAULT_INJECT"] = setup.fault_inject
+    else:
+        os.environ.pop("KRONSEARCH_FAULT_INJECT", None)
     space = setup.space
     params = {k: config[k] for k in space.param_names() if k in config}
     costs = space.plan_costs(params)
@@ -532,9 +538,9 @@ def _ray_env() -> None:
 
 def _repo_root_on_pythonpath() -> None:
     """Let local workers import kronsearch when it runs from a source tree that was never installed."""
-    import search
-
-    root = str(Path(search.__file__).resolve().parents[1])
+    # this file's tree, not `search.__file__`: an editable install can make `search` a namespace package (no
+    # __file__) when run from another directory
+    root = str(Path(__file__).resolve().parents[1])
     if "site-packages" in root or "dist-packages" in root:
         return
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -614,7 +620,7 @@ def _setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
     remote = is_remote_storage(cfg.search.storage)
     return TrialSetup(name=cfg.name, base_trial=dict(cfg.trial), space=space, cpus=cfg.search.resources.cpu,
                       final_stage=final_stage, experiment_dir=None if remote else experiment_path(cfg),
-                      max_t=cfg.asha_max_t)
+                      max_t=cfg.asha_max_t, fault_inject=os.environ.get("KRONSEARCH_FAULT_INJECT") or None)
 
 
 def _wrapped_trainable(cfg: SearchConfig, space: SearchSpace):
@@ -661,13 +667,19 @@ def _versions() -> dict:
 
 
 def _check_resume(cfg: SearchConfig, local_dir: Path) -> None:
+    if not any(local_dir.glob("experiment_state-*.json")):  # checked here too, so that no Ray starts for nothing
+        raise ConfigError(f"--resume: nothing to resume at {local_dir} (no experiment state); run without "
+                          "--resume to start the search")
     meta_path = local_dir / META_NAME
     if not meta_path.is_file():
         return
     try:
         old = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"--resume: {meta_path} is truncated or corrupt ({exc}); it records the search's "
+                              "config: restore it, or start a new search with --name") from None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"--resume: {meta_path} is corrupt (a JSON {type(old).__name__}, expected an object)")
     fp = old.get("fingerprint")
     new = json.loads(json.dumps(config_fingerprint(cfg)))
     if fp is not None and fp != new:
@@ -932,7 +944,7 @@ def _saved_study(local_dir: Path) -> list[dict] | None:
         return None
     try:
         with open(files[-1], "rb") as fh:
-            state = pickle.load(fh)
+            state = pickle.load(fh)  # security-reviewed: Ray Tune's own searcher state, which Ray unpickles on resume
     except Exception as exc:  # a half-written file after a crash: skip the export, not the search
         log.warning("cannot read %s: %s", files[-1], exc)
         return None

@@ -70,11 +70,13 @@ def _trial(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"trial config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of trial settings")
+        raise ConfigError(f"{path}: expected a mapping of trial settings, got {type(data).__name__}")
     data = _apply_overrides(data, args.set)
     out = args.out or str(Path("runs") / "trials" / (data.get("name") or path.stem))
     summary = run_trial(data, output_dir=out, progress=not args.no_progress)

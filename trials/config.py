@@ -53,6 +53,14 @@ class GlueConfig(_Strict):
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from .glue import get_task
+
+        get_task(v)  # unknown task: "unknown GLUE task ...; valid: ..."
+        return v
+
 
 class DistillConfig(_Strict):
     """α weights of the ILKD loss (method.md) and the logits-KD temperature."""
@@ -172,14 +180,39 @@ class TrialConfig(_Strict):
         return "max" if self.glue is not None else "min"
 
 
-def format_validation_error(exc: ValidationError, where: str = "config") -> str:
-    """One line per problem: `field.path: message (got value)`."""
+def _shown(got) -> str:
+    return repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
+
+
+def _model_at(model: type[BaseModel], loc) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (a location without its last key), or None."""
+    import typing
+
+    for key in loc:
+        if not isinstance(key, str) or key not in model.model_fields:
+            return None
+        ann = model.model_fields[key].annotation
+        model = next((c for c in (ann, *typing.get_args(ann)) if isinstance(c, type) and issubclass(c, BaseModel)),
+                     None)
+        if model is None:
+            return None
+    return model
+
+
+def format_validation_error(exc: ValidationError, where: str = "config", root: type[BaseModel] | None = None) -> str:
+    """One line per problem: `field.path: message (got value)`; an unknown key lists the valid keys of its section
+    when `root` (the validated model) is given."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            owner = _model_at(root, err["loc"][:-1]) if root is not None else None
+            if owner is not None:
+                lines.append(f"{where}: {loc}: unknown key (got {_shown(err.get('input'))}); valid keys"
+                             f"{' here' if len(err['loc']) > 1 else ''}: {_known_fields(owner)}")
+                continue
         got = err.get("input")
         shown = repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
         lines.append(f"{where}: {loc}: {msg} (got {shown})")
@@ -201,9 +234,11 @@ def load_trial_config(src: str | Path | dict | TrialConfig) -> TrialConfig:
             raise ConfigError(f"trial config file not found: {path}")
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of trial settings, got {type(data).__name__}")
         data = data.get("trial", data) if set(data) == {"trial"} else data
@@ -212,7 +247,5 @@ def load_trial_config(src: str | Path | dict | TrialConfig) -> TrialConfig:
     try:
         return TrialConfig.model_validate(data)
     except ValidationError as exc:
-        msg = format_validation_error(exc, where)
-        if "unknown key" in msg:
-            msg += f" — valid top-level keys: {_known_fields(TrialConfig)}"
+        msg = format_validation_error(exc, where, root=TrialConfig)
         raise ConfigError(msg) from None

@@ -251,7 +251,10 @@ def load_text_blocks(
     cache_file = cache / "text_blocks" / f"{split}-{seq_len}-{digest}.npy"
     if cache_file.is_file():
         try:
-            return torch.from_numpy(np.load(cache_file).astype(np.int64))
+            cached = np.load(cache_file)  # allow_pickle stays False: a cache file cannot run code
+            if cached.ndim != 2 or cached.shape[1] != seq_len or cached.shape[0] < 1:
+                raise ValueError(f"cached blocks have shape {cached.shape}, expected (n, {seq_len})")
+            return torch.from_numpy(cached.astype(np.int64))
         except (ValueError, OSError, EOFError):  # a corrupt cache is rebuilt, not fatal
             cache_file.unlink(missing_ok=True)
 
@@ -351,7 +354,9 @@ def sample_teacher_text(
             with safe_open(str(cache_path), framework="pt") as f:
                 meta = f.metadata() or {}
             if all(meta.get(k) == v for k, v in settings.items()):
-                return load_file(str(cache_path))["ids"].long()
+                cached = load_file(str(cache_path))["ids"].long()
+                if tuple(cached.shape) == (num_sequences, seq_len):  # else a damaged cache: sample again
+                    return cached
         except Exception:  # unreadable cache: sample again and overwrite it
             pass
 

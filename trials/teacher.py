@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from kron.errors import CheckpointError, ConfigError, DataError
+from kron.fsutil import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 _DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -291,9 +292,7 @@ def train_teacher(
     }
     save_model_dir(model, tokenizer, out)
     _portable_tokenizer_class(out)
-    (out / "MODEL_CARD.md").write_text(
-        _lm_card(data, cfg, summary, command or _command_line(), history), encoding="utf-8"
-    )
+    atomic_write_text(out / "MODEL_CARD.md", _lm_card(data, cfg, summary, command or _command_line(), history))
     return summary
 
 
@@ -313,7 +312,7 @@ def _portable_tokenizer_class(out: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _command_line() -> str:
@@ -421,7 +420,11 @@ def load_classifier(model_src: str | os.PathLike, task):
         if tokenizer.eos_token is None:
             raise CheckpointError(f"the tokenizer of {src} has neither a pad nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"num_labels": spec.num_labels}
+    if Path(src).expanduser().is_dir():
+        from kron.models import _check_weights
+
+        _check_weights(Path(src).expanduser())  # safetensors only: a pytorch_model.bin is refused, never unpickled
+    kwargs = {"num_labels": spec.num_labels, "use_safetensors": True}
     if spec.is_regression:
         kwargs["problem_type"] = "regression"
     else:
@@ -538,10 +541,9 @@ def finetune_teacher(
     }
     out = Path(out)
     save_model_dir(model, tokenizer, out)
-    (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "MODEL_CARD.md").write_text(
-        _finetune_card(model_src, spec, data, cfg, summary, command or _command_line()), encoding="utf-8"
-    )
+    atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "MODEL_CARD.md", _finetune_card(model_src, spec, data, cfg, summary,
+                                                            command or _command_line()))
     return summary
 
 

@@ -341,7 +341,10 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         output_dir: where the summary and the best checkpoint go (None: nothing written).
         progress: show a progress bar (default: when no reporter is given).
     A NaN/inf loss ends the trial with status 'diverged'; a bad config raises ConfigError before any work;
-    any other error during the run is recorded with status 'error' and re-raised.
+    any other error during the run (a UserError from the data or plan, running out of memory -- recorded as
+    "out of memory: ..." --) is recorded with status 'error' and re-raised.
+    Testing aid: the environment variable KRONSEARCH_FAULT_INJECT ("raise:<pattern>,nan:<pattern>,oom:<pattern>")
+    fails the trials whose name or output directory matches the pattern (see _fault_inject); unset, it does nothing.
     """
     cfg = load_trial_config(config)
     out_dir = Path(output_dir) if output_dir is not None else None
@@ -364,6 +367,11 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     try:
         teacher, tokenizer = load_teacher(cfg, device)
         student, comp, plan = build_student(cfg, teacher)
+        run.fault = _fault_inject(cfg, out_dir)
+        if run.fault == "raise":
+            raise RuntimeError("injected fault (KRONSEARCH_FAULT_INJECT): trial raised on purpose")
+        if run.fault == "oom":
+            raise MemoryError("injected fault (KRONSEARCH_FAULT_INJECT)")
         student.to(device)
         if hasattr(student, "set_attn_implementation"):
             student.set_attn_implementation("eager")
@@ -384,14 +392,58 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     except _Diverged as exc:
         status = "diverged"
         run.write(status=status, error=str(exc))
-    except UserError:
-        raise
-    except Exception as exc:
-        run.write(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
+    except Exception as exc:  # UserError and out-of-memory included: record, then re-raise
+        # (BaseExceptions -- Ctrl-C, Ray stopping the trial -- pass: the search records those trials itself)
+        run.write(status="error", error=_error_text(exc), traceback=traceback.format_exc(limit=20))
         raise
     if status == "complete":
         run.write(status="complete")
     return (run.summary, student) if return_student else run.summary
+
+
+def _error_text(exc: BaseException) -> str:
+    """The summary's error text; running out of (GPU or host) memory says so in plain words."""
+    oom = isinstance(exc, MemoryError) or (
+        hasattr(torch.cuda, "OutOfMemoryError") and isinstance(exc, torch.cuda.OutOfMemoryError))
+    text = f"{type(exc).__name__}: {exc}"
+    return f"out of memory: {text}" if oom else text
+
+
+def plan_digest(rules) -> str:
+    """'plan-<12 hex>': a short stable name for a list of inline plan rules (used by the fault-injection hook)."""
+    import hashlib
+    import json
+
+    return "plan-" + hashlib.sha256(json.dumps(rules, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _fault_inject(cfg: TrialConfig, out_dir: Path | None) -> str | None:
+    """Testing aid: the fault KRONSEARCH_FAULT_INJECT asks for this trial, if any ('raise', 'nan' or 'oom').
+
+    The variable holds comma-separated `kind:pattern` rules, e.g. "raise:*trial_a*,nan:*/exp/trial_*_00001"; a rule
+    applies when its fnmatch pattern matches the trial's name, its output directory or `plan_digest` of its inline
+    plan rules ("plan-<12 hex>"; Ray's trial ids are random, a plan given through initial_params is not). A pattern
+    without '*' or '?' matches as a substring. The search forwards the driver's value to its Ray workers.
+    'raise' raises a RuntimeError before the first stage, 'oom' a MemoryError, 'nan' makes the first training loss
+    NaN (the trial ends 'diverged'). Read only here; unset (the default) it does nothing. Used by
+    tests/search/test_faults.py and tests/trials/test_trial_faults.py to fail chosen trials.
+    """
+    spec = os.environ.get("KRONSEARCH_FAULT_INJECT", "").strip()
+    if not spec:
+        return None
+    import fnmatch
+
+    names = [x for x in (cfg.name, str(out_dir) if out_dir is not None else None) if x]
+    if cfg.plan is not None and cfg.plan.rules is not None:
+        names.append(plan_digest(cfg.plan.rules))
+    for rule in spec.split(","):
+        kind, _, pat = rule.strip().partition(":")
+        if kind not in ("raise", "nan", "oom") or not pat:
+            continue
+        glob = any(c in pat for c in "*?")
+        if any(fnmatch.fnmatchcase(n, pat) if glob else pat in n for n in names):
+            return kind
+    return None
 
 
 def _summary_method(cfg: TrialConfig) -> str:
@@ -560,6 +612,8 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
             s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
             out = ilkd_loss(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
                             ce_loss=getattr(s_out, "loss", None))
+            if getattr(run, "fault", None) == "nan":  # testing aid, see _fault_inject
+                out.loss = out.loss * float("nan")
             if not torch.isfinite(out.loss):
                 raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
                                 f"components {out.parts}")

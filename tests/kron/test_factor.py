@@ -142,3 +142,29 @@ def test_property_factorisation_is_exact_on_kronecker_sums(dims, rank, seed):
     W = dense_weight(A, B)
     f = nearest_kronecker(W, dims, rank)
     assert torch.allclose(f.to_dense(), W, atol=1e-8 * max(1.0, W.abs().max().item()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dims=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)),
+    rank=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_property_error_is_the_svd_tail_on_random_matrices(dims, rank, seed):
+    """On a random (generally not Kronecker) matrix the reported error is the SVD tail of R(W), the factors
+    reproduce exactly that error, and no other rank-`rank` Kronecker sum does better than the SVD says."""
+    m1, n1, m2, n2 = dims
+    rank = min(rank, m1 * n1, m2 * n2)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m1 * m2, n1 * n2, dtype=torch.float64, generator=g)
+    f = nearest_kronecker(W, dims, rank)
+    S = torch.linalg.svdvals(rearrange(W, m1, n1, m2, n2))
+    tail = math.sqrt(float((S[rank:] ** 2).sum() / (S ** 2).sum()))
+    assert f.rel_error == pytest.approx(tail, abs=1e-9)
+    achieved = float(torch.linalg.norm(W - f.to_dense()) / torch.linalg.norm(W))
+    assert achieved == pytest.approx(f.rel_error, abs=1e-9)
+    assert f.A.shape == (rank, m1, n1) and f.B.shape == (rank, m2, n2)
+    # a perturbed factorisation is never better than the optimum
+    A2 = f.A + 1e-3 * torch.randn(f.A.shape, dtype=torch.float64, generator=g)
+    worse = float(torch.linalg.norm(W - dense_weight(A2, f.B)) / torch.linalg.norm(W))
+    assert worse >= f.rel_error - 1e-12

@@ -331,3 +331,42 @@ def test_module_spec_validation_and_dict():
         ModuleSpec(embedding_factor=2, rank=2)
     with pytest.raises(PlanError, match="module spec: unknown key 'order'"):
         ModuleSpec.from_dict({"shape": [2, 2, 2, 2], "order": "a_first"})
+
+
+from hypothesis import given as _given, settings as _settings, strategies as _st  # noqa: E402
+
+_SELECTS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "h.*.mlp.c_fc", "transformer.wte"]
+
+
+@_st.composite
+def _rules(draw):
+    rules = []
+    for _ in range(draw(_st.integers(0, 4))):
+        rule = {"select": draw(_st.sampled_from(_SELECTS))}
+        if draw(_st.booleans()):
+            rule["layers"] = draw(_st.sampled_from(["odd", "even", [0], [0, 1]]))
+        kind = draw(_st.sampled_from(["shape", "factor", "keep", "lowrank_rank"]))
+        if kind == "shape":
+            rule["shape"] = [draw(_st.integers(1, 64)) for _ in range(4)]
+            rule["rank"] = draw(_st.integers(1, 3))
+        elif kind == "factor":
+            rule["factor"] = draw(_st.sampled_from([2, 4, 8.5]))
+        elif kind == "keep":
+            rule["keep"] = True
+        else:
+            rule["lowrank_rank"] = draw(_st.integers(1, 16))
+        rules.append(rule)
+    return {"default": draw(_st.sampled_from(["keep"])), "rules": rules}
+
+
+@_settings(max_examples=50, deadline=None)
+@_given(raw=_rules())
+def test_property_plan_yaml_round_trip(raw, tmp_path_factory):
+    """to_yaml → from_yaml, and save → load, give back the same plan (same dict), for any well-formed plan."""
+    from kron.plan import CompressionPlan
+
+    plan = CompressionPlan.from_dict(raw)
+    again = CompressionPlan.from_yaml(plan.to_yaml())
+    assert again.to_dict() == plan.to_dict()
+    path = plan.save(tmp_path_factory.mktemp("plan") / "p.yaml")
+    assert CompressionPlan.load(path).to_dict() == plan.to_dict()

@@ -15,7 +15,7 @@ def test_quickstart_smoke_on_the_demo_teacher(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "Pareto" in out or "front" in out
-    df = load_results(tmp_path / "qs")
+    df = load_results(tmp_path / "qs-smoke")
     searched = df[df["method"] == "kronecker"]
     assert len(searched) >= 2
     assert set(searched["status"]) <= {"complete", "pruned"}
@@ -23,8 +23,8 @@ def test_quickstart_smoke_on_the_demo_teacher(ray_session, tmp_path, capsys):
     assert len(done) >= 1
     assert (done["compression_ratio"] > 1).all()
     assert done["quality"].notna().all()
-    front = list((tmp_path / "qs" / "analysis").glob("front/*.yaml"))
+    front = list((tmp_path / "qs-smoke" / "analysis").glob("front/*.yaml"))
     assert front, "the front's plans are exported as YAML"
-    assert (tmp_path / "qs" / "analysis" / "pareto.png").stat().st_size > 0
-    meta = json.loads((tmp_path / "qs" / "search_meta.json").read_text())
+    assert (tmp_path / "qs-smoke" / "analysis" / "pareto.png").stat().st_size > 0
+    meta = json.loads((tmp_path / "qs-smoke" / "search_meta.json").read_text())
     assert [o["name"] for o in meta["objectives"]][:2] == ["quality", "params"]

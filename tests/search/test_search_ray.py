@@ -208,3 +208,53 @@ def _all_in_state(exp: Path, status: str | None = None) -> set[str]:
         if status is None or t.get("status") == status:
             out.add(f"trial_{t['trial_id']}")
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [7])
+def test_resume_after_a_kill_at_a_random_moment(ray_session, tiny_search, tmp_path, seed):
+    """SIGKILL the `kronsearch search` process at a seeded random moment (once Ray has saved a first experiment
+    state, whatever the trials are doing then), resume, and check that no trial recorded as finished is lost or run
+    again and that the search ends with all its trials."""
+    import random
+
+    rng = random.Random(seed)
+    raw = tiny_search(name="randkill", num_samples=5, max_concurrent=2, asha=None)
+    raw["trial"]["stage1"].update(max_steps=200, eval_every=50)
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    exp = Path(raw["search"]["storage"]) / "randkill"
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path), "--address", address]
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    delay = rng.uniform(0.0, 12.0)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not list(exp.glob("experiment_state-*.json")):
+            time.sleep(0.2)
+        time.sleep(delay)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    assert list(exp.glob("experiment_state-*.json")), (tmp_path / "first.log").read_text()[-3000:]
+    recorded = _terminated_in_state(exp)
+    before = {d: (s["history"], (exp / d / "progress.csv").read_text())
+              for d, s in _summaries(exp).items() if s["status"] == "complete" and d in recorded}
+
+    result = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, f"killed after {delay:.1f} s\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    after = _summaries(exp)
+    in_state = _all_in_state(exp)
+    assert len(in_state) == 5, (delay, in_state)
+    assert all(after[d]["status"] == "complete" for d in in_state), {d: s["status"] for d, s in after.items()}
+    for d, (history, progress) in before.items():  # finished before the kill: kept, not rerun nor reported again
+        assert after[d]["history"] == history, f"{d} was rerun"
+        assert (exp / d / "progress.csv").read_text() == progress, f"{d} reported again"
+    for d in set(after) - in_state:  # started after the last saved state: closed, not left running
+        assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
+    assert "Pareto front of randkill" in result.stdout

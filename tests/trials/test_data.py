@@ -218,3 +218,40 @@ def test_real_wikitext2_valid(tmp_path):
 def test_hub_names_are_told_apart_from_missing_paths(name, hub):
     # a missing local path must fail fast with DataError, never go to the network
     assert tdata._looks_like_hub_name(name) is hub
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong-shape", "pickle"])
+def test_a_corrupt_token_cache_is_rebuilt(tmp_path, tok, damage):
+    """A truncated, garbled, wrongly shaped or pickled .npy cache is rebuilt from the corpus, never trusted."""
+    import numpy as np
+
+    src = write_txt(tmp_path / "c.txt")
+    cache = tmp_path / "cache"
+    first = load_text_blocks(src, tok, 4, cache_dir=cache)
+    (path,) = (cache / "text_blocks").glob("*.npy")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-7])
+    elif damage == "garbage":
+        path.write_bytes(b"\x93NUMPY garbage" * 3)
+    elif damage == "wrong-shape":
+        np.save(path, np.arange(10, dtype=np.int64))
+    else:
+        np.save(path, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    assert torch.equal(load_text_blocks(src, tok, 4, cache_dir=cache), first)
+    assert torch.equal(torch.from_numpy(np.load(path)), first)  # rewritten
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong-shape"])
+def test_a_corrupt_teacher_sample_cache_is_resampled(tmp_path, tok, tiny_lm, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "samples.safetensors"
+    s = sample_teacher_text(tiny_lm, tok, 5, 12, seed=3, cache_path=path, batch_size=2)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-9])
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        save_file({"ids": torch.zeros(2, 3, dtype=torch.int32)}, str(path), metadata=meta)
+    assert torch.equal(sample_teacher_text(tiny_lm, tok, 5, 12, seed=3, cache_path=path, batch_size=2), s)
