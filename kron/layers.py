@@ -27,6 +27,9 @@ __all__ = [
 ]
 
 
+_BATCHED_MIN = 32  # per-token columns from which a batched GEMM beats one transpose + a large GEMM (measured)
+
+
 def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None,
                 order: str = "auto") -> torch.Tensor:
     """y = x · (Σ_k A_k ⊗ B_k)ᵀ + bias for x (..., n1·n2), A (r, m1, n1), B (r, m2, n2); returns (..., m1·m2).
@@ -40,14 +43,20 @@ def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.T
     lead = x.shape[:-1]
     X = x.reshape(-1, n1, n2)
     T = X.shape[0]
-    # Each order is one large GEMM plus one batched GEMM, laid out so that no activation-sized tensor is
-    # transposed for rank 1 (on CPU a fresh activation-sized copy costs as much as the small matmuls).
+    # Each order is one large GEMM plus one contraction over the other factor. That second contraction is a
+    # batched GEMM over tokens when its per-token matrices are wide enough for BLAS to be efficient (no copy of
+    # any activation-sized tensor for rank 1); for narrow ones (a few columns per token) it is cheaper to
+    # transpose the intermediate once and run one large GEMM. On CPU a fresh activation-sized copy costs about as
+    # much as the small matmuls, so the copies are kept to the cases where they pay.
     if order == "a_first":
         # U[t, (k, i1), j2] = Σ_j1 A[k, i1, j1] X[t, j1, j2]
+        Ar = A.reshape(r * m1, n1)
         if n2 == 1:
-            U = X.reshape(T, n1) @ A.reshape(r * m1, n1).T
+            U = X.reshape(T, n1) @ Ar.T
+        elif n2 >= _BATCHED_MIN:
+            U = torch.matmul(Ar, X)  # batched over tokens: (T, r·m1, n2)
         else:
-            U = torch.matmul(A.reshape(r * m1, n1), X)  # batched over tokens: (T, r·m1, n2)
+            U = (X.transpose(1, 2).reshape(T * n2, n1) @ Ar.T).reshape(T, n2, r * m1).transpose(1, 2)
         if r == 1:
             U = U.reshape(T * m1, n2)
         else:
@@ -62,12 +71,19 @@ def kron_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.T
         else:
             Z = Z.reshape(T, n1, r, m2).permute(0, 2, 1, 3).reshape(T, r * n1, m2)
         Am = A.permute(1, 0, 2).reshape(m1, r * n1)  # [i1, (k, j1)] = A[k, i1, j1]
-        Y = Z.reshape(T, r * n1) @ Am.T if m2 == 1 else torch.matmul(Am, Z)  # (T, m1, m2)
+        if m2 == 1:
+            Y = Z.reshape(T, r * n1) @ Am.T
+        elif m2 >= _BATCHED_MIN:
+            Y = torch.matmul(Am, Z)  # (T, m1, m2)
+        else:
+            Zt = Z.transpose(0, 1).reshape(r * n1, T * m2)
+            Y = (Am @ Zt).reshape(m1, T, m2).transpose(0, 1)
     else:
         raise ValueError(f"order must be 'auto', 'a_first' or 'b_first', got {order!r}")
     y = Y.reshape(T, m1 * m2)
     if bias is not None:
-        y = y + bias
+        # in place when y is a fresh result (not a view of the input): saves an activation-sized allocation
+        y = y.add_(bias) if y.data_ptr() != x.data_ptr() else y + bias
     return y.reshape(*lead, m1 * m2)
 
 
