@@ -59,6 +59,7 @@ class SearchSeries(NamedTuple):
     front_y: np.ndarray
     hover: list[str]
     n_trials: int  # all trials of the search, failed ones included
+    n_pruned: int = 0  # stopped early by ASHA (not failures)
 
 
 class ReferencePoint(NamedTuple):
@@ -114,11 +115,13 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
         group, gx, gy = group[keep], gx[keep], gy[keep]
         on_front = pareto_mask(np.column_stack([gx, gy]), [x_dir, y_dir]) if len(gx) else np.zeros(0, bool)
         order = np.lexsort((gy[on_front] * (1 if y_dir == "min" else -1), gx[on_front]))
-        n_trials = int(((df["search"] == search) & ~is_reference(df)).fillna(False).sum())
+        mine = ((df["search"] == search) & ~is_reference(df)).fillna(False)
+        n_trials = int(mine.sum())
+        n_pruned = int((mine & (df["status"] == "pruned").fillna(False)).sum())
         series.append(SearchSeries(
             search=str(search), colour=colour, x=gx, y=gy, on_front=on_front,
             front_x=gx[on_front][order], front_y=gy[on_front][order],
-            hover=[_hover(row, x, y) for _, row in group.iterrows()], n_trials=n_trials,
+            hover=[_hover(row, x, y) for _, row in group.iterrows()], n_trials=n_trials, n_pruned=n_pruned,
         ))
 
     refs = [
@@ -238,7 +241,9 @@ def _render_pareto_matplotlib(data: ParetoPlotData, *, logx: bool, logy: bool):
     for s in data.series:
         n_front, n_complete = int(s.on_front.sum()), len(s.x)
         label = f"{s.search}\n{n_front} on front · {n_complete} complete"
-        label += f" · {s.n_trials - n_complete} failed" if s.n_trials > n_complete else ""
+        label += f" · {s.n_pruned} pruned" if s.n_pruned else ""
+        n_failed = s.n_trials - n_complete - s.n_pruned
+        label += f" · {n_failed} failed" if n_failed > 0 else ""
         ax.step(s.front_x, s.front_y, where="post", color=s.colour, lw=1.8, alpha=0.9, zorder=2)
         ax.scatter(s.x[~s.on_front], s.y[~s.on_front], s=28, color=s.colour, alpha=0.25, lw=0, zorder=1)
         ax.scatter(s.x[s.on_front], s.y[s.on_front], s=40, color=s.colour, edgecolor="white", lw=0.8,

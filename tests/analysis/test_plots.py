@@ -56,6 +56,8 @@ def test_pareto_data_skips_failed_trials_and_separates_references(results):
     assert [s.search for s in data.series] == ["kron-gpt2-asha", "kron-gpt2-tpe"]
     asha = data.series[0]
     assert len(asha.x) == 12 and asha.n_trials == 15  # 3 of 15 not complete
+    expected_pruned = int(((results["search"] == "kron-gpt2-asha") & (results["status"] == "pruned")).sum())
+    assert asha.n_pruned == expected_pruned  # stopped early is not counted as failed in the legend
     assert len({s.colour for s in data.series}) == 2
     assert {r.method for r in data.references} == {"teacher", "preset", "lowrank", "layerdrop"}
     assert data.references[0].method == "teacher"
