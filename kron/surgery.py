@@ -77,24 +77,23 @@ def _unique_params(model: nn.Module):
             yield p
 
 
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """model.get_input_embeddings() / get_output_embeddings(), or None where the model has none."""
+    get = getattr(model, getter, None)
     if not callable(get):
         return None
     try:
         return get()
     except (NotImplementedError, AttributeError):
         return None
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    return _embedding(model, "get_output_embeddings")
 
 
 def _input_embedding(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_input_embeddings", None)
-    if not callable(get):
-        return None
-    try:
-        return get()
-    except (NotImplementedError, AttributeError):
-        return None
+    return _embedding(model, "get_input_embeddings")
 
 
 def output_embedding_params(model: nn.Module) -> int:

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kron.errors import ConfigError
+from trials.config import read_yaml_mapping
 
 __all__ = [
     "GROUPS",
@@ -403,18 +404,8 @@ def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, override
         data = src.model_dump(mode="json")
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.is_file():
-            raise ConfigError(f"search config file not found: {path}")
         where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a search config is a mapping with keys name, trial, space, search; "
-                              f"got {type(data).__name__}")
+        data = read_yaml_mapping(path, "search settings (keys name, trial, space, search)")
     else:
         data = copy.deepcopy(dict(src))
     for key, value in (overrides or {}).items():

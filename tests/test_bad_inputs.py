@@ -128,7 +128,7 @@ CASES = [
     ("search-corrupt-yaml", lambda f: ["search", f.yaml("s.yaml", "name: x\ntrial: {teacher: demo\n  data: ["),
                                        "--dry-run"], 2, ["s.yaml: not valid YAML"]),
     ("search-yaml-not-a-mapping", lambda f: ["search", f.yaml("s.yaml", "- 1\n"), "--dry-run"], 2,
-     ["a search config is a mapping with keys name, trial, space, search; got list"]),
+     ["expected a mapping of search settings (keys name, trial, space, search), got list"]),
     ("search-teacher-only-pickle", lambda f: f.search("trial.teacher", _pickle_only_model(f)), 2,
      ["trial.teacher: model directory", "has only pytorch_model.bin; kronsearch reads safetensors only"]),
     ("search-corpus-dir-without-splits", lambda f: f.search("trial.data.source", _empty_dir(f)), 2,

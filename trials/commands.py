@@ -60,24 +60,11 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _trial(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
-    from kron.errors import ConfigError
-
+    from .config import read_yaml_mapping
     from .trial import run_trial
 
     path = Path(args.config)
-    if not path.is_file():
-        raise ConfigError(f"trial config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of trial settings, got {type(data).__name__}")
-    data = _apply_overrides(data, args.set)
+    data = _apply_overrides(read_yaml_mapping(path, "trial settings", empty_ok=True), args.set)
     out = args.out or str(Path("runs") / "trials" / (data.get("name") or path.stem))
     summary = run_trial(data, output_dir=out, progress=not args.no_progress)
     brief = {k: v for k, v in summary.items() if k not in ("history", "config", "plan", "plan_resolved", "init_errors")}

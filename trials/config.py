@@ -223,24 +223,35 @@ def _known_fields(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
+def read_yaml_mapping(path: str | Path, what: str, *, empty_ok: bool = False) -> dict:
+    """Parse a YAML (or JSON) file that must hold a mapping; ConfigError naming the file on any problem.
+
+    `what` completes "expected a mapping of ..." in the error (e.g. "trial settings").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what.split(' ')[0]} config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}, got {type(data).__name__}")
+    return data
+
+
 def load_trial_config(src: str | Path | dict | TrialConfig) -> TrialConfig:
     """Build a TrialConfig from a YAML/JSON path, a dict or an existing config; ConfigError on any problem."""
     if isinstance(src, TrialConfig):
         return src
     where = "trial config"
     if isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.is_file():
-            raise ConfigError(f"trial config file not found: {path}")
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not a text file (YAML expected; {exc.reason} at byte {exc.start})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of trial settings, got {type(data).__name__}")
+        where = str(src)
+        data = read_yaml_mapping(src, "trial settings")
         data = data.get("trial", data) if set(data) == {"trial"} else data
     else:
         data = dict(src)

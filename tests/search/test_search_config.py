@@ -89,7 +89,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_search_config(tmp_path / "missing.yaml")
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
-    with pytest.raises(ConfigError, match="mapping with keys name, trial, space, search"):
+    with pytest.raises(ConfigError, match=r"expected a mapping of search settings \(keys name, trial, space, search\), got int"):
         load_search_config(scalar)
 
 
