@@ -249,9 +249,15 @@ def plan_table(df_or_summaries) -> pd.DataFrame:
 
 
 def format_factorisation(spec) -> str:
-    """"keep" or "m1xn1⊗m2xn2 rR" (+ " bB" for B > 1 blocks) from one `plan_resolved` entry."""
+    """"keep", "m1xn1⊗m2xn2 rR" (+ " bB" for B > 1 blocks), "emb fF" (embedding A (v x d/F) ⊗ B (1 x F)) or
+    "lowrank rR" (+ " bB") from one `plan_resolved` entry."""
     if spec == "keep":
         return "keep"
+    if isinstance(spec, Mapping) and spec.get("embedding_factor") is not None:
+        return f"emb f{int(spec['embedding_factor'])}"
+    if isinstance(spec, Mapping) and spec.get("lowrank_rank") is not None:
+        blocks = int(spec.get("blocks", 1))
+        return f"lowrank r{int(spec['lowrank_rank'])}" + (f" b{blocks}" if blocks > 1 else "")
     if not isinstance(spec, Mapping) or "shape" not in spec or len(spec["shape"]) != 4:
         raise CheckpointError(f"plan_resolved entry must be 'keep' or {{'shape': [m1, n1, m2, n2], ...}}, got {spec!r}")
     m1, n1, m2, n2 = (int(v) for v in spec["shape"])
@@ -270,6 +276,11 @@ def compression_factor(cell) -> float:
         return math.nan
     if cell == "keep":
         return 1.0
+    text = str(cell)
+    if text.startswith("emb f"):  # v·d / (v·d/f + f): f to within f²/(v·d), and the cell does not hold v, d
+        return float(text.split()[1].removeprefix("f"))
+    if text.startswith("lowrank"):  # m·n / (r·(m+n)) needs the matrix size, which the cell does not hold
+        return math.nan
     try:
         shapes, rank, *_ = str(cell).split()
         (m1, n1), (m2, n2) = (map(int, part.split("x")) for part in shapes.split("⊗"))

@@ -321,3 +321,14 @@ def test_analysis_never_imports_ray_torch_or_transformers(tmp_path):
                             env={**os.environ, "MPLBACKEND": "Agg"})
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout, result.stdout
+
+
+def test_factorisation_cells_for_embeddings_and_lowrank():
+    from analysis.results import compression_factor, format_factorisation
+
+    assert format_factorisation({"embedding_factor": 2}) == "emb f2"
+    assert compression_factor("emb f2") == 2.0
+    assert format_factorisation({"lowrank_rank": 8, "blocks": 3}) == "lowrank r8 b3"
+    assert math.isnan(compression_factor("lowrank r8 b3"))
+    assert format_factorisation({"shape": [384, 768, 2, 1], "rank": 1, "blocks": 3}) == "384x768⊗2x1 r1 b3"
+    assert compression_factor("384x768⊗2x1 r1 b3") == pytest.approx(384 * 768 * 2 / (384 * 768 + 2))
