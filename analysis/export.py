@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,8 @@ from analysis.results import (
     read_summary,
 )
 from kron.errors import CheckpointError, DataError, UserError
-from kron.fsutil import replace_dir
+from kron.fsutil import atomic_dir
+from kron.yamlio import dump_yaml
 
 __all__ = ["select", "export", "parse_amount", "parse_how", "SELECTIONS", "SELECTION_NAME"]
 
@@ -194,18 +194,7 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
 
 def plan_yaml(plan: dict) -> str:
     """YAML text of a plan dict in `CompressionPlan.to_yaml`'s layout (short lists inline), without torch."""
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def represent_list(dumper, data):
-        flow = all(isinstance(v, (int, float, str)) for v in data) and len(data) <= 16
-        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-    Dumper.add_representer(list, represent_list)
-    return yaml.dump(plan, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
-
+    return dump_yaml(plan)
 
 def build_model(summary: dict, dest: Path) -> dict:
     """Write the compressed model of one trial summary into `dest` (see `export`); returns the fields
@@ -219,8 +208,7 @@ def build_model(summary: dict, dest: Path) -> dict:
                               "output directory")
     expected = summary.get("params")
     checkpoint = _checkpoint_dir(summary, existing_only=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(dest, create=False) as tmp:
         if checkpoint is not None:
             shutil.copytree(checkpoint, tmp)
             source = "checkpoint"
@@ -245,10 +233,6 @@ def build_model(summary: dict, dest: Path) -> dict:
             raise CheckpointError(f"{what} for trial {summary.get('trial_id')} has {params:,} parameters but its "
                                   f"summary records {int(expected):,} ({summary['summary_path']}); was the teacher "
                                   "changed since the trial ran?")
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"model_dir": str(dest.resolve()), "model_source": source, "model_params": params}
 
 

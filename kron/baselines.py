@@ -16,13 +16,13 @@ import inspect
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from torch import nn
 
 from .errors import CheckpointError, PlanError
+from .fsutil import atomic_dir, atomic_write_json
 from .surgery import CompressionReport, count_params, macs_per_token
 
 __all__ = ["LAYERDROP_INFO", "describe_lowrank", "drop_layers", "layer_list", "parse_keep", "read_layerdrop_info",
@@ -207,9 +207,7 @@ def save_layerdrop(model: nn.Module, dir: str | os.PathLike, *, layer_map: Seque
         if any(out.iterdir()) and not (out / LAYERDROP_INFO).is_file():
             raise CheckpointError(f"output directory {out} exists, is not empty and is not a layer-dropped checkpoint; "
                                   "choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(out, create=False) as tmp:
         kwargs = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
@@ -220,16 +218,11 @@ def save_layerdrop(model: nn.Module, dir: str | os.PathLike, *, layer_map: Seque
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copy2(src, tmp / name)
         from . import __version__
-        from .fsutil import atomic_write_json, replace_dir
 
         atomic_write_json(tmp / LAYERDROP_INFO, {
             "method": "layerdrop", "kronsearch_version": __version__, "model_class": type(model).__name__,
             "layer_map": [int(i) for i in layer_map], "report": dict(report) if report is not None else None,
         })
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

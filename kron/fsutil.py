@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "replace_dir"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "replace_dir"]
 
 
 def _umask() -> int:
@@ -75,6 +75,26 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, create: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder of `dest` to fill; on success it replaces `dest` (see `replace_dir`),
+    on an exception it is removed and `dest` is left as it was.
+
+    create=False leaves the folder to the writer (for `shutil.copytree` or `save_pretrained`).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if create:
+        tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _jsonable(obj):

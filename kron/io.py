@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, atomic_write_text, replace_dir
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from .layers import KroneckerEmbedding
 from .plan import CompressionPlan, ModuleSpec, PlanError
 from .surgery import (_SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
@@ -97,10 +96,7 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
                   "params_excluding_output_embedding": count_params(model, exclude_output_embedding=True),
                   "macs_per_token": macs_per_token(model)}
     cls_name = type(model).__name__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         from safetensors.torch import save_model
 
         weights = tmp / WEIGHTS
@@ -131,10 +127,6 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
             "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
         }
         atomic_write_json(tmp / INFO, info)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import PlanError, ShapeError
 from .factor import FactorShape, factor_shapes, kron_params, lowrank_params, lowrank_rank_for_ratio, validate_shape
+from .yamlio import dump_yaml
 
 __all__ = [
     "KEEP",
@@ -595,9 +596,7 @@ class CompressionPlan:
         return cls(rules, default=d.get("default", KEEP), name=d.get("name"), description=d.get("description"))
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.dump(self.to_dict(), Dumper=_FlowListDumper, sort_keys=False, allow_unicode=True, width=120)
+        return dump_yaml(self.to_dict())
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "plan") -> "CompressionPlan":
@@ -753,18 +752,3 @@ def _example_names(names: list[str], modules: Mapping[str, nn.Module], count: in
     first = min((i for i in map(layer_index, names) if i is not None), default=None)
     picked = [n for n in names if module_type(modules[n]) is not None and layer_index(n) in (None, first)]
     return (picked or names)[:count]
-
-
-try:  # flow-style lists of scalars ([384, 768, 2, 1]) read better than one number per line
-    import yaml as _yaml
-
-    class _FlowListDumper(_yaml.SafeDumper):
-        pass
-
-    def _represent_list(dumper, data):
-        flow = all(isinstance(v, (int, float, str)) for v in data) and len(data) <= 16
-        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-    _FlowListDumper.add_representer(list, _represent_list)
-except ImportError:  # pragma: no cover - pyyaml is a dependency
-    _FlowListDumper = None
