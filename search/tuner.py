@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kron.errors import CheckpointError, ConfigError
+from kron.errors import CheckpointError, ConfigError, UserError
 from kron.fsutil import atomic_write_json
 
 from .config import SearchConfig, base_trial_config, config_fingerprint, is_remote_storage
@@ -39,6 +39,7 @@ __all__ = [
     "experiment_path",
     "finalize_experiment",
     "make_searcher",
+    "prepare_locally",
     "run_search",
     "start_ray",
     "trainable",
@@ -122,7 +123,8 @@ def trainable(config: dict, setup: TrialSetup) -> None:
                  "plan": {"rules": space.to_plan_rules(params)}}
 
     state: dict[str, Any] = {"offset": None, "last": None}
-    timing = {"trial_started_at": t_enter, "trial_imported_at": t_imported, "worker_started_at": _process_start()}
+    timing = {"trial_started_at": t_enter, "trial_imported_at": t_imported, "worker_started_at": _process_start(),
+              "worker_pid": os.getpid()}
 
     def report(metrics: dict, checkpoint_dir=None) -> None:
         m = _search_metrics(metrics, costs, setup.final_stage, state)
@@ -612,6 +614,7 @@ class SearchOutcome:
     wall_time_s: float = 0.0
     study_trials: list[dict] = field(default_factory=list)
     rejected: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: validate, teacher/data, reference, ray, fit
 
 
 def _setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
@@ -712,8 +715,16 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     elif not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json")):
         raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
                           "to continue it, or --name to start a new one")
+    timings: dict[str, float] = {"validate_s": time.time() - t0}
+    local_ray = not cfg.search.address and not _ray_running()
+    if local_ray and not remote:
+        # before Ray: the data once here instead of in every fresh worker at the same time, and the teacher
+        # reference in this process instead of in a worker of its own after the search
+        timings.update(prepare_locally(cfg, local_dir, stream))
     _ray_env()
+    t_ray = time.time()
     started = start_ray(cfg)
+    timings["ray_start_s"] = time.time() - t_ray
     try:
         from ray import tune
 
@@ -728,9 +739,13 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
                 local_dir.mkdir(parents=True, exist_ok=True)
                 write_meta(cfg, space, local_dir)
             tuner = _new_tuner(cfg, space, stream, initial_params, callbacks)
+        t_fit = time.time()
         grid = tuner.fit()
+        timings["fit_s"] = time.time() - t_fit
         if cfg.search.reference and not remote and not _unfinished(local_dir):
-            run_teacher_reference(cfg, local_dir, stream)
+            t_ref = time.time()
+            if run_teacher_reference(cfg, local_dir, stream) is not None and "reference_s" not in timings:
+                timings["reference_s"] = time.time() - t_ref
     finally:
         if started and not keep_ray:
             import ray
@@ -738,12 +753,88 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
             ray.shutdown()
     outcome = finalize_experiment(cfg, space, grid, local_dir=local_dir)
     outcome.wall_time_s = time.time() - t0
+    outcome.timings = {k: round(v, 3) for k, v in timings.items()}
     if remote:
         write_meta(cfg, space, local_dir)
     return outcome
 
 
 REFERENCE_DIR = "reference_teacher"
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _prepare_device(cfg: SearchConfig) -> str:
+    """The device the workers will use: "auto" means the CPU when the trials get no GPU from Ray."""
+    device = cfg.trial.get("device") or "auto"
+    return "cpu" if device == "auto" and not cfg.search.resources.gpu else device
+
+
+def prepare_locally(cfg: SearchConfig, local_dir: Path, stream=None) -> dict[str, float]:
+    """Work done once in the driver before a local Ray starts; returns its timings (seconds).
+
+    * the teacher and every stage's data are loaded here (`trials.trial.prepare_data`), so the on-disk caches of
+      teacher samples and token blocks exist before the workers start; without this each fresh worker built the
+      same data at the same time in its first trial (~4 s per worker for the quickstart's samples on one core);
+    * the teacher reference (the uncompressed teacher evaluated on the same data, `search.reference`) is run here
+      with the process caches just filled, instead of in a fresh Ray worker after the search (~5 s);
+    with the trial's thread count and device, so the data and the reference are the ones a worker would produce.
+    Bad data (a missing corpus, an encoder with teacher samples) is reported here, before Ray starts. The driver's
+    copies of the teacher and data are dropped afterwards.
+    """
+    import gc
+
+    import torch
+
+    from trials.trial import clear_caches, prepare_data
+
+    trial = base_trial_config(cfg)
+    device = _prepare_device(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(cfg.search.resources.cpu))
+    try:
+        timings = prepare_data(trial, device=device)
+        ref = local_dir / REFERENCE_DIR
+        if cfg.search.reference and not (ref / SUMMARY_NAME).is_file():
+            t0 = time.time()
+            try:
+                summary = _reference_task({**_reference_trial(cfg), "device": device}, str(ref))
+            except UserError:
+                raise
+            except Exception as exc:  # the search's results stand on their own
+                print(f"warning: the teacher reference evaluation failed: {_one_line(exc)}", file=stream or sys.stderr)
+            else:
+                _write_reference(cfg, ref, summary, stream)
+                timings["reference_s"] = time.time() - t0
+    finally:
+        torch.set_num_threads(threads)
+        clear_caches()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return timings
+
+
+def _reference_trial(cfg: SearchConfig) -> dict:
+    """The trial config of the teacher reference: the teacher itself, every stage with max_steps 0."""
+    trial = base_trial_config(cfg).model_dump(mode="json")
+    trial.update(method="teacher", plan=None, name="teacher", save_checkpoint=False,
+                 threads=_threads(cfg.search.resources.cpu))
+    for stage in ("stage1", "stage2"):
+        if trial.get(stage) is not None:
+            trial[stage] = {**trial[stage], "max_steps": 0}
+    return trial
+
+
+def _write_reference(cfg: SearchConfig, out: Path, summary: dict, stream=None) -> None:
+    summary["search"] = cfg.name
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    print(f"teacher reference: {summary.get('quality_name')} {_fmt_q(summary.get('quality'))}, "
+          f"{_fmt_n(summary.get('params'))} params", file=stream or sys.stdout, flush=True)
 
 
 def _reference_task(trial: dict, out_dir: str) -> dict:
@@ -761,23 +852,14 @@ def run_teacher_reference(cfg: SearchConfig, local_dir: Path, stream=None) -> Pa
     out = local_dir / REFERENCE_DIR
     if (out / SUMMARY_NAME).is_file():
         return out
-    trial = base_trial_config(cfg).model_dump(mode="json")
-    trial.update(method="teacher", plan=None, name="teacher", save_checkpoint=False,
-                 threads=_threads(cfg.search.resources.cpu))
-    for stage in ("stage1", "stage2"):
-        if trial.get(stage) is not None:
-            trial[stage] = {**trial[stage], "max_steps": 0}
     r = cfg.search.resources
     task = ray.remote(_reference_task).options(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=0)
     try:
-        summary = ray.get(task.remote(trial, str(out)))
+        summary = ray.get(task.remote(_reference_trial(cfg), str(out)))
     except Exception as exc:  # the search's results stand on their own
         print(f"warning: the teacher reference evaluation failed: {_one_line(exc)}", file=stream or sys.stderr)
         return None
-    summary["search"] = cfg.name
-    atomic_write_json(out / SUMMARY_NAME, summary)
-    print(f"teacher reference: {summary.get('quality_name')} {_fmt_q(summary.get('quality'))}, "
-          f"{_fmt_n(summary.get('params'))} params", file=stream or sys.stdout, flush=True)
+    _write_reference(cfg, out, summary, stream)
     return out
 
 

@@ -23,7 +23,7 @@ from kron.fsutil import atomic_write_json
 from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
 
-__all__ = ["run_trial", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
+__all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
 
 SUMMARY_NAME = "trial_summary.json"
 SCHEMA = "kronsearch.trial/1"
@@ -77,6 +77,28 @@ def load_teacher(cfg: TrialConfig, device: torch.device):
         tokenizer = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
         _TEACHERS[key] = (model, tokenizer)
     return _TEACHERS[key]
+
+
+def prepare_data(config, device: str | torch.device | None = None) -> dict[str, float]:
+    """Load the teacher and build every stage's data once in this process, before any trial runs.
+
+    The on-disk caches (token blocks of a corpus, data-free teacher samples) then exist before several workers would
+    each build the same data at the same time, and a data problem surfaces here rather than in every trial. The
+    process caches stay filled (a following `run_trial` here reuses them); `clear_caches()` frees them.
+    Returns the seconds spent loading the teacher and building the data.
+    """
+    from kron.models import pick_device
+
+    cfg = load_trial_config(config)
+    device = pick_device(cfg.device if device is None else device)
+    t0 = time.time()
+    teacher, tokenizer = load_teacher(cfg, device)
+    t1 = time.time()
+    if cfg.stage1 is not None:
+        load_lm_data(cfg, teacher, tokenizer, device)
+    if cfg.stage2 is not None:
+        load_glue_data(cfg, tokenizer)
+    return {"teacher_s": t1 - t0, "data_s": time.time() - t1}
 
 
 def _is_causal_lm(model) -> bool:

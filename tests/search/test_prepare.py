@@ -1,0 +1,113 @@
+"""The driver's work before a local Ray starts (`search.tuner.prepare_locally`): the data once, the teacher reference
+in-process, errors before Ray. No Ray needed."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from search.config import load_search_config
+from search.tuner import REFERENCE_DIR, SUMMARY_NAME, _prepare_device, prepare_locally, run_search
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(path))
+    return path
+
+
+def _cfg(tiny_search, **search):
+    return load_search_config(tiny_search(**search))
+
+
+def test_prepare_builds_the_data_cache_and_the_reference(tiny_search, fresh_cache, tmp_path):
+    import trials.trial as tt
+
+    cfg = _cfg(tiny_search, reference=True)
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    timings = prepare_locally(cfg, tmp_path / "exp", out)
+    # the teacher samples (train and validation) are on disk for the workers
+    assert len(list((fresh_cache / "teacher_samples").glob("*.safetensors"))) == 2
+    ref = json.loads((tmp_path / "exp" / REFERENCE_DIR / SUMMARY_NAME).read_text())
+    assert ref["method"] == "teacher" and ref["status"] == "complete" and ref["search"] == cfg.name
+    assert ref["quality"] > 1 and ref["steps"] == 0
+    assert "teacher reference: val_ppl" in out.getvalue()
+    assert set(timings) == {"teacher_s", "data_s", "reference_s"} and all(v >= 0 for v in timings.values())
+    # the driver keeps neither the teacher nor the data, and its thread count is restored
+    assert not tt._TEACHERS and not tt._DATA
+    assert torch.get_num_threads() == threads
+
+
+def test_trials_after_prepare_read_the_cached_samples(tiny_search, fresh_cache, tmp_path, monkeypatch):
+    """What the driver sampled is what a worker finds: a trial afterwards samples nothing itself."""
+    from search.space import SearchSpace
+    from trials.trial import run_trial
+
+    cfg = _cfg(tiny_search)
+    prepare_locally(cfg, tmp_path / "exp")
+    space = SearchSpace.from_config(cfg)
+    trial = {**cfg.trial, "plan": {"rules": space.to_plan_rules(space.sample(0))}}
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the trial sampled teacher text again instead of reading the driver's cache")
+
+    monkeypatch.setattr(torch, "multinomial", no_sampling)
+    summary = run_trial(trial, output_dir=tmp_path / "t")
+    assert summary["status"] == "complete"
+
+
+def test_existing_reference_is_kept(tiny_search, fresh_cache, tmp_path):
+    cfg = _cfg(tiny_search, reference=True)
+    ref = tmp_path / "exp" / REFERENCE_DIR / SUMMARY_NAME
+    ref.parent.mkdir(parents=True)
+    ref.write_text('{"kept": true}')
+    timings = prepare_locally(cfg, tmp_path / "exp")
+    assert "reference_s" not in timings and json.loads(ref.read_text()) == {"kept": True}
+
+
+def test_failing_reference_is_a_warning(tiny_search, fresh_cache, tmp_path, monkeypatch):
+    import search.tuner as tuner
+
+    def broken(trial, out_dir):
+        raise RuntimeError("teacher evaluation broke")
+
+    monkeypatch.setattr(tuner, "_reference_task", broken)
+    err = io.StringIO()
+    timings = prepare_locally(_cfg(tiny_search, reference=True), tmp_path / "exp", err)
+    assert "reference_s" not in timings and "data_s" in timings
+    assert "warning: the teacher reference evaluation failed: teacher evaluation broke" in err.getvalue()
+
+
+def test_bad_data_fails_before_ray_starts(tiny_search, fresh_cache, tmp_path, monkeypatch):
+    """A corpus too short for one block is reported by the driver's preparation; Ray is never started."""
+    import search.tuner as tuner
+    from kron.errors import UserError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "valid"):
+        (corpus / f"{split}.txt").write_text("the teacher\n")
+    raw = tiny_search()
+    raw["trial"]["data"] = {"source": str(corpus), "seq_len": 16, "val_blocks": 4}
+    cfg = load_search_config(raw)
+    monkeypatch.setattr(tuner, "_ray_running", lambda: False)
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started although the data is unusable")
+
+    monkeypatch.setattr(tuner, "start_ray", no_ray)
+    with pytest.raises(UserError, match="fewer than one block"):
+        run_search(cfg)
+
+
+@pytest.mark.parametrize("device,gpu,expected", [("auto", 0, "cpu"), ("auto", 0.5, "auto"), ("cuda:1", 1, "cuda:1"),
+                                                 ("cpu", 0, "cpu")])
+def test_prepare_device_follows_the_trials(tiny_search, device, gpu, expected):
+    raw = tiny_search()
+    raw["trial"]["device"] = device
+    raw["search"]["resources"] = {"cpu": 1, "gpu": gpu}
+    assert _prepare_device(load_search_config(raw)) == expected
