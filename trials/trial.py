@@ -385,6 +385,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     from kron.models import pick_device
 
     device = pick_device(cfg.device)
+    run.summary["device"] = torch.cuda.get_device_name(device) + f" ({device})" if device.type == "cuda" else str(device)
     student = None
     try:
         teacher, tokenizer = load_teacher(cfg, device)

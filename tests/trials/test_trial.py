@@ -30,6 +30,8 @@ def test_lm_trial_end_to_end(tiny_lm_teacher, text_corpus, tmp_path):
     summary = run_trial(_lm_config(tiny_lm_teacher, text_corpus), report=lambda m, c: seen.append(m),
                         output_dir=tmp_path)
     assert summary["status"] == "complete"
+    # the device the trial ran on ("auto" here: CUDA when there is one)
+    assert summary["device"] == (f"{torch.cuda.get_device_name(0)} (cuda)" if torch.cuda.is_available() else "cpu")
     assert summary["quality_name"] == "val_ppl" and summary["quality_mode"] == "min"
     assert summary["params"] < summary["params_teacher"]
     assert summary["compression_ratio"] > 1
