@@ -42,9 +42,10 @@ from ray.tune import Callback  # noqa: E402
 
 
 class Timing(Callback):
-    """Driver-side timestamps of every trial's start, results and end."""
+    """Driver-side timestamps of every trial's creation (the searcher asked for its plan), start, results and end."""
 
     def __init__(self):
+        self.asked: dict[str, float] = {}
         self.start: dict[str, float] = {}
         self.end: dict[str, float] = {}
         self.results: dict[str, list[dict]] = {}
@@ -62,6 +63,21 @@ class Timing(Callback):
         self.end[trial.trial_id] = time.time()
 
 
+def _time_suggestions(timing: Timing) -> None:
+    """Record when the search asks the searcher for each trial's plan: the moment a trial is wanted, before its
+    plan is sampled, its actor is started (or a cached one reset) and its worker imports anything."""
+    from search.tuner import PlanSearcher
+
+    original = getattr(PlanSearcher.suggest, "__wrapped__", PlanSearcher.suggest)
+
+    def suggest(self, trial_id):
+        timing.asked.setdefault(trial_id, time.time())
+        return original(self, trial_id)
+
+    suggest.__wrapped__ = original
+    PlanSearcher.suggest = suggest
+
+
 def _eval_seconds(result: dict, trial_cfg) -> float:
     """Time of one evaluation, from the measured forward throughput (tokens / (tokens/s))."""
     tput = result.get("throughput_tokens_per_s")
@@ -77,9 +93,9 @@ def _eval_seconds(result: dict, trial_cfg) -> float:
 def trial_overheads(timing: Timing, trial_cfg) -> list[dict]:
     """Per trial: wall time and its overhead segments.
 
-    A trial begins when the driver starts it, or, on a fresh worker, when that worker process started (actor
-    creation happens before the driver's start event). Segments: to_entry (scheduling, worker spawn, unpickling the
-    trainable), imports (torch/transformers/trials: the first trial of a worker only), setup (teacher and data from
+    A trial begins at the earliest of: the search asking the searcher for its plan, the driver's start event, and
+    (on a fresh worker) the worker process's start. Segments: to_entry (sampling the plan, scheduling, starting or resetting
+    the actor: on a fresh worker spawning the process, importing Ray Tune, unpickling the trainable), imports (torch/transformers/trials: the first trial of a worker only), setup (teacher and data from
     the worker cache or disk, plan -> student with SVD init; the step-0 evaluation is subtracted), teardown (last
     report until the driver records the end). Everything else is training steps and evaluations.
     """
@@ -96,7 +112,9 @@ def trial_overheads(timing: Timing, trial_cfg) -> list[dict]:
         worker = (first.get("worker_pid"), started)  # two workers can start in the same clock tick
         fresh = started is not None and worker not in seen_workers
         seen_workers.add(worker)
-        begin = min(timing.start[tid], started) if fresh else timing.start[tid]
+        # the earliest of: asked for, started by the driver, and (a fresh worker) its process started -- Tune can
+        # spawn the process for a trial before it asks the searcher for that trial's plan
+        begin = min(t for t in (timing.asked.get(tid), timing.start[tid], started if fresh else None) if t)
         wall = timing.end[tid] - begin
         to_entry = max(0.0, enter - begin)
         imports = max(0.0, imported - enter)
@@ -115,6 +133,7 @@ def run_once(cfg, label: str) -> dict:
     from search.tuner import run_search
 
     timing = Timing()
+    _time_suggestions(timing)
     t0 = time.time()
     space = SearchSpace.from_config(cfg)  # as `kronsearch search` does: validation is part of the wall time
     t_space = time.time() - t0
@@ -155,10 +174,19 @@ def run_once(cfg, label: str) -> dict:
         "overhead_fraction_total": round(sum(r["overhead_s"] for r in rows) / sum(r["wall_s"] for r in rows), 4)
         if rows else None,
         "fresh_workers": sum(r["fresh_worker"] for r in rows),
+        # one-time cost of a worker's first trial vs. the steady state of a reused worker
+        "fresh_worker_overhead_s_mean": _mean([r["overhead_s"] for r in rows if r["fresh_worker"]]),
+        "reused_worker_overhead_s_mean": _mean([r["overhead_s"] for r in rows if not r["fresh_worker"]]),
+        "reused_worker_overhead_fraction_mean": _mean([r["overhead_fraction"] for r in rows if not r["fresh_worker"]],
+                                                      4),
         **{f"{k}_mean": round(statistics.mean(r[k] for r in rows), 3) if rows else None
            for k in ("to_entry_s", "imports_s", "setup_s", "teardown_s")},
         "per_trial": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
+
+
+def _mean(values: list[float], digits: int = 3) -> float | None:
+    return round(statistics.mean(values), digits) if values else None
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -217,12 +245,18 @@ def main(argv=None) -> int:
             cells = "".join((f"{t[c]:.2f}" if isinstance(t[c], float) else str(t[c])).rjust(10) for c in cols)
             print("  " + r["label"][:13].ljust(14) + (t["trial_id"] + ("*" if t["fresh_worker"] else "")).ljust(11)
                   + cells)
-    fractions = [t["overhead_fraction"] for r in runs for t in r["per_trial"]]
-    mean = statistics.mean(fractions) if fractions else None
+    print("steady state (reused workers): "
+          + "; ".join(f"{r['label']} {r['reused_worker_overhead_s_mean']:.2f} s per trial "
+                      f"({100 * r['reused_worker_overhead_fraction_mean']:.1f}%)" if r["reused_worker_overhead_s_mean"]
+                      is not None else f"{r['label']} -" for r in runs)
+          + "; a fresh worker's first trial: "
+          + "; ".join(f"{r['label']} {r['fresh_worker_overhead_s_mean']:.2f} s" for r in runs))
+    # the headline is the config as written (its ASHA settings); the target must hold for every run
+    means = [r["overhead_fraction_mean"] for r in runs]
     record = {"benchmark": "search_overhead", "config": args.config, "smoke": args.smoke,
-              "overhead_fraction_mean": round(mean, 4) if mean else None,
-              "overhead_fraction_total": runs[0]["overhead_fraction_total"],
-              "target": 0.10, "meets_target": mean is not None and mean <= 0.10,
+              "overhead_fraction_mean": means[0], "overhead_fraction_total": runs[0]["overhead_fraction_total"],
+              "overhead_fraction_mean_by_run": {r["label"]: r["overhead_fraction_mean"] for r in runs},
+              "target": 0.10, "meets_target": all(m is not None and m <= 0.10 for m in means),
               "runs": [{k: v for k, v in r.items() if k != "per_trial"} for r in runs]}
     if len(runs) == 2 and runs[1]["trial_steps"]:
         record["asha_step_ratio"] = round(runs[0]["trial_steps"] / runs[1]["trial_steps"], 3)
