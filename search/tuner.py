@@ -596,9 +596,21 @@ def start_ray(cfg: SearchConfig) -> bool:
 
 
 def experiment_path(cfg: SearchConfig) -> str:
-    """`<storage>/<name>` (a local path or a URI)."""
-    storage = cfg.search.storage.rstrip("/")
-    return f"{storage}/{cfg.name}"
+    """`<storage>/<name>` (a local path or a URI; a URI's query, e.g. `?endpoint_override=host:9000&scheme=http`
+    for MinIO or Ceph, stays at the end)."""
+    storage, sep, query = cfg.search.storage.partition("?")
+    return f"{storage.rstrip('/')}/{cfg.name}{sep}{query}"
+
+
+def _storage_args(uri: str) -> dict:
+    """Ray Tune's storage arguments for a local path or a URI. A URI is resolved to a pyarrow filesystem here, so
+    that its query options (endpoint, scheme, region) reach every reader and writer, Ray's included."""
+    if not is_remote_storage(uri):
+        return {"storage_path": uri}
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _trial_dirname(trial) -> str:
@@ -712,7 +724,8 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     if resume:
         if not remote:
             _check_resume(cfg, local_dir)
-    elif not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json")):
+    elif (not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json"))) or (
+            remote and _remote_experiment_exists(path)):
         raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
                           "to continue it, or --name to start a new one")
     timings: dict[str, float] = {"validate_s": time.time() - t0}
@@ -729,11 +742,14 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
         from ray import tune
 
         if resume:
-            if not tune.Tuner.can_restore(path):
+            where = _storage_args(path)
+            fs = where.get("storage_filesystem")
+            if not tune.Tuner.can_restore(where["storage_path"], storage_filesystem=fs):
                 raise ConfigError(f"--resume: nothing to resume at {path} (no experiment state); run without "
                                   "--resume to start the search")
-            tuner = tune.Tuner.restore(path, trainable=_wrapped_trainable(cfg, space), resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+            tuner = tune.Tuner.restore(where["storage_path"], trainable=_wrapped_trainable(cfg, space),
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False,
+                                       storage_filesystem=fs)
         else:
             if not remote:
                 local_dir.mkdir(parents=True, exist_ok=True)
@@ -754,8 +770,9 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     outcome = finalize_experiment(cfg, space, grid, local_dir=local_dir)
     outcome.wall_time_s = time.time() - t0
     outcome.timings = {k: round(v, 3) for k, v in timings.items()}
-    if remote:
+    if remote:  # what the driver wrote or patched goes back next to Ray's files, for anyone reading the bucket
         write_meta(cfg, space, local_dir)
+        _upload(local_dir, experiment_path(cfg), [META_NAME, "optuna_trials.json", f"*/{SUMMARY_NAME}"])
     return outcome
 
 
@@ -881,7 +898,7 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
     )  # no metric/mode here: it would make the searcher single-objective
     run_config = tune.RunConfig(
-        name=cfg.name, storage_path=cfg.search.storage, verbose=0,
+        name=cfg.name, **_storage_args(cfg.search.storage), verbose=0,
         callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),
@@ -1083,6 +1100,30 @@ def _error_summary(cfg: SearchConfig, space: SearchSpace, result, trial_id: str)
             "params_excl_output_embedding": costs.get("params_excl_output_embedding"),
             "macs_per_token": costs.get("macs_per_token"), "compression_ratio": costs.get("compression_ratio"),
             "plan": plan, "history": []}
+
+
+def _remote_experiment_exists(uri: str) -> bool:
+    """Whether Ray's experiment state is already under a remote experiment URI (checked before Ray starts)."""
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"storage {uri!r} cannot be read: {exc}") from None
+    return any(Path(i.path).name.startswith("experiment_state-") for i in infos)
+
+
+def _upload(local_dir: Path, uri: str, patterns: list[str]) -> None:
+    """Copy the local files matching `patterns` (relative to local_dir) to the same places under a remote URI."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    for pattern in patterns:
+        for path in sorted(local_dir.glob(pattern)):
+            if path.is_file():
+                with fs.open_output_stream(f"{root}/{path.relative_to(local_dir).as_posix()}") as out:
+                    out.write(path.read_bytes())
 
 
 def _download(uri: str, local_dir: Path) -> None:
