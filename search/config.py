@@ -212,7 +212,8 @@ class SearchSettings(_Strict):
     max_concurrent: int = Field(2, ge=1)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     seed: int = 0
-    time_budget_minutes: float | None = Field(None, gt=0, description="wall-clock limit of the whole search")
+    time_budget_minutes: float | None = Field(None, gt=0, description="wall-clock limit of the whole search, preparation and Ray start-up "
+                                               "included; running trials are stopped when it is reached")
     objectives: list[str] = Field(default_factory=lambda: ["quality", "params"])
     asha: AshaConfig | None = Field(default_factory=AshaConfig, description="null: no early stopping")
     storage: str = Field("runs", description="experiment parent: a local path or a pyarrow URI (s3://, gs://)")

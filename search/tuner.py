@@ -754,7 +754,7 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
             if not remote:
                 local_dir.mkdir(parents=True, exist_ok=True)
                 write_meta(cfg, space, local_dir)
-            tuner = _new_tuner(cfg, space, stream, initial_params, callbacks)
+            tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0)
         t_fit = time.time()
         grid = tuner.fit()
         timings["fit_s"] = time.time() - t_fit
@@ -801,7 +801,8 @@ def prepare_locally(cfg: SearchConfig, local_dir: Path, stream=None) -> dict[str
       with the process caches just filled, instead of in a fresh Ray worker after the search (~5 s);
     with the trial's thread count and device, so the data and the reference are the ones a worker would produce.
     Bad data (a missing corpus, an encoder with teacher samples) is reported here, before Ray starts. The driver's
-    copies of the teacher and data are dropped afterwards.
+    copies of the teacher and data are dropped afterwards (on a GPU the driver keeps its CUDA context). The time
+    counts towards `search.time_budget_minutes`.
     """
     import gc
 
@@ -880,7 +881,9 @@ def run_teacher_reference(cfg: SearchConfig, local_dir: Path, stream=None) -> Pa
     return out
 
 
-def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=None, callbacks=None):
+def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=None, callbacks=None,
+               spent_s: float = 0.0):
+    """spent_s: seconds of the search's wall-time budget already used (validation, data, Ray start-up)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -894,7 +897,8 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
                                 teacher_params=space.info.params, max_t=cfg.asha_max_t, stream=stream)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
-        reuse_actors=True, time_budget_s=s.time_budget_minutes * 60 if s.time_budget_minutes else None,
+        reuse_actors=True,
+        time_budget_s=max(1.0, s.time_budget_minutes * 60 - spent_s) if s.time_budget_minutes else None,
         trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
     )  # no metric/mode here: it would make the searcher single-objective
     run_config = tune.RunConfig(

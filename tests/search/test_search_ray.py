@@ -258,3 +258,19 @@ def test_resume_after_a_kill_at_a_random_moment(ray_session, tiny_search, tmp_pa
     for d in set(after) - in_state:  # started after the last saved state: closed, not left running
         assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
     assert "Pareto front of randkill" in result.stdout
+
+
+def test_time_budget_ends_the_search(ray_session, tiny_search):
+    """search.time_budget_minutes bounds the whole search: Ray Tune stops starting (and stops running) trials when
+    what is left of it after the driver's own start-up is spent; finished trials are kept and reported."""
+    import time
+
+    raw = tiny_search(name="budget", num_samples=40, max_concurrent=2, time_budget_minutes=0.2, asha=None)
+    raw["trial"]["stage1"].update(max_steps=400, eval_every=25)  # trials of a few seconds: 40 cannot fit in 12 s
+    cfg = load_search_config(raw)
+    t0 = time.time()
+    outcome = run_search(cfg)
+    wall = time.time() - t0
+    assert wall < 12 + 8, wall  # 12 s of budget; the margin is for the last results and the analysis
+    assert 0 < len(outcome.trials) < 40
+    assert any(t["status"] == "complete" for t in outcome.trials)
