@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from kron.errors import CheckpointError, ConfigError, DataError
-from kron.fsutil import atomic_write_text
+from kron.fsutil import atomic_dir, atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 _DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -290,14 +290,16 @@ def train_teacher(
         "valid_tokens": int(valid.numel()),
         "test_tokens": None if test is None else int(test.numel()),
     }
-    save_model_dir(model, tokenizer, out)
-    _portable_tokenizer_class(out)
-    atomic_write_text(out / "MODEL_CARD.md", _lm_card(data, cfg, summary, command or _command_line(), history))
+    with atomic_dir(out) as tmp:  # a run killed while saving leaves the previous teacher (or nothing), not half of one
+        save_model_dir(model, tokenizer, tmp)
+        _portable_tokenizer_class(tmp)
+        atomic_write_text(tmp / "MODEL_CARD.md", _lm_card(data, cfg, summary, command or _command_line(), history))
     return summary
 
 
 def save_model_dir(model, tokenizer, out: str | os.PathLike) -> None:
-    """save_pretrained with safetensors weights only, plus the tokenizer."""
+    """save_pretrained with safetensors weights only, plus the tokenizer (into `out` directly: callers that replace
+    a teacher wrap it in `kron.fsutil.atomic_dir`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # transformers >= 5 always writes model.safetensors
@@ -539,11 +541,11 @@ def finetune_teacher(
         "main_metric_direction": direction,
         "main_metric_value": metrics[name],
     }
-    out = Path(out)
-    save_model_dir(model, tokenizer, out)
-    atomic_write_text(out / "eval_results.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "MODEL_CARD.md", _finetune_card(model_src, spec, data, cfg, summary,
-                                                            command or _command_line()))
+    with atomic_dir(out) as tmp:  # a run killed while saving leaves the previous teacher (or nothing), not half of one
+        save_model_dir(model, tokenizer, tmp)
+        atomic_write_text(tmp / "eval_results.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(tmp / "MODEL_CARD.md", _finetune_card(model_src, spec, data, cfg, summary,
+                                                                command or _command_line()))
     return summary
 
 

@@ -177,6 +177,30 @@ def test_finetune_regression_and_max_steps(tiny_bert, tmp_path):
     assert summary["main_metric"] == "pearson"
 
 
+
+def test_finetune_replaces_the_teacher_folder_atomically(tiny_bert, sst2_dir, tmp_path, monkeypatch):
+    """A run that fails while saving leaves the previous teacher whole; a finished one replaces it entirely."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"previous teacher")
+    (out / "stale.txt").write_text("from an older run")
+    cfg = tt.FinetuneConfig(epochs=1, batch_size=8, max_steps=1, max_len=16)
+    real_save = tt.save_model_dir
+
+    def save_then_crash(model, tokenizer, where):
+        real_save(model, tokenizer, where)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tt, "save_model_dir", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        tt.finetune_teacher(tiny_bert, "sst2", out, cfg, data=sst2_dir, log=lambda m: None)
+    assert (out / "model.safetensors").read_bytes() == b"previous teacher"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the half-written copy is gone
+    monkeypatch.setattr(tt, "save_model_dir", real_save)
+    tt.finetune_teacher(tiny_bert, "sst2", out, cfg, data=sst2_dir, log=lambda m: None)
+    assert not (out / "stale.txt").exists() and (out / "eval_results.json").is_file()
+    assert (out / "model.safetensors").read_bytes() != b"previous teacher"
+
 def test_finetune_gpt2_without_pad_token(tmp_path, sst2_dir):
     from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
