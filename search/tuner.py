@@ -686,15 +686,37 @@ def _check_resume(cfg: SearchConfig, local_dir: Path) -> None:
         raise ConfigError(f"--resume: nothing to resume at {local_dir} (no experiment state); run without "
                           "--resume to start the search")
     meta_path = local_dir / META_NAME
-    if not meta_path.is_file():
-        return
+    if meta_path.is_file():
+        _check_fingerprint(cfg, meta_path.read_bytes, str(meta_path))
+
+
+def _check_remote_resume(cfg: SearchConfig, uri: str) -> None:
+    """The fingerprint check of `_check_resume` against the search_meta.json in a remote experiment, if any."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    meta = f"{root}/{META_NAME}"
     try:
-        old = json.loads(meta_path.read_text())
+        if fs.get_file_info(meta).type != pyarrow.fs.FileType.File:
+            return
+    except OSError as exc:
+        raise ConfigError(f"storage {uri!r} cannot be read: {exc}") from None
+
+    def read() -> bytes:
+        with fs.open_input_file(meta) as f:
+            return f.read()
+
+    _check_fingerprint(cfg, read, f"{uri.partition('?')[0]}/{META_NAME}")
+
+
+def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
+    try:
+        old = json.loads(read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"--resume: {meta_path} is truncated or corrupt ({exc}); it records the search's "
+        raise CheckpointError(f"--resume: {where} is truncated or corrupt ({exc}); it records the search's "
                               "config: restore it, or start a new search with --name") from None
     if not isinstance(old, dict):
-        raise CheckpointError(f"--resume: {meta_path} is corrupt (a JSON {type(old).__name__}, expected an object)")
+        raise CheckpointError(f"--resume: {where} is corrupt (a JSON {type(old).__name__}, expected an object)")
     fp = old.get("fingerprint")
     new = json.loads(json.dumps(config_fingerprint(cfg)))
     if fp is not None and fp != new:
@@ -722,7 +744,9 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     remote = is_remote_storage(cfg.search.storage)
     local_dir = Path(path) if not remote else _local_mirror(cfg)
     if resume:
-        if not remote:
+        if remote:
+            _check_remote_resume(cfg, path)
+        else:
             _check_resume(cfg, local_dir)
     elif (not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json"))) or (
             remote and _remote_experiment_exists(path)):
@@ -751,9 +775,10 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
                                        resume_unfinished=True, resume_errored=False, restart_errored=False,
                                        storage_filesystem=fs)
         else:
-            if not remote:
-                local_dir.mkdir(parents=True, exist_ok=True)
-                write_meta(cfg, space, local_dir)
+            local_dir.mkdir(parents=True, exist_ok=True)
+            write_meta(cfg, space, local_dir)
+            if remote:  # in the bucket from the start: a later --resume checks the config against it
+                _upload(local_dir, path, [META_NAME])
             tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0)
         t_fit = time.time()
         grid = tuner.fit()

@@ -89,6 +89,9 @@ def test_search_with_s3_storage(ray_session, tiny_search, s3_endpoint, tmp_path,
 
     with pytest.raises(ConfigError, match="already exists"):
         run_search(cfg)
+    changed = load_search_config({**raw, "trial": {**raw["trial"], "seed": 1}})
+    with pytest.raises(ConfigError, match="trial section"):
+        run_search(changed, resume=True)  # the config in the bucket's search_meta.json differs
     again = run_search(cfg, resume=True)
     assert sorted(t["trial_id"] for t in again.trials) == sorted(t["trial_id"] for t in outcome.trials)
     assert len([k for k in _keys(s3_endpoint, "runs/s3/") if k.endswith("/trial_summary.json")]) == 2
