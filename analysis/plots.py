@@ -45,6 +45,7 @@ _COLUMN_NAMES = {
 }
 _KEEP_COLOUR = "#e4e4e4"
 _MISSING_COLOUR = "#ffffff"
+_LOWRANK_COLOUR = "#f3d9a4"
 
 
 class SearchSeries(NamedTuple):
@@ -177,10 +178,25 @@ class HeatmapData(NamedTuple):
     row_labels: list[str]
     column_labels: list[str]  # short module names
     layers: list[str]  # layer group of each column ("" outside the repeated blocks)
-    factors: np.ndarray  # (rows, columns) compression factor; 1 = keep, NaN = not in the plan
+    factors: np.ndarray  # (rows, columns) compression factor; 1 = keep, NaN = not in the plan or low-rank
     keep: np.ndarray  # bool: cell is "keep"
     cells: np.ndarray  # the plan_table strings, for hover text
     groups: list[str]  # search of each row (rows of one search are adjacent)
+
+    @property
+    def kinds(self) -> np.ndarray:
+        """Per cell: "keep" (kept dense by the plan), "dense" (not in the plan, so dense too), "factor" (a
+        compression factor to colour) or "lowrank" (a low-rank entry: its factor needs the matrix size, which
+        the plan table does not hold, so the cell shows the rank)."""
+        kinds = np.full(self.factors.shape, "factor", dtype=object)
+        for (i, j), cell in np.ndenumerate(self.cells):
+            if self.keep[i, j]:
+                kinds[i, j] = "keep"
+            elif cell is None:
+                kinds[i, j] = "dense"
+            elif not np.isfinite(self.factors[i, j]):
+                kinds[i, j] = "lowrank"
+        return kinds
 
 
 def heatmap_data(plan_table: pd.DataFrame) -> HeatmapData:
@@ -310,7 +326,8 @@ def _render_heatmap_matplotlib(data: HeatmapData, *, title: str | None):
     height = min(max(1.0 + 0.32 * n_rows + 0.09 * max(len(c) for c in data.column_labels) + 0.5, 3.6), 40.0)
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
 
-    finite = data.factors[np.isfinite(data.factors) & ~data.keep]
+    kinds = data.kinds
+    finite = data.factors[kinds == "factor"]
     # Round the top of the scale up to a power of two so the colour bar ends on a labelled tick.
     vmax = 2.0 ** math.ceil(math.log2(max(float(finite.max()) if finite.size else 2.0, 2.0) * 0.999))
     norm = mcolors.LogNorm(vmin=1.0, vmax=vmax)
@@ -318,27 +335,25 @@ def _render_heatmap_matplotlib(data: HeatmapData, *, title: str | None):
     rgba = np.empty((n_rows, n_cols, 4))
     for i in range(n_rows):
         for j in range(n_cols):
-            factor = data.factors[i, j]
-            if data.keep[i, j]:
-                rgba[i, j] = mcolors.to_rgba(_KEEP_COLOUR)
-            elif not np.isfinite(factor):
-                rgba[i, j] = mcolors.to_rgba(_MISSING_COLOUR)
-            else:
-                rgba[i, j] = cmap(norm(factor))
+            colour = {"keep": _KEEP_COLOUR, "dense": _MISSING_COLOUR, "lowrank": _LOWRANK_COLOUR}.get(kinds[i, j])
+            rgba[i, j] = mcolors.to_rgba(colour) if colour else cmap(norm(data.factors[i, j]))
     ax.imshow(rgba, aspect="auto", interpolation="nearest")
-    for i, j in zip(*np.nonzero(~np.isfinite(data.factors) & ~data.keep)):  # hatch "not in plan" cells
+    for i, j in zip(*np.nonzero(kinds == "dense")):  # hatch the modules a plan does not mention (left dense)
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#c8c8c8", lw=0))
 
     if cell_w >= 0.36 and n_rows <= 60:  # room for "12×" at 7 pt
         for i in range(n_rows):
             for j in range(n_cols):
                 factor = data.factors[i, j]
-                if data.keep[i, j] or not np.isfinite(factor):
+                if kinds[i, j] == "lowrank":
+                    text = str(data.cells[i, j]).split()[1]  # "lowrank r64 b3" -> "r64"
+                elif kinds[i, j] == "factor":
+                    text = f"{factor:.0f}×" if factor >= 9.5 else f"{factor:.2g}×"
+                else:
                     continue
                 r, g, b, _ = rgba[i, j]
                 ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
-                ax.text(j, i, f"{factor:.0f}×" if factor >= 9.5 else f"{factor:.2g}×", ha="center",
-                        va="center", fontsize=7, color=ink)
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=ink)
 
     # Layer groups: separators between layers and the layer name above each group.
     boundaries = [j for j in range(1, n_cols) if data.layers[j] != data.layers[j - 1]]
@@ -369,9 +384,13 @@ def _render_heatmap_matplotlib(data: HeatmapData, *, title: str | None):
     bar.ax.yaxis.set_minor_locator(plt.NullLocator())
     bar.ax.tick_params(labelsize=8)
     handles = [Patch(facecolor=_KEEP_COLOUR, label="keep (dense, 1×)")]
-    if np.any(~np.isfinite(data.factors) & ~data.keep):
-        handles.append(Patch(facecolor=_MISSING_COLOUR, edgecolor="#c8c8c8", hatch="///", label="not in plan"))
-    fig.legend(handles=handles, loc="outside lower right", frameon=False, fontsize=8, ncols=len(handles))
+    if np.any(kinds == "dense"):
+        handles.append(Patch(facecolor=_MISSING_COLOUR, edgecolor="#c8c8c8", hatch="///",
+                             label="not in the plan (dense, 1×)"))
+    if np.any(kinds == "lowrank"):
+        handles.append(Patch(facecolor=_LOWRANK_COLOUR, label="low-rank (rank shown)"))
+    fig.legend(handles=handles, loc="outside lower right", frameon=False, fontsize=8,
+               ncols=len(handles) if width >= 9 else 1)  # one column when the figure is too narrow for a row
     if title:
         ax.set_title(title, fontsize=12)
     return fig

@@ -173,6 +173,16 @@ def test_heatmap_single_row_and_missing_modules(make_summary, tmp_path):
     assert _is_png(plot_plan_heatmap(table, tmp_path / "two.png"))
 
 
+def test_heatmap_cell_kinds(tmp_path):
+    """A module a plan does not mention is dense like "keep"; a low-rank entry is not "missing" (its factor needs
+    the matrix size, so the cell shows its rank)."""
+    table = pd.DataFrame({"h.0.mlp.c_fc": ["keep", "96x384⊗4x4 r1", None, "lowrank r64"]},
+                         index=["keep", "kron", "absent", "lowrank"], dtype="string")
+    data = heatmap_data(table)
+    assert list(data.kinds[:, 0]) == ["keep", "factor", "dense", "lowrank"]
+    assert _is_png(plot_plan_heatmap(table, tmp_path / "kinds.png"))
+
+
 def test_heatmap_of_plain_table(tmp_path):
     table = pd.DataFrame({"h.0.mlp.c_fc": ["keep", "96x384⊗4x4 r1"]}, index=["plan A", "plan B"])
     assert _is_png(plot_plan_heatmap(table, tmp_path / "plain.png"))
