@@ -230,7 +230,7 @@ def write_analysis(cfg, local_dir: Path, space=None, *, stream=None) -> dict[str
         atomic_write_text(path, text)
     if len(front):
         paths["front plans (YAML)"] = fdir
-    print(_pareto_table(cfg, front, columns, complete, df, space), file=out)
+    print(_pareto_table(cfg, front, columns, complete, df, space, size_col), file=out)
     return paths
 
 
@@ -247,7 +247,10 @@ def _plan_text(row, space) -> str:
     return str(row["plan_summary"] or "")
 
 
-def _pareto_table(cfg, front, columns, complete, df, space=None) -> str:
+def _pareto_table(cfg, front, columns, complete, df, space=None, size_col: str = "params") -> str:
+    """The front as a text table; its parameter column is the count the front was computed on (the total, or
+    without the output embedding when that is the objective)."""
+    pcol = "params_excl_output_embedding" if size_col == "params_excl_output_embedding" else "params"
     qname = df["quality_name"].dropna().iloc[0] if df["quality_name"].notna().any() else "quality"
     from analysis.results import is_reference
 
@@ -262,15 +265,16 @@ def _pareto_table(cfg, front, columns, complete, df, space=None) -> str:
     rows = []
     for _, r in front.iterrows():
         lat = r.get("latency_us_per_token")
-        rows.append([str(r["trial_id"]), f"{r['quality']:.4g}", f"{int(r['params']):,}",
+        rows.append([str(r["trial_id"]), f"{r['quality']:.4g}", f"{int(r[pcol]):,}",
                      f"{float(r['compression_ratio']):.2f}x", f"{int(r['macs_per_token']):,}",
                      f"{lat:.1f}" if lat is not None and not (isinstance(lat, float) and math.isnan(lat)) else "-",
                      str(r["steps"]) if r["steps"] is not None else "-", _short(_plan_text(r, space), 70)])
     for _, r in ref.iterrows():
         if r["quality"] is None or (isinstance(r["quality"], float) and math.isnan(r["quality"])):
             continue
-        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r['params']):,}", "1.00x",
+        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r[pcol]):,}", "1.00x",
                      f"{int(r['macs_per_token']):,}" if r["macs_per_token"] is not None else "-", "-", "0",
                      "uncompressed reference, not trained"])
-    lines.append(_table(["trial", qname, "params", "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
+    pname = "params excl. out-emb" if pcol != "params" else "params"
+    lines.append(_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
     return "\n".join(lines)

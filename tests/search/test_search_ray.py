@@ -97,6 +97,14 @@ def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
     assert CompressionPlan.load(plans[0]).rules
     assert paths["Pareto plot"] == exp / "analysis" / "pareto.png"
 
+    # sizes without the output embedding as the objective: the table shows the count the front was computed on
+    excl = load_search_config({**raw, "search": {**raw["search"],
+                                                 "objectives": ["quality", "params_excl_output_embedding"]}})
+    write_analysis(excl, exp, space)
+    table = capsys.readouterr().out
+    assert "params excl. out-emb" in table
+    assert f"{space.info.params_excl_output_embedding:,}" in table  # the teacher reference row
+
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_search, tmp_path):
     """A trial that raises (here: a data file that disappears after validation) is recorded as an error in its
