@@ -753,10 +753,10 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
         raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
                           "to continue it, or --name to start a new one")
     timings: dict[str, float] = {"validate_s": time.time() - t0}
-    local_ray = not cfg.search.address and not _ray_running()
-    if local_ray and not remote:
-        # before Ray: the data once here instead of in every fresh worker at the same time, and the teacher
-        # reference in this process instead of in a worker of its own after the search
+    # before a local Ray: the data once here instead of in every fresh worker at the same time, and the teacher
+    # reference in this process instead of in a worker of its own after the search
+    prepared = not remote and not cfg.search.address and not _ray_running()
+    if prepared:
         timings.update(prepare_locally(cfg, local_dir, stream))
     _ray_env()
     t_ray = time.time()
@@ -783,9 +783,9 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
         t_fit = time.time()
         grid = tuner.fit()
         timings["fit_s"] = time.time() - t_fit
-        if cfg.search.reference and not remote and not _unfinished(local_dir):
-            t_ref = time.time()
-            if run_teacher_reference(cfg, local_dir, stream) is not None and "reference_s" not in timings:
+        if cfg.search.reference and not remote and not prepared and not _unfinished(local_dir):
+            t_ref = time.time()  # Ray already running here, or a cluster: the reference as a Ray task
+            if run_teacher_reference(cfg, local_dir, stream) is not None:
                 timings["reference_s"] = time.time() - t_ref
     finally:
         if started and not keep_ray:
