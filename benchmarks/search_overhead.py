@@ -167,8 +167,8 @@ def run_once(cfg, label: str) -> dict:
         "reference_s": round(tm.get("reference_s", 0), 2),
         "ray_start_s": round(tm.get("ray_start_s", 0), 2),
         "fit_s": round(tm.get("fit_s", 0), 1),
-        "trial_wall_s_mean": round(statistics.mean(r["wall_s"] for r in rows), 2) if rows else None,
-        "overhead_fraction_mean": round(statistics.mean(fractions), 4) if fractions else None,
+        "trial_wall_s_mean": _mean([r["wall_s"] for r in rows], 2),
+        "overhead_fraction_mean": _mean(fractions, 4),
         "overhead_fraction_median": round(statistics.median(fractions), 4) if fractions else None,
         # time-weighted: all overhead seconds / all trial seconds
         "overhead_fraction_total": round(sum(r["overhead_s"] for r in rows) / sum(r["wall_s"] for r in rows), 4)
@@ -179,7 +179,7 @@ def run_once(cfg, label: str) -> dict:
         "reused_worker_overhead_s_mean": _mean([r["overhead_s"] for r in rows if not r["fresh_worker"]]),
         "reused_worker_overhead_fraction_mean": _mean([r["overhead_fraction"] for r in rows if not r["fresh_worker"]],
                                                       4),
-        **{f"{k}_mean": round(statistics.mean(r[k] for r in rows), 3) if rows else None
+        **{f"{k}_mean": _mean([r[k] for r in rows])
            for k in ("to_entry_s", "imports_s", "setup_s", "teardown_s")},
         "per_trial": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
