@@ -144,21 +144,53 @@ def test_existing_experiment_needs_resume_and_resume_needs_one(ray_session, tiny
         run_search(changed, resume=True)
 
 
+def _start_search(ray_session, raw: dict, tmp_path: Path):
+    """`kronsearch search` for `raw` in its own process group, attached to the session's Ray; returns what the
+    kill-and-resume tests need: the command, its environment, the experiment folder, the process and its log."""
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    exp = Path(raw["search"]["storage"]) / raw["name"]
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path), "--address", address]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return cmd, env, exp, proc, log
+
+
+def _kill(proc, log) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def _resume_and_check(cmd, env, exp: Path, kept: dict, context: str = ""):
+    """Resume with --resume; the search must complete its 5 trials, the trials in `kept` (folder -> (history,
+    progress.csv)) must be neither rerun nor reported again, and trials unknown to the saved state are closed.
+    Returns the resumed run and the summaries after it."""
+    result = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, context + result.stdout[-3000:] + result.stderr[-3000:]
+    after = _summaries(exp)
+    in_state = _all_in_state(exp)
+    assert len(in_state) == 5, (context, in_state)  # the search completed its 5 trials
+    assert all(after[d]["status"] == "complete" for d in in_state), {d: s["status"] for d, s in after.items()}
+    for d, (history, progress) in kept.items():  # finished before the kill: kept, not rerun nor reported again
+        assert after[d]["history"] == history, f"{d} was rerun"
+        assert (exp / d / "progress.csv").read_text() == progress, f"{d} reported again"
+    # a trial started after the last saved experiment state is unknown to the resumed search: closed, not left running
+    for d in set(after) - in_state:
+        assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
+    return result, after
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(ray_session, tiny_search, tmp_path):
     """SIGKILL the `kronsearch search` process once a trial has finished, resume with --resume, and check that no
     finished trial is lost or run again and that the search completes its trials."""
     raw = tiny_search(name="killed", num_samples=5, max_concurrent=1, asha=None)
     raw["trial"]["stage1"].update(max_steps=300, eval_every=50)  # ~3 s per trial: long enough to be caught mid-run
-    cfg_path = tmp_path / "search.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    exp = Path(raw["search"]["storage"]) / "killed"
-    address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path), "--address", address]
-
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd, env, exp, proc, log = _start_search(ray_session, raw, tmp_path)
     finished_before: dict[str, float] = {}
     deadline = time.time() + 240
     try:
@@ -171,28 +203,14 @@ def test_resume_after_the_driver_is_killed(ray_session, tiny_search, tmp_path):
                 break
             time.sleep(0.5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+        _kill(proc, log)
     assert finished_before, f"no trial finished in time:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
     recorded = _terminated_in_state(exp)
     assert len(finished_before) < 5, "the search ended before it could be killed"
 
-    result = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    after = _summaries(exp)
-    in_state = _all_in_state(exp)
-    assert len(in_state) == 5  # the search completed its 5 trials
-    assert all(after[d]["status"] == "complete" for d in in_state), {d: s["status"] for d, s in after.items()}
-    for d, (history, progress) in finished_before.items():
-        if d in recorded:  # finished and recorded before the kill: kept as it was, not run again
-            assert after[d]["history"] == history, f"{d} was rerun"
-            assert (exp / d / "progress.csv").read_text() == progress, f"{d} reported again"
-            assert after[d]["search"] == "killed"  # the resumed driver did finalise it
-    # a trial started after the last saved experiment state is unknown to the resumed search: closed, not left running
-    for d in set(after) - in_state:
-        assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
+    kept = {d: v for d, v in finished_before.items() if d in recorded}  # finished and recorded before the kill
+    result, after = _resume_and_check(cmd, env, exp, kept)
+    assert all(after[d]["search"] == "killed" for d in kept)  # the resumed driver did finalise them
     assert "Pareto front of killed" in result.stdout
 
 
@@ -229,15 +247,7 @@ def test_resume_after_a_kill_at_a_random_moment(ray_session, tiny_search, tmp_pa
     rng = random.Random(seed)
     raw = tiny_search(name="randkill", num_samples=5, max_concurrent=2, asha=None)
     raw["trial"]["stage1"].update(max_steps=200, eval_every=50)
-    cfg_path = tmp_path / "search.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    exp = Path(raw["search"]["storage"]) / "randkill"
-    address = ray_session.get_runtime_context().gcs_address
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path), "--address", address]
-
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd, env, exp, proc, log = _start_search(ray_session, raw, tmp_path)
     delay = rng.uniform(0.0, 12.0)
     try:
         deadline = time.time() + 120
@@ -245,34 +255,19 @@ def test_resume_after_a_kill_at_a_random_moment(ray_session, tiny_search, tmp_pa
             time.sleep(0.2)
         time.sleep(delay)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+        _kill(proc, log)
     assert list(exp.glob("experiment_state-*.json")), (tmp_path / "first.log").read_text()[-3000:]
     recorded = _terminated_in_state(exp)
     before = {d: (s["history"], (exp / d / "progress.csv").read_text())
               for d, s in _summaries(exp).items() if s["status"] == "complete" and d in recorded}
 
-    result = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, f"killed after {delay:.1f} s\n" + result.stdout[-3000:] + result.stderr[-3000:]
-    after = _summaries(exp)
-    in_state = _all_in_state(exp)
-    assert len(in_state) == 5, (delay, in_state)
-    assert all(after[d]["status"] == "complete" for d in in_state), {d: s["status"] for d, s in after.items()}
-    for d, (history, progress) in before.items():  # finished before the kill: kept, not rerun nor reported again
-        assert after[d]["history"] == history, f"{d} was rerun"
-        assert (exp / d / "progress.csv").read_text() == progress, f"{d} reported again"
-    for d in set(after) - in_state:  # started after the last saved state: closed, not left running
-        assert after[d]["status"] == "error" and after[d]["error"].startswith("orphaned")
+    result, _ = _resume_and_check(cmd, env, exp, before, f"killed after {delay:.1f} s\n")
     assert "Pareto front of randkill" in result.stdout
 
 
 def test_time_budget_ends_the_search(ray_session, tiny_search):
     """search.time_budget_minutes bounds the whole search: Ray Tune stops starting (and stops running) trials when
     what is left of it after the driver's own start-up is spent; finished trials are kept and reported."""
-    import time
-
     raw = tiny_search(name="budget", num_samples=40, max_concurrent=2, time_budget_minutes=0.2, asha=None)
     raw["trial"]["stage1"].update(max_steps=400, eval_every=25)  # trials of a few seconds: 40 cannot fit in 12 s
     cfg = load_search_config(raw)
