@@ -66,7 +66,7 @@ class Timing(Callback):
 def _time_suggestions(timing: Timing) -> None:
     """Record when the search asks the searcher for each trial's plan: the moment a trial is wanted, before its
     plan is sampled, its actor is started (or a cached one reset) and its worker imports anything."""
-    from search.tuner import PlanSearcher
+    from search.searcher import PlanSearcher
 
     original = getattr(PlanSearcher.suggest, "__wrapped__", PlanSearcher.suggest)
 
@@ -139,9 +139,7 @@ def run_once(cfg, label: str) -> dict:
     t_space = time.time() - t0
     outcome = run_search(cfg, space, callbacks=[timing], stream=open(os.devnull, "w"))
     wall = time.time() - t0
-    from search.config import base_trial_config
-
-    rows = trial_overheads(timing, base_trial_config(cfg))
+    rows = trial_overheads(timing, cfg.trial)
     summaries = []
     for t in outcome.trials:
         path = Path(t["dir"]) / "trial_summary.json"

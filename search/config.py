@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from kron.errors import ConfigError
-from trials.config import read_yaml_mapping
+from kron.vocab import GROUPS, OBJECTIVES, SIZE_OBJECTIVES
+from trials.config import TrialConfig, read_yaml_mapping
 
 __all__ = [
     "GROUPS",
@@ -41,16 +43,8 @@ __all__ = [
     "smoke_config",
 ]
 
-GROUPS = ("embedding", "attention", "attention_output", "ffn_in", "ffn_out")
-# objective name -> (metric reported to Ray, direction); "quality" takes its direction from the trial.
-OBJECTIVES = {
-    "quality": ("quality", None),
-    "params": ("params", "min"),
-    "params_excl_output_embedding": ("params_excl_output_embedding", "min"),
-    "macs": ("macs_per_token", "min"),
-    "latency": ("latency_us_per_token", "min"),
-}
-SIZE_OBJECTIVES = tuple(k for k in OBJECTIVES if k != "quality")
+# GROUPS and OBJECTIVES (objective -> result column, direction, label) are the shared vocabulary of kron.vocab;
+# re-exported here for search.space, which imports GROUPS from this module.
 
 
 class _Strict(BaseModel):
@@ -266,10 +260,19 @@ class SearchSettings(_Strict):
 
 
 class SearchConfig(_Strict):
+    """A search config, validated once when it is built.
+
+    `trial` is the typed base trial (a TrialConfig with an empty placeholder plan: the search fills in each trial's
+    plan); `trial_section` is the `trial:` mapping as written (after paths were made absolute), which is what
+    `model_dump`, `search_meta.json` and `config_fingerprint` record, so that they stay as earlier releases wrote
+    them and `--resume` keeps working across releases.
+    """
+
     name: str = Field(description="experiment name: the folder under `search.storage`")
-    trial: dict[str, Any] = Field(description="the base trial (TrialConfig keys, without `plan`)")
+    trial: TrialConfig = Field(description="the base trial (TrialConfig keys, without `plan`)")
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    _trial_section: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -278,15 +281,40 @@ class SearchConfig(_Strict):
             raise ValueError("name must be 1-100 characters of letters, digits, '_', '.', '-' (it names a folder)")
         return v
 
-    @field_validator("trial")
+    @model_validator(mode="wrap")
     @classmethod
-    def _trial(cls, v: dict) -> dict:
-        base_trial_config(v)  # raises ValueError with "trial.<field>: ..." messages
-        return v
+    def _keep_trial_section(cls, data, handler):
+        section = data.get("trial") if isinstance(data, dict) else None
+        self = handler(data)
+        if isinstance(section, dict):
+            self._trial_section = copy.deepcopy(section)
+        elif isinstance(data, SearchConfig):
+            self._trial_section = copy.deepcopy(data._trial_section)
+        else:  # built from a TrialConfig: its fields that were set, as a section would give them
+            self._trial_section = self.trial.model_dump(mode="json", exclude_unset=True, exclude={"plan"})
+        return self
+
+    @field_validator("trial", mode="before")
+    @classmethod
+    def _trial(cls, v):
+        if isinstance(v, dict):
+            return _trial_from_section(v)  # raises ValueError with "trial.<field>: ..." messages
+        if isinstance(v, TrialConfig):
+            return _trial_from_section(v.model_dump(mode="json", exclude_unset=True, exclude={"plan"}))
+        raise ValueError("Input should be a valid dictionary")  # the message pydantic gives a dict field
+
+    @field_serializer("trial")
+    def _dump_trial(self, trial: TrialConfig) -> dict[str, Any]:
+        return copy.deepcopy(self._trial_section)
+
+    @property
+    def trial_section(self) -> dict[str, Any]:
+        """A copy of the `trial:` mapping as written (TrialConfig keys, no `plan`): the base of each trial's config."""
+        return copy.deepcopy(self._trial_section)
 
     @model_validator(mode="after")
     def _cross(self):
-        trial = base_trial_config(self)
+        trial = self.trial
         if self.search.asha is not None:
             final = trial.stage2 if trial.stage2 is not None else trial.stage1
             max_t = self.search.asha.max_t or final.max_steps
@@ -302,9 +330,13 @@ class SearchConfig(_Strict):
     # ------------------------------------------------------------------------------------------- derived
 
     @property
+    def final_stage(self) -> str:
+        """The stage whose quality the search ranks: "glue" when there is a second stage, else "lm"."""
+        return "glue" if self.trial.stage2 is not None else "lm"
+
+    @property
     def final_stage_steps(self) -> int:
-        trial = base_trial_config(self)
-        final = trial.stage2 if trial.stage2 is not None else trial.stage1
+        final = self.trial.stage2 if self.trial.stage2 is not None else self.trial.stage1
         return final.max_steps
 
     @property
@@ -314,34 +346,40 @@ class SearchConfig(_Strict):
         return self.search.asha.max_t or self.final_stage_steps
 
     def quality_mode(self) -> str:
-        return base_trial_config(self).quality_mode
+        return self.trial.quality_mode
 
     def objective_metrics(self) -> tuple[list[str], list[str]]:
         """(metric names reported to Ray, modes) in the order of `search.objectives`."""
         q_mode = self.quality_mode()
         metrics, modes = [], []
         for o in self.search.objectives:
-            metric, mode = OBJECTIVES[o]
-            metrics.append(metric)
-            modes.append(mode or q_mode)
+            metrics.append(OBJECTIVES[o].column)
+            modes.append(OBJECTIVES[o].mode or q_mode)
         return metrics, modes
 
 
 _PLACEHOLDER_PLAN = {"rules": []}
 
 
-def base_trial_config(cfg: SearchConfig | dict):
-    """The `trial` section as a TrialConfig (with an empty placeholder plan); ValueError on any problem."""
-    from trials.config import TrialConfig
+def base_trial_config(cfg: SearchConfig | dict) -> TrialConfig:
+    """The `trial` section as a TrialConfig (with an empty placeholder plan); ValueError on any problem.
 
-    trial = cfg.trial if isinstance(cfg, SearchConfig) else cfg
+    For a SearchConfig this is `cfg.trial`, validated when the config was built (the same object every call: do not
+    modify it); a dict is validated here.
+    """
+    if isinstance(cfg, SearchConfig):
+        return cfg.trial
+    return _trial_from_section(cfg)
+
+
+def _trial_from_section(trial: dict) -> TrialConfig:
     if "plan" in trial:
         raise ValueError("trial.plan: the search chooses the plan; remove `plan` from the trial section")
     method = trial.get("method", "kronecker")
     if method != "kronecker":
         raise ValueError(f"trial.method: a search compresses with method 'kronecker', got {method!r}")
     try:
-        return TrialConfig.model_validate({**trial, "plan": _PLACEHOLDER_PLAN})
+        return TrialConfig.model_validate({**trial, "plan": copy.deepcopy(_PLACEHOLDER_PLAN)})
     except ValidationError as exc:
         raise ValueError(_format_errors(exc, "", root=TrialConfig, prefix="trial.")) from None
 
@@ -539,7 +577,7 @@ def dump_yaml(data: Any) -> str:
 
 def config_fingerprint(cfg: SearchConfig) -> dict:
     """The parts of a config that must not change when a search is resumed (the trial and the space)."""
-    return {"trial": cfg.trial, "space": cfg.space.model_dump(mode="json")}
+    return {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json")}
 
 
 def finite_or_none(x) -> float | None:

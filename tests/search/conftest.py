@@ -100,7 +100,7 @@ def tiny_search(tiny_teacher, tmp_path):
 @pytest.fixture(scope="session")
 def ray_session(kron_cache):
     """One local Ray for every `ray` test of the session (2 CPUs), started like `kronsearch search` starts it."""
-    from search.tuner import init_local_ray
+    from search.raystart import init_local_ray
 
     import ray
 

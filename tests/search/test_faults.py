@@ -10,7 +10,8 @@ import pytest
 
 from search.config import load_search_config
 from search.space import SearchSpace
-from search.tuner import _saved_study, run_search
+from search.finalize import _saved_study
+from search.tuner import run_search
 from trials.trial import plan_digest
 
 pytestmark = pytest.mark.ray

@@ -1,4 +1,4 @@
-"""The driver's work before a local Ray starts (`search.tuner.prepare_locally`): the data once, the teacher reference
+"""The driver's work before a local Ray starts (`search.reference.prepare_locally`): the data once, the teacher reference
 in-process, errors before Ray. No Ray needed."""
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
+from kron.vocab import SUMMARY_NAME
 from search.config import load_search_config
-from search.tuner import REFERENCE_DIR, SUMMARY_NAME, _prepare_device, prepare_locally, run_search
+from search.reference import REFERENCE_DIR, _prepare_device, prepare_locally
+from search.tuner import run_search
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def test_trials_after_prepare_read_the_cached_samples(tiny_search, fresh_cache, 
     cfg = _cfg(tiny_search)
     prepare_locally(cfg, tmp_path / "exp")
     space = SearchSpace.from_config(cfg)
-    trial = {**cfg.trial, "plan": {"rules": space.to_plan_rules(space.sample(0))}}
+    trial = {**cfg.trial_section, "plan": {"rules": space.to_plan_rules(space.sample(0))}}
 
     def no_sampling(*a, **k):
         raise AssertionError("the trial sampled teacher text again instead of reading the driver's cache")
@@ -70,12 +72,12 @@ def test_existing_reference_is_kept(tiny_search, fresh_cache, tmp_path):
 
 
 def test_failing_reference_is_a_warning(tiny_search, fresh_cache, tmp_path, monkeypatch):
-    import search.tuner as tuner
+    import search.reference as reference
 
     def broken(trial, out_dir):
         raise RuntimeError("teacher evaluation broke")
 
-    monkeypatch.setattr(tuner, "_reference_task", broken)
+    monkeypatch.setattr(reference, "_reference_task", broken)
     err = io.StringIO()
     timings = prepare_locally(_cfg(tiny_search, reference=True), tmp_path / "exp", err)
     assert "reference_s" not in timings and "data_s" in timings
@@ -94,7 +96,7 @@ def test_bad_data_fails_before_ray_starts(tiny_search, fresh_cache, tmp_path, mo
     raw = tiny_search()
     raw["trial"]["data"] = {"source": str(corpus), "seq_len": 16, "val_blocks": 4}
     cfg = load_search_config(raw)
-    monkeypatch.setattr(tuner, "_ray_running", lambda: False)
+    monkeypatch.setattr(tuner, "ray_running", lambda: False)
 
     def no_ray(cfg):
         raise AssertionError("Ray was started although the data is unusable")

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from search.config import load_search_config
-from search.tuner import experiment_path, run_search
+from search.storage import experiment_path
+from search.tuner import run_search
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) provides the local S3 server")
 

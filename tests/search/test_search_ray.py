@@ -17,7 +17,8 @@ from kron.plan import CompressionPlan
 from search.commands import write_analysis
 from search.config import load_search_config
 from search.space import SearchSpace
-from search.tuner import _saved_study, run_search
+from search.finalize import _saved_study
+from search.tuner import run_search
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +128,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_sea
 
 def test_existing_experiment_needs_resume_and_resume_needs_one(ray_session, tiny_search):
     from kron.errors import ConfigError
-    from search.tuner import write_meta
+    from search.resume import write_meta
 
     cfg = load_search_config(tiny_search(name="again", num_samples=1, asha=None))
     space = SearchSpace.from_config(cfg)

@@ -9,7 +9,8 @@ import pytest
 
 from search.config import load_search_config
 from search.space import SearchSpace
-from search.tuner import FINISHED, TIME_ATTR, PlanSearcher, make_searcher
+from search.searcher import PlanSearcher, make_searcher
+from search.trainable import FINISHED, TIME_ATTR
 
 State = optuna.trial.TrialState
 
@@ -129,7 +130,7 @@ class _Trial:
 def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, tiny_search):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-    from search.tuner import SizeStratifiedASHA, make_scheduler
+    from search.scheduler import SizeStratifiedASHA, make_scheduler
 
     raw = tiny_search()
     raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 2}

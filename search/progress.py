@@ -1,0 +1,100 @@
+"""Live console progress of a running search (a Ray Tune callback): one line per trial event."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from .fmt import fmt_n, fmt_q, fmt_x
+from .trainable import FINISHED, trial_outcome
+
+__all__ = ["ProgressCallback"]
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class ProgressCallback(_callback_base()):
+    """One console line per event: a trial started, evaluated, finished, was pruned or failed; with the counts
+    and the best quality so far per size bucket (tenths of the teacher's parameter count)."""
+
+    def __init__(self, *, quality_name: str, quality_mode: str, teacher_params: int, max_t: int | None,
+                 stream=None):
+        self.quality_name, self.quality_mode = quality_name, quality_mode
+        self.teacher_params = max(int(teacher_params), 1)
+        self.max_t = max_t
+        self.stream = stream
+        self._reset()
+
+    def _reset(self):
+        self.t0 = time.time()
+        self.running: set[str] = set()
+        self.counts = {"complete": 0, "pruned": 0, "fail": 0}
+        self.best: dict[int, float] = {}
+        self.numbers: dict[str, int] = {}
+
+    def __getstate__(self):  # pickled into tuner.pkl: no stream handle
+        d = dict(self.__dict__)
+        d["stream"] = None
+        return d
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self._reset()
+        self.total = total_num_samples
+
+    def _print(self, text: str) -> None:
+        elapsed = int(time.time() - self.t0)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {text}", file=self.stream or sys.stdout, flush=True)
+
+    def _num(self, trial) -> str:
+        if trial.trial_id not in self.numbers:
+            self.numbers[trial.trial_id] = len(self.numbers) + 1
+        return f"#{self.numbers[trial.trial_id]} {trial.trial_id}"
+
+    def _bucket(self, params) -> int:
+        return min(9, int(10 * float(params) / self.teacher_params))
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a < b if self.quality_mode == "min" else a > b)
+
+    def _status(self) -> str:
+        c = self.counts
+        text = f"running {len(self.running)}, done {c['complete']}, pruned {c['pruned']}, failed {c['fail']}"
+        if self.best:
+            cells = [f"{10 * b}-{10 * b + 10}%: {fmt_q(q)}" for b, q in sorted(self.best.items())]
+            text += f" | best {self.quality_name} by size: " + ", ".join(cells)
+        return text
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._print(f"trial {self._num(trial)} started | {self._status()}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(FINISHED):
+            return
+        q = result.get("quality")
+        qtext = fmt_q(q) if q is not None and math.isfinite(q) else f"({fmt_q(result.get('eval_quality'))})"
+        self._print(f"trial {self._num(trial)} step {result.get('step')} {self.quality_name} {qtext}, "
+                    f"{fmt_n(result.get('params'))} params ({fmt_x(result.get('compression_ratio'))})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        result = trial.last_result or {}
+        outcome, _ = trial_outcome(result, False, ["quality"], self.max_t)
+        self.counts[outcome] += 1
+        q = result.get("quality")
+        if outcome == "complete" and q is not None and math.isfinite(q) and result.get("params") is not None:
+            b = self._bucket(result["params"])
+            if self._better(q, self.best.get(b)):
+                self.best[b] = q
+        word = {"complete": "finished", "pruned": "pruned (stopped early)", "fail": "failed (diverged)"}[outcome]
+        self._print(f"trial {self._num(trial)} {word} at step {result.get('step')}: {self.quality_name} "
+                    f"{fmt_q(q)} | {self._status()}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.counts["fail"] += 1
+        self._print(f"trial {self._num(trial)} failed with an error (see its error.txt) | {self._status()}")

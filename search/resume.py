@@ -1,0 +1,123 @@
+"""`search_meta.json` (what a search was started with) and the checks of `--resume`: the experiment exists, its
+config fingerprint matches (locally or in a remote bucket), and which trials its saved state left unfinished."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kron.errors import CheckpointError, ConfigError
+from kron.fsutil import atomic_write_json
+from kron.vocab import META_NAME
+
+from .config import SearchConfig, config_fingerprint
+
+if TYPE_CHECKING:
+    from .space import SearchSpace
+
+__all__ = ["check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
+
+
+def write_meta(cfg: SearchConfig, space: SearchSpace, local_dir: Path, *, extra: dict | None = None) -> Path:
+    """`search_meta.json` at the experiment root: name, objectives with modes, method, the full config."""
+    metrics, modes = cfg.objective_metrics()
+    trial = cfg.trial
+    meta = {
+        "name": cfg.name,
+        "objectives": [{"name": o, "metric": m, "mode": d} for o, m, d in zip(cfg.search.objectives, metrics, modes)],
+        "quality_name": trial.quality_name,
+        "method": f"kronsearch search: {cfg.search.algorithm} (Optuna via Ray Tune)"
+                  + (f", ASHA grace {cfg.search.asha.grace_period} rf {cfg.search.asha.reduction_factor} max_t "
+                     f"{cfg.asha_max_t}" if cfg.search.asha else ", no early stopping"),
+        "space_size": str(space.size()),
+        "space_size_log10": round(space.size_log10(), 3),
+        "teacher": {"params": space.info.params,
+                    "params_excl_output_embedding": space.info.params_excl_output_embedding,
+                    "macs_per_token": space.info.macs, "model_type": space.info.model_type},
+        "config": cfg.model_dump(mode="json"),
+        "fingerprint": config_fingerprint(cfg),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    meta.update(extra or {})
+    return atomic_write_json(local_dir / META_NAME, meta)
+
+
+def _versions() -> dict:
+    out = {}
+    for mod in ("ray", "optuna", "torch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def check_resume(cfg: SearchConfig, local_dir: Path) -> None:
+    if not any(local_dir.glob("experiment_state-*.json")):  # checked here too, so that no Ray starts for nothing
+        raise ConfigError(f"--resume: nothing to resume at {local_dir} (no experiment state); run without "
+                          "--resume to start the search")
+    meta_path = local_dir / META_NAME
+    if meta_path.is_file():
+        _check_fingerprint(cfg, meta_path.read_bytes, str(meta_path))
+
+
+def check_remote_resume(cfg: SearchConfig, uri: str) -> None:
+    """The fingerprint check of `check_resume` against the search_meta.json in a remote experiment, if any."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    meta = f"{root}/{META_NAME}"
+    try:
+        if fs.get_file_info(meta).type != pyarrow.fs.FileType.File:
+            return
+    except OSError as exc:
+        raise ConfigError(f"storage {uri!r} cannot be read: {exc}") from None
+
+    def read() -> bytes:
+        with fs.open_input_file(meta) as f:
+            return f.read()
+
+    _check_fingerprint(cfg, read, f"{uri.partition('?')[0]}/{META_NAME}")
+
+
+def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
+    try:
+        old = json.loads(read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"--resume: {where} is truncated or corrupt ({exc}); it records the search's "
+                              "config: restore it, or start a new search with --name") from None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"--resume: {where} is corrupt (a JSON {type(old).__name__}, expected an object)")
+    fp = old.get("fingerprint")
+    new = json.loads(json.dumps(config_fingerprint(cfg)))
+    if fp is not None and fp != new:
+        changed = [k for k in ("trial", "space") if fp.get(k) != new.get(k)]
+        raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
+                          f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
+
+
+_UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+
+
+def saved_trial_states(local_dir: Path) -> dict[str, str]:
+    """Trial folder -> status in the latest saved experiment state: what a resume will see. After Ctrl-C the
+    in-memory trials read TERMINATED, but the saved state keeps the interrupted ones RUNNING (and resumes them)."""
+    files = sorted(Path(local_dir).glob("experiment_state-*.json"))  # named by start time: the last is current
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+        out = {}
+        for trial_json, _ in state["trial_data"]:
+            t = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+            out[f"trial_{t['trial_id']}"] = t["status"]
+        return out
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def unfinished(local_dir: Path) -> bool:
+    """Trials left running or pending: fit() returned early (Ctrl-C returns normally, see ray-tune notes)."""
+    return any(s in _UNFINISHED for s in saved_trial_states(local_dir).values())

@@ -1,0 +1,108 @@
+"""Early stopping: ASHA on the trial's quality, run separately within strata of the size objective."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from .config import SearchConfig
+from .fmt import fmt_n
+from .trainable import TIME_ATTR
+
+if TYPE_CHECKING:
+    from .space import SearchSpace
+
+__all__ = ["SizeStratifiedASHA", "make_scheduler"]
+
+
+def _scheduler_base():
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler
+
+
+class SizeStratifiedASHA(_scheduler_base()):
+    """ASHA within size strata: one asynchronous successive-halving scheduler per stratum of the size objective.
+
+    Plain ASHA ranks trials by quality alone, so in a quality/size search it stops the small plans first (they are
+    worse at every rung) and the Pareto front loses its small end. Here the range of the size metric, from the
+    cheapest plan of the space to the teacher (log scale), is cut into `n` equal strata and a trial only competes
+    with trials of its own stratum.
+    """
+
+    def __init__(self, space: SearchSpace, *, size_metric: str, n: int, metric: str, mode: str, time_attr: str,
+                 max_t: int, grace_period: int, reduction_factor: float, stop_last_trials: bool):
+        from ray.tune.schedulers import ASHAScheduler
+
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.space, self.size_metric, self.n = space, size_metric, n
+        lo = max(space.plan_costs(space.cheapest(size_metric))[size_metric], 1)
+        hi = max(space._teacher_value(size_metric), lo + 1)  # noqa: SLF001
+        if space.budget is not None:
+            limit = {"params": space.budget.max_params, "macs_per_token": space.budget.max_macs,
+                     "params_excl_output_embedding": space.budget.max_params_excl_output_embedding}[size_metric]
+            if limit is not None:
+                hi = max(min(hi, limit), lo + 1)
+        self.edges = [math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / n) for i in range(1, n)]
+        self.strata = [ASHAScheduler(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
+                                     grace_period=grace_period, reduction_factor=reduction_factor,
+                                     stop_last_trials=stop_last_trials) for _ in range(n)]
+        self._of: dict[str, int] = {}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True  # metric and mode are fixed at construction
+
+    def stratum(self, config: dict) -> int:
+        params = {k: config[k] for k in self.space.param_names() if k in config}
+        value = self.space.plan_costs(params)[self.size_metric]
+        return sum(value > e for e in self.edges)
+
+    def describe(self) -> str:
+        names = {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
+                 "macs_per_token": "MACs/token"}
+        edges = [fmt_n(e) for e in self.edges]
+        cells = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">{edges[-1]}"]
+        return f"ASHA within {self.n} {names[self.size_metric]} strata: " + ", ".join(cells)
+
+    def _sched(self, trial):
+        if trial.trial_id not in self._of:
+            self._of[trial.trial_id] = self.stratum(trial.config)
+        return self.strata[self._of[trial.trial_id]]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._sched(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._sched(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._sched(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._sched(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._sched(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"stratum {i}: {s.debug_string()}" for i, s in enumerate(self.strata))
+
+
+def make_scheduler(cfg: SearchConfig, space: SearchSpace):
+    """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise. A trial that survives
+    every rung runs to its own end (run_trial writes its final summary), unless asha.max_t is below the stage's
+    steps, in which case ASHA stops it at max_t and it counts as complete."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    a = cfg.search.asha
+    if a is None:
+        return FIFOScheduler()
+    kwargs = dict(metric="quality", mode=cfg.quality_mode(), time_attr=TIME_ATTR, max_t=cfg.asha_max_t,
+                  grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                  stop_last_trials=cfg.asha_max_t < cfg.final_stage_steps)
+    if a.size_buckets == 1:
+        return ASHAScheduler(**kwargs)
+    size_metric = next(m for m in cfg.objective_metrics()[0] if m != "quality")
+    if size_metric not in ("params", "params_excl_output_embedding", "macs_per_token"):
+        size_metric = "params"  # latency is measured, not known in advance: stratify by parameters
+    return SizeStratifiedASHA(space, size_metric=size_metric, n=a.size_buckets, **kwargs)
