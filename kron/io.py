@@ -23,10 +23,10 @@ from torch import nn
 
 from .errors import CheckpointError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from .layers import KroneckerEmbedding
+from . import methods
 from .plan import CompressionPlan, ModuleSpec, PlanError
-from .surgery import (_SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
-                      specs_from_model)
+from .surgery import (SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
+                      source_types, specs_from_model)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TOKENIZER_FILES", "load_compressed", "merge", "read_info", "save_compressed"]
 
@@ -121,8 +121,8 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
             "dtype": _model_dtype(model),
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "modules": {name: spec.to_dict() for name, spec in specs.items()},
-            "source_types": {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules()
-                             if is_factored(m) and hasattr(m, _SOURCE_ATTR)},
+            "source_types": source_types(model),
+            "methods": {m: methods.get_method(m).spec_type.version for m in sorted({s.method for s in specs.values()})},
             "report": report,
             "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
         }
@@ -260,8 +260,8 @@ def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if not is_factored(mod) or any(name.startswith(d + ".") for d in done):
             continue
-        source = getattr(mod, _SOURCE_ATTR, None)
-        if isinstance(mod, KroneckerEmbedding):
+        source = getattr(mod, SOURCE_ATTR, None)
+        if "embedding" in methods.method_of_module(mod).module_kinds:
             W = mod.to_dense()
             dense = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx,
                                  device=W.device, dtype=W.dtype)

@@ -31,19 +31,19 @@ for every module the plan could touch (nn.Linear, transformers' Conv1D, nn.Embed
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from .errors import PlanError, ShapeError
-from .factor import FactorShape, factor_shapes, kron_params, lowrank_params, lowrank_rank_for_ratio, validate_shape
+from . import methods
+from .errors import PlanError
+from .methods.base import (ModuleSpec, Slot, alternatives_message, check_keys, choice_message, method_of_key,
+                           option_defaults, positive_int, primary_keys)
+from .methods.kronecker import nearest_shape
 from .yamlio import dump_yaml
 
 __all__ = [
@@ -62,8 +62,6 @@ __all__ = [
 KEEP = "keep"
 PLAN_VERSION = 1
 SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
-_RULE_KEYS = ("select", "layers", "shape", "factor", "rank", "blocks", "embedding_factor", "keep", "lowrank_rank",
-              "lowrank_ratio")
 _PLAN_KEYS = ("version", "name", "description", "default", "rules")
 _GLOB_CHARS = set("*?[")
 
@@ -127,171 +125,6 @@ def _unsupported_message(name: str, module: nn.Module) -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------- shapes
-
-
-def nearest_shape(m: int, n: int, factor: float, rank: int = 1) -> FactorShape:
-    """The valid non-trivial split of an m x n weight whose compression is nearest to `factor`.
-
-    Nearest by |log(compression / factor)|; ties broken by fewer multiply-adds per token, then by A holding more
-    parameters than B, then by (m1, n1, m2, n2) ascending. Used by `factor:` rules and the `uniform:` preset.
-    """
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
-        raise PlanError(f"factor must be a finite number >= 1, got {factor!r}")
-    shapes = factor_shapes(m, n, rank=rank)
-    if not shapes:
-        raise ShapeError(f"a {m}x{n} weight has no non-trivial Kronecker split at rank {rank}")
-
-    def key(s: FactorShape):
-        a_smaller = 0 if s.m1 * s.n1 > s.m2 * s.n2 else 1
-        return (round(abs(math.log(s.compression / factor)), 12), s.macs_per_token, a_smaller, s.shape)
-
-    return min(shapes, key=key)
-
-
-def _valid_shapes_hint(m: int, n: int, rank: int, target_params: int | None, count: int = 10) -> str:
-    shapes = factor_shapes(m, n, rank=rank)
-    if not shapes:
-        return f"a {m}x{n} weight has no non-trivial split at rank {rank}"
-    if target_params is not None:
-        shapes = sorted(shapes, key=lambda s: (abs(s.params - target_params), s.shape))[:count]
-        shapes.sort(key=lambda s: (-s.params, s.shape))
-        head = f"the {len(shapes)} valid shapes [m1, n1, m2, n2] nearest in parameter count"
-    else:
-        shapes = shapes[:count]
-        head = "valid shapes [m1, n1, m2, n2] include"
-    listed = "; ".join(f"{list(s.shape)} ({s.params:,} params, {s.compression:.1f}x)" for s in shapes)
-    return f"{head}: {listed}"
-
-
-# ----------------------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """How one module is factored.
-
-    shape: (m1, n1, m2, n2) of A (m1 x n1) and B (m2 x n2) for the (out x in) weight; for a fused projection
-        (blocks > 1) the shape of each block, whose weight is (out/blocks x in).
-    rank: number of summed Kronecker products Σ_k A_k ⊗ B_k.
-    blocks: 1, or the number of equal output blocks of a fused projection (GPT-2's c_attn = [Q; K; V]: 3).
-    embedding_factor: for nn.Embedding (v x d) only: A (v x d/f) ⊗ B (1 x f); `shape` must then be None.
-    lowrank_rank: the low-rank baseline instead of Kronecker factors: W ≈ U (m x r) · V (r x n) (per block with
-        blocks > 1); `shape` and `embedding_factor` must then be None and `rank` 1.
-    """
-
-    shape: tuple[int, int, int, int] | None = None
-    rank: int = 1
-    blocks: int = 1
-    embedding_factor: int | None = None
-    lowrank_rank: int | None = None
-
-    def __post_init__(self):
-        given = [k for k in ("shape", "embedding_factor", "lowrank_rank") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise PlanError("a ModuleSpec needs exactly one of shape (Kronecker factors of a linear layer), "
-                            "embedding_factor (embeddings) or lowrank_rank (low-rank U·V of a linear layer); got "
-                            f"{', '.join(given) if given else 'none'}")
-        if self.lowrank_rank is not None:
-            _positive_int(self.lowrank_rank, "lowrank_rank")
-            if self.rank != 1:
-                raise PlanError(f"a low-rank spec takes lowrank_rank (the rank of U·V), not rank={self.rank} (the "
-                                "number of summed Kronecker products)")
-        elif self.shape is not None:
-            object.__setattr__(self, "shape", _as_shape(self.shape, "shape"))
-        else:
-            _positive_int(self.embedding_factor, "embedding_factor")
-            if self.rank != 1 or self.blocks != 1:
-                raise PlanError(f"an embedding spec takes neither rank nor blocks (got rank={self.rank}, "
-                                f"blocks={self.blocks}): A (v x d/f) ⊗ B (1 x f) is a single product")
-        _positive_int(self.rank, "rank")
-        _positive_int(self.blocks, "blocks")
-
-    @property
-    def kind(self) -> str:
-        """"embedding", "lowrank" (U·V, any number of blocks), "fused" (Kronecker, blocks > 1) or "linear"."""
-        if self.embedding_factor is not None:
-            return "embedding"
-        if self.lowrank_rank is not None:
-            return "lowrank"
-        return "fused" if self.blocks > 1 else "linear"
-
-    def params(self, m: int, n: int) -> int:
-        """Parameters of the factors (no bias) for an m x n weight."""
-        if self.embedding_factor is not None:
-            return m * (n // self.embedding_factor) + self.embedding_factor
-        if self.lowrank_rank is not None:
-            return self.blocks * lowrank_params(m // self.blocks, n, self.lowrank_rank)
-        return self.blocks * kron_params(*self.shape, self.rank)
-
-    def describe(self, m: int | None = None, n: int | None = None) -> str:
-        """"A 384x768 ⊗ B 2x1" (with "3 blocks of", ", rank r"); "U 768x192 · V 192x768" for low rank;
-        embeddings and low-rank specs need the weight size (m, n) to be concrete."""
-        if self.lowrank_rank is not None:
-            r = self.lowrank_rank
-            if m is not None and n is not None:
-                text = f"U {m // self.blocks}x{r} · V {r}x{n}"
-            else:
-                text = f"U·V of rank {r}"
-            return f"{self.blocks} blocks of {text}" if self.blocks > 1 else text
-        if self.embedding_factor is not None:
-            f = self.embedding_factor
-            if m is not None and n is not None:
-                return f"A {m}x{n // f} ⊗ B 1x{f}"
-            return f"A v x d/{f} ⊗ B 1x{f}"
-        m1, n1, m2, n2 = self.shape
-        text = f"A {m1}x{n1} ⊗ B {m2}x{n2}"
-        if self.rank > 1:
-            text += f", rank {self.rank}"
-        if self.blocks > 1:
-            text = f"{self.blocks} blocks of {text}"
-        return text
-
-    def to_dict(self) -> dict:
-        if self.embedding_factor is not None:
-            return {"embedding_factor": self.embedding_factor}
-        if self.lowrank_rank is not None:
-            out: dict[str, Any] = {"lowrank_rank": self.lowrank_rank}
-            if self.blocks != 1:
-                out["blocks"] = self.blocks
-            return out
-        out = {"shape": list(self.shape), "rank": self.rank}
-        if self.blocks != 1:
-            out["blocks"] = self.blocks
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ModuleSpec":
-        valid = ("shape", "rank", "blocks", "embedding_factor", "lowrank_rank")
-        _check_keys(d, valid, "module spec")
-        return cls(shape=d.get("shape"), rank=d.get("rank", 1), blocks=d.get("blocks", 1),
-                   embedding_factor=d.get("embedding_factor"), lowrank_rank=d.get("lowrank_rank"))
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
-def _as_shape(value, what: str) -> tuple[int, int, int, int]:
-    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 4
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-        raise PlanError(f"{what} must be four positive integers [m1, n1, m2, n2] "
-                        f"(A m1 x n1, B m2 x n2), got {value!r}")
-    return tuple(int(v) for v in value)
-
-
-def _check_keys(d: Mapping, valid: Sequence[str], where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise PlanError(f"{where} must be a mapping with keys {', '.join(valid)}; got {type(d).__name__} {d!r}")
-    for key in d:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PlanError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
-
-
 # ----------------------------------------------------------------------------------------------- rules
 
 
@@ -342,85 +175,69 @@ def _layers_match(layers, index: int | None) -> bool:
     return index in layers
 
 
-@dataclass(frozen=True)
 class Rule:
     """One plan rule: the modules it selects and what they become.
 
     select: one selector or a list (see the module docstring); each must match at least one module.
     layers: None (no filter), "all", "odd", "even", or layer indices (ints / "a-b" ranges).
-    Exactly one of: shape (m1, n1, m2, n2) | factor (target compression, nearest valid shape per module) |
-    embedding_factor (nn.Embedding only) | lowrank_rank (low-rank U·V of that rank) | lowrank_ratio (low-rank U·V
-    at this parameter reduction: r = max(1, floor(m·n / (ratio·(m + n)))) per module) | keep=True (stay dense,
-    overriding earlier rules).
-    rank: number of summed Kronecker products (with shape or factor only).
-    blocks: as in ModuleSpec (with shape, factor, lowrank_rank or lowrank_ratio).
+    keep: True keeps the selected modules dense, overriding earlier rules.
+    **options: otherwise the keys of exactly one compression method (`kron.methods`): shape | factor (Kronecker;
+        with rank and blocks), embedding_factor (nn.Embedding), lowrank_rank | lowrank_ratio (low-rank U·V; with
+        blocks). The method validates them and turns them into a spec for each selected module.
     """
 
-    select: tuple[str, ...]
-    layers: Any = None
-    shape: tuple[int, int, int, int] | None = None
-    factor: float | None = None
-    rank: int = 1
-    blocks: int = 1
-    embedding_factor: int | None = None
-    keep: bool = False
-    lowrank_rank: int | None = None
-    lowrank_ratio: float | None = None
-    where: str = field(default="rule", compare=False, repr=False)
-
-    def __post_init__(self):
-        w = self.where
-        sel = self.select
+    def __init__(self, select, layers=None, keep: bool = False, *, where: str = "rule", **options):
+        w = where
+        sel = select
         if isinstance(sel, str):
             sel = (sel,)
         if (not isinstance(sel, (list, tuple)) or not sel
                 or any(not isinstance(s, str) or not s.strip() for s in sel)):
-            raise PlanError(f"{w}: select must be a non-empty module selector or a list of them, got {self.select!r}")
+            raise PlanError(f"{w}: select must be a non-empty module selector or a list of them, got {select!r}")
         for s in sel:
             if s.startswith("re:"):
                 try:
                     re.compile(s[3:])
                 except re.error as exc:
                     raise PlanError(f"{w}: select {s!r} is not a valid regular expression ({exc})") from None
-        object.__setattr__(self, "select", tuple(sel))
-        object.__setattr__(self, "layers", _parse_layers(self.layers, w))
-        if not isinstance(self.keep, bool):
-            raise PlanError(f"{w}: keep must be true or false, got {self.keep!r}")
-        given = [k for k in ("shape", "factor", "embedding_factor", "lowrank_rank", "lowrank_ratio")
-                 if getattr(self, k) is not None]
-        if self.keep:
-            extra = given + [k for k in ("rank", "blocks") if getattr(self, k) != 1]
+        check_keys(options, [k for k in methods.rule_keys() if k not in ("select", "layers", "keep")], w)
+        self.select: tuple[str, ...] = tuple(sel)
+        self.layers = _parse_layers(layers, w)
+        self.where = w
+        if not isinstance(keep, bool):
+            raise PlanError(f"{w}: keep must be true or false, got {keep!r}")
+        self.keep = keep
+        given = [k for k in primary_keys() if k in options and options[k] is not None]
+        defaults = option_defaults()
+        options = {k: v for k, v in options.items() if v is not None}
+        if keep:
+            extra = given + [k for k, d in defaults.items() if options.get(k, d) != d]
             if extra:
                 raise PlanError(f"{w}: keep: true cannot be combined with {', '.join(extra)}")
+            self.method, self.options = None, {}
             return
         if len(given) != 1:
-            raise PlanError(f"{w}: give exactly one of shape, factor, embedding_factor or keep: true "
-                            f"(got {', '.join(given) if given else 'none'}); or, for a low-rank U·V instead of "
-                            "Kronecker factors, one of lowrank_rank or lowrank_ratio")
-        _positive_int(self.rank, f"{w}: rank")
-        _positive_int(self.blocks, f"{w}: blocks")
-        if self.shape is not None:
-            object.__setattr__(self, "shape", _as_shape(self.shape, f"{w}: shape"))
-        if self.factor is not None:
-            f = self.factor
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
-                raise PlanError(f"{w}: factor must be a compression factor >= 1 (e.g. 4), got {f!r}")
-            object.__setattr__(self, "factor", float(f))
-        if self.embedding_factor is not None:
-            _positive_int(self.embedding_factor, f"{w}: embedding_factor")
-            if self.rank != 1 or self.blocks != 1:
-                raise PlanError(f"{w}: embedding_factor cannot be combined with rank or blocks")
-        if self.lowrank_rank is not None:
-            _positive_int(self.lowrank_rank, f"{w}: lowrank_rank")
-        if self.lowrank_ratio is not None:
-            f = self.lowrank_ratio
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 1:
-                raise PlanError(f"{w}: lowrank_ratio must be a parameter reduction > 1 (e.g. 2: U·V holds half the "
-                                f"weight's parameters), got {f!r}")
-            object.__setattr__(self, "lowrank_ratio", float(f))
-        if (self.lowrank_rank is not None or self.lowrank_ratio is not None) and self.rank != 1:
-            raise PlanError(f"{w}: rank is the number of summed Kronecker products and does not apply to a low-rank "
-                            f"U·V (got rank={self.rank}); give its rank as lowrank_rank")
+            raise PlanError(f"{w}: {choice_message()} (got {', '.join(given) if given else 'none'})"
+                            f"{alternatives_message()}")
+        for k in defaults:
+            if k in options:
+                positive_int(options[k], f"{w}: {k}")
+        self.method = method_of_key(given[0])
+        self.options = self.method.validate_rule(options, w)
+
+    def __getattr__(self, key: str):
+        # rule.shape, rule.rank, rule.lowrank_ratio ...: the method options under their plan-file names, as in the
+        # first release (None when not given, the default for rank and blocks)
+        if key in methods.rule_keys() and key not in ("select", "layers", "keep"):
+            return self.__dict__.get("options", {}).get(key, option_defaults().get(key))
+        raise AttributeError(f"'Rule' object has no attribute {key!r}")
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Rule) and (self.select, self.layers, self.keep, self.options)
+                == (other.select, other.layers, other.keep, other.options))
+
+    def __repr__(self) -> str:
+        return f"Rule({self.to_dict()!r})"
 
     def matches(self, name: str) -> bool:
         return _layers_match(self.layers, layer_index(name)) and any(selector_matches(s, name) for s in self.select)
@@ -431,69 +248,8 @@ class Rule:
         if kind is None:
             raise PlanError(f"{self.where}: {_unsupported_message(name, module)}")
         m, n = dense_dims(module)
-        tname = type(module).__name__
-        if self.embedding_factor is not None:
-            if kind != "embedding":
-                raise PlanError(f"{self.where}: embedding_factor applies to nn.Embedding only, but {name} is a "
-                                f"{tname} ({m} x {n}); give shape or factor for linear layers")
-            f = self.embedding_factor
-            if n % f or f == 1:
-                valid = [d for d in range(2, n + 1) if n % d == 0]
-                raise PlanError(f"{self.where}: module {name} (Embedding {m} x {n}) cannot take embedding_factor {f}: "
-                                f"f must divide the embedding size {n} and be > 1; valid: {valid}")
-            return ModuleSpec(embedding_factor=f)
-        if kind == "embedding":
-            what = "lowrank_rank or lowrank_ratio" if self.lowrank_rank or self.lowrank_ratio else "shape or factor"
-            raise PlanError(f"{self.where}: module {name} is an nn.Embedding ({m} x {n}): use embedding_factor "
-                            f"(A v x d/f ⊗ B 1 x f), not {what}")
-        dims = f"{tname}, weight {m} x {n} (out x in)"
-        if m % self.blocks:
-            raise PlanError(f"{self.where}: module {name} ({dims}) cannot be split into {self.blocks} equal "
-                            f"output blocks ({m} is not a multiple of {self.blocks})")
-        rows = m // self.blocks
-        if self.blocks > 1:
-            dims += f", {self.blocks} blocks of {rows} x {n}"
-        if self.lowrank_rank is not None or self.lowrank_ratio is not None:
-            return self._lowrank_spec(name, dims, rows, n)
-        if self.factor is not None:
-            try:
-                shape = nearest_shape(rows, n, self.factor, self.rank).shape
-            except ShapeError as exc:
-                raise PlanError(f"{self.where}: module {name} ({dims}): {exc}") from None
-            return ModuleSpec(shape=shape, rank=self.rank, blocks=self.blocks)
-        try:
-            validate_shape(rows, n, self.shape, self.rank, what="")
-        except ShapeError as exc:
-            reason = str(exc).lstrip(": ")
-            hint = _valid_shapes_hint(rows, n, self.rank, kron_params(*self.shape, self.rank))
-            raise PlanError(f"{self.where}: module {name} ({dims}) cannot take shape {list(self.shape)} at rank "
-                            f"{self.rank}: {reason}. {hint}") from None
-        m1, n1, m2, n2 = self.shape
-        if m1 * n1 == 1 or m2 * n2 == 1:
-            raise PlanError(f"{self.where}: module {name} ({dims}): shape {list(self.shape)} has a 1x1 factor, "
-                            f"which only rescales the weight (no compression). "
-                            f"{_valid_shapes_hint(rows, n, self.rank, rows * n // 2)}")
-        return ModuleSpec(shape=self.shape, rank=self.rank, blocks=self.blocks)
-
-    def _lowrank_spec(self, name: str, dims: str, rows: int, n: int) -> ModuleSpec:
-        if self.lowrank_ratio is not None:
-            r = lowrank_rank_for_ratio(rows, n, self.lowrank_ratio)
-            asked = f"lowrank_ratio {_num(self.lowrank_ratio)} (rank {r})"
-        else:
-            r = self.lowrank_rank
-            asked = f"lowrank_rank {r}"
-        best = (rows * n - 1) // (rows + n)  # the largest rank with r·(m + n) < m·n
-        hint = (f"ranks 1-{best} compress it" if best >= 1
-                else "no rank compresses a matrix this thin; keep it dense")
-        per = f"each {rows} x {n} block" if self.blocks > 1 else f"a {rows} x {n} weight"
-        if r >= min(rows, n):
-            raise PlanError(f"{self.where}: module {name} ({dims}): {asked} is >= min(m, n) = {min(rows, n)}, so U·V "
-                            f"can hold any {rows} x {n} matrix with {lowrank_params(rows, n, r):,} parameters against "
-                            f"{rows * n:,} dense: no compression; {hint}")
-        if lowrank_params(rows, n, r) >= rows * n:
-            raise PlanError(f"{self.where}: module {name} ({dims}): {asked} gives U·V {lowrank_params(rows, n, r):,} "
-                            f"parameters for {per} of {rows * n:,}: no compression; {hint}")
-        return ModuleSpec(lowrank_rank=r, blocks=self.blocks)
+        slot = Slot(self.where, name, kind, type(module).__name__, m, n)
+        return self.method.spec_for(self.options, slot)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"select": self.select[0] if len(self.select) == 1 else list(self.select)}
@@ -502,25 +258,12 @@ class Rule:
         if self.keep:
             out["keep"] = True
             return out
-        if self.shape is not None:
-            out["shape"] = list(self.shape)
-        if self.factor is not None:
-            out["factor"] = int(self.factor) if float(self.factor).is_integer() else self.factor
-        if self.embedding_factor is not None:
-            out["embedding_factor"] = self.embedding_factor
-        if self.lowrank_rank is not None:
-            out["lowrank_rank"] = self.lowrank_rank
-        if self.lowrank_ratio is not None:
-            out["lowrank_ratio"] = _num(self.lowrank_ratio)
-        if self.rank != 1:
-            out["rank"] = self.rank
-        if self.blocks != 1:
-            out["blocks"] = self.blocks
+        out.update(self.method.rule_to_dict(self.options))
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "rule") -> "Rule":
-        _check_keys(d, _RULE_KEYS, where)
+        check_keys(d, methods.rule_keys(), where)
         if "select" not in d:
             raise PlanError(f"{where}: missing key 'select' (the modules the rule applies to)")
         return cls(where=where, **{k: d[k] for k in d})
@@ -553,7 +296,7 @@ class CompressionPlan:
     def _append(self, rule: Rule | Mapping) -> None:
         where = f"rule {len(self.rules) + 1}"
         if isinstance(rule, Rule):
-            rule = Rule(**{**rule.__dict__, "where": where})
+            rule = Rule.from_dict(rule.to_dict(), where)
         else:
             rule = Rule.from_dict(rule, where)
         self.rules.append(rule)
@@ -583,7 +326,7 @@ class CompressionPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CompressionPlan":
-        _check_keys(d, _PLAN_KEYS, "plan")
+        check_keys(d, _PLAN_KEYS, "plan")
         version = d.get("version", PLAN_VERSION)
         if version != PLAN_VERSION:
             raise PlanError(f"plan: version {version!r} is not supported (this kronsearch reads version "
@@ -705,15 +448,8 @@ class CompressionPlan:
             if spec == KEEP:
                 continue
             spec = spec if isinstance(spec, ModuleSpec) else ModuleSpec.from_dict(spec)
-            rules.append(Rule(select=("re:" + re.escape(name),), shape=spec.shape, rank=spec.rank,
-                              blocks=spec.blocks, embedding_factor=spec.embedding_factor,
-                              lowrank_rank=spec.lowrank_rank))
+            rules.append(Rule(select=("re:" + re.escape(name),), **spec.to_rule()))
         return cls(rules, **kwargs)
-
-
-def _num(x: float) -> int | float:
-    """2.0 -> 2 for display and YAML; other floats unchanged."""
-    return int(x) if float(x).is_integer() else x
 
 
 def _fmt_select(rule: Rule) -> str:

@@ -18,10 +18,10 @@ from typing import Mapping
 
 from torch import nn
 
-from .errors import PlanError, ShapeError
-from .factor import validate_shape
-from .layers import FusedKroneckerLinear, FusedLowRankLinear, KroneckerEmbedding, KroneckerLinear, LowRankLinear
-from .plan import KEEP, CompressionPlan, ModuleSpec, dense_dims, module_type
+from . import methods
+from .errors import PlanError
+from .methods import ModuleSpec, Slot
+from .plan import KEEP, CompressionPlan, dense_dims, module_type
 
 __all__ = [
     "CompressionReport",
@@ -30,27 +30,32 @@ __all__ = [
     "as_plan",
     "compress",
     "count_params",
+    "input_embedding",
     "is_factored",
     "is_kronecker",
     "macs_per_token",
+    "output_embedding",
     "output_embedding_params",
+    "source_types",
     "specs_from_model",
 ]
 
-_KRON_TYPES = (KroneckerLinear, FusedKroneckerLinear, KroneckerEmbedding)
-_LOWRANK_TYPES = (LowRankLinear, FusedLowRankLinear)
-_FACTORED_TYPES = _KRON_TYPES + _LOWRANK_TYPES
-_LINEAR_TYPES = (KroneckerLinear, FusedKroneckerLinear, LowRankLinear, FusedLowRankLinear)  # cost macs_per_token
-_SOURCE_ATTR = "kron_source_type"  # the dense type a factored module replaced ("Linear", "Conv1D", "Embedding")
+SOURCE_ATTR = "kron_source_type"  # the dense type a factored module replaced ("Linear", "Conv1D", "Embedding")
+
+
+def _factored_types() -> tuple[type, ...]:
+    return tuple(t for m in methods.all_methods() for t in m.layer_types())
 
 
 def is_kronecker(module: nn.Module) -> bool:
-    return isinstance(module, _KRON_TYPES)
+    """Whether a module is one of the Kronecker methods' layers (linear or embedding)."""
+    m = methods.method_of_module(module)
+    return m is not None and m.name in ("kronecker", "kron_embedding")
 
 
 def is_factored(module: nn.Module) -> bool:
-    """Whether a module is one kronsearch put in place of a dense one: Kronecker or low-rank (U·V)."""
-    return isinstance(module, _FACTORED_TYPES)
+    """Whether a module is one kronsearch put in place of a dense one, by any registered method."""
+    return isinstance(module, _factored_types())
 
 
 # ----------------------------------------------------------------------------------------------- counting
@@ -88,17 +93,19 @@ def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
         return None
 
 
-def _output_embedding(model: nn.Module) -> nn.Module | None:
+def output_embedding(model: nn.Module) -> nn.Module | None:
+    """model.get_output_embeddings() (the LM head), or None where the model has none."""
     return _embedding(model, "get_output_embeddings")
 
 
-def _input_embedding(model: nn.Module) -> nn.Module | None:
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """model.get_input_embeddings(), or None where the model has none."""
     return _embedding(model, "get_input_embeddings")
 
 
 def output_embedding_params(model: nn.Module) -> int:
     """Parameters of the output embedding (LM head weight, or its factors) that no other module shares."""
-    head = _output_embedding(model)
+    head = output_embedding(model)
     if head is None:
         return 0
     own = {id(p): p for n, p in head.named_parameters() if n.rsplit(".", 1)[-1] != "bias"}
@@ -123,15 +130,22 @@ def macs_per_token(model: nn.Module) -> int:
 
 
 def _mac_leaves(module: nn.Module):
-    if isinstance(module, _LINEAR_TYPES) or module_type(module) in ("linear", "conv1d"):
+    if _is_linear_leaf(module):
         yield module
         return
     for child in module.children():
         yield from _mac_leaves(child)
 
 
+def _is_linear_leaf(module: nn.Module) -> bool:
+    if module_type(module) in methods.LINEAR_KINDS:
+        return True
+    m = methods.method_of_module(module)
+    return m is not None and set(m.module_kinds) & set(methods.LINEAR_KINDS) != set()
+
+
 def _module_macs(module: nn.Module) -> int:
-    if isinstance(module, _LINEAR_TYPES):
+    if module_type(module) not in methods.LINEAR_KINDS:
         return int(module.macs_per_token)
     m, n = dense_dims(module)
     return m * n
@@ -267,7 +281,7 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
     params_before = count_params(model)
     excl_before = count_params(model, exclude_output_embedding=True)
     macs_before = macs_per_token(model)
-    in_emb, out_emb = _input_embedding(model), _output_embedding(model)
+    in_emb, out_emb = input_embedding(model), output_embedding(model)
     tied = (in_emb is not None and out_emb is not None
             and getattr(out_emb, "weight", None) is not None and out_emb.weight is getattr(in_emb, "weight", None))
 
@@ -280,18 +294,18 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         weight = old.weight
         if not weight.requires_grad:
             new.requires_grad_(False)
-        setattr(new, _SOURCE_ATTR, type(old).__name__ if module_type(old) != "conv1d" else "Conv1D")
+        setattr(new, SOURCE_ATTR, type(old).__name__ if module_type(old) != "conv1d" else "Conv1D")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
         replaced.add(id(old))
         m, n = dense_dims(old)
         records.append(ModuleRecord(
-            name=name, kind=spec.kind, module_type=getattr(new, _SOURCE_ATTR), dense_shape=(m, n),
+            name=name, kind=spec.kind, module_type=getattr(new, SOURCE_ATTR), dense_shape=(m, n),
             spec=spec.to_dict(), params_before=sum(p.numel() for p in old.parameters()),
             params_after=sum(p.numel() for p in new.parameters()),
-            macs_before=0 if spec.kind == "embedding" else m * n,
-            macs_after=0 if spec.kind == "embedding" else int(new.macs_per_token),
+            macs_before=m * n if module_type(old) in methods.LINEAR_KINDS else 0,
+            macs_after=int(new.macs_per_token) if module_type(old) in methods.LINEAR_KINDS else 0,
             init_error=new.init_error,
         ))
 
@@ -342,96 +356,38 @@ def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
         from .plan import _unsupported_message
 
         raise PlanError(_unsupported_message(name, module))
-    if (spec.kind == "embedding") != (kind == "embedding"):
+    method = methods.get_method(spec.method)
+    if kind not in method.module_kinds:
         raise PlanError(f"module {name} is a {type(module).__name__} but its spec is {spec.describe()!r}: "
                         "embedding_factor is for nn.Embedding, shape or lowrank_rank for linear layers")
     m, n = dense_dims(module)
-    if spec.kind == "embedding":
-        if n % spec.embedding_factor:
-            raise PlanError(f"module {name} ({m} x {n} embedding): embedding_factor {spec.embedding_factor} does not "
-                            f"divide {n}")
-        return
-    if m % spec.blocks:
-        raise PlanError(f"module {name} ({m} x {n}): {m} output features do not split into {spec.blocks} blocks")
-    if spec.kind == "lowrank":
-        rows = m // spec.blocks
-        if spec.lowrank_rank > min(rows, n):
-            raise PlanError(f"module {name} ({m} x {n}): lowrank_rank {spec.lowrank_rank} exceeds min(m, n) = "
-                            f"{min(rows, n)} of its {rows} x {n} {'blocks' if spec.blocks > 1 else 'weight'}")
-        return
-    try:
-        validate_shape(m // spec.blocks, n, spec.shape, spec.rank, what=f"module {name}")
-    except ShapeError as exc:
-        raise PlanError(str(exc)) from None
+    spec.check(Slot("spec", name, kind, type(module).__name__, m, n))
 
 
 def _build(old: nn.Module, spec: ModuleSpec, init: str) -> nn.Module:
-    kind = module_type(old)
-    kw = {"device": old.weight.device, "dtype": old.weight.dtype}
-    if spec.kind == "lowrank":
-        return _build_lowrank(old, spec, init, kw)
-    if kind == "embedding":
-        if init == "svd":
-            return KroneckerEmbedding.from_embedding(old, spec.embedding_factor)
-        return KroneckerEmbedding(old.num_embeddings, old.embedding_dim, spec.embedding_factor, old.padding_idx, **kw)
-    if spec.blocks > 1:
-        if init == "svd":
-            return FusedKroneckerLinear.from_linear(old, spec.shape, spec.rank, blocks=spec.blocks)
-        out_f, in_f = dense_dims(old)
-        if out_f % spec.blocks:
-            raise PlanError(f"cannot split {out_f} output features into {spec.blocks} equal blocks")
-        parts = [KroneckerLinear(in_f, out_f // spec.blocks, spec.shape, spec.rank, bias=False, **kw)
-                 for _ in range(spec.blocks)]
-        return FusedKroneckerLinear(parts, old.bias)
-    if init == "svd":
-        return KroneckerLinear.from_linear(old, spec.shape, spec.rank)
-    out_f, in_f = dense_dims(old)
-    return KroneckerLinear(in_f, out_f, spec.shape, spec.rank, bias=old.bias is not None, **kw)
-
-
-def _build_lowrank(old: nn.Module, spec: ModuleSpec, init: str, kw: dict) -> nn.Module:
-    r = spec.lowrank_rank
-    if spec.blocks > 1:
-        if init == "svd":
-            return FusedLowRankLinear.from_linear(old, r, blocks=spec.blocks)
-        out_f, in_f = dense_dims(old)
-        parts = [LowRankLinear(in_f, out_f // spec.blocks, r, bias=False, **kw) for _ in range(spec.blocks)]
-        return FusedLowRankLinear(parts, old.bias)
-    if init == "svd":
-        return LowRankLinear.from_linear(old, r)
-    out_f, in_f = dense_dims(old)
-    return LowRankLinear(in_f, out_f, r, bias=old.bias is not None, **kw)
+    return methods.get_method(spec.method).build(old, spec, init)
 
 
 def specs_from_model(model: nn.Module) -> dict[str, ModuleSpec]:
-    """Name -> ModuleSpec of every Kronecker or low-rank module in a (compressed) model: enough to rebuild its
+    """Name -> spec of every module a registered method built in a (compressed) model: enough to rebuild its
     structure."""
     out: dict[str, ModuleSpec] = {}
     skip: set[str] = set()
     for name, mod in model.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(mod, KroneckerEmbedding):
-            out[name] = ModuleSpec(embedding_factor=mod.factor)
-        elif isinstance(mod, FusedKroneckerLinear):
-            first = mod.blocks[0]
-            if any(b.shape != first.shape or b.rank != first.rank for b in mod.blocks):
-                raise PlanError(f"module {name}: fused blocks with different shapes cannot be described by one spec")
-            out[name] = ModuleSpec(shape=first.shape, rank=first.rank, blocks=len(mod.blocks))
-            skip.add(name)
-        elif isinstance(mod, KroneckerLinear):
-            out[name] = ModuleSpec(shape=mod.shape, rank=mod.rank)
-        elif isinstance(mod, FusedLowRankLinear):
-            if len({b.rank for b in mod.blocks}) != 1:
-                raise PlanError(f"module {name}: fused blocks with different ranks cannot be described by one spec")
-            out[name] = ModuleSpec(lowrank_rank=mod.rank, blocks=len(mod.blocks))
-            skip.add(name)
-        elif isinstance(mod, LowRankLinear):
-            out[name] = ModuleSpec(lowrank_rank=mod.rank)
+        method = methods.method_of_module(mod)
+        if method is None:
+            continue
+        try:
+            out[name] = method.recognise(mod)
+        except PlanError as exc:
+            raise PlanError(f"module {name}: {exc}") from None
+        skip.add(name)
     return out
 
 
 def source_types(model: nn.Module) -> dict[str, str]:
     """Name -> the dense class each factored module replaced ("Linear", "Conv1D", "Embedding"), when recorded."""
-    return {n: getattr(m, _SOURCE_ATTR) for n, m in model.named_modules() if is_factored(m)
-            and hasattr(m, _SOURCE_ATTR)}
+    return {n: getattr(m, SOURCE_ATTR) for n, m in model.named_modules() if is_factored(m)
+            and hasattr(m, SOURCE_ATTR)}

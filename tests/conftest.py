@@ -116,7 +116,7 @@ def _set_exact_kronecker(model, specs, seed: int = 0, scale: float = 0.3) -> Non
                 continue
             module = model.get_submodule(name)
             w = module.weight
-            if spec.embedding_factor is not None:
+            if spec.kind == "embedding":
                 v, d = w.shape
                 f = spec.embedding_factor
                 A = torch.randn(v, d // f, generator=g, dtype=torch.float64) * scale

@@ -1,0 +1,341 @@
+"""What every compression method provides, and the registry that maps names, plan keys, spec dicts and modules to
+methods. Torch-free: the search space's cost model and `analysis` use specs and labels without loading torch;
+a method's layers (in its `layer` module) are imported only when a model is built.
+
+A method is one `Method` object plus one `ModuleSpec` subclass, registered with `register`:
+
+* the typed spec: `to_dict` / `from_dict` (the dict written in plan files, kronsearch.json and trial summaries),
+  `params(m, n)` and `macs(m, n)` for an m x n weight (out x in; vocab x dim for embeddings), `describe`, a short
+  `label` (tables and plots) and the `option` string a search samples;
+* the plan-rule keys it owns (`primary_keys` pick the method, `option_keys` refine it) and how a rule becomes a spec
+  for one concrete module (`spec_for`);
+* `candidates(m, n, constraints)`: the specs it offers for a matrix in a search;
+* `build(module, spec, init)`: the replacement module, from the dense one ("svd": data-free init; "none": structure
+  only, for loading saved weights), and `recognise(module)`: the spec of a module it built (reloading, merging).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+from ..errors import PlanError
+
+__all__ = [
+    "LINEAR_KINDS",
+    "Method",
+    "ModuleSpec",
+    "Slot",
+    "all_methods",
+    "check_keys",
+    "get_method",
+    "method_of_key",
+    "method_of_module",
+    "parse_label",
+    "parse_option",
+    "positive_int",
+    "register",
+    "rule_keys",
+    "spec_from_dict",
+]
+
+LINEAR_KINDS = ("linear", "conv1d")  # kron.plan.module_type of nn.Linear and transformers' Conv1D
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The module a plan rule is being resolved for: its dotted name, kind ("linear", "conv1d", "embedding"), class
+    name and dense size (out x in; vocab x dim for embeddings), and the rule's position for error messages."""
+
+    where: str
+    name: str
+    kind: str
+    type_name: str
+    m: int
+    n: int
+
+
+class _SpecMeta(type):
+    """`ModuleSpec(shape=..., rank=..., blocks=..., embedding_factor=..., lowrank_rank=...)`, the constructor of
+    the first release, still builds the right typed spec; subclasses construct normally."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is ModuleSpec:
+            return _legacy_spec(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class ModuleSpec(metaclass=_SpecMeta):
+    """How one module is compressed: the base of every method's typed spec (frozen dataclasses).
+
+    `ModuleSpec.from_dict(d)` returns the spec of whichever method `d` belongs to.
+    """
+
+    method: ClassVar[str]
+    version: ClassVar[int] = 1  # bump when the dict format changes; `from_dict` then migrates older versions
+
+    @property
+    def kind(self) -> str:
+        """A coarse kind kept in compression reports: "linear", "fused", "embedding" or "lowrank"."""
+        raise NotImplementedError
+
+    def params(self, m: int, n: int) -> int:
+        """Parameters of the factors (no bias) for an m x n weight."""
+        raise NotImplementedError
+
+    def macs(self, m: int, n: int) -> int:
+        """Multiply-adds per token for an m x n weight (0 for embedding lookups)."""
+        raise NotImplementedError
+
+    def describe(self, m: int | None = None, n: int | None = None) -> str:
+        """Human-readable factors, e.g. "A 384x768 ⊗ B 2x1"; concrete sizes need (m, n) for some methods."""
+        raise NotImplementedError
+
+    def label(self) -> str:
+        """A short size-free label for tables and plots, parsed back by `parse_label`."""
+        raise NotImplementedError
+
+    def option(self) -> str:
+        """The categorical value a search samples for this spec, parsed back by `parse_option`."""
+        raise NotImplementedError
+
+    def compression(self, m: int | None = None, n: int | None = None) -> float:
+        """Dense / factored parameters; NaN where the size is needed but not given."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def to_rule(self) -> dict:
+        """The plan-rule keys that reproduce this spec (beside `select`)."""
+        return self.to_dict()
+
+    def check(self, slot: Slot) -> None:
+        """Raise PlanError when this spec cannot be applied to the module in `slot`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ModuleSpec":
+        if cls is ModuleSpec:
+            return spec_from_dict(d)
+        return cls._from_dict(d)
+
+    @classmethod
+    def _from_dict(cls, d: Mapping) -> "ModuleSpec":
+        raise NotImplementedError
+
+
+class Method:
+    """One compression method. Subclasses set the class attributes and implement the methods below.
+
+    name: registry name ("kronecker", "lowrank", ...). spec_type: its ModuleSpec subclass.
+    module_kinds: the dense module kinds it replaces (LINEAR_KINDS or ("embedding",)).
+    primary_keys: plan-rule keys that select this method (a rule has exactly one primary key of one method).
+    option_keys: further rule keys it takes, with their defaults (shared keys such as `blocks` may belong to
+        several methods). alternative: None when the method is one of the rule's main choices; otherwise the
+        phrase that introduces it in error messages ("a low-rank U·V instead of Kronecker factors").
+    dict_key: the key whose presence identifies the method in a spec dict.
+    """
+
+    name: str
+    spec_type: type
+    module_kinds: tuple[str, ...] = LINEAR_KINDS
+    primary_keys: tuple[str, ...] = ()
+    option_keys: dict[str, Any] = {}
+    alternative: str | None = None
+    dict_key: str
+    rule_hint: str  # its rule keys as error messages name them, e.g. "shape or factor"
+
+    # --- plan rules
+    def validate_rule(self, options: dict, where: str) -> dict:
+        """Check and normalise the rule keys this method owns; returns the normalised options."""
+        return options
+
+    def spec_for(self, options: Mapping, slot: Slot) -> ModuleSpec:
+        """The concrete spec of a rule's options for one module (validated against its size)."""
+        raise NotImplementedError
+
+    def rule_to_dict(self, options: Mapping) -> dict:
+        """The options as written back to a plan file (defaults left out)."""
+        return {k: v for k, v in options.items() if self.option_keys.get(k, object()) != v}
+
+    # --- search
+    def candidates(self, m: int, n: int, constraints) -> list[ModuleSpec]:
+        """The specs this method offers for an m x n block under search constraints (a SpaceConfig-like object)."""
+        return []
+
+    # --- modules (torch)
+    def build(self, module, spec: ModuleSpec, init: str):
+        raise NotImplementedError
+
+    def layer_types(self) -> tuple[type, ...]:
+        """The module classes this method puts in a model (imports its layers)."""
+        raise NotImplementedError
+
+    def recognise(self, module) -> ModuleSpec | None:
+        """The spec of a module this method built, or None."""
+        raise NotImplementedError
+
+    # --- labels and options
+    def parse_label(self, text: str) -> ModuleSpec | None:
+        return None
+
+    def parse_option(self, text: str) -> ModuleSpec | None:
+        return None
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (its name, keys and dict key must not clash with registered ones)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"a compression method named {method.name!r} is already registered")
+    for other in _REGISTRY.values():
+        clash = set(method.primary_keys) & set(other.primary_keys)
+        if clash or method.dict_key == other.dict_key:
+            raise ValueError(f"method {method.name!r} reuses the keys {sorted(clash) or [method.dict_key]} of "
+                             f"{other.name!r}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def all_methods() -> list[Method]:
+    """Registered methods, main choices first, then the alternatives, each in registration order."""
+    methods = list(_REGISTRY.values())
+    return [m for m in methods if m.alternative is None] + [m for m in methods if m.alternative is not None]
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PlanError(f"unknown compression method {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def method_of_key(key: str) -> Method | None:
+    """The method a primary plan-rule key selects."""
+    for m in _REGISTRY.values():
+        if key in m.primary_keys:
+            return m
+    return None
+
+
+def primary_keys() -> list[str]:
+    return [k for m in all_methods() for k in m.primary_keys]
+
+
+def option_defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in all_methods():
+        for k, v in m.option_keys.items():
+            out.setdefault(k, v)
+    return out
+
+
+def rule_keys() -> tuple[str, ...]:
+    """Every key a plan rule may have, in the order error messages list them: selection keys, the main methods'
+    keys, `keep`, then the alternative methods' keys."""
+    keys = ["select", "layers"]
+    for m in all_methods():
+        if m.alternative is not None and "keep" not in keys:
+            keys.append("keep")
+        for k in (*m.primary_keys, *m.option_keys):
+            if k not in keys:
+                keys.append(k)
+    if "keep" not in keys:
+        keys.append("keep")
+    return tuple(keys)
+
+
+def choice_message() -> str:
+    """ "exactly one of shape, factor, embedding_factor or keep: true" and the alternatives' clauses."""
+    main = [k for m in all_methods() if m.alternative is None for k in m.primary_keys]
+    return f"give exactly one of {', '.join(main)} or keep: true"
+
+
+def alternatives_message() -> str:
+    parts = [f"; or, for {m.alternative}, one of {' or '.join(m.primary_keys)}"
+             for m in all_methods() if m.alternative is not None]
+    return "".join(parts)
+
+
+def spec_from_dict(d: Mapping) -> ModuleSpec:
+    """The typed spec of a spec dict (as written by `ModuleSpec.to_dict`), whichever method wrote it."""
+    if not isinstance(d, Mapping):
+        raise PlanError(f"a module spec is a mapping, got {type(d).__name__} {d!r}")
+    if "method" in d:
+        method = get_method(d["method"])
+        return method.spec_type._from_dict({k: v for k, v in d.items() if k != "method"})
+    hits = [m for m in _REGISTRY.values() if d.get(m.dict_key) is not None]
+    if len(hits) != 1:
+        return _legacy_spec(**_checked_legacy(d))
+    return hits[0].spec_type._from_dict(d)
+
+
+def method_of_module(module) -> Method | None:
+    """The registered method whose layer `module` is, or None for anything else."""
+    for m in _REGISTRY.values():
+        if isinstance(module, m.layer_types()):
+            return m
+    return None
+
+
+def parse_label(text: str) -> ModuleSpec | None:
+    """The spec behind a `label()` (None if no method recognises it)."""
+    for m in _REGISTRY.values():
+        spec = m.parse_label(text)
+        if spec is not None:
+            return spec
+    return None
+
+
+def parse_option(text: str) -> ModuleSpec | None:
+    """The spec behind a search `option()` string (None if no method recognises it)."""
+    for m in _REGISTRY.values():
+        spec = m.parse_option(text)
+        if spec is not None:
+            return spec
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_keys(d: Mapping, valid: Sequence[str], where: str) -> None:
+    """PlanError naming an unknown key (with the closest valid one) or a non-mapping."""
+    if not isinstance(d, Mapping):
+        raise PlanError(f"{where} must be a mapping with keys {', '.join(valid)}; got {type(d).__name__} {d!r}")
+    for key in d:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PlanError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+_LEGACY_KEYS = ("shape", "rank", "blocks", "embedding_factor", "lowrank_rank")
+
+
+def _checked_legacy(d: Mapping) -> dict:
+    check_keys(d, _LEGACY_KEYS, "module spec")
+    return dict(d)
+
+
+def _legacy_spec(shape=None, rank: int = 1, blocks: int = 1, embedding_factor=None, lowrank_rank=None) -> ModuleSpec:
+    """The first release's flat ModuleSpec arguments -> the typed spec of the method they describe."""
+    given = [k for k, v in (("shape", shape), ("embedding_factor", embedding_factor), ("lowrank_rank", lowrank_rank))
+             if v is not None]
+    if len(given) != 1:
+        raise PlanError("a ModuleSpec needs exactly one of shape (Kronecker factors of a linear layer), "
+                        "embedding_factor (embeddings) or lowrank_rank (low-rank U·V of a linear layer); got "
+                        f"{', '.join(given) if given else 'none'}")
+    d = {"shape": shape, "rank": rank, "blocks": blocks, "embedding_factor": embedding_factor,
+         "lowrank_rank": lowrank_rank}
+    method = next(m for m in _REGISTRY.values() if m.dict_key == given[0])
+    return method.spec_type._from_dict({k: v for k, v in d.items() if v is not None})

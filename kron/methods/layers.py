@@ -1,0 +1,102 @@
+"""What the factorised linear layers share (tensorly-torch's shape): reading a dense weight in the nn.Linear
+orientation, building a layer from a dense module (`from_linear`, keeping device and dtype), and fused projections
+split into equal output blocks, each its own factorised layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+
+__all__ = ["FactoredLinear", "FusedLinear", "linear_weight"]
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (out, in) weight and bias of an nn.Linear or a transformers Conv1D (stored as (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.T, module.bias
+    raise TypeError(
+        f"cannot factor a {type(module).__name__}: supported types are torch.nn.Linear and "
+        "transformers.pytorch_utils.Conv1D"
+    )
+
+
+class FactoredLinear(nn.Module):
+    """Base of a linear layer stored as factors. Subclasses set `in_features`, `out_features`, `bias`,
+    `init_error` and implement `forward`, `to_dense`, `macs_per_token`, `factor_params`, `_check(out, in, *args,
+    what=...)` (raise on arguments that do not fit an out x in weight) and `_from_weight(weight, bias, *args)` (the
+    data-free initialisation from a dense (out, in) weight)."""
+
+    init_error: float | None
+
+    @classmethod
+    def _check(cls, out_features: int, in_features: int, *args, what: str) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *args):
+        raise NotImplementedError
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, *args):
+        """Factor an nn.Linear or GPT-2 Conv1D (see the subclass for the arguments), keeping device and dtype."""
+        weight, bias = linear_weight(module)
+        out_f, in_f = weight.shape
+        cls._check(out_f, in_f, *args, what=f"{type(module).__name__}({in_f} -> {out_f})")
+        return cls._from_weight(weight, bias, *args)
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight, (out, in) like nn.Linear.weight."""
+        raise NotImplementedError
+
+
+class FusedLinear(nn.Module):
+    """Equal output blocks of a fused projection, each its own factored layer (no bias), plus the fused bias.
+
+    Subclasses set `block_type` (a FactoredLinear); `from_linear(module, *args, blocks=3)` splits the rows of a
+    dense weight into `blocks` equal parts and factors each with `*args`.
+    """
+
+    block_type: type = FactoredLinear
+
+    def __init__(self, blocks: list[nn.Module], bias: torch.Tensor | None):
+        super().__init__()
+        if len({b.in_features for b in blocks}) != 1:
+            raise ValueError(f"all blocks of a {type(self).__name__} need the same input size")
+        self.blocks = nn.ModuleList(blocks)
+        self.in_features = blocks[0].in_features
+        self.out_features = sum(b.out_features for b in blocks)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, *args, blocks: int = 3):
+        weight, bias = linear_weight(module)
+        out_f, in_f = weight.shape
+        if blocks < 1 or out_f % blocks:
+            raise PlanError(f"cannot split {out_f} output features into {blocks} equal blocks")
+        rows = out_f // blocks
+        cls.block_type._check(rows, in_f, *args, what=f"each of {blocks} blocks ({in_f} -> {rows})")
+        parts = [cls.block_type._from_weight(w, None, *args) for w in weight.split(rows, dim=0)]
+        return cls(parts, bias)
+
+    @property
+    def init_error(self) -> float | None:
+        errs = [b.init_error for b in self.blocks]
+        if any(e is None for e in errs):
+            return None
+        return math.sqrt(sum(e * e for e in errs) / len(errs))
+
+    @property
+    def macs_per_token(self) -> int:
+        return sum(b.macs_per_token for b in self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([b(x) for b in self.blocks], dim=-1)
+        return y + self.bias if self.bias is not None else y
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.cat([b.to_dense() for b in self.blocks], dim=0)
