@@ -28,6 +28,7 @@ from analysis.results import (
     is_reference,
 )
 from kron.errors import DataError
+from kron.vocab import OBJECTIVES
 
 DPI = 150
 # Marker per reference method; anything else (e.g. numbers from a paper) gets the last one.
@@ -39,9 +40,9 @@ _QUALITY_NAMES = {
     "f1": "F1", "mcc": "Matthews correlation", "pearson": "Pearson correlation", "spearman": "Spearman correlation",
 }
 _COLUMN_NAMES = {
-    "params": "parameters", "params_excl_output_embedding": "parameters (excl. output embedding)",
-    "macs_per_token": "MACs per token", "throughput_tokens_per_s": "throughput (tokens/s)",
-    "wall_time_s": "wall time (s)", "compression_ratio": "compression ratio", "tokens_seen": "tokens seen",
+    **{o.column: o.label for o in OBJECTIVES.values() if o.name != "quality"},
+    "throughput_tokens_per_s": "throughput (tokens/s)", "wall_time_s": "wall time (s)",
+    "compression_ratio": "compression ratio", "tokens_seen": "tokens seen",
 }
 _KEEP_COLOUR = "#e4e4e4"
 _MISSING_COLOUR = "#ffffff"

@@ -18,14 +18,8 @@ import pandas as pd
 from analysis.pareto import nondominated_ranks
 from kron.errors import CheckpointError, DataError
 from kron.fsutil import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
-
-SCHEMA = "kronsearch.trial/1"
-SUMMARY_NAME = "trial_summary.json"
-META_NAME = "search_meta.json"
-
-STATUSES = ("complete", "pruned", "diverged", "error", "running")
-# Methods whose rows are reference points (baselines), not members of a search's front.
-REFERENCE_METHODS = ("teacher", "preset", "lowrank", "layerdrop")
+from kron.vocab import (META_NAME, REFERENCE_METHODS, SCHEMA, STATUSES, SUMMARY_NAME,  # noqa: F401 (re-exported)
+                        SUMMARY_REQUIRED_KEYS)
 
 # Column name -> dtype of the table returned by `load_results`, in column order.
 RESULT_COLUMNS = {
@@ -52,7 +46,7 @@ RESULT_COLUMNS = {
     "checkpoint": "object",
 }
 # Keys a summary must have; every other key may be missing (read as null).
-_REQUIRED_KEYS = ("schema", "trial_id", "method", "status", "quality_name", "quality_mode")
+_REQUIRED_KEYS = SUMMARY_REQUIRED_KEYS
 # Columns of `load_history` that identify the trial, followed by the evaluation fields in this order.
 _HISTORY_ID_COLUMNS = ("search", "trial_id", "method", "label", "status", "quality_name", "quality_mode")
 _HISTORY_FIELDS = (
@@ -249,45 +243,35 @@ def plan_table(df_or_summaries) -> pd.DataFrame:
 
 
 def format_factorisation(spec) -> str:
-    """"keep", "m1xn1⊗m2xn2 rR" (+ " bB" for B > 1 blocks), "emb fF" (embedding A (v x d/F) ⊗ B (1 x F)) or
-    "lowrank rR" (+ " bB") from one `plan_resolved` entry."""
+    """"keep" or the method's short label of one `plan_resolved` entry: "m1xn1⊗m2xn2 rR" (+ " bB" for B > 1 blocks)
+    for Kronecker factors, "emb fF" for an embedding A (v x d/F) ⊗ B (1 x F), "lowrank rR" (+ " bB") for U·V."""
+    from kron.errors import PlanError
+    from kron.methods import spec_from_dict
+
     if spec == "keep":
         return "keep"
-    if isinstance(spec, Mapping) and spec.get("embedding_factor") is not None:
-        return f"emb f{int(spec['embedding_factor'])}"
-    if isinstance(spec, Mapping) and spec.get("lowrank_rank") is not None:
-        blocks = int(spec.get("blocks", 1))
-        return f"lowrank r{int(spec['lowrank_rank'])}" + (f" b{blocks}" if blocks > 1 else "")
-    if not isinstance(spec, Mapping) or "shape" not in spec or len(spec["shape"]) != 4:
-        raise CheckpointError(f"plan_resolved entry must be 'keep' or {{'shape': [m1, n1, m2, n2], ...}}, got {spec!r}")
-    m1, n1, m2, n2 = (int(v) for v in spec["shape"])
-    text = f"{m1}x{n1}⊗{m2}x{n2} r{int(spec.get('rank', 1))}"
-    blocks = int(spec.get("blocks", 1))
-    return text + (f" b{blocks}" if blocks > 1 else "")
+    try:
+        if not isinstance(spec, Mapping):
+            raise PlanError("not a mapping")
+        return spec_from_dict(spec).label()
+    except (PlanError, KeyError, TypeError):
+        raise CheckpointError(f"plan_resolved entry must be 'keep' or {{'shape': [m1, n1, m2, n2], ...}}, got "
+                              f"{spec!r}") from None
 
 
 def compression_factor(cell) -> float:
-    """Dense / factored parameter count of one `plan_table` cell: 1.0 for "keep", NaN for missing.
+    """Dense / factored parameter count of one `plan_table` cell: 1.0 for "keep", NaN for missing, and NaN where the
+    method needs the matrix size, which the cell does not hold (low-rank: m·n / (r·(m+n)))."""
+    from kron.methods import parse_label
 
-    A block of m1*m2 x n1*n2 stored as a rank-r sum of A (m1 x n1) ⊗ B (m2 x n2) keeps r*(m1*n1 + m2*n2)
-    numbers; the block count cancels out.
-    """
     if cell is None or cell is pd.NA or (isinstance(cell, float) and math.isnan(cell)):
         return math.nan
     if cell == "keep":
         return 1.0
-    text = str(cell)
-    if text.startswith("emb f"):  # v·d / (v·d/f + f): f to within f²/(v·d), and the cell does not hold v, d
-        return float(text.split()[1].removeprefix("f"))
-    if text.startswith("lowrank"):  # m·n / (r·(m+n)) needs the matrix size, which the cell does not hold
-        return math.nan
-    try:
-        shapes, rank, *_ = str(cell).split()
-        (m1, n1), (m2, n2) = (map(int, part.split("x")) for part in shapes.split("⊗"))
-        r = int(rank.removeprefix("r"))
-    except ValueError as exc:
-        raise DataError(f"cannot parse factorisation {cell!r}; expected e.g. '384x768⊗2x1 r1'") from exc
-    return (m1 * m2 * n1 * n2) / (r * (m1 * n1 + m2 * n2))
+    spec = parse_label(str(cell))
+    if spec is None:
+        raise DataError(f"cannot parse factorisation {cell!r}; expected e.g. '384x768⊗2x1 r1'")
+    return spec.compression()
 
 
 # --- writing ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from kron.errors import ConfigError
+from kron.vocab import family_of
 
 from .config import GROUPS, SearchConfig, SpaceConfig, base_trial_config
 
@@ -35,69 +36,25 @@ __all__ = [
     "Matrix",
     "PlanCost",
     "SearchSpace",
-    "format_shape",
     "parse_option",
 ]
 
 KEEP = "keep"
 
-# Module-name patterns (regex full match) of the standard groups, per architecture family.
-FAMILY_PATTERNS: dict[str, dict[str, str]] = {
-    "gpt2": {
-        "embedding": r"(.*\.)?wte",
-        "attention": r".*\.attn\.c_attn",
-        "attention_output": r".*\.attn\.c_proj",
-        "ffn_in": r".*\.mlp\.c_fc",
-        "ffn_out": r".*\.mlp\.c_proj",
-    },
-    "bert": {
-        "embedding": r"(.*\.)?embeddings\.word_embeddings",
-        "attention": r".*\.attention\.self\.(query|key|value)",
-        "attention_output": r".*\.attention\.output\.dense",
-        "ffn_in": r".*\.intermediate\.dense",
-        "ffn_out": r".*\.layer\.\d+\.output\.dense",
-    },
-    "llama": {
-        "embedding": r"(.*\.)?embed_tokens",
-        "attention": r".*\.self_attn\.(q|k|v)_proj",
-        "attention_output": r".*\.self_attn\.o_proj",
-        "ffn_in": r".*\.mlp\.(gate|up)_proj",
-        "ffn_out": r".*\.mlp\.down_proj",
-    },
-}
-FAMILY_OF_MODEL_TYPE = {
-    "gpt2": "gpt2",
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert",
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "olmo": "llama", "olmo2": "llama",
-}
-# Fused projections: (family, name regex) -> number of equal output blocks.
-FUSED = {("gpt2", r".*\.attn\.c_attn"): 3}
-
-
-# ----------------------------------------------------------------------------------------------- encoding
-
-
-def format_shape(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> str:
-    return f"{m1}x{n1},{m2}x{n2},r{rank}"
-
-
-_SHAPE_RE = re.compile(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*(?:,\s*r(\d+)\s*)?")
-_FACTOR_RE = re.compile(r"\s*f(\d+)\s*")
 
 
 def parse_option(option: str) -> dict | str:
-    """"keep" -> "keep"; "f4" -> {"embedding_factor": 4}; "384x768,2x1,r1" -> {"shape": [...], "rank": 1}."""
+    """"keep" -> "keep"; "f4" -> {"embedding_factor": 4}; "384x768,2x1,r1" -> {"shape": [...], "rank": 1}: the spec
+    dict of a search option (each method owns its option strings)."""
+    from kron.methods import parse_option as parse
+
     if option == KEEP:
         return KEEP
-    m = _SHAPE_RE.fullmatch(option)
-    if m:
-        m1, n1, m2, n2 = (int(g) for g in m.groups()[:4])
-        return {"shape": [m1, n1, m2, n2], "rank": int(m.group(5) or 1)}
-    m = _FACTOR_RE.fullmatch(option)
-    if m:
-        return {"embedding_factor": int(m.group(1))}
-    raise ValueError(f"cannot parse choice {option!r}; expected 'keep', 'f<factor>' or 'm1xn1,m2xn2,r<rank>'")
+    spec = parse(option)
+    if spec is None:
+        raise ValueError(f"cannot parse choice {option!r}; expected 'keep', 'f<factor>', 'm1xn1,m2xn2,r<rank>' or "
+                         "'lr<rank>'")
+    return spec.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------- model side
@@ -155,30 +112,19 @@ class Choice:
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
-def _family(model_type: str | None, names: Sequence[str]) -> str | None:
-    fam = FAMILY_OF_MODEL_TYPE.get(model_type or "")
-    if fam is not None:
-        return fam
-    best, hits = None, 0  # unknown model type: the family whose patterns match the most modules
-    for f, pats in FAMILY_PATTERNS.items():
-        n = sum(1 for name in names for p in pats.values() if re.fullmatch(p, name))
-        if n > hits:
-            best, hits = f, n
-    return best
-
-
 def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     """List the teacher's matrices per group (model may live on the meta device)."""
     from kron.plan import dense_dims, layer_index, module_type, selector_matches
-    from kron.surgery import _input_embedding, _output_embedding, count_params, macs_per_token
+    from kron.surgery import count_params, input_embedding, macs_per_token, output_embedding
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     modules = [(n, m) for n, m in model.named_modules() if n and module_type(m) is not None]
     names = [n for n, _ in modules]
-    family = _family(model_type, names)
-    out_emb = _output_embedding(model)
-    in_emb = _input_embedding(model)
+    fam = family_of(model_type, names)
+    family = fam.name if fam is not None else None
+    out_emb = output_embedding(model)
+    in_emb = input_embedding(model)
     tied = (in_emb is not None and out_emb is not None and getattr(out_emb, "weight", None) is not None
             and out_emb.weight is getattr(in_emb, "weight", None))
     head_names = {n for n, m in modules if m is out_emb}
@@ -191,7 +137,7 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
                 f"space.groups: cannot map groups to modules of model_type {model_type!r} (known families: GPT-2, "
                 f"BERT, Llama); list the matrices with space.modules, e.g. {{my_group: ['re:.*\\.mlp\\..*']}}. "
                 f"Module names look like: {', '.join(names[:6])}")
-        pat = FAMILY_PATTERNS[family][g]
+        pat = fam.patterns[g]
         wanted.append((g, lambda name, pat=pat: re.fullmatch(pat, name) is not None))
     for g, sels in (space.modules or {}).items():
         wanted.append((g, lambda name, sels=tuple(sels): any(selector_matches(s, name) for s in sels)))
@@ -217,9 +163,9 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
             if g == "embedding" and kind != "embedding":
                 raise ConfigError(f"space.groups: embedding matched {n}, a {type(m).__name__}, not an nn.Embedding")
             blocks = 1
-            if family is not None:
-                for (fam, pat), b in FUSED.items():
-                    if fam == family and kind != "embedding" and re.fullmatch(pat, n):
+            if fam is not None and kind != "embedding":
+                for selector, b in fam.fused.items():
+                    if selector_matches(selector, n):
                         blocks = b
             if rows % blocks:
                 blocks = 1
@@ -249,23 +195,6 @@ def teacher_skeleton(trial) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- the space
-
-
-def _thin(shapes: list, k: int | None) -> list:
-    """At most k shapes, evenly spread over log-compression (always keeping both ends)."""
-    if k is None or len(shapes) <= k:
-        return shapes
-    shapes = sorted(shapes, key=lambda s: (s.compression, s.macs_per_token, s.shape))
-    if k == 1:
-        return [shapes[len(shapes) // 2]]
-    logs = [math.log(s.compression) for s in shapes]
-    lo, hi = logs[0], logs[-1]
-    picked: list[int] = []
-    for i in range(k):
-        target = lo + (hi - lo) * i / (k - 1)
-        j = min((j for j in range(len(shapes)) if j not in picked), key=lambda j: (abs(logs[j] - target), j))
-        picked.append(j)
-    return [shapes[j] for j in sorted(picked)]
 
 
 class SearchSpace:
@@ -341,78 +270,67 @@ class SearchSpace:
         return "count", ids, k
 
     def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> tuple[list[str], dict]:
-        from kron.factor import factor_shapes, kron_macs, kron_params, validate_shape
+        """The options of one choice and, per option, (Δparams, Δmacs) of one block against the dense weight —
+        the methods' own candidates and cost model (kron.methods)."""
         from kron.errors import ShapeError
+        from kron.methods import get_method, parse_option as parse_spec
+        from kron.shapes import validate_shape
 
         sc = self.config
         rows, cols = dims
-        opts: list[str] = []
-        if kind == "embedding":
-            factors = [f for f in sc.embedding_factors if cols % f == 0]
-            if sc.shapes and group in sc.shapes:
-                factors = []
-                for o in sc.shapes[group]:
-                    if o == KEEP:
-                        continue
-                    p = _parse_or_error(o, group)
-                    f = p.get("embedding_factor") if isinstance(p, dict) else None
-                    if f is None or cols % f or f < 2:
-                        raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
-                                          f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
-                    factors.append(f)
-            if not factors:
-                valid = [d for d in range(2, min(cols, 64) + 1) if cols % d == 0]
-                raise ConfigError(f"space.embedding_factors: none of {sc.embedding_factors} divides the embedding "
-                                  f"size {cols} of {example}; valid factors include {valid}")
-            opts = [f"f{f}" for f in sorted(set(factors))]
-        elif sc.shapes and group in sc.shapes:
-            for o in sc.shapes[group]:
+        method = get_method("kron_embedding" if kind == "embedding" else "kronecker")
+        listed = sc.shapes.get(group) if sc.shapes else None
+        specs = []
+        if listed:
+            for o in listed:
                 if o == KEEP:
                     continue
-                p = _parse_or_error(o, group)
-                if "shape" not in p:
+                spec = _parse_or_error(o, group)
+                if kind == "embedding":
+                    f = getattr(spec, "factor", None)
+                    if spec.method != method.name or cols % f or f < 2:
+                        raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
+                                          f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
+                    specs.append(spec)
+                    continue
+                if spec.method != method.name:
                     raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
                                       f"layers: write m1xn1,m2xn2,r<rank>")
                 try:
-                    validate_shape(rows, cols, p["shape"], p["rank"])
+                    validate_shape(rows, cols, spec.shape, spec.rank)
                 except ShapeError:
                     continue  # fits another shape bucket of this group (e.g. Llama K/V vs Q)
-                m1, n1, m2, n2 = p["shape"]
+                m1, n1, m2, n2 = spec.shape
                 if m1 * n1 == 1 or m2 * n2 == 1:
                     raise ConfigError(f"space.shapes.{group}: {o!r} has a 1x1 factor, which does not compress")
-                opts.append(format_shape(*p["shape"], p["rank"]))
-            if not opts:
+                specs.append(spec)
+            if not specs and kind != "embedding":
                 raise ConfigError(f"space.shapes.{group}: none of {sc.shapes[group]} fits {example} "
                                   f"(each block {rows} x {cols}, out x in); need m1·m2 = {rows} and n1·n2 = {cols}")
         else:
-            shapes = []
-            for r in sc.ranks:
-                shapes += factor_shapes(rows, cols, rank=r, min_compression=sc.min_compression,
-                                        max_compression=sc.max_compression, max_aspect=sc.max_aspect)
-            shapes = _thin(shapes, sc.max_shapes)
-            shapes.sort(key=lambda s: (s.compression, s.rank, s.macs_per_token, s.shape))
-            if not shapes:
+            specs = method.candidates(rows, cols, sc)
+            if not specs and kind != "embedding":
                 rng = f"[{sc.min_compression}, {sc.max_compression or 'inf'}]"
                 raise ConfigError(
                     f"space: group {group} has no valid factor shape for {example} (each block {rows} x {cols}) with "
                     f"compression in {rng}, ranks {sc.ranks}" + (f", max_aspect {sc.max_aspect}" if sc.max_aspect
                                                                  else "")
                     + "; widen min_compression/max_compression, raise max_aspect or change ranks")
-            opts = [format_shape(*s.shape, s.rank) for s in shapes]
+        if kind == "embedding":
+            if not specs:
+                valid = [d for d in range(2, min(cols, 64) + 1) if cols % d == 0]
+                raise ConfigError(f"space.embedding_factors: none of {sc.embedding_factors} divides the embedding "
+                                  f"size {cols} of {example}; valid factors include {valid}")
+            specs = sorted(set(specs), key=lambda sp: sp.factor)
+        opts = [sp.option() for sp in specs]
         if sc.allow_keep or (sc.shapes and KEEP in sc.shapes.get(group, [])):
             opts = opts + [KEEP]
-        costs = {}
+        costs = {KEEP: (0, 0)} if KEEP in opts else {}
         for o in opts:
-            p = parse_option(o)
-            if p == KEEP:
-                costs[o] = (0, 0)
-            elif "embedding_factor" in p:
-                f = p["embedding_factor"]
-                costs[o] = (rows * (cols // f) + f - rows * cols, 0)
-            else:
-                kp = kron_params(*p["shape"], p["rank"])
-                km = kron_macs(*p["shape"], p["rank"])[0]
-                costs[o] = (kp - rows * cols, km - rows * cols)  # per block
+            if o != KEEP:
+                sp = parse_spec(o)
+                costs[o] = (sp.params(rows, cols) - rows * cols, sp.macs(rows, cols) - rows * cols
+                            if kind != "embedding" else 0)  # per block
         return opts, costs
 
     def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
@@ -559,35 +477,33 @@ class SearchSpace:
         return out
 
     def resolved(self, params: dict) -> dict[str, dict]:
-        """Module name -> kron spec dict ({"shape", "rank", "blocks"} or {"embedding_factor"}) of the plan."""
+        """Module name -> spec dict (as `ModuleSpec.to_dict`, e.g. {"shape", "rank", "blocks"} or
+        {"embedding_factor"}) of the plan."""
+        from dataclasses import replace
+
+        from kron.methods import parse_option as parse_spec
+
         blocks = {mx.name: mx.blocks for mx in self.info.matrices}
         out = {}
         for name, opt in self.assignment(params).items():
-            spec = parse_option(opt)
-            if "shape" in spec and blocks[name] > 1:
-                spec["blocks"] = blocks[name]
-            out[name] = spec
+            spec = parse_spec(opt)
+            if blocks[name] > 1 and hasattr(spec, "blocks"):
+                spec = replace(spec, blocks=blocks[name])
+            out[name] = spec.to_dict()
         return out
 
     def to_plan_rules(self, params: dict) -> list[dict]:
         """kron plan rules (TrialConfig.plan.rules) for a parameter set: one rule per distinct spec, selecting
         exact module names, in model order."""
+        from kron.methods import spec_from_dict
+
         grouped: dict[str, tuple[dict, list[str]]] = {}
         for name, spec in self.resolved(params).items():
             key = repr(sorted(spec.items()))
             grouped.setdefault(key, (spec, []))[1].append(name)
         rules = []
         for spec, names in grouped.values():
-            rule: dict[str, Any] = {"select": names[0] if len(names) == 1 else names}
-            if "embedding_factor" in spec:
-                rule["embedding_factor"] = spec["embedding_factor"]
-            else:
-                rule["shape"] = list(spec["shape"])
-                if spec.get("rank", 1) != 1:
-                    rule["rank"] = spec["rank"]
-                if spec.get("blocks", 1) != 1:
-                    rule["blocks"] = spec["blocks"]
-            rules.append(rule)
+            rules.append({"select": names[0] if len(names) == 1 else names, **spec_from_dict(spec).to_rule()})
         return rules
 
     def to_plan_dict(self, params: dict, name: str | None = None) -> dict:
@@ -878,6 +794,11 @@ def _tied(c: Choice) -> bool:
 
 
 def _parse_or_error(option: str, group: str):
+    from kron.methods import parse_option as parse_spec
+
+    spec = parse_spec(option)
+    if spec is not None:
+        return spec
     try:
         return parse_option(option)
     except ValueError as exc:

@@ -207,11 +207,11 @@ def _check_method_specs(method: str, specs: dict) -> None:
     for name, spec in specs.items():
         if spec == KEEP:
             continue
-        if method == "lowrank" and spec.kind != "lowrank":
+        if method == "lowrank" and spec.method != "lowrank":
             raise UserError(f"method 'lowrank': the plan gives module {name} Kronecker factors "
                             f"({spec.describe()}); a lowrank plan's rules use lowrank_rank or lowrank_ratio (or use "
                             "method 'kronecker')")
-        if method == "kronecker" and spec.kind == "lowrank":
+        if method == "kronecker" and spec.method == "lowrank":
             raise UserError(f"method 'kronecker': the plan makes module {name} a low-rank U·V; use method 'lowrank' "
                             "for the low-rank baseline")
 

@@ -18,7 +18,8 @@ from kron.factor import validate_shape
 from kron.plan import CompressionPlan, ModuleSpec
 from kron.surgery import compress
 from search.config import SpaceConfig
-from search.space import FAMILY_PATTERNS, KEEP, SearchSpace, parse_option
+from kron.vocab import FAMILIES
+from search.space import KEEP, SearchSpace, parse_option
 
 ALL_GROUPS = ["embedding", "attention", "attention_output", "ffn_in", "ffn_out"]
 
@@ -114,7 +115,7 @@ def _check_plan(space: SearchSpace, cfg: SpaceConfig, params: dict, kind: str) -
     on = space.active_layers(params)
     family = space.info.family
     for name, spec in resolved.items():
-        group = next(g for g in cfg.groups if re.fullmatch(FAMILY_PATTERNS[family][g], name))
+        group = next(g for g in cfg.groups if re.fullmatch(FAMILIES[family].patterns[g], name))
         layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
         module = modules[name]
         if group == "embedding":
