@@ -7,7 +7,6 @@ A normal run ends with the Pareto table (complete trials, all searched objective
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 from pathlib import Path
@@ -95,6 +94,8 @@ def _header(cfg, space) -> str:
 
 def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
     """Print the space's size and `show` sampled plans with their costs; returns the sampled parameter dicts."""
+    from analysis.front import shorten, text_table
+
     out = stream or sys.stdout
     print(_header(cfg, space), file=out)
     print(space.summary(), file=out)
@@ -105,176 +106,34 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
     for i, p in enumerate(samples, 1):
         c = space.plan_costs(p)
         rows.append([str(i), f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}",
-                     f"{c['compression_ratio']:.2f}x", f"{c['macs_per_token']:,}", _short(space.describe(p), 90)])
+                     f"{c['compression_ratio']:.2f}x", f"{c['macs_per_token']:,}", shorten(space.describe(p), 90)])
     size_metric = next(m for m in cfg.objective_metrics()[0] if m != "quality")
     size_metric = size_metric if size_metric in ("params", "params_excl_output_embedding", "macs_per_token") \
         else "params"
     cheap = space.cheapest(size_metric)
     c = space.plan_costs(cheap)
     rows.append(["min", f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}", f"{c['compression_ratio']:.2f}x",
-                 f"{c['macs_per_token']:,}", _short(space.describe(cheap), 90)])
+                 f"{c['macs_per_token']:,}", shorten(space.describe(cheap), 90)])
     fewest = {"params": "parameters", "params_excl_output_embedding": "parameters excluding the output embedding",
               "macs_per_token": "multiply-adds"}[size_metric]
     print(f"{show} sampled plans{' (within the budget)' if space.budget is not None else ''}, and the plan with "
           f"the fewest {fewest} (min):", file=out)
-    print(_table(["#", "params", "params excl. out-emb", "compr.", "MACs/token", "plan"], rows), file=out)
+    print(text_table(["#", "params", "params excl. out-emb", "compr.", "MACs/token", "plan"], rows), file=out)
     print("dry run: nothing was started or trained", file=out)
     return samples
 
 
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    right = [i for i, h in enumerate(header) if h not in ("plan", "trial", "status")]
-
-    def fmt(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
-
-
 # ----------------------------------------------------------------------------------------------- analysis
-
-_OBJECTIVE_COLUMNS = {"quality": "quality", "params": "params",
-                      "params_excl_output_embedding": "params_excl_output_embedding", "macs": "macs_per_token",
-                      "latency": "latency_us_per_token"}
 
 
 def write_analysis(cfg, local_dir: Path, space=None, *, stream=None) -> dict[str, Path]:
     """Print the Pareto table of a finished search and write analysis/{pareto.csv, trials.csv, pareto.png,
-    front/*.yaml}; returns the written paths by label."""
-    import numpy as np
-    import pandas as pd
+    front/*.yaml} (`analysis.front.analyze_search` over the search's objectives); returns the written paths by
+    label."""
+    from analysis.front import analyze_search
 
-    from analysis.pareto import pareto_mask
-    from analysis.plots import plot_pareto
-    from analysis.results import load_results, read_summary
-    from kron.errors import DataError
-    from kron.fsutil import atomic_write_text
-
-    out = stream or sys.stdout
-    local_dir = Path(local_dir)
-    try:
-        df = load_results(local_dir)
-    except DataError as exc:
-        print(f"no results to analyse: {exc}", file=out)
-        return {}
-    df = df[df["search"] == cfg.name].copy()
-    if df.empty:
-        print(f"no trials of search {cfg.name!r} in {local_dir}", file=out)
-        return {}
-    tput = pd.to_numeric(df["throughput_tokens_per_s"], errors="coerce")
-    df["latency_us_per_token"] = 1e6 / tput.where(tput > 0)
-    metrics, modes = cfg.objective_metrics()
-    columns = [_OBJECTIVE_COLUMNS[o] for o in cfg.search.objectives]
-    from analysis.results import is_reference
-
-    complete = df[(df["status"] == "complete").fillna(False) & ~is_reference(df)].copy()
-    values = np.column_stack([pd.to_numeric(complete[c], errors="coerce").astype(float).to_numpy() for c in columns]) \
-        if len(complete) else np.zeros((0, len(columns)))
-    mask = pareto_mask(values, modes) if len(complete) else np.zeros(0, dtype=bool)
-    complete["on_front"] = mask
-    df["on_front"] = False
-    df.loc[complete.index, "on_front"] = mask
-    size_col = columns[1] if columns[0] == "quality" else columns[0]
-    front = complete[complete["on_front"]].sort_values(size_col)
-
-    adir = local_dir / "analysis"
-    adir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    keep = ["trial_id", "status", "quality_name", "quality", "params", "params_excl_output_embedding",
-            "compression_ratio", "macs_per_token", "latency_us_per_token", "steps", "wall_time_s", "on_front",
-            "plan_summary", "summary_path", "checkpoint"]
-    atomic_write_text(adir / "pareto.csv", front[[c for c in keep if c in front]].to_csv(index=False))
-    paths["Pareto front (CSV)"] = adir / "pareto.csv"
-    atomic_write_text(adir / "trials.csv", df[[c for c in keep if c in df]].sort_values(
-        ["status", size_col]).to_csv(index=False))
-    paths["all trials (CSV)"] = adir / "trials.csv"
-    if len(complete):
-        try:
-            x = size_col if size_col in ("params", "params_excl_output_embedding", "macs_per_token") else "params"
-            what = {"params": "parameters", "params_excl_output_embedding": "parameters excl. output embedding",
-                    "macs_per_token": "MACs per token"}[x]
-            paths["Pareto plot"] = plot_pareto(df.drop(columns=["on_front"]), x=x, y="quality",
-                                               out_png=adir / "pareto.png",
-                                               title=f"{cfg.name}: {df['quality_name'].iloc[0]} vs {what}")
-        except Exception as exc:  # a plot problem must not hide the table
-            print(f"warning: could not draw the Pareto plot: {type(exc).__name__}: {exc}", file=out)
-    fdir = adir / "front"
-    for old in fdir.glob("*.yaml") if fdir.exists() else []:
-        old.unlink()
-    for rank, (_, row) in enumerate(front.iterrows(), 1):
-        summary = read_summary(row["summary_path"])
-        plan = summary.get("plan") or {"rules": []}
-        header = (f"# {cfg.name} trial {row['trial_id']}: {row['quality_name']} {row['quality']:.6g}, "
-                  f"{int(row['params']):,} parameters ({float(row['compression_ratio']):.2f}x excl. output "
-                  f"embedding), {int(row['macs_per_token']):,} MACs/token\n")
-        if space is not None and summary.get("search_params"):
-            try:
-                header += f"# {space.describe(summary['search_params'])}\n"
-            except Exception:
-                pass
-        try:
-            from kron.plan import CompressionPlan
-
-            body = CompressionPlan.from_dict(plan).to_yaml()
-        except Exception:  # an unexpected plan format: still write what the trial used
-            import yaml
-
-            body = yaml.safe_dump(plan, sort_keys=False, width=120)
-        text = header + body
-        path = fdir / f"{rank:02d}_{row['trial_id']}.yaml"
-        atomic_write_text(path, text)
-    if len(front):
-        paths["front plans (YAML)"] = fdir
-    print(_pareto_table(cfg, front, columns, complete, df, space, size_col), file=out)
-    return paths
-
-
-def _plan_text(row, space) -> str:
-    if space is not None:
-        try:
-            from analysis.results import read_summary
-
-            params = read_summary(row["summary_path"]).get("search_params")
-            if params:
-                return space.describe(params)
-        except Exception:
-            pass
-    return str(row["plan_summary"] or "")
-
-
-def _pareto_table(cfg, front, columns, complete, df, space=None, size_col: str = "params") -> str:
-    """The front as a text table; its parameter column is the count the front was computed on (the total, or
-    without the output embedding when that is the objective)."""
-    pcol = "params_excl_output_embedding" if size_col == "params_excl_output_embedding" else "params"
-    qname = df["quality_name"].dropna().iloc[0] if df["quality_name"].notna().any() else "quality"
-    from analysis.results import is_reference
-
-    ref = df[is_reference(df)]
-    df = df[~is_reference(df)]
-    n_pruned = int((df["status"] == "pruned").sum())
-    n_fail = int(df["status"].isin(["error", "diverged"]).sum())
-    lines = [f"Pareto front of {cfg.name} over {', '.join(cfg.search.objectives)}: {len(front)} of {len(complete)} "
-             f"complete trials ({n_pruned} pruned, {n_fail} failed or diverged not ranked)"]
-    if front.empty:
-        return "\n".join(lines + ["  (no complete trial)"])
-    rows = []
-    for _, r in front.iterrows():
-        lat = r.get("latency_us_per_token")
-        rows.append([str(r["trial_id"]), f"{r['quality']:.4g}", f"{int(r[pcol]):,}",
-                     f"{float(r['compression_ratio']):.2f}x", f"{int(r['macs_per_token']):,}",
-                     f"{lat:.1f}" if lat is not None and not (isinstance(lat, float) and math.isnan(lat)) else "-",
-                     str(r["steps"]) if r["steps"] is not None else "-", _short(_plan_text(r, space), 70)])
-    for _, r in ref.iterrows():
-        if r["quality"] is None or (isinstance(r["quality"], float) and math.isnan(r["quality"])):
-            continue
-        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r[pcol]):,}", "1.00x",
-                     f"{int(r['macs_per_token']):,}" if r["macs_per_token"] is not None else "-", "-", "0",
-                     "uncompressed reference, not trained"])
-    pname = "params excl. out-emb" if pcol != "params" else "params"
-    lines.append(_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
-    return "\n".join(lines)
+    _, modes = cfg.objective_metrics()
+    report = analyze_search(local_dir, cfg.name, cfg.search.objectives, modes,
+                            describe=space.describe if space is not None else None)
+    print(report.text, file=stream or sys.stdout)
+    return report.paths

@@ -1,0 +1,189 @@
+"""The end of a search: its Pareto front over the search's own objectives, as files and as a console table.
+
+    report = analyze_search(experiment_dir, "quickstart", ["quality", "params"], ["min", "min"],
+                            describe=space.describe)
+    print(report.text)          # the Pareto table (after any warning), as `kronsearch search` prints it
+    report.paths                # {"Pareto front (CSV)": .../analysis/pareto.csv, "all trials (CSV)": ...,
+                                #  "Pareto plot": .../pareto.png, "front plans (YAML)": .../front}
+
+Unlike `analysis.report.analyze` (a report over any number of searches and baselines, front over one size axis
+and quality), the front here is computed over every objective the search optimised (two or three: quality plus
+one or two of params, params_excl_output_embedding, macs, latency) and only among the search's complete trials.
+Writes under `<experiment>/analysis/`: pareto.csv, trials.csv, pareto.png and front/<rank>_<trial>.yaml (the front's
+plans, loadable as `plan: {file: ...}` or by `kron.plan.CompressionPlan.load`). Reads saved files only: no Ray,
+torch or transformers; a plan's one-line description comes from the caller (`describe`), which knows the space.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from analysis.export import plan_yaml
+from analysis.pareto import pareto_mask
+from analysis.results import atomic_write_text, is_reference, load_results, read_summary
+from kron.errors import DataError
+from kron.vocab import OBJECTIVES, SIZE_AXES, latency_us_per_token
+
+__all__ = ["SearchReport", "analyze_search", "shorten", "text_table"]
+
+# the columns of pareto.csv and trials.csv, in this order (those the table has)
+CSV_COLUMNS = ["trial_id", "status", "quality_name", "quality", "params", "params_excl_output_embedding",
+               "compression_ratio", "macs_per_token", "latency_us_per_token", "steps", "wall_time_s", "on_front",
+               "plan_summary", "summary_path", "checkpoint"]
+_SIZE_WORDS = {"params": "parameters", "params_excl_output_embedding": "parameters excl. output embedding",
+               "macs_per_token": "MACs per token"}
+
+Describe = Callable[[dict], str]
+
+
+class SearchReport(NamedTuple):
+    paths: dict[str, Path]  # label -> written file or folder, in the order they are printed
+    text: str  # what the console shows: warnings, then the Pareto table (or why there is none)
+
+
+def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Sequence[str] | None = None, *,
+                   describe: Describe | None = None) -> SearchReport:
+    """The Pareto front of search `name` in `local_dir` over its `objectives` (names of kron.vocab.OBJECTIVES).
+
+    modes: "min"/"max" per objective (default: each objective's own, the trials' quality_mode for quality).
+    describe: search parameters (a summary's `search_params`) -> one line naming the plan, for the table's plan
+    column and the front YAML headers (default: the trial's plan_summary).
+    Returns the written paths and the console text; no file is written when there are no trials of the search.
+    """
+    local_dir = Path(local_dir)
+    try:
+        df = load_results(local_dir)
+    except DataError as exc:
+        return SearchReport({}, f"no results to analyse: {exc}")
+    df = df[df["search"] == name].copy()
+    if df.empty:
+        return SearchReport({}, f"no trials of search {name!r} in {local_dir}")
+    df["latency_us_per_token"] = [latency_us_per_token(t) for t in df["throughput_tokens_per_s"]]
+    columns = [OBJECTIVES[o].column for o in objectives]
+    modes = list(modes) if modes is not None else [_mode(df, o) for o in objectives]
+    complete = df[(df["status"] == "complete").fillna(False) & ~is_reference(df)].copy()
+    values = np.column_stack([pd.to_numeric(complete[c], errors="coerce").astype(float).to_numpy() for c in columns]) \
+        if len(complete) else np.zeros((0, len(columns)))
+    mask = pareto_mask(values, modes) if len(complete) else np.zeros(0, dtype=bool)
+    complete["on_front"] = mask
+    df["on_front"] = False
+    df.loc[complete.index, "on_front"] = mask
+    size_col = columns[1] if columns[0] == "quality" else columns[0]
+    front = complete[complete["on_front"]].sort_values(size_col)
+
+    adir = local_dir / "analysis"
+    adir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    notes: list[str] = []
+    atomic_write_text(adir / "pareto.csv", front[[c for c in CSV_COLUMNS if c in front]].to_csv(index=False))
+    paths["Pareto front (CSV)"] = adir / "pareto.csv"
+    atomic_write_text(adir / "trials.csv", df[[c for c in CSV_COLUMNS if c in df]].sort_values(
+        ["status", size_col]).to_csv(index=False))
+    paths["all trials (CSV)"] = adir / "trials.csv"
+    if len(complete):
+        try:
+            from analysis.plots import plot_pareto
+
+            x = size_col if size_col in SIZE_AXES else "params"  # latency is measured: plot against parameters
+            paths["Pareto plot"] = plot_pareto(df.drop(columns=["on_front"]), x=x, y="quality",
+                                               out_png=adir / "pareto.png",
+                                               title=f"{name}: {df['quality_name'].iloc[0]} vs {_SIZE_WORDS[x]}")
+        except Exception as exc:  # a plot problem must not hide the table
+            notes.append(f"warning: could not draw the Pareto plot: {type(exc).__name__}: {exc}")
+    fdir = adir / "front"
+    for old in fdir.glob("*.yaml") if fdir.exists() else []:
+        old.unlink()
+    for rank, (_, row) in enumerate(front.iterrows(), 1):
+        atomic_write_text(fdir / f"{rank:02d}_{row['trial_id']}.yaml", _front_plan_text(name, row, describe))
+    if len(front):
+        paths["front plans (YAML)"] = fdir
+    table = _pareto_table(name, objectives, front, complete, df, describe, size_col)
+    return SearchReport(paths, "\n".join([*notes, table]))
+
+
+def _mode(df: pd.DataFrame, objective: str) -> str:
+    if OBJECTIVES[objective].mode is not None:
+        return OBJECTIVES[objective].mode
+    from analysis.results import column_direction
+
+    return column_direction(df, "quality")
+
+
+def _front_plan_text(name: str, row, describe: Describe | None) -> str:
+    """A front trial's plan as YAML, under a comment naming the trial, its quality and its costs."""
+    summary = read_summary(row["summary_path"])
+    plan = summary.get("plan") or {"rules": []}
+    header = (f"# {name} trial {row['trial_id']}: {row['quality_name']} {row['quality']:.6g}, "
+              f"{int(row['params']):,} parameters ({float(row['compression_ratio']):.2f}x excl. output "
+              f"embedding), {int(row['macs_per_token']):,} MACs/token\n")
+    if describe is not None and summary.get("search_params"):
+        try:
+            header += f"# {describe(summary['search_params'])}\n"
+        except Exception:
+            pass
+    return header + plan_yaml(plan)  # a summary's plan is CompressionPlan.to_dict(): the same text to_yaml gives
+
+
+def _plan_text(row, describe: Describe | None) -> str:
+    if describe is not None:
+        try:
+            params = read_summary(row["summary_path"]).get("search_params")
+            if params:
+                return describe(params)
+        except Exception:
+            pass
+    return str(row["plan_summary"] or "")
+
+
+def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, describe: Describe | None,
+                  size_col: str = "params") -> str:
+    """The front as a text table; its parameter column is the count the front was computed on (the total, or
+    without the output embedding when that is the objective)."""
+    pcol = "params_excl_output_embedding" if size_col == "params_excl_output_embedding" else "params"
+    qname = df["quality_name"].dropna().iloc[0] if df["quality_name"].notna().any() else "quality"
+    ref = df[is_reference(df)]
+    df = df[~is_reference(df)]
+    n_pruned = int((df["status"] == "pruned").sum())
+    n_fail = int(df["status"].isin(["error", "diverged"]).sum())
+    lines = [f"Pareto front of {name} over {', '.join(objectives)}: {len(front)} of {len(complete)} "
+             f"complete trials ({n_pruned} pruned, {n_fail} failed or diverged not ranked)"]
+    if front.empty:
+        return "\n".join(lines + ["  (no complete trial)"])
+    rows = []
+    for _, r in front.iterrows():
+        lat = r.get("latency_us_per_token")
+        rows.append([str(r["trial_id"]), f"{r['quality']:.4g}", f"{int(r[pcol]):,}",
+                     f"{float(r['compression_ratio']):.2f}x", f"{int(r['macs_per_token']):,}",
+                     f"{lat:.1f}" if lat is not None and not (isinstance(lat, float) and math.isnan(lat)) else "-",
+                     str(r["steps"]) if r["steps"] is not None else "-", shorten(_plan_text(r, describe), 70)])
+    for _, r in ref.iterrows():
+        if r["quality"] is None or (isinstance(r["quality"], float) and math.isnan(r["quality"])):
+            continue
+        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r[pcol]):,}", "1.00x",
+                     f"{int(r['macs_per_token']):,}" if r["macs_per_token"] is not None else "-", "-", "0",
+                     "uncompressed reference, not trained"])
+    pname = "params excl. out-emb" if pcol != "params" else "params"
+    lines.append(text_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
+    return "\n".join(lines)
+
+
+def shorten(text: str, n: int) -> str:
+    """`text` cut to `n` characters, ending in "..." when cut."""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: columns padded to their widest cell, numbers right-aligned (every column but plan,
+    trial and status), a dashed rule under the header."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    right = [i for i, h in enumerate(header) if h not in ("plan", "trial", "status")]
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
