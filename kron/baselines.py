@@ -24,14 +24,12 @@ from torch import nn
 from .errors import CheckpointError, PlanError
 from .fsutil import atomic_dir, atomic_write_json
 from .surgery import CompressionReport, count_params, macs_per_token
+from .vocab import FAMILIES
 
 __all__ = ["LAYERDROP_INFO", "describe_lowrank", "drop_layers", "layer_list", "parse_keep", "read_layerdrop_info",
            "save_layerdrop", "size_report"]
 
 LAYERDROP_INFO = "layerdrop.json"  # provenance written next to config.json; loading does not need it
-# Where each family keeps its stack of layers, as a dotted suffix of the ModuleList's name (GPT2LMHeadModel:
-# transformer.h, GPT2Model: h; BertForSequenceClassification: bert.encoder.layer; LlamaForCausalLM: model.layers).
-_LAYER_LISTS = {"gpt2": "h", "bert": "encoder.layer", "llama": "layers"}
 # Config entries holding one value per layer, subset together with the layers (Qwen2/Mistral's sliding-window
 # `layer_types`; SmolLM3-style `no_rope_layers`), so the reloaded config describes the kept layers.
 _PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
@@ -51,7 +49,9 @@ def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         family = model_family(config)
     except PlanError as exc:
         raise PlanError(f"layer dropping supports GPT-2, BERT/RoBERTa and Llama-family models: {exc}") from None
-    suffix = _LAYER_LISTS[family]
+    # a dotted suffix of the ModuleList's name (GPT2LMHeadModel: transformer.h; BertForSequenceClassification:
+    # bert.encoder.layer; LlamaForCausalLM: model.layers)
+    suffix = FAMILIES[family].layer_list
     found = [(n, m) for n, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and (n == suffix or n.endswith("." + suffix))]
     if len(found) != 1:

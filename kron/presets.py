@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from .errors import PlanError
 from .plan import CompressionPlan
+from .vocab import FAMILIES, family_of_model_type, known_model_types
 
 __all__ = ["PRESETS", "get_plan", "model_family", "preset_plan"]
 
@@ -27,11 +28,6 @@ PRESETS: dict[str, str] = {
                         "of its parameters (truncated SVD; GPT-2's Q, K, V each their own)",
 }
 
-_GPT2 = ("gpt2",)
-_BERT = ("bert", "roberta")
-_LLAMA = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = {"gpt2": _GPT2, "bert": _BERT, "llama": _LLAMA}
-
 # KroneckerBERT, Table 1, given there as (n1, m1) of A; the second FFN matrix takes the swapped shape.
 # KroneckerBERT5's "4 summed Kronecker products" go to the FFN: its A 384x384 / B 8x2 split compresses the FFN 16x at
 # rank 1, so rank 4 brings it to 4x, level with the attention (A 384x384, B 2x2: 4x). Rank 4 on the attention
@@ -43,20 +39,13 @@ _KRONECKERBERT = {
                        "ffn_rank": 4},
 }
 
-# Module selectors of the attention and FFN matrices per family (GPT-2's c_attn is the fused [Q; K; V]).
-_BERT_FFN_OUT = r"re:(.*\.)?layer\.\d+\.output\.dense"
-_BERT_ATTN = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
-_LLAMA_LINEAR = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
 def model_family(config) -> str:
-    """"gpt2", "bert" or "llama" from config.model_type; PlanError for other models."""
+    """"gpt2", "bert" or "llama" (kron.vocab.FAMILIES) from config.model_type; PlanError for other models."""
     model_type = getattr(config, "model_type", None)
-    for family, types in FAMILIES.items():
-        if model_type in types:
-            return family
-    supported = ", ".join(t for types in FAMILIES.values() for t in types)
+    family = family_of_model_type(model_type)
+    if family is not None:
+        return family.name
+    supported = ", ".join(known_model_types())
     raise PlanError(f"presets know model types {supported}; this model's model_type is {model_type!r}. "
                     "Write a plan file with explicit rules for it")
 
@@ -171,6 +160,7 @@ def _kngpt2(config) -> CompressionPlan:
 
 def _kroneckerbert(name: str, config) -> CompressionPlan:
     _require_family(name, config, "bert")
+    bert = FAMILIES["bert"]
     p = _KRONECKERBERT[name]
     d, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     (an1, am1), (fn1, fm1) = p["attention"], p["ffn"]
@@ -208,10 +198,10 @@ def _kroneckerbert(name: str, config) -> CompressionPlan:
 
     return CompressionPlan(
         [
-            {"select": "embeddings.word_embeddings", "embedding_factor": f},
-            rule(_BERT_ATTN, attn, p["attention_rank"]),
-            rule("intermediate.dense", ffn_in, p["ffn_rank"]),
-            rule(_BERT_FFN_OUT, ffn_out, p["ffn_rank"]),
+            {"select": bert.embedding_selector, "embedding_factor": f},
+            rule(list(bert.attention_selectors), attn, p["attention_rank"]),
+            rule(bert.ffn_in_selectors[0], ffn_in, p["ffn_rank"]),
+            rule(bert.ffn_out_selectors[0], ffn_out, p["ffn_rank"]),
         ],
         name=name,
         description=PRESETS[name],
@@ -233,15 +223,10 @@ def _preset_factor(name: str, prefix: str, minimum: str) -> float | int:
 def _matrix_rules(config, key: str, value) -> list[dict]:
     """Rules giving `key: value` to every attention and FFN matrix of the model's family (GPT-2's fused c_attn as
     3 blocks: Q, K, V)."""
-    family = model_family(config)
-    if family == "gpt2":
-        return [
-            {"select": "attn.c_attn", key: value, "blocks": 3},
-            {"select": ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"], key: value},
-        ]
-    if family == "bert":
-        return [{"select": [*_BERT_ATTN, "intermediate.dense", _BERT_FFN_OUT], key: value}]
-    return [{"select": _LLAMA_LINEAR, key: value}]
+    family = FAMILIES[model_family(config)]
+    fused = [{"select": sel, key: value, "blocks": blocks} for sel, blocks in family.fused.items()]
+    others = [sel for sel in family.linear_selectors if sel not in family.fused]
+    return fused + [{"select": others if len(others) > 1 else others[0], key: value}]
 
 
 def _uniform(name: str, config) -> CompressionPlan:

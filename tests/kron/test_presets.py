@@ -205,9 +205,31 @@ def test_bad_preset_names(name, message, gpt2_config):
 def test_uniform_on_an_unknown_architecture():
     from transformers import T5Config
 
-    with pytest.raises(PlanError, match="presets know model types gpt2, bert, roberta, llama, mistral, qwen2, qwen3; "
+    with pytest.raises(PlanError, match="presets know model types gpt2, bert, roberta, xlm-roberta, electra, camembert, "
+                                        "llama, mistral, qwen2, qwen3, gemma, gemma2, olmo, olmo2; "
                                         "this model's model_type is 't5'"):
         preset_plan("uniform:4", T5Config())
+
+
+@pytest.mark.parametrize("family", ["electra", "gemma"])
+def test_presets_cover_every_searchable_family(family):
+    """The families the search space knows (kron.vocab) have presets too: ELECTRA as BERT, Gemma as Llama."""
+    import transformers
+
+    if family == "electra":
+        config = transformers.ElectraConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64)
+        model = transformers.ElectraForSequenceClassification(config)
+        expected = {"query", "key", "value", "dense"}
+    else:
+        config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+        model = transformers.GemmaForCausalLM(config)
+        expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for preset in ("uniform:2", "lowrank:2"):
+        resolved = preset_plan(preset, config).resolve(model)
+        compressed = {n.rsplit(".", 1)[-1] for n, s in resolved.items() if s != KEEP}
+        assert expected <= compressed, (preset, compressed)
 
 
 def test_presets_listing_and_round_trip(gpt2_config, bert_config, tiny_config):
