@@ -263,9 +263,9 @@ def _rebuild(summary: dict, tmp: Path) -> None:
 
 def _resolve_teacher(teacher: str) -> str:
     if teacher == "demo":
-        from trials.trial import resolve_teacher_source
+        from kron.models import resolve_source
 
-        return resolve_teacher_source(teacher)
+        return resolve_source(teacher)
     return teacher
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled demo teacher (trials/demo_teacher/): a 4-layer GPT-2 trained from scratch on WikiText-2
+# Rebuild the bundled demo teacher (kron/demo_teacher/): a 4-layer GPT-2 trained from scratch on WikiText-2
 # on one CPU thread for 40 minutes. Needs the shared data checkout (../shared/data next to the repo) or DATA=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ python -m search.cli teacher train --data "$DATA" --out "$OUT" \
     --batch-size 32 --lr 1e-3 --warmup-steps 100 --max-steps 100000 --max-minutes 40 \
     --eval-every 100 --seed 0 --threads 1
 
-# The bundle: weights, config and tokenizer (the MODEL_CARD.md in trials/demo_teacher/ is edited by hand).
+# The bundle: weights, config and tokenizer (the MODEL_CARD.md in kron/demo_teacher/ is edited by hand).
 for f in config.json generation_config.json model.safetensors tokenizer.json tokenizer_config.json; do
-    [ -f "$OUT/$f" ] && install -m 644 "$OUT/$f" trials/demo_teacher/
+    [ -f "$OUT/$f" ] && install -m 644 "$OUT/$f" kron/demo_teacher/
 done

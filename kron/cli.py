@@ -73,19 +73,6 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_merge)
 
 
-def resolve_source(src: str) -> str:
-    """'demo' -> the bundled demo teacher's directory; anything else unchanged."""
-    if src == "demo":
-        from .errors import CheckpointError
-
-        try:
-            from trials.teacher import demo_teacher_dir
-        except ImportError as exc:
-            raise CheckpointError(f"the demo teacher is not available ({exc}); give a model directory") from None
-        return str(demo_teacher_dir())
-    return src
-
-
 # ----------------------------------------------------------------------------------------------- shapes
 
 
@@ -134,6 +121,8 @@ def _plan(args) -> int:
     from .presets import get_plan, preset_plan
     from .surgery import apply_specs
 
+    from .models import resolve_source
+
     src = resolve_source(args.model)
     config = load_config(src)
     model = build_from_config(config, task=args.task, device="meta")
@@ -167,6 +156,8 @@ def _compress(args) -> int:
     from .models import load_model
     from .presets import get_plan
     from .surgery import compress
+
+    from .models import resolve_source
 
     src = resolve_source(args.model)
     model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, DataError
+from .vocab import DEMO
 
 __all__ = ["KNOWN_CONFIGS", "TASKS", "build_from_config", "load_config", "load_model", "load_tokenizer",
            "parse_dtype", "pick_device", "task_of"]
@@ -65,6 +66,31 @@ def parse_dtype(dtype) -> torch.dtype | None:
 # ----------------------------------------------------------------------------------------------- configs
 
 
+# ----------------------------------------------------------------------------------------------- the demo teacher
+
+DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def demo_teacher_dir() -> Path:
+    """The directory of the bundled demo teacher (GPT-2, 4 layers, WikiText-2); loadable with from_pretrained."""
+    from importlib.resources import files
+
+    path = Path(str(files("kron") / "demo_teacher"))
+    missing = [name for name in DEMO_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the bundled demo teacher in {path} is incomplete (missing {', '.join(missing)}); reinstall kronsearch "
+            "or rebuild it with benchmarks/train_demo_teacher.sh"
+        )
+    return path
+
+
+def resolve_source(src: str | os.PathLike) -> str:
+    """'demo' (kron.vocab.DEMO) -> the bundled demo teacher's directory; anything else unchanged (as a string)."""
+    text = os.fspath(src)
+    return str(demo_teacher_dir()) if text == DEMO else text
+
+
 def _known_config(name: str):
     from transformers import BertConfig, GPT2Config
 
@@ -81,7 +107,7 @@ def load_config(src: str | os.PathLike, *, trust_remote_code: bool = False):
     """The transformers config of a model source (see the module docstring); nothing else is loaded."""
     from transformers import AutoConfig
 
-    text = os.fspath(src)
+    text = resolve_source(src)
     if text.startswith("config:"):
         spec = text[len("config:"):]
         if spec in KNOWN_CONFIGS:
@@ -209,7 +235,7 @@ def load_model(src: str | os.PathLike, *, task: str = "auto", num_labels: int | 
         seed: for the random weights of config: sources.
     Local weights are read with safetensors only (a pickle can run code when loaded).
     """
-    text = os.fspath(src)
+    text = resolve_source(src)
     dtype = parse_dtype(dtype)
     if not text.startswith("config:"):
         path = Path(text).expanduser()
@@ -231,7 +257,7 @@ def load_model(src: str | os.PathLike, *, task: str = "auto", num_labels: int | 
     path = Path(text).expanduser()
     local = path.is_dir()
     if local:
-        _check_weights(path)
+        check_weights(path)
     kwargs = {"config": config, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -255,7 +281,8 @@ def load_model(src: str | os.PathLike, *, task: str = "auto", num_labels: int | 
     return model.to(device).eval()
 
 
-def _check_weights(path: Path) -> None:
+def check_weights(path: Path) -> None:
+    """CheckpointError unless a model directory holds safetensors weights (pickled ones are refused)."""
     if any((path / f).is_file() for f in _WEIGHT_FILES):
         return
     pickles = [f for f in _PICKLE_FILES if (path / f).is_file()]
@@ -273,7 +300,7 @@ def load_tokenizer(src: str | os.PathLike, *, trust_remote_code: bool = False):
     """The tokenizer stored with a model source (a local directory or a hub name)."""
     from transformers import AutoTokenizer
 
-    text = os.fspath(src)
+    text = resolve_source(src)
     if text.startswith("config:"):
         raise DataError(f"{text} is an architecture without a tokenizer; give a model directory or hub name")
     path = Path(text).expanduser()

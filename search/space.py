@@ -183,10 +183,10 @@ def teacher_skeleton(trial) -> Any:
     from kron.errors import UserError
     from kron.models import build_from_config, load_config
 
-    from trials.trial import resolve_teacher_source
+    from kron.models import resolve_source
 
     try:
-        src = resolve_teacher_source(trial.teacher)
+        src = resolve_source(trial.teacher)
         config = load_config(src, trust_remote_code=trial.trust_remote_code)
         task = "sequence-classification" if trial.glue is not None else "auto"
         return build_from_config(config, task=task, device="meta", trust_remote_code=trial.trust_remote_code)

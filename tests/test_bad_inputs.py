@@ -190,7 +190,7 @@ CASES = [
                                              "--out", str(f.root / "m")], 2,
      ["kronsearch.json is corrupt or truncated"]),
     ("model-weights-truncated", lambda f: ["eval", "--model", _merged_truncated(f), "--data", str(REPO / "README.md"),
-                                           "--tokenizer", str(REPO / "trials" / "demo_teacher")], 2,
+                                           "--tokenizer", str(REPO / "kron" / "demo_teacher")], 2,
      ["model.safetensors is truncated or corrupt"]),
     ("merge-missing-dir", lambda f: ["merge", str(f.root / "no-ckpt"), "--out", str(f.root / "m")], 2,
      ["compressed-model directory", "no-ckpt does not exist"]),

@@ -78,16 +78,18 @@ def _eval(args: argparse.Namespace) -> int:
     from kron.models import load_model, load_tokenizer, pick_device
     from kron.surgery import count_params
 
-    from .trial import evaluate_glue, evaluate_lm, resolve_teacher_source
+    from kron.models import resolve_source
+
+    from .trial import evaluate_glue, evaluate_lm
 
     if (args.data is None) == (args.glue_task is None):
         raise ConfigError("give exactly one of --data (perplexity) or --glue-task (GLUE metric)")
     device = pick_device(args.device)
-    src = resolve_teacher_source(args.model)
+    src = resolve_source(args.model)
     task = "sequence-classification" if args.glue_task else "causal-lm"
     model = load_model(src, task=task, device=device)
     model.eval()
-    tokenizer = load_tokenizer(resolve_teacher_source(args.tokenizer) if args.tokenizer else src)
+    tokenizer = load_tokenizer(resolve_source(args.tokenizer) if args.tokenizer else src)
     if args.data is not None:
         from .data import load_text_blocks
 

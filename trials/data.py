@@ -126,7 +126,7 @@ def _read_hub_texts(name: str, config_name: str | None, split: str, cache_dir: P
     raise DataError(f"hub dataset {name!r} (config {config_name!r}) has no {split!r} split: {'; '.join(errors)}")
 
 
-def _local_source_file(source: str | os.PathLike, split: str) -> Path | None:
+def local_source_file(source: str | os.PathLike, split: str) -> Path | None:
     """The local file behind (source, split); None when `source` is a hub name. Missing paths raise DataError."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -148,7 +148,7 @@ def iter_texts(
     """The non-blank text records (lines or documents) of one split of `source`."""
     split = canonical_split(split)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    local = _local_source_file(source, split)
+    local = local_source_file(source, split)
     texts = _read_local_texts(local, cache) if local else _read_hub_texts(str(source), config_name, split, cache)
     return [t.strip() for t in texts if t and t.strip()]
 
@@ -210,7 +210,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _source_key(source, split: str, config_name: str | None) -> dict:
-    local = _local_source_file(source, split)
+    local = local_source_file(source, split)
     if local is None:
         return {"hub": str(source), "config": config_name, "split": split}
     st = local.stat()

@@ -23,21 +23,12 @@ from kron.errors import CheckpointError, ConfigError, DataError
 from kron.fsutil import atomic_dir, atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
-_DEMO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
 
 def demo_teacher_dir() -> Path:
-    """The directory of the bundled demo teacher (GPT-2, 4 layers, WikiText-2); loadable with from_pretrained."""
-    from importlib.resources import files
+    """The directory of the bundled demo teacher (kron/demo_teacher; see `kron.models.demo_teacher_dir`)."""
+    from kron.models import demo_teacher_dir as bundled
 
-    path = Path(str(files("trials") / "demo_teacher"))
-    missing = [name for name in _DEMO_FILES if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"the bundled demo teacher in {path} is incomplete (missing {', '.join(missing)}); reinstall kronsearch "
-            "or rebuild it with benchmarks/train_demo_teacher.sh"
-        )
-    return path
+    return bundled()
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -423,9 +414,9 @@ def load_classifier(model_src: str | os.PathLike, task):
             raise CheckpointError(f"the tokenizer of {src} has neither a pad nor an EOS token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     if Path(src).expanduser().is_dir():
-        from kron.models import _check_weights
+        from kron.models import check_weights
 
-        _check_weights(Path(src).expanduser())  # safetensors only: a pytorch_model.bin is refused, never unpickled
+        check_weights(Path(src).expanduser())  # safetensors only: a pytorch_model.bin is refused, never unpickled
     kwargs = {"num_labels": spec.num_labels, "use_safetensors": True}
     if spec.is_regression:
         kwargs["problem_type"] = "regression"

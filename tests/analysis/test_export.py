@@ -343,10 +343,10 @@ def test_build_replaces_an_earlier_export_but_not_foreign_folders(tmp_path, tiny
 
 
 def test_build_resolves_the_demo_teacher(tmp_path, tiny_teacher, write_trial, monkeypatch):
-    import trials.trial
+    import kron.models
 
     seen = []
-    monkeypatch.setattr(trials.trial, "resolve_teacher_source",
+    monkeypatch.setattr(kron.models, "resolve_source",
                         lambda src: seen.append(src) or str(tiny_teacher))
     data, _ = write_trial(tmp_path / "res", tiny_teacher, config={"teacher": "demo"})
     record = export(tmp_path / "res", "knee", tmp_path / "out", build=True)

@@ -170,3 +170,15 @@ def test_console_script(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"kronsearch plan: error: plan file {tmp_path / 'nope.yaml'} does not exist"
+
+
+def test_demo_alias_in_the_python_api():
+    """'demo' names the bundled teacher wherever a model source is taken: the Python API as well as the CLI."""
+    import kron
+    from kron.models import demo_teacher_dir, load_config, resolve_source
+
+    assert resolve_source("demo") == str(demo_teacher_dir())
+    assert resolve_source("config:gpt2") == "config:gpt2"
+    assert load_config("demo").n_layer == 4
+    model = kron.load_model("demo", device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_embd == 256

@@ -231,7 +231,9 @@ def test_finetune_errors(tiny_bert, sst2_dir, tmp_path, capsys):
 
 
 def test_demo_teacher_dir_reports_missing_files(monkeypatch):
-    monkeypatch.setattr(tt, "_DEMO_FILES", tt._DEMO_FILES + ("no_such_file.bin",))
+    import kron.models
+
+    monkeypatch.setattr(kron.models, "DEMO_FILES", kron.models.DEMO_FILES + ("no_such_file.bin",))
     with pytest.raises(CheckpointError, match="no_such_file.bin"):
         tt.demo_teacher_dir()
 
