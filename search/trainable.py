@@ -66,7 +66,7 @@ def trainable(config: dict, setup: TrialSetup) -> None:
 
     t_imported = time.time()
     torch.set_num_threads(threads_for(setup.cpus))
-    # testing aid (trials.trial._fault_inject): a reused worker follows the driver of the search it now runs
+    # testing aid (trials.faults): a reused worker follows the driver of the search it now runs
     if setup.fault_inject:
         os.environ["KRONSEARCH_FAULT_INJECT"] = setup.fault_inject
     else:

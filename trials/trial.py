@@ -22,6 +22,7 @@ from kron.fsutil import atomic_write_json
 
 from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
+from .hooks import TrialHooks, default_hooks
 
 __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
 
@@ -354,7 +355,8 @@ class _Run:
 
 
 def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.PathLike | None = None,
-              progress: bool | None = None, return_student: bool = False) -> dict[str, Any]:
+              progress: bool | None = None, return_student: bool = False,
+              hooks: TrialHooks | None = None) -> dict[str, Any]:
     """Run one trial and return its JSON summary (also written to `output_dir/trial_summary.json`).
 
     Args:
@@ -362,17 +364,20 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         report: called as report(metrics, checkpoint_dir_or_None) after every evaluation (Ray Tune's hook).
         output_dir: where the summary and the best checkpoint go (None: nothing written).
         progress: show a progress bar (default: when no reporter is given).
+        hooks: a `trials.hooks.TrialHooks` acting before training and on the loss function (default:
+            `trials.hooks.default_hooks`, which does nothing unless KRONSEARCH_FAULT_INJECT is set).
     A NaN/inf loss ends the trial with status 'diverged'; a bad config raises ConfigError before any work;
     any other error during the run (a UserError from the data or plan, running out of memory -- recorded as
     "out of memory: ..." --) is recorded with status 'error' and re-raised.
     Testing aid: the environment variable KRONSEARCH_FAULT_INJECT ("raise:<pattern>,nan:<pattern>,oom:<pattern>")
-    fails the trials whose name or output directory matches the pattern (see _fault_inject); unset, it does nothing.
+    fails the trials whose name or output directory matches the pattern (see trials.faults); unset, it does nothing.
     """
     cfg = load_trial_config(config)
     out_dir = Path(output_dir) if output_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, out_dir, report, report is None if progress is None else progress)
+    run.hooks = hooks if hooks is not None else default_hooks(cfg, out_dir)
     run.summary = {
         "schema": SCHEMA, "trial_id": cfg.name or (out_dir.name if out_dir else "trial"), "search": None,
         "method": _summary_method(cfg), "label": cfg.name or _default_label(cfg), "status": "running", "error": None,
@@ -390,11 +395,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     try:
         teacher, tokenizer = load_teacher(cfg, device)
         student, comp, plan = build_student(cfg, teacher)
-        run.fault = _fault_inject(cfg, out_dir)
-        if run.fault == "raise":
-            raise RuntimeError("injected fault (KRONSEARCH_FAULT_INJECT): trial raised on purpose")
-        if run.fault == "oom":
-            raise MemoryError("injected fault (KRONSEARCH_FAULT_INJECT)")
+        run.hooks.before_training(cfg, out_dir)
         student.to(device)
         if hasattr(student, "set_attn_implementation"):
             student.set_attn_implementation("eager")
@@ -430,43 +431,6 @@ def _error_text(exc: BaseException) -> str:
         hasattr(torch.cuda, "OutOfMemoryError") and isinstance(exc, torch.cuda.OutOfMemoryError))
     text = f"{type(exc).__name__}: {exc}"
     return f"out of memory: {text}" if oom else text
-
-
-def plan_digest(rules) -> str:
-    """'plan-<12 hex>': a short stable name for a list of inline plan rules (used by the fault-injection hook)."""
-    import hashlib
-    import json
-
-    return "plan-" + hashlib.sha256(json.dumps(rules, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _fault_inject(cfg: TrialConfig, out_dir: Path | None) -> str | None:
-    """Testing aid: the fault KRONSEARCH_FAULT_INJECT asks for this trial, if any ('raise', 'nan' or 'oom').
-
-    The variable holds comma-separated `kind:pattern` rules, e.g. "raise:*trial_a*,nan:*/exp/trial_*_00001"; a rule
-    applies when its fnmatch pattern matches the trial's name, its output directory or `plan_digest` of its inline
-    plan rules ("plan-<12 hex>"; Ray's trial ids are random, a plan given through initial_params is not). A pattern
-    without '*' or '?' matches as a substring. The search forwards the driver's value to its Ray workers.
-    'raise' raises a RuntimeError before the first stage, 'oom' a MemoryError, 'nan' makes the first training loss
-    NaN (the trial ends 'diverged'). Read only here; unset (the default) it does nothing. Used by
-    tests/search/test_faults.py and tests/trials/test_trial_faults.py to fail chosen trials.
-    """
-    spec = os.environ.get("KRONSEARCH_FAULT_INJECT", "").strip()
-    if not spec:
-        return None
-    import fnmatch
-
-    names = [x for x in (cfg.name, str(out_dir) if out_dir is not None else None) if x]
-    if cfg.plan is not None and cfg.plan.rules is not None:
-        names.append(plan_digest(cfg.plan.rules))
-    for rule in spec.split(","):
-        kind, _, pat = rule.strip().partition(":")
-        if kind not in ("raise", "nan", "oom") or not pat:
-            continue
-        glob = any(c in pat for c in "*?")
-        if any(fnmatch.fnmatchcase(n, pat) if glob else pat in n for n in names):
-            return kind
-    return None
 
 
 def _summary_method(cfg: TrialConfig) -> str:
@@ -574,6 +538,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     final_stage = kind == ("glue" if cfg.stage2 is not None else "lm")
     weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
     needs_teacher = any((weights.emb, weights.att, weights.hid, weights.logits))
+    loss_fn = run.hooks.loss_fn(ilkd_loss)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -633,10 +598,8 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
                 with torch.no_grad():
                     t_out = forward_for_distillation(teacher, batch["input_ids"], mask)
             s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
-            out = ilkd_loss(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
-                            ce_loss=getattr(s_out, "loss", None))
-            if getattr(run, "fault", None) == "nan":  # testing aid, see _fault_inject
-                out.loss = out.loss * float("nan")
+            out = loss_fn(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
+                          ce_loss=getattr(s_out, "loss", None))
             if not torch.isfinite(out.loss):
                 raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
                                 f"components {out.parts}")

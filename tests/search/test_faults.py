@@ -1,8 +1,8 @@
 """Fault injection in a real Ray search: one trial raises, one diverges (NaN loss), the others complete, and the
 results table shows both failures with their status and error text.
 
-The faults come from the documented testing hook of `trials.run_trial` (KRONSEARCH_FAULT_INJECT, forwarded by the
-search to its Ray workers): the trials themselves run the real code path, only the chosen ones are made to fail.
+The faults come from the documented testing hook of `trials.run_trial` (KRONSEARCH_FAULT_INJECT, `trials.faults`,
+forwarded by the search to its Ray workers): the trials themselves run the real code path, only the chosen ones are made to fail.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from search.config import load_search_config
 from search.space import SearchSpace
 from search.finalize import _saved_study
 from search.tuner import run_search
-from trials.trial import plan_digest
+from trials.faults import plan_digest
 
 pytestmark = pytest.mark.ray
 

@@ -69,3 +69,18 @@ def test_an_injected_nan_ends_the_trial_diverged(tiny_lm_teacher, text_corpus, t
 def test_without_the_variable_nothing_is_injected(tiny_lm_teacher, text_corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("KRONSEARCH_FAULT_INJECT", raising=False)
     assert run_trial(_cfg(tiny_lm_teacher, text_corpus), output_dir=tmp_path)["status"] == "complete"
+
+
+def test_hooks_given_to_run_trial_need_no_environment(tiny_lm_teacher, text_corpus, tmp_path, monkeypatch):
+    """The fault plugin is ordinary trial hooks: passed explicitly, it acts without KRONSEARCH_FAULT_INJECT; and
+    without the variable a trial gets hooks that do nothing."""
+    from trials.config import load_trial_config
+    from trials.faults import FaultInjection
+    from trials.hooks import TrialHooks, default_hooks
+
+    monkeypatch.delenv("KRONSEARCH_FAULT_INJECT", raising=False)
+    assert type(default_hooks(load_trial_config(_cfg(tiny_lm_teacher, text_corpus)), tmp_path)) is TrialHooks
+    s = run_trial(_cfg(tiny_lm_teacher, text_corpus), output_dir=tmp_path, hooks=FaultInjection("nan"))
+    assert s["status"] == "diverged" and "non-finite loss nan at step 1" in s["error"]
+    with pytest.raises(ValueError, match="fault kind"):
+        FaultInjection("segfault")
