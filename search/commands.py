@@ -107,9 +107,7 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
         c = space.plan_costs(p)
         rows.append([str(i), f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}",
                      f"{c['compression_ratio']:.2f}x", f"{c['macs_per_token']:,}", shorten(space.describe(p), 90)])
-    size_metric = next(m for m in cfg.objective_metrics()[0] if m != "quality")
-    size_metric = size_metric if size_metric in ("params", "params_excl_output_embedding", "macs_per_token") \
-        else "params"
+    size_metric = cfg.size_metric
     cheap = space.cheapest(size_metric)
     c = space.plan_costs(cheap)
     rows.append(["min", f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}", f"{c['compression_ratio']:.2f}x",

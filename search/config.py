@@ -25,7 +25,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from kron.errors import ConfigError
-from kron.vocab import GROUPS, OBJECTIVES, SIZE_OBJECTIVES
+from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
 from trials.config import TrialConfig, read_yaml_mapping
 
 __all__ = [
@@ -88,7 +88,7 @@ class BudgetConfig(_Strict):
 class SpaceConfig(_Strict):
     """Which matrices may be factored, and the choices for each."""
 
-    groups: list[Literal["embedding", "attention", "attention_output", "ffn_in", "ffn_out"]] = Field(
+    groups: list[Literal[GROUPS]] = Field(
         default_factory=lambda: ["attention", "attention_output", "ffn_in", "ffn_out"],
         description="standard matrix groups, mapped to module names per architecture (GPT-2, BERT, Llama)")
     modules: dict[str, list[str]] | None = Field(
@@ -356,6 +356,13 @@ class SearchConfig(_Strict):
             metrics.append(OBJECTIVES[o].column)
             modes.append(OBJECTIVES[o].mode or q_mode)
         return metrics, modes
+
+    @property
+    def size_metric(self) -> str:
+        """The result column of the first size objective when it is known before training (params,
+        params_excl_output_embedding, macs_per_token); "params" for latency, which is only measured."""
+        metric = next(m for m in self.objective_metrics()[0] if m != "quality")
+        return metric if metric in SIZE_AXES else "params"
 
 
 _PLACEHOLDER_PLAN = {"rules": []}

@@ -102,7 +102,5 @@ def make_scheduler(cfg: SearchConfig, space: SearchSpace):
                   stop_last_trials=cfg.asha_max_t < cfg.final_stage_steps)
     if a.size_buckets == 1:
         return ASHAScheduler(**kwargs)
-    size_metric = next(m for m in cfg.objective_metrics()[0] if m != "quality")
-    if size_metric not in ("params", "params_excl_output_embedding", "macs_per_token"):
-        size_metric = "params"  # latency is measured, not known in advance: stratify by parameters
-    return SizeStratifiedASHA(space, size_metric=size_metric, n=a.size_buckets, **kwargs)
+    # latency is measured, not known in advance: cfg.size_metric stratifies by parameters then
+    return SizeStratifiedASHA(space, size_metric=cfg.size_metric, n=a.size_buckets, **kwargs)
