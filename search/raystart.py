@@ -26,6 +26,7 @@ RAY_ENV = {
 
 
 def ray_env() -> None:
+    """Set `RAY_ENV` in this process (values already set win); local workers inherit it."""
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
 
@@ -85,6 +86,7 @@ def start_ray(cfg: SearchConfig) -> bool:
 
 
 def ray_running() -> bool:
+    """Whether this process is connected to a Ray already (a test session, a notebook)."""
     import ray
 
     return ray.is_initialized()

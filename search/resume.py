@@ -55,6 +55,7 @@ def _versions() -> dict:
 
 
 def check_resume(cfg: SearchConfig, local_dir: Path) -> None:
+    """ConfigError unless `local_dir` holds an experiment whose search_meta.json fingerprint matches `cfg`."""
     if not any(local_dir.glob("experiment_state-*.json")):  # checked here too, so that no Ray starts for nothing
         raise ConfigError(f"--resume: nothing to resume at {local_dir} (no experiment state); run without "
                           "--resume to start the search")

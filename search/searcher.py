@@ -118,6 +118,7 @@ class PlanSearcher(_searcher_base()):
 
 
 def make_sampler(cfg: SearchConfig):
+    """The Optuna sampler of `search.algorithm` (tpe, nsga2 or random), seeded with `search.seed`."""
     import optuna
 
     s = cfg.search
@@ -135,6 +136,7 @@ def make_sampler(cfg: SearchConfig):
 
 
 def make_searcher(cfg: SearchConfig, space: SearchSpace, initial_params: list[dict] | None = None) -> PlanSearcher:
+    """The search's `PlanSearcher` over all its objectives; `initial_params` are evaluated first."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -30,6 +30,7 @@ def storage_args(uri: str) -> dict:
 
 
 def local_mirror(cfg: SearchConfig) -> Path:
+    """The driver's local copy of a remote experiment, for the analysis: ./kronsearch_results/<name>."""
     return Path("kronsearch_results") / cfg.name
 
 

@@ -149,6 +149,7 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
 
 
 def trial_setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
+    """What every trial of the search `cfg` over `space` shares (with the driver's KRONSEARCH_FAULT_INJECT)."""
     remote = is_remote_storage(cfg.search.storage)
     return TrialSetup(name=cfg.name, base_trial=cfg.trial_section, space=space, cpus=cfg.search.resources.cpu,
                       final_stage=cfg.final_stage, experiment_dir=None if remote else experiment_path(cfg),
@@ -156,6 +157,7 @@ def trial_setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
 
 
 def make_trainable(cfg: SearchConfig, space: SearchSpace):
+    """`trainable` bound to the search's `TrialSetup` and asking Ray for one trial's resources (`search.resources`)."""
     from ray import tune
 
     r = cfg.search.resources
