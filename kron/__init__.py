@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_compressed": "io", "merge": "io", "save_compressed": "io",
     "FusedKroneckerLinear": "layers", "KroneckerEmbedding": "layers", "KroneckerLinear": "layers",
     "FusedLowRankLinear": "layers", "LowRankLinear": "layers",
-    "load_config": "models", "load_model": "models", "pick_device": "models",
+    "load_config": "models", "load_model": "models", "pick_device": "devices",
     "CompressionPlan": "plan", "ModuleSpec": "plan", "Rule": "plan", "nearest_shape": "plan",
     "PRESETS": "presets", "preset_plan": "presets",
     "CompressionReport": "surgery", "compress": "surgery", "count_params": "surgery", "macs_per_token": "surgery",

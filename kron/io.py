@@ -185,7 +185,7 @@ def load_compressed(dir: str | os.PathLike, device=None, *, dtype=None, verify: 
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .models import parse_dtype, pick_device
+    from .devices import parse_dtype, pick_device
 
     path = Path(dir).expanduser()
     info = read_info(path)

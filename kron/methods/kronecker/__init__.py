@@ -231,13 +231,13 @@ class KroneckerMethod(Method):
         return [KroneckerSpec(shape=s.shape, rank=s.rank) for s in shapes]
 
     def build(self, module, spec: KroneckerSpec, init: str):
-        from ...plan import dense_dims
+        from ..layers import linear_weight
         from .layer import FusedKroneckerLinear, KroneckerLinear
 
         if spec.blocks > 1:
             if init == "svd":
                 return FusedKroneckerLinear.from_linear(module, spec.shape, spec.rank, blocks=spec.blocks)
-            out_f, in_f = dense_dims(module)
+            out_f, in_f = linear_weight(module)[0].shape
             if out_f % spec.blocks:
                 raise PlanError(f"cannot split {out_f} output features into {spec.blocks} equal blocks")
             kw = {"device": module.weight.device, "dtype": module.weight.dtype}
@@ -246,7 +246,7 @@ class KroneckerMethod(Method):
             return FusedKroneckerLinear(parts, module.bias)
         if init == "svd":
             return KroneckerLinear.from_linear(module, spec.shape, spec.rank)
-        out_f, in_f = dense_dims(module)
+        out_f, in_f = linear_weight(module)[0].shape
         return KroneckerLinear(in_f, out_f, spec.shape, spec.rank, bias=module.bias is not None,
                                device=module.weight.device, dtype=module.weight.dtype)
 

@@ -163,7 +163,7 @@ class LowRankMethod(Method):
         return [LowRankSpec(rank=r) for r in sorted(ranks, reverse=True)]
 
     def build(self, module, spec: LowRankSpec, init: str):
-        from ...plan import dense_dims
+        from ..layers import linear_weight
         from .layer import FusedLowRankLinear, LowRankLinear
 
         r = spec.rank
@@ -171,12 +171,12 @@ class LowRankMethod(Method):
         if spec.blocks > 1:
             if init == "svd":
                 return FusedLowRankLinear.from_linear(module, r, blocks=spec.blocks)
-            out_f, in_f = dense_dims(module)
+            out_f, in_f = linear_weight(module)[0].shape
             parts = [LowRankLinear(in_f, out_f // spec.blocks, r, bias=False, **kw) for _ in range(spec.blocks)]
             return FusedLowRankLinear(parts, module.bias)
         if init == "svd":
             return LowRankLinear.from_linear(module, r)
-        out_f, in_f = dense_dims(module)
+        out_f, in_f = linear_weight(module)[0].shape
         return LowRankLinear(in_f, out_f, r, bias=module.bias is not None, **kw)
 
     def layer_types(self) -> tuple[type, ...]:
