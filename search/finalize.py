@@ -13,7 +13,7 @@ from kron.vocab import SCHEMA, SUMMARY_NAME
 
 from .config import SearchConfig, is_remote_storage
 from .fmt import one_line
-from .resume import saved_trial_states
+from .resume import UNFINISHED, saved_trial_states
 from .storage import download, experiment_path
 from .trainable import trial_outcome
 
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["SearchOutcome", "finalize_experiment"]
 
 log = logging.getLogger(__name__)
-
-_UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
 
 @dataclass
@@ -92,7 +90,7 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
             out.trials.append({"trial_id": summary.get("trial_id"), "dir": str(path.parent), "outcome": "fail",
                                "status": "error", "config": summary.get("search_params") or {}})
     # trials Ray did not finish (Ctrl-C, time budget while pending): the search can be resumed
-    out.interrupted = any(s in _UNFINISHED for s in ray_status.values())
+    out.interrupted = any(s in UNFINISHED for s in ray_status.values())
     study = _saved_study(local_dir)
     if study is not None:
         out.study_trials = study

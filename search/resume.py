@@ -16,7 +16,9 @@ from .config import SearchConfig, config_fingerprint
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
+__all__ = ["UNFINISHED", "check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
+
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # Ray trial states a resume runs (again)
 
 
 def write_meta(cfg: SearchConfig, space: SearchSpace, local_dir: Path, *, extra: dict | None = None) -> Path:
@@ -99,9 +101,6 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
 
 
-_UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
-
-
 def saved_trial_states(local_dir: Path) -> dict[str, str]:
     """Trial folder -> status in the latest saved experiment state: what a resume will see. After Ctrl-C the
     in-memory trials read TERMINATED, but the saved state keeps the interrupted ones RUNNING (and resumes them)."""
@@ -121,4 +120,4 @@ def saved_trial_states(local_dir: Path) -> dict[str, str]:
 
 def unfinished(local_dir: Path) -> bool:
     """Trials left running or pending: fit() returned early (Ctrl-C returns normally, see ray-tune notes)."""
-    return any(s in _UNFINISHED for s in saved_trial_states(local_dir).values())
+    return any(s in UNFINISHED for s in saved_trial_states(local_dir).values())
