@@ -37,6 +37,7 @@ __all__ = [
     "register",
     "rule_keys",
     "spec_from_dict",
+    "unregister",
 ]
 
 LINEAR_KINDS = ("linear", "conv1d")  # kron.plan.module_type of nn.Linear and transformers' Conv1D
@@ -339,3 +340,8 @@ def _legacy_spec(shape=None, rank: int = 1, blocks: int = 1, embedding_factor=No
          "lowrank_rank": lowrank_rank}
     method = next(m for m in _REGISTRY.values() if m.dict_key == given[0])
     return method.spec_type._from_dict({k: v for k, v in d.items() if v is not None})
+
+
+def unregister(name: str) -> Method:
+    """Remove a method from the registry (tests that register a method of their own undo it with this)."""
+    return _REGISTRY.pop(name)
