@@ -23,12 +23,13 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from kron.errors import ConfigError
-from kron.vocab import family_of
 
+from .budget import BudgetMixin
 from .config import GROUPS, SearchConfig, SpaceConfig, base_trial_config
+from .model_info import Matrix, ModelInfo, inspect_model, teacher_skeleton  # noqa: F401 (re-exported)
 
 __all__ = [
     "KEEP",
@@ -57,40 +58,6 @@ def parse_option(option: str) -> dict | str:
     return spec.to_dict()
 
 
-# ----------------------------------------------------------------------------------------------- model side
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """One compressible weight of the teacher."""
-
-    name: str
-    group: str
-    layer: int | None
-    kind: str  # "linear" | "conv1d" | "embedding"
-    m: int  # out features (vocab for embeddings)
-    n: int  # in features (dim for embeddings)
-    blocks: int = 1  # equal output blocks of a fused projection (GPT-2 c_attn: 3)
-
-    @property
-    def block_dims(self) -> tuple[int, int]:
-        return self.m // self.blocks, self.n
-
-
-@dataclass
-class ModelInfo:
-    """What the space needs from the teacher: its matrices and its counts before compression."""
-
-    family: str | None
-    model_type: str | None
-    matrices: list[Matrix]
-    layers: list[int]  # layer indices present in the model
-    params: int
-    params_excl_output_embedding: int
-    macs: int
-    tied_input_embedding: str | None  # name of the input embedding when the LM head shares its weight
-
-
 class PlanCost(NamedTuple):
     """Parameters (all, as the trial's `params` metric) and multiply-adds per token of a plan."""
 
@@ -111,93 +78,16 @@ class Choice:
     # option -> (Δparams, Δparams excluding the output embedding, Δmacs) of ONE of `matrices`
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
-
-def inspect_model(model, space: SpaceConfig) -> ModelInfo:
-    """List the teacher's matrices per group (model may live on the meta device)."""
-    from kron.plan import dense_dims, layer_index, module_type, selector_matches
-    from kron.surgery import count_params, input_embedding, macs_per_token, output_embedding
-
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    modules = [(n, m) for n, m in model.named_modules() if n and module_type(m) is not None]
-    names = [n for n, _ in modules]
-    fam = family_of(model_type, names)
-    family = fam.name if fam is not None else None
-    out_emb = output_embedding(model)
-    in_emb = input_embedding(model)
-    tied = (in_emb is not None and out_emb is not None and getattr(out_emb, "weight", None) is not None
-            and out_emb.weight is getattr(in_emb, "weight", None))
-    head_names = {n for n, m in modules if m is out_emb}
-    in_name = next((n for n, m in modules if m is in_emb), None)
-
-    wanted: list[tuple[str, Callable[[str], bool]]] = []
-    for g in space.groups:
-        if family is None:
-            raise ConfigError(
-                f"space.groups: cannot map groups to modules of model_type {model_type!r} (known families: GPT-2, "
-                f"BERT, Llama); list the matrices with space.modules, e.g. {{my_group: ['re:.*\\.mlp\\..*']}}. "
-                f"Module names look like: {', '.join(names[:6])}")
-        pat = fam.patterns[g]
-        wanted.append((g, lambda name, pat=pat: re.fullmatch(pat, name) is not None))
-    for g, sels in (space.modules or {}).items():
-        wanted.append((g, lambda name, sels=tuple(sels): any(selector_matches(s, name) for s in sels)))
-
-    owner: dict[str, str] = {}
-    matrices: list[Matrix] = []
-    for g, match in wanted:
-        hits = [(n, m) for n, m in modules if match(n)]
-        if not hits:
-            where = f"space.modules.{g}" if g not in GROUPS else f"space.groups: {g}"
-            raise ConfigError(f"{where}: no compressible module of this model (model_type {model_type!r}) matches; "
-                              f"module names look like: {', '.join(names[:8])}")
-        for n, m in hits:
-            if n in owner:
-                raise ConfigError(f"space: module {n} is in two groups ({owner[n]} and {g}); each matrix may be "
-                                  "searched by one group only")
-            if n in head_names:
-                raise ConfigError(f"space: {n} is the output embedding (LM head); it stays dense (the KnGPT2 "
-                                  "convention) — drop it from the group")
-            owner[n] = g
-            kind = module_type(m)
-            rows, cols = dense_dims(m)
-            if g == "embedding" and kind != "embedding":
-                raise ConfigError(f"space.groups: embedding matched {n}, a {type(m).__name__}, not an nn.Embedding")
-            blocks = 1
-            if fam is not None and kind != "embedding":
-                for selector, b in fam.fused.items():
-                    if selector_matches(selector, n):
-                        blocks = b
-            if rows % blocks:
-                blocks = 1
-            matrices.append(Matrix(n, g, layer_index(n) if kind != "embedding" else None, kind, rows, cols, blocks))
-    layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
-    return ModelInfo(
-        family=family, model_type=model_type, matrices=matrices, layers=layers,
-        params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
-        macs=macs_per_token(model), tied_input_embedding=in_name if tied else None,
-    )
-
-
-def teacher_skeleton(trial) -> Any:
-    """The teacher of a TrialConfig built on the meta device from its config alone (no weights are read)."""
-    from kron.errors import UserError
-    from kron.models import build_from_config, load_config
-
-    from kron.models import resolve_source
-
-    try:
-        src = resolve_source(trial.teacher)
-        config = load_config(src, trust_remote_code=trial.trust_remote_code)
-        task = "sequence-classification" if trial.glue is not None else "auto"
-        return build_from_config(config, task=task, device="meta", trust_remote_code=trial.trust_remote_code)
-    except UserError as exc:
-        raise ConfigError(f"trial.teacher: {trial.teacher!r}: {exc}") from None
+    @property
+    def tied(self) -> bool:
+        """A choice shared by the matrices of several numbered layers (tie_layers)."""
+        return self.layer is None and any(mx.layer is not None for mx in self.matrices)
 
 
 # ----------------------------------------------------------------------------------------------- the space
 
 
-class SearchSpace:
+class SearchSpace(BudgetMixin):
     """All plans of a `space:` section for one teacher; see the module docstring for the parametrisation."""
 
     def __init__(self, space: SpaceConfig, info: ModelInfo):
@@ -375,7 +265,7 @@ class SearchSpace:
         for c in self.choices:
             if c.layer is not None and c.layer not in on:
                 continue
-            if _tied(c) and not any(mx.layer in on for mx in c.matrices):
+            if c.tied and not any(mx.layer in on for mx in c.matrices):
                 continue  # tied group with every layer switched off
             params[c.key] = categorical(c.key, c.options)
         return params
@@ -546,166 +436,6 @@ class SearchSpace:
                 parts.append(f"{c.key} {params[c.key]}")
         return " | ".join(parts)
 
-    # --------------------------------------------------------------------------------- budget
-
-    def over_budget(self, params: dict) -> list[str]:
-        """The budget limits a plan breaks, as readable strings (empty: within budget)."""
-        if self.budget is None:
-            return []
-        c = self.plan_costs(params)
-        return _breaches(c, self.budget)
-
-    def within_budget(self, params: dict) -> bool:
-        return not self.over_budget(params)
-
-    def _excess(self, params: dict) -> float:
-        c = self.plan_costs(params)
-        b = self.budget
-        total = 0.0
-        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]),
-                             (b.max_params_excl_output_embedding, c["params_excl_output_embedding"])):
-            if limit is not None and value > limit:
-                total += (value - limit) / limit
-        return total
-
-    def _neighbours(self, params: dict) -> Iterable[dict]:
-        on = self.active_layers(params)
-        if self.layer_mode == "free":
-            for i in self.fixed_layers:
-                if i not in on:
-                    p = dict(params)
-                    p[f"L{i}.on"] = True
-                    for c in self.choices:  # a switched-on layer takes each choice's cheapest option
-                        if c.layer == i:
-                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
-                    yield p
-        if self.layer_mode == "count":
-            for i in on:
-                for j in self.fixed_layers:
-                    if j in on:
-                        continue
-                    p = dict(params)
-                    p[f"L{i}.priority"], p[f"L{j}.priority"] = 0.0, 1.0
-                    for c in self.choices:
-                        if c.layer == i:
-                            p.pop(c.key, None)
-                        if c.layer == j:
-                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
-                    yield p
-        for c in self.choices:
-            if c.key in params:
-                for o in c.options:
-                    if o != params[c.key]:
-                        yield {**params, c.key: o}
-            elif _tied(c) and any(mx.layer in on for mx in c.matrices):
-                yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o][0])}
-
-    def repair(self, params: dict, max_moves: int = 10_000) -> dict:
-        """The nearest plan within budget by greedy local moves (each move lowers the budget excess most);
-        falls back to the cheapest feasible plan found when the budget was checked."""
-        if self.budget is None:
-            return dict(params)
-        params = self._normalise(params)
-        for _ in range(max_moves):
-            excess = self._excess(params)
-            if excess <= 0 and not self.is_empty(params):
-                return params
-            best, best_excess = None, excess
-            for cand in self._neighbours(params):
-                cand = self._normalise(cand)
-                e = self._excess(cand)
-                if e < best_excess - 1e-15:
-                    best, best_excess = cand, e
-            if best is None:
-                break
-            params = best
-        return dict(self.feasible_plan)
-
-    def _normalise(self, params: dict) -> dict:
-        """Drop parameters of switched-off layers and add missing ones for switched-on layers (cheapest option),
-        so the dict is exactly what `define_by_run` would have produced."""
-        out = {k: v for k, v in params.items() if re.fullmatch(r"L\d+\.(on|priority)", k)}
-        on = self.active_layers(out)
-        for c in self.choices:
-            needed = ((c.layer is None and not _tied(c)) or (c.layer is not None and c.layer in on)
-                      or (_tied(c) and any(mx.layer in on for mx in c.matrices)))
-            if needed:
-                out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o][0]))
-        return out
-
-    def cheapest(self, metric: str = "params") -> dict:
-        """The plan with the fewest `metric` ("params", "params_excl_output_embedding" or "macs_per_token")."""
-        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}[metric]
-
-        def best(c: Choice) -> str:
-            return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
-
-        params: dict[str, Any] = {}
-        if self.layer_mode in ("free", "count"):
-            # a layer's saving when decomposed with its cheapest options (tied groups: per-matrix share)
-            saving = {}
-            for i in self.fixed_layers:
-                saving[i] = sum(c.deltas[best(c)][col] * sum(1 for mx in c.matrices if mx.layer == i)
-                                for c in self.choices)
-            if self.layer_mode == "free":
-                for i in self.fixed_layers:
-                    params[f"L{i}.on"] = saving[i] < 0
-            else:
-                ranked = sorted(self.fixed_layers, key=lambda i: (saving[i], i))[: self.count]
-                for i in self.fixed_layers:
-                    params[f"L{i}.priority"] = 1.0 if i in ranked else 0.0
-        for c in self.choices:
-            params[c.key] = best(c)
-        return self._normalise(params)
-
-    def _check_budget(self) -> dict:
-        """Raise ConfigError when no plan meets the budget; return a plan that does (the repair fallback)."""
-        b = self.budget
-        limits = [("max_params", b.max_params, "params"), ("max_macs", b.max_macs, "macs_per_token"),
-                  ("max_params_excl_output_embedding", b.max_params_excl_output_embedding,
-                   "params_excl_output_embedding")]
-        candidates = []
-        for field_name, limit, metric in limits:
-            if limit is None:
-                continue
-            plan = self.cheapest(metric)
-            value = self.plan_costs(plan)[metric]
-            if value > limit:
-                raise ConfigError(
-                    f"space.budget.{field_name}: {limit:,} cannot be met — the cheapest plan of this space has "
-                    f"{value:,} {metric.replace('_', ' ')} (teacher: {self._teacher_value(metric):,}); raise the "
-                    "limit or widen the space (more groups or layers, higher max_compression, more embedding "
-                    "factors)")
-            candidates.append(plan)
-        for plan in candidates:
-            if self.within_budget(plan):
-                return plan
-        rng = random.Random(0)
-        for _ in range(200):
-            plan = self.repair_from(candidates[0], rng)
-            if plan is not None:
-                return plan
-        costs = "; ".join(f"{k}: {v:,}" for k, v in self.plan_costs(candidates[0]).items()
-                          if k != "compression_ratio")
-        raise ConfigError(f"space.budget: each limit can be met on its own but no plan meeting all of them together "
-                          f"was found (the plan with the fewest parameters has {costs}); relax one limit")
-
-    def repair_from(self, params: dict, rng: random.Random) -> dict | None:
-        params = self._normalise(params)
-        for _ in range(1000):
-            if self.within_budget(params):
-                return params
-            moves = [self._normalise(p) for p in self._neighbours(params)]
-            better = [p for p in moves if self._excess(p) < self._excess(params)]
-            if not better:
-                return None
-            params = rng.choice(better)
-        return None
-
-    def _teacher_value(self, metric: str) -> int:
-        return {"params": self.info.params, "macs_per_token": self.info.macs,
-                "params_excl_output_embedding": self.info.params_excl_output_embedding}[metric]
-
     # --------------------------------------------------------------------------------- size
 
     def size(self) -> int:
@@ -713,7 +443,7 @@ class SearchSpace:
         return self._size_with_empty() - (1 if self._empty_possible() else 0)
 
     def _empty_possible(self) -> bool:
-        non_layer = [c for c in self.choices if c.layer is None and not _tied(c)]
+        non_layer = [c for c in self.choices if c.layer is None and not c.tied]
         layered = [c for c in self.choices if c not in non_layer]
         if not all(KEEP in c.options for c in non_layer):
             return False
@@ -724,8 +454,8 @@ class SearchSpace:
     def _size_with_empty(self) -> int:
         allow_keep = {c.key: KEEP in c.options for c in self.choices}
         n_opts = {c.key: len(c.options) for c in self.choices}
-        non_layer = [c for c in self.choices if c.layer is None and not _tied(c)]
-        tied = [c for c in self.choices if _tied(c)]
+        non_layer = [c for c in self.choices if c.layer is None and not c.tied]
+        tied = [c for c in self.choices if c.tied]
         base = math.prod(n_opts[c.key] for c in non_layer)
         if self.layer_mode not in ("free", "count"):
             return base * math.prod(n_opts[c.key] for c in self.choices if c not in non_layer)
@@ -788,11 +518,6 @@ class SearchSpace:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _tied(c: Choice) -> bool:
-    """A choice shared by the matrices of several numbered layers (tie_layers)."""
-    return c.layer is None and any(mx.layer is not None for mx in c.matrices)
-
-
 def _parse_or_error(option: str, group: str):
     from kron.methods import parse_option as parse_spec
 
@@ -816,14 +541,3 @@ def _elementary_symmetric(values: Sequence[int], k: int) -> int:
         for j in range(k, 0, -1):
             e[j] += e[j - 1] * v
     return e[k]
-
-
-def _breaches(costs: dict, budget) -> list[str]:
-    out = []
-    for name, limit, metric in (("max_params", budget.max_params, "params"),
-                                ("max_macs", budget.max_macs, "macs_per_token"),
-                                ("max_params_excl_output_embedding", budget.max_params_excl_output_embedding,
-                                 "params_excl_output_embedding")):
-        if limit is not None and costs[metric] > limit:
-            out.append(f"{metric} {costs[metric]:,} > {name} {limit:,}")
-    return out

@@ -1,0 +1,187 @@
+"""Budgets of a search space: which plans break a hard limit (parameters, multiply-adds), the nearest plan within
+budget by greedy local moves, the cheapest plan, and the check that a budget can be met at all — before Ray starts.
+
+`BudgetMixin` is mixed into `search.space.SearchSpace`, whose choices, costs and normalisation it uses.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Iterable
+
+from kron.errors import ConfigError
+
+__all__ = ["BudgetMixin"]
+
+
+class BudgetMixin:
+    """Budget checks and repairs of a SearchSpace (see the module docstring)."""
+
+    def over_budget(self, params: dict) -> list[str]:
+        """The budget limits a plan breaks, as readable strings (empty: within budget)."""
+        if self.budget is None:
+            return []
+        c = self.plan_costs(params)
+        return _breaches(c, self.budget)
+
+    def within_budget(self, params: dict) -> bool:
+        return not self.over_budget(params)
+
+    def _excess(self, params: dict) -> float:
+        c = self.plan_costs(params)
+        b = self.budget
+        total = 0.0
+        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]),
+                             (b.max_params_excl_output_embedding, c["params_excl_output_embedding"])):
+            if limit is not None and value > limit:
+                total += (value - limit) / limit
+        return total
+
+    def _neighbours(self, params: dict) -> Iterable[dict]:
+        on = self.active_layers(params)
+        if self.layer_mode == "free":
+            for i in self.fixed_layers:
+                if i not in on:
+                    p = dict(params)
+                    p[f"L{i}.on"] = True
+                    for c in self.choices:  # a switched-on layer takes each choice's cheapest option
+                        if c.layer == i:
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    yield p
+        if self.layer_mode == "count":
+            for i in on:
+                for j in self.fixed_layers:
+                    if j in on:
+                        continue
+                    p = dict(params)
+                    p[f"L{i}.priority"], p[f"L{j}.priority"] = 0.0, 1.0
+                    for c in self.choices:
+                        if c.layer == i:
+                            p.pop(c.key, None)
+                        if c.layer == j:
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    yield p
+        for c in self.choices:
+            if c.key in params:
+                for o in c.options:
+                    if o != params[c.key]:
+                        yield {**params, c.key: o}
+            elif c.tied and any(mx.layer in on for mx in c.matrices):
+                yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o][0])}
+
+    def repair(self, params: dict, max_moves: int = 10_000) -> dict:
+        """The nearest plan within budget by greedy local moves (each move lowers the budget excess most);
+        falls back to the cheapest feasible plan found when the budget was checked."""
+        if self.budget is None:
+            return dict(params)
+        params = self._normalise(params)
+        for _ in range(max_moves):
+            excess = self._excess(params)
+            if excess <= 0 and not self.is_empty(params):
+                return params
+            best, best_excess = None, excess
+            for cand in self._neighbours(params):
+                cand = self._normalise(cand)
+                e = self._excess(cand)
+                if e < best_excess - 1e-15:
+                    best, best_excess = cand, e
+            if best is None:
+                break
+            params = best
+        return dict(self.feasible_plan)
+
+    def _normalise(self, params: dict) -> dict:
+        """Drop parameters of switched-off layers and add missing ones for switched-on layers (cheapest option),
+        so the dict is exactly what `define_by_run` would have produced."""
+        out = {k: v for k, v in params.items() if re.fullmatch(r"L\d+\.(on|priority)", k)}
+        on = self.active_layers(out)
+        for c in self.choices:
+            needed = ((c.layer is None and not c.tied) or (c.layer is not None and c.layer in on)
+                      or (c.tied and any(mx.layer in on for mx in c.matrices)))
+            if needed:
+                out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o][0]))
+        return out
+
+    def cheapest(self, metric: str = "params") -> dict:
+        """The plan with the fewest `metric` ("params", "params_excl_output_embedding" or "macs_per_token")."""
+        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}[metric]
+
+        def best(c) -> str:
+            return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
+
+        params: dict[str, Any] = {}
+        if self.layer_mode in ("free", "count"):
+            # a layer's saving when decomposed with its cheapest options (tied groups: per-matrix share)
+            saving = {}
+            for i in self.fixed_layers:
+                saving[i] = sum(c.deltas[best(c)][col] * sum(1 for mx in c.matrices if mx.layer == i)
+                                for c in self.choices)
+            if self.layer_mode == "free":
+                for i in self.fixed_layers:
+                    params[f"L{i}.on"] = saving[i] < 0
+            else:
+                ranked = sorted(self.fixed_layers, key=lambda i: (saving[i], i))[: self.count]
+                for i in self.fixed_layers:
+                    params[f"L{i}.priority"] = 1.0 if i in ranked else 0.0
+        for c in self.choices:
+            params[c.key] = best(c)
+        return self._normalise(params)
+
+    def _check_budget(self) -> dict:
+        """Raise ConfigError when no plan meets the budget; return a plan that does (the repair fallback)."""
+        b = self.budget
+        limits = [("max_params", b.max_params, "params"), ("max_macs", b.max_macs, "macs_per_token"),
+                  ("max_params_excl_output_embedding", b.max_params_excl_output_embedding,
+                   "params_excl_output_embedding")]
+        candidates = []
+        for field_name, limit, metric in limits:
+            if limit is None:
+                continue
+            plan = self.cheapest(metric)
+            value = self.plan_costs(plan)[metric]
+            if value > limit:
+                raise ConfigError(
+                    f"space.budget.{field_name}: {limit:,} cannot be met — the cheapest plan of this space has "
+                    f"{value:,} {metric.replace('_', ' ')} (teacher: {self._teacher_value(metric):,}); raise the "
+                    "limit or widen the space (more groups or layers, higher max_compression, more embedding "
+                    "factors)")
+            candidates.append(plan)
+        for plan in candidates:
+            if self.within_budget(plan):
+                return plan
+        rng = random.Random(0)
+        for _ in range(200):
+            plan = self.repair_from(candidates[0], rng)
+            if plan is not None:
+                return plan
+        costs = "; ".join(f"{k}: {v:,}" for k, v in self.plan_costs(candidates[0]).items()
+                          if k != "compression_ratio")
+        raise ConfigError(f"space.budget: each limit can be met on its own but no plan meeting all of them together "
+                          f"was found (the plan with the fewest parameters has {costs}); relax one limit")
+
+    def repair_from(self, params: dict, rng: random.Random) -> dict | None:
+        params = self._normalise(params)
+        for _ in range(1000):
+            if self.within_budget(params):
+                return params
+            moves = [self._normalise(p) for p in self._neighbours(params)]
+            better = [p for p in moves if self._excess(p) < self._excess(params)]
+            if not better:
+                return None
+            params = rng.choice(better)
+        return None
+
+    def _teacher_value(self, metric: str) -> int:
+        return {"params": self.info.params, "macs_per_token": self.info.macs,
+                "params_excl_output_embedding": self.info.params_excl_output_embedding}[metric]
+
+
+def _breaches(costs: dict, budget) -> list[str]:
+    out = []
+    for name, limit, metric in (("max_params", budget.max_params, "params"),
+                                ("max_macs", budget.max_macs, "macs_per_token"),
+                                ("max_params_excl_output_embedding", budget.max_params_excl_output_embedding,
+                                 "params_excl_output_embedding")):
+        if limit is not None and costs[metric] > limit:
+            out.append(f"{metric} {costs[metric]:,} > {name} {limit:,}")
+    return out
