@@ -1,4 +1,5 @@
-"""The search space of Kronecker compression plans for one teacher, sized without loading its weights.
+"""The search space of compression plans for one teacher, sized without loading its weights (the teacher's
+matrices come from search/model_info.py, budget checks and repairs from search/budget.py).
 
 The teacher's transformers config is instantiated on the `meta` device (no memory, no weights): enough to list its
 matrices and their shapes. Matrices are grouped (embedding, attention = Q/K/V, attention_output, ffn_in, ffn_out,
