@@ -2,14 +2,24 @@
 and its layers in `layer.py`), behind one registry (`kron.methods.base`). Surgery, save/load, plan files, the search
 space and analysis go through the registry and know no method by name.
 
-The built-in methods, in the order error messages list them: `kronecker` (Kronecker factors of linear layers),
-`kron_embedding` (A ⊗ B word embeddings), `lowrank` (U·V). Adding one: see the README's developer section.
+The built-in methods, in the order error messages list them (`Method.order`): `kronecker` (Kronecker factors of
+linear layers), `kron_embedding` (A ⊗ B word embeddings), `lowrank` (U·V). Every subpackage of this folder is
+imported (and so registered) on first use: adding a method is adding a folder; see the README's developer section.
 """
 from .base import (LINEAR_KINDS, Method, ModuleSpec, Slot, all_methods, get_method, method_of_module,  # noqa: F401
                    parse_label, parse_option, register, rule_keys, spec_from_dict, unregister)
-from . import kronecker  # noqa: F401,E402  (registers)
-from . import kron_embedding  # noqa: F401,E402
-from . import lowrank  # noqa: F401,E402
+
+def _discover() -> None:
+    """Import every method subpackage of kron/methods (each registers itself): a new method is a new folder."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = ["LINEAR_KINDS", "Method", "ModuleSpec", "Slot", "all_methods", "get_method", "method_of_module",
            "parse_label", "parse_option", "register", "rule_keys", "spec_from_dict", "unregister"]

@@ -144,6 +144,7 @@ class Method:
     primary_keys: tuple[str, ...] = ()
     option_keys: dict[str, Any] = {}
     alternative: str | None = None
+    order: int = 100  # position in listings and error messages; the built-ins use 10, 20, 30
     dict_key: str
     rule_hint: str  # its rule keys as error messages name them, e.g. "shape or factor"
 
@@ -203,7 +204,7 @@ def register(method: Method) -> Method:
 
 def all_methods() -> list[Method]:
     """Registered methods, main choices first, then the alternatives, each in registration order."""
-    methods = list(_REGISTRY.values())
+    methods = sorted(_REGISTRY.values(), key=lambda m: m.order)  # stable: equal orders keep registration order
     return [m for m in methods if m.alternative is None] + [m for m in methods if m.alternative is not None]
 
 

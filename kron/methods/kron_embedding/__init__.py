@@ -81,6 +81,7 @@ class KroneckerEmbeddingMethod(Method):
     module_kinds = ("embedding",)
     primary_keys = ("embedding_factor",)
     option_keys = {}
+    order = 20
     dict_key = "embedding_factor"
     rule_hint = "embedding_factor (A v x d/f ⊗ B 1 x f)"
 

@@ -164,6 +164,7 @@ class KroneckerMethod(Method):
     module_kinds = LINEAR_KINDS
     primary_keys = ("shape", "factor")
     option_keys = {"rank": 1, "blocks": 1}
+    order = 10
     dict_key = "shape"
     rule_hint = "shape or factor"
 

@@ -92,6 +92,7 @@ class LowRankMethod(Method):
     primary_keys = ("lowrank_rank", "lowrank_ratio")
     option_keys = {"blocks": 1}
     alternative = "a low-rank U·V instead of Kronecker factors"
+    order = 30
     dict_key = "lowrank_rank"
     rule_hint = "lowrank_rank or lowrank_ratio"
 
