@@ -27,9 +27,10 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 class FactoredLinear(nn.Module):
     """Base of a linear layer stored as factors. Subclasses set `in_features`, `out_features`, `bias`,
-    `init_error` and implement `forward`, `to_dense`, `macs_per_token`, `factor_params`, `_check(out, in, *args,
-    what=...)` (raise on arguments that do not fit an out x in weight) and `_from_weight(weight, bias, *args)` (the
-    data-free initialisation from a dense (out, in) weight)."""
+    `init_error`, take `(in_features, out_features, *args, bias=, device=, dtype=)` and implement `forward`,
+    `to_dense`, `macs_per_token`, `factor_params`, `_check(out, in, *args, what=...)` (raise on arguments that do
+    not fit an out x in weight) and `_nearest(weight, *args)` (the
+    data-free factors of a dense (out, in) weight)."""
 
     init_error: float | None
 
@@ -38,8 +39,24 @@ class FactoredLinear(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *args):
+    def _nearest(cls, weight: torch.Tensor, *args) -> tuple[dict[str, torch.Tensor], float]:
+        """The factors (parameter name -> tensor) that best approximate a dense (out, in) weight, and their
+        relative Frobenius error."""
         raise NotImplementedError
+
+    @classmethod
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *args):
+        """A layer holding `_nearest(weight, *args)` and the bias, on the weight's device and dtype."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, *args, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        factors, rel_error = cls._nearest(weight, *args)
+        with torch.no_grad():
+            for name, value in factors.items():
+                getattr(layer, name).copy_(value.to(weight.dtype))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.init_error = rel_error
+        return layer
 
     @classmethod
     def from_linear(cls, module: nn.Module, *args):

@@ -65,17 +65,9 @@ class KroneckerLinear(FactoredLinear):
         validate_shape(out_features, in_features, shape, rank, what=what)
 
     @classmethod
-    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, shape, rank: int = 1) -> "KroneckerLinear":
-        out_f, in_f = weight.shape
-        layer = cls(in_f, out_f, shape, rank, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    def _nearest(cls, weight: torch.Tensor, shape, rank: int = 1) -> tuple[dict, float]:
         factors = nearest_kronecker(weight, shape, rank)
-        with torch.no_grad():
-            layer.A.copy_(factors.A.to(weight.dtype))
-            layer.B.copy_(factors.B.to(weight.dtype))
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.init_error = factors.rel_error
-        return layer
+        return {"A": factors.A, "B": factors.B}, factors.rel_error
 
     def extra_repr(self) -> str:
         m1, n1, m2, n2 = self.shape

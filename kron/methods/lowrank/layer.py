@@ -68,17 +68,9 @@ class LowRankLinear(FactoredLinear):
         _check_lowrank(out_features, in_features, rank, what)
 
     @classmethod
-    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "LowRankLinear":
-        out_f, in_f = weight.shape
-        layer = cls(in_f, out_f, rank, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    def _nearest(cls, weight: torch.Tensor, rank: int) -> tuple[dict, float]:
         factors = nearest_lowrank(weight, rank)
-        with torch.no_grad():
-            layer.U.copy_(factors.U.to(weight.dtype))
-            layer.V.copy_(factors.V.to(weight.dtype))
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.init_error = factors.rel_error
-        return layer
+        return {"U": factors.U, "V": factors.V}, factors.rel_error
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
