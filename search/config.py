@@ -514,20 +514,20 @@ def _check_local_inputs(trial: dict, where: str) -> None:
 
     teacher = trial.get("teacher")
     if isinstance(teacher, str) and not teacher.startswith("config:") and Path(teacher).is_dir():
-        from kron.models import _check_weights
+        from kron.models import check_weights
 
         try:
-            _check_weights(Path(teacher))
+            check_weights(Path(teacher))
         except UserError as exc:
             raise ConfigError(f"{where}: trial.teacher: {exc}") from None
     data = trial.get("data")
     source = data.get("source") if isinstance(data, dict) else None
     if isinstance(source, str) and Path(source).is_dir() and trial.get("stage1", {}) is not None:  # stage 1 reads it
-        from trials.data import _local_source_file
+        from trials.data import local_source_file
 
         for split in ("train", "valid"):
             try:
-                _local_source_file(source, split)
+                local_source_file(source, split)
             except UserError as exc:
                 raise ConfigError(f"{where}: trial.data.source: {exc}") from None
 

@@ -115,9 +115,7 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
 def teacher_skeleton(trial) -> Any:
     """The teacher of a TrialConfig built on the meta device from its config alone (no weights are read)."""
     from kron.errors import UserError
-    from kron.models import build_from_config, load_config
-
-    from kron.models import resolve_source
+    from kron.models import build_from_config, load_config, resolve_source
 
     try:
         src = resolve_source(trial.teacher)

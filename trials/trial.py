@@ -53,23 +53,14 @@ class _Diverged(Exception):
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def resolve_teacher_source(src: str) -> str:
-    """'demo' → the bundled demo teacher's directory; anything else unchanged."""
-    if src == "demo":
-        from .teacher import demo_teacher_dir
-
-        return str(demo_teacher_dir())
-    return src
-
-
 def load_teacher(cfg: TrialConfig, device: torch.device):
     """The teacher (eval mode, frozen, eager attention) and its tokenizer, cached per process."""
     task = "sequence-classification" if cfg.glue is not None else "auto"
     key = (cfg.teacher, task, str(device), cfg.dtype, cfg.trust_remote_code)
     if key not in _TEACHERS:
-        from kron.models import load_model, load_tokenizer
+        from kron.models import load_model, load_tokenizer, resolve_source
 
-        src = resolve_teacher_source(cfg.teacher)
+        src = resolve_source(cfg.teacher)
         model = load_model(src, task=task, device=device, dtype=getattr(torch, cfg.dtype),
                            trust_remote_code=cfg.trust_remote_code)
         if hasattr(model, "set_attn_implementation"):
