@@ -60,6 +60,8 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _trial(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from kron.vocab import SUMMARY_NAME
+
     from .config import read_yaml_mapping
     from .trial import run_trial
 
@@ -68,17 +70,15 @@ def _trial(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / "trials" / (data.get("name") or path.stem))
     summary = run_trial(data, output_dir=out, progress=not args.no_progress)
     brief = {k: v for k, v in summary.items() if k not in ("history", "config", "plan", "plan_resolved", "init_errors")}
-    brief["summary_path"] = str(Path(out) / "trial_summary.json")
+    brief["summary_path"] = str(Path(out) / SUMMARY_NAME)
     print(json.dumps(brief, default=str))
     return 0 if summary["status"] == "complete" else 1
 
 
 def _eval(args: argparse.Namespace) -> int:
     from kron.errors import ConfigError
-    from kron.models import load_model, load_tokenizer, pick_device
+    from kron.models import load_model, load_tokenizer, pick_device, resolve_source
     from kron.surgery import count_params
-
-    from kron.models import resolve_source
 
     from .trial import evaluate_glue, evaluate_lm
 

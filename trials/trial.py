@@ -19,6 +19,7 @@ import torch
 
 from kron.errors import UserError
 from kron.fsutil import atomic_write_json
+from kron.vocab import SCHEMA, SUMMARY_NAME
 
 from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
@@ -26,8 +27,6 @@ from .hooks import TrialHooks, default_hooks
 
 __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
 
-SUMMARY_NAME = "trial_summary.json"
-SCHEMA = "kronsearch.trial/1"
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
 # Per-process caches: a reused worker loads each teacher and data set once.
