@@ -41,12 +41,16 @@ def rearrange(W: torch.Tensor, m1: int, n1: int, m2: int, n2: int) -> torch.Tens
 
 @dataclass
 class KroneckerFactors:
-    """Result of `nearest_kronecker`: A (rank, m1, n1), B (rank, m2, n2), relative Frobenius error."""
+    """Result of `nearest_kronecker` (or `kron.datainit.data_aware_kronecker`): A (rank, m1, n1), B (rank, m2, n2),
+    relative Frobenius (weight) error; data-aware results also give the relative output error on the calibration
+    statistics and which init won ("data", or "svd" when the SVD init was better on the calibration objective)."""
 
     A: torch.Tensor
     B: torch.Tensor
     rel_error: float
     singular_values: torch.Tensor
+    output_error: float | None = None
+    init: str = "svd"
 
     def to_dense(self) -> torch.Tensor:
         return sum(torch.kron(a, b) for a, b in zip(self.A, self.B))
@@ -85,12 +89,16 @@ def nearest_kronecker(W: torch.Tensor, shape, rank: int = 1, *, dtype: torch.dty
 
 @dataclass
 class LowRankFactors:
-    """Result of `nearest_lowrank`: U (m, rank), V (rank, n), relative Frobenius error, all singular values."""
+    """Result of `nearest_lowrank` (or `kron.datainit.whitened_lowrank`): U (m, rank), V (rank, n), relative Frobenius
+    (weight) error, all singular values; data-aware results also give the relative output error on the calibration
+    statistics and which init won."""
 
     U: torch.Tensor
     V: torch.Tensor
     rel_error: float
     singular_values: torch.Tensor
+    output_error: float | None = None
+    init: str = "svd"
 
     def to_dense(self) -> torch.Tensor:
         return self.U @ self.V

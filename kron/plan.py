@@ -242,13 +242,14 @@ class Rule:
     def matches(self, name: str) -> bool:
         return _layers_match(self.layers, layer_index(name)) and any(selector_matches(s, name) for s in self.select)
 
-    def spec_for(self, name: str, module: nn.Module) -> ModuleSpec:
-        """The concrete spec of this rule for one module, validated against its size."""
+    def spec_for(self, name: str, module: nn.Module, *, split: str | None = None) -> ModuleSpec:
+        """The concrete spec of this rule for one module, validated against its size. split: the side `factor:`
+        rules prefer to split among equally compressing shapes ("output", the default, or "input")."""
         kind = module_type(module)
         if kind is None:
             raise PlanError(f"{self.where}: {_unsupported_message(name, module)}")
         m, n = dense_dims(module)
-        slot = Slot(self.where, name, kind, type(module).__name__, m, n)
+        slot = Slot(self.where, name, kind, type(module).__name__, m, n, split)
         return self.method.spec_for(self.options, slot)
 
     def to_dict(self) -> dict:
@@ -423,9 +424,14 @@ class CompressionPlan:
                 owner[n] = i
         return owner
 
-    def resolve(self, model: nn.Module) -> dict[str, ModuleSpec | str]:
+    def resolve(self, model: nn.Module, *, split: str | None = None) -> dict[str, ModuleSpec | str]:
         """Name -> ModuleSpec | "keep", in model order, for every supported module (nn.Linear, Conv1D, nn.Embedding)
-        and every module a rule selects. Raises PlanError when the plan does not fit the model."""
+        and every module a rule selects. Raises PlanError when the plan does not fit the model.
+
+        split: among equally compressing shapes, `factor:` rules (and the `uniform:` preset) split the "output"
+        (default; the papers' tie-break) or the "input" (what data-aware init serves best)."""
+        if split is not None and split not in ("output", "input"):
+            raise PlanError(f"split must be 'output' or 'input', got {split!r}")
         owner = self.assign(model)
         out: dict[str, ModuleSpec | str] = {}
         for name, module in model.named_modules():
@@ -437,7 +443,7 @@ class CompressionPlan:
                 if module_type(module) is not None:
                     out[name] = KEEP
                 continue
-            out[name] = rule.spec_for(name, module)
+            out[name] = rule.spec_for(name, module, split=split)
         return out
 
     @classmethod

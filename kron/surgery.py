@@ -16,6 +16,7 @@ import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import Mapping
 
+import torch
 from torch import nn
 
 from . import methods
@@ -30,6 +31,7 @@ __all__ = [
     "as_plan",
     "compress",
     "count_params",
+    "default_split",
     "input_embedding",
     "is_factored",
     "is_kronecker",
@@ -167,7 +169,11 @@ class ModuleRecord:
     params_after: int  # factors + bias
     macs_before: int
     macs_after: int
-    init_error: float | None  # relative Frobenius error of the SVD initialisation; None with init="none"
+    init_error: float | None  # relative Frobenius (weight) error of the initialisation; None with init="none"
+    # relative output error sqrt(E‖(W − Ŵ)x‖² / E‖Wx‖²) on held-out calibration tokens (None without calibration
+    # statistics, for embeddings, and in reports written before it existed)
+    output_error: float | None = None
+    init: str | None = None  # how this module was initialised: "data", "svd" or "none" (None in older reports)
 
 
 @dataclass
@@ -191,6 +197,8 @@ class CompressionReport:
     modules: list[ModuleRecord] = field(default_factory=list)
     untied_output_embedding: bool = False
     init: str = "svd"
+    calib: dict | None = None  # the calibration statistics used: tokens, heldout_tokens, key (None without)
+    notes: list[str] = field(default_factory=list)  # e.g. modules a method could not initialise from data
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # the compressed model
 
     @property
@@ -199,6 +207,10 @@ class CompressionReport:
 
     def init_errors(self) -> dict[str, float | None]:
         return {r.name: r.init_error for r in self.modules}
+
+    def output_errors(self) -> dict[str, float | None]:
+        """Module -> relative output error on held-out calibration tokens (None where not measured)."""
+        return {r.name: r.output_error for r in self.modules}
 
     def to_dict(self) -> dict:
         # not asdict(self): it would deep-copy the model
@@ -213,14 +225,17 @@ class CompressionReport:
         rows = self.modules if max_modules is None else self.modules[:max_modules]
         if rows:
             w = max(len(r.name) for r in rows)
-            lines.append(f"{'module':<{w}}  {'type':<9} {'dense':>12}  {'spec':<36} {'params':>23}  init_err")
+            with_out = any(r.output_error is not None for r in self.modules)
+            head = f"{'module':<{w}}  {'type':<9} {'dense':>12}  {'spec':<36} {'params':>23}  init_err"
+            lines.append(head + ("  out_err  init" if with_out else ""))
             for r in rows:
                 dense = f"{r.dense_shape[0]}x{r.dense_shape[1]}"
                 spec = ModuleSpec.from_dict(r.spec).describe(*r.dense_shape)
-                err = "-" if r.init_error is None else (f"{r.init_error:.4f}" if r.init_error >= 1e-3
-                                                        else f"{r.init_error:.1e}")
-                lines.append(f"{r.name:<{w}}  {r.module_type:<9} {dense:>12}  {spec:<36} "
-                             f"{r.params_before:>11,}->{r.params_after:<11,} {err}")
+                line = (f"{r.name:<{w}}  {r.module_type:<9} {dense:>12}  {spec:<36} "
+                        f"{r.params_before:>11,}->{r.params_after:<11,} {_fmt_err(r.init_error)}")
+                if with_out:
+                    line = f"{line:<{len(head)}}  {_fmt_err(r.output_error):<7}  {r.init or '-'}"
+                lines.append(line)
             if len(self.modules) > len(rows):
                 lines.append(f"... and {len(self.modules) - len(rows)} more modules")
         else:
@@ -232,7 +247,19 @@ class CompressionReport:
                      f"{self.macs_per_token_after:,} ({self.mac_reduction:.2f}x)")
         if self.untied_output_embedding:
             lines.append("the LM head was untied from the input embedding and kept dense")
+        if self.calib is not None:
+            held = self.calib.get("heldout_tokens") or 0
+            lines.append(f"init {self.init}: calibration statistics of {self.calib.get('tokens', 0):,} tokens"
+                         + (f"; out_err = relative output error on {held:,} held-out tokens, init_err = relative "
+                            "weight error" if held else "; out_err on the same tokens (no held-out tokens)"))
+        lines.extend(self.notes)
         return "\n".join(lines)
+
+
+def _fmt_err(err: float | None) -> str:
+    if err is None:
+        return "-"
+    return f"{err:.4f}" if err >= 1e-3 else f"{err:.1e}"
 
 
 # ----------------------------------------------------------------------------------------------- compress
@@ -245,29 +272,53 @@ def as_plan(plan, config=None) -> CompressionPlan:
     return get_plan(plan, config)
 
 
-def compress(model: nn.Module, plan, *, inplace: bool = True, init: str = "svd") -> CompressionReport:
+INITS = ("svd", "data", "none")
+
+
+def default_split(init: str) -> str:
+    """The side `factor:` rules split by default under an init: "input" for data-aware init, else "output"."""
+    return "input" if init == "data" else "output"
+
+
+def compress(model: nn.Module, plan, *, inplace: bool = True, init: str = "svd", calib=None,
+             split: str | None = None) -> CompressionReport:
     """Replace the modules a plan selects with Kronecker layers.
 
     Args:
         model: a transformers model (GPT-2 with Conv1D, BERT, Llama-family, ...) or any nn.Module.
         plan: a CompressionPlan, a plan dict, a plan file path, or a preset name ("kngpt2", "uniform:4", ...).
         inplace: modify `model`; if False a deep copy is compressed (find it in `report.model`).
-        init: "svd" initialises the factors with the nearest Kronecker product of each weight; "none" only builds
-            the structure (factors random), for loading saved weights into it.
+        init: "svd" initialises the factors with the nearest Kronecker product of each weight (truncated SVD for
+            low-rank); "data" minimises the output error on calibration inputs instead (`kron.datainit`; needs
+            `calib`); "none" only builds the structure (factors random), for loading saved weights into it.
+        calib: `kron.calibration.CalibStats` of this model (`collect_input_stats`). Needed by init="data"; with
+            init="svd" it only adds each module's output error to the report.
+        split: which side `factor:` rules and `uniform:` presets split among equally compressing shapes: "output"
+            (the papers' tie-break) or "input"; default "input" with init="data" (what it serves best), else
+            "output".
     Returns a CompressionReport (counts before and after, per-module records).
     """
-    if init not in ("svd", "none"):
-        raise ValueError(f"init must be 'svd' or 'none', got {init!r}")
+    _check_init(init, calib)
     plan = as_plan(plan, getattr(model, "config", None))
-    resolved = plan.resolve(model)  # raises before anything changes
-    return apply_specs(model, resolved, inplace=inplace, init=init)
+    resolved = plan.resolve(model, split=split or default_split(init))  # raises before anything changes
+    return apply_specs(model, resolved, inplace=inplace, init=init, calib=calib)
+
+
+def _check_init(init: str, calib) -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be 'svd', 'data' or 'none', got {init!r}")
+    if init == "data" and calib is None:
+        raise PlanError("init 'data' needs calibration statistics (calib=kron.calibration.collect_input_stats(...); "
+                        "on the command line --calib SRC)")
 
 
 def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping], *, inplace: bool = True,
-                init: str = "svd") -> CompressionReport:
-    """Replace modules by name following resolved specs (name -> ModuleSpec | spec dict | "keep")."""
-    if init not in ("svd", "none"):
-        raise ValueError(f"init must be 'svd' or 'none', got {init!r}")
+                init: str = "svd", calib=None) -> CompressionReport:
+    """Replace modules by name following resolved specs (name -> ModuleSpec | spec dict | "keep").
+
+    init / calib: as in `compress`. A module whose method has no data-aware init is initialised by SVD under
+    init="data" (a note in the report says which); embeddings are always data-free."""
+    _check_init(init, calib)
     if not inplace:
         model = copy.deepcopy(model)
     specs = {n: s if s == KEEP or isinstance(s, ModuleSpec) else ModuleSpec.from_dict(s) for n, s in specs.items()}
@@ -277,6 +328,13 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         if name not in modules:
             raise PlanError(f"the model has no module named {name!r}")
         _check_kind(name, modules[name], spec)
+    if init == "data":
+        missing = [n for n, s in todo if module_type(modules[n]) in methods.LINEAR_KINDS
+                   and methods.get_method(s.method).data_init and n not in calib]
+        if missing:
+            raise PlanError(f"the calibration statistics have no entry for {', '.join(missing[:3])}"
+                            f"{' ...' if len(missing) > 3 else ''}: they were collected for another model or other "
+                            "modules; collect them for this model")
 
     params_before = count_params(model)
     excl_before = count_params(model, exclude_output_embedding=True)
@@ -286,10 +344,21 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
             and getattr(out_emb, "weight", None) is not None and out_emb.weight is getattr(in_emb, "weight", None))
 
     records: list[ModuleRecord] = []
+    notes: list[str] = []
+    no_data: dict[str, list[str]] = {}
     replaced: set[int] = set()
     for name, spec in todo:
         old = modules[name]
-        new = _build(old, spec, init)
+        method = methods.get_method(spec.method)
+        linear = module_type(old) in methods.LINEAR_KINDS
+        stats = calib.stats(name) if calib is not None and linear and name in calib else None
+        if init == "data" and linear and method.data_init:
+            new = method.build(old, spec, "data", stats=stats)
+        else:
+            if init == "data" and linear:
+                no_data.setdefault(method.name, []).append(name)
+            new = method.build(old, spec, "svd" if init == "data" else init)
+        out_err = _output_error(old, new, stats) if stats is not None and init != "none" else None
         new.train(old.training)
         weight = old.weight
         if not weight.requires_grad:
@@ -306,8 +375,12 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
             params_after=sum(p.numel() for p in new.parameters()),
             macs_before=m * n if module_type(old) in methods.LINEAR_KINDS else 0,
             macs_after=int(new.macs_per_token) if module_type(old) in methods.LINEAR_KINDS else 0,
-            init_error=new.init_error,
+            init_error=new.init_error, output_error=out_err,
+            init="none" if init == "none" else (getattr(new, "init_source", None) or "svd"),
         ))
+    for method_name, names in no_data.items():
+        notes.append(f"method {method_name} has no data-aware init: {len(names)} module(s) initialised by SVD "
+                     f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
 
     untied = False
     if tied and (id(in_emb) in replaced or id(out_emb) in replaced):
@@ -329,8 +402,24 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         modules=records,
         untied_output_embedding=untied,
         init=init,
+        calib=None if calib is None else {"tokens": calib.tokens, "heldout_tokens": calib.heldout_tokens,
+                                          "key": dict(calib.key)},
+        notes=notes,
         model=model,
     )
+
+
+def _output_error(old: nn.Module, new: nn.Module, stats) -> float | None:
+    """Relative output error of the new module against the dense one on the held-out S (the fit S without one)."""
+    from .datainit import output_error
+    from .methods.layers import linear_weight
+
+    to_dense = getattr(new, "to_dense", None)
+    if not callable(to_dense):
+        return None
+    S = stats.S_heldout if stats.S_heldout is not None else stats.S
+    with torch.no_grad():
+        return output_error(linear_weight(old)[0], S, to_dense())
 
 
 def untie_word_embeddings(model: nn.Module) -> None:
@@ -362,10 +451,6 @@ def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
                         "embedding_factor is for nn.Embedding, shape or lowrank_rank for linear layers")
     m, n = dense_dims(module)
     spec.check(Slot("spec", name, kind, type(module).__name__, m, n))
-
-
-def _build(old: nn.Module, spec: ModuleSpec, init: str) -> nn.Module:
-    return methods.get_method(spec.method).build(old, spec, init)
 
 
 def specs_from_model(model: nn.Module) -> dict[str, ModuleSpec]:

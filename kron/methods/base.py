@@ -10,8 +10,11 @@ A method is one `Method` object plus one `ModuleSpec` subclass, registered with 
 * the plan-rule keys it owns (`primary_keys` pick the method, `option_keys` refine it) and how a rule becomes a spec
   for one concrete module (`spec_for`);
 * `candidates(m, n, constraints)`: the specs it offers for a matrix in a search;
-* `build(module, spec, init)`: the replacement module, from the dense one ("svd": data-free init; "none": structure
-  only, for loading saved weights), and `recognise(module)`: the spec of a module it built (reloading, merging).
+* `build(module, spec, init, stats=None)`: the replacement module, from the dense one ("svd": data-free init;
+  "data": data-aware init from `stats`, the module's calibration statistics (`kron.calibration.ModuleStats`), for
+  methods with `data_init = True`; "none": structure only, for loading saved weights), and `recognise(module)`:
+  the spec of a module it built (reloading, merging). A method without a data-aware init (`data_init = False`,
+  the default) is built with "svd" when "data" is asked for, and the compression report says so.
 """
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ LINEAR_KINDS = ("linear", "conv1d")  # kron.plan.module_type of nn.Linear and tr
 @dataclass(frozen=True)
 class Slot:
     """The module a plan rule is being resolved for: its dotted name, kind ("linear", "conv1d", "embedding"), class
-    name and dense size (out x in; vocab x dim for embeddings), and the rule's position for error messages."""
+    name and dense size (out x in; vocab x dim for embeddings), and the rule's position for error messages.
+    split: which side a method that picks shapes by compression factor prefers to split among equally compressing
+    shapes ("output": the papers' tie-break; "input": what data-aware init serves best); None = "output"."""
 
     where: str
     name: str
@@ -54,6 +59,7 @@ class Slot:
     type_name: str
     m: int
     n: int
+    split: str | None = None
 
 
 class _SpecMeta(type):
@@ -147,6 +153,7 @@ class Method:
     order: int = 100  # position in listings and error messages; the built-ins use 10, 20, 30
     dict_key: str
     rule_hint: str  # its rule keys as error messages name them, e.g. "shape or factor"
+    data_init: bool = False  # build() takes init="data" with calibration `stats` (kron.datainit)
 
     # --- plan rules
     def validate_rule(self, options: dict, where: str) -> dict:
@@ -167,7 +174,10 @@ class Method:
         return []
 
     # --- modules (torch)
-    def build(self, module, spec: ModuleSpec, init: str):
+    def build(self, module, spec: ModuleSpec, init: str, stats=None):
+        """The replacement of a dense module. init: "svd", "none", or (methods with `data_init`) "data" with
+        `stats` the module's `kron.calibration.ModuleStats`. Methods without a data-aware init may leave `stats`
+        out of their signature: they are only ever called with init "svd" or "none"."""
         raise NotImplementedError
 
     def layer_types(self) -> tuple[type, ...]:

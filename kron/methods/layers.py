@@ -30,9 +30,11 @@ class FactoredLinear(nn.Module):
     `init_error`, take `(in_features, out_features, *args, bias=, device=, dtype=)` and implement `forward`,
     `to_dense`, `macs_per_token`, `factor_params`, `_check(out, in, *args, what=...)` (raise on arguments that do
     not fit an out x in weight) and `_nearest(weight, *args)` (the
-    data-free factors of a dense (out, in) weight)."""
+    data-free factors of a dense (out, in) weight); layers with a data-aware init also implement
+    `_data_aware(weight, S, *args, ridge=)`, used by `from_linear(module, *args, S=...)`."""
 
     init_error: float | None
+    init_source: str | None = None  # "svd" | "data" once initialised from a dense weight
 
     @classmethod
     def _check(cls, out_features: int, in_features: int, *args, what: str) -> None:
@@ -45,11 +47,26 @@ class FactoredLinear(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *args):
-        """A layer holding `_nearest(weight, *args)` and the bias, on the weight's device and dtype."""
+    def _data_aware(cls, weight: torch.Tensor, S: torch.Tensor, *args,
+                    ridge: float | None = None) -> tuple[dict[str, torch.Tensor], float, str]:
+        """The factors minimising the output error on inputs with second moment S (`kron.datainit`), their relative
+        Frobenius (weight) error, and which init won ("data", or "svd" where it was better on S). Layers without a
+        data-aware init leave this unimplemented."""
+        raise NotImplementedError(f"{cls.__name__} has no data-aware initialisation")
+
+    @classmethod
+    def _from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *args, S: torch.Tensor | None = None,
+                     ridge: float | None = None):
+        """A layer holding `_nearest(weight, *args)` (or, given the input second moment S, `_data_aware(weight, S,
+        *args)`) and the bias, on the weight's device and dtype."""
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, *args, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        factors, rel_error = cls._nearest(weight, *args)
+        if S is None:
+            factors, rel_error = cls._nearest(weight, *args)
+            source = "svd"
+        else:
+            factors, rel_error, source = cls._data_aware(weight, S, *args, ridge=ridge)
+        layer.init_source = source
         with torch.no_grad():
             for name, value in factors.items():
                 getattr(layer, name).copy_(value.to(weight.dtype))
@@ -59,12 +76,13 @@ class FactoredLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, module: nn.Module, *args):
-        """Factor an nn.Linear or GPT-2 Conv1D (see the subclass for the arguments), keeping device and dtype."""
+    def from_linear(cls, module: nn.Module, *args, **init_kw):
+        """Factor an nn.Linear or GPT-2 Conv1D (see the subclass for the arguments), keeping device and dtype;
+        keyword arguments (a data-aware init's `S=`, `ridge=`) go to the subclass's `_from_weight`."""
         weight, bias = linear_weight(module)
         out_f, in_f = weight.shape
         cls._check(out_f, in_f, *args, what=f"{type(module).__name__}({in_f} -> {out_f})")
-        return cls._from_weight(weight, bias, *args)
+        return cls._from_weight(weight, bias, *args, **init_kw)
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight, (out, in) like nn.Linear.weight."""
@@ -90,14 +108,16 @@ class FusedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, module: nn.Module, *args, blocks: int = 3):
+    def from_linear(cls, module: nn.Module, *args, blocks: int = 3, **init_kw):
+        """Split the rows into `blocks` equal parts and factor each; keyword arguments (a data-aware init's `S=`:
+        the same input, so the same S, for every block) go to the block type's `_from_weight`."""
         weight, bias = linear_weight(module)
         out_f, in_f = weight.shape
         if blocks < 1 or out_f % blocks:
             raise PlanError(f"cannot split {out_f} output features into {blocks} equal blocks")
         rows = out_f // blocks
         cls.block_type._check(rows, in_f, *args, what=f"each of {blocks} blocks ({in_f} -> {rows})")
-        parts = [cls.block_type._from_weight(w, None, *args) for w in weight.split(rows, dim=0)]
+        parts = [cls.block_type._from_weight(w, None, *args, **init_kw) for w in weight.split(rows, dim=0)]
         return cls(parts, bias)
 
     @property
@@ -106,6 +126,12 @@ class FusedLinear(nn.Module):
         if any(e is None for e in errs):
             return None
         return math.sqrt(sum(e * e for e in errs) / len(errs))
+
+    @property
+    def init_source(self) -> str | None:
+        """ "data" when every block took the data-aware init, else "svd" (None before any init)."""
+        srcs = {getattr(b, "init_source", None) for b in self.blocks}
+        return srcs.pop() if len(srcs) == 1 else "svd"
 
     @property
     def macs_per_token(self) -> int:

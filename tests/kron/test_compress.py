@@ -194,7 +194,7 @@ def test_init_none_builds_structure_without_svd(tiny_gpt2):
     report = compress(tiny_gpt2, PLANS["gpt2"], init="none")
     assert all(r.init_error is None for r in report.modules)
     assert {n: s.to_dict() for n, s in specs_from_model(tiny_gpt2).items()} == {r.name: r.spec for r in report.modules}
-    with pytest.raises(ValueError, match="init must be 'svd' or 'none'"):
+    with pytest.raises(ValueError, match="init must be 'svd', 'data' or 'none'"):
         compress(tiny_gpt2, PLANS["gpt2"], init="random")
 
 

@@ -15,7 +15,7 @@ from ...shapes import FactorShape, factor_shapes, kron_macs, kron_params, valida
 from ..base import LINEAR_KINDS, Method, ModuleSpec, Slot, check_keys, positive_int, register
 from ..linear import linear_rows, rows_and_dims, wrong_kind
 
-__all__ = ["KroneckerMethod", "KroneckerSpec", "format_shape", "nearest_shape", "thin_shapes"]
+__all__ = ["SPLITS", "KroneckerMethod", "KroneckerSpec", "format_shape", "nearest_shape", "thin_shapes"]
 
 
 def as_shape(value, what: str) -> tuple[int, int, int, int]:
@@ -107,21 +107,33 @@ _OPTION_RE = re.compile(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*(?:,\s*r(\d+)\s*)?"
 _LABEL_RE = re.compile(r"(\d+)x(\d+)⊗(\d+)x(\d+) r(\d+)(?: b(\d+))?")
 
 
-def nearest_shape(m: int, n: int, factor: float, rank: int = 1) -> FactorShape:
+SPLITS = ("output", "input")
+
+
+def nearest_shape(m: int, n: int, factor: float, rank: int = 1, *, prefer: str = "output") -> FactorShape:
     """The valid non-trivial split of an m x n weight whose compression is nearest to `factor`.
 
-    Nearest by |log(compression / factor)|; ties broken by fewer multiply-adds per token, then by A holding more
-    parameters than B, then by (m1, n1, m2, n2) ascending. Used by `factor:` rules and the `uniform:` preset.
+    Nearest by |log(compression / factor)|. prefer="output" (the default; the tie-break of the first release and of
+    the papers' shapes): ties broken by fewer multiply-adds per token, then by A holding more parameters than B,
+    then by (m1, n1, m2, n2) ascending — for a square weight at 2x this is A m/2 x n ⊗ B 2 x 1, which splits the
+    output. prefer="input": among the nearest shapes, the one whose B has the fewest rows (B 1 x n2 splits only the
+    input: what data-aware init serves best, ../shared/notes/data-aware-init.md), then the same tie-break.
+    Used by `factor:` rules and the `uniform:` preset.
     """
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor >= 1):
         raise PlanError(f"factor must be a finite number >= 1, got {factor!r}")
+    if prefer not in SPLITS:
+        raise PlanError(f"split must be one of {', '.join(SPLITS)}, got {prefer!r}")
     shapes = factor_shapes(m, n, rank=rank)
     if not shapes:
         raise ShapeError(f"a {m}x{n} weight has no non-trivial Kronecker split at rank {rank}")
 
     def key(s: FactorShape):
         a_smaller = 0 if s.m1 * s.n1 > s.m2 * s.n2 else 1
-        return (round(abs(math.log(s.compression / factor)), 12), s.macs_per_token, a_smaller, s.shape)
+        dist = round(abs(math.log(s.compression / factor)), 12)
+        if prefer == "input":
+            return (dist, s.m2, s.macs_per_token, a_smaller, s.shape)
+        return (dist, s.macs_per_token, a_smaller, s.shape)
 
     return min(shapes, key=key)
 
@@ -167,6 +179,7 @@ class KroneckerMethod(Method):
     order = 10
     dict_key = "shape"
     rule_hint = "shape or factor"
+    data_init = True
 
     def validate_rule(self, options: dict, where: str) -> dict:
         out = dict(options)
@@ -199,7 +212,8 @@ class KroneckerMethod(Method):
         where, name = slot.where, slot.name
         if "factor" in options:
             try:
-                shape = nearest_shape(rows, slot.n, options["factor"], rank).shape
+                shape = nearest_shape(rows, slot.n, options["factor"], rank,
+                                      prefer=getattr(slot, "split", None) or "output").shape
             except ShapeError as exc:
                 raise PlanError(f"{where}: module {name} ({dims}): {exc}") from None
             return KroneckerSpec(shape=shape, rank=rank, blocks=blocks)
@@ -231,13 +245,16 @@ class KroneckerMethod(Method):
         shapes.sort(key=lambda s: (s.compression, s.rank, s.macs_per_token, s.shape))
         return [KroneckerSpec(shape=s.shape, rank=s.rank) for s in shapes]
 
-    def build(self, module, spec: KroneckerSpec, init: str):
+    def build(self, module, spec: KroneckerSpec, init: str, stats=None):
         from ..layers import linear_weight
         from .layer import FusedKroneckerLinear, KroneckerLinear
 
+        kw = {"S": stats.S} if init == "data" and stats is not None else {}
+        if init == "data":
+            init = "svd"  # the layers take S= for the data-aware init
         if spec.blocks > 1:
             if init == "svd":
-                return FusedKroneckerLinear.from_linear(module, spec.shape, spec.rank, blocks=spec.blocks)
+                return FusedKroneckerLinear.from_linear(module, spec.shape, spec.rank, blocks=spec.blocks, **kw)
             out_f, in_f = linear_weight(module)[0].shape
             if out_f % spec.blocks:
                 raise PlanError(f"cannot split {out_f} output features into {spec.blocks} equal blocks")
@@ -246,7 +263,7 @@ class KroneckerMethod(Method):
                      for _ in range(spec.blocks)]
             return FusedKroneckerLinear(parts, module.bias)
         if init == "svd":
-            return KroneckerLinear.from_linear(module, spec.shape, spec.rank)
+            return KroneckerLinear.from_linear(module, spec.shape, spec.rank, **kw)
         out_f, in_f = linear_weight(module)[0].shape
         return KroneckerLinear(in_f, out_f, spec.shape, spec.rank, bias=module.bias is not None,
                                device=module.weight.device, dtype=module.weight.dtype)

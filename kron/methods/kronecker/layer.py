@@ -56,9 +56,10 @@ class KroneckerLinear(FactoredLinear):
         return dense_weight(self.A, self.B)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, shape, rank: int = 1) -> "KroneckerLinear":
-        """Factor an nn.Linear or GPT-2 Conv1D by SVD (nearest Kronecker product), keeping device and dtype."""
-        return super().from_linear(module, shape, rank)
+    def from_linear(cls, module: nn.Module, shape, rank: int = 1, **init_kw) -> "KroneckerLinear":
+        """Factor an nn.Linear or GPT-2 Conv1D by SVD (nearest Kronecker product), or data-aware with `S=` (and
+        `ridge=`), keeping device and dtype."""
+        return super().from_linear(module, shape, rank, **init_kw)
 
     @classmethod
     def _check(cls, out_features: int, in_features: int, shape, rank: int = 1, *, what: str) -> None:
@@ -68,6 +69,14 @@ class KroneckerLinear(FactoredLinear):
     def _nearest(cls, weight: torch.Tensor, shape, rank: int = 1) -> tuple[dict, float]:
         factors = nearest_kronecker(weight, shape, rank)
         return {"A": factors.A, "B": factors.B}, factors.rel_error
+
+    @classmethod
+    def _data_aware(cls, weight: torch.Tensor, S: torch.Tensor, shape, rank: int = 1, *,
+                    ridge: float | None = None) -> tuple[dict, float, str]:
+        from ...datainit import DEFAULT_RIDGE, data_aware_kronecker
+
+        f = data_aware_kronecker(weight, S, shape, rank, DEFAULT_RIDGE if ridge is None else ridge)
+        return {"A": f.A, "B": f.B}, f.rel_error, f.init
 
     def extra_repr(self) -> str:
         m1, n1, m2, n2 = self.shape
@@ -87,6 +96,8 @@ class FusedKroneckerLinear(FusedLinear):
         super().__init__(blocks, bias)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, shape, rank: int = 1, blocks: int = 3) -> "FusedKroneckerLinear":
-        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and factor each with `shape`."""
-        return super().from_linear(module, shape, rank, blocks=blocks)
+    def from_linear(cls, module: nn.Module, shape, rank: int = 1, blocks: int = 3,
+                    **init_kw) -> "FusedKroneckerLinear":
+        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and factor each with `shape`
+        (data-aware with `S=`: every block sees the same input)."""
+        return super().from_linear(module, shape, rank, blocks=blocks, **init_kw)

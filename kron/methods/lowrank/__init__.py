@@ -1,4 +1,5 @@
-"""The low-rank baseline: W ≈ U (m x r) · V (r x n), initialised by truncated SVD. Plan-rule keys: `lowrank_rank: r`
+"""The low-rank baseline: W ≈ U (m x r) · V (r x n), initialised by truncated SVD, or with calibration data by the
+whitened SVD of SVD-LLM (`init="data"`; a fair baseline to data-aware Kronecker factors). Plan-rule keys: `lowrank_rank: r`
 or `lowrank_ratio: f` (r = max(1, floor(m·n / (f·(m + n)))) per module), `blocks` (each output block its own U·V).
 Search option: "lrR" per block.
 """
@@ -95,6 +96,7 @@ class LowRankMethod(Method):
     order = 30
     dict_key = "lowrank_rank"
     rule_hint = "lowrank_rank or lowrank_ratio"
+    data_init = True
 
     def validate_rule(self, options: dict, where: str) -> dict:
         out = dict(options)
@@ -163,20 +165,23 @@ class LowRankMethod(Method):
             ranks = [ranks[j] for j in picked]
         return [LowRankSpec(rank=r) for r in sorted(ranks, reverse=True)]
 
-    def build(self, module, spec: LowRankSpec, init: str):
+    def build(self, module, spec: LowRankSpec, init: str, stats=None):
         from ..layers import linear_weight
         from .layer import FusedLowRankLinear, LowRankLinear
 
         r = spec.rank
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+        data = {"S": stats.S} if init == "data" and stats is not None else {}
+        if init == "data":
+            init = "svd"  # the layers take S= for the whitened (SVD-LLM) init
         if spec.blocks > 1:
             if init == "svd":
-                return FusedLowRankLinear.from_linear(module, r, blocks=spec.blocks)
+                return FusedLowRankLinear.from_linear(module, r, blocks=spec.blocks, **data)
             out_f, in_f = linear_weight(module)[0].shape
             parts = [LowRankLinear(in_f, out_f // spec.blocks, r, bias=False, **kw) for _ in range(spec.blocks)]
             return FusedLowRankLinear(parts, module.bias)
         if init == "svd":
-            return LowRankLinear.from_linear(module, r)
+            return LowRankLinear.from_linear(module, r, **data)
         out_f, in_f = linear_weight(module)[0].shape
         return LowRankLinear(in_f, out_f, r, bias=module.bias is not None, **kw)
 

@@ -59,9 +59,10 @@ class LowRankLinear(FactoredLinear):
         return self.U @ self.V
 
     @classmethod
-    def from_linear(cls, module: nn.Module, rank: int) -> "LowRankLinear":
-        """Factor an nn.Linear or GPT-2 Conv1D by truncated SVD (√σ in each factor), keeping device and dtype."""
-        return super().from_linear(module, rank)
+    def from_linear(cls, module: nn.Module, rank: int, **init_kw) -> "LowRankLinear":
+        """Factor an nn.Linear or GPT-2 Conv1D by truncated SVD (√σ in each factor), or whitened with `S=` (and
+        `ridge=`), keeping device and dtype."""
+        return super().from_linear(module, rank, **init_kw)
 
     @classmethod
     def _check(cls, out_features: int, in_features: int, rank: int, *, what: str) -> None:
@@ -71,6 +72,15 @@ class LowRankLinear(FactoredLinear):
     def _nearest(cls, weight: torch.Tensor, rank: int) -> tuple[dict, float]:
         factors = nearest_lowrank(weight, rank)
         return {"U": factors.U, "V": factors.V}, factors.rel_error
+
+    @classmethod
+    def _data_aware(cls, weight: torch.Tensor, S: torch.Tensor, rank: int, *,
+                    ridge: float | None = None) -> tuple[dict, float, str]:
+        """The whitened truncated SVD of SVD-LLM (`kron.datainit.whitened_lowrank`)."""
+        from ...datainit import DEFAULT_RIDGE, whitened_lowrank
+
+        f = whitened_lowrank(weight, S, rank, DEFAULT_RIDGE if ridge is None else ridge)
+        return {"U": f.U, "V": f.V}, f.rel_error, f.init
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
@@ -90,6 +100,7 @@ class FusedLowRankLinear(FusedLinear):
         return self.blocks[0].rank
 
     @classmethod
-    def from_linear(cls, module: nn.Module, rank: int, blocks: int = 3) -> "FusedLowRankLinear":
-        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and give each a rank-`rank` U·V."""
-        return super().from_linear(module, rank, blocks=blocks)
+    def from_linear(cls, module: nn.Module, rank: int, blocks: int = 3, **init_kw) -> "FusedLowRankLinear":
+        """Split the output rows of an nn.Linear/Conv1D into `blocks` equal parts and give each a rank-`rank` U·V
+        (whitened with `S=`: every block sees the same input)."""
+        return super().from_linear(module, rank, blocks=blocks, **init_kw)

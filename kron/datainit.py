@@ -1,0 +1,284 @@
+"""Activation-aware (data-aware) initialisation of factored weights: minimise the output error on calibration inputs.
+
+SVD init minimises ‖W − Ŵ‖_F and ignores which input directions a layer actually sees. With S = E[x xᵀ] the
+input second moment of the layer on calibration data (`kron.calibration`), the output error is
+
+    f(Ŵ) = E‖(W − Ŵ) x‖² = tr((W − Ŵ) S (W − Ŵ)ᵀ)
+
+and this module minimises it (see ../shared/notes/data-aware-init.md for the maths and the measured figures):
+
+* `whitened_lowrank(W, S, rank)`: SVD-LLM. With S + λI = L Lᵀ, f = ‖(W − UV) L‖_F², so the truncated SVD of W·L
+  is the exact minimiser; V is un-whitened by L⁻¹.
+* `data_aware_kronecker(W, S, shape, rank)`: Ŵ = Σ_k A_k ⊗ B_k.
+  - n2 == 1 (B is m2 x 1) or n1 == 1 (A is m1 x 1): one side of the input is not split, so (A ⊗ b)·L = (A·L) ⊗ b
+    (resp. a ⊗ (B·L)): the nearest Kronecker product of W·L, un-whitened on the factor that touches the input, is
+    the exact minimiser.
+  - otherwise: f is quadratic in the A_k given the B_k (and vice versa), so A has a closed form given B. B's
+    direction is searched (a grid when B has few entries, the SVD init's B and random directions otherwise), then
+    refined by alternating least squares (which never increases f). The result is always the better of this and
+    the SVD init on the calibration objective.
+
+λ = ridge · mean(diag S) (default ridge 1e-2): keeps the factors from drifting far from W in directions the
+calibration data never used (and makes a singular S harmless). Maths in float64; factors are returned in float64
+(callers cast), with `rel_error` the relative weight error ‖W − Ŵ‖_F / ‖W‖_F as in `kron.factor` and
+`output_error` the relative output error sqrt(f(Ŵ) / f(0)) on the S given.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import DataError, ShapeError
+from .factor import KroneckerFactors, LowRankFactors, nearest_kronecker, nearest_lowrank
+from .shapes import validate_shape
+
+__all__ = [
+    "DEFAULT_RIDGE",
+    "calibration_objective",
+    "data_aware_kronecker",
+    "output_error",
+    "whitened_lowrank",
+]
+
+DEFAULT_RIDGE = 1e-2
+
+
+# ----------------------------------------------------------------------------------------------- objective
+
+
+def calibration_objective(W: torch.Tensor, S: torch.Tensor, W_hat: torch.Tensor | None = None) -> float:
+    """tr((W − Ŵ) S (W − Ŵ)ᵀ) = E‖(W − Ŵ)x‖² (Ŵ = 0 when not given), in float64."""
+    D = W.detach().double()
+    if W_hat is not None:
+        D = D - W_hat.detach().double().to(D.device)
+    S = S.detach().double().to(D.device)
+    return float(((D @ S) * D).sum().clamp_min(0).item())
+
+
+def output_error(W: torch.Tensor, S: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """Relative output error sqrt(E‖(W − Ŵ)x‖² / E‖Wx‖²) on inputs with second moment S (0 when W·x is always 0)."""
+    base = calibration_objective(W, S)
+    if base <= 0:
+        return 0.0
+    return math.sqrt(calibration_objective(W, S, W_hat) / base)
+
+
+def _weight_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    norm = float(torch.linalg.norm(W).item())
+    return float(torch.linalg.norm(W - W_hat).item()) / norm if norm > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _prepare(W: torch.Tensor, S: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if W.dim() != 2:
+        raise ShapeError(f"{what} expects a 2-D weight, got shape {tuple(W.shape)}")
+    n = W.shape[1]
+    if S.dim() != 2 or tuple(S.shape) != (n, n):
+        raise ShapeError(f"{what}: the input second moment S must be {n} x {n} for a weight with {n} inputs, got "
+                         f"{tuple(S.shape)}")
+    W64 = W.detach().double()
+    S64 = S.detach().double().to(W64.device)
+    if not torch.isfinite(S64).all():
+        raise DataError(f"{what}: the calibration statistics hold NaN or inf values (the model produced non-finite "
+                        "activations on the calibration data)")
+    if not torch.isfinite(W64).all():
+        raise DataError(f"{what}: the weight holds NaN or inf values")
+    return W64, (S64 + S64.T) / 2
+
+
+def ridged(S: torch.Tensor, ridge: float) -> torch.Tensor:
+    """S + λI with λ = ridge · mean(diag S); the identity when S is zero (no calibration signal: plain SVD)."""
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    n = S.shape[0]
+    scale = float(torch.diagonal(S).mean().item()) if n else 0.0
+    eye = torch.eye(n, dtype=S.dtype, device=S.device)
+    if not scale > 0:
+        return eye
+    return S + max(ridge, 1e-10) * scale * eye
+
+
+def _whitener(Sr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L⁻¹) with Sr = L·Lᵀ: Cholesky, or the symmetric square root where Cholesky fails numerically."""
+    L, info = torch.linalg.cholesky_ex(Sr)
+    if int(info.item()) == 0:
+        eye = torch.eye(Sr.shape[0], dtype=Sr.dtype, device=Sr.device)
+        return L, torch.linalg.solve_triangular(L, eye, upper=False)
+    evals, Q = torch.linalg.eigh(Sr)
+    floor = float(evals.abs().max().item()) * 1e-12 + 1e-300
+    root = evals.clamp_min(floor).sqrt()
+    return Q * root, (Q / root).T
+
+
+def _balance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each pair (A_k, B_k) to equal Frobenius norms (the product is unchanged)."""
+    na = torch.linalg.norm(A.flatten(1), dim=1)
+    nb = torch.linalg.norm(B.flatten(1), dim=1)
+    s = torch.where((na > 0) & (nb > 0), (na / nb.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+    return A / s[:, None, None], B * s[:, None, None]
+
+
+def _kron_dense(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    return torch.einsum("kac,kbd->abcd", A, B).reshape(m1 * m2, n1 * n2)
+
+
+# ----------------------------------------------------------------------------------------------- low-rank
+
+
+def whitened_lowrank(W: torch.Tensor, S: torch.Tensor, rank: int, ridge: float = DEFAULT_RIDGE) -> LowRankFactors:
+    """Rank-`rank` U·V minimising tr((W − UV)(S + λI)(W − UV)ᵀ) (SVD-LLM's whitening), in float64.
+
+    U = P_r Σ_r^½ and V = Σ_r^½ Q_rᵀ L⁻¹ from the SVD P Σ Qᵀ of W·L, S + λI = L Lᵀ. Exact, so never worse than SVD
+    init on the calibration objective (the ridge only trades weight error against it). Returns LowRankFactors with
+    rel_error (weight), output_error (on S) and singular_values (of W·L).
+    """
+    W64, S64 = _prepare(W, S, "whitened_lowrank")
+    m, n = W64.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ShapeError(f"rank must be an integer in [1, {min(m, n)}] for a {m}x{n} weight, got {rank!r}")
+    with torch.no_grad():
+        L, Linv = _whitener(ridged(S64, ridge))
+        P, sig, Qh = torch.linalg.svd(W64 @ L, full_matrices=False)
+        root = sig[:rank].sqrt()
+        U = P[:, :rank] * root
+        V = (root[:, None] * Qh[:rank]) @ Linv
+        W_hat = U @ V
+        out = LowRankFactors(U.contiguous(), V.contiguous(), _weight_error(W64, W_hat), sig,
+                             output_error=output_error(W64, S64, W_hat), init="data")
+        svd = nearest_lowrank(W64, rank)
+        svd_err = output_error(W64, S64, svd.to_dense())
+        if svd_err < out.output_error:  # only by rounding: the whitened solution is exact
+            svd.output_error, svd.init = svd_err, "svd"
+            return svd
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- Kronecker
+
+
+class _KronLS:
+    """Least-squares pieces of f(A, B) = tr((W − Σ A_k⊗B_k) Sr (W − Σ A_k⊗B_k)ᵀ) for one weight and shape."""
+
+    def __init__(self, W: torch.Tensor, Sr: torch.Tensor, shape, rank: int):
+        self.m1, self.n1, self.m2, self.n2 = shape
+        self.rank = rank
+        m1, n1, m2, n2 = shape
+        self.S4 = Sr.reshape(n1, n2, n1, n2)
+        self.WS4 = (W @ Sr).reshape(m1, m2, n1, n2)
+        self.base = float(((W @ Sr) * W).sum().item())  # f(0)
+
+    @staticmethod
+    def _solve(G: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """X = H G⁻¹ (G symmetric PSD) and tr(H G⁻¹ Hᵀ), with a tiny jitter if G is singular."""
+        jitter = 0.0
+        scale = float(torch.diagonal(G).abs().mean().item()) or 1.0
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        for _ in range(6):
+            L, info = torch.linalg.cholesky_ex(G + jitter * eye)
+            if int(info.item()) == 0:
+                Z = torch.linalg.solve_triangular(L, H.T, upper=False)  # L Z = Hᵀ
+                X = torch.linalg.solve_triangular(L.T, Z, upper=True).T
+                return X, float((Z * Z).sum().item())
+            jitter = scale * (1e-12 if jitter == 0 else jitter / scale * 100)
+        X = torch.linalg.lstsq(G, H.T).solution.T
+        return X, float((X * H).sum().item())
+
+    def solve_A(self, B: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The best A given B, and f at (A, B)."""
+        r, n1 = self.rank, self.n1
+        C = torch.einsum("kip,liq->kplq", B, B)
+        G = torch.einsum("kplq,apbq->kalb", C, self.S4).reshape(r * n1, r * n1)
+        H = torch.einsum("xiap,kip->xka", self.WS4, B).reshape(self.m1, r * n1)
+        X, gain = self._solve(G, H)
+        A = X.reshape(self.m1, r, n1).permute(1, 0, 2).contiguous()
+        return A, max(self.base - gain, 0.0)
+
+    def solve_B(self, A: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The best B given A, and f at (A, B)."""
+        r, n2 = self.rank, self.n2
+        D = torch.einsum("kxa,lxb->kalb", A, A)
+        G = torch.einsum("kalb,apbq->kplq", D, self.S4).reshape(r * n2, r * n2)
+        H = torch.einsum("xiap,kxa->ikp", self.WS4, A).reshape(self.m2, r * n2)
+        X, gain = self._solve(G, H)
+        B = X.reshape(self.m2, r, n2).permute(1, 0, 2).contiguous()
+        return B, max(self.base - gain, 0.0)
+
+
+def _b_candidates(B0: torch.Tensor, grid: int, seed: int) -> list[torch.Tensor]:
+    """Directions of B to try: the SVD init's, an even grid over the half circle when B (rank 1) has 2 entries,
+    and `grid` random directions otherwise."""
+    r, m2, n2 = B0.shape
+    out = [B0]
+    if grid <= 0:
+        return out
+    if r == 1 and m2 * n2 == 2:
+        for i in range(grid):
+            t = math.pi * i / grid
+            out.append(torch.tensor([math.cos(t), math.sin(t)], dtype=B0.dtype, device=B0.device).reshape(1, m2, n2))
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(grid):
+        out.append(torch.randn(B0.shape, generator=gen, dtype=B0.dtype).to(B0.device))
+    return out
+
+
+def data_aware_kronecker(W: torch.Tensor, S: torch.Tensor, shape, rank: int = 1, ridge: float = DEFAULT_RIDGE, *,
+                         grid: int = 12, iters: int = 10, tol: float = 1e-6, seed: int = 0) -> KroneckerFactors:
+    """Σ_{k<rank} A_k ⊗ B_k minimising the calibration output error tr((W − Ŵ)(S + λI)(W − Ŵ)ᵀ), in float64.
+
+    Args:
+        W: (m, n) weight (out x in). S: (n, n) input second moment E[x xᵀ] of the layer.
+        shape: (m1, n1, m2, n2). rank: summed products. ridge: λ = ridge · mean(diag S).
+        grid: B directions tried in the general case (an even grid over the half circle when B has 2 entries,
+            random directions otherwise; the SVD init's B is always tried). iters: alternating least-squares
+            refinements of the best start (stopping early when f improves by less than `tol`, relatively).
+    Returns KroneckerFactors: A (rank, m1, n1), B (rank, m2, n2) in float64, rel_error = weight error, output_error
+    on S, init = "data" (or "svd" when the SVD init was better on the calibration objective, which the exact
+    n1 == 1 / n2 == 1 solutions never are).
+    """
+    W64, S64 = _prepare(W, S, "data_aware_kronecker")
+    m, n = W64.shape
+    m1, n1, m2, n2 = validate_shape(m, n, shape, rank)
+    with torch.no_grad():
+        svd = nearest_kronecker(W64, (m1, n1, m2, n2), rank)
+        svd_dense = svd.to_dense()
+        svd.output_error, svd.init = output_error(W64, S64, svd_dense), "svd"
+        Sr = ridged(S64, ridge)
+        if n1 == 1 or n2 == 1:
+            L, Linv = _whitener(Sr)
+            white = nearest_kronecker(W64 @ L, (m1, n1, m2, n2), rank)
+            A, B = white.A, white.B
+            if n2 == 1:
+                A = A @ Linv  # (A ⊗ b)·L = (A·L) ⊗ b
+            else:
+                B = B @ Linv  # (a ⊗ B)·L = a ⊗ (B·L)
+            sv = white.singular_values
+        else:
+            ls = _KronLS(W64, Sr, (m1, n1, m2, n2), rank)
+            best_f, best = math.inf, None
+            for B0 in _b_candidates(svd.B, grid, seed):
+                A0, f0 = ls.solve_A(B0)
+                if f0 < best_f:
+                    best_f, best = f0, (A0, B0)
+            A, B = best
+            f = best_f
+            for _ in range(iters):
+                B, _ = ls.solve_B(A)
+                A, f_new = ls.solve_A(B)
+                done = f - f_new <= tol * max(f, 1e-300)
+                f = min(f, f_new)
+                if done:
+                    break
+            sv = torch.zeros(0, dtype=W64.dtype)
+        A, B = _balance(A, B)
+        W_hat = _kron_dense(A, B)
+        out = KroneckerFactors(A.contiguous(), B.contiguous(), _weight_error(W64, W_hat), sv,
+                               output_error=output_error(W64, S64, W_hat), init="data")
+    if svd.output_error < out.output_error:
+        return svd
+    return out
