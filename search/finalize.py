@@ -50,6 +50,8 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
         trial_dir = local_dir / Path(result.path).name
         last = result.metrics or {}
         error = result.error
+        # the sampled parameters; None for a trial Ray added but never ran (the time budget ran out while pending)
+        params = {k: result.config[k] for k in space.param_names() if k in (result.config or {})}
         outcome, _ = trial_outcome(last, error is not None, ["quality"], max_t)
         summary_path = trial_dir / SUMMARY_NAME
         summary = _read_json(summary_path)
@@ -69,12 +71,11 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
                 summary["status"] = "complete"  # stopped by ASHA at max_t, after its last evaluation
             summary["search"] = cfg.name
             if "search_params" not in summary:
-                summary["search_params"] = {k: result.config[k] for k in space.param_names() if k in result.config}
+                summary["search_params"] = params
             atomic_write_json(summary_path, summary)
             state = summary["status"]
         out.trials.append({"trial_id": trial_id, "dir": str(trial_dir), "outcome": outcome if error is None else
-                           "fail", "status": state, "config": {k: result.config.get(k) for k in space.param_names()
-                                                               if k in result.config}})
+                           "fail", "status": state, "config": params})
     # trial folders Ray does not know: started by a driver that was killed before it recorded them; a resumed
     # search does not rerun them (it samples new trials), so they are closed here rather than left "running"
     known = {Path(r.path).name for r in grid}
@@ -147,7 +148,7 @@ def _read_json(path: Path) -> dict | None:
 def _error_summary(cfg: SearchConfig, space: SearchSpace, result, trial_id: str) -> dict:
     """A minimal summary for a trial that crashed before run_trial wrote one (so it shows up in the results)."""
     trial = cfg.trial
-    params = {k: result.config[k] for k in space.param_names() if k in result.config}
+    params = {k: result.config[k] for k in space.param_names() if k in (result.config or {})}
     try:
         costs = space.plan_costs(params)
         plan = space.to_plan_dict(params)
