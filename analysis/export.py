@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.modelcard import model_card
 from analysis.pareto import knee_point, pareto_mask
 from analysis.results import (
     atomic_write_text,
@@ -148,7 +149,7 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
     prefixed with the search when two selected trials share an id) and `selection.json`. With `build=True`, also
     `<name>/`, a compressed-model directory: a copy of the trial's own checkpoint when it kept one (the `checkpoint`
     folder next to its summary), else the teacher named in the summary's config compressed with the plan (SVD
-    initialisation, not distilled). Every model is loaded back with `kron.io.load_compressed` and its parameter
+    initialisation, not distilled), with a model card (README.md: teacher, plan, sizes, quality, budget, loading). Every model is loaded back with `kron.io.load_compressed` and its parameter
     count checked against the summary's `params` before it is moved into place.
 
     Returns the selection record written to selection.json (with "selection_path"): {"how", "sources",
@@ -225,6 +226,8 @@ def build_model(summary: dict, dest: Path) -> dict:
             for file in TOKENIZER_FILES:
                 if (teacher_dir / file).is_file() and not (tmp / file).exists():
                     shutil.copy2(teacher_dir / file, tmp / file)
+        info = json.loads((tmp / _INFO_FILE).read_text(encoding="utf-8"))
+        atomic_write_text(tmp / "README.md", model_card(summary, info, source=source))
         model = load_compressed(tmp, device="cpu")
         params = count_params(model)
         del model

@@ -368,3 +368,29 @@ def test_build_with_a_recorded_but_missing_checkpoint_rebuilds_and_says_so(tmp_p
     entry = export(tmp_path / "res", "knee", tmp_path / "out", build=True)["selected"][0]
     assert entry["model_source"].startswith("rebuilt") and "is missing" in entry["model_source"]
     assert entry["model_params"] == data["params"]
+
+
+def test_built_folders_carry_a_model_card(tmp_path, tiny_teacher, write_trial):
+    """README.md with Hugging Face front matter (library_name, tags, metrics), the teacher, the plan per matrix,
+    sizes, quality and its data, the training budget and how to load the folder."""
+    import yaml
+
+    config = {"teacher": str(tiny_teacher), "dtype": "float32", "data": {"source": "wikitext-2"},
+              "stage1": {"lr": 3e-4, "batch_size": 8, "max_steps": 150}}
+    data, _ = write_trial(tmp_path / "res", tiny_teacher, checkpoint=True, config=config)
+    export(tmp_path / "res", "knee", tmp_path / "out", build=True)
+    card = (tmp_path / "out" / "kt1" / "README.md").read_text()
+    head, _, body = card.removeprefix("---\n").partition("\n---\n")
+    front = yaml.safe_load(head)
+    assert front["library_name"] == "kronsearch" and "kronecker" in front["tags"]
+    assert "base_model" not in front  # a local teacher path is not a hub id; the body names it
+    metric = front["model-index"][0]["results"][0]["metrics"][0]
+    assert metric["value"] == data["quality"] and metric["type"] == data["quality_name"]
+    assert str(tiny_teacher) in body and "wikitext-2" in body
+    assert f"| parameters | {data['params']:,} |" in body
+    assert f"| weight bytes (float32) | {4 * data['params']:,} |" in body
+    assert "`transformer.h.0.mlp.c_fc`" in body and "A " in body and "⊗ B" in body  # the plan per matrix
+    assert "max_steps: 150" in body and "from kron import load_compressed" in body and "kronsearch merge" in body
+    from kron.io import load_compressed
+
+    load_compressed(tmp_path / "out" / "kt1", device="cpu")  # the card does not disturb loading
