@@ -81,6 +81,7 @@ class CalibStats:
     directory: Path | None = None
     _memory: dict[str, ModuleStats] = field(default_factory=dict, repr=False)
     _dims: dict[str, int] = field(default_factory=dict, repr=False)
+    from_cache: bool = False  # loaded from a folder written earlier (set by callers that cache)
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -199,8 +200,8 @@ class _Accumulator:
 
 
 def _as_inputs(batch) -> tuple[dict, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch}, None
+    if isinstance(batch, torch.Tensor):  # full blocks: an all-ones mask (no padding to leave out)
+        return {"input_ids": batch, "attention_mask": torch.ones_like(batch)}, None
     if isinstance(batch, Mapping):
         kw = {k: v for k, v in batch.items() if k != "labels"}
         return kw, kw.get("attention_mask")
@@ -313,7 +314,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable, names: Iterable[str
                         for batch in source:
                             kw, mask = _as_inputs(batch)
                             kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-                            state["mask"] = kw.get("attention_mask")
+                            state["mask"] = mask.to(device) if mask is not None else None
                             model(**kw)
                             if progress is not None:
                                 progress()

@@ -49,8 +49,9 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_plan)
 
     p = subparsers.add_parser(
-        "compress", help="compress a model with a plan (SVD initialisation) and save it",
-        description=f"Loads the model, factors the selected weights by SVD and saves the compressed model. "
+        "compress", help="compress a model with a plan (SVD or data-aware initialisation) and save it",
+        description=f"Loads the model, factors the selected weights (by SVD, or with --init data --calib SRC by "
+                    f"minimising the output error on calibration inputs) and saves the compressed model. "
                     f"Presets: {presets}")
     p.add_argument("--model", required=True, help=_SRC_HELP)
     p.add_argument("--plan", required=True, help="a plan file (.yaml/.json) or a preset name")
@@ -59,6 +60,20 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--num-labels", type=int, default=None, help="labels of a sequence-classification head")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32 (default: the checkpoint's), bfloat16, float16, float64")
+    p.add_argument("--init", choices=("svd", "data"), default="svd",
+                   help="svd: nearest Kronecker product / truncated SVD of each weight (default); data: minimise the "
+                        "output error on calibration inputs (activation-aware; whitened SVD for low-rank), needs "
+                        "--calib")
+    p.add_argument("--calib", default=None, metavar="SRC",
+                   help="calibration data: a text file or folder, a datasets-hub name, glue:<task>[:DIR] or "
+                        "teacher-samples; with --init svd it only adds each module's output error to the report")
+    p.add_argument("--calib-config", default=None, metavar="NAME", help="hub config name of --calib")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration token budget (default 8192; 1/8 is held out for the report's output error)")
+    p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
+    p.add_argument("--split", choices=("auto", "output", "input"), default="auto",
+                   help="side that factor rules and uniform:<f> split among equally compressing shapes: output (the "
+                        "papers' tie-break), input (what data-aware init serves best); auto: input with --init data")
     p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of a table")
     p.set_defaults(func=_compress)
 
@@ -159,15 +174,28 @@ def _compress(args) -> int:
 
     from .models import resolve_source
 
+    from .errors import ConfigError
+
+    if args.init == "data" and args.calib is None:
+        raise ConfigError("--init data needs calibration data: --calib SRC (a text file or folder, a hub dataset, "
+                          "glue:<task>[:DIR] or teacher-samples)")
+    if args.calib is None and (args.calib_tokens is not None or args.calib_config is not None):
+        raise ConfigError("--calib-tokens and --calib-config describe --calib; give --calib SRC")
     src = resolve_source(args.model)
     model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
     plan = get_plan(args.plan, model.config)
-    report = compress(model, plan, init="svd")
+    calib = None
+    if args.calib is not None:
+        calib = _calibration(args, model, src)
+    split = None if args.split == "auto" else args.split
+    report = compress(model, plan, init=args.init, calib=calib, split=split)
     tok = src if Path(src).is_dir() else None
     out = save_compressed(model, plan, args.out, report=report, tokenizer_dir=tok)
     if args.json:
         d = report.to_dict()
         d["init_errors"] = report.init_errors()
+        if calib is not None:
+            d["output_errors"] = report.output_errors()
         d["out"] = str(out)
         d["plan"] = plan.to_dict()
         print(json.dumps(d))
@@ -175,6 +203,25 @@ def _compress(args) -> int:
     print(report.summary())
     print(f"saved to {out}")
     return 0
+
+
+def _calibration(args, model, src: str):
+    """Calibration statistics of the model on --calib (cached; the data loading lives in trials.calibration)."""
+    from .errors import ConfigError
+    from .models import load_tokenizer
+
+    try:
+        from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_stats
+    except ImportError as exc:  # kron installed without the trials package
+        raise ConfigError(f"--calib needs kronsearch's trials package for data loading ({exc})") from None
+    tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
+    if tokens < 1:
+        raise ConfigError(f"--calib-tokens must be a positive number of tokens, got {tokens}")
+    if args.calib_seq_len < 2:
+        raise ConfigError(f"--calib-seq-len must be >= 2, got {args.calib_seq_len}")
+    tokenizer = load_tokenizer(src)
+    return calibration_stats(model, tokenizer, args.calib, tokens, seq_len=args.calib_seq_len,
+                             config_name=args.calib_config, model_id=src)
 
 
 # ----------------------------------------------------------------------------------------------- merge

@@ -18,6 +18,7 @@ __all__ = [
     "DistillConfig",
     "EarlyStopConfig",
     "GlueConfig",
+    "InitConfig",
     "PlanSource",
     "StageConfig",
     "TrialConfig",
@@ -95,6 +96,27 @@ class StageConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
+class InitConfig(_Strict):
+    """How the student's factors are initialised: `svd` (data-free) or `data` (activation-aware, from calibration
+    statistics of the teacher on `calib`: a text file/folder, a hub dataset, glue:<task>[:dir] or
+    teacher-samples; default: the trial's own stage-1 data source)."""
+
+    method: Literal["svd", "data"] = "svd"
+    calib: str | None = Field(None, description="calibration data source (default: data.source)")
+    calib_config_name: str | None = Field(None, description="hub config of `calib` (default: data.config_name when "
+                                                             "calib is the stage-1 source)")
+    calib_tokens: int = Field(8192, ge=2, description="calibration token budget (1/8 held out for the report)")
+    split: Literal["output", "input"] | None = Field(
+        None, description="side that factor rules split among equally compressing shapes (default: input for data, "
+                          "output for svd)")
+
+    @model_validator(mode="after")
+    def _data_only(self):
+        if self.method == "svd" and self.calib is not None:
+            raise ValueError("calib is for init method 'data' (give method: data, or remove calib)")
+        return self
+
+
 class PlanSource(_Strict):
     """Where the compression plan comes from: exactly one of preset, file, or inline rules."""
 
@@ -122,6 +144,9 @@ class TrialConfig(_Strict):
                                                                   "matrix (the preset lowrank:<ratio>)")
     keep_layers: list[int] | Literal["odd", "even"] | None = Field(
         None, description="layerdrop: teacher layers kept (zero-based; 'odd' = 1, 3, ...)")
+    init: Literal["svd", "data"] | InitConfig = Field(
+        "svd", description="'svd', 'data' (calibrated on the stage-1 data) or {method: data, calib: SRC, calib_tokens: "
+                           "N}")
     data: DataConfig = Field(default_factory=DataConfig)
     stage1: StageConfig | None = Field(default_factory=StageConfig)
     glue: GlueConfig | None = None
@@ -166,6 +191,11 @@ class TrialConfig(_Strict):
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("a trial needs stage1 (LM distillation) and/or stage2 (GLUE task distillation)")
         return self
+
+    @property
+    def init_config(self) -> InitConfig:
+        """`init` as an InitConfig (a plain 'svd' / 'data' gives the defaults)."""
+        return self.init if isinstance(self.init, InitConfig) else InitConfig(method=self.init)
 
     @property
     def quality_name(self) -> str:

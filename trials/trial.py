@@ -158,7 +158,8 @@ def build_plan(cfg: TrialConfig, model_config):
 def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any]:
     """A trainable copy of the teacher compressed by the trial's method; returns (student, report dict, plan).
 
-    kronecker / lowrank: the plan's modules replaced by SVD-initialised Kronecker / U·V factors (the report is
+    kronecker / lowrank: the plan's modules replaced by Kronecker / U·V factors, SVD-initialised or, with `init: data`,
+    from the teacher's calibration statistics (kron.datainit; whitened SVD for U·V) (the report is
     CompressionReport.to_dict(); a lowrank plan may not hold Kronecker specs, nor a kronecker plan low-rank ones).
     layerdrop: the teacher's kept layers (plan None); the report has the same keys plus plan, plan_summary and
     layer_map (student layer i -> teacher layer), which the ILKD stages use unless a stage gives its own.
@@ -176,12 +177,16 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
     student = copy.deepcopy(teacher).requires_grad_(True)
     if cfg.method in ("kronecker", "lowrank"):
         from kron.baselines import describe_lowrank
-        from kron.surgery import apply_specs
+        from kron.surgery import apply_specs, default_split
 
+        from .calibration import trial_calibration
+
+        init = cfg.init_config  # svd, or data-aware from calibration statistics of the teacher (trials.calibration)
         plan = build_plan(cfg, teacher.config)
-        specs = plan.resolve(student)
+        specs = plan.resolve(student, split=init.split or default_split(init.method))
         _check_method_specs(cfg.method, specs)
-        comp = apply_specs(student, specs, inplace=True, init="svd").to_dict()
+        calib = trial_calibration(cfg, teacher)
+        comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib).to_dict()
         if cfg.method == "lowrank":
             comp["plan_summary"] = describe_lowrank(plan, comp)
         return student, comp, plan
