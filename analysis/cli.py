@@ -62,9 +62,10 @@ def _analyze(args: argparse.Namespace) -> int:
     from analysis.report import _analyze as analyze, format_front_table
 
     written, summary = analyze(args.results, args.out, x=args.x, title=args.title)
+    from analysis.results import counts_text, trial_counts
+
     marked = summary.marked
-    counts = marked["status"].value_counts()
-    print(f"{len(marked)} trials: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    print(counts_text(*trial_counts(marked)))  # the teacher and other references are not trials
     print(format_front_table(marked, x=args.x))
     _print_search_lines(summary)
     _print_paths(written)

@@ -9,7 +9,8 @@
 Unlike `analysis.report.analyze` (a report over any number of searches and baselines, front over one size axis
 and quality), the front here is computed over every objective the search optimised (two or three: quality plus
 one or two of params, params_excl_output_embedding, macs, latency) and only among the search's complete trials.
-Writes under `<experiment>/analysis/`: pareto.csv, trials.csv, pareto.png and front/<rank>_<trial>.yaml (the front's
+Writes under `<experiment>/analysis/`: pareto.csv, trials.csv (the search's trials only), references.csv (the
+teacher reference, when there is one: a reference point, never a trial), pareto.png and front/<rank>_<trial>.yaml (the front's
 plans, loadable as `plan: {file: ...}` or by `kron.plan.CompressionPlan.load`). Reads saved files only: no Ray,
 torch or transformers; a plan's one-line description comes from the caller (`describe`), which knows the space.
 """
@@ -82,9 +83,16 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
     notes: list[str] = []
     atomic_write_text(adir / "pareto.csv", front[[c for c in CSV_COLUMNS if c in front]].to_csv(index=False))
     paths["Pareto front (CSV)"] = adir / "pareto.csv"
-    atomic_write_text(adir / "trials.csv", df[[c for c in CSV_COLUMNS if c in df]].sort_values(
+    refs, trials = df[is_reference(df)], df[~is_reference(df)]
+    atomic_write_text(adir / "trials.csv", trials[[c for c in CSV_COLUMNS if c in trials]].sort_values(
         ["status", size_col]).to_csv(index=False))
     paths["all trials (CSV)"] = adir / "trials.csv"
+    old_refs = adir / "references.csv"
+    if len(refs):  # the teacher evaluated without training: a reference, not a trial
+        atomic_write_text(old_refs, refs[[c for c in CSV_COLUMNS if c in refs]].to_csv(index=False))
+        paths["references (CSV)"] = old_refs
+    elif old_refs.exists():
+        old_refs.unlink()
     if len(complete):
         try:
             from analysis.plots import plot_pareto

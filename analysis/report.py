@@ -35,6 +35,7 @@ from analysis.results import (
     is_finite,
     column_direction,
     is_reference,
+    trial_counts,
     load_results,
     mark_pareto,
     plan_table,
@@ -222,6 +223,8 @@ def _analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: 
     written: dict[str, Path] = {}
 
     results = summary.marked.drop(columns=[c for c in ("history",) if c in summary.marked])
+    # the teacher and other references are rows of the results, never trials: `role` says which is which
+    results["role"] = np.where(is_reference(results), "reference", "trial")
     written["results.csv"] = atomic_write_text(out / "results.csv", results.to_csv(index=False))
     written["pareto.csv"] = atomic_write_text(out / "pareto.csv", _pareto_csv(summary.front, y).to_csv(index=False))
 
@@ -263,17 +266,22 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     qname = _quality_name(marked)
     qdir = column_direction(marked[(marked["status"] == "complete").fillna(False)], "quality")
     lines = [f"# {title or _default_title(summary)}", ""]
-    lines += [f"{len(marked)} trials in {marked['search'].nunique()} group(s); objectives: {_label(x)} (lower is "
-              f"better) and {qname} ({'lower' if qdir == 'min' else 'higher'} is better).", ""]
+    n_trials, _, references = trial_counts(marked)
+    trials = marked[~is_reference(marked)]
+    lines += [f"{n_trials} trials in {trials['search'].nunique()} search(es); objectives: {_label(x)} (lower is "
+              f"better) and {qname} ({'lower' if qdir == 'min' else 'higher'} is better)."
+              + (f" References (not trials): {', '.join(references)}." if references else ""), ""]
     for image in images:
         lines += [f"![{image}]({image})", ""]
 
     lines += ["## Trials by status", ""]
-    counts = pd.crosstab(marked["search"].astype(str), marked["status"].astype(str))
+    counts = pd.crosstab(trials["search"].astype(str), trials["status"].astype(str))
     statuses = [s for s in STATUSES if s in counts.columns] + [s for s in counts.columns if s not in STATUSES]
     rows = [[search, *(int(counts.loc[search, s]) for s in statuses), int(counts.loc[search].sum())]
             for search in counts.index]
     lines += _md_table(["search", *statuses, "total"], rows, numeric=range(1, len(statuses) + 2)) + [""]
+    if references:
+        lines += [f"References, not counted as trials: {', '.join(references)}.", ""]
 
     lines += ["## Pareto front", ""]
     if summary.front.empty:

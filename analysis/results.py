@@ -195,6 +195,37 @@ def is_reference(df: pd.DataFrame) -> pd.Series:
     return df["method"].isin(REFERENCE_METHODS).fillna(False).astype(bool)
 
 
+def reference_names(df: pd.DataFrame) -> list[str]:
+    """Display names of the reference rows of `df` (the teacher, presets, baselines), in order, repeats as
+    "name ×n": what reports list as "references: ..."."""
+    ref = df[is_reference(df)]
+    names: dict[str, int] = {}
+    for _, row in ref.iterrows():
+        label, method = row.get("label"), row.get("method")
+        name = str(method) if method == "teacher" or not isinstance(label, str) or not label else label
+        names[name] = names.get(name, 0) + 1
+    return [n if k == 1 else f"{n} ×{k}" for n, k in names.items()]
+
+
+def trial_counts(df: pd.DataFrame) -> tuple[int, dict[str, int], list[str]]:
+    """(number of trials, trials per status, reference names) of a results table. References (the teacher
+    evaluated without training, presets and baselines: `is_reference`) are never counted as trials."""
+    trials = df[~is_reference(df)]
+    counts = trials["status"].astype("string").fillna("unknown").value_counts()
+    order = [s for s in STATUSES if s in counts.index] + sorted(s for s in counts.index if s not in STATUSES)
+    return len(trials), {s: int(counts[s]) for s in order}, reference_names(df)
+
+
+def counts_text(n: int, by_status: dict[str, int], references: list[str]) -> str:
+    """"8 trials: 4 complete, 4 pruned; references: teacher" (the one wording of trial counts)."""
+    text = f"{n} trial{'' if n == 1 else 's'}"
+    if by_status:
+        text += ": " + ", ".join(f"{k} {s}" for s, k in by_status.items())
+    if references:
+        text += "; references: " + ", ".join(references)
+    return text
+
+
 def column_direction(df: pd.DataFrame, column: str) -> str:
     """"min" or "max" for an objective column: `quality` follows `quality_mode`; throughput and
     compression_ratio are maximised; everything else (params, macs, time) is minimised."""

@@ -53,8 +53,7 @@ def _search(args) -> int:
 
     print(_header(cfg, space), flush=True)
     outcome = run_search(cfg, space, resume=args.resume)
-    print(f"search {cfg.name}: {len(outcome.trials)} trials in {outcome.wall_time_s:.0f} s "
-          f"({_counts(outcome)})", flush=True)
+    print(f"search {cfg.name}: {_counts(outcome)}", flush=True)
     paths = write_analysis(cfg, outcome.local_dir, space)
     for label, path in paths.items():
         print(f"{label}: {path}")
@@ -66,12 +65,29 @@ def _search(args) -> int:
 
 
 def _counts(outcome) -> str:
+    """"8 trials in 45 s (4 complete, 4 pruned); references: teacher" — the trials counted as `kronsearch analyze`
+    counts them (those with a summary; the teacher reference is a reference, never a trial)."""
+    from kron.vocab import STATUSES, SUMMARY_NAME
+
+    from .reference import REFERENCE_DIR
+
     by: dict[str, int] = {}
+    never = 0
     for t in outcome.trials:
-        by[t["status"] or t["outcome"]] = by.get(t["status"] or t["outcome"], 0) + 1
-    text = ", ".join(f"{n} {s}" for s, n in sorted(by.items())) or "none"
+        if t["status"] is None:  # added by Ray but never run (the time budget ran out first): no summary
+            never += 1
+            continue
+        by[t["status"]] = by.get(t["status"], 0) + 1
+    order = [s for s in STATUSES if s in by] + sorted(s for s in by if s not in STATUSES)
+    n = sum(by.values())
+    text = f"{n} trial{'' if n == 1 else 's'} in {outcome.wall_time_s:.0f} s ("
+    text += (", ".join(f"{by[s]} {s}" for s in order) or "none") + ")"
+    if never:
+        text += f"; {never} more never started"
     if outcome.rejected:
         text += f"; {outcome.rejected} sampled plans rejected untrained (over the budget, empty or duplicates)"
+    if (Path(outcome.local_dir) / REFERENCE_DIR / SUMMARY_NAME).is_file():
+        text += "; references: teacher"
     return text
 
 

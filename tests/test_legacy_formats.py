@@ -327,7 +327,10 @@ def test_the_search_folder_analyzes_as_before(tmp_path):
     # the console command prints the same counts
     rc, out = _run_cli(["analyze", str(exp), "--out", str(tmp_path / "cli")])
     assert rc == 0
-    assert out.splitlines()[0] == want["analyze_stdout"].splitlines()[0]  # "5 trials: 3 complete, 2 pruned"
+    # 0.1.0 printed "5 trials: 3 complete, 2 pruned", counting the teacher reference as a trial (issue #14): the
+    # same four trials and the reference, counted as references are counted since
+    assert want["analyze_stdout"].splitlines()[0] == "5 trials: 3 complete, 2 pruned"
+    assert out.splitlines()[0] == "4 trials: 2 complete, 2 pruned; references: teacher"
     for stats in want["analyze_stats"]:
         assert f"{stats['search']}: {stats['complete']}/{stats['trials']} complete, {stats['on_front']} on front" in out
 

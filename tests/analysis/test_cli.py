@@ -34,7 +34,9 @@ def test_analyze(capsys, fake_results, tmp_path):
     out = tmp_path / "report"
     rc, stdout, err = run(capsys, "analyze", *fake_results.values(), "--out", out, "--title", "T")
     assert rc == 0, err
-    assert "34 trials: 30 complete, 2 error, 1 pruned, 1 diverged" in stdout
+    # the 4 references (teacher, presets, low-rank) are listed as references, never counted as trials (#14)
+    assert "30 trials: 26 complete, 1 pruned, 1 diverged, 2 error; references: kngpt2, uniform:2, lowrank r96, " \
+           "teacher\n" in stdout
     assert "(* = knee point)" in stdout and "hypervolume reference point" in stdout
     assert "kron-gpt2-asha: 12/15 complete" in stdout and "knee" in stdout
     for name in ("results.csv", "pareto.csv", "pareto.png", "plans_heatmap.png", "report.md"):
