@@ -1,0 +1,441 @@
+"""Automatic compression plans: per matrix, the candidate that minimises the summed damage under a size budget.
+
+A multiple-choice knapsack: items are a model's compressible matrices, each item's options are its candidates
+(Kronecker shapes, low-rank ranks, keep) with a cost (parameters or multiply-adds per token) and a damage (the
+profile's relative output error, `kron.profile`); exactly one option per item, total cost (plus what is not
+compressed) within the budget, summed damage as small as possible.
+
+Two solvers, both returning the chosen options, the predicted damage and a lower bound on the optimum:
+
+* `solve_dp`: dynamic programming over the cost axis. Costs are measured from each item's cheapest option; when the
+  room left above the cheapest plan fits `max_cells` cells of the costs' common divisor the DP is exact; otherwise
+  costs are rounded *up* to a grid of `max_cells` cells, so the plan always meets the true budget and is optimal for
+  the rounded costs.
+* `solve_lagrange`: sweep the multiplier λ of min Σ damage + λ·cost (each item on its own), take the cheapest
+  feasible λ by bisection, then greedily spend the rest of the budget on the upgrades with the best damage saved per
+  unit of cost.
+
+The bound is the Lagrangian dual max_λ Σ_i min_o (d_io + λ·c_io) − λ·room, a lower bound on the true optimum:
+`gap` = damage − bound says how far from optimal a plan can be at most (0 up to rounding for an exact DP).
+
+Pure Python (numpy for the DP when installed), torch-free: `analysis` and the search may use it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import ConfigError, PlanError
+
+__all__ = ["AXES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Option", "Solution", "parse_budget", "solve", "solve_brute", "solve_dp",
+           "solve_lagrange"]
+
+AXES = ("params", "macs", "ratio")
+DEFAULT_METHODS = ("kronecker", "lowrank")
+DEFAULT_MAX_CELLS = 20000
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """The candidates offered per matrix (the fields of `search.config.SpaceConfig` that methods read):
+    Kronecker `ranks`, per-matrix compression in [min_compression, max_compression], `max_aspect` of A and B,
+    and at most `max_shapes` candidates per method and matrix (evenly over log-compression)."""
+
+    ranks: tuple[int, ...] = (1,)
+    min_compression: float = 1.5
+    max_compression: float | None = 16.0
+    max_aspect: float | None = None
+    max_shapes: int | None = 8
+
+    def __post_init__(self):
+        ranks = tuple(sorted(set(int(r) for r in self.ranks)))
+        if not ranks or any(r < 1 for r in ranks):
+            raise PlanError(f"ranks must be positive integers, got {list(self.ranks)}")
+        object.__setattr__(self, "ranks", ranks)
+        if not (self.min_compression >= 1):
+            raise PlanError(f"min_compression must be >= 1, got {self.min_compression}")
+        if self.max_compression is not None and self.max_compression < self.min_compression:
+            raise PlanError(f"max_compression {self.max_compression} is below min_compression "
+                            f"{self.min_compression}")
+        if self.max_shapes is not None and self.max_shapes < 1:
+            raise PlanError(f"max_shapes must be a positive integer, got {self.max_shapes}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ranks"] = list(self.ranks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Constraints":
+        return cls(**{k: (tuple(v) if k == "ranks" else v) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One choice for an item: a label, its spec (a spec dict, or "keep"), cost on the budget axis, damage."""
+
+    label: str
+    spec: Any
+    cost: int
+    damage: float
+
+
+@dataclass
+class Item:
+    """A matrix and its options (at least one)."""
+
+    name: str
+    options: list[Option]
+
+    def __post_init__(self):
+        if not self.options:
+            raise PlanError(f"matrix {self.name} has no candidate (not even keep)")
+        for o in self.options:
+            if not (isinstance(o.damage, (int, float)) and math.isfinite(o.damage)):
+                raise PlanError(f"matrix {self.name}: candidate {o.label} has a non-finite damage {o.damage!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size budget: axis "params" (all parameters of the model), "macs" (multiply-adds per token) or "ratio"
+    (compression ratio: parameters excluding the output embedding, teacher / student), and its value."""
+
+    axis: str
+    value: float
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"{self.axis}={self.value:g}"
+
+
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+
+
+def parse_budget(text: str) -> Budget:
+    """'params=3.5M', 'macs=2.1G', 'ratio=2' (suffixes k, M, G/B; case-insensitive) -> Budget."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"a budget is AXIS=VALUE with AXIS one of {', '.join(AXES)} (e.g. params=3.5M, "
+                          f"macs=2.1G, ratio=2), got {text!r}")
+    axis, _, value = text.partition("=")
+    axis = axis.strip().lower()
+    if axis not in AXES:
+        raise ConfigError(f"budget {text!r}: unknown axis {axis!r}; use one of {', '.join(AXES)}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt]?)\s*", value.strip().lower())
+    if m is None:
+        raise ConfigError(f"budget {text!r}: {value!r} is not a number (suffixes k, M, G allowed)")
+    v = float(m.group(1)) * _SUFFIX[m.group(2)]
+    if axis == "ratio":
+        if m.group(2) or not v >= 1:
+            raise ConfigError(f"budget {text!r}: a compression ratio is a number >= 1 (teacher / student parameters)")
+    elif v < 1:
+        raise ConfigError(f"budget {text!r}: must be a positive size")
+    return Budget(axis, v, f"{axis}={value.strip()}")
+
+
+@dataclass
+class Solution:
+    """choice: item name -> chosen Option; damage: summed damage; cost: summed option cost; bound: Lagrangian lower
+    bound on the optimal damage; exact: the DP ran on the true costs (no rounding); solver: which solver."""
+
+    choice: dict[str, Option]
+    damage: float
+    cost: int
+    room: int
+    bound: float
+    solver: str
+    exact: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gap(self) -> float:
+        return max(self.damage - self.bound, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"damage": self.damage, "cost": self.cost, "room": self.room, "bound": self.bound, "gap": self.gap,
+                "solver": self.solver, "exact": self.exact,
+                "choice": {n: {"label": o.label, "cost": o.cost, "damage": o.damage,
+                               "spec": o.spec} for n, o in self.choice.items()}}
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _check(items: Sequence[Item], room: int) -> tuple[int, int]:
+    """(cheapest total, dearest total); PlanError when even the cheapest plan costs more than `room`."""
+    if not items:
+        raise PlanError("nothing to compress: no matrix has candidates")
+    lo = sum(min(o.cost for o in it.options) for it in items)
+    hi = sum(max(o.cost for o in it.options) for it in items)
+    if lo > room:
+        raise PlanError(f"budget unreachable: the cheapest plan over these candidates costs {lo:,} against the "
+                        f"{room:,} the budget leaves")
+    return lo, hi
+
+
+def lagrangian_bound(items: Sequence[Item], room: int, *, iters: int = 60) -> float:
+    """max over λ >= 0 of Σ_i min_o (d + λ c) − λ·room (concave in λ: golden-section search on a log scale)."""
+
+    def value(lam: float) -> float:
+        return sum(min(o.damage + lam * o.cost for o in it.options) for it in items) - lam * room
+
+    best = value(0.0)
+    # slopes are integers: the dual is piecewise linear; probe breakpoints on a log grid then refine
+    dmax = max((o.damage for it in items for o in it.options), default=0.0)
+    if dmax <= 0:
+        return best
+    lo, hi = -30.0, math.log(max(dmax, 1e-300)) + 5
+    grid = [lo + (hi - lo) * k / 200 for k in range(201)]
+    vals = [value(math.exp(g)) for g in grid]
+    k = max(range(len(vals)), key=vals.__getitem__)
+    best = max(best, vals[k])
+    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    phi = (math.sqrt(5) - 1) / 2
+    for _ in range(iters):
+        c, d = b - phi * (b - a), a + phi * (b - a)
+        vc, vd = value(math.exp(c)), value(math.exp(d))
+        best = max(best, vc, vd)
+        if vc >= vd:
+            b = d
+        else:
+            a = c
+    return best
+
+
+# ----------------------------------------------------------------------------------------------- solvers
+
+
+def solve_brute(items: Sequence[Item], room: int) -> Solution:
+    """Exhaustive search (tests; a handful of items only). Ties: the first in option order."""
+    import itertools
+
+    _check(items, room)
+    best = None
+    for combo in itertools.product(*[range(len(it.options)) for it in items]):
+        cost = sum(it.options[k].cost for it, k in zip(items, combo))
+        if cost > room:
+            continue
+        dmg = sum(it.options[k].damage for it, k in zip(items, combo))
+        if best is None or dmg < best[0] - 1e-15:
+            best = (dmg, cost, combo)
+    dmg, cost, combo = best
+    choice = {it.name: it.options[k] for it, k in zip(items, combo)}
+    return Solution(choice, dmg, cost, room, dmg, "brute", exact=True)
+
+
+def solve_dp(items: Sequence[Item], room: int, *, max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
+    """Exact (or rounded-up-cost) dynamic programming; see the module docstring."""
+    lo, hi = _check(items, room)
+    base = [min(o.cost for o in it.options) for it in items]
+    extra_room = min(room, hi) - lo  # what may be spent above the cheapest plan
+    deltas = [[o.cost - b for o in it.options] for it, b in zip(items, base)]
+    g = 0
+    for ds in deltas:
+        for d in ds:
+            g = math.gcd(g, d)
+    g = g or 1
+    exact = extra_room // g <= max_cells
+    unit = g if exact else max(extra_room / max_cells, 1)
+    cells = int(extra_room // g) if exact else max_cells
+    if exact:
+        w = [[d // g for d in ds] for ds in deltas]
+    else:
+        w = [[math.ceil(d / unit - 1e-9) for d in ds] for ds in deltas]
+    INF = math.inf
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with every install of kronsearch's dependencies
+        np = None
+    n = cells + 1
+    if np is not None:
+        best = np.full(n, INF)
+        best[0] = 0.0
+        best = np.minimum.accumulate(best)  # best[c]: least damage within c cells
+        picks = []
+        for it, ws in zip(items, w):
+            new = np.full(n, INF)
+            arg = np.full(n, -1, dtype=np.int32)
+            for k, (o, wk) in enumerate(zip(it.options, ws)):
+                if wk > cells:
+                    continue
+                cand = np.full(n, INF)
+                cand[wk:] = best[: n - wk] + o.damage
+                better = cand < new - 1e-15
+                new = np.where(better, cand, new)
+                arg = np.where(better, k, arg)
+            picks.append(arg)
+            best = new
+        c = int(np.argmin(best))
+        total = float(best[c])
+        if not math.isfinite(total):
+            raise PlanError("budget unreachable on the cost grid")  # cannot happen: the cheapest plan is w = 0
+        chosen = []
+        for it, ws, arg in zip(reversed(items), reversed(w), reversed(picks)):
+            k = int(arg[c])
+            chosen.append(k)
+            c -= ws[k]
+        chosen.reverse()
+    else:  # plain Python fallback
+        best = [0.0] * n
+        picks = []
+        for it, ws in zip(items, w):
+            new = [INF] * n
+            arg = [-1] * n
+            for c in range(n):
+                for k, (o, wk) in enumerate(zip(it.options, ws)):
+                    if wk <= c and best[c - wk] + o.damage < new[c] - 1e-15:
+                        new[c], arg[c] = best[c - wk] + o.damage, k
+            picks.append(arg)
+            best = new
+        c = min(range(n), key=lambda j: (best[j], j))
+        chosen = []
+        for it, ws, arg in zip(reversed(items), reversed(w), reversed(picks)):
+            k = arg[c]
+            chosen.append(k)
+            c -= ws[k]
+        chosen.reverse()
+    choice = {it.name: it.options[k] for it, k in zip(items, chosen)}
+    dmg = sum(o.damage for o in choice.values())
+    cost = sum(o.cost for o in choice.values())
+    sol = Solution(choice, dmg, cost, room, lagrangian_bound(items, room), "dp", exact=exact)
+    if exact:
+        sol.bound = dmg  # exact DP: the optimum itself
+    else:
+        sol.notes.append(f"costs rounded up to a grid of {cells:,} cells of {unit:,.0f}: optimal for the rounded "
+                         "costs, within the stated gap of the true optimum")
+    return sol
+
+
+def solve_lagrange(items: Sequence[Item], room: int) -> Solution:
+    """Lagrangian sweep (bisection on λ) and a greedy fill of the remaining budget."""
+    _check(items, room)
+
+    def pick(lam: float) -> list[int]:
+        out = []
+        for it in items:
+            out.append(min(range(len(it.options)),
+                           key=lambda k: (it.options[k].damage + lam * it.options[k].cost, it.options[k].cost)))
+        return out
+
+    def cost_of(ch):
+        return sum(it.options[k].cost for it, k in zip(items, ch))
+
+    ch = pick(0.0)
+    if cost_of(ch) > room:
+        lo, hi = 0.0, 1.0
+        while cost_of(pick(hi)) > room:
+            hi *= 4
+            if hi > 1e300:
+                ch = [min(range(len(it.options)), key=lambda k: it.options[k].cost) for it in items]
+                break
+        else:
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                if cost_of(pick(mid)) > room:
+                    lo = mid
+                else:
+                    hi = mid
+                if hi - lo <= 1e-12 * hi:
+                    break
+            ch = pick(hi)
+    # greedy fill: best damage saved per unit of extra cost, while it fits
+    spent = cost_of(ch)
+    while True:
+        best, best_rate = None, 0.0
+        for i, it in enumerate(items):
+            cur = it.options[ch[i]]
+            for k, o in enumerate(it.options):
+                dc, dd = o.cost - cur.cost, cur.damage - o.damage
+                if dd <= 0 or spent + dc > room:
+                    continue
+                rate = math.inf if dc <= 0 else dd / dc
+                if best is None or rate > best_rate:
+                    best, best_rate = (i, k, dc), rate
+        if best is None:
+            break
+        i, k, dc = best
+        ch[i] = k
+        spent += dc
+    choice = {it.name: it.options[k] for it, k in zip(items, ch)}
+    dmg = sum(o.damage for o in choice.values())
+    return Solution(choice, dmg, spent, room, min(lagrangian_bound(items, room), dmg), "lagrange")
+
+
+def solve(items: Sequence[Item], room: int, *, solver: str = "dp", max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
+    """The best plan within `room` (see the module docstring); solver "dp" (default) or "lagrange"."""
+    if solver == "dp":
+        return solve_dp(items, room, max_cells=max_cells)
+    if solver == "lagrange":
+        return solve_lagrange(items, room)
+    raise ConfigError(f"solver must be 'dp' or 'lagrange', got {solver!r}")
+
+
+# ----------------------------------------------------------------------------------------------- profiles
+
+
+def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | None = None,
+                       damage: str = "damage") -> tuple[list[Item], int]:
+    """(items, fixed) from a profile dict (`kron.profile`): options per matrix on the axis "params" or "macs" (the
+    ratio axis counts parameters), and `fixed` the model's cost outside the profiled matrices' weights."""
+    key = "macs" if axis == "macs" else "params"
+    wanted = set(methods) if methods is not None else None
+    items = []
+    dense_total = 0
+    for name, mx in profile["matrices"].items():
+        opts = []
+        for c in mx["candidates"]:
+            if c["method"] != "keep" and wanted is not None and c["method"] not in wanted:
+                continue
+            spec = "keep" if c["method"] == "keep" else dict(c["spec"], method=c["method"])
+            opts.append(Option(c["label"], spec, int(c[key]), float(c[damage])))
+        items.append(Item(name, opts))
+        dense_total += int(mx["dense_" + key])
+    totals = profile["model"]
+    if axis == "macs":
+        fixed = int(totals["macs"]) - dense_total
+    elif axis == "ratio":
+        fixed = int(totals["params_excl_output_embedding"]) - dense_total
+    else:
+        fixed = int(totals["params"]) - dense_total
+    return items, fixed
+
+
+def budget_room(profile: Mapping, budget: Budget, fixed: int) -> int:
+    """The cost the profiled matrices may take under `budget` (the model total minus what stays as it is)."""
+    if budget.axis == "ratio":
+        total = int(profile["model"]["params_excl_output_embedding"]) / budget.value
+    else:
+        total = budget.value
+    return int(math.floor(total)) - fixed
+
+
+def smallest_reachable(profile: Mapping, axis: str, items: Sequence[Item], fixed: int) -> str:
+    """The smallest size any plan over these candidates reaches, worded for the budget axis."""
+    lo = fixed + sum(min(o.cost for o in it.options) for it in items)
+    if axis == "ratio":
+        excl = int(profile["model"]["params_excl_output_embedding"])
+        return f"ratio={excl / lo:.3f} ({lo:,} parameters excluding the output embedding)"
+    return f"{axis}={lo:,}"
+
+
+def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None = None, solver: str = "dp",
+              max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
+    """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under `budget`.
+    PlanError naming the smallest reachable size when no plan meets the budget."""
+    items, fixed = items_from_profile(profile, budget.axis, methods=methods)
+    room = budget_room(profile, budget, fixed)
+    lo = sum(min(o.cost for o in it.options) for it in items)
+    if lo > room:
+        raise PlanError(f"budget {budget} is unreachable with these candidates: the smallest reachable size is "
+                        f"{smallest_reachable(profile, budget.axis, items, fixed)} (widen the candidates: "
+                        f"--max-compression, --methods, --ranks; or give a larger budget)")
+    sol = solve(items, room, solver=solver, max_cells=max_cells)
+    sol.cost += fixed
+    sol.room += fixed
+    return sol
+
+
+def resolved_specs(sol: Solution) -> dict[str, Any]:
+    """name -> spec dict (with its method) or "keep", for `CompressionPlan.from_resolved`."""
+    return {n: o.spec for n, o in sol.choice.items()}
