@@ -1,0 +1,456 @@
+"""Sensitivity profile: the damage of compressing each matrix alone, for every candidate, with data-aware init.
+
+For every compressible linear matrix of a model (the attention and FFN groups of its `kron.vocab` family; GPT-2's
+fused `c_attn` as its 3 blocks, which share one S) and every candidate — each registered method's
+`candidates(m, n, constraints)` for the methods asked for (default kronecker and lowrank), plus keep — the matrix
+is built with its method's data-aware init (`method.build(module, spec, "data", stats)`, `kron.datainit`) and its
+damage is the relative output error
+
+    damage = tr((W − Ŵ) S (W − Ŵ)ᵀ) / tr(W S Wᵀ)        (S = E[x xᵀ] on the calibration inputs)
+
+with the candidate's parameters and multiply-adds per token (`spec.params` / `spec.macs`). For a subset of the
+candidates (`kl_subset` per matrix, spread over its candidates) the matrix is also swapped into the model alone and
+a model-level measure is taken on held-out batches: KL(teacher ‖ student) of the next-token distribution (or of a
+classifier's outputs; a base model without logits: the relative squared error of its last hidden state). The rank
+correlation (Spearman) between the proxy and that measure says how far the cheap proxy can be trusted.
+
+The profile is a JSON dict (`profile_model` writes it atomically after each matrix when given a path, and resumes
+from it): a header naming the model (source, config hash), the calibration data (key digest), the constraints and
+the methods — a profile for anything else is refused with a message naming the mismatch (`check_header`) — then
+per matrix its candidates. `kron.autoplan` turns a profile and a budget into a plan.
+
+Pure torch: no data loading (the CLI gets calibration batches and statistics from `trials.calibration`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .autoplan import DEFAULT_METHODS, Constraints
+from .errors import DataError, PlanError
+
+__all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header",
+           "compressible_matrices", "load_profile", "model_identity", "profile_header", "profile_model",
+           "spearman"]
+
+FORMAT = "kronsearch.profile/1"
+LINEAR_GROUPS = ("attention", "attention_output", "ffn_in", "ffn_out")
+HEADER_KEYS = ("model", "calibration", "constraints", "methods", "ridge")  # what must match to reuse a profile
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One compressible linear matrix: dotted name, group, (m, n) = (out, in), equal output blocks (fused)."""
+
+    name: str
+    group: str
+    m: int
+    n: int
+    blocks: int = 1
+
+
+def compressible_matrices(model: nn.Module, groups: Sequence[str] = LINEAR_GROUPS) -> list[Matrix]:
+    """The model's attention and FFN matrices (the `kron.vocab` family's group patterns), in model order; for a
+    model of no known family, every nn.Linear / Conv1D except the output embedding."""
+    from .plan import dense_dims, module_type, selector_matches
+    from .surgery import output_embedding
+    from .vocab import family_of
+
+    mods = [(n, m) for n, m in model.named_modules() if n and module_type(m) in ("linear", "conv1d")]
+    fam = family_of(getattr(getattr(model, "config", None), "model_type", None), [n for n, _ in mods])
+    head = output_embedding(model)
+    out = []
+    for name, mod in mods:
+        if mod is head:
+            continue
+        group = None
+        if fam is not None:
+            group = next((g for g in groups if re.fullmatch(fam.patterns[g], name)), None)
+            if group is None:
+                continue
+        m, n = dense_dims(mod)
+        blocks = 1
+        if fam is not None:
+            for sel, b in fam.fused.items():
+                if selector_matches(sel, name) and m % b == 0:
+                    blocks = b
+        out.append(Matrix(name, group or "linear", m, n, blocks))
+    if not out:
+        raise PlanError("the model has no compressible attention or FFN matrix")
+    return out
+
+
+def candidates_for(mx: Matrix, methods: Sequence[str], constraints) -> list:
+    """Each method's `candidates(m, n, constraints)` for one block of the matrix (fused: `blocks` set)."""
+    from .methods import get_method
+
+    out = []
+    for name in methods:
+        method = get_method(name)
+        for spec in method.candidates(mx.m // mx.blocks, mx.n, constraints):
+            if mx.blocks > 1:
+                spec = replace(spec, blocks=mx.blocks)
+            out.append(spec)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- identity
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(model: nn.Module, source: str | None = None) -> dict:
+    """What names a model in a profile: its source, model type and a hash of its config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        d = {k: v for k, v in config.to_dict().items()
+             if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")}
+        h = _digest(d)
+    else:
+        h = _digest([(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    fingerprint = None
+    params = list(model.parameters())
+    if params and all(p.device.type != "meta" for p in params[:2] + params[-2:]):
+        hw = hashlib.sha256()
+        for p in params[:2] + params[-2:]:
+            hw.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+        fingerprint = hw.hexdigest()[:16]
+    return {"source": str(source) if source is not None else None,
+            "model_type": getattr(config, "model_type", None), "config_hash": h, "fingerprint": fingerprint}
+
+
+def profile_header(model: nn.Module, stats, *, source: str | None, methods: Sequence[str], constraints: Constraints,
+                   ridge: float) -> dict:
+    key = dict(getattr(stats, "key", {}) or {})
+    return {
+        "format": FORMAT,
+        "model": model_identity(model, source),
+        "calibration": {"key": _digest(key), "tokens": int(getattr(stats, "tokens", 0)),
+                        "source": key.get("source")},
+        "constraints": constraints.to_dict(),
+        "methods": list(methods),
+        "ridge": float(ridge),
+    }
+
+
+def _mismatch(got, want, where: str) -> list[str]:
+    if isinstance(got, Mapping) and isinstance(want, Mapping):
+        out = []
+        for k in sorted(set(got) | set(want)):
+            if where == "calibration" and k in ("source", "tokens"):
+                continue  # descriptive: the key digest decides
+            if where == "model" and k in ("params", "params_excl_output_embedding", "macs"):
+                continue  # derived from the config
+            if where == "model" and k == "fingerprint" and (got.get(k) is None or want.get(k) is None):
+                continue  # a model built without weights (meta device) has no fingerprint
+            out += _mismatch(got.get(k), want.get(k), f"{where}.{k}")
+        return out
+    return [] if got == want else [f"{where}: the profile has {got!r}, this run {want!r}"]
+
+
+def check_header(profile: Mapping, want: Mapping, *, path: str | Path = "profile") -> None:
+    """DataError naming every difference between a saved profile's header and what this run asks for."""
+    if profile.get("format") != FORMAT:
+        raise DataError(f"{path} is not a kronsearch profile (format {profile.get('format')!r}, expected {FORMAT})")
+    diffs = []
+    for k in HEADER_KEYS:
+        if k in want:
+            diffs += _mismatch(profile.get(k), want[k], k)
+    if diffs:
+        model = profile.get("model", {})
+        raise DataError(f"{path} was made for another setting (model {model.get('source')!r}, config hash "
+                        f"{model.get('config_hash')}): {'; '.join(diffs)}. Give --profile a new file (or "
+                        "--fresh to overwrite it), or run with the settings it was made for")
+
+
+def load_profile(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"profile {path} does not exist (make one with `kronsearch profile`)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"profile {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("matrices"), dict):
+        raise DataError(f"{path} is not a kronsearch profile (expected format {FORMAT})")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- measures
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    from .methods.layers import linear_weight
+
+    return linear_weight(module)[0].detach()
+
+
+class _Proxy:
+    """tr(ΔSΔᵀ) / tr(WSWᵀ) for one matrix: S in float32 (Δ is formed in float64 first, so the relative precision
+    is that of the error itself)."""
+
+    def __init__(self, W: torch.Tensor, S: torch.Tensor):
+        self.W = W.double().cpu()
+        S = S.double().cpu()
+        self.S = ((S + S.T) / 2).float()
+        self.base = float(((self.W.float() @ self.S) * self.W.float()).sum().item())
+
+    def __call__(self, W_hat: torch.Tensor) -> float:
+        if not self.base > 0:
+            return 0.0
+        D = (self.W - W_hat.detach().double().cpu()).float()
+        return max(float(((D @ self.S) * D).sum().item()), 0.0) / self.base
+
+
+def _model_inputs(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch.to(device)}, None
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    return kw, kw.get("attention_mask")
+
+
+class _ModelMeasure:
+    """KL(teacher ‖ student) on held-out batches: next-token distributions of a causal LM (each position, padding
+    left out), or a classifier's outputs; a model without logits: relative squared error of the last hidden state."""
+
+    def __init__(self, model: nn.Module, batches: Sequence, max_tokens: int | None = None):
+        self.model = model
+        dev = next(model.parameters()).device
+        self.device = dev
+        self.batches, self.ref = [], []
+        self.kind = None
+        seen = 0
+        with torch.no_grad():
+            for b in batches:
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+                kw, mask = _model_inputs(b, dev)
+                out = model(**kw)
+                logits = getattr(out, "logits", None)
+                if logits is not None:
+                    self.kind = "kl"
+                    ref = torch.log_softmax(logits.float(), dim=-1)
+                else:
+                    self.kind = "hidden_rel_mse"
+                    ref = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
+                self.batches.append((kw, mask))
+                self.ref.append(ref)
+                seen += int(mask.sum().item()) if mask is not None else int(kw["input_ids"].numel())
+        if not self.batches:
+            raise DataError("no held-out batches for the model-level measure")
+        self.tokens = seen
+
+    def __call__(self) -> float:
+        num, den = 0.0, 0.0
+        with torch.no_grad():
+            for (kw, mask), ref in zip(self.batches, self.ref):
+                out = self.model(**kw)
+                if self.kind == "kl":
+                    logq = torch.log_softmax(out.logits.float(), dim=-1)
+                    kl = (ref.exp() * (ref - logq)).sum(-1)  # per position (or per sequence for a classifier)
+                    if mask is not None and kl.dim() == 2 and tuple(kl.shape) == tuple(mask.shape):
+                        w = mask.to(kl.dtype)
+                        num += float((kl * w).sum().item())
+                        den += float(w.sum().item())
+                    else:
+                        num += float(kl.sum().item())
+                        den += kl.numel()
+                else:
+                    h = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
+                    num += float(((h - ref) ** 2).sum().item())
+                    den += float((ref ** 2).sum().item())
+        return num / den if den > 0 else 0.0
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman rank correlation (scipy), None with fewer than 3 pairs or a constant side."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    r = spearmanr(xs, ys).statistic if hasattr(spearmanr(xs, ys), "statistic") else spearmanr(xs, ys)[0]
+    return float(r) if math.isfinite(r) else None
+
+
+def _kl_pick(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), both ends included."""
+    if k <= 0 or n == 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def correlation(profile: Mapping) -> dict:
+    """Spearman correlation of proxy vs model-level damage over every measured candidate, and its count."""
+    xs, ys = [], []
+    for mx in profile["matrices"].values():
+        for c in mx["candidates"]:
+            if c.get("model_damage") is not None and c["method"] != "keep":
+                xs.append(c["damage"])
+                ys.append(c["model_damage"])
+    return {"spearman": spearman(xs, ys), "pairs": len(xs)}
+
+
+# ----------------------------------------------------------------------------------------------- profiling
+
+
+def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_METHODS,
+                  constraints: Constraints | None = None, source: str | None = None,
+                  heldout: Sequence | None = None, kl_subset: int = 2, kl_tokens: int | None = 1024,
+                  path: str | Path | None = None, fresh: bool = False, ridge: float | None = None,
+                  matrices: Sequence[Matrix] | None = None,
+                  progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """The sensitivity profile of `model` on calibration statistics `stats` (`kron.calibration.CalibStats`).
+
+    methods: registered method names whose candidates are profiled (each must have a data-aware init).
+    constraints: the candidates' range (Constraints). heldout: batches for the model-level measure (None or
+    kl_subset 0: no model-level measure). kl_tokens: at most this many held-out tokens for it.
+    path: a JSON file written atomically after each matrix; an existing one with the same header is resumed
+    (its matrices are not computed again), one with another header is refused (DataError naming the difference)
+    unless `fresh`. progress(done, total, name) is called after each matrix.
+    Returns the profile dict (see the module docstring).
+    """
+    from .datainit import DEFAULT_RIDGE
+    from .fsutil import atomic_write_json
+    from .methods import get_method
+    from .methods.base import LINEAR_KINDS
+    from .calibration import ModuleStats
+    from .surgery import count_params, macs_per_token
+
+    constraints = constraints or Constraints()
+    ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise PlanError("give at least one compression method to profile (e.g. kronecker, lowrank)")
+    for name in methods:
+        m = get_method(name)
+        if not set(m.module_kinds) & set(LINEAR_KINDS):
+            raise PlanError(f"method {name} does not compress linear layers; the profile covers linear matrices "
+                            "only")
+        if not m.data_init:
+            raise PlanError(f"method {name} has no data-aware init; the profile measures data-aware damage")
+    mats = list(matrices) if matrices is not None else compressible_matrices(model)
+    missing = [mx.name for mx in mats if mx.name not in stats]
+    if missing:
+        raise DataError(f"the calibration statistics have no entry for {', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''}: they were collected for another model")
+    header = profile_header(model, stats, source=source, methods=methods, constraints=constraints, ridge=ridge)
+    done: dict = {}
+    if path is not None and Path(path).is_file() and not fresh:
+        old = load_profile(path)
+        check_header(old, header, path=path)
+        done = dict(old.get("matrices", {}))
+    profile = dict(header)
+    profile["model"] = dict(header["model"], params=count_params(model),
+                            params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
+                            macs=macs_per_token(model))
+    profile["matrices"] = {}
+    profile["model_measure"] = None
+    modules = dict(model.named_modules())
+    measure = None
+    was_training = model.training
+    model.eval()
+    t_start = time.time()
+    try:
+        for i, mx in enumerate(mats):
+            if mx.name in done and done[mx.name].get("complete"):
+                profile["matrices"][mx.name] = done[mx.name]
+                if progress is not None:
+                    progress(i + 1, len(mats), mx.name)
+                continue
+            t0 = time.time()
+            module = modules[mx.name]
+            st = stats.stats(mx.name)
+            S = st.S
+            if not torch.isfinite(S).all():
+                raise DataError(f"the calibration statistics of {mx.name} hold NaN or inf values")
+            proxy = _Proxy(_weight(module), S)
+            stats_one = ModuleStats(S=S, tokens=st.tokens)
+            specs = candidates_for(mx, methods, constraints)
+            dense = mx.m * mx.n
+            cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense, "macs": dense,
+                      "compression": 1.0, "damage": 0.0, "model_damage": 0.0 if heldout else None, "seconds": 0.0}]
+            kl_idx = set(_kl_pick(len(specs), kl_subset)) if heldout is not None and kl_subset > 0 else set()
+            if kl_idx and measure is None:
+                measure = _ModelMeasure(model, heldout, kl_tokens)
+                profile["model_measure"] = {"kind": measure.kind, "tokens": measure.tokens}
+            for j, spec in enumerate(specs):
+                method = get_method(spec.method)
+                ts = time.time()
+                new = method.build(module, spec, "data", stats=stats_one)
+                with torch.no_grad():
+                    damage = proxy(new.to_dense())
+                if not math.isfinite(damage):
+                    raise DataError(f"{mx.name}: candidate {spec.label()} gave a non-finite output error (the "
+                                    "calibration statistics or the weight hold extreme values)")
+                kl = None
+                if j in kl_idx:
+                    new.eval()
+                    old = _swap(model, mx.name, new)
+                    try:
+                        kl = measure()
+                    finally:
+                        _swap(model, mx.name, old)
+                p = spec.params(mx.m, mx.n)
+                cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
+                              "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,
+                              "model_damage": kl, "init": getattr(new, "init_source", None),
+                              "seconds": round(time.time() - ts, 4)})
+                del new
+            profile["matrices"][mx.name] = {"group": mx.group, "m": mx.m, "n": mx.n, "blocks": mx.blocks,
+                                            "dense_params": dense, "dense_macs": dense, "candidates": cands,
+                                            "seconds": round(time.time() - t0, 3), "complete": True}
+            profile["correlation"] = correlation(profile)
+            if path is not None:
+                atomic_write_json(path, _with_pending(profile, mats))
+            if progress is not None:
+                progress(i + 1, len(mats), mx.name)
+    finally:
+        model.train(was_training)
+    profile["correlation"] = correlation(profile)
+    profile["seconds"] = round(time.time() - t_start, 3)
+    if path is not None:
+        atomic_write_json(path, profile)
+    return profile
+
+
+def _with_pending(profile: dict, mats: Sequence[Matrix]) -> dict:
+    out = dict(profile)
+    out["pending"] = [mx.name for mx in mats if mx.name not in profile["matrices"]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- display
+
+
+def matrix_table(entry: Mapping) -> tuple[tuple[str, ...], list[tuple]]:
+    """(header, rows) of one matrix's candidates, cheapest damage first within each compression."""
+    header = ("candidate", "params", "compression", "macs", "damage", "model")
+    rows = []
+    for c in sorted(entry["candidates"], key=lambda c: (c["compression"], c["damage"])):
+        md = c.get("model_damage")
+        rows.append((c["label"], f"{c['params']:,}", f"{c['compression']:.2f}x", f"{c['macs']:,}",
+                     f"{c['damage']:.4g}", "-" if md is None else f"{md:.4g}"))
+    return header, rows

@@ -1,0 +1,195 @@
+"""kron.profile: per-matrix, per-candidate damage with data-aware init; cache reuse and refusal; auto plans on it."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from kron.autoplan import Constraints, auto_plan, parse_budget, resolved_specs
+from kron.calibration import collect_input_stats
+from kron.errors import DataError
+from kron.plan import CompressionPlan
+from kron.profile import check_header, compressible_matrices, load_profile, profile_model
+from kron.surgery import apply_specs
+
+C = Constraints(max_shapes=2, max_compression=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    fit = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
+    held = [torch.randint(0, 64, (2, 16), generator=g)]
+    return model, collect_input_stats(model, fit), held
+
+
+def test_gpt2_profile(gpt2, tmp_path):
+    model, stats, held = gpt2
+    mats = compressible_matrices(model)
+    assert [m.name for m in mats][:4] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                          "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert mats[0].blocks == 3 and mats[0].m == 96 and len(mats) == 8  # lm_head is not profiled
+    calls = []
+    prof = profile_model(model, stats, constraints=C, source="tiny", heldout=held, kl_subset=2,
+                         path=tmp_path / "p.json", progress=lambda d, t, n: calls.append((d, t)))
+    assert calls[-1] == (8, 8)
+    entry = prof["matrices"]["transformer.h.0.attn.c_attn"]
+    methods = {c["method"] for c in entry["candidates"]}
+    assert methods == {"keep", "kronecker", "lowrank"}
+    for mx in prof["matrices"].values():
+        keep = mx["candidates"][0]
+        assert keep["method"] == "keep" and keep["damage"] == 0 and keep["params"] == mx["m"] * mx["n"]
+        for c in mx["candidates"][1:]:
+            assert 0 <= c["damage"] < 1.5 and math.isfinite(c["damage"]) and c["params"] < mx["m"] * mx["n"]
+        assert sum(c["model_damage"] is not None for c in mx["candidates"][1:]) == 2
+    kron_c = [c for c in entry["candidates"] if c["method"] == "kronecker"][0]
+    assert kron_c["spec"]["blocks"] == 3 and kron_c["label"].endswith("b3")
+    assert prof["model_measure"]["kind"] == "kl" and prof["correlation"]["pairs"] == 16
+    assert prof["correlation"]["spearman"] is not None
+    # lower rank never damages less (whitened low-rank is exact on the ridged S)
+    lr = sorted((c for c in entry["candidates"] if c["method"] == "lowrank"), key=lambda c: c["params"])
+    assert lr[0]["damage"] >= lr[-1]["damage"]
+    on_disk = load_profile(tmp_path / "p.json")
+    assert on_disk["matrices"].keys() == prof["matrices"].keys() and not on_disk.get("pending")
+
+
+def test_profile_matches_compress(gpt2):
+    """The proxy is the output error `compress(init='data')` gets for the same candidate."""
+    from kron.datainit import calibration_objective
+
+    model, stats, _ = gpt2
+    mx = compressible_matrices(model)[1]
+    prof = profile_model(model, stats, constraints=C, matrices=[mx], kl_subset=0)
+    c = prof["matrices"][mx.name]["candidates"][1]
+    m = copy.deepcopy(model)
+    apply_specs(m, {mx.name: {**c["spec"], "method": c["method"]}}, init="data", calib=stats)
+    W = model.get_submodule(mx.name).weight.T
+    W_hat = m.get_submodule(mx.name).to_dense()
+    S = stats.S(mx.name)
+    assert c["damage"] == pytest.approx(calibration_objective(W, S, W_hat) / calibration_objective(W, S), rel=1e-3)
+
+
+def test_resume_and_refusal(gpt2, tmp_path):
+    model, stats, _ = gpt2
+    path = tmp_path / "p.json"
+    first = profile_model(model, stats, constraints=C, source="tiny", path=path, kl_subset=0,
+                          matrices=compressible_matrices(model)[:2])
+    assert len(first["matrices"]) == 2
+    seen = []
+    full = profile_model(model, stats, constraints=C, source="tiny", path=path, kl_subset=0,
+                         progress=lambda d, t, n: seen.append(n))
+    assert len(full["matrices"]) == 8 and len(seen) == 8
+    for name in first["matrices"]:  # reused, not recomputed
+        assert full["matrices"][name] == first["matrices"][name]
+    with pytest.raises(DataError, match=r"constraints.max_shapes: the profile has 2, this run 3"):
+        profile_model(model, stats, constraints=Constraints(max_shapes=3, max_compression=8), source="tiny",
+                      path=path, kl_subset=0)
+    with pytest.raises(DataError, match=r"methods"):
+        profile_model(model, stats, constraints=C, methods=["lowrank"], source="tiny", path=path, kl_subset=0)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    with pytest.raises(DataError, match=r"model.fingerprint"):
+        profile_model(other, stats, constraints=C, source="tiny", path=path, kl_subset=0)
+    with pytest.raises(DataError, match=r"model.source"):
+        profile_model(model, stats, constraints=C, source="another", path=path, kl_subset=0)
+    again = profile_model(model, stats, constraints=Constraints(max_shapes=1), source="tiny", path=path,
+                          kl_subset=0, fresh=True, matrices=compressible_matrices(model)[:1])
+    assert json.loads(path.read_text())["constraints"]["max_shapes"] == 1 and len(again["matrices"]) == 1
+    prof = load_profile(path)
+    check_header(prof, {"constraints": Constraints(max_shapes=1).to_dict()})
+    with pytest.raises(DataError, match="not a kronsearch profile"):
+        (tmp_path / "x.json").write_text("{}")
+        load_profile(tmp_path / "x.json")
+
+
+def test_singular_S_no_nan(gpt2):
+    """A matrix whose inputs span a subspace (singular S) or are all zero: finite damages (the ridge)."""
+    model, stats, _ = gpt2
+    mx = compressible_matrices(model)[1]
+    st = copy.copy(stats.in_memory())
+    st._memory = dict(st._memory)
+    n = mx.n
+    X = torch.randn(100, 3, dtype=torch.float64) @ torch.randn(3, n, dtype=torch.float64)
+    st._memory[mx.name] = type(st._memory[mx.name])(S=X.T @ X / 100, tokens=100)
+    prof = profile_model(model, st, constraints=C, matrices=[mx], kl_subset=0)
+    dmg = [c["damage"] for c in prof["matrices"][mx.name]["candidates"]]
+    assert all(math.isfinite(d) for d in dmg)
+    st._memory[mx.name] = type(st._memory[mx.name])(S=torch.zeros(n, n, dtype=torch.float64), tokens=100)
+    prof = profile_model(model, st, constraints=C, matrices=[mx], kl_subset=0)
+    assert all(c["damage"] == 0 for c in prof["matrices"][mx.name]["candidates"])
+    st._memory[mx.name] = type(st._memory[mx.name])(S=torch.full((n, n), float("nan"), dtype=torch.float64),
+                                                    tokens=100)
+    with pytest.raises(DataError, match="NaN"):
+        profile_model(model, st, constraints=C, matrices=[mx], kl_subset=0)
+
+
+def test_auto_plan_respects_budget_and_resolves(gpt2):
+    model, stats, _ = gpt2
+    prof = profile_model(model, stats, constraints=C, kl_subset=0)
+    for text in ("ratio=1.2", "params=60000", "macs=30000"):
+        budget = parse_budget(text)
+        sol = auto_plan(prof, budget)
+        plan = CompressionPlan.from_resolved(resolved_specs(sol))
+        m = copy.deepcopy(model)
+        rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
+        got = {"ratio": rep.compression_ratio, "params": rep.params_after, "macs": rep.macs_per_token_after}
+        assert (got["ratio"] >= budget.value) if budget.axis == "ratio" else got[budget.axis] <= budget.value
+        assert sol.cost == (rep.params_after_excluding_output_embedding if budget.axis == "ratio"
+                            else got[budget.axis])
+        # the prediction is the sum of the chosen matrices' damages
+        assert sol.damage == pytest.approx(sum(o.damage for o in sol.choice.values()))
+    from kron.errors import PlanError
+
+    with pytest.raises(PlanError, match="smallest reachable size is ratio="):
+        auto_plan(prof, parse_budget("ratio=50"))
+
+
+def test_bert_profile_classifier_and_base():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=50, max_position_embeddings=32, num_labels=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 50, (4, 12), generator=g),
+                "attention_mask": torch.tensor([[1] * 12] * 2 + [[1] * 6 + [0] * 6] * 2)} for _ in range(2)]
+    for cls, kind in ((BertForSequenceClassification, "kl"), (BertModel, "hidden_rel_mse")):
+        model = cls(cfg).eval()
+        stats = collect_input_stats(model, batches)
+        mats = compressible_matrices(model)
+        assert {m.group for m in mats} == {"attention", "attention_output", "ffn_in", "ffn_out"} and len(mats) == 6
+        prof = profile_model(model, stats, constraints=C, heldout=batches[:1], kl_subset=1)
+        assert prof["model_measure"]["kind"] == kind
+        assert all(math.isfinite(c["damage"]) for mx in prof["matrices"].values() for c in mx["candidates"])
+        sol = auto_plan(prof, parse_budget("ratio=1.1"))
+        plan = CompressionPlan.from_resolved(resolved_specs(sol))
+        rep = apply_specs(copy.deepcopy(model), plan.resolve(model), init="none")
+        assert rep.compression_ratio >= 1.1
+
+
+def test_heatmap(gpt2, tmp_path):
+    pytest.importorskip("matplotlib")
+    from analysis.profile_plot import profile_heatmap, profile_heatmap_data
+
+    model, stats, _ = gpt2
+    prof = profile_model(model, stats, constraints=C, kl_subset=0)
+    data = profile_heatmap_data(prof)
+    assert data.methods == ["kronecker", "lowrank"] and len(data.matrices) == 8
+    assert all(((v > 0) | ~torch.isfinite(torch.tensor(v)).numpy()).all() for v in data.values.values())
+    out = profile_heatmap(prof, tmp_path / "h.png")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
