@@ -220,6 +220,9 @@ class SearchSettings(_Strict):
     max_resamples: int = Field(200, ge=1, description="tries to draw a plan within the budget before repairing one")
     reference: bool = Field(True, description="also evaluate the uncompressed teacher on the same data (no "
                                               "training): a reference point in the results and the Pareto plot")
+    loggers: list[str] | None = Field(None, description="experiment trackers fed by Ray Tune's logger callbacks: "
+                                      "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
+                                      "importable; []: none)")
 
     @field_validator("storage")
     @classmethod
@@ -234,6 +237,27 @@ class SearchSettings(_Strict):
                                      "experiment (or an s3:// / gs:// URI)")
                 break
         return v
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str] | None) -> list[str] | None:
+        from .tracking import LOGGERS
+
+        if v is None:
+            return v
+        unknown = [name for name in v if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"unknown logger(s) {unknown}; valid: {list(LOGGERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"loggers listed twice: {v}")
+        return v
+
+    @property
+    def logger_names(self) -> list[str]:
+        """`loggers`, or the default (tensorboard when tensorboardX is importable) when not given."""
+        from .tracking import resolve_loggers
+
+        return resolve_loggers(self.loggers)
 
     @field_validator("objectives")
     @classmethod

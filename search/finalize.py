@@ -92,7 +92,7 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
                                "status": "error", "config": summary.get("search_params") or {}})
     # trials Ray did not finish (Ctrl-C, time budget while pending): the search can be resumed
     out.interrupted = any(s in UNFINISHED for s in ray_status.values())
-    study = _saved_study(local_dir)
+    study = _saved_study(local_dir, cfg.name)
     if study is not None:
         out.study_trials = study
         out.rejected = sum(1 for t in study if t.get("user_attrs", {}).get("rejected"))
@@ -100,9 +100,21 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
     return out
 
 
-def _saved_study(local_dir: Path) -> list[dict] | None:
-    """The searcher's Optuna trials (state, values, params, attributes) from its latest saved state."""
+def _saved_study(local_dir: Path, study_name: str | None = None) -> list[dict] | None:
+    """The searcher's Optuna trials (state, values, params, attributes): from the study's journal
+    (`optuna_study.journal`, what the searcher told Optuna up to its last word), else from the searcher's latest
+    saved state (searches of releases without a journal)."""
     import pickle
+
+    from .searcher import STUDY_JOURNAL, load_journal_study
+
+    try:
+        journal = load_journal_study(local_dir / STUDY_JOURNAL, study_name)
+    except Exception as exc:  # a damaged journal: fall back to the searcher's own saved state
+        log.warning("cannot read %s: %s", local_dir / STUDY_JOURNAL, exc)
+        journal = None
+    if journal is not None:
+        return _study_rows(journal)
 
     files = sorted(local_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
     if not files:
@@ -116,6 +128,14 @@ def _saved_study(local_dir: Path) -> list[dict] | None:
     study = _find_study(state)
     if study is None:
         return None
+    try:
+        return _study_rows(study)
+    except Exception as exc:  # a pickled study on a journal that is not there any more
+        log.warning("cannot read the Optuna trials of %s: %s", files[-1], exc)
+        return None
+
+
+def _study_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name, "values": t.values, "params": t.params,

@@ -41,6 +41,11 @@ __all__ = [
     "parse_option",
 ]
 
+# keys a trial's Ray config has besides the plan parameters (search.searcher.PlanSearcher adds them for the
+# experiment trackers); every method here that takes a plan's parameters accepts and ignores them
+PLAN_INFO_KEYS = ("plan_summary", "plan_params", "plan_params_excl_output_embedding", "plan_compression_ratio",
+                  "plan_macs_per_token")
+
 KEEP = "keep"
 
 
@@ -340,6 +345,8 @@ class SearchSpace(BudgetMixin):
             if key in self._by_key:
                 if value not in self._by_key[key].options:
                     raise ConfigError(f"plan parameter {key}={value!r} is not one of {list(self._by_key[key].options)}")
+            elif key in PLAN_INFO_KEYS:  # a trial's Ray config also carries the plan's summary and sizes
+                continue
             elif not re.fullmatch(r"L\d+\.(on|priority)", key):
                 raise ConfigError(f"unknown plan parameter {key!r}; this space has {self.param_names()[:8]}...")
 

@@ -8,7 +8,7 @@ from kron.errors import ConfigError
 
 from .config import SearchConfig, is_remote_storage
 
-__all__ = ["download", "experiment_path", "local_mirror", "remote_experiment_exists", "storage_args", "upload"]
+__all__ = ["download", "download_file", "experiment_path", "local_mirror", "remote_experiment_exists", "storage_args", "upload"]
 
 
 def experiment_path(cfg: SearchConfig) -> str:
@@ -66,3 +66,18 @@ def download(uri: str, local_dir: Path) -> None:
     local_dir.mkdir(parents=True, exist_ok=True)
     pyarrow.fs.copy_files(root, str(local_dir.resolve()), source_filesystem=fs,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
+
+
+def download_file(uri: str, name: str, local_dir: Path) -> bool:
+    """Copy one file `name` of a remote experiment into local_dir; False when the experiment has none."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
+            return False
+        with fs.open_input_file(f"{root}/{name}") as src:
+            (Path(local_dir) / name).write_bytes(src.read())
+    except OSError:
+        return False
+    return True

@@ -4,6 +4,7 @@ This module is the orchestrator; each part it puts together has its own module:
 `search.trainable` (the Ray trainable and its metrics), `search.searcher` (Optuna, told PRUNED/FAIL truthfully),
 `search.scheduler` (ASHA within size strata), `search.progress` (console lines), `search.raystart` (Ray start-up),
 `search.storage` (local or remote experiments), `search.resume` (search_meta.json and --resume checks),
+`search.tracking` (TensorBoard / MLflow / W&B logger callbacks, `search.loggers`),
 `search.reference` (the driver's data preparation and the teacher reference) and `search.finalize` (trial
 statuses and the Optuna export after the fit).
 
@@ -28,9 +29,11 @@ from .raystart import ray_env, ray_running, start_ray
 from .reference import prepare_locally, run_teacher_reference
 from .resume import check_remote_resume, check_resume, unfinished, write_meta
 from .scheduler import SizeStratifiedASHA, make_scheduler
-from .searcher import PlanSearcher, make_searcher
+from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
-from .storage import experiment_path, local_mirror, remote_experiment_exists, storage_args, upload
+from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
+                      upload)
+from .tracking import check_loggers, logger_callbacks
 from .trainable import TrialSetup, make_trainable, trainable
 
 __all__ = ["run_search"]
@@ -71,6 +74,9 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
             remote and remote_experiment_exists(path)):
         raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
                           "to continue it, or --name to start a new one")
+    loggers = cfg.search.logger_names
+    if not resume:  # a resumed search keeps the loggers it was started with (Ray restores its callbacks)
+        check_loggers(loggers, local_dir)  # a missing extra or an unwritable folder: before any work
     timings: dict[str, float] = {"validate_s": time.time() - t0}
     # before a local Ray: the data once here instead of in every fresh worker at the same time, and the teacher
     # reference in this process instead of in a worker of its own after the search
@@ -93,14 +99,20 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
             tuner = tune.Tuner.restore(where["storage_path"], trainable=make_trainable(cfg, space),
                                        resume_unfinished=True, resume_errored=False, restart_errored=False,
                                        storage_filesystem=fs)
+            journal = local_dir / STUDY_JOURNAL
+            if remote and not journal.is_file():  # another machine started it: continue the bucket's journal
+                local_dir.mkdir(parents=True, exist_ok=True)
+                download_file(path, STUDY_JOURNAL, local_dir)
         else:
             local_dir.mkdir(parents=True, exist_ok=True)
             write_meta(cfg, space, local_dir)
             if remote:  # in the bucket from the start: a later --resume checks the config against it
                 upload(local_dir, path, [META_NAME])
-            tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0)
+            tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
+                               local_dir=local_dir)
         t_fit = time.time()
-        grid = tuner.fit()
+        with resuming_into(local_dir / STUDY_JOURNAL, cfg.name):  # a restored searcher re-attaches to its journal
+            grid = tuner.fit()
         timings["fit_s"] = time.time() - t_fit
         if cfg.search.reference and not remote and not prepared and not unfinished(local_dir):
             t_ref = time.time()  # Ray already running here, or a cluster: the reference as a Ray task
@@ -116,19 +128,21 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     outcome.timings = {k: round(v, 3) for k, v in timings.items()}
     if remote:  # what the driver wrote or patched goes back next to Ray's files, for anyone reading the bucket
         write_meta(cfg, space, local_dir)
-        upload(local_dir, experiment_path(cfg), [META_NAME, "optuna_trials.json", f"*/{SUMMARY_NAME}"])
+        upload(local_dir, experiment_path(cfg), [META_NAME, "optuna_trials.json", STUDY_JOURNAL, f"*/{SUMMARY_NAME}"])
     return outcome
 
 
 def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=None, callbacks=None,
-               spent_s: float = 0.0):
-    """spent_s: seconds of the search's wall-time budget already used (validation, data, Ray start-up)."""
+               spent_s: float = 0.0, local_dir: Path | None = None):
+    """spent_s: seconds of the search's wall-time budget already used (validation, data, Ray start-up).
+    local_dir: the run folder (the driver's mirror for remote storage): the Optuna journal and the trackers' files."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     s = cfg.search
     trial = cfg.trial
-    searcher = make_searcher(cfg, space, initial_params)
+    local_dir = Path(local_dir) if local_dir is not None else Path(experiment_path(cfg))
+    searcher = make_searcher(cfg, space, initial_params, journal=local_dir / STUDY_JOURNAL)
     scheduler = make_scheduler(cfg, space)
     if isinstance(scheduler, SizeStratifiedASHA):
         print(scheduler.describe(), file=stream or sys.stdout, flush=True)
@@ -142,7 +156,8 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
     )  # no metric/mode here: it would make the searcher single-objective
     run_config = tune.RunConfig(
         name=cfg.name, **storage_args(cfg.search.storage), verbose=0,
-        callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])],
+        callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(),
+                   *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or [])],
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),
     )

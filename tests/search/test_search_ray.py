@@ -278,3 +278,133 @@ def test_time_budget_ends_the_search(ray_session, tiny_search):
     assert wall < 12 + 8, wall  # 12 s of budget; the margin is for the last results and the analysis
     assert 0 < len(outcome.trials) < 40
     assert any(t["status"] == "complete" for t in outcome.trials)
+
+
+def _tb_scalars(folder: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under `folder` (read back with tensorboardX's protobufs)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[float]] = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append(value.simple_value)
+    return out
+
+
+def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search, capsys, tmp_path):
+    """One finished search, read back as a researcher would: TensorBoard event files and the MLflow store hold every
+    trial's plan and per-evaluation metrics (quality, ILKD loss terms, throughput); optuna.load_study on the journal
+    has every trial with its state; the search's line, `kronsearch analyze`, `compare` and the CSVs count the same
+    trials, the teacher reference apart."""
+    import importlib.util
+
+    import pandas as pd
+
+    from analysis.cli import add_parsers  # noqa: F401  (the CLI below)
+    from search.cli import main
+    from search.commands import _counts
+    from search.searcher import STUDY_JOURNAL, load_journal_study
+
+    has_mlflow = importlib.util.find_spec("mlflow") is not None
+    loggers = ["tensorboard"] + (["mlflow"] if has_mlflow else [])
+    raw = tiny_search(name="tracked", num_samples=4, max_concurrent=2, reference=True, loggers=loggers,
+                      asha={"grace_period": 2, "reduction_factor": 2, "size_buckets": 1})
+    cfg = load_search_config(raw)
+    space = SearchSpace.from_config(cfg)
+    harsh = space.cheapest("params")
+    mild = max((space.sample(i) for i in range(50)), key=lambda p: space.plan_costs(p)["params"])
+    outcome = run_search(cfg, space, initial_params=[mild, harsh])
+    exp = outcome.local_dir
+    summaries = {s["trial_id"]: s for s in _summaries(exp).values()}
+    assert len(summaries) == 4
+
+    # TensorBoard: per trial, the evaluations' quality, every ILKD loss term and throughput
+    for trial_id, s in summaries.items():
+        scalars = _tb_scalars(exp / f"trial_{trial_id}")
+        assert "ray/tune/eval_quality" in scalars and "ray/tune/throughput_tokens_per_s" in scalars, sorted(scalars)
+        if s["steps"] > 0:
+            losses = {k for k in scalars if k.startswith("ray/tune/loss")}
+            assert {"ray/tune/loss", "ray/tune/loss_emb", "ray/tune/loss_att", "ray/tune/loss_hid",
+                    "ray/tune/loss_ce"} <= losses, sorted(scalars)
+        # every evaluation, and for a trial that finished, its final report
+        assert len(scalars["ray/tune/eval_quality"]) == len(s["history"]) + (s["status"] == "complete")
+
+    if has_mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient((exp / "mlruns").resolve().as_uri())
+        experiment = client.get_experiment_by_name("tracked")
+        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+        assert set(runs) == {f"trial_{t}" for t in summaries}
+        for trial_id, s in summaries.items():
+            run = runs[f"trial_{trial_id}"]
+            assert int(run.data.params["plan_params"]) == s["params"] and run.data.params["plan_summary"]
+            history = client.get_metric_history(run.info.run_id, "eval_quality")
+            assert len(history) == len(s["history"]) + (s["status"] == "complete")
+            assert {"loss_emb", "loss_att", "loss_hid", "loss_ce", "throughput_tokens_per_s"} <= set(run.data.metrics)
+
+    # the Optuna study, as optuna.load_study reads it: every trial with its state
+    study = load_journal_study(exp / STUDY_JOURNAL, "tracked")
+    states = {t.user_attrs["ray_trial_id"]: t.state.name for t in study.trials if "ray_trial_id" in t.user_attrs}
+    assert states == {t: {"complete": "COMPLETE", "pruned": "PRUNED"}[s["status"]] for t, s in summaries.items()}
+    assert "PRUNED" in states.values()
+
+    # one count everywhere
+    by = {st: sum(1 for s in summaries.values() if s["status"] == st) for st in ("complete", "pruned")}
+    words = ", ".join(f"{n} {st}" for st, n in by.items() if n)
+    line = _counts(outcome)
+    assert line.startswith(f"4 trials in ") and f"({words})" in line and line.endswith("; references: teacher")
+    write_analysis(cfg, exp, space)
+    capsys.readouterr()
+    trials_csv = pd.read_csv(exp / "analysis" / "trials.csv")
+    assert len(trials_csv) == 4 and "teacher" not in set(trials_csv["trial_id"].astype(str))
+    assert list(pd.read_csv(exp / "analysis" / "references.csv")["trial_id"]) == ["teacher"]
+    assert main(["analyze", str(exp), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"4 trials: {words}; references: teacher"
+    assert f"tracked: {by['complete']}/4 complete" in printed
+    results = pd.read_csv(tmp_path / "report" / "results.csv")
+    assert (results["role"] == "trial").sum() == 4 and list(results.loc[results["role"] == "reference", "method"]) \
+        == ["teacher"]
+    assert "4 trials in 1 search(es)" in (tmp_path / "report" / "report.md").read_text()
+    assert main(["compare", str(exp), "--out", str(tmp_path / "compare")]) == 0
+    table = pd.read_csv(tmp_path / "compare" / "compare.csv")
+    row = table[table["kind"] == "search"].iloc[0]
+    assert (row["trials"], row["complete"]) == (4, by["complete"])
+    assert list(table.loc[table["kind"] == "baseline", "method"]) == ["teacher"]
+
+
+def test_bad_loggers_are_refused_before_ray_starts(tiny_search, tmp_path, monkeypatch):
+    """An unknown logger (the valid ones listed), a tracker whose extra is missing (the extra named) and a tracker
+    folder that cannot be written: errors before any data is built or Ray is started."""
+    from kron.errors import ConfigError
+    import search.tracking as tracking
+
+    with pytest.raises(ConfigError, match=r"unknown logger\(s\) \['tb'\]; valid: \['tensorboard', 'mlflow', 'wandb'\]"):
+        load_search_config(tiny_search(name="bad", loggers=["tb"]))
+    started = []
+    monkeypatch.setattr("search.tuner.start_ray", lambda cfg: started.append(1))
+    monkeypatch.setattr("search.tuner.prepare_locally", lambda *a, **k: started.append(1))
+    real = tracking._importable
+    monkeypatch.setattr(tracking, "_importable", lambda m: False if m == "wandb" else real(m))
+    cfg = load_search_config(tiny_search(name="nowandb", loggers=["tensorboard", "wandb"]))
+    with pytest.raises(ConfigError, match=r"'wandb' needs the wandb package.*pip install 'kronsearch\[wandb\]'"):
+        run_search(cfg)
+    if real("mlflow"):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = load_search_config(tiny_search(name="blocked", loggers=["mlflow"]))
+        exp = Path(cfg.search.storage) / "blocked"
+        exp.mkdir(parents=True)
+        (exp / "mlruns").write_text("a file where the MLflow store should go")
+        with pytest.raises(ConfigError, match="mlflow cannot write to .*mlruns"):
+            run_search(cfg)
+    assert not started

@@ -154,3 +154,73 @@ def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, ti
     assert isinstance(make_scheduler(load_search_config(raw), space), ASHAScheduler)
     raw["search"]["asha"] = None
     assert type(make_scheduler(load_search_config(raw), space)) is FIFOScheduler
+
+
+def _journal_trials(path, name):
+    from search.searcher import load_journal_study
+
+    return load_journal_study(path, name).get_trials(deepcopy=False)
+
+
+def test_the_study_is_kept_in_a_journal_that_a_resume_reattaches_to(cfg_space, tmp_path):
+    """The study lives in optuna_study.journal (every tell is on disk at once); a searcher restored from a state
+    saved before the driver was killed re-attaches to it: nothing copied twice, the running trial can still finish,
+    and a trial asked for after the save (unknown to the resumed search) is closed as FAIL."""
+    from search.searcher import resuming_into
+
+    cfg, space = cfg_space()
+    journal = tmp_path / "optuna_study.journal"
+    searcher = make_searcher(cfg, space, journal=journal)
+    configs = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert configs[0]["plan_params"] == space.plan_costs(configs[0])["params"] and configs[0]["plan_summary"]
+    searcher.on_trial_complete("t0", _result())
+    searcher.on_trial_complete("t1", _result(step=2, finished=False))
+    assert {t.user_attrs.get("ray_trial_id"): t.state for t in _journal_trials(journal, cfg.name)
+            if "ray_trial_id" in t.user_attrs} == {"t0": State.COMPLETE, "t1": State.PRUNED, "t2": State.RUNNING}
+    searcher.save(str(tmp_path / "s.pkl"))
+    searcher.suggest("t3")  # after the last save: the killed driver's secret
+    with open(journal, "ab") as fh:  # and the kill cut a record short
+        fh.write(b'{"op_code":4,"worker_id":"x"')
+    before = len(journal.read_bytes().splitlines())
+
+    again = make_searcher(cfg, space)  # as Ray unpickles tuner.pkl, then restores the saved state
+    with resuming_into(journal, cfg.name):
+        again.restore(str(tmp_path / "s.pkl"))
+    trials = _journal_trials(journal, cfg.name)
+    by_ray = {t.user_attrs["ray_trial_id"]: t for t in trials if "ray_trial_id" in t.user_attrs}
+    assert journal.read_bytes().endswith(b"\n") and len(journal.read_bytes().splitlines()) > before - 1
+    assert [t.number for t in trials] == list(range(len(trials)))  # no trial copied twice
+    assert by_ray["t3"].state == State.FAIL and "orphaned" in by_ray["t3"].user_attrs
+    assert by_ray["t2"].state == State.RUNNING
+    again.on_trial_complete("t2", _result(q=50.0))
+    assert _journal_trials(journal, cfg.name)[by_ray["t2"].number].values == [50.0, 1000.0]
+    assert again.suggest("t4")
+    # what a user reads with Optuna itself
+    study = optuna.load_study(study_name=cfg.name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert [t.state for t in study.trials if t.user_attrs.get("ray_trial_id") == "t4"] == [State.RUNNING]
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
+
+
+def test_a_searcher_saved_without_a_journal_gets_one_on_resume(cfg_space, tmp_path):
+    """Searches of 0.1.0 kept the study in memory (pickled in the searcher state): a resume writes it, with every
+    trial, into a journal and goes on there."""
+    from search.searcher import resuming_into
+
+    cfg, space = cfg_space()
+    old = make_searcher(cfg, space)  # no journal, as 0.1.0
+    for i in range(2):
+        old.suggest(f"t{i}")
+    old.on_trial_complete("t0", _result())
+    old.save(str(tmp_path / "s.pkl"))
+    n = len(old.study.trials)
+    journal = tmp_path / "optuna_study.journal"
+    again = make_searcher(cfg, space)
+    with resuming_into(journal, cfg.name):
+        again.restore(str(tmp_path / "s.pkl"))
+    trials = _journal_trials(journal, cfg.name)
+    assert [(t.number, t.state) for t in trials] == [(t.number, t.state) for t in old.study.trials]
+    assert len(trials) == n
+    again.on_trial_complete("t1", _result(q=7.0))
+    t1 = next(t for t in _journal_trials(journal, cfg.name) if t.user_attrs.get("ray_trial_id") == "t1")
+    assert t1.state == State.COMPLETE and t1.values == [7.0, 1000.0]
