@@ -104,7 +104,8 @@ def _teacher_ppl(args) -> float:
     import torch
 
     from trials.config import load_trial_config
-    from trials.trial import evaluate_lm, load_lm_data, load_teacher
+    from trials.evaluate import evaluate_lm
+    from trials.trial import load_lm_data, load_teacher
 
     torch.set_num_threads(2)
     cfg = load_trial_config(_config("teacher", args.data, 1, {}, args))

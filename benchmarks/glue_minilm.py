@@ -96,7 +96,7 @@ def _teacher_accuracy(teacher: Path, glue_dir: str, max_len: int) -> float:
 
     from kron.models import load_model, load_tokenizer
     from trials.glue import encode_glue, load_glue
-    from trials.trial import evaluate_glue
+    from trials.evaluate import evaluate_glue
 
     model = load_model(str(teacher), task="sequence-classification", device="cpu").eval()
     data = encode_glue(load_glue("sst2", glue_dir, "dev"), load_tokenizer(str(teacher)), max_len)

@@ -80,7 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
     from kron.models import load_model, load_tokenizer, pick_device, resolve_source
     from kron.surgery import count_params
 
-    from .trial import evaluate_glue, evaluate_lm
+    from .evaluate import evaluate_glue, evaluate_lm
 
     if (args.data is None) == (args.glue_task is None):
         raise ConfigError("give exactly one of --data (perplexity) or --glue-task (GLUE metric)")

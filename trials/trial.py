@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from kron.vocab import SCHEMA, SUMMARY_NAME
 
 from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
+from .evaluate import batches, evaluate_glue, evaluate_kd, evaluate_lm
 from .hooks import TrialHooks, default_hooks
 
 __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
@@ -220,98 +221,6 @@ def _report_counts(model) -> dict:
     return {"params_before": n_all, "params_after": n_all,
             "params_before_excluding_output_embedding": n_excl, "params_after_excluding_output_embedding": n_excl,
             "macs_per_token_before": macs, "macs_per_token_after": macs, "compression_ratio": 1.0}
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-def _batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches (training), or one ordered pass (evaluation)."""
-    n = next(iter(tensors.values())).shape[0]
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-        # training drops the ragged last batch so every step sees batch_size examples
-        stop = max(n - batch_size + 1, 1) if shuffle else n
-        for i in range(0, stop, batch_size):
-            idx = order[i : i + batch_size]
-            yield {k: v[idx] for k, v in tensors.items()}
-        if not shuffle:
-            return
-
-
-@torch.no_grad()
-def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device, max_batches: int | None = None) -> dict:
-    """Perplexity exp(mean next-token NLL) over full blocks, and the model's forward throughput."""
-    model.eval()
-    nll, count, seconds = 0.0, 0, 0.0
-    for b, i in enumerate(range(0, blocks.shape[0], batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        ids = blocks[i : i + batch_size].to(device)
-        t0 = time.perf_counter()
-        logits = model(input_ids=ids).logits
-        _sync(device)
-        seconds += time.perf_counter() - t0
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
-        count += ids[:, 1:].numel()
-    mean = nll / max(count, 1)
-    ppl = math.exp(mean) if mean < 700 else float("inf")
-    tokens = count + (count // max(blocks.shape[1] - 1, 1))
-    return {"quality": ppl, "val_nll": mean, "throughput_tokens_per_s": tokens / seconds if seconds else None}
-
-
-@torch.no_grad()
-def evaluate_glue(model, data: dict[str, torch.Tensor], task: str, batch_size: int, device,
-                  max_batches: int | None = None) -> dict:
-    """The task's GLUE metrics on the dev split (main metric as `quality`) and forward throughput."""
-    from .glue import glue_metrics, main_metric
-
-    model.eval()
-    preds, labels, seconds, tokens = [], [], 0.0, 0
-    for b, batch in enumerate(_batches(data, batch_size, shuffle=False, seed=0)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        t0 = time.perf_counter()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        _sync(device)
-        seconds += time.perf_counter() - t0
-        tokens += int(batch["attention_mask"].sum())
-        preds.append(logits.squeeze(-1).float().cpu() if logits.shape[-1] == 1 else logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    metrics = glue_metrics(task, torch.cat(preds).numpy(), torch.cat(labels).numpy())
-    name = main_metric(task)[0]
-    return {"quality": float(metrics[name]), **{f"glue_{k}": float(v) for k, v in metrics.items()},
-            "throughput_tokens_per_s": tokens / seconds if seconds else None}
-
-
-@torch.no_grad()
-def evaluate_kd(student, teacher, blocks: torch.Tensor, weights: DistillWeights, batch_size: int, device,
-                max_batches: int | None = None, layer_map=None) -> dict:
-    """Mean ILKD loss on held-out text: the stage-1 metric for models without an LM head (BERT encoders)."""
-    student.eval()
-    total, n, seconds, tokens = 0.0, 0, 0.0, 0
-    for b, i in enumerate(range(0, blocks.shape[0], batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        ids = blocks[i : i + batch_size].to(device)
-        t_out = forward_for_distillation(teacher, ids)
-        t0 = time.perf_counter()
-        s_out = forward_for_distillation(student, ids)
-        _sync(device)
-        seconds += time.perf_counter() - t0
-        tokens += ids.numel()
-        total += ilkd_loss(s_out, t_out, weights, layer_map=layer_map).loss.item()
-        n += 1
-    return {"quality": total / max(n, 1), "throughput_tokens_per_s": tokens / seconds if seconds else None}
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -522,12 +431,12 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     cfg = run.cfg
     if kind == "lm":
         train, val = load_lm_data(cfg, teacher, tokenizer, device)
-        train_iter = _batches({"input_ids": train}, stage.batch_size, shuffle=True, seed=cfg.seed)
+        train_iter = batches({"input_ids": train}, stage.batch_size, shuffle=True, seed=cfg.seed)
         eval_data = val
         mode = "min"  # perplexity, or the held-out ILKD loss for encoders
     else:
         train_t, dev_t = load_glue_data(cfg, tokenizer)
-        train_iter = _batches(train_t, stage.batch_size, shuffle=True, seed=cfg.seed)
+        train_iter = batches(train_t, stage.batch_size, shuffle=True, seed=cfg.seed)
         eval_data = dev_t
         mode = "max"
     final_stage = kind == ("glue" if cfg.stage2 is not None else "lm")
