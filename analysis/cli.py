@@ -73,7 +73,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from analysis.report import _compare as compare, _delta, _int, _quality
+    from analysis.compare import _compare as compare
+    from analysis.textfmt import fmt_delta, fmt_int, fmt_quality
 
     written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title, x=args.x)
     _print_search_lines(summary)
@@ -81,27 +82,27 @@ def _compare(args: argparse.Namespace) -> int:
         if row["best_trial"] is None:
             verdict = "no search plan this small"
         elif row["dominates"]:
-            delta = _delta(row["quality_delta"], row["quality_delta_pct"])
-            verdict = (f"dominated by {row['best_search']}/{row['best_trial']} ({_int(row['best_params'])} params, "
-                       f"quality {_quality(row['best_quality'])}, Δ {delta})")
+            delta = fmt_delta(row["quality_delta"], row["quality_delta_pct"])
+            verdict = (f"dominated by {row['best_search']}/{row['best_trial']} ({fmt_int(row['best_params'])} params, "
+                       f"quality {fmt_quality(row['best_quality'])}, Δ {delta})")
         else:
             verdict = (f"none dominates (best at <= its params: {row['best_search']}/{row['best_trial']}, "
-                       f"Δ {_delta(row['quality_delta'], row['quality_delta_pct'])})")
-        print(f"baseline {row['baseline']} [{row['method']}] {_int(row['params'])} params, quality "
-              f"{_quality(row['quality'])}: {verdict}")
+                       f"Δ {fmt_delta(row['quality_delta'], row['quality_delta_pct'])})")
+        print(f"baseline {row['baseline']} [{row['method']}] {fmt_int(row['params'])} params, quality "
+              f"{fmt_quality(row['quality'])}: {verdict}")
     _print_paths(written)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from analysis.export import export
-    from analysis.report import _human, _quality
+    from analysis.textfmt import fmt_quality, human
 
     record = export(args.results, args.select, args.out, build=args.build)
     print(f"selected {len(record['selected'])} trial(s) by {record['how']}:")
     for entry in record["selected"]:
-        print(f"  {entry['search']}/{entry['trial_id']}: params {_human(entry['params'])}, "
-              f"{entry['quality_name']} {_quality(entry['quality'])}, MACs/token {_human(entry['macs_per_token'])}")
+        print(f"  {entry['search']}/{entry['trial_id']}: params {human(entry['params'])}, "
+              f"{entry['quality_name']} {fmt_quality(entry['quality'])}, MACs/token {human(entry['macs_per_token'])}")
         print(f"    plan   {entry['plan_path']}")
         if "model_dir" in entry:
             print(f"    model  {entry['model_dir']} ({entry['model_params']:,} params; {entry['model_source']})")
@@ -110,21 +111,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_search_lines(summary) -> None:
-    from analysis.report import HV_MARGIN, _human, _int, _quality, _quality_name, _sci
+    from analysis.report import HV_MARGIN, _quality_name
+    from analysis.textfmt import fmt_int, fmt_quality, fmt_sci, human
 
     ref = summary.reference
     if ref is not None:
         y_name = _quality_name(summary.marked) if ref["columns"][1] == "quality" else ref["columns"][1]
-        print(f"hypervolume reference point (common to all searches): {ref['columns'][0]}={_int(ref['values'][0])}, "
-              f"{y_name}={_quality(ref['values'][1])} (worst observed values made {HV_MARGIN:.0%} worse)")
+        print(f"hypervolume reference point (common to all searches): {ref['columns'][0]}={fmt_int(ref['values'][0])}, "
+              f"{y_name}={fmt_quality(ref['values'][1])} (worst observed values made {HV_MARGIN:.0%} worse)")
     for _, row in summary.stats.iterrows():
         if row["knee_trial"] is None:
             print(f"{row['search']}: {row['trials']} trials, none complete")
             continue
         print(f"{row['search']}: {row['complete']}/{row['trials']} complete, {row['on_front']} on front, "
-              f"hypervolume {_sci(row['hypervolume'])}; best {row['best_trial']} (quality "
-              f"{_quality(row['best_quality'])}, {_human(row['best_params'])} params); knee {row['knee_trial']} "
-              f"({_human(row['knee_x'])} {summary.x}, quality {_quality(row['knee_quality'])})")
+              f"hypervolume {fmt_sci(row['hypervolume'])}; best {row['best_trial']} (quality "
+              f"{fmt_quality(row['best_quality'])}, {human(row['best_params'])} params); knee {row['knee_trial']} "
+              f"({human(row['knee_x'])} {summary.x}, quality {fmt_quality(row['knee_quality'])})")
 
 
 def _print_paths(written: dict) -> None:

@@ -3,9 +3,7 @@
 * `analyze(sources, out_dir)`: one report over every trial of `sources` — `results.csv`, `pareto.csv`,
   `pareto.png` (+ `pareto.html` with plotly), `plans_heatmap.png` and `report.md` (status counts, the front
   table, knee points, best plans, hypervolumes against a stated common reference point, failed trials).
-* `compare(sources, out_dir, labels=...)`: several searches and baselines in one plot and one table
-  (`compare.csv`, `compare.png`, `compare.md`): each search's hypervolume against a common reference point and,
-  for every baseline, the best search plan that dominates it and by how much.
+* `compare(...)` (in `analysis.compare`): several searches and baselines in one plot and one table.
 * `format_front_table(df)`: the Pareto front as a plain-text table for the console.
 
 Hypervolume reference point: the worst value of each objective observed over the complete, non-baseline trials
@@ -32,7 +30,6 @@ from analysis.results import (
     STATUSES,
     atomic_write_text,
     as_floats,
-    is_finite,
     column_direction,
     is_reference,
     trial_counts,
@@ -40,12 +37,15 @@ from analysis.results import (
     mark_pareto,
     plan_table,
 )
+from analysis.textfmt import (fmt_int, fmt_percent, fmt_quality, fmt_ratio, fmt_sci, human, md_table,
+                              one_line, text_or_none)
 from kron.errors import DataError, UserError
+from kron.vocab import SIZE_AXES
 
-__all__ = ["analyze", "compare", "format_front_table", "common_reference", "search_stats", "front_rows",
-           "baseline_dominance", "load_labelled", "X_COLUMNS", "HV_MARGIN"]
+__all__ = ["analyze", "format_front_table", "common_reference", "search_stats", "front_rows", "load_labelled",
+           "X_COLUMNS", "HV_MARGIN"]
 
-X_COLUMNS = ("params", "params_excl_output_embedding", "macs_per_token")  # the size axes a report may use
+X_COLUMNS = SIZE_AXES  # the size axes a report may use (known before training)
 HV_MARGIN = 0.1  # the reference point is the worst observed value made this much worse
 _FAILED = ("error", "diverged")
 _QUALITY_SHORT = {"val_ppl": "ppl"}
@@ -152,7 +152,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
             best = good.iloc[_best_index(good, y, directions[1], x)]
             knee = good.iloc[knee_point(values, directions)]
             row.update(best_trial=str(best["trial_id"]), best_quality=float(best["quality"]),
-                       best_params=best["params"], best_plan=_text(best["plan_summary"]),
+                       best_params=best["params"], best_plan=text_or_none(best["plan_summary"]),
                        knee_trial=str(knee["trial_id"]), knee_x=float(knee[x]), knee_quality=float(knee[y]))
             if reference is not None:
                 row["hypervolume"] = hypervolume(values, directions, reference["values"])
@@ -279,7 +279,7 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     statuses = [s for s in STATUSES if s in counts.columns] + [s for s in counts.columns if s not in STATUSES]
     rows = [[search, *(int(counts.loc[search, s]) for s in statuses), int(counts.loc[search].sum())]
             for search in counts.index]
-    lines += _md_table(["search", *statuses, "total"], rows, numeric=range(1, len(statuses) + 2)) + [""]
+    lines += md_table(["search", *statuses, "total"], rows, numeric=range(1, len(statuses) + 2)) + [""]
     if references:
         lines += [f"References, not counted as trials: {', '.join(references)}.", ""]
 
@@ -291,10 +291,10 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
         rows = []
         for _, row in summary.front.iterrows():
             rows.append([row["search"], int(row["rank"]), ("★ " if row["is_knee"] else "") + _trial_name(row),
-                         _int(row["params"]), _ratio(row["compression_ratio"]), _quality(row["quality"]),
-                         _human(row["macs_per_token"]), _human(row["throughput_tokens_per_s"]),
-                         _text(row["plan_summary"]) or ""])
-        lines += _md_table(["search", "#", "trial", "params", "compression", qname, "MACs/token", "tokens/s",
+                         fmt_int(row["params"]), fmt_ratio(row["compression_ratio"]), fmt_quality(row["quality"]),
+                         human(row["macs_per_token"]), human(row["throughput_tokens_per_s"]),
+                         text_or_none(row["plan_summary"]) or ""])
+        lines += md_table(["search", "#", "trial", "params", "compression", qname, "MACs/token", "tokens/s",
                             "plan"], rows, numeric=(1, 3, 4, 5, 6, 7)) + [""]
 
     lines += ["## Knee point", ""]
@@ -306,9 +306,9 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
             lines.append(f"- **{row['search']}**: no complete trial")
             continue
         knee = _row_of(marked, row["search"], row["knee_trial"])
-        lines.append(f"- **{row['search']}**: {_trial_name(knee)} — {_label(x)} {_int(knee[x])}, "
-                     f"{qname} {_quality(knee['quality'])}, compression {_ratio(knee['compression_ratio'])}; "
-                     f"plan: {_text(knee['plan_summary']) or '—'}")
+        lines.append(f"- **{row['search']}**: {_trial_name(knee)} — {_label(x)} {fmt_int(knee[x])}, "
+                     f"{qname} {fmt_quality(knee['quality'])}, compression {fmt_ratio(knee['compression_ratio'])}; "
+                     f"plan: {text_or_none(knee['plan_summary']) or '—'}")
     lines += ["", "## Best plan per search", ""]
     rows = []
     for _, row in stats.iterrows():
@@ -316,9 +316,9 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
             rows.append([row["search"], "—", "", "", "", "no complete trial"])
             continue
         best = _row_of(marked, row["search"], row["best_trial"])
-        rows.append([row["search"], _trial_name(best), _quality(best["quality"]), _int(best["params"]),
-                     _ratio(best["compression_ratio"]), _text(best["plan_summary"]) or ""])
-    lines += _md_table(["search", f"best trial (by {qname})", qname, "params", "compression", "plan"], rows,
+        rows.append([row["search"], _trial_name(best), fmt_quality(best["quality"]), fmt_int(best["params"]),
+                     fmt_ratio(best["compression_ratio"]), text_or_none(best["plan_summary"]) or ""])
+    lines += md_table(["search", f"best trial (by {qname})", qname, "params", "compression", "plan"], rows,
                        numeric=(2, 3, 4)) + [""]
 
     lines += ["## Hypervolume", ""]
@@ -329,9 +329,9 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     if failed.empty:
         lines += ["None.", ""]
     else:
-        rows = [[row["search"], _trial_name(row), row["status"], _one_line(row["error"]) or "(no error recorded)"]
+        rows = [[row["search"], _trial_name(row), row["status"], one_line(row["error"]) or "(no error recorded)"]
                 for _, row in failed.sort_values(["search", "trial_id"]).iterrows()]
-        lines += _md_table(["search", "trial", "status", "error"], rows) + [""]
+        lines += md_table(["search", "trial", "status", "error"], rows) + [""]
     if note:
         lines += [f"_Note: {note}._", ""]
     return "\n".join(lines)
@@ -342,170 +342,20 @@ def _hypervolume_lines(stats: pd.DataFrame, reference: dict | None, qname: str) 
         return ["Not computed: no complete trial with finite objectives.", ""]
     (x, _), (rx, ry), (wx, wy) = reference["columns"], reference["values"], reference["worst"]
     dx, dy = reference["directions"]
-    lines = [f"Common reference point (the same for every search): **{_label(x)} = {_int(rx)}, {qname} = "
-             f"{_quality(ry)}** — the worst value of each objective observed over the complete trials of all "
-             f"{len(stats)} search(es) ({_int(wx)} and {_quality(wy)}), made {HV_MARGIN:.0%} worse "
+    lines = [f"Common reference point (the same for every search): **{_label(x)} = {fmt_int(rx)}, {qname} = "
+             f"{fmt_quality(ry)}** — the worst value of each objective observed over the complete trials of all "
+             f"{len(stats)} search(es) ({fmt_int(wx)} and {fmt_quality(wy)}), made {HV_MARGIN:.0%} worse "
              f"({_label(x)} {_margin_word(dx, wx)}, {qname} {_margin_word(dy, wy)}). "
              f"Hypervolume is the area of the ({_label(x)}, {qname}) "
              f"plane dominated by a search's trials up to that point (units: {_label(x)} × {qname}); larger is "
              "better.", ""]
-    rows = [[row["search"], _sci(row["hypervolume"]), _percent(row["hypervolume_share"]), int(row["on_front"]),
+    rows = [[row["search"], fmt_sci(row["hypervolume"]), fmt_percent(row["hypervolume_share"]), int(row["on_front"]),
              int(row["complete"])] for _, row in stats.iterrows()]
-    return lines + _md_table(["search", "hypervolume", "share of best", "front points", "complete trials"], rows,
+    return lines + md_table(["search", "hypervolume", "share of best", "front points", "complete trials"], rows,
                              numeric=(1, 2, 3, 4)) + [""]
 
 
 # --- compare ------------------------------------------------------------------------------------------------
-
-
-def baseline_dominance(df: pd.DataFrame, y: str = "quality", *, x: str = "params") -> pd.DataFrame:
-    """For every complete baseline row (teacher/preset/lowrank/layerdrop), the best search plan at <= its size x.
-
-    Columns: baseline, method, params, quality, then for the best plan over all searches: best_search,
-    best_trial, best_params, best_quality, quality_delta (best - baseline, signed; the quality units),
-    quality_delta_pct, dominates (bool: no worse in both objectives and better in one); and per search
-    `delta:<search>` / `dominates:<search>`. "Best" = best quality, ties to fewer params, then trial id.
-    """
-    baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
-    baselines = baselines[np.isfinite(as_floats(baselines[x])) & np.isfinite(as_floats(baselines[y]))]
-    trials = df[_eligible(df, x, y)]
-    searches = sorted(trials["search"].dropna().unique(), key=str)
-    direction = column_direction(pd.concat([trials, baselines]), y) if len(trials) + len(baselines) else "min"
-    rows = []
-    for _, base in baselines.sort_values(x).iterrows():
-        bx, by = float(base[x]), float(base[y])
-        row = {"baseline": _trial_name(base), "method": str(base["method"]), "params": base[x], "quality": by}
-        for scope, pool in [(None, trials)] + [(s, trials[trials["search"] == s]) for s in searches]:
-            under = pool[as_floats(pool[x]) <= bx]
-            best = under.iloc[_best_index(under, y, direction, x)] if len(under) else None
-            if best is None:
-                delta, dominates = math.nan, False
-            else:
-                qx, qy = float(best[x]), float(best[y])
-                delta = qy - by
-                better_q = qy < by if direction == "min" else qy > by
-                dominates = (qy == by and qx < bx) or better_q
-            if scope is None:
-                row.update(best_search=None if best is None else str(best["search"]),
-                           best_trial=None if best is None else str(best["trial_id"]),
-                           best_params=pd.NA if best is None else best[x],
-                           best_quality=math.nan if best is None else float(best[y]),
-                           quality_delta=delta, quality_delta_pct=100 * delta / abs(by) if by else math.nan,
-                           dominates=bool(dominates))
-            else:
-                row[f"delta:{scope}"] = delta
-                row[f"dominates:{scope}"] = bool(dominates)
-        rows.append(row)
-    columns = ["baseline", "method", "params", "quality", "best_search", "best_trial", "best_params",
-               "best_quality", "quality_delta", "quality_delta_pct", "dominates"]
-    columns += [f"{kind}:{s}" for s in searches for kind in ("delta", "dominates")]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str | None = None,
-            x: str = "params") -> dict[str, Path]:
-    """Overlay several searches and their baselines: compare.csv, compare.png (+ compare.html with plotly) and
-    compare.md in `out_dir`. `labels` renames each source's search (one label per source).
-
-    compare.csv has one row per search (kind "search": trials, front size, best quality, hypervolume against the
-    common reference point) and one per baseline (kind "baseline": its params and quality, the best search plan
-    at <= its params, the quality delta, and whether that plan dominates it). Returns {file name: path}.
-    """
-    return _compare(sources, out_dir, labels=labels, title=title, x=x)[0]
-
-
-def _compare(sources, out_dir, *, labels=None, title=None, x="params"):
-    from analysis.plots import plot_pareto
-
-    out = _out_dir(out_dir)
-    df = load_labelled(sources, labels)
-    if df.empty:
-        raise DataError("no trials found in the given sources")
-    summary = summarize(df, x, "quality")
-    dominance = baseline_dominance(summary.marked, x=x)
-    table = _compare_table(summary.stats, dominance)
-    written: dict[str, Path] = {}
-    written["compare.csv"] = atomic_write_text(out / "compare.csv", table.to_csv(index=False))
-    html = out / "compare.html" if _has_plotly() else None
-    written["compare.png"] = plot_pareto(summary.marked, x=x, y="quality", out_png=out / "compare.png",
-                                         title=title or "Pareto fronts compared", html_out=html)
-    if html is not None:
-        written["compare.html"] = html
-    written["compare.md"] = atomic_write_text(out / "compare.md", compare_markdown(summary, dominance, title=title))
-    return written, summary, dominance
-
-
-def _compare_table(stats: pd.DataFrame, dominance: pd.DataFrame) -> pd.DataFrame:
-    searches = pd.DataFrame({
-        "kind": "search", "name": stats["search"], "trials": stats["trials"].astype("Int64"),
-        "complete": stats["complete"].astype("Int64"), "on_front": stats["on_front"].astype("Int64"),
-        "hypervolume": stats["hypervolume"],
-        "hypervolume_share": stats["hypervolume_share"], "params": stats["best_params"],
-        "quality": stats["best_quality"], "best_trial": stats["best_trial"],
-    })
-    baselines = pd.DataFrame({
-        "kind": "baseline", "name": dominance["baseline"], "method": dominance["method"],
-        "params": dominance["params"], "quality": dominance["quality"], "best_search": dominance["best_search"],
-        "best_trial": dominance["best_trial"], "best_params": dominance["best_params"],
-        "best_quality": dominance["best_quality"], "quality_delta": dominance["quality_delta"],
-        "quality_delta_pct": dominance["quality_delta_pct"], "dominates": dominance["dominates"],
-    })
-    columns = ["kind", "name", "method", "trials", "complete", "on_front", "hypervolume", "hypervolume_share",
-               "params", "quality", "best_search", "best_trial", "best_params", "best_quality", "quality_delta",
-               "quality_delta_pct", "dominates"]
-    frames = [frame for frame in (searches, baselines) if len(frame)]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    table = table.reindex(columns=columns)
-    for column in ("trials", "complete", "on_front", "params", "best_params"):
-        table[column] = pd.to_numeric(table[column]).astype("Int64")
-    table["dominates"] = table["dominates"].astype("boolean")
-    return table
-
-
-def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | None = None) -> str:
-    marked, stats = summary.marked, summary.stats
-    qname = _quality_name(marked)
-    lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
-    lines += ["## Searches", ""]
-    lines += _hypervolume_lines(stats, summary.reference, qname)
-    rows = [[row["search"], row["best_trial"] or "—", _quality(row["best_quality"]), _int(row["best_params"]),
-             row["knee_trial"] or "—", _int(row["knee_x"]), _quality(row["knee_quality"])]
-            for _, row in stats.iterrows()]
-    lines += _md_table(["search", "best trial", f"best {qname}", "its params", "knee trial", "knee params",
-                        f"knee {qname}"], rows, numeric=(2, 3, 5, 6)) + [""]
-
-    lines += ["## Baselines", ""]
-    if dominance.empty:
-        lines += ["No baseline trials (teacher, preset, low-rank, layer-drop) among the sources.", ""]
-        return "\n".join(lines)
-    lines += [f"For each baseline, the best search plan (by {qname}) with at most the baseline's parameters. "
-              f"Δ = plan − baseline in {qname}; the plan dominates the baseline when it is no worse in both "
-              "objectives and better in one.", ""]
-    searches = list(stats["search"])
-    rows = []
-    for _, row in dominance.iterrows():
-        if row["best_trial"] is None:
-            verdict = "none dominates (no plan this small)"
-        elif row["dominates"]:
-            verdict = (f"{row['best_search']}/{row['best_trial']} ({_int(row['best_params'])} params, "
-                       f"{_quality(row['best_quality'])})")
-        else:
-            verdict = (f"none dominates (best at ≤ its params: {row['best_search']}/{row['best_trial']}, "
-                       f"{_quality(row['best_quality'])})")
-        cells = [row["baseline"], row["method"], _int(row["params"]), _quality(row["quality"]), verdict,
-                 _delta(row["quality_delta"], row["quality_delta_pct"])]
-        for search in searches:
-            delta = row.get(f"delta:{search}", math.nan)
-            cells.append(_delta(delta) + ("" if not row.get(f"dominates:{search}") else " ✓")
-                         if np.isfinite(delta) else "no plan ≤ params")
-        rows.append(cells)
-    lines += _md_table(["baseline", "method", "params", qname, "best dominating plan", "Δ (best plan)",
-                        *[f"Δ {s}" for s in searches]], rows, numeric=[2, 3, 5, *range(6, 6 + len(searches))])
-    lines += ["", "✓: that search has a plan dominating the baseline.", ""]
-    return "\n".join(lines)
-
-
-# --- console ------------------------------------------------------------------------------------------------
 
 
 def format_front_table(df: pd.DataFrame, *, x: str = "params", y: str = "quality", max_plan: int = 48) -> str:
@@ -528,11 +378,11 @@ def format_front_table(df: pd.DataFrame, *, x: str = "params", y: str = "quality
     header = ["search", "#", "trial", "params", "compr.", qname, "MACs/tok", "tok/s", "plan"]
     rows = []
     for _, row in front.iterrows():
-        plan = _text(row["plan_summary"]) or ""
+        plan = text_or_none(row["plan_summary"]) or ""
         plan = plan if len(plan) <= max_plan else plan[: max_plan - 1] + "…"
         rows.append([str(row["search"]), str(row["rank"]), ("*" if row["is_knee"] else " ") + _trial_name(row),
-                     _human(row["params"]), _ratio(row["compression_ratio"]), _quality(row["quality"]),
-                     _human(row["macs_per_token"]), _human(row["throughput_tokens_per_s"]), plan])
+                     human(row["params"]), fmt_ratio(row["compression_ratio"]), fmt_quality(row["quality"]),
+                     human(row["macs_per_token"]), human(row["throughput_tokens_per_s"]), plan])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     right = {1, 3, 4, 5, 6, 7}
 
@@ -609,74 +459,6 @@ def _margin_word(direction: str, worst: float) -> str:
     if worst > 0:
         return f"× {1 + HV_MARGIN:g}" if direction == "min" else f"× {1 - HV_MARGIN:g}"
     return f"{'+' if direction == 'min' else '−'} {HV_MARGIN:.0%} of |worst| (or of the observed range when 0)"
-
-
-def _md_table(header, rows, numeric=()) -> list[str]:
-    numeric = set(numeric)
-    out = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
-           "|" + "|".join("---:" if i in numeric else "---" for i in range(len(header))) + "|"]
-    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return out
-
-
-def _md_cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-
-
-def _human(value) -> str:
-    """2.51M, 800k, 12.3 — or "—" when missing."""
-    if not is_finite(value):
-        return "—"
-    value = float(value)
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _int(value) -> str:
-    """"2.51M (2,512,345)" for counts, "—" when missing."""
-    if not is_finite(value):
-        return "—"
-    value = float(value)
-    return f"{_human(value)} ({value:,.0f})" if abs(value) >= 1e3 else f"{value:,.0f}"
-
-
-def _quality(value) -> str:
-    return f"{float(value):.4g}" if is_finite(value) else "—"
-
-
-def _ratio(value) -> str:
-    return f"{float(value):.2f}×" if is_finite(value) else "—"
-
-
-def _sci(value) -> str:
-    return f"{float(value):.4g}" if is_finite(value) else "—"
-
-
-def _percent(value) -> str:
-    return f"{100 * float(value):.1f}%" if is_finite(value) else "—"
-
-
-def _delta(value, pct=None) -> str:
-    if not is_finite(value):
-        return "—"
-    text = f"{float(value):+.4g}"
-    return text + (f" ({float(pct):+.1f}%)" if is_finite(pct) else "")
-
-
-def _text(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _one_line(value) -> str | None:
-    text = _text(value)
-    if text is None:
-        return None
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def _trial_name(row) -> str:

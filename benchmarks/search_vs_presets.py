@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
     t_search = time.time() - t0 - t_refs
 
-    from analysis.report import compare
+    from analysis.compare import compare
 
     # Sizes as in the KnGPT2 paper: without the output embedding (kept dense when the input embedding is factored).
     paths = compare([out / "search", refs_dir], out / "compare", labels=["search", "references"],

@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 
 from analysis.pareto import hypervolume
+from analysis.compare import baseline_dominance, compare
 from analysis.report import (
     analyze,
-    baseline_dominance,
     common_reference,
-    compare,
     format_front_table,
     load_labelled,
     search_stats,
