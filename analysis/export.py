@@ -248,9 +248,9 @@ def _rebuild(summary: dict, tmp: Path) -> None:
 
     config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
     method = summary.get("method")
-    if method != "kronecker":
-        raise CheckpointError(f"trial {summary.get('trial_id')} ({method}) kept no checkpoint and only Kronecker "
-                              f"trials can be rebuilt from a plan ({summary['summary_path']})")
+    if method not in ("kronecker", "mixed"):
+        raise CheckpointError(f"trial {summary.get('trial_id')} ({method}) kept no checkpoint and only search "
+                              f"trials (kronecker, mixed) can be rebuilt from a plan ({summary['summary_path']})")
     teacher = config.get("teacher")
     if not teacher:
         raise CheckpointError(f"trial {summary.get('trial_id')} kept no checkpoint and its summary names no teacher "

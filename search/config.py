@@ -103,6 +103,9 @@ class SpaceConfig(_Strict):
     max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
     max_shapes: int | None = Field(None, ge=1, description="keep at most this many shapes per matrix, evenly "
                                                            "spread over log-compression (None: all)")
+    methods: list[str] = Field(default_factory=lambda: ["kronecker"],
+                               description="compression methods each linear matrix may take (kron.methods: kronecker, "
+                                           "lowrank); with several, the search picks the method per matrix")
     embedding_factors: list[int] = Field(default_factory=lambda: [2, 4, 8],
                                          description="f of A (v x d/f) ⊗ B (1 x f) for the embedding group")
     allow_keep: bool = Field(False, description="add 'keep' (stay dense) to every matrix's choices")
@@ -120,6 +123,19 @@ class SpaceConfig(_Strict):
         if bad:
             raise ValueError(f"ranks must be positive integers, got {bad}")
         return sorted(set(v))
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        from kron.methods import LINEAR_KINDS, all_methods
+
+        valid = [m.name for m in all_methods() if set(m.module_kinds) & set(LINEAR_KINDS)]
+        if not v:
+            raise ValueError(f"methods must list at least one of {', '.join(valid)}")
+        unknown = [m for m in v if m not in valid]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("embedding_factors")
     @classmethod

@@ -93,12 +93,28 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
                               "config: restore it, or start a new search with --name") from None
     if not isinstance(old, dict):
         raise CheckpointError(f"--resume: {where} is corrupt (a JSON {type(old).__name__}, expected an object)")
-    fp = old.get("fingerprint")
+    fp = _normalised(old.get("fingerprint"))
     new = json.loads(json.dumps(config_fingerprint(cfg)))
     if fp is not None and fp != new:
         changed = [k for k in ("trial", "space") if fp.get(k) != new.get(k)]
         raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
+
+
+def _normalised(fp):
+    """A saved fingerprint's space section as this release's SpaceConfig writes it: keys added since (with their
+    defaults, e.g. `methods`) do not make an unchanged old search look changed."""
+    if not isinstance(fp, dict) or not isinstance(fp.get("space"), dict):
+        return fp
+    from pydantic import ValidationError
+
+    from .config import SpaceConfig
+
+    try:
+        space = SpaceConfig.model_validate(fp["space"]).model_dump(mode="json")
+    except ValidationError:
+        return fp  # not a space this release reads: compared as saved (and reported as changed)
+    return {**fp, "space": json.loads(json.dumps(space))}
 
 
 def saved_trial_states(local_dir: Path) -> dict[str, str]:

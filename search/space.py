@@ -168,13 +168,14 @@ class SearchSpace(BudgetMixin):
     def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> tuple[list[str], dict]:
         """The options of one choice and, per option, (Δparams, Δmacs) of one block against the dense weight —
         the methods' own candidates and cost model (kron.methods)."""
-        from kron.errors import ShapeError
-        from kron.methods import get_method, parse_option as parse_spec
+        from kron.errors import PlanError, ShapeError
+        from kron.methods import Slot, get_method, parse_option as parse_spec
         from kron.shapes import validate_shape
 
         sc = self.config
         rows, cols = dims
-        method = get_method("kron_embedding" if kind == "embedding" else "kronecker")
+        methods = ["kron_embedding"] if kind == "embedding" else list(sc.methods)
+        method = get_method(methods[0])
         listed = sc.shapes.get(group) if sc.shapes else None
         specs = []
         if listed:
@@ -189,9 +190,21 @@ class SearchSpace(BudgetMixin):
                                           f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
                     specs.append(spec)
                     continue
-                if spec.method != method.name:
+                if spec.method == "kron_embedding":
                     raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
                                       f"layers: write m1xn1,m2xn2,r<rank>")
+                if spec.method not in methods:
+                    raise ConfigError(f"space.shapes.{group}: {o!r} is a {spec.method} option but space.methods is "
+                                      f"{methods}; add {spec.method!r} to space.methods")
+                if spec.method != "kronecker":
+                    try:
+                        spec.check(Slot(f"space.shapes.{group}", example, "linear", "", rows, cols))
+                    except PlanError:
+                        continue  # fits another shape bucket of this group
+                    if spec.params(rows, cols) >= rows * cols:
+                        raise ConfigError(f"space.shapes.{group}: {o!r} does not compress {example} ({rows} x {cols})")
+                    specs.append(spec)
+                    continue
                 try:
                     validate_shape(rows, cols, spec.shape, spec.rank)
                 except ShapeError:
@@ -204,7 +217,7 @@ class SearchSpace(BudgetMixin):
                 raise ConfigError(f"space.shapes.{group}: none of {sc.shapes[group]} fits {example} "
                                   f"(each block {rows} x {cols}, out x in); need m1·m2 = {rows} and n1·n2 = {cols}")
         else:
-            specs = method.candidates(rows, cols, sc)
+            specs = [s for name in methods for s in get_method(name).candidates(rows, cols, sc)]
             if not specs and kind != "embedding":
                 rng = f"[{sc.min_compression}, {sc.max_compression or 'inf'}]"
                 raise ConfigError(

@@ -151,7 +151,10 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
 def trial_setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
     """What every trial of the search `cfg` over `space` shares (with the driver's KRONSEARCH_FAULT_INJECT)."""
     remote = is_remote_storage(cfg.search.storage)
-    return TrialSetup(name=cfg.name, base_trial=cfg.trial_section, space=space, cpus=cfg.search.resources.cpu,
+    base = cfg.trial_section
+    if cfg.space.methods != ["kronecker"]:  # plans that mix methods per matrix
+        base = {**base, "method": "mixed"}
+    return TrialSetup(name=cfg.name, base_trial=base, space=space, cpus=cfg.search.resources.cpu,
                       final_stage=cfg.final_stage, experiment_dir=None if remote else experiment_path(cfg),
                       max_t=cfg.asha_max_t, fault_inject=os.environ.get("KRONSEARCH_FAULT_INJECT") or None)
 

@@ -176,7 +176,7 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
                     plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
         return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if cfg.method in ("kronecker", "lowrank"):
+    if cfg.method in ("kronecker", "lowrank", "mixed"):
         from kron.baselines import describe_lowrank
         from kron.surgery import apply_specs, default_split
 
@@ -198,7 +198,8 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
 
 def _check_method_specs(method: str, specs: dict) -> None:
     """Keep the methods apart: a lowrank trial's plan factors matrices as U·V only, a kronecker trial's as Kronecker
-    products only (results are grouped by method, and a mixed plan would be neither baseline nor Kronecker)."""
+    products only (results are grouped by method, and a mixed plan would be neither baseline nor Kronecker); a
+    mixed trial's plan may use any method per matrix."""
     from kron.plan import KEEP
 
     for name, spec in specs.items():

@@ -380,3 +380,57 @@ def test_plan_rules_use_exact_names_and_group_identical_specs():
     assert att["select"] == [f"transformer.h.{i}.attn.c_attn" for i in range(3)] and att["blocks"] == 3
     plan = space.to_plan_dict(params, name="x")
     assert CompressionPlan.from_dict(plan).name == "x"
+
+
+# ----------------------------------------------------------------------------------------------- mixed methods
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_mixed_methods_offer_both_structures_and_cost_what_compress_reports(kind):
+    """space.methods [kronecker, lowrank]: each linear matrix chooses its structure as well as its size; the
+    analytic costs still equal kron's compress report for every sampled plan, fused c_attn included."""
+    cfg = SpaceConfig(groups=["attention", "attention_output", "ffn_in", "ffn_out"], methods=["kronecker", "lowrank"],
+                      min_compression=1.5, max_shapes=3)
+    space = SearchSpace.from_model(meta_model(kind), cfg)
+    for c in space.choices:
+        kinds = {ModuleSpec.from_dict(parse_option(o)).method for o in c.options if o != KEEP}
+        assert kinds == {"kronecker", "lowrank"}, (c.key, c.options)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(6):
+        params = space.sample(rng)
+        model = real_model(kind)
+        plan = CompressionPlan.from_dict(space.to_plan_dict(params))
+        specs = plan.resolve(model)
+        seen |= {s.method for s in specs.values() if s != KEEP}
+        report = compress(model, plan)
+        costs = space.plan_costs(params)
+        assert costs["params"] == report.params_after
+        assert costs["macs_per_token"] == report.macs_per_token_after
+    assert seen == {"kronecker", "lowrank"}
+
+
+def test_space_methods_are_validated_before_anything_runs():
+    with pytest.raises(Exception, match=r"unknown method\(s\) \['tucker'\]; valid: kronecker, lowrank"):
+        SpaceConfig(methods=["kronecker", "tucker"])
+    with pytest.raises(ConfigError, match="is a lowrank option but space.methods is \\['kronecker'\\]"):
+        SearchSpace.from_model(meta_model("gpt2"), SpaceConfig(groups=["ffn_in"], shapes={"ffn_in": ["lr4"]}))
+    space = SearchSpace.from_model(meta_model("gpt2"), SpaceConfig(groups=["ffn_in"], methods=["lowrank"],
+                                                                   shapes={"ffn_in": ["lr4", "lr2", "keep"]}))
+    assert space.choices[0].options == ("lr4", "lr2", "keep")
+
+
+def test_a_mixed_plan_trains_as_method_mixed(tmp_path):
+    """A searched plan that mixes methods is a 'mixed' trial: kronecker and lowrank trials stay single-method."""
+    from trials.config import load_trial_config
+    from trials.trial import build_student
+
+    teacher = real_model("gpt2")
+    rules = [{"select": "mlp.c_fc", "shape": [8, 4, 8, 4]}, {"select": "mlp.c_proj", "lowrank_rank": 2}]
+    cfg = load_trial_config({"teacher": "config:gpt2", "method": "mixed", "plan": {"rules": rules}})
+    student, comp, _ = build_student(cfg, teacher)
+    assert {m["kind"] for m in comp["modules"]} == {"linear", "lowrank"}
+    from kron.errors import UserError
+
+    with pytest.raises(UserError, match="method 'kronecker': the plan makes module .* a low-rank U·V"):
+        build_student(load_trial_config({"teacher": "config:gpt2", "plan": {"rules": rules}}), teacher)
