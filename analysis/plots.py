@@ -62,6 +62,10 @@ class SearchSeries(NamedTuple):
     hover: list[str]
     n_trials: int  # all trials of the search, failed ones included
     n_pruned: int = 0  # stopped early by ASHA (not failures)
+    # pruned trials at the quality they had reached when stopped (drawn hollow; never part of the front)
+    pruned_x: np.ndarray = np.zeros(0)
+    pruned_y: np.ndarray = np.zeros(0)
+    pruned_hover: tuple = ()
 
 
 class ReferencePoint(NamedTuple):
@@ -119,11 +123,16 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
         order = np.lexsort((gy[on_front] * (1 if y_dir == "min" else -1), gx[on_front]))
         mine = ((df["search"] == search) & ~is_reference(df)).fillna(False)
         n_trials = int(mine.sum())
-        n_pruned = int((mine & (df["status"] == "pruned").fillna(False)).sum())
+        pruned = df[mine & (df["status"] == "pruned").fillna(False)]
+        px, py = as_floats(pruned[x]), as_floats(pruned[y])
+        shown = np.isfinite(px) & np.isfinite(py)
         series.append(SearchSeries(
             search=str(search), colour=colour, x=gx, y=gy, on_front=on_front,
             front_x=gx[on_front][order], front_y=gy[on_front][order],
-            hover=[_hover(row, x, y) for _, row in group.iterrows()], n_trials=n_trials, n_pruned=n_pruned,
+            hover=[_hover(row, x, y) for _, row in group.iterrows()], n_trials=n_trials, n_pruned=len(pruned),
+            pruned_x=px[shown], pruned_y=py[shown],
+            pruned_hover=tuple(_hover(row, x, y) + f"<br>pruned at step {row.get('steps')}"
+                               for _, row in pruned[shown].iterrows()),
         ))
 
     refs = [
@@ -153,8 +162,9 @@ def plot_pareto(df: pd.DataFrame, *, x: str = "params", y: str = "quality", out_
                 references=None, logx: bool = True, logy: bool = False, html_out=None) -> Path:
     """Draw each search's Pareto front of `y` against `x` into `out_png` (and an interactive `html_out`).
 
-    df: a `load_results` table; only complete trials are drawn, one colour per `search`, front points solid
-    and joined by a step line, dominated points faint. Reference points (method teacher/preset/lowrank/layerdrop)
+    df: a `load_results` table; one colour per `search`, complete trials' front points solid and joined by a step
+    line, dominated points faint, pruned trials hollow at the quality they had reached when stopped (never on the
+    front, which is computed from complete trials only). Reference points (method teacher/preset/lowrank/layerdrop)
     get labelled black markers; `references` adds more: a DataFrame of extra rows, a {label: (x, y)} mapping
     (e.g. numbers from a paper) or a list of labels/trial_ids of `df` rows. `y="quality"` takes its direction
     from `quality_mode`. `html_out` needs plotly; without it a warning is issued and only the PNG is written.
@@ -265,6 +275,9 @@ def _render_pareto_matplotlib(data: ParetoPlotData, *, logx: bool, logy: bool):
         ax.scatter(s.x[~s.on_front], s.y[~s.on_front], s=28, color=s.colour, alpha=0.25, lw=0, zorder=1)
         ax.scatter(s.x[s.on_front], s.y[s.on_front], s=40, color=s.colour, edgecolor="white", lw=0.8,
                    zorder=3, label=label)
+        if len(s.pruned_x):
+            ax.scatter(s.pruned_x, s.pruned_y, s=30, facecolor="none", edgecolor=s.colour, lw=1.0, alpha=0.7,
+                       zorder=1, label=f"{s.search}: pruned (quality when stopped)")
     seen_methods = set()
     for ref in data.references:
         method = ref.method if ref.method in _REFERENCE_MARKERS else "other"
@@ -273,7 +286,7 @@ def _render_pareto_matplotlib(data: ParetoPlotData, *, logx: bool, logy: bool):
                    label=None if method in seen_methods else
                    ("other reference" if method == "other" else f"{method} (reference)"))
         seen_methods.add(method)
-    if not data.references and not any(len(s.x) for s in data.series):
+    if not data.references and not any(len(s.x) or len(s.pruned_x) for s in data.series):
         ax.text(0.5, 0.5, "no complete trials to draw", transform=ax.transAxes, ha="center", va="center",
                 fontsize=12, color="#666666")
         ax.set_xticks([])
@@ -415,6 +428,10 @@ def _render_pareto_plotly(data: ParetoPlotData, *, logx: bool, logy: bool):
                                  name=f"{s.search} (dominated)", legendgroup=s.search,
                                  marker=dict(color=s.colour, size=7, opacity=0.3),
                                  text=hover[~s.on_front], hovertemplate="%{text}<extra></extra>"))
+        if len(s.pruned_x):
+            fig.add_trace(go.Scatter(x=s.pruned_x, y=s.pruned_y, mode="markers", name=f"{s.search} (pruned)",
+                                     legendgroup=s.search, marker=dict(color=s.colour, size=7, symbol="circle-open"),
+                                     text=list(s.pruned_hover), hovertemplate="%{text}<extra></extra>"))
     for ref in data.references:
         symbol = _PLOTLY_SYMBOLS[_REFERENCE_MARKERS.get(ref.method, "P")]
         fig.add_trace(go.Scatter(x=[ref.x], y=[ref.y], mode="markers+text", name=ref.label, text=[ref.label],

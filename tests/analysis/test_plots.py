@@ -205,3 +205,16 @@ def test_empty_heatmap_is_an_error(tmp_path):
 )
 def test_short_module_name(name, short):
     assert short_module_name(name) == short
+
+
+def test_pruned_trials_are_drawn_apart_from_the_front(results, tmp_path):
+    """Pruned trials appear (hollow, at the quality they reached when stopped) but never join the front."""
+    data = pareto_plot_data(results)
+    asha = data.series[0]
+    pruned = results[(results["search"] == "kron-gpt2-asha") & (results["status"] == "pruned")]
+    finite = pruned[np.isfinite(pruned["params"].astype(float)) & np.isfinite(pruned["quality"].astype(float))]
+    assert len(finite) > 0 and len(asha.pruned_x) == len(finite) == len(asha.pruned_hover)
+    assert sorted(asha.pruned_x) == sorted(finite["params"].astype(float))
+    assert all("pruned at step" in h for h in asha.pruned_hover)
+    assert not set(zip(asha.pruned_x, asha.pruned_y)) & set(zip(asha.front_x, asha.front_y))
+    assert _is_png(plot_pareto(results, out_png=tmp_path / "p.png"))
