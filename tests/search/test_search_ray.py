@@ -314,8 +314,7 @@ def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search
     from search.commands import _counts
     from search.searcher import STUDY_JOURNAL, load_journal_study
 
-    has_mlflow = importlib.util.find_spec("mlflow") is not None
-    loggers = ["tensorboard"] + (["mlflow"] if has_mlflow else [])
+    loggers = ["tensorboard", "mlflow"]  # mlflow-skinny comes with the dev extra: both trackers are read back for real
     raw = tiny_search(name="tracked", num_samples=4, max_concurrent=2, reference=True, loggers=loggers,
                       asha={"grace_period": 2, "reduction_factor": 2, "size_buckets": 1})
     cfg = load_search_config(raw)
@@ -338,19 +337,18 @@ def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search
         # every evaluation, and for a trial that finished, its final report
         assert len(scalars["ray/tune/eval_quality"]) == len(s["history"]) + (s["status"] == "complete")
 
-    if has_mlflow:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient((exp / "mlruns").resolve().as_uri())
-        experiment = client.get_experiment_by_name("tracked")
-        runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-        assert set(runs) == {f"trial_{t}" for t in summaries}
-        for trial_id, s in summaries.items():
-            run = runs[f"trial_{trial_id}"]
-            assert int(run.data.params["plan_params"]) == s["params"] and run.data.params["plan_summary"]
-            history = client.get_metric_history(run.info.run_id, "eval_quality")
-            assert len(history) == len(s["history"]) + (s["status"] == "complete")
-            assert {"loss_emb", "loss_att", "loss_hid", "loss_ce", "throughput_tokens_per_s"} <= set(run.data.metrics)
+    client = MlflowClient((exp / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("tracked")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {f"trial_{t}" for t in summaries}
+    for trial_id, s in summaries.items():
+        run = runs[f"trial_{trial_id}"]
+        assert int(run.data.params["plan_params"]) == s["params"] and run.data.params["plan_summary"]
+        history = client.get_metric_history(run.info.run_id, "eval_quality")
+        assert len(history) == len(s["history"]) + (s["status"] == "complete")
+        assert {"loss_emb", "loss_att", "loss_hid", "loss_ce", "throughput_tokens_per_s"} <= set(run.data.metrics)
 
     # the Optuna study, as optuna.load_study reads it: every trial with its state
     study = load_journal_study(exp / STUDY_JOURNAL, "tracked")
@@ -399,12 +397,12 @@ def test_bad_loggers_are_refused_before_ray_starts(tiny_search, tmp_path, monkey
     cfg = load_search_config(tiny_search(name="nowandb", loggers=["tensorboard", "wandb"]))
     with pytest.raises(ConfigError, match=r"'wandb' needs the wandb package.*pip install 'kronsearch\[wandb\]'"):
         run_search(cfg)
-    if real("mlflow"):
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = load_search_config(tiny_search(name="blocked", loggers=["mlflow"]))
-        exp = Path(cfg.search.storage) / "blocked"
-        exp.mkdir(parents=True)
-        (exp / "mlruns").write_text("a file where the MLflow store should go")
-        with pytest.raises(ConfigError, match="mlflow cannot write to .*mlruns"):
-            run_search(cfg)
+    assert real("mlflow"), "mlflow-skinny comes with the dev extra"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_search_config(tiny_search(name="blocked", loggers=["mlflow"]))
+    exp = Path(cfg.search.storage) / "blocked"
+    exp.mkdir(parents=True)
+    (exp / "mlruns").write_text("a file where the MLflow store should go")
+    with pytest.raises(ConfigError, match="mlflow cannot write to .*mlruns"):
+        run_search(cfg)
     assert not started
