@@ -41,13 +41,16 @@ DEFAULT_MAX_CELLS = 20000
 class Constraints:
     """The candidates offered per matrix (the fields of `search.config.SpaceConfig` that methods read):
     Kronecker `ranks`, per-matrix compression in [min_compression, max_compression], `max_aspect` of A and B,
-    and at most `max_shapes` candidates per method and matrix (evenly over log-compression)."""
+    and at most `max_shapes` compression levels per method and matrix (evenly over log-compression), each with
+    at most `shapes_per_level` candidates (Kronecker: the splits with the fewest B rows first, i.e. the input-side
+    splits data-aware init serves best, then the fewest multiply-adds)."""
 
     ranks: tuple[int, ...] = (1,)
     min_compression: float = 1.5
     max_compression: float | None = 16.0
     max_aspect: float | None = None
     max_shapes: int | None = 8
+    shapes_per_level: int = 2
 
     def __post_init__(self):
         ranks = tuple(sorted(set(int(r) for r in self.ranks)))
@@ -61,6 +64,8 @@ class Constraints:
                             f"{self.min_compression}")
         if self.max_shapes is not None and self.max_shapes < 1:
             raise PlanError(f"max_shapes must be a positive integer, got {self.max_shapes}")
+        if self.shapes_per_level < 1:
+            raise PlanError(f"shapes_per_level must be a positive integer, got {self.shapes_per_level}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -90,16 +90,36 @@ def compressible_matrices(model: nn.Module, groups: Sequence[str] = LINEAR_GROUP
 
 
 def candidates_for(mx: Matrix, methods: Sequence[str], constraints) -> list:
-    """Each method's `candidates(m, n, constraints)` for one block of the matrix (fused: `blocks` set)."""
+    """Each method's `candidates(m, n, constraints)` for one block of the matrix (fused: `blocks` set), all of them
+    (max_shapes lifted), then thinned per method to `max_shapes` compression levels spread evenly over
+    log-compression with at most `shapes_per_level` candidates per level (fewest B rows, then fewest MACs)."""
+    from types import SimpleNamespace
+
     from .methods import get_method
 
+    rows, n = mx.m // mx.blocks, mx.n
+    every = SimpleNamespace(**{**constraints.to_dict(), "max_shapes": None})
     out = []
     for name in methods:
-        method = get_method(name)
-        for spec in method.candidates(mx.m // mx.blocks, mx.n, constraints):
-            if mx.blocks > 1:
-                spec = replace(spec, blocks=mx.blocks)
-            out.append(spec)
+        specs = get_method(name).candidates(rows, n, every)
+        levels: dict[float, list] = {}
+        for spec in specs:
+            levels.setdefault(round(math.log(spec.compression(rows, n)), 6), []).append(spec)
+        keys = sorted(levels)
+        k = constraints.max_shapes
+        if k is not None and len(keys) > k:
+            picked: list[int] = []
+            for i in range(k):
+                target = keys[0] + (keys[-1] - keys[0]) * i / max(k - 1, 1)
+                j = min((j for j in range(len(keys)) if j not in picked), key=lambda j: (abs(keys[j] - target), j))
+                picked.append(j)
+            keys = [keys[j] for j in sorted(picked)]
+        per = getattr(constraints, "shapes_per_level", 1)
+        for key in keys:
+            group = sorted(levels[key], key=lambda s: (getattr(s, "shape", (0, 0, 0, 0))[2], s.macs(rows, n),
+                                                       s.label()))
+            for spec in group[:per]:
+                out.append(replace(spec, blocks=mx.blocks) if mx.blocks > 1 else spec)
     return out
 
 
@@ -213,6 +233,114 @@ class _Proxy:
         return max(float(((D @ self.S) * D).sum().item()), 0.0) / self.base
 
 
+class _FastBlock:
+    """The candidate-independent pieces of one (block of a) matrix, computed once so that every Kronecker shape and
+    every low-rank rank of the profile costs O(m·n + n²) on top of its own factorisation instead of several
+    m·n² products (the same maths as `kron.datainit`, whose results these reproduce; see test_profile)."""
+
+    def __init__(self, W: torch.Tensor, S: torch.Tensor, ridge: float):
+        from .datainit import ridged
+
+        self.W = W.double().cpu()
+        S = S.double().cpu()
+        self.S = (S + S.T) / 2
+        self.WS = self.W @ self.S
+        self.base = float((self.WS * self.W).sum().item())  # f(0) = tr(W S Wᵀ)
+        self.Sr = ridged(self.S, ridge)
+        self.lam = float((torch.diagonal(self.Sr) - torch.diagonal(self.S)).mean().item()) if self.S.numel() else 0.0
+        self._white = None
+        self._lowrank = None
+
+    def whitener(self):
+        from .datainit import _whitener
+
+        if self._white is None:
+            L, Linv = _whitener(self.Sr)
+            self._white = (L, Linv, self.W @ L)
+        return self._white
+
+    def f_kron(self, A: torch.Tensor, B: torch.Tensor) -> float:
+        """tr((W − Σ A_k⊗B_k) S (W − Σ A_k⊗B_k)ᵀ) from the factors: O(m·n + r²·n²)."""
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        WS4 = self.WS.reshape(m1, m2, n1, n2)
+        S4 = self.S.reshape(n1, n2, n1, n2)
+        cross = float(torch.einsum("kxa,kip,xiap->", A, B, WS4).item())
+        AA = torch.einsum("kxa,lxb->klab", A, A)
+        BB = torch.einsum("kip,liq->klpq", B, B)
+        quad = float(torch.einsum("klab,klpq,apbq->", AA, BB, S4).item())
+        return max(self.base - 2 * cross + quad, 0.0)
+
+    def kronecker(self, shape, rank: int, *, grid: int = 12, iters: int = 10, tol: float = 1e-6,
+                  seed: int = 0) -> tuple[float, str]:
+        """(f, init) of `data_aware_kronecker(W, S, shape, rank)`: the better of the SVD init and the data-aware
+        factors on S."""
+        from .datainit import _b_candidates, _balance, _KronLS
+        from .factor import nearest_kronecker
+
+        m1, n1, m2, n2 = shape
+        svd = nearest_kronecker(self.W, shape, rank)
+        f_svd = self.f_kron(svd.A, svd.B)
+        if n1 == 1 or n2 == 1:
+            L, Linv, WL = self.whitener()
+            white = nearest_kronecker(WL, shape, rank)
+            A, B = white.A, white.B
+            if n2 == 1:
+                A = A @ Linv
+            else:
+                B = B @ Linv
+        else:
+            ls = object.__new__(_KronLS)
+            ls.m1, ls.n1, ls.m2, ls.n2, ls.rank = m1, n1, m2, n2, rank
+            ls.S4 = self.Sr.reshape(n1, n2, n1, n2)
+            ls.WS4 = (self.WS + self.lam * self.W).reshape(m1, m2, n1, n2)
+            ls.base = self.base + self.lam * float((self.W * self.W).sum().item())
+            best_f, best = math.inf, None
+            for B0 in _b_candidates(svd.B, grid, seed):
+                A0, f0 = ls.solve_A(B0)
+                if f0 < best_f:
+                    best_f, best = f0, (A0, B0)
+            A, B = best
+            f = best_f
+            for _ in range(iters):
+                B, _ = ls.solve_B(A)
+                A, f_new = ls.solve_A(B)
+                done = f - f_new <= tol * max(f, 1e-300)
+                f = min(f, f_new)
+                if done:
+                    break
+        A, B = _balance(A, B)
+        f_data = self.f_kron(A, B)
+        return (f_svd, "svd") if f_svd < f_data else (f_data, "data")
+
+    def lowrank(self, rank: int) -> tuple[float, str]:
+        """(f, "data") of `whitened_lowrank(W, S, rank)`: with W·L = P Σ Qᵀ, W − Ŵ_r = P_t Σ_t Q_tᵀ L⁻¹, so
+        f(r) = Σ_{i>r} σ_i² z_i S z_iᵀ with z_i = q_iᵀ L⁻¹: one SVD for every rank."""
+        if self._lowrank is None:
+            L, Linv, WL = self.whitener()
+            _, sig, Qh = torch.linalg.svd(WL, full_matrices=False)
+            Z = Qh @ Linv
+            g = ((Z @ self.S) * Z).sum(1)
+            tail = (sig ** 2 * g).flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j>=i}
+            self._lowrank = torch.cat([tail, tail.new_zeros(1)])
+        return max(float(self._lowrank[rank].item()), 0.0), "data"
+
+
+def _fast_damage(blocks: list, spec) -> tuple[float, str] | None:
+    """(damage, init) of a kronecker / lowrank spec from the cached blocks; None for other methods."""
+    if spec.method == "kronecker":
+        res = [b.kronecker(spec.shape, spec.rank) for b in blocks]
+    elif spec.method == "lowrank":
+        res = [b.lowrank(spec.rank) for b in blocks]
+    else:
+        return None
+    base = sum(b.base for b in blocks)
+    if not base > 0:
+        return 0.0, res[0][1]
+    inits = {i for _, i in res}
+    return sum(f for f, _ in res) / base, inits.pop() if len(inits) == 1 else "svd"
+
+
 def _model_inputs(batch, device):
     if isinstance(batch, torch.Tensor):
         return {"input_ids": batch.to(device)}, None
@@ -320,7 +448,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                   constraints: Constraints | None = None, source: str | None = None,
                   heldout: Sequence | None = None, kl_subset: int = 2, kl_tokens: int | None = 1024,
                   path: str | Path | None = None, fresh: bool = False, ridge: float | None = None,
-                  matrices: Sequence[Matrix] | None = None,
+                  matrices: Sequence[Matrix] | None = None, fast: bool = True,
                   progress: Callable[[int, int, str], None] | None = None) -> dict:
     """The sensitivity profile of `model` on calibration statistics `stats` (`kron.calibration.CalibStats`).
 
@@ -329,7 +457,9 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     kl_subset 0: no model-level measure). kl_tokens: at most this many held-out tokens for it.
     path: a JSON file written atomically after each matrix; an existing one with the same header is resumed
     (its matrices are not computed again), one with another header is refused (DataError naming the difference)
-    unless `fresh`. progress(done, total, name) is called after each matrix.
+    unless `fresh`. progress(done, total, name) is called after each matrix. fast: compute the Kronecker and
+    low-rank damages from per-matrix cached pieces (the same results as building each layer, much faster on large
+    matrices); other methods are always built.
     Returns the profile dict (see the module docstring).
     """
     from .datainit import DEFAULT_RIDGE
@@ -386,7 +516,9 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
             S = st.S
             if not torch.isfinite(S).all():
                 raise DataError(f"the calibration statistics of {mx.name} hold NaN or inf values")
-            proxy = _Proxy(_weight(module), S)
+            proxy = _Proxy(_weight(module), S) if not fast else None
+            fast_blocks = ([_FastBlock(w, S, ridge) for w in _weight(module).split(mx.m // mx.blocks, dim=0)]
+                           if fast else None)
             stats_one = ModuleStats(S=S, tokens=st.tokens)
             specs = candidates_for(mx, methods, constraints)
             dense = mx.m * mx.n
@@ -399,14 +531,21 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
             for j, spec in enumerate(specs):
                 method = get_method(spec.method)
                 ts = time.time()
-                new = method.build(module, spec, "data", stats=stats_one)
+                new, got = None, None
                 with torch.no_grad():
-                    damage = proxy(new.to_dense())
+                    if fast:
+                        got = _fast_damage(fast_blocks, spec)
+                    if got is None:
+                        new = method.build(module, spec, "data", stats=stats_one)
+                        got = (proxy or _Proxy(_weight(module), S))(new.to_dense()), getattr(new, "init_source", None)
+                damage, init_src = got
                 if not math.isfinite(damage):
                     raise DataError(f"{mx.name}: candidate {spec.label()} gave a non-finite output error (the "
                                     "calibration statistics or the weight hold extreme values)")
                 kl = None
                 if j in kl_idx:
+                    if new is None:
+                        new = method.build(module, spec, "data", stats=stats_one)
                     new.eval()
                     old = _swap(model, mx.name, new)
                     try:
@@ -416,7 +555,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                 p = spec.params(mx.m, mx.n)
                 cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
                               "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,
-                              "model_damage": kl, "init": getattr(new, "init_source", None),
+                              "model_damage": kl, "init": init_src,
                               "seconds": round(time.time() - ts, 4)})
                 del new
             profile["matrices"][mx.name] = {"group": mx.group, "m": mx.m, "n": mx.n, "blocks": mx.blocks,

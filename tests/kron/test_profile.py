@@ -193,3 +193,21 @@ def test_heatmap(gpt2, tmp_path):
     assert all(((v > 0) | ~torch.isfinite(torch.tensor(v)).numpy()).all() for v in data.values.values())
     out = profile_heatmap(prof, tmp_path / "h.png")
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_fast_path_matches_building_each_layer(gpt2, blocks):
+    """The cached fast path gives the damages (and winning init) of `method.build(..., "data")` for every
+    Kronecker split kind (n1 = 1, n2 = 1, general, rank 2) and low-rank rank, also on a near-singular S."""
+    model, stats, _ = gpt2
+    mx = compressible_matrices(model)[0 if blocks == 3 else 3]  # c_attn (96 x 32, 3 blocks) / mlp.c_proj (32 x 128)
+    c = Constraints(ranks=(1, 2), max_shapes=4, shapes_per_level=3, max_compression=12)
+    fast = profile_model(model, stats, constraints=c, matrices=[mx], kl_subset=0)
+    slow = profile_model(model, stats, constraints=c, matrices=[mx], kl_subset=0, fast=False)
+    fc, sc = fast["matrices"][mx.name]["candidates"], slow["matrices"][mx.name]["candidates"]
+    assert [x["label"] for x in fc] == [x["label"] for x in sc] and len(fc) > 8
+    shapes = [tuple(x["spec"]["shape"]) for x in fc if x["method"] == "kronecker"]
+    assert any(s[1] == 1 for s in shapes) or any(s[3] == 1 for s in shapes)
+    assert any(s[1] > 1 and s[3] > 1 for s in shapes)
+    for a, b in zip(fc, sc):
+        assert a["damage"] == pytest.approx(b["damage"], rel=2e-3, abs=1e-7), a["label"]
