@@ -47,6 +47,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", help="write the plan (with its concrete shapes) to this .yaml/.json file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
+    _add_auto_plan_options(p, g)  # plan --auto --budget ... (kron.profile_cli)
 
     p = subparsers.add_parser(
         "compress", help="compress a model with a plan (SVD or data-aware initialisation) and save it",
@@ -86,6 +87,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_merge)
+
+    _add_profile_command(subparsers)  # kronsearch profile (kron.profile_cli)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -257,3 +260,20 @@ def _merge(args) -> int:
     else:
         print(f"merged {args.dir} into a dense {type(model).__name__} ({n:,} parameters): {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- profile, plan --auto
+
+
+def _add_profile_command(subparsers) -> None:
+    """`kronsearch profile`: the sensitivity profile (kron.profile_cli, kron.profile)."""
+    from .profile_cli import add_profile_parser
+
+    add_profile_parser(subparsers)
+
+
+def _add_auto_plan_options(plan_parser, choice_group) -> None:
+    """`kronsearch plan --auto --budget ...`: automatic plans from a profile (kron.profile_cli, kron.autoplan)."""
+    from .profile_cli import add_auto_arguments
+
+    add_auto_arguments(plan_parser, choice_group)

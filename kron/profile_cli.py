@@ -1,0 +1,388 @@
+"""`kronsearch profile` and `kronsearch plan --auto`: sensitivity profiles and automatic plans under a budget.
+
+Registered from `kron.cli` (two hooks there call `add_profile_parser` and `add_auto_arguments`); the work is in
+`kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+_SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
+             "config:bert-base-uncased / config:PATH/config.json (random weights)")
+_CALIB_HELP = ("calibration data: a text file or folder, a datasets-hub name, glue:<task>[:DIR] or teacher-samples "
+               "(1/8 of --calib-tokens is held out for the model-level measure)")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _add_calib_args(p, required: bool) -> None:
+    p.add_argument("--calib", default=None, required=required, metavar="SRC", help=_CALIB_HELP)
+    p.add_argument("--calib-config", default=None, metavar="NAME", help="hub config name of --calib")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration token budget (default 8192; 1/8 held out)")
+    p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
+
+
+def _add_constraint_args(p, defaults: bool) -> None:
+    from .autoplan import Constraints
+
+    d = Constraints() if defaults else None
+
+    def dflt(name):
+        return getattr(d, name) if d is not None else None
+
+    p.add_argument("--methods", default=None, metavar="M1,M2",
+                   help="compression methods whose candidates are profiled (default kronecker,lowrank)")
+    p.add_argument("--ranks", default=None, metavar="R1,R2",
+                   help=f"Kronecker ranks (summed products) to offer (default {','.join(map(str, Constraints().ranks))})")
+    p.add_argument("--min-compression", type=float, default=dflt("min_compression"),
+                   help=f"smallest compression per matrix and candidate (default {Constraints().min_compression})")
+    p.add_argument("--max-compression", type=float, default=dflt("max_compression"),
+                   help=f"largest compression per matrix and candidate (default {Constraints().max_compression})")
+    p.add_argument("--max-aspect", type=float, default=None, help="largest rows/cols ratio of A and B")
+    p.add_argument("--max-shapes", type=int, default=dflt("max_shapes"),
+                   help=f"compression levels per method and matrix, spread over log-compression (default "
+                        f"{Constraints().max_shapes})")
+    p.add_argument("--shapes-per-level", type=int, default=dflt("shapes_per_level"),
+                   help=f"Kronecker shapes per compression level: input-side splits first (default "
+                        f"{Constraints().shapes_per_level})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
+
+
+def add_profile_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="damage of compressing each matrix alone, per candidate, with data-aware init",
+        description="For every attention and FFN matrix and every candidate (Kronecker shapes x ranks, low-rank "
+                    "ranks, keep), the relative output error tr((W-Ŵ)S(W-Ŵ)ᵀ)/tr(WSWᵀ) after data-aware init on "
+                    "calibration data, and for a subset the model-level KL to the teacher on held-out tokens (with "
+                    "the rank correlation of the two). Written to --out after each matrix; rerunning resumes.")
+    p.add_argument("--model", required=True, help=_SRC_HELP)
+    _add_calib_args(p, required=True)
+    p.add_argument("--out", required=True, help="the profile (.json), resumed when it exists")
+    _add_constraint_args(p, defaults=True)
+    p.add_argument("--kl-subset", type=int, default=2, metavar="N",
+                   help="candidates per matrix also measured at model level (KL on held-out tokens; 0: none)")
+    p.add_argument("--kl-tokens", type=int, default=1024, metavar="N", help="held-out tokens for the KL")
+    p.add_argument("--heatmap", default=None, metavar="PNG",
+                   help="heat map of matrix x compression -> damage (default: --out with .png; 'none' to skip)")
+    p.add_argument("--fresh", action="store_true", help="recompute instead of resuming (overwrites --out)")
+    p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
+    p.add_argument("--num-labels", type=int, default=None, help="labels of a sequence-classification head")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 (default: the checkpoint's), float64")
+    p.add_argument("--quiet", action="store_true", help="no per-matrix tables (the summary only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the summary) instead of tables")
+    p.set_defaults(func=profile_command)
+
+
+def add_auto_arguments(p, group) -> None:
+    """`kronsearch plan --auto --budget ...`: the options added to the `plan` subcommand."""
+    group.add_argument("--auto", action="store_true",
+                       help="choose per matrix the candidate minimising the summed profile damage under --budget")
+    p.add_argument("--budget", default=None, metavar="AXIS=V",
+                   help="with --auto: params=3.5M (all parameters), macs=2.1G (multiply-adds per token) or ratio=2 "
+                        "(parameters excl. the output embedding, teacher/student)")
+    p.add_argument("--budgets", default=None, metavar="B1,B2",
+                   help="with --auto: several budgets at once (a front of plans), e.g. ratio=1.5,ratio=2,ratio=3")
+    p.add_argument("--profile", default=None, metavar="JSON",
+                   help="with --auto: a profile from `kronsearch profile` (with --calib: made or resumed there)")
+    _add_calib_args(p, required=False)
+    _add_constraint_args(p, defaults=False)
+    p.add_argument("--solver", choices=("dp", "lagrange"), default="dp",
+                   help="with --auto: dp (exact, or within the stated gap on a rounded cost grid; default) or "
+                        "lagrange (multiplier sweep and greedy fill)")
+    p.set_defaults(func=plan_dispatch)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class _Bar:
+    """A one-line progress bar on stderr (a plain line per step when stderr is not a terminal)."""
+
+    def __init__(self, what: str, stream=None):
+        self.what, self.stream, self.t0 = what, stream or sys.stderr, time.time()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        el = time.time() - self.t0
+        eta = el / done * (total - done) if done else 0
+        fill = int(20 * done / max(total, 1))
+        line = (f"{self.what} [{'#' * fill}{'.' * (20 - fill)}] {done}/{total} {name} "
+                f"({el:.0f}s, eta {eta:.0f}s)")
+        if self.tty:
+            print("\r" + line.ljust(100), end="\n" if done == total else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def _constraints(args, base=None):
+    from .errors import ConfigError, PlanError
+    from .autoplan import Constraints
+
+    d = (base or Constraints()).to_dict()
+    if args.ranks is not None:
+        try:
+            d["ranks"] = [int(r) for r in _csv(args.ranks)]
+        except ValueError:
+            raise ConfigError(f"--ranks must be integers separated by commas, got {args.ranks!r}") from None
+    for k in ("min_compression", "max_compression", "max_aspect", "max_shapes", "shapes_per_level"):
+        v = getattr(args, k)
+        if v is not None:
+            d[k] = v
+    try:
+        return Constraints.from_dict(d)
+    except PlanError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _methods(args, default=None) -> list[str]:
+    from .autoplan import DEFAULT_METHODS
+    from .methods import get_method
+
+    names = _csv(args.methods) if args.methods is not None else list(default or DEFAULT_METHODS)
+    for n in names:
+        get_method(n)  # PlanError naming the known ones
+    return names
+
+
+def _load(args):
+    from .errors import ConfigError
+    from .models import load_model, resolve_source
+
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    src = resolve_source(args.model)
+    model = load_model(src, task=args.task, num_labels=getattr(args, "num_labels", None),
+                       device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", None))
+    return src, model
+
+
+def _heldout(args, model, src):
+    """The held-out calibration batches (the same split `trials.calibration` holds out)."""
+    from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_batches
+
+    from .models import load_tokenizer
+
+    tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
+    return calibration_batches(model, load_tokenizer(src), args.calib, tokens, seq_len=args.calib_seq_len,
+                               config_name=args.calib_config)[1]
+
+
+def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tokens, fresh, quiet):
+    from .cli import _calibration
+    from .profile import profile_model
+
+    stats = _calibration(args, model, src)
+    heldout = _heldout(args, model, src) if kl_subset > 0 else None
+    bar = None if quiet else _Bar("profile")
+    return profile_model(model, stats, methods=methods, constraints=constraints, source=args.model,
+                         heldout=heldout, kl_subset=kl_subset, kl_tokens=kl_tokens, path=path, fresh=fresh,
+                         progress=bar)
+
+
+def _print_table(header, rows, indent: str = "  ") -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    print(indent + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print(indent + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+def _fmt_size(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+# ----------------------------------------------------------------------------------------------- profile
+
+
+def profile_command(args) -> int:
+    from .errors import ConfigError
+    from .profile import matrix_table
+
+    if args.kl_subset < 0 or args.kl_tokens < 1:
+        raise ConfigError("--kl-subset must be >= 0 and --kl-tokens >= 1")
+    constraints = _constraints(args)
+    methods = _methods(args)
+    src, model = _load(args)
+    profile = _run_profile(args, model, src, args.out, constraints, methods, args.kl_subset, args.kl_tokens,
+                           args.fresh, args.json)
+    png = None
+    if (args.heatmap or "").lower() != "none":
+        png = args.heatmap or str(Path(args.out).with_suffix(".png"))
+        try:
+            from analysis.profile_plot import profile_heatmap
+        except ImportError as exc:
+            print(f"kronsearch profile: no heat map ({exc})", file=sys.stderr)
+            png = None
+        else:
+            profile_heatmap(profile, png)
+    corr = profile.get("correlation", {})
+    n_cand = sum(len(mx["candidates"]) for mx in profile["matrices"].values())
+    if args.json:
+        print(json.dumps({"out": str(args.out), "heatmap": png, "matrices": len(profile["matrices"]),
+                          "candidates": n_cand, "correlation": corr, "model_measure": profile.get("model_measure"),
+                          "seconds": profile.get("seconds")}))
+        return 0
+    if not args.quiet:
+        for name, mx in profile["matrices"].items():
+            blocks = f", {mx['blocks']} blocks" if mx["blocks"] > 1 else ""
+            print(f"{name} ({mx['group']}, {mx['m']} x {mx['n']}{blocks})")
+            _print_table(*matrix_table(mx))
+    mm = profile.get("model_measure") or {}
+    rho = corr.get("spearman")
+    print(f"profile of {args.model}: {len(profile['matrices'])} matrices, {n_cand} candidates "
+          f"({', '.join(methods)} + keep), damage = relative output error after data-aware init")
+    if corr.get("pairs"):
+        print(f"proxy vs model-level {mm.get('kind', 'measure')} on {mm.get('tokens', 0)} held-out tokens: Spearman "
+              f"{'n/a' if rho is None else f'{rho:.3f}'} over {corr['pairs']} candidates")
+    print(f"written to {args.out}" + (f"; heat map {png}" if png else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- plan --auto
+
+
+def plan_dispatch(args) -> int:
+    if getattr(args, "auto", False):
+        return plan_auto(args)
+    from .cli import _plan
+
+    return _plan(args)
+
+
+def _budgets(args):
+    from .autoplan import parse_budget
+    from .errors import ConfigError
+
+    texts = []
+    if args.budget is not None:
+        texts.append(args.budget)
+    if args.budgets is not None:
+        texts += _csv(args.budgets)
+    if not texts:
+        raise ConfigError("--auto needs --budget AXIS=VALUE (params=3.5M, macs=2.1G or ratio=2) or --budgets")
+    return [parse_budget(t) for t in texts]
+
+
+def _out_path(out: str, budget, several: bool) -> Path:
+    p = Path(out)
+    if not several:
+        return p
+    tag = re.sub(r"[^A-Za-z0-9.]+", "", str(budget).replace("=", ""))
+    return p.with_name(f"{p.stem}-{tag}{p.suffix or '.yaml'}")
+
+
+def plan_auto(args) -> int:
+    from .autoplan import auto_plan, resolved_specs
+    from .errors import ConfigError
+    from .models import build_from_config, load_config, resolve_source
+    from .plan import CompressionPlan
+    from .autoplan import Constraints
+    from .profile import check_header, load_profile, model_identity
+    from .surgery import apply_specs
+
+    budgets = _budgets(args)
+    if args.profile is None and args.calib is None:
+        raise ConfigError("--auto needs a profile: --profile profile.json (from `kronsearch profile`) or --calib "
+                          "SRC to make one now")
+    src = resolve_source(args.model)
+    config = load_config(src)
+    skeleton = build_from_config(config, task=args.task, device="meta")
+    if args.calib is not None:
+        methods = _methods(args)
+        constraints = _constraints(args)
+        _, model = _load(args)
+        profile = _run_profile(args, model, src, args.profile, constraints, methods, 0, 1, False, args.json)
+        del model
+    else:
+        profile = load_profile(args.profile)
+        base = Constraints.from_dict(profile.get("constraints", {}))
+        want = {"model": model_identity(skeleton, args.model), "constraints": _constraints(args, base).to_dict()}
+        if args.methods is not None:
+            missing = [m for m in _methods(args) if m not in profile.get("methods", [])]
+            if missing:
+                raise ConfigError(f"{args.profile} was made for methods {', '.join(profile.get('methods', []))}; it "
+                                  f"has no candidates of {', '.join(missing)}: profile them first")
+        check_header(profile, want, path=args.profile)
+        missing = profile.get("pending") or []
+        if missing:
+            raise ConfigError(f"{args.profile} is incomplete ({len(missing)} matrices not profiled yet, e.g. "
+                              f"{missing[0]}): rerun `kronsearch profile` to finish it")
+    methods = _methods(args, default=profile.get("methods"))
+
+    results = []
+    for budget in budgets:
+        sol = auto_plan(profile, budget, methods=methods, solver=args.solver)
+        resolved = resolved_specs(sol)
+        plan = CompressionPlan.from_resolved(resolved, name=f"auto {budget}",
+                                             description=f"kronsearch plan --auto --budget {budget}: predicted "
+                                                         f"damage {sol.damage:.4g} (sum of relative output errors)")
+        import copy
+
+        model = copy.deepcopy(skeleton)
+        report = apply_specs(model, plan.resolve(model), init="none")  # the plan resolves on the model
+        size = {"params": report.params_after, "macs": report.macs_per_token_after,
+                "ratio": report.compression_ratio}
+        ok = size[budget.axis] >= budget.value if budget.axis == "ratio" else size[budget.axis] <= budget.value
+        if not ok:  # the profile's counts and the model's disagree: never hand out a plan over its budget
+            raise ConfigError(f"internal check failed: the plan for {budget} measures {size[budget.axis]:,} on the "
+                              "model; the profile's sizes do not match it (make the profile again)")
+        path = None
+        if args.out:
+            path = _out_path(args.out, budget, len(budgets) > 1)
+            plan.save(path)
+        results.append((budget, sol, plan, report, path))
+
+    if args.json:
+        out = []
+        for budget, sol, plan, report, path in results:
+            d = sol.to_dict()
+            d.update({"budget": str(budget), "plan": plan.to_dict(), "params": report.params_after,
+                      "macs": report.macs_per_token_after, "ratio": report.compression_ratio,
+                      "plan_file": str(path) if path else None, "notes": sol.notes})
+            out.append(d)
+        print(json.dumps({"model": args.model, "profile": args.profile, "plans": out}))
+        return 0
+    for budget, sol, plan, report, path in results:
+        print(f"auto plan for {budget} on {args.model} ({sol.solver}, "
+              f"{'exact' if sol.exact else f'gap <= {sol.gap:.3g}'}):")
+        rows = []
+        for name, o in sol.choice.items():
+            mx = profile["matrices"][name]
+            rows.append((name, o.label, f"{mx['dense_params'] / max(_opt_params(mx, o.label), 1):.2f}x",
+                         f"{o.damage:.4g}"))
+        _print_table(("matrix", "choice", "compression", "damage"), rows)
+        print(f"  predicted damage {sol.damage:.4g} (sum of relative output errors; lower bound {sol.bound:.4g}); "
+              f"{report.params_after:,} params ({_fmt_size(report.params_after)}), "
+              f"{report.macs_per_token_after:,} MACs/token, ratio {report.compression_ratio:.3f}")
+        for note in sol.notes:
+            print(f"  note: {note}")
+        if path:
+            print(f"  plan written to {path}")
+    if len(results) > 1:
+        print("front:")
+        _print_table(("budget", "params", "macs/token", "ratio", "damage"),
+                     [(str(b), f"{r.params_after:,}", f"{r.macs_per_token_after:,}", f"{r.compression_ratio:.3f}",
+                       f"{s.damage:.4g}") for b, s, _, r, _ in results])
+    return 0
+
+
+def _opt_params(mx, label: str) -> int:
+    return next((c["params"] for c in mx["candidates"] if c["label"] == label), mx["dense_params"])

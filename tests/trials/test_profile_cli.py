@@ -1,0 +1,107 @@
+"""`kronsearch profile` and `kronsearch plan --auto` end to end on a tiny GPT-2 with a text corpus (calibration data
+through trials.calibration): tables, heat map, resume, refusal of a profile for another model or constraints,
+budgets (one, several, unreachable), and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kron.plan import CompressionPlan
+
+FAST = ["--max-shapes", "2", "--shapes-per-level", "1", "--max-compression", "8", "--threads", "1"]
+
+
+@pytest.fixture
+def env(tiny_lm_teacher, text_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp_path / "cache"))
+    calib = ["--calib", str(text_corpus), "--calib-tokens", "512", "--calib-seq-len", "32"]
+    return str(tiny_lm_teacher), calib, tmp_path
+
+
+def run(capsys, *argv):
+    from search.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_profile_then_auto_plans(env, capsys):
+    model, calib, tmp = env
+    prof = tmp / "profile.json"
+    rc, out, err = run(capsys, "profile", "--model", model, *calib, "--out", prof, "--kl-subset", "1", *FAST)
+    assert rc == 0, err
+    assert "transformer.h.0.attn.c_attn (attention, 96 x 32, 3 blocks)" in out
+    assert "candidate" in out and "damage" in out and "keep" in out
+    assert "Spearman" in out and "held-out tokens" in out
+    assert "profile [" in err and "8/8" in err  # the progress bar
+    assert (tmp / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(prof.read_text())
+    assert len(data["matrices"]) == 8 and data["model"]["source"] == model
+
+    # resume: nothing recomputed, same result
+    rc, out2, _ = run(capsys, "profile", "--model", model, *calib, "--out", prof, "--kl-subset", "1", *FAST,
+                      "--json", "--heatmap", "none")
+    assert rc == 0 and json.loads(out2)["matrices"] == 8
+    assert json.loads(prof.read_text())["matrices"] == data["matrices"]
+
+    # one budget from the saved profile
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.2", "--profile", prof,
+                       "--out", tmp / "plan.yaml", *FAST[:6])
+    assert rc == 0, err
+    assert "auto plan for ratio=1.2" in out and "predicted damage" in out and "exact" in out
+    plan = CompressionPlan.load(tmp / "plan.yaml")
+    assert plan.rules and plan.name == "auto ratio=1.2"
+
+    # several budgets at once: a front, one file each, damage falling with size
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budgets", "ratio=1.1,ratio=1.3,ratio=1.6",
+                       "--profile", prof, "--out", tmp / "front.yaml", "--json", *FAST[:6])
+    assert rc == 0, err
+    plans = json.loads(out)["plans"]
+    assert [p["budget"] for p in plans] == ["ratio=1.1", "ratio=1.3", "ratio=1.6"]
+    assert all(p["ratio"] >= float(p["budget"].split("=")[1]) for p in plans)
+    assert plans[0]["damage"] <= plans[1]["damage"] <= plans[2]["damage"]
+    assert (tmp / "front-ratio1.1.yaml").is_file() and (tmp / "front-ratio1.6.yaml").is_file()
+    rc, out, _ = run(capsys, "plan", "--model", model, "--auto", "--budget", f"params={plans[1]['params']}",
+                     "--profile", prof, "--methods", "lowrank", "--solver", "lagrange", "--json", *FAST[:6])
+    p = json.loads(out)["plans"][0]
+    assert rc == 0 and p["params"] <= plans[1]["params"] and p["solver"] == "lagrange"
+    assert all(c["spec"] == "keep" or c["spec"]["method"] == "lowrank" for c in p["choice"].values())
+
+    # bad input: clear one-line errors, never a traceback
+    for argv, message in [
+        (["--budget", "ratio=50", "--profile", prof, *FAST[:6]], "unreachable with these candidates: the smallest "
+                                                                 "reachable size is ratio="),
+        (["--budget", "params=10", "--profile", prof, *FAST[:6]], "smallest reachable size is params="),
+        (["--budget", "ratio=2", "--profile", prof, "--max-shapes", "3"],
+         "constraints.max_shapes: the profile has 2, this run 3"),
+        (["--budget", "ratio=2", "--profile", prof, *FAST[:6], "--methods", "kron_embedding"], "has no candidates of"),
+        (["--budget", "size=2", "--profile", prof], "unknown axis 'size'"),
+        (["--profile", prof], "--auto needs --budget"),
+        (["--budget", "ratio=2"], "--auto needs a profile"),
+        (["--budget", "ratio=2", "--profile", tmp / "missing.json"], "does not exist"),
+    ]:
+        rc, _, err = run(capsys, "plan", "--model", model, "--auto", *argv)
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, err)
+    # a profile made for another model is refused, naming the mismatch
+    rc, _, err = run(capsys, "plan", "--model", "config:gpt2", "--auto", "--budget", "ratio=2", "--profile", prof,
+                     *FAST[:6])
+    assert rc == 2 and "was made for another setting" in err and "model.source" in err
+    # and so is resuming it with other constraints
+    rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", prof, "--max-shapes", "3")
+    assert rc == 2 and "constraints.max_shapes" in err and "--fresh" in err
+
+
+def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
+    model, calib, tmp = env
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
+                       "--out", tmp / "p.yaml")
+    assert rc == 0, err
+    assert "auto plan for ratio=1.3" in out and (tmp / "p.yaml").is_file()
+    rc, out, err = run(capsys, "plan", "--model", model, "--plan", tmp / "p.yaml")
+    assert rc == 0 and "modules factored" in out
+    rc, out, err = run(capsys, "plan", "--model", model, "--preset", "uniform:2")
+    assert rc == 0 and "modules factored" in out
+    rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
+    assert rc == 2 and "--ranks must be integers" in err
