@@ -262,6 +262,13 @@ def profile_command(args) -> int:
 def plan_dispatch(args) -> int:
     if getattr(args, "auto", False):
         return plan_auto(args)
+    from .errors import ConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks")
+             if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --auto (an automatic plan "
+                          "under a budget); with --preset/--plan leave them out")
     from .cli import _plan
 
     return _plan(args)

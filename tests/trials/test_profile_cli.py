@@ -103,5 +103,7 @@ def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     assert rc == 0 and "modules factored" in out
     rc, out, err = run(capsys, "plan", "--model", model, "--preset", "uniform:2")
     assert rc == 0 and "modules factored" in out
+    rc, _, err = run(capsys, "plan", "--model", model, "--preset", "uniform:2", "--budget", "ratio=2")
+    assert rc == 2 and "--budget goes with --auto" in err
     rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
     assert rc == 2 and "--ranks must be integers" in err
