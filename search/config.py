@@ -236,6 +236,9 @@ class SearchSettings(_Strict):
     max_resamples: int = Field(200, ge=1, description="tries to draw a plan within the budget before repairing one")
     reference: bool = Field(True, description="also evaluate the uncompressed teacher on the same data (no "
                                               "training): a reference point in the results and the Pareto plot")
+    seed_plans: list[str] = Field(default_factory=list,
+                                  description="plans evaluated first, as trials of the search: presets (kngpt2, "
+                                              "uniform:2, lowrank:2, ...) or plan files")
     loggers: list[str] | None = Field(None, description="experiment trackers fed by Ray Tune's logger callbacks: "
                                       "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
                                       "importable; []: none)")
@@ -624,7 +627,10 @@ def dump_yaml(data: Any) -> str:
 
 def config_fingerprint(cfg: SearchConfig) -> dict:
     """The parts of a config that must not change when a search is resumed (the trial and the space)."""
-    return {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json")}
+    fp = {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json")}
+    if cfg.search.seed_plans:  # they add options to the space
+        fp["seed_plans"] = list(cfg.search.seed_plans)
+    return fp
 
 
 def finite_or_none(x) -> float | None:

@@ -96,9 +96,11 @@ class Choice:
 class SearchSpace(BudgetMixin):
     """All plans of a `space:` section for one teacher; see the module docstring for the parametrisation."""
 
-    def __init__(self, space: SpaceConfig, info: ModelInfo):
+    def __init__(self, space: SpaceConfig, info: ModelInfo, *, extra_options: dict[str, list[str]] | None = None):
         self.config = space
         self.info = info
+        self._extra_options = extra_options or {}
+        self.seeds: list[tuple[str, dict]] = []  # (label, parameters) of the seed plans, evaluated first
         self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
         self.choices: list[Choice] = self._build_choices(space, info)
         if not self.choices:
@@ -118,7 +120,30 @@ class SearchSpace(BudgetMixin):
     def from_config(cls, cfg: SearchConfig) -> "SearchSpace":
         """Build the space of a search config, sizing it from the teacher's config on the meta device."""
         trial = base_trial_config(cfg)
-        return cls.from_model(teacher_skeleton(trial), cfg.space)
+        model = teacher_skeleton(trial)
+        space = cls.from_model(model, cfg.space)
+        if cfg.search.seed_plans:
+            space = space.with_seeds(cfg.search.seed_plans, model)
+        return space
+
+    def with_seeds(self, names: list[str], model) -> "SearchSpace":
+        """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds)."""
+        from .seeds import resolve_seeds, seed_options
+
+        seeds = resolve_seeds(names, model, self.info, list(self.config.methods))
+        extras: dict[str, list[str]] = {}
+        for seed in seeds:
+            for key, opt in seed_options(seed, self)[1].items():
+                extras.setdefault(key, []).append(opt)
+        space = SearchSpace(self.config, self.info, extra_options=extras) if extras else self
+        for seed in seeds:
+            params = seed_options(seed, space)[0]
+            breaches = space.over_budget(params)
+            if breaches:
+                raise ConfigError(f"search.seed_plans: {seed.label.removeprefix('seed:')!r} breaks the space's budget "
+                                  f"({'; '.join(breaches)}); drop it or relax space.budget")
+            space.seeds.append((seed.label, params))
+        return space
 
     @classmethod
     def from_model(cls, model, space: SpaceConfig | dict) -> "SearchSpace":
@@ -165,11 +190,10 @@ class SearchSpace(BudgetMixin):
             return "fixed", ids, None
         return "count", ids, k
 
-    def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> tuple[list[str], dict]:
-        """The options of one choice and, per option, (Δparams, Δmacs) of one block against the dense weight —
-        the methods' own candidates and cost model (kron.methods)."""
+    def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> list[str]:
+        """The options of one choice: the methods' own candidates (kron.methods) or the group's explicit list."""
         from kron.errors import PlanError, ShapeError
-        from kron.methods import Slot, get_method, parse_option as parse_spec
+        from kron.methods import Slot, get_method
         from kron.shapes import validate_shape
 
         sc = self.config
@@ -234,13 +258,17 @@ class SearchSpace(BudgetMixin):
         opts = [sp.option() for sp in specs]
         if sc.allow_keep or (sc.shapes and KEEP in sc.shapes.get(group, [])):
             opts = opts + [KEEP]
-        costs = {KEEP: (0, 0)} if KEEP in opts else {}
-        for o in opts:
-            if o != KEEP:
-                sp = parse_spec(o)
-                costs[o] = (sp.params(rows, cols) - rows * cols, sp.macs(rows, cols) - rows * cols
-                            if kind != "embedding" else 0)  # per block
-        return opts, costs
+        return opts
+
+    @staticmethod
+    def _option_cost(option: str, rows: int, cols: int, kind: str) -> tuple[int, int]:
+        """(Δparams, Δmacs) of one block under `option` against its dense weight."""
+        from kron.methods import parse_option as parse_spec
+
+        if option == KEEP:
+            return 0, 0
+        sp = parse_spec(option)
+        return sp.params(rows, cols) - rows * cols, (sp.macs(rows, cols) - rows * cols if kind != "embedding" else 0)
 
     def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
         active_layers = set(self.fixed_layers)
@@ -263,10 +291,18 @@ class SearchSpace(BudgetMixin):
             if len(shapes_per_group[g]) > 1:
                 key += f".{dims[0]}x{dims[1]}"
             kind = "embedding" if is_emb else "linear"
-            opts, per_block = self._options_for(g, dims, kind, mats[0].name)
+            opts = self._options_for(g, dims, kind, mats[0].name)
+            for extra in self._extra_options.get(key, ()):  # a seed plan's options the space would not sample
+                if extra in opts:
+                    continue
+                if extra == KEEP or opts[-1:] != [KEEP]:
+                    opts.append(extra)
+                else:
+                    opts.insert(len(opts) - 1, extra)  # "keep" stays last
             deltas = {}
             blocks = mats[0].blocks  # equal within a bucket: same group, same block dims
-            for o, (dp, dm) in per_block.items():
+            for o in opts:
+                dp, dm = self._option_cost(o, *dims, kind)
                 d_excl, d_macs = dp * blocks, dm * blocks
                 d_all = d_excl
                 if o != KEEP and is_emb and info.tied_input_embedding == mats[0].name:

@@ -83,6 +83,10 @@ def trainable(config: dict, setup: TrialSetup) -> None:
         out_dir = Path.cwd() if Path.cwd().name == trial_dir.name else trial_dir
     trial_cfg = {**setup.base_trial, "name": trial_id, "threads": threads_for(setup.cpus),
                  "plan": {"rules": space.to_plan_rules(params)}}
+    # getattr: a space pickled by a release without seed plans (an older search being resumed) has no `seeds`
+    seed = next((label for label, p in getattr(space, "seeds", ()) if p == params), None)
+    if seed is not None:  # a seed plan (search.seed_plans), evaluated first: named so in results and plots
+        trial_cfg["label"] = seed
 
     state: dict[str, Any] = {"offset": None, "last": None}
     timing = {"trial_started_at": t_enter, "trial_imported_at": t_imported, "worker_started_at": _process_start(),

@@ -61,6 +61,8 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     t0 = time.time()
     if space is None:
         space = SearchSpace.from_config(cfg)
+    if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
+        initial_params = [p for _, p in space.seeds] + list(initial_params or [])
     _validate_plan_format(cfg, space)
     path = experiment_path(cfg)
     remote = is_remote_storage(cfg.search.storage)

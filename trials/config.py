@@ -137,6 +137,8 @@ class TrialConfig(_Strict):
     """One trial: teacher → compressed student → distillation stage(s) → evaluation."""
 
     name: str | None = None
+    label: str | None = Field(None, description="how results tables and plots name this trial (default: the preset "
+                                                "or baseline it runs, else its trial id)")
     teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
     method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "teacher"] = Field(
         "kronecker", description="kronecker | lowrank (the baseline) | mixed (a plan may use any compression method "

@@ -285,7 +285,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     run.hooks = hooks if hooks is not None else default_hooks(cfg, out_dir)
     run.summary = {
         "schema": SCHEMA, "trial_id": cfg.name or (out_dir.name if out_dir else "trial"), "search": None,
-        "method": _summary_method(cfg), "label": cfg.name or _default_label(cfg), "status": "running", "error": None,
+        "method": _summary_method(cfg), "label": cfg.label or cfg.name or _default_label(cfg), "status": "running", "error": None,
         "quality_name": cfg.quality_name, "quality_mode": cfg.quality_mode, "quality": None,
         "quality_at_init": None, "teacher_quality": None, "config": cfg.model_dump(mode="json"), "checkpoint": None,
     }

@@ -107,6 +107,26 @@ def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
     assert f"{space.info.params_excl_output_embedding:,}" in table  # the teacher reference row
 
 
+def test_seed_plans_run_first_as_labelled_trials_of_the_search(ray_session, tiny_search):
+    """search.seed_plans: the hand-made plans are trials of the search, run first, named seed:<plan> in the
+    results, and train exactly the preset's plan."""
+    from kron.models import load_model
+    from kron.presets import preset_plan
+
+    raw = tiny_search(name="seeded", num_samples=3, max_concurrent=1, asha=None, seed_plans=["uniform:2"])
+    raw["space"]["groups"] = ["attention", "attention_output", "ffn_in", "ffn_out"]  # all that uniform:2 compresses
+    cfg = load_search_config(raw)
+    outcome = run_search(cfg)
+    summaries = list(_summaries(outcome.local_dir).values())
+    assert len(summaries) == 3
+    [seed] = [s for s in summaries if s["label"] == "seed:uniform:2"]
+    assert seed["status"] == "complete" and seed["method"] == "kronecker"
+    teacher = load_model(raw["trial"]["teacher"], device="cpu")
+    expected = {n: s.to_dict() for n, s in preset_plan("uniform:2", teacher.config).resolve(teacher).items()
+                if s != "keep"}
+    assert {n: s for n, s in seed["plan_resolved"].items() if s != "keep"} == expected
+
+
 def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_search, tmp_path):
     """A trial that raises (here: a data file that disappears after validation) is recorded as an error in its
     summary and in Optuna (FAIL); the other trials still run."""

@@ -434,3 +434,50 @@ def test_a_mixed_plan_trains_as_method_mixed(tmp_path):
 
     with pytest.raises(UserError, match="method 'kronecker': the plan makes module .* a low-rank U·V"):
         build_student(load_trial_config({"teacher": "config:gpt2", "plan": {"rules": rules}}), teacher)
+
+
+# ----------------------------------------------------------------------------------------------- seed plans
+
+
+def _resolved(plan, model):
+    return {n: s for n, s in CompressionPlan.from_dict(plan).resolve(model).items() if s != KEEP} if isinstance(
+        plan, dict) else {n: s for n, s in plan.resolve(model).items() if s != KEEP}
+
+
+@pytest.mark.parametrize("layers", ["free", "all"])
+@pytest.mark.parametrize("preset, methods", [("kngpt2", ["kronecker"]), ("uniform:2", ["kronecker"]),
+                                             ("lowrank:2", ["kronecker", "lowrank"])])
+def test_seed_plans_are_exactly_the_hand_made_plans(preset, methods, layers):
+    """A seed is written in the space's own parameters (its shapes added to the options where the space would not
+    sample them), and the plan those parameters describe is the preset itself."""
+    from kron.presets import preset_plan
+
+    model = meta_model("gpt2")
+    if preset == "kngpt2" and layers == "all":
+        layers = {"count": 1}  # kngpt2 decomposes the odd layers only: here h.1 of 3
+    cfg = SpaceConfig(groups=ALL_GROUPS, layers=layers, methods=methods, max_shapes=2, allow_keep=preset == "kngpt2")
+    space = SearchSpace.from_model(model, cfg).with_seeds([preset], model)
+    [(label, params)] = space.seeds
+    assert label == f"seed:{preset}" and space.within_budget(params) and not space.is_empty(params)
+    assert _resolved(space.to_plan_dict(params), real_model("gpt2")) == _resolved(
+        preset_plan(preset, model.config), real_model("gpt2"))
+    space._check(params)  # every value is one of its choice's options
+
+
+def test_seed_plans_that_the_space_cannot_express_are_named():
+    model = meta_model("gpt2")
+    space = SearchSpace.from_model(model, SpaceConfig(groups=["attention", "ffn_in", "ffn_out"], layers="free"))
+    with pytest.raises(ConfigError, match=r"'kngpt2' compresses transformer.wte, which the space does not search"):
+        space.with_seeds(["kngpt2"], model)
+    with pytest.raises(ConfigError, match=r"'lowrank:2' makes .* lowrank, but space.methods is \['kronecker'\]"):
+        space.with_seeds(["lowrank:2"], model)
+    with pytest.raises(ConfigError, match="'auto' .* is not available in searches yet"):
+        space.with_seeds(["auto"], model)
+    with pytest.raises(ConfigError, match="'kroneckerbert8' does not fit the teacher"):
+        space.with_seeds(["kroneckerbert8"], model)
+    groups = ["attention", "attention_output", "ffn_in", "ffn_out"]
+    loose = SearchSpace.from_model(model, SpaceConfig(groups=groups, layers="free")).with_seeds(["uniform:2"], model)
+    size = loose.plan_costs(loose.seeds[0][1])["params"]
+    tight = SearchSpace.from_model(model, SpaceConfig(groups=groups, layers="free", budget={"max_params": size - 1}))
+    with pytest.raises(ConfigError, match=r"'uniform:2' breaks the space's budget \(params [\d,]+ > max_params"):
+        tight.with_seeds(["uniform:2"], model)
