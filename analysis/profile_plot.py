@@ -25,10 +25,11 @@ class ProfileHeatmap(NamedTuple):
     matrices: list[str]
     methods: list[str]
     edges: list[float]  # compression bin edges (len = columns + 1)
+    centres: list[float]  # the compression each column stands for (1.5, 2, 3, 4, 6, 8, ...)
     values: dict[str, np.ndarray]  # method -> (matrices x columns), NaN where no candidate
 
 
-def _bin_edges(lo: float, hi: float) -> list[float]:
+def _bins(lo: float, hi: float) -> tuple[list[float], list[float]]:
     """Bins centred on 1.5, 2, 3, 4, 6, 8, 12, 16, ... (geometric midpoints between them)."""
     centres = [1.0, 1.5]
     while centres[-1] < hi * 1.01:
@@ -39,7 +40,7 @@ def _bin_edges(lo: float, hi: float) -> list[float]:
     for a, b in zip(centres, centres[1:]):
         edges.append(math.sqrt(a * b))
     edges.append(centres[-1] * math.sqrt(centres[-1] / centres[-2]))
-    return edges
+    return edges, centres
 
 
 def profile_heatmap_data(profile: Mapping) -> ProfileHeatmap:
@@ -50,7 +51,7 @@ def profile_heatmap_data(profile: Mapping) -> ProfileHeatmap:
     comps = [c["compression"] for mx in mats.values() for c in mx["candidates"] if c["method"] != "keep"]
     if not comps:
         raise DataError("the profile holds no compressed candidates to draw")
-    edges = _bin_edges(min(comps), max(comps))
+    edges, centres = _bins(min(comps), max(comps))
     names = list(mats)
     values = {}
     for method in methods:
@@ -64,7 +65,7 @@ def profile_heatmap_data(profile: Mapping) -> ProfileHeatmap:
                 if not (arr[i, j] <= c["damage"]):
                     arr[i, j] = c["damage"]
         values[method] = arr
-    return ProfileHeatmap(names, methods, edges, values)
+    return ProfileHeatmap(names, methods, edges, centres, values)
 
 
 def profile_heatmap(profile: Mapping, path: str | Path) -> Path:
@@ -86,7 +87,7 @@ def profile_heatmap(profile: Mapping, path: str | Path) -> Path:
     rows = len(data.matrices)
     fig, axes = plt.subplots(1, len(data.methods), figsize=(2.5 + 0.55 * cols * len(data.methods),
                                                             1.2 + 0.22 * rows), squeeze=False, sharey=True)
-    labels = [f"{math.sqrt(a * b):.3g}x" for a, b in zip(data.edges, data.edges[1:])]
+    labels = [f"{c:g}x" for c in data.centres]
     im = None
     for ax, method in zip(axes[0], data.methods):
         v = np.where(data.values[method] > 0, data.values[method], np.nan if not pos.size else vmin)

@@ -34,7 +34,7 @@ __all__ = ["AXES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Option",
 
 AXES = ("params", "macs", "ratio")
 DEFAULT_METHODS = ("kronecker", "lowrank")
-DEFAULT_MAX_CELLS = 20000
+DEFAULT_MAX_CELLS = 100_000
 
 
 @dataclass(frozen=True)
@@ -229,24 +229,8 @@ def solve_brute(items: Sequence[Item], room: int) -> Solution:
     return Solution(choice, dmg, cost, room, dmg, "brute", exact=True)
 
 
-def solve_dp(items: Sequence[Item], room: int, *, max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
-    """Exact (or rounded-up-cost) dynamic programming; see the module docstring."""
-    lo, hi = _check(items, room)
-    base = [min(o.cost for o in it.options) for it in items]
-    extra_room = min(room, hi) - lo  # what may be spent above the cheapest plan
-    deltas = [[o.cost - b for o in it.options] for it, b in zip(items, base)]
-    g = 0
-    for ds in deltas:
-        for d in ds:
-            g = math.gcd(g, d)
-    g = g or 1
-    exact = extra_room // g <= max_cells
-    unit = g if exact else max(extra_room / max_cells, 1)
-    cells = int(extra_room // g) if exact else max_cells
-    if exact:
-        w = [[d // g for d in ds] for ds in deltas]
-    else:
-        w = [[math.ceil(d / unit - 1e-9) for d in ds] for ds in deltas]
+def _dp(items: Sequence[Item], w: list[list[int]], cells: int) -> list[int]:
+    """Option index per item minimising the summed damage with Σ w <= cells (integer weights)."""
     INF = math.inf
     try:
         import numpy as np
@@ -254,9 +238,7 @@ def solve_dp(items: Sequence[Item], room: int, *, max_cells: int = DEFAULT_MAX_C
         np = None
     n = cells + 1
     if np is not None:
-        best = np.full(n, INF)
-        best[0] = 0.0
-        best = np.minimum.accumulate(best)  # best[c]: least damage within c cells
+        best = np.zeros(n)  # best[c]: least damage within c cells (no item yet: 0)
         picks = []
         for it, ws in zip(items, w):
             new = np.full(n, INF)
@@ -272,43 +254,63 @@ def solve_dp(items: Sequence[Item], room: int, *, max_cells: int = DEFAULT_MAX_C
             picks.append(arg)
             best = new
         c = int(np.argmin(best))
-        total = float(best[c])
-        if not math.isfinite(total):
-            raise PlanError("budget unreachable on the cost grid")  # cannot happen: the cheapest plan is w = 0
         chosen = []
-        for it, ws, arg in zip(reversed(items), reversed(w), reversed(picks)):
+        for ws, arg in zip(reversed(w), reversed(picks)):
             k = int(arg[c])
             chosen.append(k)
             c -= ws[k]
-        chosen.reverse()
-    else:  # plain Python fallback
-        best = [0.0] * n
-        picks = []
-        for it, ws in zip(items, w):
-            new = [INF] * n
-            arg = [-1] * n
-            for c in range(n):
-                for k, (o, wk) in enumerate(zip(it.options, ws)):
-                    if wk <= c and best[c - wk] + o.damage < new[c] - 1e-15:
-                        new[c], arg[c] = best[c - wk] + o.damage, k
-            picks.append(arg)
-            best = new
-        c = min(range(n), key=lambda j: (best[j], j))
-        chosen = []
-        for it, ws, arg in zip(reversed(items), reversed(w), reversed(picks)):
-            k = arg[c]
-            chosen.append(k)
-            c -= ws[k]
-        chosen.reverse()
+        return chosen[::-1]
+    best = [0.0] * n  # plain Python fallback
+    picks = []
+    for it, ws in zip(items, w):
+        new = [INF] * n
+        arg = [-1] * n
+        for c in range(n):
+            for k, (o, wk) in enumerate(zip(it.options, ws)):
+                if wk <= c and best[c - wk] + o.damage < new[c] - 1e-15:
+                    new[c], arg[c] = best[c - wk] + o.damage, k
+        picks.append(arg)
+        best = new
+    c = min(range(n), key=lambda j: (best[j], j))
+    chosen = []
+    for ws, arg in zip(reversed(w), reversed(picks)):
+        k = arg[c]
+        chosen.append(k)
+        c -= ws[k]
+    return chosen[::-1]
+
+
+def solve_dp(items: Sequence[Item], room: int, *, max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
+    """Exact (or rounded-up-cost) dynamic programming; see the module docstring. When costs are rounded, a second
+    DP with costs rounded down (a relaxation: every plan within budget stays within it) gives a lower bound."""
+    lo, hi = _check(items, room)
+    base = [min(o.cost for o in it.options) for it in items]
+    extra_room = min(room, hi) - lo  # what may be spent above the cheapest plan
+    deltas = [[o.cost - b for o in it.options] for it, b in zip(items, base)]
+    g = 0
+    for ds in deltas:
+        for d in ds:
+            g = math.gcd(g, d)
+    g = g or 1
+    exact = extra_room // g <= max_cells
+    if exact:
+        cells = int(extra_room // g)
+        chosen = _dp(items, [[d // g for d in ds] for ds in deltas], cells)
+    else:
+        unit = extra_room / max_cells
+        cells = max_cells
+        chosen = _dp(items, [[math.ceil(d / unit - 1e-9) for d in ds] for ds in deltas], cells)
     choice = {it.name: it.options[k] for it, k in zip(items, chosen)}
     dmg = sum(o.damage for o in choice.values())
     cost = sum(o.cost for o in choice.values())
-    sol = Solution(choice, dmg, cost, room, lagrangian_bound(items, room), "dp", exact=exact)
     if exact:
-        sol.bound = dmg  # exact DP: the optimum itself
-    else:
-        sol.notes.append(f"costs rounded up to a grid of {cells:,} cells of {unit:,.0f}: optimal for the rounded "
-                         "costs, within the stated gap of the true optimum")
+        return Solution(choice, dmg, cost, room, dmg, "dp", exact=True)
+    relaxed = _dp(items, [[math.floor(d / unit + 1e-9) for d in ds] for ds in deltas], cells)
+    lower = sum(it.options[k].damage for it, k in zip(items, relaxed))
+    bound = min(max(lower, lagrangian_bound(items, room)), dmg)
+    sol = Solution(choice, dmg, cost, room, bound, "dp", exact=False)
+    sol.notes.append(f"costs rounded up to a grid of {cells:,} cells of {unit:,.1f} (the plan is optimal for them); "
+                     "the bound comes from the same DP with costs rounded down")
     return sol
 
 
@@ -433,8 +435,8 @@ def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None
     lo = sum(min(o.cost for o in it.options) for it in items)
     if lo > room:
         raise PlanError(f"budget {budget} is unreachable with these candidates: the smallest reachable size is "
-                        f"{smallest_reachable(profile, budget.axis, items, fixed)} (widen the candidates: "
-                        f"--max-compression, --methods, --ranks; or give a larger budget)")
+                        f"{smallest_reachable(profile, budget.axis, items, fixed)} (a profile with a larger "
+                        f"--max-compression, more --ranks or --methods reaches further; or give a larger budget)")
     sol = solve(items, room, solver=solver, max_cells=max_cells)
     sol.cost += fixed
     sol.room += fixed

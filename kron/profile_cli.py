@@ -334,9 +334,17 @@ def plan_auto(args) -> int:
                               f"{missing[0]}): rerun `kronsearch profile` to finish it")
     methods = _methods(args, default=profile.get("methods"))
 
+    from .errors import PlanError
+
     results = []
     for budget in budgets:
-        sol = auto_plan(profile, budget, methods=methods, solver=args.solver)
+        try:
+            sol = auto_plan(profile, budget, methods=methods, solver=args.solver)
+        except PlanError as exc:
+            if len(budgets) == 1 or "unreachable" not in str(exc):
+                raise
+            print(f"kronsearch plan: skipped {budget}: {exc}", file=sys.stderr)
+            continue
         resolved = resolved_specs(sol)
         plan = CompressionPlan.from_resolved(resolved, name=f"auto {budget}",
                                              description=f"kronsearch plan --auto --budget {budget}: predicted "
@@ -357,6 +365,8 @@ def plan_auto(args) -> int:
             plan.save(path)
         results.append((budget, sol, plan, report, path))
 
+    if not results:
+        raise PlanError(f"no budget of {', '.join(map(str, budgets))} is reachable with this profile's candidates")
     if args.json:
         out = []
         for budget, sol, plan, report, path in results:
@@ -368,8 +378,13 @@ def plan_auto(args) -> int:
         print(json.dumps({"model": args.model, "profile": args.profile, "plans": out}))
         return 0
     for budget, sol, plan, report, path in results:
-        print(f"auto plan for {budget} on {args.model} ({sol.solver}, "
-              f"{'exact' if sol.exact else f'gap <= {sol.gap:.3g}'}):")
+        if sol.exact:
+            quality = "exact"
+        elif sol.gap <= 0:
+            quality = "optimal: its lower bound is met"
+        else:
+            quality = f"within {sol.gap:.3g} of optimal"
+        print(f"auto plan for {budget} on {args.model} ({sol.solver}, {quality}):")
         rows = []
         for name, o in sol.choice.items():
             mx = profile["matrices"][name]

@@ -63,6 +63,9 @@ def test_profile_then_auto_plans(env, capsys):
     assert all(p["ratio"] >= float(p["budget"].split("=")[1]) for p in plans)
     assert plans[0]["damage"] <= plans[1]["damage"] <= plans[2]["damage"]
     assert (tmp / "front-ratio1.1.yaml").is_file() and (tmp / "front-ratio1.6.yaml").is_file()
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budgets", "ratio=1.1,ratio=50", "--profile",
+                       prof, "--json", *FAST[:6])
+    assert rc == 0 and len(json.loads(out)["plans"]) == 1 and "skipped ratio=50" in err
     rc, out, _ = run(capsys, "plan", "--model", model, "--auto", "--budget", f"params={plans[1]['params']}",
                      "--profile", prof, "--methods", "lowrank", "--solver", "lagrange", "--json", *FAST[:6])
     p = json.loads(out)["plans"][0]
