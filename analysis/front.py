@@ -111,7 +111,8 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
     if len(front):
         paths["front plans (YAML)"] = fdir
     table = _pareto_table(name, objectives, front, complete, df, describe, size_col)
-    return SearchReport(paths, "\n".join([*notes, table]))
+    extra = [line for line in (_structures(front), _seeds_vs_search(complete, columns[0], size_col)) if line]
+    return SearchReport(paths, "\n".join([*notes, table, *extra]))
 
 
 def _mode(df: pd.DataFrame, objective: str) -> str:
@@ -177,6 +178,49 @@ def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, des
                      "uncompressed reference, not trained"])
     pname = "params excl. out-emb" if pcol != "params" else "params"
     lines.append(text_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
+    return "\n".join(lines)
+
+
+def _structures(front: pd.DataFrame) -> str | None:
+    """How many matrices of the front's plans use each structure (kron.methods) or stay dense."""
+    from kron.methods import spec_from_dict
+
+    counts: dict[str, int] = {}
+    for path in front["summary_path"]:
+        for spec in (read_summary(path).get("plan_resolved") or {}).values():
+            key = "keep" if spec == "keep" else spec_from_dict(spec).method
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return None
+    order = sorted(counts, key=lambda k: (k == "keep", -counts[k], k))
+    return "structures in the front's plans: " + ", ".join(f"{k} {counts[k]}" for k in order) + " matrices"
+
+
+def _seeds_vs_search(complete: pd.DataFrame, quality: str, size_col: str) -> str | None:
+    """For each seed plan (search.seed_plans), the best searched (non-seed) plan at no larger size."""
+    if quality != "quality" or complete.empty:
+        return None
+    is_seed = complete["label"].astype("string").str.startswith("seed:").fillna(False)
+    seeds, searched = complete[is_seed], complete[~is_seed]
+    if seeds.empty:
+        return None
+    from analysis.results import column_direction
+
+    lower = column_direction(complete, "quality") == "min"
+    lines = ["seed plans against the searched plans at no larger size:"]
+    for _, s in seeds.sort_values(size_col).iterrows():
+        under = searched[pd.to_numeric(searched[size_col], errors="coerce") <= float(s[size_col])]
+        under = under[np.isfinite(pd.to_numeric(under["quality"], errors="coerce").astype(float))]
+        head = f"  {s['label']}: {float(s['quality']):.4g} at {int(s[size_col]):,}"
+        if under.empty:
+            lines.append(head + " — no searched plan at or below its size")
+            continue
+        best = under.sort_values("quality", ascending=lower).iloc[0]
+        delta = float(best["quality"]) - float(s["quality"])
+        better = delta < 0 if lower else delta > 0
+        lines.append(head + f" — best searched {float(best['quality']):.4g} at {int(best[size_col]):,} "
+                            f"(trial {best['trial_id']}, {delta / float(s['quality']):+.1%}: "
+                            f"{'better' if better else 'not better'})")
     return "\n".join(lines)
 
 

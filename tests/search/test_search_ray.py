@@ -3,6 +3,7 @@ the files a search leaves, and resuming a search whose driver was killed."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -125,6 +126,15 @@ def test_seed_plans_run_first_as_labelled_trials_of_the_search(ray_session, tiny
     expected = {n: s.to_dict() for n, s in preset_plan("uniform:2", teacher.config).resolve(teacher).items()
                 if s != "keep"}
     assert {n: s for n, s in seed["plan_resolved"].items() if s != "keep"} == expected
+    # the end-of-search report sets the seed against the searched plans, and counts the front's structures
+    import io
+
+    stream = io.StringIO()
+    write_analysis(cfg, outcome.local_dir, stream=stream)
+    out = stream.getvalue()
+    assert "seed plans against the searched plans at no larger size:" in out
+    assert re.search(r"seed:uniform:2: [\d.]+ at [\d,]+ — (best searched|no searched plan)", out), out
+    assert re.search(r"structures in the front's plans: kronecker \d+ matrices", out), out
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_search, tmp_path):
