@@ -6,7 +6,6 @@ Registered from `kron.cli` (two hooks there call `add_profile_parser` and `add_a
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 import time
