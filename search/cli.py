@@ -1,6 +1,7 @@
 """The `kronsearch` console script: one parser, subcommands contributed by each package.
 
-Each package's `cli.py` exposes `add_parsers(subparsers)`; handlers import their heavy dependencies lazily so
+Each command module exposes `add_parsers(subparsers)` (the model commands — shapes, plan, compress, merge, profile —
+live in search/ because with calibration data and heat maps they use trials and analysis as well as kron); handlers import their heavy dependencies lazily so
 `kronsearch --help` stays fast. A `UserError` (or a missing file) exits 2 with one line and no traceback; any
 other exception exits 1.
 """
@@ -12,7 +13,7 @@ import os
 import sys
 
 # Packages contributing subcommands, in the order they appear in --help.
-_COMMAND_MODULES = ("kron.cli", "trials.cli", "trials.commands", "search.commands", "analysis.cli")
+_COMMAND_MODULES = ("search.model_commands", "trials.cli", "trials.commands", "search.commands", "analysis.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

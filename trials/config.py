@@ -137,8 +137,6 @@ class TrialConfig(_Strict):
     """One trial: teacher → compressed student → distillation stage(s) → evaluation."""
 
     name: str | None = None
-    label: str | None = Field(None, description="how results tables and plots name this trial (default: the preset "
-                                                "or baseline it runs, else its trial id)")
     teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
     method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "teacher"] = Field(
         "kronecker", description="kronecker | lowrank (the baseline) | mixed (a plan may use any compression method "
@@ -161,6 +159,8 @@ class TrialConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch threads (default: leave torch's choice)")
     save_checkpoint: bool = True
     trust_remote_code: bool = False
+    label: str | None = Field(None, description="how results tables and plots name this trial (default: the preset "
+                                                "or baseline it runs, else its trial id)")
 
     @field_validator("teacher")
     @classmethod

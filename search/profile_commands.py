@@ -1,6 +1,6 @@
 """`kronsearch profile` and `kronsearch plan --auto`: sensitivity profiles and automatic plans under a budget.
 
-Registered from `kron.cli` (two hooks there call `add_profile_parser` and `add_auto_arguments`); the work is in
+Registered from `search.model_commands` (two hooks there call `add_profile_parser` and `add_auto_arguments`); the work is in
 `kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _add_calib_args(p, required: bool) -> None:
 
 
 def _add_constraint_args(p, defaults: bool) -> None:
-    from .autoplan import Constraints
+    from kron.autoplan import Constraints
 
     d = Constraints() if defaults else None
 
@@ -124,8 +124,8 @@ class _Bar:
 
 
 def _constraints(args, base=None):
-    from .errors import ConfigError, PlanError
-    from .autoplan import Constraints
+    from kron.errors import ConfigError, PlanError
+    from kron.autoplan import Constraints
 
     d = (base or Constraints()).to_dict()
     if args.ranks is not None:
@@ -144,8 +144,8 @@ def _constraints(args, base=None):
 
 
 def _methods(args, default=None) -> list[str]:
-    from .autoplan import DEFAULT_METHODS
-    from .methods import get_method
+    from kron.autoplan import DEFAULT_METHODS
+    from kron.methods import get_method
 
     names = _csv(args.methods) if args.methods is not None else list(default or DEFAULT_METHODS)
     for n in names:
@@ -154,8 +154,8 @@ def _methods(args, default=None) -> list[str]:
 
 
 def _load(args):
-    from .errors import ConfigError
-    from .models import load_model, resolve_source
+    from kron.errors import ConfigError
+    from kron.models import load_model, resolve_source
 
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
@@ -174,7 +174,7 @@ def _heldout(args, model, src):
     """The held-out calibration batches (the same split `trials.calibration` holds out)."""
     from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_batches
 
-    from .models import load_tokenizer
+    from kron.models import load_tokenizer
 
     tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
     return calibration_batches(model, load_tokenizer(src), args.calib, tokens, seq_len=args.calib_seq_len,
@@ -182,8 +182,8 @@ def _heldout(args, model, src):
 
 
 def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tokens, fresh, quiet):
-    from .cli import _calibration
-    from .profile import profile_model
+    from search.model_commands import calibration_stats_for as _calibration
+    from kron.profile import profile_model
 
     stats = _calibration(args, model, src)
     heldout = _heldout(args, model, src) if kl_subset > 0 else None
@@ -212,8 +212,8 @@ def _fmt_size(n: float) -> str:
 
 
 def profile_command(args) -> int:
-    from .errors import ConfigError
-    from .profile import matrix_table
+    from kron.errors import ConfigError
+    from kron.profile import matrix_table
 
     if args.kl_subset < 0 or args.kl_tokens < 1:
         raise ConfigError("--kl-subset must be >= 0 and --kl-tokens >= 1")
@@ -261,21 +261,21 @@ def profile_command(args) -> int:
 def plan_dispatch(args) -> int:
     if getattr(args, "auto", False):
         return plan_auto(args)
-    from .errors import ConfigError
+    from kron.errors import ConfigError
 
     given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks")
              if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --auto (an automatic plan "
                           "under a budget); with --preset/--plan leave them out")
-    from .cli import _plan
+    from search.model_commands import _plan
 
     return _plan(args)
 
 
 def _budgets(args):
-    from .autoplan import parse_budget
-    from .errors import ConfigError
+    from kron.autoplan import parse_budget
+    from kron.errors import ConfigError
 
     texts = []
     if args.budget is not None:
@@ -296,13 +296,13 @@ def _out_path(out: str, budget, several: bool) -> Path:
 
 
 def plan_auto(args) -> int:
-    from .autoplan import auto_plan, resolved_specs
-    from .errors import ConfigError
-    from .models import build_from_config, load_config, resolve_source
-    from .plan import CompressionPlan
-    from .autoplan import Constraints
-    from .profile import check_header, load_profile, model_identity
-    from .surgery import apply_specs
+    from kron.autoplan import auto_plan, resolved_specs
+    from kron.errors import ConfigError
+    from kron.models import build_from_config, load_config, resolve_source
+    from kron.plan import CompressionPlan
+    from kron.autoplan import Constraints
+    from kron.profile import check_header, load_profile, model_identity
+    from kron.surgery import apply_specs
 
     budgets = _budgets(args)
     if args.profile is None and args.calib is None:
@@ -333,7 +333,7 @@ def plan_auto(args) -> int:
                               f"{missing[0]}): rerun `kronsearch profile` to finish it")
     methods = _methods(args, default=profile.get("methods"))
 
-    from .errors import PlanError
+    from kron.errors import PlanError
 
     results = []
     for budget in budgets:

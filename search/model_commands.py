@@ -16,7 +16,7 @@ _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GP
 
 
 def add_parsers(subparsers) -> None:
-    from .presets import PRESETS
+    from kron.presets import PRESETS
 
     presets = "; ".join(f"{k}: {v}" for k, v in PRESETS.items())
 
@@ -47,7 +47,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", help="write the plan (with its concrete shapes) to this .yaml/.json file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
-    _add_auto_plan_options(p, g)  # plan --auto --budget ... (kron.profile_cli)
+    _add_auto_plan_options(p, g)  # plan --auto --budget ... (search.profile_commands)
 
     p = subparsers.add_parser(
         "compress", help="compress a model with a plan (SVD or data-aware initialisation) and save it",
@@ -88,15 +88,15 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_merge)
 
-    _add_profile_command(subparsers)  # kronsearch profile (kron.profile_cli)
+    _add_profile_command(subparsers)  # kronsearch profile (search.profile_commands)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
 
 
 def _shapes(args) -> int:
-    from .errors import ShapeError
-    from .factor import factor_shapes
+    from kron.errors import ShapeError
+    from kron.factor import factor_shapes
 
     if args.m < 1 or args.n < 1:
         raise ShapeError(f"M and N must be positive integers (the weight's out and in sizes), got {args.m} x {args.n}")
@@ -134,12 +134,11 @@ def _print_table(header, rows) -> None:
 
 
 def _plan(args) -> int:
-    from .models import build_from_config, load_config
-    from .plan import KEEP
-    from .presets import get_plan, preset_plan
-    from .surgery import apply_specs
-
-    from .models import resolve_source
+    from kron.models import build_from_config, load_config
+    from kron.plan import KEEP
+    from kron.models import resolve_source
+    from kron.presets import get_plan, preset_plan
+    from kron.surgery import apply_specs
 
     src = resolve_source(args.model)
     config = load_config(src)
@@ -170,14 +169,13 @@ def _plan(args) -> int:
 
 
 def _compress(args) -> int:
-    from .io import save_compressed
-    from .models import load_model
-    from .presets import get_plan
-    from .surgery import compress
+    from kron.io import save_compressed
+    from kron.models import load_model
+    from kron.presets import get_plan
+    from kron.models import resolve_source
+    from kron.surgery import compress
 
-    from .models import resolve_source
-
-    from .errors import ConfigError
+    from kron.errors import ConfigError
 
     if args.init == "data" and args.calib is None:
         raise ConfigError("--init data needs calibration data: --calib SRC (a text file or folder, a hub dataset, "
@@ -189,7 +187,7 @@ def _compress(args) -> int:
     plan = get_plan(args.plan, model.config)
     calib = None
     if args.calib is not None:
-        calib = _calibration(args, model, src)
+        calib = calibration_stats_for(args, model, src)
     split = None if args.split == "auto" else args.split
     report = compress(model, plan, init=args.init, calib=calib, split=split)
     tok = src if Path(src).is_dir() else None
@@ -208,15 +206,12 @@ def _compress(args) -> int:
     return 0
 
 
-def _calibration(args, model, src: str):
+def calibration_stats_for(args, model, src: str):
     """Calibration statistics of the model on --calib (cached; the data loading lives in trials.calibration)."""
-    from .errors import ConfigError
-    from .models import load_tokenizer
+    from kron.errors import ConfigError
+    from kron.models import load_tokenizer
+    from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_stats
 
-    try:
-        from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_stats
-    except ImportError as exc:  # kron installed without the trials package
-        raise ConfigError(f"--calib needs kronsearch's trials package for data loading ({exc})") from None
     tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
     if tokens < 1:
         raise ConfigError(f"--calib-tokens must be a positive number of tokens, got {tokens}")
@@ -231,9 +226,9 @@ def _calibration(args, model, src: str):
 
 
 def _merge(args) -> int:
-    from .errors import CheckpointError
-    from .io import TOKENIZER_FILES, load_compressed, merge
-    from .surgery import count_params
+    from kron.errors import CheckpointError
+    from kron.io import TOKENIZER_FILES, load_compressed, merge
+    from kron.surgery import count_params
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -266,14 +261,14 @@ def _merge(args) -> int:
 
 
 def _add_profile_command(subparsers) -> None:
-    """`kronsearch profile`: the sensitivity profile (kron.profile_cli, kron.profile)."""
-    from .profile_cli import add_profile_parser
+    """`kronsearch profile`: the sensitivity profile (search.profile_commands, kron.profile)."""
+    from search.profile_commands import add_profile_parser
 
     add_profile_parser(subparsers)
 
 
 def _add_auto_plan_options(plan_parser, choice_group) -> None:
-    """`kronsearch plan --auto --budget ...`: automatic plans from a profile (kron.profile_cli, kron.autoplan)."""
-    from .profile_cli import add_auto_arguments
+    """`kronsearch plan --auto --budget ...`: automatic plans from a profile (search.profile_commands, kron.autoplan)."""
+    from search.profile_commands import add_auto_arguments
 
     add_auto_arguments(plan_parser, choice_group)
