@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -37,15 +36,10 @@ PRESETS = ("uniform:2", "uniform:4", "lowrank:2", "lowrank:4", "kngpt2")
 
 
 def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for b in blocks.split(batch):
-            out = model(input_ids=b, labels=b)
-            n = b.numel() - b.shape[0]
-            total += float(out.loss) * n
-            count += n
-    return math.exp(total / count)
+    """exp(mean next-token NLL) over the blocks, as trials evaluate it."""
+    from trials.evaluate import evaluate_lm
+
+    return evaluate_lm(model, blocks, batch, next(model.parameters()).device)["quality"]
 
 
 def _bar(what):
