@@ -227,6 +227,26 @@ def _b_candidates(B0: torch.Tensor, grid: int, seed: int) -> list[torch.Tensor]:
     return out
 
 
+def _search_and_refine(ls: "_KronLS", B_svd: torch.Tensor, grid: int, seed: int, iters: int, tol: float):
+    """The general case: the best of B's candidate directions (A solved in closed form for each), then alternating
+    least squares until the objective stops falling by more than `tol`; returns (A, B, objective)."""
+    best_f, best = math.inf, None
+    for B0 in _b_candidates(B_svd, grid, seed):
+        A0, f0 = ls.solve_A(B0)
+        if f0 < best_f:
+            best_f, best = f0, (A0, B0)
+    A, B = best
+    f = best_f
+    for _ in range(iters):
+        B, _ = ls.solve_B(A)
+        A, f_new = ls.solve_A(B)
+        done = f - f_new <= tol * max(f, 1e-300)
+        f = min(f, f_new)
+        if done:
+            break
+    return A, B, f
+
+
 def data_aware_kronecker(W: torch.Tensor, S: torch.Tensor, shape, rank: int = 1, ridge: float = DEFAULT_RIDGE, *,
                          grid: int = 12, iters: int = 10, tol: float = 1e-6, seed: int = 0) -> KroneckerFactors:
     """Σ_{k<rank} A_k ⊗ B_k minimising the calibration output error tr((W − Ŵ)(S + λI)(W − Ŵ)ᵀ), in float64.
@@ -260,20 +280,7 @@ def data_aware_kronecker(W: torch.Tensor, S: torch.Tensor, shape, rank: int = 1,
             sv = white.singular_values
         else:
             ls = _KronLS(W64, Sr, (m1, n1, m2, n2), rank)
-            best_f, best = math.inf, None
-            for B0 in _b_candidates(svd.B, grid, seed):
-                A0, f0 = ls.solve_A(B0)
-                if f0 < best_f:
-                    best_f, best = f0, (A0, B0)
-            A, B = best
-            f = best_f
-            for _ in range(iters):
-                B, _ = ls.solve_B(A)
-                A, f_new = ls.solve_A(B)
-                done = f - f_new <= tol * max(f, 1e-300)
-                f = min(f, f_new)
-                if done:
-                    break
+            A, B, f = _search_and_refine(ls, svd.B, grid, seed, iters, tol)
             sv = torch.zeros(0, dtype=W64.dtype)
         A, B = _balance(A, B)
         W_hat = _kron_dense(A, B)

@@ -275,7 +275,7 @@ class _FastBlock:
                   seed: int = 0) -> tuple[float, str]:
         """(f, init) of `data_aware_kronecker(W, S, shape, rank)`: the better of the SVD init and the data-aware
         factors on S."""
-        from .datainit import _b_candidates, _balance, _KronLS
+        from .datainit import _balance, _KronLS, _search_and_refine
         from .factor import nearest_kronecker
 
         m1, n1, m2, n2 = shape
@@ -295,20 +295,7 @@ class _FastBlock:
             ls.S4 = self.Sr.reshape(n1, n2, n1, n2)
             ls.WS4 = (self.WS + self.lam * self.W).reshape(m1, m2, n1, n2)
             ls.base = self.base + self.lam * float((self.W * self.W).sum().item())
-            best_f, best = math.inf, None
-            for B0 in _b_candidates(svd.B, grid, seed):
-                A0, f0 = ls.solve_A(B0)
-                if f0 < best_f:
-                    best_f, best = f0, (A0, B0)
-            A, B = best
-            f = best_f
-            for _ in range(iters):
-                B, _ = ls.solve_B(A)
-                A, f_new = ls.solve_A(B)
-                done = f - f_new <= tol * max(f, 1e-300)
-                f = min(f, f_new)
-                if done:
-                    break
+            A, B, _ = _search_and_refine(ls, svd.B, grid, seed, iters, tol)
         A, B = _balance(A, B)
         f_data = self.f_kron(A, B)
         return (f_svd, "svd") if f_svd < f_data else (f_data, "data")
