@@ -117,17 +117,18 @@ def _shapes(args) -> int:
               f"{r.mac_reduction:.2f}x", r.order) for r in rows]
     print(f"{args.m} x {args.n} weight (out x in): {args.m * args.n:,} parameters, {args.m * args.n:,} multiply-adds "
           f"per token dense")
-    _print_table(header, table)
+    print_table(header, table)
     shown = f"{len(rows)} of {total}" if len(rows) < total else f"{total}"
     print(f"{shown} shapes (rank {args.rank}; trivial 1x1 factors omitted)")
     return 0
 
 
-def _print_table(header, rows) -> None:
+def print_table(header, rows, indent: str = "") -> None:
+    """Columns right-aligned to their widest cell, two spaces apart, each line prefixed by `indent`."""
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    print(indent + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
     for r in rows:
-        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+        print(indent + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
 
 
 # ----------------------------------------------------------------------------------------------- plan

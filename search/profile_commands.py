@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from search.fmt import fmt_n
+from search.model_commands import print_table
+
 _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
              "config:bert-base-uncased / config:PATH/config.json (random weights)")
 _CALIB_HELP = ("calibration data: a text file or folder, a datasets-hub name, glue:<task>[:DIR] or teacher-samples "
@@ -193,19 +196,8 @@ def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tok
                          progress=bar)
 
 
-def _print_table(header, rows, indent: str = "  ") -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    print(indent + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print(indent + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
-
-
-def _fmt_size(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.0f}"
+def _print_table(header, rows) -> None:
+    print_table(header, rows, indent="  ")
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -391,7 +383,7 @@ def plan_auto(args) -> int:
                          f"{o.damage:.4g}"))
         _print_table(("matrix", "choice", "compression", "damage"), rows)
         print(f"  predicted damage {sol.damage:.4g} (sum of relative output errors; lower bound {sol.bound:.4g}); "
-              f"{report.params_after:,} params ({_fmt_size(report.params_after)}), "
+              f"{report.params_after:,} params ({fmt_n(report.params_after)}), "
               f"{report.macs_per_token_after:,} MACs/token, ratio {report.compression_ratio:.3f}")
         for note in sol.notes:
             print(f"  note: {note}")
