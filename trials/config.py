@@ -21,6 +21,7 @@ __all__ = [
     "InitConfig",
     "PlanSource",
     "StageConfig",
+    "TeacherCacheConfig",
     "TrialConfig",
     "format_validation_error",
     "load_trial_config",
@@ -117,6 +118,19 @@ class InitConfig(_Strict):
         return self
 
 
+class TeacherCacheConfig(_Strict):
+    """Reuse of the teacher's outputs (hidden states, attention maps, logits) for a batch by later trials of the same
+    process (a reused search worker): see trials.teacher_cache. In memory the outputs are kept exactly as computed
+    (identical losses); on disk in float16 (losses then differ slightly), off by default."""
+
+    enabled: bool = True
+    memory_mb: float = Field(1024, ge=0, description="bound on the outputs kept in memory (MB; CPU RAM)")
+    disk_mb: float = Field(0, ge=0, description="bound on the outputs spilled to disk in float16 (MB; 0: none, "
+                                                 "batches beyond the memory bound are recomputed)")
+    disk_dir: str | None = Field(None, description="folder for the spilled outputs (default: the system's temporary "
+                                                   "folder; removed when the process exits)")
+
+
 class PlanSource(_Strict):
     """Where the compression plan comes from: exactly one of preset, file, or inline rules."""
 
@@ -158,6 +172,9 @@ class TrialConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads (default: leave torch's choice)")
     save_checkpoint: bool = True
+    teacher_cache: bool | TeacherCacheConfig = Field(
+        True, description="reuse the teacher's outputs across trials of one process: true (1 GiB in memory), false, "
+                          "or {memory_mb, disk_mb, disk_dir}")
     trust_remote_code: bool = False
     label: str | None = Field(None, description="how results tables and plots name this trial (default: the preset "
                                                 "or baseline it runs, else its trial id)")
@@ -200,6 +217,12 @@ class TrialConfig(_Strict):
     def init_config(self) -> InitConfig:
         """`init` as an InitConfig (a plain 'svd' / 'data' gives the defaults)."""
         return self.init if isinstance(self.init, InitConfig) else InitConfig(method=self.init)
+
+    @property
+    def teacher_cache_config(self) -> TeacherCacheConfig:
+        """`teacher_cache` as a TeacherCacheConfig (true / false give the defaults, on / off)."""
+        tc = self.teacher_cache
+        return tc if isinstance(tc, TeacherCacheConfig) else TeacherCacheConfig(enabled=tc)
 
     @property
     def quality_name(self) -> str:

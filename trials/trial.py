@@ -25,6 +25,7 @@ from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
 from .evaluate import batches, evaluate_glue, evaluate_kd, evaluate_lm
 from .hooks import TrialHooks, default_hooks
+from .teacher_cache import TeacherOutputs, teacher_cache, teacher_identity
 
 __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]
 
@@ -38,6 +39,7 @@ _DATA: dict[tuple, Any] = {}
 def clear_caches() -> None:
     _TEACHERS.clear()
     _DATA.clear()
+    teacher_cache().clear()
 
 
 @dataclass
@@ -56,7 +58,7 @@ class _Diverged(Exception):
 def load_teacher(cfg: TrialConfig, device: torch.device):
     """The teacher (eval mode, frozen, eager attention) and its tokenizer, cached per process."""
     task = "sequence-classification" if cfg.glue is not None else "auto"
-    key = (cfg.teacher, task, str(device), cfg.dtype, cfg.trust_remote_code)
+    key = _teacher_key(cfg, device)
     if key not in _TEACHERS:
         from kron.models import load_model, load_tokenizer, resolve_source
 
@@ -69,6 +71,11 @@ def load_teacher(cfg: TrialConfig, device: torch.device):
         tokenizer = load_tokenizer(src, trust_remote_code=cfg.trust_remote_code)
         _TEACHERS[key] = (model, tokenizer)
     return _TEACHERS[key]
+
+
+def _teacher_key(cfg: TrialConfig, device) -> tuple:
+    task = "sequence-classification" if cfg.glue is not None else "auto"
+    return (cfg.teacher, task, str(device), cfg.dtype, cfg.trust_remote_code)
 
 
 def prepare_data(config, device: str | torch.device | None = None) -> dict[str, float]:
@@ -235,6 +242,7 @@ class _Run:
         self.t0 = time.time()
         self.step = 0
         self.tokens_seen = 0
+        self.train_s = 0.0  # seconds in training steps (teacher and student passes, optimiser), evaluations excluded
         self.history: list[dict] = []
         self.best: float | None = None
         self.best_step: int | None = None
@@ -255,6 +263,7 @@ class _Run:
         self.summary["history"] = self.history
         self.summary["wall_time_s"] = round(time.time() - self.t0, 3)
         self.summary["steps"], self.summary["tokens_seen"] = self.step, self.tokens_seen
+        self.summary["train_step_s"] = round(self.train_s / self.step, 5) if self.step else None
         if self.out_dir is not None:
             atomic_write_json(self.out_dir / SUMMARY_NAME, self.summary)
 
@@ -444,6 +453,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
     needs_teacher = any((weights.emb, weights.att, weights.hid, weights.logits))
     loss_fn = run.hooks.loss_fn(ilkd_loss)
+    teacher_forward = _teacher_forward(run, teacher, device, keep_logits=weights.logits > 0)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -492,6 +502,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
         bar = tqdm(total=stage.max_steps, desc=f"stage {kind}", unit="step", leave=False)
     try:
         for s in range(1, stage.max_steps + 1):
+            t_step = time.perf_counter()
             student.train()
             batch = {k: v.to(device) for k, v in next(train_iter).items()}
             mask = batch.get("attention_mask")
@@ -501,7 +512,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
             t_out = None
             if needs_teacher:  # cross-entropy-only training (a baseline) skips the teacher's forward pass
                 with torch.no_grad():
-                    t_out = forward_for_distillation(teacher, batch["input_ids"], mask)
+                    t_out = teacher_forward(batch["input_ids"], mask)
             s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
             out = loss_fn(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
                           ce_loss=getattr(s_out, "loss", None))
@@ -514,6 +525,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
                 torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
             opt.step()
             sched.step()
+            run.train_s += time.perf_counter() - t_step
             run.step += 1
             run.tokens_seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             acc["loss"] = acc.get("loss", 0.0) + out.loss.item()
@@ -532,6 +544,33 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     finally:
         if bar is not None:
             bar.close()
+
+
+def _teacher_forward(run: _Run, teacher, device, keep_logits: bool) -> Callable:
+    """(input_ids, mask) -> the teacher's distillation outputs: through this process's teacher cache when
+    `teacher_cache` is on (a batch an earlier trial here already saw is not recomputed; trials.teacher_cache), else a
+    forward pass. The summary's `teacher_batches` counts the batches reused and computed."""
+    tc = run.cfg.teacher_cache_config
+    counts = run.summary.setdefault("teacher_batches", {"reused": 0, "computed": 0})
+    if not tc.enabled:
+        def plain(ids, mask):
+            counts["computed"] += 1
+            return forward_for_distillation(teacher, ids, mask)
+
+        return plain
+    cache = teacher_cache()
+    cache.configure(tc.memory_mb, tc.disk_mb, tc.disk_dir)
+    ctx = teacher_identity(_teacher_key(run.cfg, device), teacher)
+
+    def cached(ids, mask):
+        missed = cache.misses
+        out = cache.get_or_compute(
+            ctx, ids, mask, lambda: TeacherOutputs.from_model_output(forward_for_distillation(teacher, ids, mask),
+                                                                     keep_logits), keep_logits)
+        counts["computed" if cache.misses > missed else "reused"] += 1
+        return out
+
+    return cached
 
 
 def _save_best(run: _Run, student) -> None:
