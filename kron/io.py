@@ -250,9 +250,16 @@ def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Replace every Kronecker (or low-rank U·V) module by the dense module it stands for (nn.Linear, GPT-2's Conv1D
     in its (in, out) orientation, nn.Embedding) holding `to_dense()`, so that transformers' save_pretrained /
     from_pretrained work without kronsearch. The LM head stays untied from the input embedding (their values
-    differ)."""
+    differ). A pruned model (`prune`) becomes plain smaller modules, its config updated where the config can describe
+    the pruned widths (`Method.merge_config`); PlanError, before anything changes, where it cannot."""
     import copy
 
+    # config entries the merged model needs (a pruned FFN's width...): asked first, so a structure the config cannot
+    # describe raises before anything changes
+    used = {methods.method_of_module(m).name: methods.method_of_module(m) for m in model.modules() if is_factored(m)}
+    config_updates: dict = {}
+    for method in used.values():
+        config_updates.update(method.merge_config(model))
     if not inplace:
         model = copy.deepcopy(model)
     has_conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
@@ -290,6 +297,8 @@ def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, dense)
         done.append(name)
+    for key, value in config_updates.items():
+        setattr(model.config, key, value)
     for attr in ("kron_plan", "kron_info"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -42,7 +42,7 @@ from torch import nn
 from . import methods
 from .errors import PlanError
 from .methods.base import (ModuleSpec, Slot, alternatives_message, check_keys, choice_message, method_of_key,
-                           option_defaults, positive_int, primary_keys)
+                           modifier_keys, option_defaults, positive_int, primary_keys)
 from .methods.kronecker import nearest_shape
 from .yamlio import dump_yaml
 
@@ -208,21 +208,28 @@ class Rule:
             raise PlanError(f"{w}: keep must be true or false, got {keep!r}")
         self.keep = keep
         given = [k for k in primary_keys() if k in options and options[k] is not None]
+        # modifiers (quantize: int8) go beside the structure's key, or alone: the dense matrix modified
+        mods = [k for k in modifier_keys() if k in options and options[k] is not None]
         defaults = option_defaults()
         options = {k: v for k, v in options.items() if v is not None}
+        self.modifiers: tuple = ()
         if keep:
-            extra = given + [k for k, d in defaults.items() if options.get(k, d) != d]
+            extra = given + mods + [k for k, d in defaults.items() if options.get(k, d) != d]
             if extra:
                 raise PlanError(f"{w}: keep: true cannot be combined with {', '.join(extra)}")
             self.method, self.options = None, {}
             return
-        if len(given) != 1:
+        if len(given) != 1 and not (not given and mods):
             raise PlanError(f"{w}: {choice_message()} (got {', '.join(given) if given else 'none'})"
                             f"{alternatives_message()}")
         for k in defaults:
             if k in options:
                 positive_int(options[k], f"{w}: {k}")
-        self.method = method_of_key(given[0])
+        self.modifiers = tuple(dict.fromkeys(method_of_key(k) for k in mods))
+        self.method = method_of_key(given[0]) if given else self.modifiers[0]
+        for mod in self.modifiers:
+            if mod is not self.method:
+                options = mod.validate_rule(options, w)
         self.options = self.method.validate_rule(options, w)
 
     def __getattr__(self, key: str):
@@ -242,15 +249,22 @@ class Rule:
     def matches(self, name: str) -> bool:
         return _layers_match(self.layers, layer_index(name)) and any(selector_matches(s, name) for s in self.select)
 
-    def spec_for(self, name: str, module: nn.Module, *, split: str | None = None) -> ModuleSpec:
+    def spec_for(self, name: str, module: nn.Module, *, split: str | None = None,
+                 model: nn.Module | None = None) -> ModuleSpec:
         """The concrete spec of this rule for one module, validated against its size. split: the side `factor:`
-        rules prefer to split among equally compressing shapes ("output", the default, or "input")."""
+        rules prefer to split among equally compressing shapes ("output", the default, or "input"). model: the
+        model `module` belongs to, for structured methods (`prune`) that need to know its attention/FFN block."""
         kind = module_type(module)
         if kind is None:
             raise PlanError(f"{self.where}: {_unsupported_message(name, module)}")
         m, n = dense_dims(module)
-        slot = Slot(self.where, name, kind, type(module).__name__, m, n, split)
-        return self.method.spec_for(self.options, slot)
+        context = self.method.plan_context(model, name, module) if model is not None else None
+        slot = Slot(self.where, name, kind, type(module).__name__, m, n, split, context)
+        spec = self.method.spec_for(self.options, slot)
+        for mod in self.modifiers:
+            if mod is not self.method:
+                spec = mod.modify(spec, self.options, slot)
+        return spec
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"select": self.select[0] if len(self.select) == 1 else list(self.select)}
@@ -260,6 +274,8 @@ class Rule:
             out["keep"] = True
             return out
         out.update(self.method.rule_to_dict(self.options))
+        for mod in self.modifiers:
+            out.update(mod.rule_to_dict(self.options))
         return out
 
     @classmethod
@@ -443,7 +459,8 @@ class CompressionPlan:
                 if module_type(module) is not None:
                     out[name] = KEEP
                 continue
-            out[name] = rule.spec_for(name, module, split=split)
+            out[name] = rule.spec_for(name, module, split=split, model=model)
+        check_together(out, model)
         return out
 
     @classmethod
@@ -456,6 +473,16 @@ class CompressionPlan:
             spec = spec if isinstance(spec, ModuleSpec) else ModuleSpec.from_dict(spec)
             rules.append(Rule(select=("re:" + re.escape(name),), **spec.to_rule()))
         return cls(rules, **kwargs)
+
+
+def check_together(specs: Mapping[str, ModuleSpec | str], model: nn.Module) -> None:
+    """Each method's check that its specs fit together (a structured method's blocks; `Method.check_resolved`)."""
+    by_method: dict[str, dict[str, ModuleSpec]] = {}
+    for name, spec in specs.items():
+        if isinstance(spec, ModuleSpec):
+            by_method.setdefault(spec.method, {})[name] = spec
+    for method_name, own in by_method.items():
+        methods.get_method(method_name).check_resolved(own, model)
 
 
 def _fmt_select(rule: Rule) -> str:

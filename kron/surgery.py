@@ -22,7 +22,7 @@ from torch import nn
 from . import methods
 from .errors import PlanError
 from .methods import ModuleSpec, Slot
-from .plan import KEEP, CompressionPlan, dense_dims, module_type
+from .plan import KEEP, CompressionPlan, check_together, dense_dims, module_type
 
 __all__ = [
     "CompressionReport",
@@ -30,6 +30,7 @@ __all__ = [
     "apply_specs",
     "as_plan",
     "compress",
+    "count_bytes",
     "count_params",
     "default_split",
     "input_embedding",
@@ -71,8 +72,30 @@ def count_params(model: nn.Module, *, exclude_output_embedding: bool = False) ->
         embedding.
     """
     total = sum(p.numel() for p in _unique_params(model))
+    total += sum(t.numel() for t in _stored_weights(model))
     if exclude_output_embedding:
         total -= output_embedding_params(model)
+    return total
+
+
+def _stored_weights(model: nn.Module):
+    """Weight tensors kept as buffers, not Parameters (int8 layers' weights: `stored_weights()`), counted as
+    parameters."""
+    for mod in model.modules():
+        get = getattr(mod, "stored_weights", None)
+        if callable(get):
+            yield from get()
+
+
+def count_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weight storage: every tensor of its state dict (parameters, int8 weights and their
+    scales, persistent buffers) counted once, element count x element size (float32: 4, int8: 1)."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -111,6 +134,7 @@ def output_embedding_params(model: nn.Module) -> int:
     if head is None:
         return 0
     own = {id(p): p for n, p in head.named_parameters() if n.rsplit(".", 1)[-1] != "bias"}
+    own.update({id(t): t for t in _stored_weights(head)})
     for mod in model.modules():
         if mod is head:
             continue
@@ -174,6 +198,8 @@ class ModuleRecord:
     # statistics, for embeddings, and in reports written before it existed)
     output_error: float | None = None
     init: str | None = None  # how this module was initialised: "data", "svd" or "none" (None in older reports)
+    bytes_before: int | None = None  # weight storage (weight + bias; None in older reports)
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -199,6 +225,10 @@ class CompressionReport:
     init: str = "svd"
     calib: dict | None = None  # the calibration statistics used: tokens, heldout_tokens, key (None without)
     notes: list[str] = field(default_factory=list)  # e.g. modules a method could not initialise from data
+    # weight storage in bytes (`count_bytes`: each tensor's elements x stored width, int8 scales included; None in
+    # reports written before it existed)
+    bytes_before: int | None = None
+    bytes_after: int | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # the compressed model
 
     @property
@@ -245,6 +275,9 @@ class CompressionReport:
                      f"-> {self.params_after_excluding_output_embedding:,} ({self.compression_ratio:.2f}x)")
         lines.append(f"multiply-adds per token (linear layers): {self.macs_per_token_before:,} -> "
                      f"{self.macs_per_token_after:,} ({self.mac_reduction:.2f}x)")
+        if self.bytes_before is not None and self.bytes_after is not None:
+            lines.append(f"weight storage (bytes): {self.bytes_before:,} -> {self.bytes_after:,} "
+                         f"({self.bytes_before / max(self.bytes_after, 1):.2f}x)")
         if self.untied_output_embedding:
             lines.append("the LM head was untied from the input embedding and kept dense")
         if self.calib is not None:
@@ -335,8 +368,16 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
             raise PlanError(f"the calibration statistics have no entry for {', '.join(missing[:3])}"
                             f"{' ...' if len(missing) > 3 else ''}: they were collected for another model or other "
                             "modules; collect them for this model")
+    check_together(dict(todo), model)
+    # structured methods decide for several modules at once (which heads a pruned block keeps) before any swap
+    extras: dict[str, dict] = {}
+    for method_name in dict.fromkeys(s.method for _, s in todo):
+        own = {n: s for n, s in todo if s.method == method_name}
+        extras.update(methods.get_method(method_name).prepare(model, own, init, calib) or {})
+    todo = [(n, extras.get(n, {}).get("spec", s)) for n, s in todo]
 
     params_before = count_params(model)
+    bytes_before = count_bytes(model)
     excl_before = count_params(model, exclude_output_embedding=True)
     macs_before = macs_per_token(model)
     in_emb, out_emb = input_embedding(model), output_embedding(model)
@@ -352,12 +393,13 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         method = methods.get_method(spec.method)
         linear = module_type(old) in methods.LINEAR_KINDS
         stats = calib.stats(name) if calib is not None and linear and name in calib else None
+        extra = {k: v for k, v in extras.get(name, {}).items() if k != "spec"}
         if init == "data" and linear and method.data_init:
-            new = method.build(old, spec, "data", stats=stats)
+            new = method.build(old, spec, "data", stats=stats, **extra)
         else:
             if init == "data" and linear:
                 no_data.setdefault(method.name, []).append(name)
-            new = method.build(old, spec, "svd" if init == "data" else init)
+            new = method.build(old, spec, "svd" if init == "data" else init, **extra)
         out_err = _output_error(old, new, stats) if stats is not None and init != "none" else None
         new.train(old.training)
         weight = old.weight
@@ -372,12 +414,15 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         records.append(ModuleRecord(
             name=name, kind=spec.kind, module_type=getattr(new, SOURCE_ATTR), dense_shape=(m, n),
             spec=spec.to_dict(), params_before=sum(p.numel() for p in old.parameters()),
-            params_after=sum(p.numel() for p in new.parameters()),
+            params_after=sum(p.numel() for p in new.parameters()) + sum(t.numel() for t in _stored_weights(new)),
             macs_before=m * n if module_type(old) in methods.LINEAR_KINDS else 0,
             macs_after=int(new.macs_per_token) if module_type(old) in methods.LINEAR_KINDS else 0,
             init_error=new.init_error, output_error=out_err,
             init="none" if init == "none" else (getattr(new, "init_source", None) or "svd"),
+            bytes_before=count_bytes(old), bytes_after=count_bytes(new),
         ))
+    for method_name in dict.fromkeys(s.method for _, s in todo):
+        methods.get_method(method_name).finish(model, [n for n, s in todo if s.method == method_name])
     for method_name, names in no_data.items():
         notes.append(f"method {method_name} has no data-aware init: {len(names)} module(s) initialised by SVD "
                      f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
@@ -405,6 +450,8 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         calib=None if calib is None else {"tokens": calib.tokens, "heldout_tokens": calib.heldout_tokens,
                                           "key": dict(calib.key)},
         notes=notes,
+        bytes_before=bytes_before,
+        bytes_after=count_bytes(model),
         model=model,
     )
 
@@ -414,12 +461,15 @@ def _output_error(old: nn.Module, new: nn.Module, stats) -> float | None:
     from .datainit import output_error
     from .methods.layers import linear_weight
 
-    to_dense = getattr(new, "to_dense", None)
+    # to_full: a layer smaller than the module it replaced (pruned rows/columns) at the dense size, zeros filled in
+    to_dense = getattr(new, "to_full", None) or getattr(new, "to_dense", None)
     if not callable(to_dense):
         return None
     S = stats.S_heldout if stats.S_heldout is not None else stats.S
+    W = linear_weight(old)[0]
     with torch.no_grad():
-        return output_error(linear_weight(old)[0], S, to_dense())
+        W_hat = to_dense()
+        return output_error(W, S, W_hat) if W_hat.shape == W.shape else None
 
 
 def untie_word_embeddings(model: nn.Module) -> None:

@@ -15,6 +15,11 @@ A method is one `Method` object plus one `ModuleSpec` subclass, registered with 
   methods with `data_init = True`; "none": structure only, for loading saved weights), and `recognise(module)`:
   the spec of a module it built (reloading, merging). A method without a data-aware init (`data_init = False`,
   the default) is built with "svd" when "data" is asked for, and the compression report says so.
+
+A *modifier* (`Method.modifier = True`; the int8 quantisation of `kron.methods.quant`) is not a structure of its
+own but wraps any structure's spec: its rule keys (e.g. `quantize: int8`) go beside one primary key of a structure
+(`shape:`, `lowrank_ratio:`, ...) or alone (the dense matrix), and `modify(inner, options, slot)` wraps the inner
+spec (None for the dense matrix). Its spec dicts carry its `dict_key` beside the inner spec's keys.
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ class Slot:
     """The module a plan rule is being resolved for: its dotted name, kind ("linear", "conv1d", "embedding"), class
     name and dense size (out x in; vocab x dim for embeddings), and the rule's position for error messages.
     split: which side a method that picks shapes by compression factor prefers to split among equally compressing
-    shapes ("output": the papers' tie-break; "input": what data-aware init serves best); None = "output"."""
+    shapes ("output": the papers' tie-break; "input": what data-aware init serves best); None = "output".
+    context: the method's `plan_context` of the module (structured methods), else None."""
 
     where: str
     name: str
@@ -60,6 +66,9 @@ class Slot:
     m: int
     n: int
     split: str | None = None
+    # what a structured method needs beyond the matrix size (`Method.plan_context`: for `prune`, the attention or FFN
+    # block the matrix belongs to); None for methods that need nothing more
+    context: Mapping | None = None
 
 
 class _SpecMeta(type):
@@ -121,6 +130,16 @@ class ModuleSpec(metaclass=_SpecMeta):
         """Raise PlanError when this spec cannot be applied to the module in `slot`."""
         raise NotImplementedError
 
+    def weight_shapes(self, m: int, n: int) -> list[tuple[int, ...]]:
+        """The shapes of the layer's weight tensors (factors; no bias) for an m x n weight, the input side last:
+        what a quantisation modifier stores, one scale per row (all leading axes). Methods that do not list them
+        cannot be quantised."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its weight tensors")
+
+    def bytes(self, m: int, n: int, width: int = 4) -> int:
+        """Bytes of the stored weights (no bias) for an m x n weight whose floats take `width` bytes (float32: 4)."""
+        return self.params(m, n) * width
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModuleSpec":
         if cls is ModuleSpec:
@@ -154,6 +173,7 @@ class Method:
     dict_key: str
     rule_hint: str  # its rule keys as error messages name them, e.g. "shape or factor"
     data_init: bool = False  # build() takes init="data" with calibration `stats` (kron.datainit)
+    modifier: bool = False  # wraps another method's spec (see the module docstring) instead of being a structure
 
     # --- plan rules
     def validate_rule(self, options: dict, where: str) -> dict:
@@ -167,6 +187,10 @@ class Method:
     def rule_to_dict(self, options: Mapping) -> dict:
         """The options as written back to a plan file (defaults left out)."""
         return {k: v for k, v in options.items() if self.option_keys.get(k, object()) != v}
+
+    def modify(self, inner: ModuleSpec | None, options: Mapping, slot: Slot) -> ModuleSpec:
+        """Modifiers only: the spec wrapping `inner` (a structure's spec for this module, None for the dense matrix)."""
+        raise NotImplementedError
 
     # --- search
     def candidates(self, m: int, n: int, constraints) -> list[ModuleSpec]:
@@ -187,6 +211,28 @@ class Method:
     def recognise(self, module) -> ModuleSpec | None:
         """The spec of a module this method built, or None."""
         raise NotImplementedError
+
+    # --- structured methods (several matrices changed together, e.g. `prune`); the defaults do nothing
+    def plan_context(self, model, name: str, module) -> Mapping | None:
+        """Facts about a module beyond its size that `spec_for` needs (given to it as `slot.context`), or None."""
+        return None
+
+    def check_resolved(self, specs: Mapping[str, ModuleSpec], model) -> None:
+        """Raise PlanError when this method's specs (name -> spec, this method's only) do not fit together, e.g. a
+        pruned attention block whose output projection is not pruned alike. Called before the model changes."""
+
+    def prepare(self, model, specs: Mapping[str, ModuleSpec], init: str, calib=None) -> dict[str, dict]:
+        """Decisions taken for several modules at once before any is built (which heads a pruned block keeps):
+        name -> {"spec": the final spec (if it changes), and keyword arguments for `build`}."""
+        return {}
+
+    def finish(self, model, names: Sequence[str]) -> None:
+        """Called once after this method's modules `names` are swapped in (e.g. fix an attention's head count)."""
+
+    def merge_config(self, model) -> dict:
+        """Config entries a merged (dense) model needs for `from_pretrained` to rebuild it (e.g. a pruned FFN's
+        `intermediate_size`); PlanError when its config cannot describe it. Called before `merge` changes anything."""
+        return {}
 
     # --- labels and options
     def parse_label(self, text: str) -> ModuleSpec | None:
@@ -213,9 +259,17 @@ def register(method: Method) -> Method:
 
 
 def all_methods() -> list[Method]:
-    """Registered methods, main choices first, then the alternatives, each in registration order."""
+    """Registered methods, main choices first, then the alternatives, then the modifiers, each in registration
+    order."""
     methods = sorted(_REGISTRY.values(), key=lambda m: m.order)  # stable: equal orders keep registration order
-    return [m for m in methods if m.alternative is None] + [m for m in methods if m.alternative is not None]
+    structures = [m for m in methods if not m.modifier]
+    return ([m for m in structures if m.alternative is None] + [m for m in structures if m.alternative is not None]
+            + [m for m in methods if m.modifier])
+
+
+def modifiers() -> list[Method]:
+    """The registered modifiers (methods that wrap a structure's spec, e.g. int8 quantisation)."""
+    return [m for m in all_methods() if m.modifier]
 
 
 def get_method(name: str) -> Method:
@@ -223,6 +277,10 @@ def get_method(name: str) -> Method:
         return _REGISTRY[name]
     except KeyError:
         raise PlanError(f"unknown compression method {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def modifier_keys() -> list[str]:
+    return [k for m in modifiers() for k in m.primary_keys]
 
 
 def method_of_key(key: str) -> Method | None:
@@ -234,7 +292,8 @@ def method_of_key(key: str) -> Method | None:
 
 
 def primary_keys() -> list[str]:
-    return [k for m in all_methods() for k in m.primary_keys]
+    """The keys that choose a structure (modifiers' keys are not among them: they go beside one of these)."""
+    return [k for m in all_methods() if not m.modifier for k in m.primary_keys]
 
 
 def option_defaults() -> dict[str, Any]:
@@ -262,13 +321,15 @@ def rule_keys() -> tuple[str, ...]:
 
 def choice_message() -> str:
     """ "exactly one of shape, factor, embedding_factor or keep: true" and the alternatives' clauses."""
-    main = [k for m in all_methods() if m.alternative is None for k in m.primary_keys]
+    main = [k for m in all_methods() if m.alternative is None and not m.modifier for k in m.primary_keys]
     return f"give exactly one of {', '.join(main)} or keep: true"
 
 
 def alternatives_message() -> str:
     parts = [f"; or, for {m.alternative}, one of {' or '.join(m.primary_keys)}"
-             for m in all_methods() if m.alternative is not None]
+             for m in all_methods() if m.alternative is not None and not m.modifier]
+    parts += [f"; {m.rule_hint} may go beside any of them, or alone ({m.alternative or m.name} of the dense matrix)"
+              for m in modifiers()]
     return "".join(parts)
 
 
@@ -279,6 +340,9 @@ def spec_from_dict(d: Mapping) -> ModuleSpec:
     if "method" in d:
         method = get_method(d["method"])
         return method.spec_type._from_dict({k: v for k, v in d.items() if k != "method"})
+    for mod in modifiers():  # a modifier's key beside the inner spec's keys: the modifier parses both
+        if d.get(mod.dict_key) is not None:
+            return mod.spec_type._from_dict(d)
     hits = [m for m in _REGISTRY.values() if d.get(m.dict_key) is not None]
     if len(hits) != 1:
         return _legacy_spec(**_checked_legacy(d))
