@@ -31,7 +31,8 @@ def linear_rows(spec: ModuleSpec, slot: Slot) -> int:
 
 def hints_for(kind: str) -> str:
     """The rule keys of the main methods that apply to a module kind, e.g. "shape or factor"."""
-    return " or ".join(m.rule_hint for m in all_methods() if kind in m.module_kinds and m.alternative is None)
+    return " or ".join(m.rule_hint for m in all_methods() if kind in m.module_kinds and m.alternative is None
+                      and not m.modifier)
 
 
 def wrong_kind(slot: Slot, asked: str) -> str:

@@ -52,6 +52,10 @@ class KroneckerSpec(ModuleSpec):
     def macs(self, m: int, n: int) -> int:
         return self.blocks * kron_macs(*self.shape, self.rank)[0]
 
+    def weight_shapes(self, m: int, n: int) -> list[tuple[int, ...]]:
+        m1, n1, m2, n2 = self.shape
+        return [(self.rank, m1, n1), (self.rank, m2, n2)] * self.blocks
+
     def describe(self, m: int | None = None, n: int | None = None) -> str:
         m1, n1, m2, n2 = self.shape
         text = f"A {m1}x{n1} ⊗ B {m2}x{n2}"

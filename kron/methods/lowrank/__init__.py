@@ -49,6 +49,9 @@ class LowRankSpec(ModuleSpec):
     def macs(self, m: int, n: int) -> int:
         return self.params(m, n)
 
+    def weight_shapes(self, m: int, n: int) -> list[tuple[int, ...]]:
+        return [(m // self.blocks, self.rank), (self.rank, n)] * self.blocks
+
     def describe(self, m: int | None = None, n: int | None = None) -> str:
         r = self.rank
         text = f"U {m // self.blocks}x{r} · V {r}x{n}" if m is not None and n is not None else f"U·V of rank {r}"
