@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,12 @@ __all__ = ["STUDY_JOURNAL", "PlanSearcher", "journal_storage", "load_journal_stu
            "make_searcher", "resuming_into"]
 
 STUDY_JOURNAL = "optuna_study.journal"  # the Optuna study of a search, in its run folder
+# Plans asked of Optuna per trial before the rest of the `max_resamples` draws come from the space's own sampler.
+# TPE that has learnt "fewer decomposed layers, fewer parameters" can keep proposing the empty plan (or one over the
+# budget); a rejected plan teaches it nothing (told FAIL), so it asked again and again, up to max_resamples times a
+# trial, each ask a FAIL trial in the study: in a 200-trial search the study, the journal and every later ask grew
+# with them (benchmarks/search_scale.py: 631 rejected asks after 12 trials, 3 s per suggestion).
+OPTUNA_RESAMPLES = 8
 # set by run_search around a resumed fit: (journal path, study name) the restored searcher re-attaches to
 _RESUME: tuple[str, str] | None = None
 
@@ -76,14 +83,21 @@ class PlanSearcher(_searcher_base()):
         if trial_id in self._ot_trials:  # asked again for the same trial (a resumed search)
             ot_trial = self._ot_trials[trial_id]
             return unflatten_dict(self._suggest_from_define_by_run_func(self._space, ot_trial))
-        params = last = duplicate = None
-        for _ in range(self.max_resamples):
-            ot_trial = self._ot_study.ask()
-            last = self._suggest_from_define_by_run_func(self._space, ot_trial)
+        params = last = duplicate = drawn = None
+        rng = random.Random(f"fallback:{trial_id}")
+        for attempt in range(self.max_resamples):
+            from_optuna = attempt < OPTUNA_RESAMPLES
+            if from_optuna:
+                ot_trial = self._ot_study.ask()
+                last = self._suggest_from_define_by_run_func(self._space, ot_trial)
+            else:  # Optuna keeps proposing plans that cannot run: draw from the space (no Optuna trial per draw)
+                last = space.sample(rng)
             reasons = space.rejection_reasons(last)
             if not reasons and self._plan_key(last) not in self._seen:
-                params = last
+                params, drawn = (last, None) if from_optuna else (None, last)
                 break
+            if not from_optuna:
+                continue
             if not reasons:  # a plan already trained or running: ask for another, keep it as the fallback
                 reasons = ["duplicate of an earlier plan"]
                 duplicate = duplicate or last
@@ -94,14 +108,16 @@ class PlanSearcher(_searcher_base()):
             # start-up trials nor becomes a (valueless) point its density model is fitted to
             ot_trial.set_user_attr("rejected", "; ".join(reasons))
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        if params is None and duplicate is not None:  # a small space, nearly exhausted: run a duplicate
+        if params is None and drawn is None and duplicate is not None:  # a small space, nearly exhausted
             last = duplicate
         if params is None:
-            fixed = space.repair(last) if space.rejection_reasons(last) else last
-            self._ot_study.enqueue_trial(fixed, user_attrs={"repaired": fixed is not last}, skip_if_exists=False)
+            fixed = drawn if drawn is not None else space.repair(last) if space.rejection_reasons(last) else last
+            self._ot_study.enqueue_trial(fixed, user_attrs={"repaired": drawn is None and fixed is not last,
+                                                            "drawn_at_random": drawn is not None},
+                                         skip_if_exists=False)
             ot_trial = self._ot_study.ask()
             params = self._suggest_from_define_by_run_func(self._space, ot_trial)
-            self.repaired += fixed is not last
+            self.repaired += drawn is None and fixed is not last
         self._seen.add(self._plan_key(params))
         ot_trial.set_user_attr("ray_trial_id", trial_id)
         self._ot_trials[trial_id] = ot_trial

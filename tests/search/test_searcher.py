@@ -224,3 +224,24 @@ def test_a_searcher_saved_without_a_journal_gets_one_on_resume(cfg_space, tmp_pa
     again.on_trial_complete("t1", _result(q=7.0))
     t1 = next(t for t in _journal_trials(journal, cfg.name) if t.user_attrs.get("ray_trial_id") == "t1")
     assert t1.state == State.COMPLETE and t1.values == [7.0, 1000.0]
+
+
+def test_a_sampler_stuck_on_unrunnable_plans_costs_a_bounded_number_of_asks(cfg_space):
+    """TPE can keep proposing the empty plan (fewer layers, fewer parameters); each rejected ask is a FAIL trial in
+    the study, so after OPTUNA_RESAMPLES asks the searcher draws from the space itself instead of asking again."""
+    from search.searcher import OPTUNA_RESAMPLES
+
+    class NothingOn(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, dist):
+            return False if name.endswith(".on") else super().sample_independent(study, trial, name, dist)
+
+    cfg, space = cfg_space()
+    metrics, modes = cfg.objective_metrics()
+    searcher = PlanSearcher(space, metric=metrics, mode=modes, sampler=NothingOn(seed=0), max_t=6, max_resamples=200)
+    configs = [searcher.suggest(f"t{i}") for i in range(5)]
+    assert all(not space.is_empty(c) for c in configs)
+    trials = searcher.study.get_trials(deepcopy=False)
+    assert len(trials) == 5 * (OPTUNA_RESAMPLES + 1)  # not 5 * 200
+    handed_out = [t for t in trials if "ray_trial_id" in t.user_attrs]
+    assert len(handed_out) == 5 and all(t.user_attrs["drawn_at_random"] for t in handed_out)
+    assert searcher.rejected == 5 * OPTUNA_RESAMPLES
