@@ -103,6 +103,7 @@ class QuantizedLinear(nn.Module):
         self.qat = False
         self.master = nn.ParameterDict()  # float master weights, only while quantisation-aware training is on
         self._register_state_dict_hook(_drop_masters)
+        self._register_load_state_dict_pre_hook(_check_loaded, with_module=True)
         self.register_load_state_dict_post_hook(_masters_from_loaded)
 
     @classmethod
@@ -270,20 +271,20 @@ def disable_qat(model: nn.Module) -> int:
     return len(layers)
 
 
-def check_scales(model: nn.Module, state_dict, source: str) -> None:
-    """CheckpointError naming the module when a saved int8 weight lacks its scales or they do not fit it."""
-    for mname, mod in model.named_modules():
-        if not isinstance(mod, QuantizedLinear):
-            continue
-        for wname, (q, s) in mod.quantized().items():
-            key = f"{mname}.inner.{wname}"
-            skey = key + SUFFIX
-            if key in state_dict and skey not in state_dict:
-                raise CheckpointError(f"{source}: the int8 weight {key} of module {mname} has no scales ({skey} "
-                                      "is missing)")
-            if skey in state_dict and tuple(state_dict[skey].shape) != tuple(s.shape):
-                raise CheckpointError(f"{source}: the scales {skey} of module {mname} have shape "
-                                      f"{list(state_dict[skey].shape)}, its int8 weight needs {list(s.shape)}")
-            if key in state_dict and state_dict[key].dtype != torch.int8:
-                raise CheckpointError(f"{source}: the weight {key} of int8 module {mname} is stored as "
-                                      f"{state_dict[key].dtype}, not int8")
+def _check_loaded(module: QuantizedLinear, state_dict, prefix, local_metadata, strict, missing_keys,
+                  unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: CheckpointError naming the module when a saved int8 weight lacks its scales, its
+    scales do not fit it, or it is not stored as int8 (copying floats into the int8 buffer would cast silently)."""
+    mname = prefix.rstrip(".") or "(root)"
+    for wname, (q, s) in module.quantized().items():
+        key = f"{prefix}inner.{wname}"
+        skey = key + SUFFIX
+        if key in state_dict:
+            if skey not in state_dict:
+                raise CheckpointError(f"int8 module {mname}: the weight {key} has no scales ({skey} is missing)")
+            if state_dict[key].dtype != torch.int8:
+                raise CheckpointError(f"int8 module {mname}: the weight {key} is stored as "
+                                      f"{str(state_dict[key].dtype).removeprefix('torch.')}, not int8")
+        if skey in state_dict and tuple(state_dict[skey].shape) != tuple(s.shape):
+            raise CheckpointError(f"int8 module {mname}: the scales {skey} have shape {list(state_dict[skey].shape)}, "
+                                  f"its int8 weight {list(q.shape)} needs {list(s.shape)} (one per row)")
