@@ -1,8 +1,8 @@
 """`kronsearch analyze | compare | export`: reports, comparisons and plan export from saved results.
 
-    kronsearch analyze RESULTS... --out DIR [--x params|macs_per_token] [--title T]
+    kronsearch analyze RESULTS... --out DIR [--x params|macs_per_token|bytes] [--title T]
     kronsearch compare A B ... --out DIR [--labels LA LB ...] [--title T]
-    kronsearch export RESULTS... --select knee|front|best-under-params:N|best-under-macs:N --out DIR [--build]
+    kronsearch export RESULTS... --select knee|front|best-under-params:N|best-under-macs:N|best-under-bytes:N --out DIR [--build]
 
 RESULTS are search directories (searched recursively for trial_summary.json) or single summary files. Heavy
 modules (pandas, matplotlib; torch only for `export --build`) are imported inside the handlers, so
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-_SELECT_HELP = ("knee (the front's best trade-off), front (every front trial), best-under-params:N or "
-                "best-under-macs:N (best quality within N; N like 2.5e6, 2500000, 2.5M, 800k)")
+_SELECT_HELP = ("knee (the front's best trade-off), front (every front trial), best-under-params:N, "
+                "best-under-macs:N or best-under-bytes:N (best quality within N; N like 2.5e6, 2500000, 2.5M, 800k; "
+                "bytes like 4MB, 4MiB)")
 
 
-X_CHOICES = ("params", "params_excl_output_embedding", "macs_per_token")  # = analysis.report.X_COLUMNS
+X_CHOICES = ("params", "params_excl_output_embedding", "macs_per_token", "bytes")  # = analysis.report.X_COLUMNS
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(

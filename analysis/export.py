@@ -4,6 +4,7 @@ ready-to-load compressed models.
     select(df, "knee")                      # the knee of the Pareto front of every complete trial together
     select(df, "best-under-params:2.5M")    # best quality with params <= 2.5M (2.5e6, 2500000, 2500k work too)
     select(df, "best-under-macs:800k")      # best quality with macs_per_token <= 800k
+    select(df, "best-under-bytes:4MB")      # best quality with weight storage <= 4·10^6 bytes (4MiB: 4·2^20)
     select(df, "front")                     # every Pareto-front trial, smallest first
     export(sources, "knee", "out/")         # out/<trial_id>.plan.yaml + out/selection.json
     export(sources, "knee", "out/", build=True)  # + out/<trial_id>/, a directory written by kron.io.save_compressed
@@ -41,11 +42,12 @@ from kron.yamlio import dump_yaml
 
 __all__ = ["select", "export", "parse_amount", "parse_how", "SELECTIONS", "SELECTION_NAME"]
 
-SELECTIONS = ("knee", "front", "best-under-params:N", "best-under-macs:N")
+SELECTIONS = ("knee", "front", "best-under-params:N", "best-under-macs:N", "best-under-bytes:N")
 SELECTION_NAME = "selection.json"
 _SCALES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _AMOUNT = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([kmbg]?)$", re.IGNORECASE)
-_CONSTRAINT_COLUMNS = {"params": "params", "macs": "macs_per_token"}
+_CONSTRAINT_COLUMNS = {"params": "params", "macs": "macs_per_token", "bytes": "bytes"}
+_BYTES = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?:([kmgt])(i?))?b?$", re.IGNORECASE)
 _INFO_FILE = "kronsearch.json"  # marks a directory written by kron.io.save_compressed
 
 
@@ -65,6 +67,19 @@ def parse_amount(text: str) -> int:
     return int(round(value))
 
 
+def parse_bytes(text: str) -> int:
+    """A positive byte count from "4MB" (4·10^6), "4MiB" (4·2^20), "500kB", "1.5G", "4e6" or "4000000"."""
+    raw = str(text)
+    match = _BYTES.fullmatch(raw.strip().replace(",", "").replace("_", ""))
+    if not match:
+        raise UserError(f"cannot read {raw!r} as a size in bytes; write e.g. 4MB, 4MiB, 500kB or 4e6")
+    power = "kmgt".index(match.group(2).lower()) + 1 if match.group(2) else 0
+    value = float(match.group(1)) * ((1024 if match.group(3) else 1000) ** power)
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"the limit must be a positive number, got {raw!r}")
+    return int(round(value))
+
+
 def parse_how(how: str) -> tuple[str, str | None, int | None]:
     """("knee" | "front" | "best-under", constrained column or None, limit or None) from a selection string."""
     text = str(how).strip()
@@ -74,8 +89,9 @@ def parse_how(how: str) -> tuple[str, str | None, int | None]:
     for key, column in _CONSTRAINT_COLUMNS.items():
         if kind == f"best-under-{key}":
             if not sep or not amount.strip():
-                raise UserError(f"selection {text!r} needs a limit, e.g. best-under-{key}:2.5M")
-            return "best-under", column, parse_amount(amount)
+                raise UserError(f"selection {text!r} needs a limit, e.g. best-under-{key}:"
+                                f"{'4MB' if key == 'bytes' else '2.5M'}")
+            return "best-under", column, parse_bytes(amount) if key == "bytes" else parse_amount(amount)
     raise UserError(f"unknown selection {text!r}; expected one of {', '.join(SELECTIONS)} "
                     "(N like 2.5e6, 2500000, 2.5M or 800k)")
 
@@ -84,7 +100,8 @@ def select(df: pd.DataFrame, how: str) -> pd.DataFrame:
     """The rows of `df` (a `load_results` table) that `how` picks, as a new table (index reset).
 
     how: "knee" (one row: the knee of the front of params vs quality), "front" (every front row, by params),
-    "best-under-params:N" / "best-under-macs:N" (one row: the best quality with params / macs_per_token <= N).
+    "best-under-params:N" / "best-under-macs:N" / "best-under-bytes:N" (one row: the best quality with params /
+    macs_per_token / bytes <= N; bytes take 4MB, 4MiB, 500kB).
     Candidates are the complete, non-baseline trials with finite params and quality; all searches in `df` form
     one pool. Ties: the better quality, then fewer params, then fewer MACs, then the smaller search/trial id.
     Raises `UserError` when nothing qualifies, naming the constraint and the smallest available value.

@@ -37,6 +37,7 @@ RESULT_COLUMNS = {
     "params_excl_output_embedding": "Int64",
     "compression_ratio": "float64",
     "macs_per_token": "Int64",
+    "bytes": "Int64",
     "throughput_tokens_per_s": "float64",
     "wall_time_s": "float64",
     "steps": "Int64",

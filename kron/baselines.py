@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import CheckpointError, PlanError
 from .fsutil import atomic_dir, atomic_write_json
-from .surgery import CompressionReport, count_params, macs_per_token
+from .surgery import CompressionReport, count_bytes, count_params, macs_per_token
 from .vocab import FAMILIES
 
 __all__ = ["LAYERDROP_INFO", "describe_lowrank", "drop_layers", "layer_list", "parse_keep", "read_layerdrop_info",
@@ -162,6 +162,8 @@ def size_report(before: nn.Module, after: nn.Module, *, init: str = "teacher") -
         macs_per_token_after=macs_per_token(after),
         modules=[],
         init=init,
+        bytes_before=count_bytes(before),
+        bytes_after=count_bytes(after),
     ).to_dict()
 
 

@@ -169,6 +169,8 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("params_excl_output_embedding", "params_excl_output_embedding", "min",
                   "parameters (excl. output embedding)", True),
         Objective("macs", "macs_per_token", "min", "MACs per token", True),
+        # weight storage: each tensor's elements x its stored width (float32 4, int8 1 plus float32 scales)
+        Objective("bytes", "bytes", "min", "weight storage (bytes)", True),
         Objective("latency", "latency_us_per_token", "min", "latency (µs per token)", False),
     )
 }

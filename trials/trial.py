@@ -222,11 +222,12 @@ def _check_method_specs(method: str, specs: dict) -> None:
 
 
 def _report_counts(model) -> dict:
-    from kron.surgery import count_params, macs_per_token
+    from kron.surgery import count_bytes, count_params, macs_per_token
 
     n_all, n_excl = count_params(model), count_params(model, exclude_output_embedding=True)
     macs = macs_per_token(model)
-    return {"params_before": n_all, "params_after": n_all,
+    n_bytes = count_bytes(model)
+    return {"params_before": n_all, "params_after": n_all, "bytes_before": n_bytes, "bytes_after": n_bytes,
             "params_before_excluding_output_embedding": n_excl, "params_after_excluding_output_embedding": n_excl,
             "macs_per_token_before": macs, "macs_per_token_after": macs, "compression_ratio": 1.0}
 
@@ -385,6 +386,8 @@ def _size_fields(comp: dict, plan) -> dict:
 def _plan_summary(comp: dict) -> str:
     """One line: how many matrices were factored, their compression range, and the embedding factor."""
     mods = comp.get("modules", [])
+        "bytes": comp.get("bytes_after"),  # weight storage (kron.surgery.count_bytes); int8 weights count 1 byte
+        "bytes_teacher": comp.get("bytes_before"),
     if not mods:
         return "dense (nothing factored)"
     parts = []

@@ -394,3 +394,17 @@ def test_built_folders_carry_a_model_card(tmp_path, tiny_teacher, write_trial):
     from kron.io import load_compressed
 
     load_compressed(tmp_path / "out" / "kt1", device="cpu")  # the card does not disturb loading
+
+
+def test_best_under_bytes_reads_byte_sizes():
+    from analysis.export import parse_bytes
+
+    assert parse_how("best-under-bytes:4MB") == ("best-under", "bytes", 4_000_000)
+    assert [parse_bytes(t) for t in ("4MiB", "500kB", "1.5G", "4e6", "12")] == [4 * 2**20, 500_000, 1_500_000_000,
+                                                                                 4_000_000, 12]
+    with pytest.raises(UserError, match="size in bytes"):
+        parse_bytes("4 megs")
+    df = table([("a", 1_000, 50.0), ("b", 2_000, 30.0), ("c", 3_000, 10.0)])
+    df["bytes"] = pd.array([1_100, 3_000_000, 5_000_000], dtype="Int64")  # b: int8, c: float32
+    assert ids(select(df, "best-under-bytes:4MB")) == ["b"]
+    assert ids(select(df, "best-under-bytes:4.9MiB")) == ["c"]

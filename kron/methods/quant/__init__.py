@@ -44,9 +44,17 @@ class QuantizedSpec(ModuleSpec):
 
     inner: ModuleSpec | None = None
     bits: int = BITS
+    # the inner spec's output blocks (1 for the dense matrix, whose rows are quantised one by one either way); given
+    # != 1 it is passed on to the inner spec, so `dataclasses.replace(spec, blocks=3)` works as for the structures
+    blocks: int = 1
     method: ClassVar[str] = "int8"
 
     def __post_init__(self):
+        from dataclasses import fields, replace
+
+        if self.inner is not None and self.blocks != 1 and "blocks" in {f.name for f in fields(self.inner)}:
+            object.__setattr__(self, "inner", replace(self.inner, blocks=self.blocks))
+        object.__setattr__(self, "blocks", getattr(self.inner, "blocks", 1))
         if self.bits != BITS:
             raise PlanError(f"only 8-bit quantisation is supported, got bits={self.bits!r}")
         if isinstance(self.inner, QuantizedSpec):
@@ -57,11 +65,6 @@ class QuantizedSpec(ModuleSpec):
     @property
     def kind(self) -> str:
         return self.inner.kind if self.inner is not None else "linear"
-
-    @property
-    def blocks(self) -> int:
-        """The inner spec's output blocks (1 for the dense matrix): fused-projection checks read it."""
-        return getattr(self.inner, "blocks", 1)
 
     def weight_shapes(self, m: int, n: int) -> list[tuple[int, ...]]:
         return [(m, n)] if self.inner is None else self.inner.weight_shapes(m, n)
@@ -107,7 +110,9 @@ class QuantizedSpec(ModuleSpec):
         if q != QUANTIZE:
             raise PlanError(f"module spec: quantize must be {QUANTIZE!r}, got {q!r}")
         rest = {k: v for k, v in d.items() if k != "quantize"}
-        return cls(inner=spec_from_dict(rest) if rest else None)
+        if set(rest) <= {"blocks"}:  # the dense matrix (a fused projection's blocks change nothing for it)
+            return cls(inner=None)
+        return cls(inner=spec_from_dict(rest))
 
 
 def _check_slot(slot: Slot, inner: ModuleSpec | None) -> None:
