@@ -375,6 +375,8 @@ def _size_fields(comp: dict, plan) -> dict:
         "compression_ratio": comp.get("compression_ratio"),
         "macs_per_token": comp.get("macs_per_token_after"),
         "macs_per_token_teacher": comp.get("macs_per_token_before"),
+        "bytes": comp.get("bytes_after"),  # weight storage (kron.surgery.count_bytes); int8 weights count 1 byte
+        "bytes_teacher": comp.get("bytes_before"),
         "plan": plan.to_dict() if plan is not None and hasattr(plan, "to_dict") else comp.get("plan"),
         "plan_summary": comp.get("plan_summary") or _plan_summary(comp),
         "plan_resolved": comp.get("plan_resolved") or _resolved_from_report(comp),
@@ -386,8 +388,6 @@ def _size_fields(comp: dict, plan) -> dict:
 def _plan_summary(comp: dict) -> str:
     """One line: how many matrices were factored, their compression range, and the embedding factor."""
     mods = comp.get("modules", [])
-        "bytes": comp.get("bytes_after"),  # weight storage (kron.surgery.count_bytes); int8 weights count 1 byte
-        "bytes_teacher": comp.get("bytes_before"),
     if not mods:
         return "dense (nothing factored)"
     parts = []
