@@ -90,7 +90,7 @@ def trainable(config: dict, setup: TrialSetup) -> None:
 
     state: dict[str, Any] = {"offset": None, "last": None}
     timing = {"trial_started_at": t_enter, "trial_imported_at": t_imported, "worker_started_at": _process_start(),
-              "worker_pid": os.getpid()}
+              "worker_pid": os.getpid(), "node_id": _node_id()}
 
     def report(metrics: dict, checkpoint_dir=None) -> None:
         m = _search_metrics(metrics, costs, setup.final_stage, state)
@@ -111,6 +111,16 @@ def trainable(config: dict, setup: TrialSetup) -> None:
     final["trial_status"] = summary.get("status", "complete")
     final.update(timing, reported_at=time.time())
     tune.report(final)
+
+
+def _node_id() -> str | None:
+    """The Ray node this trial runs on (which machine of a cluster: results and the cluster test read it)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
 
 
 def _process_start() -> float | None:
