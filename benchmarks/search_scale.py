@@ -1,0 +1,286 @@
+"""Does a search of hundreds of trials stay as cheap per trial at the end as at the start?
+
+Runs one search of a tiny GPT-2 teacher (2 layers, d=32; trained for a few seconds here, so ASHA has something to
+rank) with `--trials` trials of a few ILKD steps each, on a local Ray, 2 at a time, exactly as `kronsearch search`
+runs it (TPE + ASHA, the Optuna journal, the default loggers), and reports:
+
+* the per-trial overhead (scheduling, set-up, tear-down: `benchmarks/search_overhead.py`'s accounting) of the last
+  quarter of the trials against the first quarter (trials 151-200 vs 1-50 at 200 trials; target within 1.5x),
+  reused workers only (the two fresh workers' first trials carry process start and imports);
+* the driver's own time per trial in the searcher (`suggest`: Optuna's ask, TPE sampling; `on_trial_complete`:
+  Optuna's tell) and the trials finished per minute, first quarter vs last;
+* the driver's resident memory over the run (sampled every second; slope in MB per 100 trials after the first
+  quarter, target: flat), and the sizes of what the driver rewrites (Ray's experiment state, the searcher
+  checkpoint, the Optuna journal) at the end.
+
+    python benchmarks/search_scale.py                  # 200 trials (~10-20 min on 2 busy cores)
+    python benchmarks/search_scale.py --trials 80      # a shorter run
+    python benchmarks/search_scale.py --smoke          # 12 trials, a minute: checks the script end to end
+
+Prints a table and, last, one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from search_overhead import Timing, _time_suggestions, trial_overheads  # noqa: E402
+
+WORDS = ("the student learns from the teacher while every weight becomes a product of two small factors and the "
+         "search looks for shapes ranks and layers that keep quality high at a small size").split()
+
+
+def make_tiny_teacher(path: Path) -> Path:
+    """A tiny GPT-2 LM (2 layers, d=32) with a ~300-token BPE, trained for ~2 s (the search tests' teacher)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trials.teacher import train_bpe_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(300)]
+    tok = train_bpe_tokenizer(texts, 300, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, architectures=["GPT2LMHeadModel"])
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.tensor([t for text in texts for t in tok(text + tok.eos_token)["input_ids"]])
+    blocks = ids[: len(ids) // 16 * 16].view(-1, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        batch = blocks[torch.randint(0, len(blocks), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def search_dict(teacher: Path, storage: Path, trials: int, name: str, address: str | None = None) -> dict:
+    """The tiny search: free layers, 4 shapes per matrix of attention / FFN, 4 ILKD steps a trial, ASHA grace 2."""
+    return {
+        "name": name,
+        "trial": {
+            "teacher": str(teacher), "device": "cpu", "save_checkpoint": False,
+            "data": {"source": "teacher-samples", "seq_len": 16, "num_samples": 16, "val_blocks": 4},
+            "stage1": {"max_steps": 4, "eval_every": 2, "batch_size": 2, "early_stopping": None, "lr": 1e-3},
+        },
+        "space": {"groups": ["attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
+                  "max_shapes": 4},
+        "search": {"num_samples": trials, "max_concurrent": 2, "resources": {"cpu": 1}, "storage": str(storage),
+                   "seed": 0, "asha": {"grace_period": 2, "reduction_factor": 2}, "address": address},
+    }
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class MemorySampler(threading.Thread):
+    """The driver's RSS every `every` seconds, with how many trials had ended by then."""
+
+    def __init__(self, timing: Timing, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.timing, self.every = timing, every
+        self.samples: list[tuple[float, int, float]] = []  # (seconds since start, trials ended, RSS MB)
+        self._halt = threading.Event()
+        self.t0 = time.time()
+
+    def run(self):
+        while not self._halt.is_set():
+            self.samples.append((time.time() - self.t0, len(self.timing.end), rss_mb()))
+            self._halt.wait(self.every)
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+
+
+def _time_searcher(calls: dict[str, list[float]]) -> None:
+    """Time the driver's searcher calls (Optuna ask + TPE sampling; Optuna tell) per trial."""
+    from search.searcher import PlanSearcher
+
+    for name in ("suggest", "on_trial_complete"):
+        original = getattr(PlanSearcher, name)
+
+        def timed(self, *a, _original=original, _name=name, **kw):
+            t = time.perf_counter()
+            try:
+                return _original(self, *a, **kw)
+            finally:
+                calls[_name].append(time.perf_counter() - t)
+
+        timed.__wrapped__ = getattr(original, "__wrapped__", original)
+        setattr(PlanSearcher, name, timed)
+
+
+def _files(exp: Path) -> dict[str, int]:
+    """Sizes (bytes) of what the driver rewrites during a search."""
+    out = {}
+    for pattern, key in (("experiment_state-*.json", "experiment_state"), ("searcher-state-*.pkl", "searcher_state"),
+                         ("optuna_study.journal", "optuna_journal")):
+        files = sorted(exp.glob(pattern))
+        out[key] = sum(f.stat().st_size for f in files)
+    return out
+
+
+def _quarter(values: list, first: bool) -> list:
+    q = max(1, len(values) // 4)
+    return values[:q] if first else values[-q:]
+
+
+def _mean(xs, digits=3):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.mean(xs), digits) if xs else None
+
+
+def summarise(timing: Timing, calls: dict, sampler: MemorySampler, cfg, n_trials: int) -> dict:
+    rows = trial_overheads(timing, cfg.trial)  # in start order
+    reused = [r for r in rows if not r["fresh_worker"]]
+    q = max(1, n_trials // 4)
+    # trial number = order of start; compare the first and the last quarter of the trials (reused workers)
+    numbered = list(enumerate(rows, start=1))
+    first = [r for i, r in numbered if i <= q and not r["fresh_worker"]]
+    last = [r for i, r in numbered if i > len(rows) - q and not r["fresh_worker"]]
+    ov_first, ov_last = _mean([r["overhead_s"] for r in first]), _mean([r["overhead_s"] for r in last])
+    ends = sorted(timing.end.values())
+    # trials per minute over the first and the last quarter of the trial ends
+    def rate(ts):
+        return round(60 * (len(ts) - 1) / (ts[-1] - ts[0]), 2) if len(ts) > 1 and ts[-1] > ts[0] else None
+
+    samples = sampler.samples
+    # RSS against trials ended, after the first quarter (start-up, imports and caches settle there)
+    late = [(n, mb) for _, n, mb in samples if n >= q]
+    slope = None
+    if len(late) >= 3 and late[-1][0] > late[0][0]:
+        xs, ys = [n for n, _ in late], [mb for _, mb in late]
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        slope = round(100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 2) if var else None
+
+    def rss_at(n):
+        return next((round(mb, 1) for _, k, mb in samples if k >= n), None)
+
+    return {
+        "trials_started": len(rows), "trials_ended": len(timing.end),
+        "quarter": q,
+        "overhead_s_first_quarter": ov_first, "overhead_s_last_quarter": ov_last,
+        "overhead_ratio": round(ov_last / ov_first, 3) if ov_first and ov_last else None,
+        "to_entry_s_first": _mean([r["to_entry_s"] for r in first]),
+        "to_entry_s_last": _mean([r["to_entry_s"] for r in last]),
+        "setup_s_first": _mean([r["setup_s"] for r in first]), "setup_s_last": _mean([r["setup_s"] for r in last]),
+        "teardown_s_first": _mean([r["teardown_s"] for r in first]),
+        "teardown_s_last": _mean([r["teardown_s"] for r in last]),
+        "trial_wall_s_first": _mean([r["wall_s"] for r in first]), "trial_wall_s_last": _mean([r["wall_s"] for r in last]),
+        "suggest_ms_first": _mean([1000 * x for x in _quarter(calls["suggest"], True)], 1),
+        "suggest_ms_last": _mean([1000 * x for x in _quarter(calls["suggest"], False)], 1),
+        "tell_ms_first": _mean([1000 * x for x in _quarter(calls["on_trial_complete"], True)], 1),
+        "tell_ms_last": _mean([1000 * x for x in _quarter(calls["on_trial_complete"], False)], 1),
+        "trials_per_min_first": rate(_quarter(ends, True)), "trials_per_min_last": rate(_quarter(ends, False)),
+        "fresh_workers": sum(r["fresh_worker"] for r in rows), "reused_rows": len(reused),
+        "driver_rss_mb_start": round(samples[0][2], 1) if samples else None,
+        "driver_rss_mb_at_quarter": rss_at(q), "driver_rss_mb_at_half": rss_at(n_trials // 2),
+        "driver_rss_mb_end": round(samples[-1][2], 1) if samples else None,
+        "driver_rss_mb_max": round(max(mb for *_, mb in samples), 1) if samples else None,
+        "driver_rss_slope_mb_per_100_trials": slope,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--smoke", action="store_true", help="12 trials: checks the script end to end")
+    p.add_argument("--storage", default=None, help="where the experiment goes (default: a temporary folder)")
+    p.add_argument("--address", default=None, help="run on this Ray cluster instead of a local Ray")
+    p.add_argument("--memory-trace", default=None, help="also write the RSS samples (t, trials ended, MB) as CSV")
+    args = p.parse_args(argv)
+    n = 12 if args.smoke else args.trials
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    storage = Path(args.storage or tempfile.mkdtemp(prefix="kss", dir="/tmp"))
+    os.environ.setdefault("KRONSEARCH_CACHE", str(storage / "cache"))
+    import optuna
+
+    from search.config import load_search_config
+    from search.space import SearchSpace
+    from search.tuner import run_search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    teacher = make_tiny_teacher(storage / "teacher")
+    name = f"scale-{n}"
+    cfg = load_search_config(search_dict(teacher, storage / "runs", n, name, args.address))
+    timing = Timing()
+    _time_suggestions(timing)
+    calls: dict[str, list[float]] = {"suggest": [], "on_trial_complete": []}
+    _time_searcher(calls)
+    sampler = MemorySampler(timing)
+    sampler.start()
+    t0 = time.time()
+    outcome = run_search(cfg, SearchSpace.from_config(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
+    wall = time.time() - t0
+    sampler.stop()
+    res = summarise(timing, calls, sampler, cfg, n)
+    exp = storage / "runs" / name
+    res.update(trials=n, wall_s=round(wall, 1), fit_s=outcome.timings.get("fit_s"),
+               statuses={s: sum(t["status"] == s for t in outcome.trials) for s in {t["status"] for t in outcome.trials}},
+               files_bytes=_files(exp))
+    if args.memory_trace:
+        Path(args.memory_trace).write_text("t_s,trials_ended,rss_mb\n" + "".join(
+            f"{t:.1f},{k},{mb:.1f}\n" for t, k, mb in sampler.samples))
+
+    q = res["quarter"]
+    print(f"search of {n} tiny trials (4 ILKD steps, 2 at a time, local Ray{' at ' + args.address if args.address else ''}); "
+          f"{wall:.0f} s; experiment in {exp}; load average at the end {os.getloadavg()[0]:.1f}")
+    header = ["", f"trials 1-{q}", f"trials {n - q + 1}-{n}", "ratio"]
+    lines = [
+        ("overhead per trial (s, reused workers)", "overhead_s"),
+        ("  scheduling to trainable entry (s)", "to_entry_s"),
+        ("  set-up in the worker (s)", "setup_s"),
+        ("  tear-down (s)", "teardown_s"),
+        ("trial wall time (s)", "trial_wall_s"),
+        ("searcher suggest (ms)", "suggest_ms"),
+        ("searcher tell (ms)", "tell_ms"),
+        ("trials finished per minute", "trials_per_min"),
+    ]
+    table = []
+    for label, key in lines:
+        a = res.get(f"{key}_first") if key != "overhead_s" else res["overhead_s_first_quarter"]
+        b = res.get(f"{key}_last") if key != "overhead_s" else res["overhead_s_last_quarter"]
+        ratio = f"{b / a:.2f}x" if a and b else "-"
+        table.append([label, "-" if a is None else f"{a:g}", "-" if b is None else f"{b:g}", ratio])
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(4)]
+    for r in [header, *table]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"driver RSS (MB): start {res['driver_rss_mb_start']}, after {q} trials {res['driver_rss_mb_at_quarter']}, "
+          f"after {n // 2} {res['driver_rss_mb_at_half']}, end {res['driver_rss_mb_end']}, max {res['driver_rss_mb_max']}; "
+          f"slope after the first quarter {res['driver_rss_slope_mb_per_100_trials']} MB per 100 trials")
+    print(f"files the driver rewrites (bytes at the end): {res['files_bytes']}; statuses {res['statuses']}")
+    ok_overhead = res["overhead_ratio"] is not None and res["overhead_ratio"] <= 1.5
+    record = {"benchmark": "search_scale", "smoke": args.smoke, "target_overhead_ratio": 1.5,
+              "meets_overhead_target": ok_overhead, "loadavg_end": round(os.getloadavg()[0], 2), **res}
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
