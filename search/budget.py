@@ -31,7 +31,7 @@ class BudgetMixin:
         c = self.plan_costs(params)
         b = self.budget
         total = 0.0
-        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]),
+        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]), (b.max_bytes, c["bytes"]),
                              (b.max_params_excl_output_embedding, c["params_excl_output_embedding"])):
             if limit is not None and value > limit:
                 total += (value - limit) / limit
@@ -104,7 +104,7 @@ class BudgetMixin:
 
     def cheapest(self, metric: str = "params") -> dict:
         """The plan with the fewest `metric` ("params", "params_excl_output_embedding" or "macs_per_token")."""
-        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}[metric]
+        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2, "bytes": 3}[metric]
 
         def best(c) -> str:
             return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
@@ -131,6 +131,7 @@ class BudgetMixin:
         """Raise ConfigError when no plan meets the budget; return a plan that does (the repair fallback)."""
         b = self.budget
         limits = [("max_params", b.max_params, "params"), ("max_macs", b.max_macs, "macs_per_token"),
+                  ("max_bytes", b.max_bytes, "bytes"),
                   ("max_params_excl_output_embedding", b.max_params_excl_output_embedding,
                    "params_excl_output_embedding")]
         candidates = []
@@ -172,7 +173,7 @@ class BudgetMixin:
         return None
 
     def _teacher_value(self, metric: str) -> int:
-        return {"params": self.info.params, "macs_per_token": self.info.macs,
+        return {"params": self.info.params, "macs_per_token": self.info.macs, "bytes": self.info.bytes,
                 "params_excl_output_embedding": self.info.params_excl_output_embedding}[metric]
 
 
@@ -180,6 +181,7 @@ def _breaches(costs: dict, budget) -> list[str]:
     out = []
     for name, limit, metric in (("max_params", budget.max_params, "params"),
                                 ("max_macs", budget.max_macs, "macs_per_token"),
+                                ("max_bytes", budget.max_bytes, "bytes"),
                                 ("max_params_excl_output_embedding", budget.max_params_excl_output_embedding,
                                  "params_excl_output_embedding")):
         if limit is not None and costs[metric] > limit:

@@ -63,8 +63,9 @@ class BudgetConfig(_Strict):
     max_params: int | None = Field(None, ge=1, description="all parameters after compression (the `params` metric)")
     max_params_excl_output_embedding: int | None = Field(None, ge=1)
     max_macs: int | None = Field(None, ge=1, description="multiply-adds per token of the linear layers")
+    max_bytes: int | None = Field(None, ge=1, description="weight storage in bytes (int8 weights: 1 byte + scales)")
 
-    @field_validator("max_params", "max_params_excl_output_embedding", "max_macs", mode="before")
+    @field_validator("max_params", "max_params_excl_output_embedding", "max_macs", "max_bytes", mode="before")
     @classmethod
     def _numbers(cls, v):
         # YAML reads 2e6 as a float (or even a string "2e6" in YAML 1.1); accept whole numbers in any spelling
@@ -79,8 +80,9 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self):
-        if self.max_params is None and self.max_macs is None and self.max_params_excl_output_embedding is None:
-            raise ValueError("a budget needs max_params, max_params_excl_output_embedding and/or max_macs "
+        if (self.max_params is None and self.max_macs is None and self.max_params_excl_output_embedding is None
+                and self.max_bytes is None):
+            raise ValueError("a budget needs max_params, max_params_excl_output_embedding, max_macs and/or max_bytes "
                              "(or remove `budget`)")
         return self
 
@@ -106,6 +108,9 @@ class SpaceConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["kronecker"],
                                description="compression methods each linear matrix may take (kron.methods: kronecker, "
                                            "lowrank); with several, the search picks the method per matrix")
+    quantize: list[Literal["none", "int8"]] = Field(
+        default_factory=lambda: ["none"], description="per linear matrix: float weights (none) and/or 8-bit weights "
+                                                      "(int8: each structure also in int8, and the dense matrix in int8)")
     embedding_factors: list[int] = Field(default_factory=lambda: [2, 4, 8],
                                          description="f of A (v x d/f) ⊗ B (1 x f) for the embedding group")
     allow_keep: bool = Field(False, description="add 'keep' (stay dense) to every matrix's choices")
@@ -129,13 +134,20 @@ class SpaceConfig(_Strict):
     def _methods(cls, v: list[str]) -> list[str]:
         from kron.methods import LINEAR_KINDS, all_methods
 
-        valid = [m.name for m in all_methods() if set(m.module_kinds) & set(LINEAR_KINDS)]
+        valid = [m.name for m in all_methods() if set(m.module_kinds) & set(LINEAR_KINDS) and not m.modifier]
         if not v:
             raise ValueError(f"methods must list at least one of {', '.join(valid)}")
         unknown = [m for m in v if m not in valid]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)}")
         return list(dict.fromkeys(v))
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"quantize must list none and/or int8, each once, got {v}")
+        return v
 
     @field_validator("embedding_factors")
     @classmethod

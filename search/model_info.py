@@ -44,12 +44,14 @@ class ModelInfo:
     params_excl_output_embedding: int
     macs: int
     tied_input_embedding: str | None  # name of the input embedding when the LM head shares its weight
+    bytes: int = 0  # weight storage (kron.surgery.count_bytes)
+    float_width: int = 4  # bytes per element of its (most common) float dtype
 
 
 def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     """List the teacher's matrices per group (model may live on the meta device)."""
     from kron.plan import dense_dims, layer_index, module_type, selector_matches
-    from kron.surgery import count_params, input_embedding, macs_per_token, output_embedding
+    from kron.surgery import count_bytes, count_params, input_embedding, macs_per_token, output_embedding
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -108,8 +110,14 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     return ModelInfo(
         family=family, model_type=model_type, matrices=matrices, layers=layers,
         params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
-        macs=macs_per_token(model), tied_input_embedding=in_name if tied else None,
+        macs=macs_per_token(model), tied_input_embedding=in_name if tied else None, bytes=count_bytes(model),
+        float_width=_float_width(model),
     )
+
+
+def _float_width(model) -> int:
+    sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
+    return max(set(sizes), key=sizes.count) if sizes else 4
 
 
 def teacher_skeleton(trial) -> Any:

@@ -40,6 +40,7 @@ class SizeStratifiedASHA(_scheduler_base()):
         hi = max(space._teacher_value(size_metric), lo + 1)  # noqa: SLF001
         if space.budget is not None:
             limit = {"params": space.budget.max_params, "macs_per_token": space.budget.max_macs,
+                     "bytes": space.budget.max_bytes,
                      "params_excl_output_embedding": space.budget.max_params_excl_output_embedding}[size_metric]
             if limit is not None:
                 hi = max(min(hi, limit), lo + 1)
@@ -59,7 +60,7 @@ class SizeStratifiedASHA(_scheduler_base()):
 
     def describe(self) -> str:
         names = {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
-                 "macs_per_token": "MACs/token"}
+                 "macs_per_token": "MACs/token", "bytes": "bytes"}
         edges = [fmt_n(e) for e in self.edges]
         cells = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">{edges[-1]}"]
         return f"ASHA within {self.n} {names[self.size_metric]} strata: " + ", ".join(cells)

@@ -81,7 +81,7 @@ class Choice:
     dims: tuple[int, int]  # (rows, cols) of each block
     options: tuple[str, ...]
     matrices: tuple[Matrix, ...]
-    # option -> (Δparams, Δparams excluding the output embedding, Δmacs) of ONE of `matrices`
+    # option -> (Δparams, Δparams excluding the output embedding, Δmacs, Δbytes) of ONE of `matrices`
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -256,6 +256,8 @@ class SearchSpace(BudgetMixin):
                                   f"size {cols} of {example}; valid factors include {valid}")
             specs = sorted(set(specs), key=lambda sp: sp.factor)
         opts = [sp.option() for sp in specs]
+        if kind != "embedding" and "int8" in sc.quantize:  # each structure also in int8, and the dense matrix in int8
+            opts = (opts if "none" in sc.quantize else []) + [f"{o}+int8" for o in opts] + ["int8"]
         if sc.allow_keep or (sc.shapes and KEEP in sc.shapes.get(group, [])):
             opts = opts + [KEEP]
         return opts
@@ -269,6 +271,15 @@ class SearchSpace(BudgetMixin):
             return 0, 0
         sp = parse_spec(option)
         return sp.params(rows, cols) - rows * cols, (sp.macs(rows, cols) - rows * cols if kind != "embedding" else 0)
+
+    @staticmethod
+    def _option_bytes(option: str, rows: int, cols: int, width: int) -> int:
+        """Δbytes of one block under `option` against its dense weight of `width`-byte floats (int8: 1 + scales)."""
+        from kron.methods import parse_option as parse_spec
+
+        if option == KEEP:
+            return 0
+        return parse_spec(option).bytes(rows, cols, width) - rows * cols * width
 
     def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
         active_layers = set(self.fixed_layers)
@@ -305,9 +316,11 @@ class SearchSpace(BudgetMixin):
                 dp, dm = self._option_cost(o, *dims, kind)
                 d_excl, d_macs = dp * blocks, dm * blocks
                 d_all = d_excl
+                d_bytes = blocks * self._option_bytes(o, *dims, info.float_width)
                 if o != KEEP and is_emb and info.tied_input_embedding == mats[0].name:
                     d_all += mats[0].m * mats[0].n  # the LM head keeps a dense copy of the table
-                deltas[o] = (d_all, d_excl, d_macs)
+                    d_bytes += mats[0].m * mats[0].n * info.float_width
+                deltas[o] = (d_all, d_excl, d_macs, d_bytes)
             choices.append(Choice(key, g, layer, dims, tuple(opts), tuple(mats), deltas))
         return choices
 
@@ -461,20 +474,23 @@ class SearchSpace(BudgetMixin):
         return plan
 
     def plan_costs(self, params: dict) -> dict[str, Any]:
-        """{"params", "params_excl_output_embedding", "macs_per_token", "compression_ratio"} of a plan, analytically."""
+        """{"params", "params_excl_output_embedding", "macs_per_token", "bytes", "compression_ratio"} of a plan,
+        analytically."""
         self._check(params)
         on = self.active_layers(params)
         p_all, p_excl, macs = self.info.params, self.info.params_excl_output_embedding, self.info.macs
+        n_bytes = self.info.bytes
         for c in self.choices:
             opt = params.get(c.key)
             if opt is None:
                 continue
-            dp, de, dm = c.deltas[opt]
+            dp, de, dm, db = c.deltas[opt]
             n = sum(1 for mx in c.matrices if mx.layer is None or mx.layer in on)
             p_all += n * dp
             p_excl += n * de
             macs += n * dm
-        return {"params": p_all, "params_excl_output_embedding": p_excl, "macs_per_token": macs,
+            n_bytes += n * db
+        return {"params": p_all, "params_excl_output_embedding": p_excl, "macs_per_token": macs, "bytes": n_bytes,
                 "compression_ratio": self.info.params_excl_output_embedding / max(p_excl, 1)}
 
     def plan_cost(self, params: dict) -> PlanCost:

@@ -155,7 +155,7 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
     if reported is not None and int(reported) != costs["params"]:
         print(f"kronsearch: warning: trial reports {reported} parameters, the space predicted {costs['params']}",
               file=sys.stderr)
-    for k in ("params", "params_excl_output_embedding", "macs_per_token", "compression_ratio"):
+    for k in ("params", "params_excl_output_embedding", "macs_per_token", "bytes", "compression_ratio"):
         if m.get(k) is None:
             m[k] = costs[k]
     m["latency_us_per_token"] = latency_us_per_token(metrics.get("throughput_tokens_per_s"))
