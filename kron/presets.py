@@ -26,6 +26,8 @@ PRESETS: dict[str, str] = {
                         "(GPT-2, BERT, Llama-family incl. grouped-query attention)",
     "lowrank:<factor>": "baseline: every attention and FFN matrix of every layer as a low-rank U·V holding 1/<factor> "
                         "of its parameters (truncated SVD; GPT-2's Q, K, V each their own)",
+    "prune:<factor>": "structured pruning: every layer keeps 1/<factor> of its attention heads (key/value groups) and "
+                      "FFN neurons, so its attention and FFN matrices hold <factor>x fewer parameters",
 }
 
 # KroneckerBERT, Table 1, given there as (n1, m1) of A; the second FFN matrix takes the swapped shape.
@@ -75,6 +77,9 @@ def preset_plan(name: str, config) -> CompressionPlan:
 
     lowrank:<factor> selects the same matrices as uniform:<factor> but replaces each m x n one by U (m x r) · V (r x n)
     with r = max(1, floor(m·n / (factor·(m + n)))): the low-rank baseline at the same parameter reduction.
+
+    prune:<factor> selects the same matrices and removes 1 - 1/factor of each layer's attention heads (key/value
+    groups under grouped-query attention) and FFN neurons (`kron.methods.prune`), to the nearest whole unit.
     """
     config = _config_of(config)
     if not isinstance(name, str):
@@ -83,6 +88,8 @@ def preset_plan(name: str, config) -> CompressionPlan:
         return _uniform(name, config)
     if name.startswith("lowrank:") or name == "lowrank":
         return _lowrank(name, config)
+    if name.startswith("prune:") or name == "prune":
+        return _prune(name, config)
     if name == "kngpt2":
         return _kngpt2(config)
     if name in _KRONECKERBERT:
@@ -101,7 +108,8 @@ def get_plan(spec, config=None) -> CompressionPlan:
         path = Path(text).expanduser()
         if path.is_file():
             return CompressionPlan.load(path)
-        if text in PRESETS or text.startswith(("uniform:", "lowrank:")) or text in ("uniform", "lowrank"):
+        if text in PRESETS or text.startswith(("uniform:", "lowrank:", "prune:")) or text in ("uniform", "lowrank",
+                                                                                             "prune"):
             if config is None:
                 raise PlanError(f"preset {text!r} needs the model's config to pick shapes")
             return preset_plan(text, config)
@@ -241,3 +249,24 @@ def _lowrank(name: str, config) -> CompressionPlan:
     return CompressionPlan(_matrix_rules(config, "lowrank_ratio", factor_out), name=f"lowrank:{factor_out}",
                            description=f"every attention and FFN matrix as a low-rank U·V with 1/{factor_out} of its "
                                        "parameters")
+
+
+def _prune(name: str, config) -> CompressionPlan:
+    # removing 1 - 1/f of the heads and neurons shrinks Q, K, V, O and the FFN matrices f-fold (per layer, to the
+    # nearest whole head / neuron); f = 1 removes nothing
+    factor_out = _preset_factor(name, "prune", ">= 1")
+    fraction = 1 - 1 / factor_out
+    family = FAMILIES[model_family(config)]
+    from .methods.prune import removed_units
+    from .methods.prune.structure import head_layout
+
+    heads, kv, _ = head_layout(config)
+    d = config.hidden_size
+    ffn = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * d
+    for units, what in ((kv, "attention heads" if kv == heads else "key/value groups"), (ffn, "FFN neurons")):
+        if removed_units(fraction, units) >= units:
+            raise PlanError(f"preset {name!r} does not fit this model: each layer has {units} {what}, and keeping "
+                            f"1/{factor_out} of them leaves none (factors below {2 * units} keep at least one)")
+    return CompressionPlan([{"select": list(family.linear_selectors), "prune": {"heads": fraction, "ffn": fraction}}],
+                           name=f"prune:{factor_out}",
+                           description=f"every layer keeps 1/{factor_out} of its attention heads and FFN neurons")

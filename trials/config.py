@@ -152,9 +152,10 @@ class TrialConfig(_Strict):
 
     name: str | None = None
     teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
-    method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "teacher"] = Field(
+    method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "prune", "teacher"] = Field(
         "kronecker", description="kronecker | lowrank (the baseline) | mixed (a plan may use any compression method "
-                                 "per matrix, as searched plans do) | layerdrop | teacher")
+                                 "per matrix, as searched plans do) | layerdrop | prune (structured pruning: a plan "
+                                 "of prune rules or the preset prune:<f>) | teacher")
     plan: PlanSource | None = None
     lowrank_ratio: float | None = Field(None, gt=1, description="lowrank: parameter reduction of each attention/FFN "
                                                                   "matrix (the preset lowrank:<ratio>)")
@@ -188,7 +189,7 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.method in ("kronecker", "mixed") and self.plan is None:
+        if self.method in ("kronecker", "mixed", "prune") and self.plan is None:
             raise ValueError(f"method {self.method!r} needs a plan (preset, file or rules)")
         if self.method == "lowrank" and (self.lowrank_ratio is None) == (self.plan is None):
             raise ValueError("method 'lowrank' needs exactly one of lowrank_ratio (e.g. 2.0: the preset lowrank:2) "

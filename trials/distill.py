@@ -79,6 +79,14 @@ def _masked_attention_kl(att_s: torch.Tensor, att_t: torch.Tensor, mask: torch.T
     return (kl_rows * m).sum() / m.sum().clamp_min(1.0)
 
 
+def _teacher_heads(att_t: torch.Tensor, head_map, layer: int) -> torch.Tensor:
+    """The teacher attention maps (B, H, T, T) of the heads student layer `layer` kept (all without a head_map)."""
+    heads = head_map[layer] if head_map is not None and layer < len(head_map) else None
+    if heads is None:
+        return att_t
+    return att_t[:, torch.as_tensor(heads, device=att_t.device)]
+
+
 def _logits_kd(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Vanilla KD: T²·KL(softmax(z^T/T) ‖ softmax(z^S/T)), averaged over real positions (or examples)."""
     log_p_s = F.log_softmax(z_s.float() / temperature, dim=-1)
@@ -100,6 +108,7 @@ def ilkd_loss(
     attention_mask: torch.Tensor | None = None,
     layer_map: list[int] | None = None,
     ce_loss: torch.Tensor | None = None,
+    head_map: list[list[int] | None] | None = None,
 ) -> DistillOutput:
     """Combine the ILKD terms from two `forward_for_distillation` outputs.
 
@@ -111,6 +120,9 @@ def ilkd_loss(
         attention_mask: (B, T) with 1 on real tokens; None means no padding.
         layer_map: student layer l is matched to teacher layer layer_map[l] (default: identity, same depth).
         ce_loss: the task/LM cross-entropy already computed by the model (labels passed to forward), or None.
+        head_map: per student layer, the teacher heads its attention heads are (a structurally pruned student,
+            `kron.methods.prune.structure.kept_heads`), or None where it has all the teacher's heads: the attention
+            term compares each remaining head with the teacher head it was.
     """
     if teacher_out is None:  # plain cross-entropy training: nothing to distil
         if ce_loss is None:
@@ -130,7 +142,8 @@ def ilkd_loss(
 
     parts: dict[str, torch.Tensor] = {}
     parts["emb"] = _masked_mse(hs_s[0], hs_t[0], attention_mask)
-    parts["att"] = sum(_masked_attention_kl(at_s[l], at_t[j], attention_mask) for l, j in enumerate(layer_map))
+    parts["att"] = sum(_masked_attention_kl(at_s[l], _teacher_heads(at_t[j], head_map, l), attention_mask)
+                       for l, j in enumerate(layer_map))
     # hidden_states[l + 1] is the output of layer l.
     parts["hid"] = sum(_masked_mse(hs_s[l + 1], hs_t[j + 1], attention_mask) for l, j in enumerate(layer_map))
     total = weights.emb * parts["emb"] + weights.att * parts["att"] + weights.hid * parts["hid"]

@@ -79,7 +79,7 @@ def evaluate_glue(model, data: dict[str, torch.Tensor], task: str, batch_size: i
 
 @torch.no_grad()
 def evaluate_kd(student, teacher, blocks: torch.Tensor, weights: DistillWeights, batch_size: int, device,
-                max_batches: int | None = None, layer_map=None) -> dict:
+                max_batches: int | None = None, layer_map=None, head_map=None) -> dict:
     """Mean ILKD loss on held-out text: the stage-1 metric for models without an LM head (BERT encoders)."""
     student.eval()
     total, n, seconds, tokens = 0.0, 0, 0.0, 0
@@ -93,7 +93,7 @@ def evaluate_kd(student, teacher, blocks: torch.Tensor, weights: DistillWeights,
         sync(device)
         seconds += time.perf_counter() - t0
         tokens += ids.numel()
-        total += ilkd_loss(s_out, t_out, weights, layer_map=layer_map).loss.item()
+        total += ilkd_loss(s_out, t_out, weights, layer_map=layer_map, head_map=head_map).loss.item()
         n += 1
     return {"quality": total / max(n, 1), "throughput_tokens_per_s": tokens / seconds if seconds else None}
 

@@ -183,7 +183,7 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
                     plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
         return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if cfg.method in ("kronecker", "lowrank", "mixed"):
+    if cfg.method in ("kronecker", "lowrank", "mixed", "prune"):
         from kron.baselines import describe_lowrank
         from kron.surgery import apply_specs, default_split
 
@@ -226,6 +226,10 @@ def _report_counts(model) -> dict:
 
     n_all, n_excl = count_params(model), count_params(model, exclude_output_embedding=True)
     macs = macs_per_token(model)
+        if (method == "prune") != (spec.method == "prune") and method != "mixed":
+            raise UserError(f"method {method!r}: the plan gives module {name} {spec.describe()}; a prune trial's "
+                            "rules use prune (or the preset prune:<f>), other trials' rules do not (use method "
+                            "'mixed' to combine them)")
     n_bytes = count_bytes(model)
     return {"params_before": n_all, "params_after": n_all, "bytes_before": n_bytes, "bytes_after": n_bytes,
             "params_before_excluding_output_embedding": n_excl, "params_after_excluding_output_embedding": n_excl,
@@ -417,7 +421,7 @@ def _evaluate(run: _Run, kind: str, student, eval_data, stage: StageConfig, devi
     if kind == "lm":
         weights = DistillWeights(**stage.distill.model_dump(exclude={"layer_map"}))
         return evaluate_kd(student, run.teacher, eval_data, weights, stage.batch_size, device, stage.eval_batches,
-                           _layer_map(run, stage))
+                           _layer_map(run, stage), _head_map(run, student))
     return evaluate_glue(student, eval_data, run.cfg.glue.task, stage.batch_size, device, stage.eval_batches)
 
 
@@ -426,6 +430,19 @@ def _layer_map(run: _Run, stage: StageConfig) -> list[int] | None:
     if stage.distill.layer_map is not None:
         return stage.distill.layer_map
     return getattr(run, "layer_map", None)
+
+
+def _head_map(run: _Run, student) -> list | None:
+    """Per layer, the teacher heads a structurally pruned student kept (None: it has all of them), so attention
+    ILKD compares each remaining head with the head it was; computed once per trial."""
+    if not hasattr(run, "head_map"):
+        run.head_map = None
+        if run.cfg.method in ("prune", "mixed"):
+            from kron.methods.prune.structure import kept_heads
+
+            heads = kept_heads(student)
+            run.head_map = heads if any(h is not None for h in heads) else None
+    return run.head_map
 
 
 def _teacher_quality(run: _Run, kind: str, teacher, eval_data, stage: StageConfig, device) -> float | None:
@@ -518,7 +535,7 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
                     t_out = teacher_forward(batch["input_ids"], mask)
             s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
             out = loss_fn(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
-                          ce_loss=getattr(s_out, "loss", None))
+                          ce_loss=getattr(s_out, "loss", None), head_map=_head_map(run, student))
             if not torch.isfinite(out.loss):
                 raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
                                 f"components {out.parts}")

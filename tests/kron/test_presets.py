@@ -234,7 +234,7 @@ def test_presets_cover_every_searchable_family(family):
 
 def test_presets_listing_and_round_trip(gpt2_config, bert_config, tiny_config):
     assert set(PRESETS) == {"kngpt2", "kroneckerbert8", "kroneckerbert21", "kroneckerbert5", "uniform:<factor>",
-                            "lowrank:<factor>"}
+                            "lowrank:<factor>", "prune:<factor>"}
     assert all(isinstance(v, str) and "\n" not in v for v in PRESETS.values())
     for name, config in [("kngpt2", gpt2_config), ("kroneckerbert21", bert_config), ("uniform:3.5", gpt2_config),
                          ("uniform:2", tiny_config("llama"))]:

@@ -1,0 +1,62 @@
+"""A structured-pruning trial (`method: prune`) end to end on tiny teachers: the pruned student trains with ILKD
+(attention distillation on the heads that remain), is evaluated, saved and reloads with the recorded size."""
+import math
+
+import pytest
+import torch
+
+from kron.errors import UserError
+from trials.trial import run_trial
+
+from .test_trial import _lm_config
+
+
+@pytest.mark.parametrize("init", ["svd", "data"])
+def test_prune_trial_end_to_end(init, tiny_lm_teacher, text_corpus, tmp_path):
+    from kron.io import load_compressed
+    from kron.methods.prune.layer import PrunedLinear
+    from kron.methods.prune.structure import kept_heads
+
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, method="prune", plan={"preset": "prune:2"}, init=init)
+    cfg["stage1"].update(max_steps=4, eval_every=2)
+    summary, student = run_trial(cfg, output_dir=tmp_path, progress=False, return_student=True)
+    assert summary["status"] == "complete" and summary["method"] == "prune"
+    # d=32, 2 heads, FFN 128: every attention and FFN matrix halves
+    assert summary["plan_resolved"]["transformer.h.0.attn.c_attn"] == {
+        "prune": {"part": "heads", "side": "out", "units": 2, "kept": 1, "blocks": 3}}
+    assert summary["plan_resolved"]["transformer.h.1.mlp.c_proj"]["prune"]["kept"] == 64
+    assert summary["params"] < summary["params_teacher"]
+    assert math.isfinite(summary["quality"])
+    assert all(math.isfinite(h["loss_att"]) for h in summary["history"] if "loss_att" in h)
+    assert len(kept_heads(student)) == 2 and all(len(h) == 1 for h in kept_heads(student))
+    back = load_compressed(tmp_path / "checkpoint", device="cpu")
+    assert isinstance(back.transformer.h[0].attn.c_attn, PrunedLinear)
+    from kron.surgery import count_params
+
+    assert count_params(back) == summary["params"]
+
+
+def test_prune_trial_on_a_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_path):
+    cfg = {
+        "teacher": str(tiny_bert_classifier), "method": "prune",
+        "plan": {"rules": [{"select": ["intermediate.dense", "re:.*layer\\.\\d+\\.output\\.dense",
+                                       "re:.*attention\\.(self\\.(query|key|value)|output\\.dense)"],
+                            "prune": {"heads": 0.5, "ffn": 0.5}}]},
+        "stage1": None,
+        "glue": {"task": "sst2", "source": str(sst2_dir), "max_len": 32},
+        "stage2": {"lr": 1e-3, "batch_size": 8, "max_steps": 4, "eval_every": 2},
+    }
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete"
+    assert 0.0 <= summary["quality"] <= 1.0
+    assert summary["params"] < summary["params_teacher"]
+
+
+@pytest.mark.parametrize("method, rules, message", [
+    ("prune", [{"select": "mlp.c_fc", "shape": [64, 16, 2, 2]}], "a prune trial's rules use prune"),
+    ("kronecker", [{"select": ["mlp.c_fc", "mlp.c_proj"], "prune": {"ffn": 0.5}}], "method 'kronecker': the plan"),
+])
+def test_prune_and_other_methods_do_not_mix(method, rules, message, tiny_lm_teacher, text_corpus, tmp_path):
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, method=method, plan={"rules": rules})
+    with pytest.raises(UserError, match=message):
+        run_trial(cfg, output_dir=tmp_path, progress=False)
