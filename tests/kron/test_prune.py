@@ -104,6 +104,14 @@ def test_parameter_and_mac_counts_by_hand_gpt2(make_tiny_model):
     assert report.macs_per_token_before == 4 * (48 * 16 + 16 * 16 + 64 * 16 + 16 * 64) + macs_head
     assert report.macs_per_token_after == macs_per_token(model) == 4 * (24 * 16 + 16 * 8 + 32 * 16 + 16 * 32) + macs_head
     by_name = {r.name: r for r in report.modules}
+    from kron.surgery import count_bytes
+
+    # bytes: the dense rest, the pruned matrices' biases, and each spec's bytes (weight + int32 kept-unit ids)
+    rest = 4 * sum(p.numel() for n, p in model.named_parameters() if ".attn." not in n and ".mlp." not in n)
+    biases = 4 * sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and (".attn." in n or
+                                                                                              ".mlp." in n))
+    assert count_bytes(model) == rest + biases + sum(spec_from_dict(r.spec).bytes(*r.dense_shape)
+                                                     for r in report.modules)
     r = by_name["transformer.h.0.attn.c_attn"]
     assert (r.params_before, r.params_after, r.macs_after) == (816, 408, 384)
     assert spec_from_dict(r.spec).params(48, 16) == 384
@@ -279,6 +287,7 @@ def test_spec_round_trips():
     assert parse_label(spec.label()) == spec
     assert parse_option(spec.option()) == PruneSpec(part="heads", side="out", units=12, kept=6, blocks=3)
     assert spec.params(2304, 768) == 1152 * 768 and spec.compression() == 2
+    assert spec.weight_shapes(2304, 768) == [(1152, 768)] and spec.bytes(2304, 768) == 4 * 1152 * 768 + 4 * 6
     assert PruneSpec(part="ffn", side="in", units=3072, kept=1024).params(768, 3072) == 768 * 1024
     assert removed_units(0.5, 3) == 2 and removed_units(1 - 1 / 3, 12) == 8 and removed_units(0, 5) == 0
 
@@ -311,6 +320,8 @@ def test_bad_rules(value, message):
         CompressionPlan([{"select": "attn.c_attn", "prune": value}])
     with pytest.raises(PlanError, match="blocks do not apply to prune"):
         CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "blocks": 3}])
+    with pytest.raises(PlanError, match="prune with quantize: int8 is not supported yet"):
+        CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "quantize": "int8"}])
 
 
 def _unchanged(model, fn):

@@ -27,7 +27,8 @@ def unit_indices(size: int, blocks: int, units: int, keep: Sequence[int], device
 
 class PrunedLinear(nn.Module):
     """y = x · Wᵀ + b on the kept rows/columns of a dense (out x in) weight: `weight` is (kept rows x kept columns),
-    `kept_rows` / `kept_cols` index them in the dense weight. The pruned side is part of the spec (`side`); the
+    `kept_ids` (a buffer, saved) are the kept units, `kept_rows` / `kept_cols` their rows/columns in the
+    dense weight. The pruned side is part of the spec (`side`); the
     other side keeps everything."""
 
     def __init__(self, dense_in: int, dense_out: int, spec: PruneSpec, bias: bool = True, device=None, dtype=None):
@@ -42,8 +43,8 @@ class PrunedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(rows, **kw)) if bias else None
         if self.weight.device.type != "meta":  # nn.Linear's init: a structure-only build is still a usable layer
             nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        self.register_buffer("kept_rows", torch.arange(rows, device=device))
-        self.register_buffer("kept_cols", torch.arange(cols, device=device))
+        # the kept units among the teacher's, saved with the weights (int32: what `PruneSpec.bytes` counts)
+        self.register_buffer("kept_ids", torch.arange(spec.kept, dtype=torch.int32, device=device))
         self.init_error: float | None = None
         self.init_source: str | None = None
 
@@ -63,10 +64,7 @@ class PrunedLinear(nn.Module):
         size = out_f if spec.side == "out" else in_f
         idx = unit_indices(size, spec.blocks, spec.units, keep, device=weight.device)
         with torch.no_grad():
-            if spec.side == "out":
-                layer.kept_rows.copy_(idx)
-            else:
-                layer.kept_cols.copy_(idx)
+            layer.kept_ids.copy_(torch.as_tensor(keep, dtype=torch.int32))
             if source is None or weight.device.type == "meta":
                 return layer
             kept_w = weight.index_select(0, idx) if spec.side == "out" else weight.index_select(1, idx)
@@ -92,11 +90,24 @@ class PrunedLinear(nn.Module):
         return self.weight.numel()
 
     def kept_units(self) -> list[int]:
-        """The kept units (heads / KV groups, or neurons) among the teacher's."""
-        idx = self.kept_rows if self.side == "out" else self.kept_cols
-        size = self.dense_out if self.side == "out" else self.dense_in
-        width = size // (self.blocks * self.units)
-        return [int(i) // width for i in idx[: idx.numel() // self.blocks : width]]
+        """The kept units (heads / KV groups, or neurons) among the teacher's, increasing."""
+        return [int(i) for i in self.kept_ids]
+
+    def _kept(self, side: str) -> torch.Tensor:
+        size = self.dense_out if side == "out" else self.dense_in
+        if side != self.side:
+            return torch.arange(size, device=self.weight.device)
+        return unit_indices(size, self.blocks, self.units, self.kept_units(), device=self.weight.device)
+
+    @property
+    def kept_rows(self) -> torch.Tensor:
+        """Indices of this layer's rows in the teacher's (out, in) weight."""
+        return self._kept("out")
+
+    @property
+    def kept_cols(self) -> torch.Tensor:
+        """Indices of this layer's columns in the teacher's (out, in) weight."""
+        return self._kept("in")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
