@@ -180,13 +180,31 @@ def trial_calibration(cfg, teacher, tokenizer=None):
     init = cfg.init_config
     if init.method != "data":
         return None
+    return calibration_for(cfg, teacher, tokenizer, init.calib_tokens)
+
+
+def default_calib_source(cfg) -> tuple[str, int]:
+    """(source, sequence length) a trial calibrates on when `init.calib` is not given: its stage-1 data, or for a
+    GLUE-only trial (no stage 1) the task's training sentences ("glue:TASK:SOURCE")."""
+    if cfg.stage1 is None and cfg.glue is not None:
+        return f"glue:{cfg.glue.task}:{cfg.glue.source}", cfg.glue.max_len
+    return cfg.data.source, cfg.data.seq_len
+
+
+def calibration_for(cfg, teacher, tokenizer=None, tokens: int | None = None):
+    """The calibration statistics of a trial config's calibration source (`init.calib`, else
+    `default_calib_source`) on `teacher`, with a budget of `tokens` (default `init.calib_tokens`); cached on disk."""
+    from kron.models import load_tokenizer, resolve_source
+
+    init = cfg.init_config
     d = cfg.data
-    source = init.calib if init.calib is not None else d.source
+    default, seq_len = default_calib_source(cfg)
+    source = init.calib if init.calib is not None else default
     config_name = init.calib_config_name if init.calib_config_name is not None else (
         d.config_name if source == d.source else None)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolve_source(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
     device = next(teacher.parameters()).device
-    return calibration_stats(teacher, tokenizer, source, init.calib_tokens, seq_len=d.seq_len,
+    return calibration_stats(teacher, tokenizer, source, tokens or init.calib_tokens, seq_len=seq_len,
                              config_name=config_name, temperature=d.temperature, top_k=d.top_k or None,
                              model_id=cfg.teacher, device=device)

@@ -97,7 +97,14 @@ def prepare_data(config, device: str | torch.device | None = None) -> dict[str, 
         load_lm_data(cfg, teacher, tokenizer, device)
     if cfg.stage2 is not None:
         load_glue_data(cfg, tokenizer)
-    return {"teacher_s": t1 - t0, "data_s": time.time() - t1}
+    out = {"teacher_s": t1 - t0, "data_s": time.time() - t1}
+    if cfg.init_config.method == "data" and cfg.method in ("kronecker", "lowrank", "mixed"):
+        from .calibration import trial_calibration
+
+        t2 = time.time()
+        trial_calibration(cfg, teacher, tokenizer)  # fills the disk cache every trial's init reads
+        out["calibration_s"] = time.time() - t2
+    return out
 
 
 def _is_causal_lm(model) -> bool:
@@ -219,6 +226,10 @@ def _check_method_specs(method: str, specs: dict) -> None:
         if method == "kronecker" and spec.method == "lowrank":
             raise UserError(f"method 'kronecker': the plan makes module {name} a low-rank U·V; use method 'lowrank' "
                             "for the low-rank baseline")
+        if (method == "prune") != (spec.method == "prune") and method != "mixed":
+            raise UserError(f"method {method!r}: the plan gives module {name} {spec.describe()}; a prune trial's "
+                            "rules use prune (or the preset prune:<f>), other trials' rules do not (use method "
+                            "'mixed' to combine them)")
 
 
 def _report_counts(model) -> dict:
@@ -226,10 +237,6 @@ def _report_counts(model) -> dict:
 
     n_all, n_excl = count_params(model), count_params(model, exclude_output_embedding=True)
     macs = macs_per_token(model)
-        if (method == "prune") != (spec.method == "prune") and method != "mixed":
-            raise UserError(f"method {method!r}: the plan gives module {name} {spec.describe()}; a prune trial's "
-                            "rules use prune (or the preset prune:<f>), other trials' rules do not (use method "
-                            "'mixed' to combine them)")
     n_bytes = count_bytes(model)
     return {"params_before": n_all, "params_after": n_all, "bytes_before": n_bytes, "bytes_after": n_bytes,
             "params_before_excluding_output_embedding": n_excl, "params_after_excluding_output_embedding": n_excl,
@@ -425,13 +432,6 @@ def _evaluate(run: _Run, kind: str, student, eval_data, stage: StageConfig, devi
     return evaluate_glue(student, eval_data, run.cfg.glue.task, stage.batch_size, device, stage.eval_batches)
 
 
-def _layer_map(run: _Run, stage: StageConfig) -> list[int] | None:
-    """The stage's ILKD layer_map if it gives one, else the one layer dropping implies (None: same depth)."""
-    if stage.distill.layer_map is not None:
-        return stage.distill.layer_map
-    return getattr(run, "layer_map", None)
-
-
 def _head_map(run: _Run, student) -> list | None:
     """Per layer, the teacher heads a structurally pruned student kept (None: it has all of them), so attention
     ILKD compares each remaining head with the head it was; computed once per trial."""
@@ -443,6 +443,13 @@ def _head_map(run: _Run, student) -> list | None:
             heads = kept_heads(student)
             run.head_map = heads if any(h is not None for h in heads) else None
     return run.head_map
+
+
+def _layer_map(run: _Run, stage: StageConfig) -> list[int] | None:
+    """The stage's ILKD layer_map if it gives one, else the one layer dropping implies (None: same depth)."""
+    if stage.distill.layer_map is not None:
+        return stage.distill.layer_map
+    return getattr(run, "layer_map", None)
 
 
 def _teacher_quality(run: _Run, kind: str, teacher, eval_data, stage: StageConfig, device) -> float | None:
