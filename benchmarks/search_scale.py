@@ -8,7 +8,8 @@ runs it (TPE + ASHA, the Optuna journal, the default loggers), and reports:
   quarter of the trials against the first quarter (trials 151-200 vs 1-50 at 200 trials; target within 1.5x),
   reused workers only (the two fresh workers' first trials carry process start and imports);
 * the driver's own time per trial in the searcher (`suggest`: Optuna's ask, TPE sampling; `on_trial_complete`:
-  Optuna's tell) and the trials finished per minute, first quarter vs last;
+  Optuna's tell), per save of Ray Tune's experiment state (all trials, the searcher, the callbacks), and the
+  trials finished per minute, first quarter vs last;
 * the driver's resident memory over the run (sampled every second; slope in MB per 100 trials after the first
   quarter, target: flat), and the sizes of what the driver rewrites (Ray's experiment state, the searcher
   checkpoint, the Optuna journal) at the end.
@@ -147,6 +148,24 @@ def _time_searcher(calls: dict[str, list[float]]) -> None:
         setattr(PlanSearcher, name, timed)
 
 
+def _time_state_saves(saves: list, timing: Timing) -> None:
+    """Time every save of Ray Tune's experiment state (trials, searcher, callbacks; every TUNE_GLOBAL_CHECKPOINT_S)
+    with how many trials had ended by then."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = getattr(TuneController.save_to_dir, "__wrapped__", TuneController.save_to_dir)
+
+    def save_to_dir(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return original(self, *a, **kw)
+        finally:
+            saves.append((len(timing.end), time.perf_counter() - t))
+
+    save_to_dir.__wrapped__ = original
+    TuneController.save_to_dir = save_to_dir
+
+
 def _files(exp: Path) -> dict[str, int]:
     """Sizes (bytes) of what the driver rewrites during a search."""
     out = {}
@@ -247,6 +266,8 @@ def main(argv=None) -> int:
     _time_suggestions(timing)
     calls: dict[str, list[float]] = {"suggest": [], "on_trial_complete": []}
     _time_searcher(calls)
+    saves: list[tuple[int, float]] = []
+    _time_state_saves(saves, timing)
     sampler = MemorySampler(timing)
     sampler.start()
     t0 = time.time()
@@ -254,6 +275,14 @@ def main(argv=None) -> int:
     wall = time.time() - t0
     sampler.stop()
     res = summarise(timing, calls, sampler, cfg, n)
+    q = res["quarter"]
+    res["state_save_ms_first"] = _mean([1000 * d for k, d in saves if k < q], 1)
+    res["state_save_ms_last"] = _mean([1000 * d for k, d in saves if k >= n - q], 1)
+    res["state_saves"] = len(saves)
+    res["state_save_period_s"] = float(os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "nan"))
+    for k in ("first", "last"):  # share of the driver's time spent saving the experiment state
+        ms = res[f"state_save_ms_{k}"]
+        res[f"state_save_share_{k}"] = round(ms / 1000 / res["state_save_period_s"], 4) if ms else None
     exp = storage / "runs" / name
     res.update(trials=n, wall_s=round(wall, 1), fit_s=outcome.timings.get("fit_s"),
                statuses={s: sum(t["status"] == s for t in outcome.trials) for s in {t["status"] for t in outcome.trials}},
@@ -274,6 +303,8 @@ def main(argv=None) -> int:
         ("trial wall time (s)", "trial_wall_s"),
         ("searcher suggest (ms)", "suggest_ms"),
         ("searcher tell (ms)", "tell_ms"),
+        ("experiment-state save (ms)", "state_save_ms"),
+        ("  share of the driver's time", "state_save_share"),
         ("trials finished per minute", "trials_per_min"),
     ]
     table = []
@@ -285,6 +316,7 @@ def main(argv=None) -> int:
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(4)]
     for r in [header, *table]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"experiment state saved every {res['state_save_period_s']:g} s ({res['state_saves']} saves)")
     print(f"driver RSS (MB): start {res['driver_rss_mb_start']}, after {q} trials {res['driver_rss_mb_at_quarter']}, "
           f"after {n // 2} {res['driver_rss_mb_at_half']}, end {res['driver_rss_mb_end']}, max {res['driver_rss_mb_max']}; "
           f"slope after the first quarter {res['driver_rss_slope_mb_per_100_trials']} MB per 100 trials")

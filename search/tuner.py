@@ -86,6 +86,9 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     if prepared:
         timings.update(prepare_locally(cfg, local_dir, stream))
     ray_env()
+    from .raystart import set_checkpoint_period
+
+    set_checkpoint_period(cfg.search.num_samples)  # experiment-state saves: less often in long searches
     t_ray = time.time()
     started = start_ray(cfg)
     timings["ray_start_s"] = time.time() - t_ray
