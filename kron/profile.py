@@ -328,6 +328,47 @@ def _fast_damage(blocks: list, spec) -> tuple[float, str] | None:
     return sum(f for f, _ in res) / base, inits.pop() if len(inits) == 1 else "svd"
 
 
+def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, ridge: float | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> dict[str, list[float]]:
+    """The profile's damage (relative output error on the calibration statistics, data-aware init) of given specs:
+    module name -> one damage per spec of `wanted[name]` (Kronecker / low-rank specs; fused matrices take the
+    specs' `blocks`). The search's prior and automatic seeds (`search.prior`) use it on the space's own options."""
+    from .calibration import ModuleStats
+    from .datainit import DEFAULT_RIDGE
+    from .methods import get_method
+
+    ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
+    modules = dict(model.named_modules())
+    out: dict[str, list[float]] = {}
+    for i, (name, specs) in enumerate(wanted.items()):
+        if name not in modules:
+            raise PlanError(f"option_damages: the model has no module {name!r}")
+        if name not in stats:
+            raise DataError(f"the calibration statistics have no entry for {name}: they were collected for another "
+                            "model")
+        S = stats.stats(name).S
+        if not torch.isfinite(S).all():
+            raise DataError(f"the calibration statistics of {name} hold NaN or inf values")
+        W = _weight(modules[name])
+        blocks = max((getattr(sp, "blocks", 1) for sp in specs), default=1)
+        cached = [_FastBlock(w, S, ridge) for w in W.split(W.shape[0] // blocks, dim=0)]
+        damages = []
+        with torch.no_grad():
+            for spec in specs:
+                got = _fast_damage(cached, spec)
+                if got is None:  # another method: build it
+                    new = get_method(spec.method).build(modules[name], spec, "data",
+                                                        stats=ModuleStats(S=S, tokens=stats.stats(name).tokens))
+                    got = _Proxy(W, S)(new.to_dense()), None
+                if not math.isfinite(got[0]):
+                    raise DataError(f"{name}: candidate {spec.label()} gave a non-finite output error")
+                damages.append(float(got[0]))
+        out[name] = damages
+        if progress is not None:
+            progress(i + 1, len(wanted), name)
+    return out
+
+
 def _model_inputs(batch, device):
     if isinstance(batch, torch.Tensor):
         return {"input_ids": batch.to(device)}, None

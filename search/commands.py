@@ -45,6 +45,10 @@ def _search(args) -> int:
     overrides = {"name": args.name, "search.storage": args.storage, "search.address": args.address,
                  "search.num_samples": args.num_samples, "search.max_concurrent": args.max_concurrent}
     cfg = load_search_config(args.config, overrides=overrides, smoke=args.smoke)
+    if args.resume:  # a search an earlier release started keeps the defaults it ran with
+        from .resume import adopt_saved_defaults
+
+        cfg = adopt_saved_defaults(cfg)
     space = SearchSpace.from_config(cfg)  # everything model-dependent is checked here, before Ray starts
     if args.dry_run:
         dry_run(cfg, space, show=args.show)

@@ -87,6 +87,25 @@ class BudgetConfig(_Strict):
         return self
 
 
+# The defaults of this release that change what a search does: every linear matrix may be Kronecker or low-rank,
+# and every trial's factors get the data-aware init. Searches started by 0.1.0 ran with ["kronecker"] and "svd":
+# `search.resume.adopt_saved_defaults` resumes them with those (and says so).
+DEFAULT_SPACE_METHODS = ("kronecker", "lowrank")
+DEFAULT_SEARCH_INIT = "data"
+LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd"}
+
+
+class PriorConfig(_Strict):
+    """A prior from the sensitivity profile: per matrix, the damage (relative output error on calibration tokens
+    with data-aware init, `kron.profile`) of each candidate alone; candidates above `max_damage` are not sampled."""
+
+    max_damage: float = Field(0.5, gt=0, description="largest relative output error a candidate may have on any "
+                                                     "matrix of its choice (the least damaging candidate of each "
+                                                     "choice always stays)")
+    calib_tokens: int | None = Field(None, ge=256, description="calibration tokens (default: the trial's "
+                                                               "init.calib_tokens)")
+
+
 class SpaceConfig(_Strict):
     """Which matrices may be factored, and the choices for each."""
 
@@ -105,9 +124,11 @@ class SpaceConfig(_Strict):
     max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
     max_shapes: int | None = Field(None, ge=1, description="keep at most this many shapes per matrix, evenly "
                                                            "spread over log-compression (None: all)")
-    methods: list[str] = Field(default_factory=lambda: ["kronecker"],
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_SPACE_METHODS),
                                description="compression methods each linear matrix may take (kron.methods: kronecker, "
                                            "lowrank); with several, the search picks the method per matrix")
+    prior: PriorConfig | None = Field(None, description="drop the candidates a sensitivity profile of the teacher "
+                                                        "(computed before Ray starts) says are hopeless")
     quantize: list[Literal["none", "int8"]] = Field(
         default_factory=lambda: ["none"], description="per linear matrix: float weights (none) and/or 8-bit weights "
                                                       "(int8: each structure also in int8, and the dense matrix in int8)")
@@ -423,6 +444,11 @@ class SearchConfig(_Strict):
 _PLACEHOLDER_PLAN = {"rules": []}
 
 
+def with_search_defaults(trial: dict) -> dict:
+    """A `trial:` section with the defaults a search gives its trials: the data-aware init unless `init` is set."""
+    return trial if "init" in trial else {**trial, "init": DEFAULT_SEARCH_INIT}
+
+
 def base_trial_config(cfg: SearchConfig | dict) -> TrialConfig:
     """The `trial` section as a TrialConfig (with an empty placeholder plan); ValueError on any problem.
 
@@ -441,7 +467,7 @@ def _trial_from_section(trial: dict) -> TrialConfig:
     if method != "kronecker":
         raise ValueError(f"trial.method: a search compresses with method 'kronecker', got {method!r}")
     try:
-        return TrialConfig.model_validate({**trial, "plan": copy.deepcopy(_PLACEHOLDER_PLAN)})
+        return TrialConfig.model_validate({**with_search_defaults(trial), "plan": copy.deepcopy(_PLACEHOLDER_PLAN)})
     except ValidationError as exc:
         raise ValueError(_format_errors(exc, "", root=TrialConfig, prefix="trial.")) from None
 
@@ -639,7 +665,8 @@ def dump_yaml(data: Any) -> str:
 
 def config_fingerprint(cfg: SearchConfig) -> dict:
     """The parts of a config that must not change when a search is resumed (the trial and the space)."""
-    fp = {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json")}
+    fp = {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json"),
+          "init": cfg.trial.init_config.method}  # the init trials get, set or by default (search_defaults)
     if cfg.search.seed_plans:  # they add options to the space
         fp["seed_plans"] = list(cfg.search.seed_plans)
     return fp

@@ -16,7 +16,7 @@ from .config import SearchConfig, config_fingerprint
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["UNFINISHED", "check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
+__all__ = ["UNFINISHED", "adopt_saved_defaults", "check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # Ray trial states a resume runs (again)
 
@@ -96,25 +96,108 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
     fp = _normalised(old.get("fingerprint"))
     new = json.loads(json.dumps(config_fingerprint(cfg)))
     if fp is not None and fp != new:
+        legacy = _legacy_defaults_changed(old.get("fingerprint"), new)
+        if legacy:
+            raise ConfigError(f"--resume: the search {cfg.name!r} was started by an earlier release, whose defaults "
+                              f"were {' and '.join(legacy)}; this release's defaults differ, so set them in the "
+                              "config to resume it as it was run, or start a new search with --name")
         changed = [k for k in ("trial", "space") if fp.get(k) != new.get(k)]
+        changed += ["search.seed_plans"] if fp.get("seed_plans") != new.get("seed_plans") else []
         raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
 
 
 def _normalised(fp):
-    """A saved fingerprint's space section as this release's SpaceConfig writes it: keys added since (with their
-    defaults, e.g. `methods`) do not make an unchanged old search look changed."""
+    """A saved fingerprint as this release writes it: keys added to the space since (e.g. `prior`) take their
+    defaults, so an unchanged old search does not look changed; but the defaults that changed what a search does
+    (`space.methods`, the trials' init) take the values the old search ran with (`config.LEGACY_DEFAULTS`)."""
     if not isinstance(fp, dict) or not isinstance(fp.get("space"), dict):
         return fp
     from pydantic import ValidationError
 
-    from .config import SpaceConfig
+    from .config import LEGACY_DEFAULTS, SpaceConfig
 
+    fp = dict(fp)
+    if "init" not in fp:  # written before searches defaulted to the data-aware init: its trials ran with svd
+        trial = fp.get("trial") if isinstance(fp.get("trial"), dict) else {}
+        if isinstance(fp.get("trial"), dict) and "init" not in trial:
+            fp["trial"] = trial = {**trial, "init": LEGACY_DEFAULTS["init"]}  # as adopt_saved_defaults sets it
+        init = trial.get("init")
+        fp["init"] = init.get("method", "svd") if isinstance(init, dict) else (init or LEGACY_DEFAULTS["init"])
+    space = dict(fp["space"])
+    space.setdefault("methods", LEGACY_DEFAULTS["methods"])
     try:
-        space = SpaceConfig.model_validate(fp["space"]).model_dump(mode="json")
+        space = SpaceConfig.model_validate(space).model_dump(mode="json")
     except ValidationError:
         return fp  # not a space this release reads: compared as saved (and reported as changed)
     return {**fp, "space": json.loads(json.dumps(space))}
+
+
+def adopt_saved_defaults(cfg: SearchConfig, stream=None) -> SearchConfig:
+    """`cfg` for resuming a search an earlier release started: the defaults that changed what a search does
+    (`space.methods` [kronecker], the trials' init svd) take the values the search ran with, where the config does
+    not set them. A search this release started, or none at all, gives `cfg` back unchanged."""
+    import sys
+
+    from .config import LEGACY_DEFAULTS
+
+    raw = _meta_bytes(cfg)
+    try:
+        saved = json.loads(raw).get("fingerprint") if raw is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return cfg  # check_resume names the corrupt file
+    if not isinstance(saved, dict) or "init" in saved or not isinstance(saved.get("space"), dict):
+        return cfg
+    data = cfg.model_dump(mode="json")
+    notes = []
+    if "methods" not in saved["space"] and "methods" not in cfg.space.model_fields_set:
+        data["space"]["methods"] = list(LEGACY_DEFAULTS["methods"])
+        notes.append(f"space.methods {LEGACY_DEFAULTS['methods']}")
+    if "init" not in cfg.trial_section:
+        data["trial"]["init"] = LEGACY_DEFAULTS["init"]
+        notes.append(f"trial.init {LEGACY_DEFAULTS['init']!r}")
+    if not notes:
+        return cfg
+    print(f"--resume: {cfg.name!r} was started by an earlier release; it continues with that release's defaults "
+          f"({', '.join(notes)})", file=stream or sys.stderr)
+    adopted = SearchConfig.model_validate(data)
+    return adopted
+
+
+def _meta_bytes(cfg: SearchConfig) -> bytes | None:
+    """The experiment's search_meta.json (local folder or bucket), or None when there is none (yet)."""
+    from .config import is_remote_storage
+    from .storage import experiment_path
+
+    path = experiment_path(cfg)
+    try:
+        if not is_remote_storage(cfg.search.storage):
+            meta = Path(path) / META_NAME
+            return meta.read_bytes() if meta.is_file() else None
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_input_file(f"{root}/{META_NAME}") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _legacy_defaults_changed(saved, new: dict) -> list[str]:
+    """The old defaults ("space.methods [kronecker]", "trial.init svd") a search written before they changed ran
+    with and the resuming config no longer gets: set them explicitly to resume it."""
+    if not isinstance(saved, dict) or "init" in saved:
+        return []
+    from .config import LEGACY_DEFAULTS
+
+    fp = _normalised(saved)
+    out = []
+    space = saved.get("space") if isinstance(saved.get("space"), dict) else {}
+    if "methods" not in space and new.get("space", {}).get("methods") != LEGACY_DEFAULTS["methods"]:
+        out.append(f"space.methods {LEGACY_DEFAULTS['methods']}")
+    if fp.get("init") != new.get("init"):
+        out.append(f"trial.init {fp.get('init')!r}")
+    return out
 
 
 def saved_trial_states(local_dir: Path) -> dict[str, str]:

@@ -47,10 +47,6 @@ def resolve_seeds(names: list[str], model, info, methods: list[str]) -> list[See
     seeds = []
     matrices = {mx.name: mx for mx in info.matrices}
     for name in names:
-        if name == "auto":
-            raise ConfigError("search.seed_plans: 'auto' (automatic plans from a sensitivity profile) is not "
-                              "available in searches yet; give presets (kngpt2, uniform:2, lowrank:2, ...) or plan "
-                              "files, or make automatic plans with `kronsearch plan --auto` and list their files")
         where = f"search.seed_plans: {name!r}"
         try:
             specs = _plan(name, model.config).resolve(model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -96,10 +97,13 @@ class Choice:
 class SearchSpace(BudgetMixin):
     """All plans of a `space:` section for one teacher; see the module docstring for the parametrisation."""
 
-    def __init__(self, space: SpaceConfig, info: ModelInfo, *, extra_options: dict[str, list[str]] | None = None):
+    def __init__(self, space: SpaceConfig, info: ModelInfo, *, extra_options: dict[str, list[str]] | None = None,
+                 dropped_options: dict[str, list[str]] | None = None, damages: dict | None = None):
         self.config = space
         self.info = info
         self._extra_options = extra_options or {}
+        self._dropped_options = dropped_options or {}  # what the sensitivity prior removed (search.prior)
+        self.damages = damages  # module -> option -> damage of the teacher's sensitivity profile, when computed
         self.seeds: list[tuple[str, dict]] = []  # (label, parameters) of the seed plans, evaluated first
         self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
         self.choices: list[Choice] = self._build_choices(space, info)
@@ -122,23 +126,53 @@ class SearchSpace(BudgetMixin):
         trial = base_trial_config(cfg)
         model = teacher_skeleton(trial)
         space = cls.from_model(model, cfg.space)
+        from .prior import needs_profile, search_damages
+
+        if needs_profile(cfg):  # the real teacher and its calibration data, once, cached on disk
+            space = space.with_damages(search_damages(cfg, space))
         if cfg.search.seed_plans:
-            space = space.with_seeds(cfg.search.seed_plans, model)
+            space = space.with_seeds(cfg.search.seed_plans, model, metric=cfg.size_metric)
         return space
 
-    def with_seeds(self, names: list[str], model) -> "SearchSpace":
-        """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds)."""
-        from .seeds import resolve_seeds, seed_options
+    def with_damages(self, damages: dict) -> "SearchSpace":
+        """This space knowing the teacher's damages (`search.prior.search_damages`), with the options the prior
+        (`space.prior`) drops removed."""
+        from .prior import pruned_options
 
-        seeds = resolve_seeds(names, model, self.info, list(self.config.methods))
+        drop = pruned_options(self, damages, self.config.prior.max_damage) if self.config.prior else {}
+        return SearchSpace(self.config, self.info, extra_options=self._extra_options, dropped_options=drop,
+                           damages=damages)
+
+    def with_seeds(self, names: list[str], model, *, metric: str = "params") -> "SearchSpace":
+        """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds).
+        "auto" / "auto:N" seeds need the damages (`with_damages`); metric: their size axis."""
+        from .prior import auto_count, auto_seeds
+        from .seeds import Seed, resolve_seeds, seed_options
+
+        seeds = []
+        for name in names:
+            n = auto_count(name)
+            if n is None:
+                seeds += resolve_seeds([name], model, self.info, list(self.config.methods))
+                continue
+            if self.damages is None:
+                raise ConfigError("search.seed_plans: 'auto' (automatic plans from the teacher's sensitivity) needs "
+                                  "the teacher's calibration statistics; SearchSpace.from_config computes them from "
+                                  "the trial's data (or call with_damages first)")
+            seeds += [Seed(label, options, layers) for label, options, layers in auto_seeds(self, self.damages, n,
+                                                                                           metric)]
         extras: dict[str, list[str]] = {}
         for seed in seeds:
             for key, opt in seed_options(seed, self)[1].items():
                 extras.setdefault(key, []).append(opt)
-        space = SearchSpace(self.config, self.info, extra_options=extras) if extras else self
+        space = SearchSpace(self.config, self.info, extra_options=extras, dropped_options=self._dropped_options,
+                            damages=self.damages) if extras else self
         for seed in seeds:
             params = seed_options(seed, space)[0]
             breaches = space.over_budget(params)
+            if breaches and seed.label.startswith("seed:auto@"):  # planned on one size axis, over on another
+                print(f"kronsearch: automatic seed {seed.label} left out: {'; '.join(breaches)}", file=sys.stderr)
+                continue
             if breaches:
                 raise ConfigError(f"search.seed_plans: {seed.label.removeprefix('seed:')!r} breaks the space's budget "
                                   f"({'; '.join(breaches)}); drop it or relax space.budget")
@@ -303,6 +337,8 @@ class SearchSpace(BudgetMixin):
                 key += f".{dims[0]}x{dims[1]}"
             kind = "embedding" if is_emb else "linear"
             opts = self._options_for(g, dims, kind, mats[0].name)
+            dropped = self._dropped_options.get(key, ())
+            opts = [o for o in opts if o not in dropped]
             for extra in self._extra_options.get(key, ()):  # a seed plan's options the space would not sample
                 if extra in opts:
                     continue
@@ -479,12 +515,14 @@ class SearchSpace(BudgetMixin):
         self._check(params)
         on = self.active_layers(params)
         p_all, p_excl, macs = self.info.params, self.info.params_excl_output_embedding, self.info.macs
-        n_bytes = self.info.bytes
+        # a space pickled by 0.1.0 (a resumed search's scheduler) has no byte counts: float32 weights then
+        n_bytes = getattr(self.info, "bytes", None) or 4 * self.info.params
         for c in self.choices:
             opt = params.get(c.key)
             if opt is None:
                 continue
-            dp, de, dm, db = c.deltas[opt]
+            dp, de, dm, *rest = c.deltas[opt]
+            db = rest[0] if rest else 4 * dp
             n = sum(1 for mx in c.matrices if mx.layer is None or mx.layer in on)
             p_all += n * dp
             p_excl += n * de

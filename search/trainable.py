@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kron.vocab import latency_us_per_token
 
-from .config import SearchConfig, is_remote_storage
+from .config import SearchConfig, is_remote_storage, with_search_defaults
 from .storage import experiment_path
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
 def trial_setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
     """What every trial of the search `cfg` over `space` shares (with the driver's KRONSEARCH_FAULT_INJECT)."""
     remote = is_remote_storage(cfg.search.storage)
-    base = cfg.trial_section
+    base = with_search_defaults(cfg.trial_section)
     if cfg.space.methods != ["kronecker"]:  # plans that mix methods per matrix
         base = {**base, "method": "mixed"}
     return TrialSetup(name=cfg.name, base_trial=base, space=space, cpus=cfg.search.resources.cpu,

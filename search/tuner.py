@@ -22,12 +22,12 @@ from pathlib import Path
 from kron.errors import ConfigError
 from kron.vocab import META_NAME, SUMMARY_NAME
 
-from .config import SearchConfig, is_remote_storage
+from .config import SearchConfig, is_remote_storage, with_search_defaults
 from .finalize import SearchOutcome, finalize_experiment
 from .progress import ProgressCallback  # noqa: F401 (also re-exported, see below)
 from .raystart import ray_env, ray_running, start_ray
 from .reference import prepare_locally, run_teacher_reference
-from .resume import check_remote_resume, check_resume, unfinished, write_meta
+from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unfinished, write_meta
 from .scheduler import SizeStratifiedASHA, make_scheduler
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
@@ -59,6 +59,10 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     `resume` finds nothing to resume. Ray is shut down at the end if it was started here (unless keep_ray).
     """
     t0 = time.time()
+    if resume:  # a search an earlier release started keeps the defaults it ran with
+        adopted = adopt_saved_defaults(cfg, stream)
+        if adopted is not cfg:
+            cfg, space = adopted, None
     if space is None:
         space = SearchSpace.from_config(cfg)
     if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
@@ -178,6 +182,6 @@ def _validate_plan_format(cfg: SearchConfig, space: SearchSpace) -> None:
     from .space import teacher_skeleton
 
     params = space.sample_within_budget(0) if space.budget is not None else space.sample(0)
-    trial = load_trial_config({**cfg.trial_section, "plan": {"rules": space.to_plan_rules(params)}})
+    trial = load_trial_config({**with_search_defaults(cfg.trial_section), "plan": {"rules": space.to_plan_rules(params)}})
     plan = CompressionPlan.from_dict({"rules": trial.plan.rules})
     plan.resolve(teacher_skeleton(trial))

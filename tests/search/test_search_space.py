@@ -129,6 +129,16 @@ def _check_plan(space: SearchSpace, cfg: SpaceConfig, params: dict, kind: str) -
             assert layer % 2 == 1
         elif cfg.layers == "even":
             assert layer % 2 == 0
+        if "lowrank_rank" in spec:  # the default space also offers low-rank U·V per matrix
+            assert "lowrank" in cfg.methods
+            out, inp = (module.nf, module.weight.shape[0]) if type(module).__name__ == "Conv1D" else \
+                (module.out_features, module.in_features)
+            blocks, r = spec.get("blocks", 1), spec["lowrank_rank"]
+            assert blocks == (3 if name.endswith("attn.c_attn") else 1)
+            compression = (out // blocks) * inp / (r * (out // blocks + inp))
+            if cfg.shapes is None:
+                assert cfg.min_compression - 1e-9 <= compression <= (cfg.max_compression or math.inf) + 1e-9
+            continue
         m1, n1, m2, n2 = spec["shape"]
         rank, blocks = spec["rank"], spec.get("blocks", 1)
         assert rank in cfg.ranks
@@ -414,7 +424,7 @@ def test_space_methods_are_validated_before_anything_runs():
     with pytest.raises(Exception, match=r"unknown method\(s\) \['tucker'\]; valid: kronecker, lowrank"):
         SpaceConfig(methods=["kronecker", "tucker"])
     with pytest.raises(ConfigError, match="is a lowrank option but space.methods is \\['kronecker'\\]"):
-        SearchSpace.from_model(meta_model("gpt2"), SpaceConfig(groups=["ffn_in"], shapes={"ffn_in": ["lr4"]}))
+        SearchSpace.from_model(meta_model("gpt2"), SpaceConfig(groups=["ffn_in"], methods=["kronecker"], shapes={"ffn_in": ["lr4"]}))
     space = SearchSpace.from_model(meta_model("gpt2"), SpaceConfig(groups=["ffn_in"], methods=["lowrank"],
                                                                    shapes={"ffn_in": ["lr4", "lr2", "keep"]}))
     assert space.choices[0].options == ("lr4", "lr2", "keep")
@@ -466,12 +476,13 @@ def test_seed_plans_are_exactly_the_hand_made_plans(preset, methods, layers):
 
 def test_seed_plans_that_the_space_cannot_express_are_named():
     model = meta_model("gpt2")
-    space = SearchSpace.from_model(model, SpaceConfig(groups=["attention", "ffn_in", "ffn_out"], layers="free"))
+    space = SearchSpace.from_model(model, SpaceConfig(groups=["attention", "ffn_in", "ffn_out"], layers="free",
+                                                      methods=["kronecker"]))
     with pytest.raises(ConfigError, match=r"'kngpt2' compresses transformer.wte, which the space does not search"):
         space.with_seeds(["kngpt2"], model)
     with pytest.raises(ConfigError, match=r"'lowrank:2' makes .* lowrank, but space.methods is \['kronecker'\]"):
         space.with_seeds(["lowrank:2"], model)
-    with pytest.raises(ConfigError, match="'auto' .* is not available in searches yet"):
+    with pytest.raises(ConfigError, match="'auto' .* needs the teacher's calibration statistics"):
         space.with_seeds(["auto"], model)
     with pytest.raises(ConfigError, match="'kroneckerbert8' does not fit the teacher"):
         space.with_seeds(["kroneckerbert8"], model)

@@ -1,0 +1,228 @@
+"""What the teacher's sensitivity says about a search space, before any trial: the damage of every option of every
+searched matrix, the prior that drops hopeless options (`space.prior`), and the automatic seed plans
+(`search.seed_plans: [auto]`).
+
+The damage of an option on a matrix is `kron.profile`'s: the relative output error ‖(W − Ŵ) x‖² / ‖W x‖² on the
+teacher's calibration tokens with the data-aware init, computed for exactly the options the space offers. It needs
+the real teacher (not the meta-device skeleton that sizes the space) and calibration statistics; both are computed
+once in the driver before Ray starts and cached on disk (`trials.calibration`, and `damages/` beside it), so a
+resumed search or a dry run reuses them.
+
+* The prior: an option whose damage exceeds `space.prior.max_damage` on any matrix of its choice is not offered
+  (the least damaging option of each choice always stays, so no choice is left empty).
+* Automatic seeds: per choice, the option that minimises the summed damage of the plan under a size budget (the
+  multiple-choice knapsack of `kron.autoplan`, with the space's choices as items, so tied layers and fused blocks
+  are respected), at `auto:N` budgets (N = 3 by default) spread evenly in log-size between the cheapest plan of the
+  space and the teacher (or the space's budget). Embedding choices have no data-aware damage: they keep the
+  teacher's table when the space allows `keep`, else take their mildest factor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from kron.errors import ConfigError, UserError
+
+__all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages"]
+
+AUTO_DEFAULT = 3  # automatic seed plans for a plain "auto"
+_AUTO = re.compile(r"auto(?::(\d+))?")
+_METRIC_INDEX = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}  # Choice.deltas order
+
+
+def auto_count(name: str) -> int | None:
+    """N of a seed name "auto" / "auto:N", None for any other seed."""
+    m = _AUTO.fullmatch(name)
+    if m is None:
+        return None
+    n = int(m.group(1) or AUTO_DEFAULT)
+    if not 1 <= n <= 20:
+        raise ConfigError(f"search.seed_plans: {name!r}: give between 1 and 20 automatic plans (auto:N)")
+    return n
+
+
+def needs_profile(cfg) -> bool:
+    """Whether building the space of `cfg` needs the teacher's damages (a prior or automatic seeds)."""
+    return cfg.space.prior is not None or any(auto_count(n) is not None for n in cfg.search.seed_plans)
+
+
+def _specs(space) -> dict[str, list[tuple[str, object]]]:
+    """Module name -> [(option, spec with the module's blocks)] for every linear option of the space."""
+    from kron.methods import parse_option
+
+    out: dict[str, list] = {}
+    for c in space.choices:
+        for mx in c.matrices:
+            if mx.kind == "embedding":
+                continue
+            for o in c.options:
+                if o == "keep":
+                    continue
+                spec = parse_option(o)
+                if mx.blocks > 1 and hasattr(spec, "blocks"):
+                    spec = replace(spec, blocks=mx.blocks)
+                out.setdefault(mx.name, []).append((o, spec))
+    return out
+
+
+def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
+    """Module name -> option -> damage for every linear option of `space` (see the module docstring), from the
+    teacher of `cfg` and its calibration data; cached on disk by teacher, calibration data and options."""
+    import torch
+
+    from kron.models import pick_device
+    from kron.profile import option_damages
+    from trials.calibration import calibration_for, default_calib_source
+    from trials.data import _model_fingerprint, default_cache_dir
+    from trials.trial import load_teacher
+
+    wanted = _specs(space)
+    if not wanted:
+        return {}
+    trial = cfg.trial
+    tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None
+    tokens = tokens or trial.init_config.calib_tokens
+    device = pick_device(trial.device)
+    threads = torch.get_num_threads()
+    try:
+        teacher, tokenizer = load_teacher(trial, device)
+        try:
+            stats = calibration_for(trial, teacher, tokenizer, tokens)
+        except UserError as exc:
+            source = trial.init_config.calib or default_calib_source(trial)[0]
+            raise ConfigError(f"the search's sensitivity profile (space.prior / search.seed_plans: auto) needs "
+                              f"calibration data from {source!r}: {exc}") from None
+        key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
+               "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = default_cache_dir() / "damages" / f"{digest}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())["damages"]
+            except (OSError, ValueError, KeyError):
+                pass  # recomputed below
+        print(f"sensitivity profile of the space: {len(wanted)} matrices, "
+              f"{sum(len(v) for v in wanted.values())} options ...", file=stream or sys.stderr)
+        got = option_damages(teacher, stats, {n: [sp for _, sp in v] for n, v in wanted.items()})
+        damages = {n: {o: d for (o, _), d in zip(wanted[n], got[n])} for n in wanted}
+        from kron.fsutil import atomic_write_json
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"key": key, "damages": damages})
+        return damages
+    finally:
+        torch.set_num_threads(threads)
+
+
+def choice_damage(choice, option: str, damages: dict, *, how=max) -> float | None:
+    """The damage of `option` over a choice's matrices (max or sum); 0 for keep, None when not profiled."""
+    if option == "keep":
+        return 0.0
+    vals = [damages.get(mx.name, {}).get(option) for mx in choice.matrices]
+    if any(v is None for v in vals):
+        return None
+    return float(how(vals))
+
+
+def pruned_options(space, damages: dict, max_damage: float) -> dict[str, list[str]]:
+    """Choice key -> the options the prior drops (damage above `max_damage` on some matrix of the choice); the
+    least damaging option of each choice is never dropped."""
+    out = {}
+    for c in space.choices:
+        scored = [(o, choice_damage(c, o, damages)) for o in c.options]
+        known = [(o, d) for o, d in scored if d is not None and o != "keep"]
+        if not known:
+            continue
+        drop = [o for o, d in known if d > max_damage]
+        if len(drop) == len(known):
+            best = min(known, key=lambda od: od[1])[0]
+            drop = [o for o in drop if o != best]
+        if drop:
+            out[c.key] = drop
+    return out
+
+
+def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str, dict[str, str], frozenset]]:
+    """`count` automatic plans of `space` as (label, module -> option, decomposed layers), cheapest first; see the
+    module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token)."""
+    from kron.autoplan import Item, Option, solve
+    from kron.errors import PlanError
+
+    if space.layer_mode == "count":
+        raise ConfigError("search.seed_plans: 'auto' needs a space whose layers are all, free or a fixed list; with "
+                          "layers {count: k} give presets or plan files as seeds")
+    idx = _METRIC_INDEX.get(metric, 0)
+    base = space.info.params if idx == 0 else (space.info.params_excl_output_embedding if idx == 1 else space.info.macs)
+    items, fixed_choice, fixed_cost = [], {}, 0
+    for c in space.choices:
+        n = len(c.matrices)
+        if any(mx.kind == "embedding" for mx in c.matrices) or all(choice_damage(c, o, damages) is None
+                                                                    for o in c.options if o != "keep"):
+            opt = "keep" if "keep" in c.options else c.options[0]  # embedding options go from mild to strong
+            fixed_choice[c.key] = opt
+            fixed_cost += n * c.deltas[opt][idx]
+            continue
+        opts = list(c.options)
+        if space.layer_mode == "free" and "keep" not in opts and c.layer is not None:
+            opts.append("keep")  # a layer left dense; seed_options adds "keep" to the choice when a seed needs it
+        options = []
+        for o in opts:
+            d = choice_damage(c, o, damages, how=sum)
+            if d is not None:
+                options.append(Option(o, o, n * c.deltas[o][idx] if o in c.deltas else 0, d))
+        items.append(Item(c.key, options))
+    if not items:
+        raise ConfigError("search.seed_plans: 'auto' found no profiled matrix in the space (only embeddings?)")
+    shift = [min(o.cost for o in it.options) for it in items]
+    items = [Item(it.name, [replace(o, cost=o.cost - s) for o in it.options]) for it, s in zip(items, shift)]
+    lo = base + fixed_cost + sum(shift)  # the cheapest plan's size
+    hi = base
+    cap = _budget_cap(space, idx)
+    if cap is not None:
+        hi = min(hi, cap)
+    if not lo < hi:
+        raise ConfigError(f"search.seed_plans: 'auto': the space's cheapest plan ({lo:,}) is not below its largest "
+                          f"allowed size ({hi:,}); nothing to spread automatic plans over")
+    out, seen = [], set()
+    for i in range(1, count + 1):
+        target = int(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (count + 1)))
+        try:
+            sol = solve(items, target - lo)
+        except PlanError:
+            continue
+        choice = {**fixed_choice, **{k: o.label for k, o in sol.choice.items()}}
+        key = tuple(sorted(choice.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        options, layers = {}, set()
+        for c in space.choices:
+            opt = choice.get(c.key, "keep")
+            if opt == "keep":
+                continue
+            for mx in c.matrices:
+                options[mx.name] = opt
+                if mx.layer is not None:
+                    layers.add(mx.layer)
+        if options:
+            out.append((f"seed:auto@{_short(target)}", options, frozenset(layers)))
+    return out
+
+
+def _budget_cap(space, idx: int) -> int | None:
+    b = space.budget
+    if b is None:
+        return None
+    return [b.max_params, b.max_params_excl_output_embedding, b.max_macs][idx]
+
+
+def _short(n: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(int(n))

@@ -1,0 +1,162 @@
+"""The teacher's sensitivity in a search: damages of the space's own options, the prior that drops hopeless ones,
+automatic seed plans, and the defaults of this release (both methods, data-aware init) with old searches resumed
+as they ran."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kron.errors import ConfigError
+from search.config import load_search_config
+from search.prior import auto_count, auto_seeds, choice_damage, pruned_options
+from search.space import SearchSpace
+
+from .test_search_space import meta_model
+
+
+def _cfg(tmp_path, **over):
+    data = {
+        "name": "prior",
+        "trial": {"teacher": "demo", "device": "cpu",
+                  "data": {"source": "teacher-samples", "seq_len": 32, "num_samples": 16, "val_blocks": 2, "top_k": 0},
+                  "stage1": {"max_steps": 4, "eval_every": 2, "batch_size": 2, "eval_batches": 1}},
+        "space": {"groups": ["attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
+                  "min_compression": 2, "max_compression": 64, "max_aspect": 16, "max_shapes": 4},
+        "search": {"num_samples": 4, "storage": str(tmp_path / "runs"), "asha": None},
+    }
+    for key, value in over.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return load_search_config(data)
+
+
+@pytest.fixture(scope="module")
+def demo_space(tmp_path_factory):
+    """The demo teacher's space with its damages (calibration on 512 sampled tokens, cached under tmp)."""
+    tmp = tmp_path_factory.mktemp("prior")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
+    try:
+        text = tmp / "calib.txt"  # a small local corpus: faster than sampling the teacher
+        words = ("the model of a river is not the river but a map that the search reads in one pass and then "
+                 "compresses into factors whose error it measures on held out tokens").split()
+        text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(60)))
+        cfg = _cfg(tmp, **{"trial.init": {"method": "data", "calib": str(text), "calib_tokens": 512},
+                           "space.groups": ["attention_output", "ffn_in"], "space.max_shapes": 3})
+        space = SearchSpace.from_config(cfg)
+        from search.prior import search_damages
+
+        damages = search_damages(cfg, space)
+        yield cfg, space, damages, tmp
+    finally:
+        mp.undo()
+
+
+def test_defaults_are_both_methods_and_the_data_aware_init(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert cfg.space.methods == ["kronecker", "lowrank"]
+    assert cfg.trial.init_config.method == "data"
+    assert "init" not in cfg.trial_section  # the section stays as written; the default is applied to trials
+    assert _cfg(tmp_path, **{"trial.init": "svd"}).trial.init_config.method == "svd"
+
+
+def test_damages_cover_every_linear_option_and_keep_is_free(demo_space):
+    cfg, space, damages, _ = demo_space
+    for c in space.choices:
+        for mx in c.matrices:
+            assert set(damages[mx.name]) == {o for o in c.options if o != "keep"}
+            assert all(0 <= d < 10 for d in damages[mx.name].values())
+        assert choice_damage(c, "keep", damages) == 0.0
+    # on a given matrix, a low-rank option of higher rank never does worse (nested whitened truncations)
+    c = space.choices[0]
+    ranks = sorted((int(o[2:]), damages[c.matrices[0].name][o]) for o in c.options if o.startswith("lr"))
+    assert len(ranks) >= 2 and all(a[1] >= b[1] - 1e-9 for a, b in zip(ranks, ranks[1:]))
+
+
+def test_damages_are_cached_on_disk(demo_space, monkeypatch):
+    cfg, space, damages, tmp = demo_space
+    files = list((tmp / "cache" / "damages").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["damages"] == damages
+    import kron.profile
+
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
+    monkeypatch.setattr(kron.profile, "option_damages", lambda *a, **k: pytest.fail("recomputed"))
+    from search.prior import search_damages
+
+    assert search_damages(cfg, space) == damages
+
+
+def test_the_prior_drops_options_above_the_threshold_but_never_a_whole_choice(demo_space):
+    _, space, damages, _ = demo_space
+    everything = pruned_options(space, damages, 1e9)
+    assert everything == {}
+    nothing = pruned_options(space, damages, 1e-12)  # every option too damaging: the best of each choice stays
+    for c in space.choices:
+        kept = [o for o in c.options if o not in nothing.get(c.key, [])]
+        assert len(kept) == 1 and kept[0] == min(c.options, key=lambda o: choice_damage(c, o, damages))
+    mid = sorted(d for v in damages.values() for d in v.values())[len(damages) * 3]
+    pruned = space.with_damages(damages)  # no prior configured: nothing dropped
+    assert [c.options for c in pruned.choices] == [c.options for c in space.choices]
+    from search.config import SpaceConfig
+
+    cfg2 = SpaceConfig.model_validate({**space.config.model_dump(), "prior": {"max_damage": mid}})
+    with_prior = SearchSpace(cfg2, space.info).with_damages(damages)
+    for c in with_prior.choices:
+        scores = [choice_damage(c, o, damages) for o in c.options]
+        assert len(c.options) >= 1
+        if len(c.options) > 1:
+            assert max(scores) <= mid
+    assert sum(len(c.options) for c in with_prior.choices) < sum(len(c.options) for c in space.choices)
+
+
+def test_auto_seeds_spread_over_the_size_range_and_minimise_damage(demo_space):
+    _, space, damages, _ = demo_space
+    seeds = auto_seeds(space, damages, 3, "params")
+    assert len(seeds) == 3
+    sizes = []
+    spaced = space.with_damages(damages).with_seeds(["auto"], None, metric="params")
+    assert [label for label, _ in spaced.seeds] == [label for label, _, _ in seeds]
+    for label, params in spaced.seeds:
+        assert label.startswith("seed:auto@")
+        sizes.append(spaced.plan_costs(params)["params"])
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] < space.info.params
+    # each seed is at least as good (summed damage) as any uniform choice of a single option level at its size
+    for (label, options, _), size in zip(seeds, sizes):
+        total = sum(damages[m][o] for m, o in options.items())
+        for c in space.choices:
+            assert all(choice_damage(c, o, damages) is not None for o in c.options)
+        worst_case = sum(max(damages[mx.name].values()) for c in space.choices for mx in c.matrices)
+        assert total < worst_case
+    assert auto_count("auto") == 3 and auto_count("auto:5") == 5 and auto_count("kngpt2") is None
+    with pytest.raises(ConfigError, match="between 1 and 20"):
+        auto_count("auto:0")
+
+
+def test_auto_seeds_need_the_calibration_data_before_ray_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp_path / "cache"))
+    missing = tmp_path / "nowhere.txt"
+    cfg = _cfg(tmp_path, **{"search.seed_plans": ["auto"], "trial.init": {"method": "data", "calib": str(missing)}})
+    with pytest.raises(ConfigError, match="needs calibration data from .*nowhere.txt"):
+        SearchSpace.from_config(cfg)
+    space = SearchSpace.from_model(meta_model("gpt2"), {"groups": ["ffn_in"], "layers": "all"})
+    with pytest.raises(ConfigError, match="needs the teacher's calibration statistics"):
+        space.with_seeds(["auto"], meta_model("gpt2"))
+    counted = SearchSpace.from_model(meta_model("gpt2"), {"groups": ["ffn_in"], "layers": {"count": 2}})
+    with pytest.raises(ConfigError, match="layers are all, free or a fixed list"):
+        auto_seeds(counted, {}, 2, "params")
+
+
+def test_a_glue_only_trial_calibrates_on_its_task_sentences(tmp_path):
+    from trials.calibration import default_calib_source
+    from trials.config import TrialConfig
+
+    cfg = TrialConfig.model_validate({"teacher": "config:bert", "plan": {"preset": "uniform:2"}, "stage1": None,
+                                      "glue": {"task": "sst2", "source": str(tmp_path), "max_len": 48},
+                                      "stage2": {"max_steps": 2}})
+    assert default_calib_source(cfg) == (f"glue:sst2:{tmp_path}", 48)
+    lm = TrialConfig.model_validate({"teacher": "demo", "plan": {"preset": "uniform:2"}})
+    assert default_calib_source(lm) == ("teacher-samples", lm.data.seq_len)
