@@ -62,13 +62,72 @@ def losses(summary: dict) -> list:
     return [(h.get("loss"), h.get("quality")) for h in summary["history"]]
 
 
-def measure(name: str, path: Path, steps: int | None, repeats: int, disk: bool, tmp: Path) -> dict:
+def components(base: dict, n: int = 12) -> dict:
+    """Interleaved at the finest grain (robust to a busy machine): per training batch, the teacher's forward pass,
+    a cache hit for the same batch, and the student's step (forward, ILKD loss, backward, AdamW) -- medians over
+    `n` batches after one warm-up, and the step-time speed-up they imply, (teacher + student) / (hit + student)."""
+    import torch
+
+    from trials.config import load_trial_config
+    from trials.distill import DistillWeights, forward_for_distillation, ilkd_loss
+    from trials.evaluate import batches
+    from trials.teacher_cache import TeacherCache, TeacherOutputs, teacher_identity
+    from trials.trial import _teacher_key, build_student, load_lm_data, load_teacher
+
+    cfg = load_trial_config(base)
+    device = torch.device("cpu")
+    teacher, tok = load_teacher(cfg, device)
+    train, _ = load_lm_data(cfg, teacher, tok, device)
+    student, _, _ = build_student(cfg, teacher)
+    if hasattr(student, "set_attn_implementation"):
+        student.set_attn_implementation("eager")
+    student.train()
+    st = cfg.stage1
+    w = DistillWeights(**st.distill.model_dump(exclude={"layer_map"}))
+    keep = w.logits > 0
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=st.lr)
+    cache = TeacherCache()
+    cache.configure(memory_mb=1 << 14)
+    ctx = teacher_identity(_teacher_key(cfg, device), teacher)
+    it = batches({"input_ids": train}, st.batch_size, shuffle=True, seed=cfg.seed)
+    rows = []
+    for i in range(n + 1):
+        ids = next(it)["input_ids"]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = TeacherOutputs.from_model_output(forward_for_distillation(teacher, ids), keep)
+        t1 = time.perf_counter()
+        cache.get_or_compute(ctx, ids, None, lambda: out, keep)
+        t2 = time.perf_counter()
+        hit = cache.get_or_compute(ctx, ids, None, lambda: None, keep)
+        t3 = time.perf_counter()
+        assert hit is out
+        s_out = forward_for_distillation(student, ids, None, ids)
+        loss = ilkd_loss(s_out, hit, w, ce_loss=s_out.loss).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t4 = time.perf_counter()
+        if i:
+            rows.append((t1 - t0, t3 - t2, t4 - t3))
+    med = [statistics.median(r[k] for r in rows) for k in range(3)]
+    return {"teacher_fwd_s": round(med[0], 4), "cache_hit_s": round(med[1], 5), "student_step_s": round(med[2], 4),
+            "teacher_share": round(med[0] / (med[0] + med[2]), 3),
+            "implied_speedup": round(statistics.median((a + c) / (b + c) for a, b, c in rows), 3)}
+
+
+def measure(name: str, path: Path, steps: int | None, repeats: int, disk: bool, tmp: Path,
+            components_only: bool = False) -> dict:
     from trials.teacher_cache import teacher_cache
     from trials.trial import clear_caches, prepare_data, run_trial
 
     base = trial_config(path, steps)
     clear_caches()
     prepare_data(base, "cpu")  # teacher and data, as the search's driver / a worker's first trial does
+    parts = components(base)
+    if components_only:
+        return {"config": name, "batch": f"{base['stage1']['batch_size']}x{base['data']['seq_len']}",
+                "logits_kept": (base["stage1"].get("distill") or {}).get("logits", 0) > 0, **parts}
     cache = teacher_cache()
 
     def run(variant: str, label: str) -> dict:
@@ -123,6 +182,7 @@ def measure(name: str, path: Path, steps: int | None, repeats: int, disk: bool, 
         "rss_growth_mb_while_filling": round(rss_filled - rss0, 1),
         "disk_mb_float16": disk_mb,
         "identical_losses": same,
+        **parts,
     }
     clear_caches()
     return res
@@ -135,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="off / reused pairs per config")
     p.add_argument("--disk", action="store_true", help="also time the float16 disk tier alone")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--components-only", action="store_true",
+                   help="only the interleaved per-batch timing (teacher pass, cache hit, student step)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -151,12 +213,23 @@ def main(argv=None) -> int:
         os.chdir(REPO)  # wikitext2.yaml's data path is relative to the repository root
         try:
             steps = 6 if args.smoke else (args.steps if name == "wikitext2" else None)
-            results.append(measure(name, CONFIGS[name], steps, 1 if args.smoke else args.repeats, args.disk, tmp))
+            results.append(measure(name, CONFIGS[name], steps, 1 if args.smoke else args.repeats, args.disk, tmp,
+                                   args.components_only))
         finally:
             os.chdir(cwd)
     load = os.getloadavg()
     print(f"teacher reuse, one process, 1 thread; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"(1 / 5 / 15 min) on {os.cpu_count()} cores")
+    print("per batch, interleaved (medians): teacher pass vs cache hit, student step, implied step speed-up")
+    for r in results:
+        print(f"  {r['config']:<11} {r['batch']}{' +logits' if r['logits_kept'] else ''}: teacher "
+              f"{1000 * r['teacher_fwd_s']:.0f} ms ({100 * r['teacher_share']:.0f}% of a step) vs hit "
+              f"{1000 * r['cache_hit_s']:.2f} ms; student {1000 * r['student_step_s']:.0f} ms; "
+              f"speed-up {r['implied_speedup']:.2f}x")
+    if args.components_only:
+        print(json.dumps({"benchmark": "teacher_reuse", "components_only": True,
+                          "loadavg": [round(x, 2) for x in load], "results": results}))
+        return 0
     header = ["config", "steps", "batch", "step s (recompute)", "step s (reused)", "speed-up (median)",
               "first trial step s", "cache MB (batches)", "MB/batch", "RSS +MB", "disk f16 step s", "same losses"]
     rows = [[r["config"], str(r["steps"]), r["batch"] + (" +logits" if r["logits_kept"] else ""),

@@ -16,7 +16,7 @@ A cached entry therefore never serves another teacher, other data or another seq
 **Bounds.** Entries are held in memory (CPU, in the teacher's own dtype: a hit returns exactly what the forward
 pass returned, so a trial's losses are identical with and without reuse) up to `memory_mb`. Beyond that they can
 go to disk in float16 up to `disk_mb` (off by default: reading them back rounds every value to half precision,
-so losses then differ in the 3rd–4th significant digit); whatever fits in neither is recomputed every time. When
+so losses then differ slightly); whatever fits in neither is recomputed every time. When
 full, entries of other teachers or data (the least recently used first) are dropped, but entries of the current
 one are never evicted for each other: trials walk the same batches in the same order, and least-recently-used
 eviction of a cyclic walk longer than the cache would miss on every batch, while keeping the first batches hits on
