@@ -47,6 +47,9 @@ class BudgetMixin:
                     for c in self.choices:  # a switched-on layer takes each choice's cheapest option
                         if c.layer == i:
                             p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    for b in self.blocks:  # and prunes its blocks where that is cheaper
+                        if b.layer == i:
+                            p[b.key] = self._block_best(b, 0, {i})
                     yield p
         if self.layer_mode == "count":
             for i in on:
@@ -60,14 +63,42 @@ class BudgetMixin:
                             p.pop(c.key, None)
                         if c.layer == j:
                             p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                    for b in self.blocks:
+                        if b.layer == i:
+                            p.pop(b.key, None)
+                        if b.layer == j:
+                            p[b.key] = self._block_best(b, 0, {j})
                     yield p
+        for b in self.blocks:  # prune a block, change its fraction, or leave it to its matrices again
+            if b.key in params:
+                for o in b.options:
+                    if o != params[b.key]:
+                        yield {**params, b.key: o}
+        skip = self.pruned_members(params)
         for c in self.choices:
+            if c.key in skip:
+                continue
             if c.key in params:
                 for o in c.options:
                     if o != params[c.key]:
                         yield {**params, c.key: o}
             elif c.tied and any(mx.layer in on for mx in c.matrices):
                 yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o][0])}
+
+    def _block_best(self, b, col: int, layers: set[int]) -> str:
+        """The option of block choice `b` with the least cost (Choice.deltas column `col`) over `layers`: a
+        fraction, or "none" when its matrices' own cheapest options cost less (ties: "none")."""
+        from .space import NO_PRUNE
+
+        members = [self._by_key[k] for k in b.members]
+        own = sum(min(c.deltas[o][col] for o in c.options) * sum(1 for mx in c.matrices if mx.layer in layers)
+                  for c in members)
+        best, cost = NO_PRUNE, own
+        for o in b.options[1:]:
+            v = sum(d[col] for i, d in b.deltas[o].items() if i in layers)
+            if v < cost:
+                best, cost = o, v
+        return best
 
     def repair(self, params: dict, max_moves: int = 10_000) -> dict:
         """The nearest plan within budget by greedy local moves (each move lowers the budget excess most);
@@ -95,9 +126,13 @@ class BudgetMixin:
         so the dict is exactly what `define_by_run` would have produced."""
         out = {k: v for k, v in params.items() if re.fullmatch(r"L\d+\.(on|priority)", k)}
         on = self.active_layers(out)
+        for b in self.blocks:
+            if self._block_live(b, on):
+                out[b.key] = params.get(b.key, self._block_best(b, 0, on))
+        skip = self.pruned_members(out)
         for c in self.choices:
             needed = ((c.layer is None and not c.tied) or (c.layer is not None and c.layer in on)
-                      or (c.tied and any(mx.layer in on for mx in c.matrices)))
+                      or (c.tied and any(mx.layer in on for mx in c.matrices))) and c.key not in skip
             if needed:
                 out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o][0]))
         return out
@@ -109,13 +144,21 @@ class BudgetMixin:
         def best(c) -> str:
             return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
 
+        from .space import NO_PRUNE
+
         params: dict[str, Any] = {}
+        # each block pruned where that is cheaper than its matrices' cheapest options (tied: over all its layers)
+        blocks = {b.key: self._block_best(b, col, set(b.names)) for b in self.blocks}
+        params.update(blocks)
+        skip = self.pruned_members(blocks)
         if self.layer_mode in ("free", "count"):
             # a layer's saving when decomposed with its cheapest options (tied groups: per-matrix share)
             saving = {}
             for i in self.fixed_layers:
                 saving[i] = sum(c.deltas[best(c)][col] * sum(1 for mx in c.matrices if mx.layer == i)
-                                for c in self.choices)
+                                for c in self.choices if c.key not in skip)
+                saving[i] += sum(b.deltas[blocks[b.key]][i][col] for b in self.blocks
+                                 if blocks[b.key] != NO_PRUNE and i in b.deltas[blocks[b.key]])
             if self.layer_mode == "free":
                 for i in self.fixed_layers:
                     params[f"L{i}.on"] = saving[i] < 0

@@ -126,7 +126,12 @@ class SpaceConfig(_Strict):
                                                            "spread over log-compression (None: all)")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_SPACE_METHODS),
                                description="compression methods each linear matrix may take (kron.methods: kronecker, "
-                                           "lowrank); with several, the search picks the method per matrix")
+                                           "lowrank, prune); with several, the search picks the method per matrix "
+                                           "(prune: per layer's attention or FFN block, see prune_fractions)")
+    prune_fractions: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        description="with prune in methods: the fractions of a block's units (heads / KV groups, FFN neurons) a "
+                    "pruned attention or FFN block may remove, each in (0, 1); rounded to whole units per block")
     prior: PriorConfig | None = Field(None, description="drop the candidates a sensitivity profile of the teacher "
                                                         "(computed before Ray starts) says are hopeless")
     quantize: list[Literal["none", "int8"]] = Field(
@@ -162,6 +167,15 @@ class SpaceConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)}")
         return list(dict.fromkeys(v))
+
+    @field_validator("prune_fractions")
+    @classmethod
+    def _prune_fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if isinstance(f, bool) or not 0 < f < 1]
+        if not v or bad:
+            raise ValueError(f"prune_fractions must list fractions of units removed, each in (0, 1) (e.g. "
+                             f"[0.25, 0.5]), got {bad or v}")
+        return sorted(set(v))
 
     @field_validator("quantize")
     @classmethod

@@ -8,6 +8,11 @@ dense), so the seed is exactly representable and later samples may reuse its cho
 express — it compresses a matrix outside the searched groups or layers, uses a method not in `space.methods`,
 treats tied matrices differently, or breaks the budget — is an error naming the seed and the reason, before Ray
 starts.
+
+A seed that prunes (the preset `prune:<f>`, or prune rules) is written as the space's block choices ("L3.prune_heads":
+the fraction its kept units remove; a fraction `space.prune_fractions` lacks is added to that choice), so it needs
+prune in `space.methods` and the pruned blocks searched whole; `scope: global` plans (kept units decided across
+layers when the model is pruned) cannot be seeds.
 """
 from __future__ import annotations
 
@@ -64,6 +69,9 @@ def resolve_seeds(names: list[str], model, info, methods: list[str]) -> list[See
             if spec.method not in allowed:
                 raise ConfigError(f"{where} makes {module} {spec.method}, but space.methods is {methods}; add "
                                   f"{spec.method!r} to space.methods")
+            if getattr(spec, "scope", "layer") != "layer":
+                raise ConfigError(f"{where} prunes {module} with scope: {spec.scope}; a search prunes each block by "
+                                  "its own fraction (scope: layer), so such a plan cannot be a seed")
             if getattr(spec, "blocks", 1) != mx.blocks:
                 raise ConfigError(f"{where}: {module} is searched as {mx.blocks} block(s) but the seed factors it "
                                   f"as {getattr(spec, 'blocks', 1)}")
@@ -96,11 +104,16 @@ def seed_options(seed: Seed, space) -> tuple[dict, dict[str, str]]:
         on = set(seed.layers)
         params.update({f"L{i}.priority": 1.0 if i in on else 0.0 for i in space.fixed_layers})
     missing: dict[str, str] = {}
+    pruned = _seed_blocks(seed, space, on, params, missing, where)
     for c in space.choices:
         live = [mx for mx in c.matrices if mx.layer is None or mx.layer in on]
-        if not live:
+        if not live or c.key in pruned:
             continue
         opts = {seed.options.get(mx.name, KEEP) for mx in live}
+        if any(_is_prune(o) for o in opts):
+            raise ConfigError(f"{where} prunes {', '.join(mx.name for mx in live)}, but the space has no prune "
+                              f"choice for that block (prune in space.methods? the block's groups all searched? "
+                              "tie_layers needs the block searched in every layer)")
         if len(opts) > 1:
             raise ConfigError(f"{where}: the matrices of choice {c.key} ({', '.join(mx.name for mx in live)}) take "
                               f"different options {sorted(opts)}, but the space gives them one choice (tie_layers or "
@@ -110,3 +123,46 @@ def seed_options(seed: Seed, space) -> tuple[dict, dict[str, str]]:
         if opt not in c.options:
             missing[c.key] = opt
     return params, missing
+
+
+def _is_prune(option: str) -> bool:
+    return option.startswith("pr:")
+
+
+def _seed_blocks(seed: Seed, space, on: set, params: dict, missing: dict, where: str) -> set[str]:
+    """Write the seed's pruned blocks as the space's block choices (into `params`, with any fraction the space lacks
+    into `missing`); return the keys of the per-matrix choices they override."""
+    from kron.methods import parse_option
+    from kron.methods.prune import removed_units
+
+    overridden: set[str] = set()
+    for b in getattr(space, "blocks", ()):
+        layers = [i for i in b.layers if i in on]
+        if not layers:
+            continue
+        names = [n for i in layers for n in b.names[i]]
+        opts = [seed.options.get(n, KEEP) for n in names]
+        pruned = [parse_option(o) for o in opts if _is_prune(o)]
+        if not pruned:
+            params[b.key] = "none"
+            continue
+        if len(pruned) != len(names):
+            left = [n for n, o in zip(names, opts) if not _is_prune(o)]
+            raise ConfigError(f"{where} prunes part of block {b.key} but not {', '.join(left)}; a block is pruned "
+                              "whole")
+        kept = {i: {parse_option(seed.options[n]).kept for n in b.names[i]} for i in layers}
+        units = {i: parse_option(seed.options[b.names[i][0]]).units for i in layers}
+        opt = next((o for o in b.options[1:] if all(
+            {parse_option(s).kept for s in b.specs[o][i].values()} == kept[i] for i in layers)), None)
+        if opt is None:
+            fractions = {f"{(units[i] - min(kept[i])) / units[i]:.6g}" for i in layers}
+            label = fractions.pop()
+            if fractions or any(len(kept[i]) > 1 or units[i] - removed_units(float(label), units[i]) != min(kept[i])
+                                for i in layers):
+                raise ConfigError(f"{where}: the blocks of choice {b.key} are pruned by different fractions, but the "
+                                  "space gives them one choice (tie_layers)")
+            opt = label
+            missing[b.key] = label
+        params[b.key] = opt
+        overridden.update(b.members)
+    return overridden

@@ -10,7 +10,13 @@ plus any user groups given by module selectors), and the space is a set of categ
 * options are factor shapes encoded as "m1xn1,m2xn2,rR" (A m1 x n1 ⊗ B m2 x n2, rank R; for GPT-2's fused
   c_attn the shape of each of the 3 blocks), "f4" for an embedding factor, or "keep";
 * which layers are decomposed: all, a fixed mask, one boolean per layer ("L3.on", `layers: free`), or exactly k
-  layers (`layers: {count: k}`: a priority in [0, 1] per layer "L3.priority", the k highest win).
+  layers (`layers: {count: k}`: a priority in [0, 1] per layer "L3.priority", the k highest win);
+* with `prune` in `space.methods`, one block choice per layer and block ("L3.prune_heads", "L3.prune_ffn"; one per
+  block kind with `tie_layers`): "none", or a fraction of the block's heads (key/value groups) or FFN neurons
+  removed. Structured pruning removes units from every matrix of a block together (Q, K, V and the attention
+  output; all FFN matrices), so it is offered only where the space searches the whole block (groups attention +
+  attention_output, ffn_in + ffn_out), and a pruned block's matrices take no choice of their own: the block choice
+  is drawn first and their per-matrix choices are then not drawn (`BlockChoice`).
 
 The same drawing code serves Optuna (`define_by_run`) and plain random sampling (`sample`), so both always agree
 on which parameters exist. Costs are computed analytically (`plan_cost`): the teacher's counts plus, for each
@@ -35,6 +41,8 @@ from .model_info import Matrix, ModelInfo, inspect_model, teacher_skeleton  # no
 
 __all__ = [
     "KEEP",
+    "NO_PRUNE",
+    "BlockChoice",
     "Choice",
     "Matrix",
     "PlanCost",
@@ -48,7 +56,9 @@ PLAN_INFO_KEYS = ("plan_summary", "plan_params", "plan_params_excl_output_embedd
                   "plan_macs_per_token")
 
 KEEP = "keep"
-
+NO_PRUNE = "none"  # a block choice's option that leaves the block to its matrices' own choices
+# the space's groups that make up a prunable block (kron.methods.prune removes a unit from all of them at once)
+PRUNE_GROUPS = {"heads": ("attention", "attention_output"), "ffn": ("ffn_in", "ffn_out")}
 
 
 def parse_option(option: str) -> dict | str:
@@ -91,11 +101,42 @@ class Choice:
         return self.layer is None and any(mx.layer is not None for mx in self.matrices)
 
 
+@dataclass(frozen=True)
+class BlockChoice:
+    """Structured pruning of one layer's attention ("heads") or FFN ("ffn") block — or, with tie_layers, of that
+    block in every searched layer: "none" (the block's matrices take their own choices, `members`) or a fraction of
+    its units removed ("0.5"), which gives every matrix of the block its PruneSpec and overrides `members`."""
+
+    key: str  # "L3.prune_heads", or "prune_heads" when tied
+    part: str  # "heads" | "ffn"
+    layer: int | None  # None: tied across layers
+    options: tuple[str, ...]  # "none", then the fractions removed, ascending
+    members: tuple[str, ...]  # keys of the per-matrix choices of the block's matrices
+    names: dict = field(compare=False, hash=False, repr=False)  # layer -> the block's matrix names, model order
+    # option -> layer -> {matrix name: PruneSpec option string (blocks left to `resolved`, as for every option)}
+    specs: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # option -> layer -> (Δparams, Δparams excluding the output embedding, Δmacs, Δbytes) of that layer's block
+    deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def tied(self) -> bool:
+        return self.layer is None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.names)
+
+
 # ----------------------------------------------------------------------------------------------- the space
 
 
 class SearchSpace(BudgetMixin):
     """All plans of a `space:` section for one teacher; see the module docstring for the parametrisation."""
+
+    # class defaults: a space pickled before prune was searchable (a resumed search's scheduler) has no blocks
+    blocks: Sequence[BlockChoice] = ()
+    _blocks_by_key: dict = {}
+    _prunable: dict = {}
 
     def __init__(self, space: SpaceConfig, info: ModelInfo, *, extra_options: dict[str, list[str]] | None = None,
                  dropped_options: dict[str, list[str]] | None = None, damages: dict | None = None):
@@ -106,11 +147,14 @@ class SearchSpace(BudgetMixin):
         self.damages = damages  # module -> option -> damage of the teacher's sensitivity profile, when computed
         self.seeds: list[tuple[str, dict]] = []  # (label, parameters) of the seed plans, evaluated first
         self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
+        self._prunable = self._prunable_blocks(space, info)
         self.choices: list[Choice] = self._build_choices(space, info)
-        if not self.choices:
+        self.blocks: list[BlockChoice] = self._build_blocks(space, info)
+        if not self.choices and not self.blocks:
             raise ConfigError("space: nothing to search — no matrix of the selected groups lies in the decomposed "
                               f"layers {self.fixed_layers}")
         self._by_key = {c.key: c for c in self.choices}
+        self._blocks_by_key = {b.key: b for b in self.blocks}
         if self.size() == 0:
             raise ConfigError("space: every plan of this space is empty (nothing decomposed), e.g. layers {count: 0} "
                               "with only per-layer groups; decompose at least one layer or add the embedding group")
@@ -232,8 +276,8 @@ class SearchSpace(BudgetMixin):
 
         sc = self.config
         rows, cols = dims
-        methods = ["kron_embedding"] if kind == "embedding" else list(sc.methods)
-        method = get_method(methods[0])
+        # prune is drawn per block (BlockChoice), never as a matrix's own option
+        methods = ["kron_embedding"] if kind == "embedding" else [m for m in sc.methods if m != "prune"]
         listed = sc.shapes.get(group) if sc.shapes else None
         specs = []
         if listed:
@@ -243,7 +287,7 @@ class SearchSpace(BudgetMixin):
                 spec = _parse_or_error(o, group)
                 if kind == "embedding":
                     f = getattr(spec, "factor", None)
-                    if spec.method != method.name or cols % f or f < 2:
+                    if spec.method != "kron_embedding" or cols % f or f < 2:
                         raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
                                           f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
                     specs.append(spec)
@@ -251,9 +295,13 @@ class SearchSpace(BudgetMixin):
                 if spec.method == "kron_embedding":
                     raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
                                       f"layers: write m1xn1,m2xn2,r<rank>")
+                if spec.method == "prune":
+                    raise ConfigError(f"space.shapes.{group}: {o!r} is a prune option; pruning is chosen per "
+                                      "attention / FFN block, not per matrix: list prune in space.methods and the "
+                                      "fractions in space.prune_fractions")
                 if spec.method not in methods:
                     raise ConfigError(f"space.shapes.{group}: {o!r} is a {spec.method} option but space.methods is "
-                                      f"{methods}; add {spec.method!r} to space.methods")
+                                      f"{list(sc.methods)}; add {spec.method!r} to space.methods")
                 if spec.method != "kronecker":
                     try:
                         spec.check(Slot(f"space.shapes.{group}", example, "linear", "", rows, cols))
@@ -315,11 +363,104 @@ class SearchSpace(BudgetMixin):
             return 0
         return parse_spec(option).bytes(rows, cols, width) - rows * cols * width
 
+    def _prunable_blocks(self, space: SpaceConfig, info: ModelInfo) -> dict:
+        """(layer, part) -> {matrix name: prune context} of the blocks a plan may prune: those of the decomposed
+        layers whose every matrix the space searches in the block's own groups (PRUNE_GROUPS); with tie_layers only
+        parts whose block is searched in every such layer. ConfigError where prune is listed but nothing (or, with
+        prune alone, not everything searched) can be pruned."""
+        if "prune" not in space.methods:
+            return {}
+        searched = {mx.name: mx for mx in info.matrices if mx.layer in set(self.fixed_layers)}
+        out, why = {}, []
+        for (layer, part), block in sorted((getattr(info, "prune_blocks", None) or {}).items()):
+            if layer not in self.fixed_layers:
+                continue
+            if "error" in block:
+                why.append(block["error"])
+                continue
+            if all(n in searched and searched[n].group in PRUNE_GROUPS[part] for n in block):
+                out[(layer, part)] = block
+        if space.tie_layers:  # one choice for the block in every layer: only where every layer has it whole
+            for part in PRUNE_GROUPS:
+                if any((i, part) not in out for i in self.fixed_layers):
+                    out = {k: v for k, v in out.items() if k[1] != part}
+        if not out:
+            raise ConfigError(
+                "space.methods: prune removes whole attention heads (from a layer's Q, K, V and attention output "
+                "together: groups attention + attention_output) or FFN neurons (from all its FFN matrices: groups "
+                f"ffn_in + ffn_out), but this space searches no such block whole (groups {space.groups}"
+                + (f", layers {self.fixed_layers}" if self.layer_mode == "fixed" else "") + ")"
+                + (f"; {why[0]}" if why else "") + "; add the missing groups or drop prune")
+        if not [m for m in space.methods if m != "prune"]:
+            in_blocks = {n for block in out.values() for n in block}
+            loose = [mx for mx in searched.values() if mx.kind != "embedding" and mx.name not in in_blocks]
+            if loose:
+                raise ConfigError(
+                    f"space.methods: with prune alone, every searched matrix must belong to a prunable block, but "
+                    f"{loose[0].name} (group {loose[0].group}) does not (its block's other groups are not searched, "
+                    "or tie_layers needs the block in every layer); add kronecker or lowrank to space.methods, or "
+                    "search the whole block")
+        return out
+
+    def _build_blocks(self, space: SpaceConfig, info: ModelInfo) -> list[BlockChoice]:
+        """The prune choices of the prunable blocks (see `BlockChoice`), each layer's heads before its FFN."""
+        from kron.methods.prune import PruneSpec, removed_units
+
+        per_key: dict[tuple, dict[int, dict]] = {}
+        for (layer, part), block in self._prunable.items():
+            per_key.setdefault((None if space.tie_layers else layer, part), {})[layer] = block
+        mats = {mx.name: mx for mx in info.matrices}
+        width = info.float_width
+        out = []
+        for (layer, part), blocks in sorted(per_key.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0],
+                                                                             list(PRUNE_GROUPS).index(kv[0][1]))):
+            key = f"prune_{part}" if layer is None else f"L{layer}.prune_{part}"
+            units = {i: next(iter(b.values()))["units"] for i, b in blocks.items()}
+            first = units[min(units)]
+            # each option is named by the fraction it removes exactly (of the first layer's units: every layer of a
+            # transformers model has the same), so fractions that round to the same count are one option
+            wanted = list(space.prune_fractions) + [float(x) for x in self._extra_options.get(key, ())]
+            labels = {f"{removed_units(f, first) / first:.6g}" for f in wanted}
+            specs, deltas = {}, {}
+            for label in sorted(labels, key=float):
+                kept = {i: u - removed_units(float(label), u) for i, u in units.items()}
+                if not all(0 < kept[i] < units[i] for i in units):
+                    continue  # removes nothing, or every unit
+                specs[label], deltas[label] = {}, {}
+                for i, block in blocks.items():
+                    specs[label][i], total = {}, [0, 0, 0, 0]
+                    for name, ctx in block.items():
+                        mx = mats[name]
+                        sp = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i],
+                                       blocks=mx.blocks)
+                        dense = mx.m * mx.n
+                        d_bias = sp.pruned_dims(mx.m, mx.n)[0] - mx.m if ctx["bias"] else 0  # rows lose their bias
+                        dp = sp.params(mx.m, mx.n) - dense + d_bias
+                        total[0] += dp
+                        total[1] += dp
+                        total[2] += sp.macs(mx.m, mx.n) - dense
+                        total[3] += sp.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
+                        specs[label][i][name] = PruneSpec(part=part, side=ctx["side"], units=ctx["units"],
+                                                          kept=kept[i]).option()
+                    deltas[label][i] = tuple(total)
+            if not specs:
+                continue  # e.g. a single head: nothing to prune
+            members = tuple(c.key for c in self.choices if c.group in PRUNE_GROUPS[part] and c.layer == layer
+                            and (layer is not None or c.tied))
+            names = {i: list(b) for i, b in blocks.items()}
+            out.append(BlockChoice(key, part, layer, (NO_PRUNE, *specs), members, names, specs, deltas))
+        return out
+
     def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
         active_layers = set(self.fixed_layers)
+        # with prune as the only linear method, a prunable block's matrices have no choice of their own
+        block_only = set() if [m for m in space.methods if m != "prune"] else {
+            n for block in self._prunable.values() for n in block}
         buckets: dict[tuple, list[Matrix]] = {}
         for mx in info.matrices:
             if mx.layer is not None and mx.layer not in active_layers:
+                continue
+            if mx.name in block_only:
                 continue
             tied = space.tie_layers or mx.layer is None
             layer = None if tied else mx.layer
@@ -366,13 +507,35 @@ class SearchSpace(BudgetMixin):
         """Draw one plan's parameters through the two callbacks (Optuna's suggest_* or a random generator)."""
         params: dict[str, Any] = {}
         on = self._draw_layers(params, categorical, uniform)
+        pruned: set[str] = set()
+        for b in self.blocks:  # before the matrices: a pruned block's matrices take no choice of their own
+            if not self._block_live(b, on):
+                continue
+            params[b.key] = categorical(b.key, b.options)
+            if params[b.key] != NO_PRUNE:
+                pruned.update(b.members)
         for c in self.choices:
+            if c.key in pruned:
+                continue
             if c.layer is not None and c.layer not in on:
                 continue
             if c.tied and not any(mx.layer in on for mx in c.matrices):
                 continue  # tied group with every layer switched off
             params[c.key] = categorical(c.key, c.options)
         return params
+
+    @staticmethod
+    def _block_live(b: BlockChoice, on: set[int]) -> bool:
+        """Whether a block choice is drawn when the layers `on` are decomposed."""
+        return b.layer in on if b.layer is not None else any(i in on for i in b.names)
+
+    def pruned_members(self, params: dict) -> set[str]:
+        """Keys of the per-matrix choices that the plan's pruned blocks override (not drawn, ignored if given)."""
+        out: set[str] = set()
+        for b in self.blocks:
+            if params.get(b.key, NO_PRUNE) != NO_PRUNE:
+                out.update(b.members)
+        return out
 
     def _draw_layers(self, params: dict, categorical, uniform) -> set[int]:
         if self.layer_mode == "free":
@@ -440,9 +603,10 @@ class SearchSpace(BudgetMixin):
 
     def _check(self, params: dict) -> None:
         for key, value in params.items():
-            if key in self._by_key:
-                if value not in self._by_key[key].options:
-                    raise ConfigError(f"plan parameter {key}={value!r} is not one of {list(self._by_key[key].options)}")
+            choice = self._by_key.get(key) or self._blocks_by_key.get(key)
+            if choice is not None:
+                if value not in choice.options:
+                    raise ConfigError(f"plan parameter {key}={value!r} is not one of {list(choice.options)}")
             elif key in PLAN_INFO_KEYS:  # a trial's Ray config also carries the plan's summary and sizes
                 continue
             elif not re.fullmatch(r"L\d+\.(on|priority)", key):
@@ -454,15 +618,16 @@ class SearchSpace(BudgetMixin):
             names += [f"L{i}.on" for i in self.fixed_layers]
         elif self.layer_mode == "count":
             names += [f"L{i}.priority" for i in self.fixed_layers]
-        return names + [c.key for c in self.choices]
+        return names + [b.key for b in self.blocks] + [c.key for c in self.choices]
 
     def assignment(self, params: dict) -> dict[str, str]:
         """Module name -> option string for every matrix the plan decomposes (kept ones left out)."""
         self._check(params)
         on = self.active_layers(params)
+        skip = self.pruned_members(params)
         out: dict[str, str] = {}
         for c in self.choices:
-            if c.key not in params:
+            if c.key not in params or c.key in skip:
                 continue
             opt = params[c.key]
             if opt == KEEP:
@@ -470,6 +635,16 @@ class SearchSpace(BudgetMixin):
             for mx in c.matrices:
                 if mx.layer is None or mx.layer in on:
                     out[mx.name] = opt
+        for b in self.blocks:
+            opt = params.get(b.key, NO_PRUNE)
+            if opt == NO_PRUNE:
+                continue
+            for i, specs in b.specs[opt].items():
+                if i in on:
+                    out.update(specs)
+        if self.blocks:  # model order, as without blocks
+            order = {mx.name: k for k, mx in enumerate(self.info.matrices)}
+            out = dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
         return out
 
     def resolved(self, params: dict) -> dict[str, dict]:
@@ -495,11 +670,13 @@ class SearchSpace(BudgetMixin):
 
         grouped: dict[str, tuple[dict, list[str]]] = {}
         for name, spec in self.resolved(params).items():
-            key = repr(sorted(spec.items()))
-            grouped.setdefault(key, (spec, []))[1].append(name)
+            rule = spec_from_dict(spec).to_rule()
+            # prune rules name a fraction, resolved per matrix against its block: one rule per fraction
+            key = repr(sorted(rule.items())) if "prune" in spec else repr(sorted(spec.items()))
+            grouped.setdefault(key, (rule, []))[1].append(name)
         rules = []
-        for spec, names in grouped.values():
-            rules.append({"select": names[0] if len(names) == 1 else names, **spec_from_dict(spec).to_rule()})
+        for rule, names in grouped.values():
+            rules.append({"select": names[0] if len(names) == 1 else names, **rule})
         return rules
 
     def to_plan_dict(self, params: dict, name: str | None = None) -> dict:
@@ -517,9 +694,17 @@ class SearchSpace(BudgetMixin):
         p_all, p_excl, macs = self.info.params, self.info.params_excl_output_embedding, self.info.macs
         # a space pickled by 0.1.0 (a resumed search's scheduler) has no byte counts: float32 weights then
         n_bytes = getattr(self.info, "bytes", None) or 4 * self.info.params
+        skip = self.pruned_members(params)
+        for b in self.blocks:
+            opt = params.get(b.key, NO_PRUNE)
+            if opt == NO_PRUNE:
+                continue
+            for i, (dp, de, dm, db) in b.deltas[opt].items():
+                if i in on:
+                    p_all, p_excl, macs, n_bytes = p_all + dp, p_excl + de, macs + dm, n_bytes + db
         for c in self.choices:
             opt = params.get(c.key)
-            if opt is None:
+            if opt is None or c.key in skip:
                 continue
             dp, de, dm, *rest = c.deltas[opt]
             db = rest[0] if rest else 4 * dp
@@ -542,8 +727,12 @@ class SearchSpace(BudgetMixin):
         if self.layer_mode in ("free", "count"):
             on = sorted(self.active_layers(params))
             parts.append("layers " + (",".join(map(str, on)) if on else "none"))
+        skip = self.pruned_members(params)
+        for b in self.blocks:
+            if b.key in params:
+                parts.append(f"{b.key} {params[b.key]}")
         for c in self.choices:
-            if c.key in params:
+            if c.key in params and c.key not in skip:
                 parts.append(f"{c.key} {params[c.key]}")
         return " | ".join(parts)
 
@@ -562,18 +751,27 @@ class SearchSpace(BudgetMixin):
             return True
         return all(KEEP in c.options for c in layered)
 
+    def _count(self, choices: list[Choice], blocks: Sequence[BlockChoice]) -> int:
+        """Distinct assignments of a set of choices and the block choices among them: a pruned block is one
+        assignment of its matrices whatever their own choices, an unpruned one leaves them to those choices."""
+        members = {k for b in blocks for k in b.members}
+        n = math.prod(len(c.options) for c in choices if c.key not in members)
+        for b in blocks:
+            n *= len(b.options) - 1 + math.prod(len(c.options) for c in choices if c.key in b.members)
+        return n
+
     def _size_with_empty(self) -> int:
         allow_keep = {c.key: KEEP in c.options for c in self.choices}
-        n_opts = {c.key: len(c.options) for c in self.choices}
         non_layer = [c for c in self.choices if c.layer is None and not c.tied]
         tied = [c for c in self.choices if c.tied]
-        base = math.prod(n_opts[c.key] for c in non_layer)
+        tied_blocks = [b for b in self.blocks if b.tied]
+        base = self._count(non_layer, [])
         if self.layer_mode not in ("free", "count"):
-            return base * math.prod(n_opts[c.key] for c in self.choices if c not in non_layer)
+            return base * self._count([c for c in self.choices if c not in non_layer], self.blocks)
         L = len(self.fixed_layers)
-        if tied:
+        if tied or tied_blocks:
             # which layers are on x one shared option per tied group; all-keep collapses onto "no layer on"
-            P = math.prod(n_opts[c.key] for c in tied)
+            P = self._count(tied, tied_blocks)
             P_eff = P - (1 if all(allow_keep[c.key] for c in tied) else 0)
             if self.layer_mode == "free":
                 return base * ((2 ** L - 1) * P_eff + 1)
@@ -583,8 +781,9 @@ class SearchSpace(BudgetMixin):
         per_layer = []
         for i in self.fixed_layers:
             cs = [c for c in self.choices if c.layer == i]
-            P = math.prod(n_opts[c.key] for c in cs)
-            per_layer.append(P - (1 if cs and all(allow_keep[c.key] for c in cs) else 0))
+            bs = [b for b in self.blocks if b.layer == i]
+            P = self._count(cs, bs)
+            per_layer.append(P - (1 if (cs or bs) and all(allow_keep[c.key] for c in cs) else 0))
         if self.layer_mode == "free":
             return base * math.prod(1 + p for p in per_layer)
         # exactly k layers on; layers whose options are all "keep" look like switched-off ones, so the distinct
@@ -614,6 +813,12 @@ class SearchSpace(BudgetMixin):
             example = ", ".join(cs[0].options[:3]) + (", ..." if len(cs[0].options) > 3 else "")
             lines.append(f"  {g:<17} {n_mats:>3} matrices, block {' / '.join(f'{a}x{b}' for a, b in dims)}: "
                          f"{len(cs)} choice(s) of {'/'.join(map(str, opts))} options (e.g. {example})")
+        for part in PRUNE_GROUPS:
+            bs = [b for b in self.blocks if b.part == part]
+            if bs:
+                what = "attention heads" if part == "heads" else "FFN neurons"
+                lines.append(f"  prune_{part:<11} {len(bs):>3} block choice(s) ({what} removed; a pruned block's "
+                             f"matrices take no other option): {' | '.join(bs[0].options)}")
         mode = {"fixed": f"fixed {self.fixed_layers}", "free": "free (one on/off per layer)",
                 "count": f"exactly {self.count} of {len(self.fixed_layers)}"}.get(self.layer_mode, self.layer_mode)
         lines.append(f"  layers decomposed: {mode}; tie_layers: {self.config.tie_layers}")
