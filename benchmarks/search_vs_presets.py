@@ -1,16 +1,25 @@
-"""Does the search beat the hand-designed plans? (issue: analysis, evidence)
+"""Does the search beat every plan a researcher could pick by hand? (#12, evidence)
 
     python benchmarks/search_vs_presets.py --data ../shared/data/wikitext-2 [--trials 24] [--steps 60]
 
-1. A multi-objective search (TPE + ASHA, quality = WikiText-2 valid perplexity, size = parameters) of --trials
-   plans for the bundled demo teacher: per layer and per matrix (embedding, Q/K/V, attention output, FFN in/out)
-   whether to decompose it and with which Kronecker shape (2x to 32x per matrix).
-2. Reference trials with the SAME trial settings and ILKD budget (--steps steps): the teacher itself, the `kngpt2`
-   preset, `uniform:2`, the low-rank baseline `lowrank:2` (same matrices and size as uniform:2) and layer dropping
-   (keep the odd layers, DistilGPT2-style, initialised from the teacher).
-3. `analysis.compare` overlays everything in one plot and one table, and says for each reference whether a
-   searched plan dominates it (no more parameters, no worse perplexity) and by how much.
-Prints the comparison table and one JSON line; everything lands under --out.
+Everything below is trained with the SAME trial settings and ILKD budget (--steps steps, data-aware init for every
+structure that has one), on the bundled demo teacher and WikiText-2 (quality = validation perplexity; size =
+parameters without the output embedding, as in the KnGPT2 paper):
+
+1. `search`: the product as a user runs it — TPE + ASHA over per-layer, per-matrix choices of structure (Kronecker
+   shape, low-rank rank, or dense) and the embedding's factor, seeded with `seed_plans: [auto]` (the automatic
+   plans of the teacher's sensitivity at 3 sizes) and the sensitivity prior (`space.prior`).
+2. `random`: the same space and number of trials, sampled at random, no seeds, no prior, no early stopping
+   interplay beyond the same ASHA: does the searcher add anything over chance?
+3. `auto`: the automatic plans alone (what `seed_plans: [auto]` evaluates first), each trained as a plain trial:
+   does the search add anything over them?
+4. references: the teacher, `kngpt2`, `uniform:2`, `uniform:4`, `lowrank:2`, `lowrank:4` (whitened low-rank),
+   `prune:2` (structured pruning: half the heads and FFN neurons), and layer dropping (the odd layers).
+
+`analysis.compare` overlays everything in one plot and one table: for each reference, the best plan of each pool
+at no larger size and whether it dominates the reference; the hypervolume of each pool against a common reference
+point. Prints the tables and one JSON line; everything lands under --out. Parts already run are reused (delete a
+part's folder to rerun it); --parts picks which to run.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ from pathlib import Path
 import yaml
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+PARTS = ("references", "search", "random", "auto")
 
 
 def base_trial(args) -> dict:
@@ -36,22 +46,27 @@ def base_trial(args) -> dict:
         "stage1": {"lr": args.lr, "warmup_steps": 10, "batch_size": 8, "max_steps": args.steps,
                    "eval_every": max(args.steps // 3, 1), "eval_batches": 8, "early_stopping": None,
                    "distill": {"emb": 0.5, "att": 0.5, "hid": 0.5, "ce": 0.1}},
+        "init": "data",
         "seed": 0,
         "threads": 1,
         "save_checkpoint": False,
     }
 
 
-def search_config(args) -> dict:
+def search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
+    space = {"groups": ["embedding", "attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
+             "methods": ["kronecker", "lowrank"], "ranks": [1], "min_compression": 2, "max_compression": 32,
+             "max_aspect": 16, "max_shapes": 6, "allow_keep": True}
+    if prior:
+        space["prior"] = {"max_damage": args.max_damage}
     return {
-        "name": "search",
+        "name": name,
         "trial": base_trial(args),
-        "space": {"groups": ["embedding", "attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
-                  "ranks": [1], "min_compression": 2, "max_compression": 32, "max_aspect": 16, "max_shapes": 6},
-        "search": {"algorithm": "tpe", "num_samples": args.trials, "max_concurrent": 2, "resources": {"cpu": 1},
+        "space": space,
+        "search": {"algorithm": algorithm, "num_samples": args.trials, "max_concurrent": 2, "resources": {"cpu": 1},
                    "seed": 0, "objectives": ["quality", "params_excl_output_embedding"],
                    "asha": {"grace_period": max(args.steps // 3, 1), "reduction_factor": 2},
-                   "storage": str(Path(args.out).resolve()),
+                   "storage": str(Path(args.out).resolve()), "seed_plans": list(seeds),
                    "reference": False},  # the teacher is among the reference trials below
     }
 
@@ -60,16 +75,57 @@ REFERENCES = {
     "teacher": {"method": "teacher"},
     "kngpt2": {"plan": {"preset": "kngpt2"}},
     "uniform:2": {"plan": {"preset": "uniform:2"}},
+    "uniform:4": {"plan": {"preset": "uniform:4"}},
     "lowrank:2": {"method": "lowrank", "lowrank_ratio": 2.0},
+    "lowrank:4": {"method": "lowrank", "lowrank_ratio": 4.0},
+    "prune:2": {"method": "prune", "plan": {"preset": "prune:2"}},
     "layerdrop:odd": {"method": "layerdrop", "keep_layers": "odd"},
 }
 
 
-def _reference(label: str, cfg: dict, out: str) -> dict:
+def _trial(label: str, cfg: dict, out: str) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from trials.trial import run_trial
 
     return run_trial({**cfg, "name": label}, output_dir=out, progress=False)
+
+
+def _run_all(todo: dict[str, tuple[dict, Path]]) -> None:
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        futures = {label: pool.submit(_trial, label, cfg, str(out)) for label, (cfg, out) in todo.items()}
+        for label, f in futures.items():
+            try:
+                f.result()
+            except Exception as exc:  # one failed reference must not hide the others
+                print(f"{label}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _search(args, cfg: dict, out: Path) -> None:
+    if any((out / cfg["name"]).glob("experiment_state-*.json")):
+        return  # already run
+    path = out / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "search.cli", "search", str(path)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
+    """The search's automatic seed plans as plain trials (the same plans `seed_plans: [auto]` evaluates first)."""
+    from search.config import load_search_config
+    from search.space import SearchSpace
+
+    cfg = load_search_config(search_config(args, "search"))
+    space = SearchSpace.from_config(cfg)
+    todo = {}
+    for label, params in space.seeds:
+        name = label.removeprefix("seed:").replace("@", "-")
+        folder = out / "auto" / name
+        if (folder / "trial_summary.json").is_file():
+            continue
+        plan = space.to_plan_dict(params, name=name)
+        todo[name] = ({**base_trial(args), "method": "mixed", "plan": {"rules": plan["rules"]}, "label": name}, folder)
+    return todo
 
 
 def main(argv=None) -> int:
@@ -78,46 +134,52 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
     p.add_argument("--out", default="runs/search_vs_presets")
-    p.add_argument("--skip-search", action="store_true", help="reuse an existing search under --out")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args(argv)
     if not Path(args.data).exists():
         raise SystemExit(f"data not found: {args.data}")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    timings = {}
 
-    refs_dir = out / "references"
-    todo = {label: {**base_trial(args), **patch} for label, patch in REFERENCES.items()
-            if not (refs_dir / label.replace(":", "-") / "trial_summary.json").is_file()}
-    if "teacher" in todo:
-        todo["teacher"]["stage1"] = {**todo["teacher"]["stage1"], "max_steps": 0}
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(_reference, label, cfg, str(refs_dir / label.replace(":", "-")))
-                   for label, cfg in todo.items()]
-        for f in futures:
-            f.result()
-    t_refs = time.time() - t0
-
-    cfg_path = out / "search.yaml"
-    cfg_path.write_text(yaml.safe_dump(search_config(args), sort_keys=False))
-    if not args.skip_search:
-        cmd = [sys.executable, "-m", "search.cli", "search", str(cfg_path)]
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    t_search = time.time() - t0 - t_refs
+    if "references" in args.parts:
+        t = time.time()
+        refs = out / "references"
+        todo = {label: ({**base_trial(args), **patch}, refs / label.replace(":", "-"))
+                for label, patch in REFERENCES.items()
+                if not (refs / label.replace(":", "-") / "trial_summary.json").is_file()}
+        if "teacher" in todo:
+            todo["teacher"][0]["stage1"] = {**todo["teacher"][0]["stage1"], "max_steps": 0}
+        _run_all(todo)
+        timings["references_s"] = time.time() - t
+    if "search" in args.parts:
+        t = time.time()
+        _search(args, search_config(args, "search"), out)
+        timings["search_s"] = time.time() - t
+    if "random" in args.parts:
+        t = time.time()
+        _search(args, search_config(args, "random", algorithm="random", seeds=(), prior=False), out)
+        timings["random_s"] = time.time() - t
+    if "auto" in args.parts:
+        t = time.time()
+        _run_all(_auto_plans(args, out))
+        timings["auto_s"] = time.time() - t
 
     from analysis.compare import compare
 
-    # Sizes as in the KnGPT2 paper: without the output embedding (kept dense when the input embedding is factored).
-    paths = compare([out / "search", refs_dir], out / "compare", labels=["search", "references"],
-                    x="params_excl_output_embedding")
+    pools = [(out / name, name) for name in ("search", "random", "auto") if (out / name).is_dir()]
+    sources = [p for p, _ in pools] + [out / "references"]
+    labels = [n for _, n in pools] + ["references"]
+    paths = compare(sources, out / "compare", labels=labels, x="params_excl_output_embedding",
+                    title="demo teacher, WikiText-2: searched vs hand-made plans")
     import pandas as pd
 
     table = pd.read_csv(out / "compare" / "compare.csv")
     print((out / "compare" / "compare.md").read_text())
     print(json.dumps({"benchmark": "search_vs_presets", "trials": args.trials, "steps": args.steps,
-                      "references_s": round(t_refs, 1), "search_s": round(t_search, 1),
+                      **{k: round(v, 1) for k, v in timings.items()},
                       "plot": str(paths.get("compare.png", out / "compare" / "compare.png")),
                       "table": json.loads(table.to_json(orient="records"))}, default=str))
     return 0

@@ -127,15 +127,25 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
         c = space.plan_costs(p)
         rows.append([str(i), f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}",
                      f"{c['compression_ratio']:.2f}x", f"{c['macs_per_token']:,}", shorten(space.describe(p), 90)])
+    for label, p in space.seeds:  # evaluated first, as trials of the search
+        c = space.plan_costs(p)
+        rows.append([label, f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}",
+                     f"{c['compression_ratio']:.2f}x", f"{c['macs_per_token']:,}", shorten(space.describe(p), 90)])
     size_metric = cfg.size_metric
     cheap = space.cheapest(size_metric)
     c = space.plan_costs(cheap)
     rows.append(["min", f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}", f"{c['compression_ratio']:.2f}x",
                  f"{c['macs_per_token']:,}", shorten(space.describe(cheap), 90)])
     fewest = {"params": "parameters", "params_excl_output_embedding": "parameters excluding the output embedding",
-              "macs_per_token": "multiply-adds"}[size_metric]
-    print(f"{show} sampled plans{' (within the budget)' if space.budget is not None else ''}, and the plan with "
-          f"the fewest {fewest} (min):", file=out)
+              "macs_per_token": "multiply-adds"}.get(size_metric, size_metric)
+    dropped = getattr(space, "_dropped_options", {})
+    if cfg.space.prior is not None:
+        n = sum(len(v) for v in dropped.values())
+        print(f"sensitivity prior (max_damage {cfg.space.prior.max_damage:g}): {n} option(s) dropped over "
+              f"{len(dropped)} choice(s)", file=out)
+    seeds = f", the {len(space.seeds)} seed plan(s)" if space.seeds else ""
+    print(f"{show} sampled plans{' (within the budget)' if space.budget is not None else ''}{seeds}, and the plan "
+          f"with the fewest {fewest} (min):", file=out)
     print(text_table(["#", "params", "params excl. out-emb", "compr.", "MACs/token", "plan"], rows), file=out)
     print("dry run: nothing was started or trained", file=out)
     return samples

@@ -15,6 +15,9 @@ resumed search or a dry run reuses them.
   are respected), at `auto:N` budgets (N = 3 by default) spread evenly in log-size between the cheapest plan of the
   space and the teacher (or the space's budget). Embedding choices have no data-aware damage: they keep the
   teacher's table when the space allows `keep`, else take their mildest factor.
+* Structured pruning (`prune` in space.methods) is a block choice, not a matrix option (`search.space.BlockChoice`):
+  no per-matrix damage describes it, so the prior never drops a block option and automatic seeds leave every block
+  unpruned (its matrices take the options the knapsack picked).
 """
 from __future__ import annotations
 

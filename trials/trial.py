@@ -361,7 +361,7 @@ def _error_text(exc: BaseException) -> str:
 
 def _summary_method(cfg: TrialConfig) -> str:
     """What produced the student: a hand-designed preset is a reference point for analysis, not a search sample."""
-    if cfg.method == "kronecker" and cfg.plan is not None and cfg.plan.preset is not None:
+    if cfg.method in ("kronecker", "prune") and cfg.plan is not None and cfg.plan.preset is not None:
         return "preset"
     return cfg.method
 

@@ -160,3 +160,30 @@ def test_a_glue_only_trial_calibrates_on_its_task_sentences(tmp_path):
     assert default_calib_source(cfg) == (f"glue:sst2:{tmp_path}", 48)
     lm = TrialConfig.model_validate({"teacher": "demo", "plan": {"preset": "uniform:2"}})
     assert default_calib_source(lm) == ("teacher-samples", lm.data.seq_len)
+
+
+def test_a_search_started_by_the_first_release_resumes_with_its_defaults(tmp_path, capsys):
+    from search.config import config_fingerprint
+    from search.resume import _check_fingerprint, adopt_saved_defaults
+
+    cfg = _cfg(tmp_path)
+    folder = tmp_path / "runs" / "prior"
+    folder.mkdir(parents=True)
+    old_space = {k: v for k, v in cfg.space.model_dump(mode="json").items()
+                 if k not in ("methods", "prior", "quantize")}  # 0.1.0 wrote neither key
+    old_fp = {"trial": cfg.trial_section, "space": old_space}
+    (folder / "search_meta.json").write_text(json.dumps({"fingerprint": old_fp}))
+
+    adopted = adopt_saved_defaults(cfg)
+    assert adopted.space.methods == ["kronecker"] and adopted.trial.init_config.method == "svd"
+    assert "earlier release" in capsys.readouterr().err
+    _check_fingerprint(adopted, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")  # matches
+    # under the new defaults the same config would run differently: refused, naming the old defaults
+    with pytest.raises(ConfigError, match=r"defaults were space.methods \['kronecker'\] and trial.init 'svd'"):
+        _check_fingerprint(cfg, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")
+    # what the user set explicitly is kept (and then checked against what the search ran with)
+    mine = _cfg(tmp_path, **{"space.methods": ["lowrank"]})
+    assert adopt_saved_defaults(mine).space.methods == ["lowrank"]
+    # a search this release started is left alone
+    (folder / "search_meta.json").write_text(json.dumps({"fingerprint": config_fingerprint(cfg)}))
+    assert adopt_saved_defaults(cfg) is cfg
