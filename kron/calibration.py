@@ -48,6 +48,7 @@ class ModuleStats:
     mean: torch.Tensor | None = None
     S_heldout: torch.Tensor | None = None
     heldout_tokens: int = 0
+    ridge: float | None = None  # the data-aware init's ridge for this matrix (None: kron.datainit.DEFAULT_RIDGE)
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -13,6 +13,8 @@ stays dense and is left out of the parameter counts.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Mapping
 
@@ -314,7 +316,7 @@ def default_split(init: str) -> str:
 
 
 def compress(model: nn.Module, plan, *, inplace: bool = True, init: str = "svd", calib=None,
-             split: str | None = None) -> CompressionReport:
+             split: str | None = None, ridge: float | None = None) -> CompressionReport:
     """Replace the modules a plan selects with Kronecker layers.
 
     Args:
@@ -329,12 +331,15 @@ def compress(model: nn.Module, plan, *, inplace: bool = True, init: str = "svd",
         split: which side `factor:` rules and `uniform:` presets split among equally compressing shapes: "output"
             (the papers' tie-break) or "input"; default "input" with init="data" (what it serves best), else
             "output".
+        ridge: the data-aware init's ridge, λ = ridge · mean(diag S) added to S (default
+            `kron.datainit.DEFAULT_RIDGE`, 1e-2): larger keeps the factors nearer the weight's own SVD, 0 trusts the
+            calibration data fully.
     Returns a CompressionReport (counts before and after, per-module records).
     """
     _check_init(init, calib)
     plan = as_plan(plan, getattr(model, "config", None))
     resolved = plan.resolve(model, split=split or default_split(init))  # raises before anything changes
-    return apply_specs(model, resolved, inplace=inplace, init=init, calib=calib)
+    return apply_specs(model, resolved, inplace=inplace, init=init, calib=calib, ridge=ridge)
 
 
 def _check_init(init: str, calib) -> None:
@@ -346,12 +351,15 @@ def _check_init(init: str, calib) -> None:
 
 
 def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping], *, inplace: bool = True,
-                init: str = "svd", calib=None) -> CompressionReport:
+                init: str = "svd", calib=None, ridge: float | None = None) -> CompressionReport:
     """Replace modules by name following resolved specs (name -> ModuleSpec | spec dict | "keep").
 
-    init / calib: as in `compress`. A module whose method has no data-aware init is initialised by SVD under
+    init / calib / ridge: as in `compress`. A module whose method has no data-aware init is initialised by SVD under
     init="data" (a note in the report says which); embeddings are always data-free."""
     _check_init(init, calib)
+    if ridge is not None and not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
+                                  and math.isfinite(ridge) and ridge >= 0):
+        raise PlanError(f"ridge must be a finite number >= 0 (λ = ridge · mean(diag S)), got {ridge!r}")
     if not inplace:
         model = copy.deepcopy(model)
     specs = {n: s if s == KEEP or isinstance(s, ModuleSpec) else ModuleSpec.from_dict(s) for n, s in specs.items()}
@@ -393,6 +401,8 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         method = methods.get_method(spec.method)
         linear = module_type(old) in methods.LINEAR_KINDS
         stats = calib.stats(name) if calib is not None and linear and name in calib else None
+        if stats is not None and ridge is not None:
+            stats = dataclasses.replace(stats, ridge=float(ridge))
         extra = {k: v for k, v in extras.get(name, {}).items() if k != "spec"}
         if init == "data" and linear and method.data_init:
             new = method.build(old, spec, "data", stats=stats, **extra)

@@ -72,6 +72,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration token budget (default 8192; 1/8 is held out for the report's output error)")
     p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
+    p.add_argument("--ridge", type=_ridge_arg, default=None, metavar="R",
+                   help="the data-aware init's ridge: λ = ridge · mean(diag S) is added to S (default 0.01); "
+                        "larger stays nearer the weight's own SVD, 0 trusts the calibration data fully")
     p.add_argument("--split", choices=("auto", "output", "input"), default="auto",
                    help="side that factor rules and uniform:<f> split among equally compressing shapes: output (the "
                         "papers' tie-break), input (what data-aware init serves best); auto: input with --init data")
@@ -169,6 +172,12 @@ def _plan(args) -> int:
 # ----------------------------------------------------------------------------------------------- compress
 
 
+def _ridge_arg(text: str) -> float:
+    from .profile_commands import _ridge
+
+    return _ridge(text)
+
+
 def _compress(args) -> int:
     from kron.io import save_compressed
     from kron.models import load_model
@@ -183,6 +192,8 @@ def _compress(args) -> int:
                           "glue:<task>[:DIR] or teacher-samples)")
     if args.calib is None and (args.calib_tokens is not None or args.calib_config is not None):
         raise ConfigError("--calib-tokens and --calib-config describe --calib; give --calib SRC")
+    if args.ridge is not None and args.init != "data":
+        raise ConfigError("--ridge is the data-aware init's; give --init data (and --calib)")
     src = resolve_source(args.model)
     model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
     plan = get_plan(args.plan, model.config)
@@ -190,7 +201,7 @@ def _compress(args) -> int:
     if args.calib is not None:
         calib = calibration_stats_for(args, model, src)
     split = None if args.split == "auto" else args.split
-    report = compress(model, plan, init=args.init, calib=calib, split=split)
+    report = compress(model, plan, init=args.init, calib=calib, split=split, ridge=args.ridge)
     tok = src if Path(src).is_dir() else None
     out = save_compressed(model, plan, args.out, report=report, tokenizer_dir=tok)
     if args.json:

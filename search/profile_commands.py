@@ -30,6 +30,22 @@ def _add_calib_args(p, required: bool) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration token budget (default 8192; 1/8 held out)")
     p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
+    p.add_argument("--ridge", type=_ridge, default=None, metavar="R",
+                   help="the data-aware init's ridge: λ = ridge · mean(diag S) is added to S (default 0.01); "
+                        "larger stays nearer the weight's own SVD, 0 trusts the calibration data fully")
+
+
+def _ridge(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"the ridge must be a finite number >= 0, got {text}")
+    return value
 
 
 def _add_constraint_args(p, defaults: bool) -> None:
@@ -193,7 +209,7 @@ def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tok
     bar = None if quiet else _Bar("profile")
     return profile_model(model, stats, methods=methods, constraints=constraints, source=args.model,
                          heldout=heldout, kl_subset=kl_subset, kl_tokens=kl_tokens, path=path, fresh=fresh,
-                         progress=bar)
+                         progress=bar, ridge=getattr(args, "ridge", None))
 
 
 def _print_table(header, rows) -> None:

@@ -107,6 +107,8 @@ class InitConfig(_Strict):
     calib_config_name: str | None = Field(None, description="hub config of `calib` (default: data.config_name when "
                                                              "calib is the stage-1 source)")
     calib_tokens: int = Field(8192, ge=2, description="calibration token budget (1/8 held out for the report)")
+    ridge: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                description="λ = ridge · mean(diag S) added to S (default 1e-2, kron.datainit)")
     split: Literal["output", "input"] | None = Field(
         None, description="side that factor rules split among equally compressing shapes (default: input for data, "
                           "output for svd)")
@@ -115,6 +117,8 @@ class InitConfig(_Strict):
     def _data_only(self):
         if self.method == "svd" and self.calib is not None:
             raise ValueError("calib is for init method 'data' (give method: data, or remove calib)")
+        if self.method == "svd" and self.ridge is not None:
+            raise ValueError("ridge is for init method 'data' (give method: data, or remove ridge)")
         return self
 
 

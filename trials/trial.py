@@ -201,7 +201,7 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
         specs = plan.resolve(student, split=init.split or default_split(init.method))
         _check_method_specs(cfg.method, specs)
         calib = trial_calibration(cfg, teacher)
-        comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib).to_dict()
+        comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib, ridge=init.ridge).to_dict()
         if cfg.method == "lowrank":
             comp["plan_summary"] = describe_lowrank(plan, comp)
         return student, comp, plan

@@ -160,3 +160,32 @@ def test_split_tie_break(gpt2_config=None):
     assert plan.resolve(model, split="input")["transformer.h.0.attn.c_attn"].shape == (768, 192, 1, 4)
     with pytest.raises(PlanError, match="split must be"):
         plan.resolve(model, split="sideways")
+
+
+def test_the_ridge_reaches_every_data_aware_init(tiny_gpt2, tiny_inputs):
+    """compress(..., ridge=) goes to each Kronecker and low-rank layer: ridge 0 trusts S fully (lowest calibration
+    error), a huge ridge gives back the plain SVD factors, the default sits between; a bad ridge is refused first."""
+    import copy
+
+    from kron.datainit import calibration_objective
+
+    batches = [{"input_ids": b["input_ids"]} for b in _batches("gpt2", tiny_inputs)]
+    stats = collect_input_stats(tiny_gpt2, batches)
+    name = "transformer.h.0.mlp.c_fc"
+    plan = {"rules": [{"select": name, "lowrank_rank": 3}, {"select": "transformer.h.1.mlp.c_proj", "factor": 2}]}
+    W = tiny_gpt2.get_submodule(name).weight.detach().T  # Conv1D stores (in, out)
+    S = stats.stats(name).S
+
+    def err(**kw):
+        model = copy.deepcopy(tiny_gpt2)
+        compress(model, plan, init="data", calib=stats, **kw)
+        return calibration_objective(W.double(), S, model.get_submodule(name).to_dense().double())
+
+    exact, default, huge = err(ridge=0.0), err(), err(ridge=1e6)
+    svd = copy.deepcopy(tiny_gpt2)
+    compress(svd, plan, init="svd")
+    plain = calibration_objective(W.double(), S, svd.get_submodule(name).to_dense().double())
+    assert exact <= default + 1e-12 <= huge + 2e-12
+    assert huge == pytest.approx(plain, rel=1e-3)
+    with pytest.raises(PlanError, match="ridge must be a finite number >= 0"):
+        compress(copy.deepcopy(tiny_gpt2), plan, init="data", calib=stats, ridge=-1)

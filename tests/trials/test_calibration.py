@@ -144,3 +144,25 @@ def test_cli_compress_init_data(tiny_lm_teacher, text_corpus, tmp_path, monkeypa
                    *argv])
         _, e = capsys.readouterr()
         assert rc == 2 and message in e and "Traceback" not in e
+
+
+def test_the_init_ridge_is_validated_with_the_trial_config():
+    from pydantic import ValidationError
+
+    from trials.config import InitConfig
+
+    assert InitConfig(method="data", ridge=0.0).ridge == 0.0
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValidationError):
+            InitConfig(method="data", ridge=bad)
+    with pytest.raises(ValidationError, match="ridge is for init method 'data'"):
+        InitConfig(method="svd", ridge=0.1)
+
+
+def test_compress_cli_ridge_needs_the_data_init(capsys):
+    from search.cli import main
+
+    assert main(["compress", "--model", "demo", "--plan", "uniform:2", "--out", "x", "--ridge", "0.1"]) == 2
+    assert "--ridge is the data-aware init's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", "demo", "--plan", "uniform:2", "--out", "x", "--ridge", "-1"])

@@ -253,9 +253,9 @@ class KroneckerMethod(Method):
         from ..layers import linear_weight
         from .layer import FusedKroneckerLinear, KroneckerLinear
 
-        kw = {"S": stats.S} if init == "data" and stats is not None else {}
+        kw = {"S": stats.S, "ridge": getattr(stats, "ridge", None)} if init == "data" and stats is not None else {}
         if init == "data":
-            init = "svd"  # the layers take S= for the data-aware init
+            init = "svd"  # the layers take S= (and ridge=) for the data-aware init
         if spec.blocks > 1:
             if init == "svd":
                 return FusedKroneckerLinear.from_linear(module, spec.shape, spec.rank, blocks=spec.blocks, **kw)

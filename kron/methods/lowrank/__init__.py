@@ -174,7 +174,7 @@ class LowRankMethod(Method):
 
         r = spec.rank
         kw = {"device": module.weight.device, "dtype": module.weight.dtype}
-        data = {"S": stats.S} if init == "data" and stats is not None else {}
+        data = {"S": stats.S, "ridge": getattr(stats, "ridge", None)} if init == "data" and stats is not None else {}
         if init == "data":
             init = "svd"  # the layers take S= for the whitened (SVD-LLM) init
         if spec.blocks > 1:
