@@ -113,9 +113,10 @@ def rss_mb(pid: int | str = "self") -> float:
 class MemorySampler(threading.Thread):
     """The driver's RSS every `every` seconds, with how many trials had ended by then."""
 
-    def __init__(self, timing: Timing, every: float = 1.0):
+    def __init__(self, timing: Timing, every: float = 1.0, snapshot_at: int | None = None):
         super().__init__(daemon=True)
         self.timing, self.every = timing, every
+        self.snapshot_at, self.snapshot = snapshot_at, None  # tracemalloc snapshot once that many trials ended
         self.samples: list[tuple[float, int, float]] = []  # (seconds since start, trials ended, RSS MB)
         self._halt = threading.Event()
         self.t0 = time.time()
@@ -123,6 +124,10 @@ class MemorySampler(threading.Thread):
     def run(self):
         while not self._halt.is_set():
             self.samples.append((time.time() - self.t0, len(self.timing.end), rss_mb()))
+            if self.snapshot_at is not None and self.snapshot is None and len(self.timing.end) >= self.snapshot_at:
+                import tracemalloc
+
+                self.snapshot = tracemalloc.take_snapshot()
             self._halt.wait(self.every)
 
     def stop(self):
@@ -244,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="12 trials: checks the script end to end")
     p.add_argument("--storage", default=None, help="where the experiment goes (default: a temporary folder)")
     p.add_argument("--address", default=None, help="run on this Ray cluster instead of a local Ray")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="trace the driver's Python allocations: what grew between the first quarter and the end")
     p.add_argument("--memory-trace", default=None, help="also write the RSS samples (t, trials ended, MB) as CSV")
     args = p.parse_args(argv)
     n = 12 if args.smoke else args.trials
@@ -268,13 +275,28 @@ def main(argv=None) -> int:
     _time_searcher(calls)
     saves: list[tuple[int, float]] = []
     _time_state_saves(saves, timing)
-    sampler = MemorySampler(timing)
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(8)
+    sampler = MemorySampler(timing, snapshot_at=max(1, n // 4) if args.tracemalloc else None)
     sampler.start()
     t0 = time.time()
     outcome = run_search(cfg, SearchSpace.from_config(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
     wall = time.time() - t0
     sampler.stop()
+    grown = []
+    if args.tracemalloc and sampler.snapshot is not None:
+        import tracemalloc
+
+        end = tracemalloc.take_snapshot()
+        filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        stats = end.filter_traces(filters).compare_to(sampler.snapshot.filter_traces(filters), "filename")
+        grown = [(str(st.traceback[0].filename).split("site-packages/")[-1], round(st.size_diff / 2**20, 2))
+                 for st in stats[:12]]
+        tracemalloc.stop()
     res = summarise(timing, calls, sampler, cfg, n)
+    res["python_growth_mb_by_file"] = grown
     q = res["quarter"]
     res["state_save_ms_first"] = _mean([1000 * d for k, d in saves if k < q], 1)
     res["state_save_ms_last"] = _mean([1000 * d for k, d in saves if k >= n - q], 1)
@@ -320,6 +342,9 @@ def main(argv=None) -> int:
     print(f"driver RSS (MB): start {res['driver_rss_mb_start']}, after {q} trials {res['driver_rss_mb_at_quarter']}, "
           f"after {n // 2} {res['driver_rss_mb_at_half']}, end {res['driver_rss_mb_end']}, max {res['driver_rss_mb_max']}; "
           f"slope after the first quarter {res['driver_rss_slope_mb_per_100_trials']} MB per 100 trials")
+    if grown:
+        print(f"Python allocations grown in the driver after {q} trials (MB, by file): "
+              + "; ".join(f"{f} {mb:+g}" for f, mb in grown))
     print(f"files the driver rewrites (bytes at the end): {res['files_bytes']}; statuses {res['statuses']}")
     ok_overhead = res["overhead_ratio"] is not None and res["overhead_ratio"] <= 1.5
     record = {"benchmark": "search_scale", "smoke": args.smoke, "target_overhead_ratio": 1.5,
