@@ -116,6 +116,7 @@ def test_seed_plans_run_first_as_labelled_trials_of_the_search(ray_session, tiny
 
     raw = tiny_search(name="seeded", num_samples=3, max_concurrent=1, asha=None, seed_plans=["uniform:2"])
     raw["space"]["groups"] = ["attention", "attention_output", "ffn_in", "ffn_out"]  # all that uniform:2 compresses
+    raw["space"]["methods"] = ["kronecker"]  # Kronecker trials (the default, both methods, trains them as "mixed")
     cfg = load_search_config(raw)
     outcome = run_search(cfg)
     summaries = list(_summaries(outcome.local_dir).values())
