@@ -33,24 +33,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
+from common import demo_wikitext_trial
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARTS = ("references", "search", "random", "auto")
 
 
 def base_trial(args) -> dict:
-    return {
-        "teacher": "demo",
-        "data": {"source": str(Path(args.data).resolve()), "seq_len": 128, "max_train_tokens": 400_000,
-                 "val_blocks": 64},
-        "stage1": {"lr": args.lr, "warmup_steps": 10, "batch_size": 8, "max_steps": args.steps,
-                   "eval_every": max(args.steps // 3, 1), "eval_batches": 8, "early_stopping": None,
-                   "distill": {"emb": 0.5, "att": 0.5, "hid": 0.5, "ce": 0.1}},
-        "init": "data",
-        "seed": 0,
-        "threads": 1,
-        "save_checkpoint": False,
-    }
+    return demo_wikitext_trial(args.data, args.steps, args.lr)
 
 
 def search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
