@@ -178,7 +178,23 @@ def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, des
                      "uncompressed reference, not trained"])
     pname = "params excl. out-emb" if pcol != "params" else "params"
     lines.append(text_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
+    pruned = _pruned_line(df[df["status"] == "pruned"], pcol)
+    if pruned:
+        lines.append(pruned)
     return "\n".join(lines)
+
+
+def _pruned_line(pruned: pd.DataFrame, pcol: str, most: int = 8) -> str | None:
+    """The trials ASHA stopped early, apart from the front: their quality at the step they reached and size."""
+    if pruned.empty:
+        return None
+    parts = []
+    for _, r in pruned.sort_values(pcol).head(most).iterrows():
+        q = pd.to_numeric(pd.Series([r["quality"]]), errors="coerce").iloc[0]
+        steps = r["steps"] if r["steps"] is not None and not pd.isna(r["steps"]) else "?"
+        parts.append(f"{r['trial_id']} {'-' if pd.isna(q) else f'{q:.4g}'} at step {steps}, {int(r[pcol]):,}")
+    more = f"; and {len(pruned) - most} more" if len(pruned) > most else ""
+    return f"stopped early (not ranked, hollow in the plot): {'; '.join(parts)}{more}"
 
 
 def _structures(front: pd.DataFrame) -> str | None:

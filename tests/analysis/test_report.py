@@ -289,3 +289,20 @@ def test_search_stats_without_complete_trials(make_summary, tmp_path):
     row = stats.iloc[0]
     assert row["trials"] == 2 and row["complete"] == 0 and row["failed"] == 1 and row["knee_trial"] is None
     assert np.isnan(row["hypervolume"])
+
+
+def test_the_end_of_search_table_lists_the_trials_stopped_early_apart_from_the_front(fake_results):
+    import re
+
+    from analysis.front import analyze_search
+
+    exp = fake_results["kron-gpt2-asha"]
+    report = analyze_search(exp, "kron-gpt2-asha", ["quality", "params"])
+    pruned = [json.loads(p.read_text()) for p in exp.glob("*/trial_summary.json")]
+    pruned = [s for s in pruned if s["status"] == "pruned"]
+    assert len(pruned) == 1
+    line = next(ln for ln in report.text.splitlines() if ln.startswith("stopped early"))
+    p = pruned[0]
+    assert re.search(rf"{p['trial_id']} {p['quality']:.4g} at step 120, {p['params']:,}", line), line
+    front_rows = report.text.split("stopped early")[0]
+    assert p["trial_id"] not in front_rows  # never on the front
