@@ -118,7 +118,10 @@ class SpaceConfig(_Strict):
     layers: Literal["all", "free", "odd", "even"] | list[int] | LayerCount = Field(
         "all", description="which layers are decomposed: all, free (searched per layer), odd, even (0-based "
                            "indices), a list of indices, or {count: k} (exactly k layers, searched)")
-    ranks: list[int] = Field(default_factory=lambda: [1], description="numbers of summed Kronecker products")
+    ranks: list[int] | Literal["auto"] = Field(
+        default_factory=lambda: [1], description="numbers of summed Kronecker products, or 'auto': per shape, every "
+                                                 "rank 1, 2, 4, ..., 64 whose compression lies in the range (the "
+                                                 "low-rank corner of the Kronecker family and high-rank sums)")
     min_compression: float = Field(2.0, ge=1, description="smallest dense/Kronecker parameter ratio per matrix")
     max_compression: float | None = Field(None, ge=1)
     max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
@@ -147,7 +150,9 @@ class SpaceConfig(_Strict):
 
     @field_validator("ranks")
     @classmethod
-    def _ranks(cls, v: list[int]) -> list[int]:
+    def _ranks(cls, v):
+        if v == "auto":
+            return v
         if not v:
             raise ValueError("ranks must list at least one rank, e.g. [1] or [1, 2]")
         bad = [r for r in v if r < 1]

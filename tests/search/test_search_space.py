@@ -492,3 +492,21 @@ def test_seed_plans_that_the_space_cannot_express_are_named():
     tight = SearchSpace.from_model(model, SpaceConfig(groups=groups, layers="free", budget={"max_params": size - 1}))
     with pytest.raises(ConfigError, match=r"'uniform:2' breaks the space's budget \(params [\d,]+ > max_params"):
         tight.with_seeds(["uniform:2"], model)
+
+
+def test_ranks_auto_offers_every_rank_the_compression_range_allows():
+    from kron.methods import parse_option as parse_spec
+
+    cfg = {"groups": ["ffn_in"], "layers": "all", "methods": ["kronecker"], "min_compression": 2,
+           "max_compression": 64, "max_shapes": None}
+    one = SearchSpace.from_model(meta_model("gpt2"), {**cfg, "ranks": [1]})
+    auto = SearchSpace.from_model(meta_model("gpt2"), {**cfg, "ranks": "auto"})
+    rows, cols = auto.choices[0].dims
+    specs = [parse_spec(o) for o in auto.choices[0].options]
+    ranks = {s.rank for s in specs}
+    assert 1 in ranks and max(ranks) > 1  # high-rank sums are reachable
+    assert set(one.choices[0].options) <= set(auto.choices[0].options)
+    for s in specs:
+        assert 2 - 1e-9 <= rows * cols / s.params(rows, cols) <= 64 + 1e-9
+    with pytest.raises(Exception, match="ranks"):
+        SpaceConfig(ranks="all")

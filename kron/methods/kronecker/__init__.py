@@ -17,6 +17,9 @@ from ..linear import linear_rows, rows_and_dims, wrong_kind
 
 __all__ = ["SPLITS", "KroneckerMethod", "KroneckerSpec", "format_shape", "nearest_shape", "thin_shapes"]
 
+# `space.ranks: auto`: the ranks offered per shape, kept where the compression range allows them
+AUTO_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
 
 def as_shape(value, what: str) -> tuple[int, int, int, int]:
     if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 4
@@ -242,7 +245,7 @@ class KroneckerMethod(Method):
         in increasing compression."""
         c = constraints
         shapes = []
-        for r in c.ranks:
+        for r in (AUTO_RANKS if c.ranks == "auto" else c.ranks):  # "auto": every rank the compression range allows
             shapes += factor_shapes(m, n, rank=r, min_compression=c.min_compression,
                                     max_compression=c.max_compression, max_aspect=c.max_aspect)
         shapes = thin_shapes(shapes, c.max_shapes)
