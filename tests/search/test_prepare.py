@@ -32,13 +32,15 @@ def test_prepare_builds_the_data_cache_and_the_reference(tiny_search, fresh_cach
     threads = torch.get_num_threads()
     out = io.StringIO()
     timings = prepare_locally(cfg, tmp_path / "exp", out)
-    # the teacher samples (train and validation) are on disk for the workers
-    assert len(list((fresh_cache / "teacher_samples").glob("*.safetensors"))) == 2
+    # the teacher samples (train, validation, and the calibration text of the data-aware init) are on disk
+    assert len(list((fresh_cache / "teacher_samples").glob("*.safetensors"))) == 3
+    assert any((fresh_cache / "calibration").iterdir())
     ref = json.loads((tmp_path / "exp" / REFERENCE_DIR / SUMMARY_NAME).read_text())
     assert ref["method"] == "teacher" and ref["status"] == "complete" and ref["search"] == cfg.name
     assert ref["quality"] > 1 and ref["steps"] == 0
     assert "teacher reference: val_ppl" in out.getvalue()
-    assert set(timings) == {"teacher_s", "data_s", "reference_s"} and all(v >= 0 for v in timings.values())
+    assert set(timings) == {"teacher_s", "data_s", "calibration_s", "reference_s"}
+    assert all(v >= 0 for v in timings.values())
     # the driver keeps neither the teacher nor the data, and its thread count is restored
     assert not tt._TEACHERS and not tt._DATA
     assert torch.get_num_threads() == threads
@@ -52,7 +54,10 @@ def test_trials_after_prepare_read_the_cached_samples(tiny_search, fresh_cache, 
     cfg = _cfg(tiny_search)
     prepare_locally(cfg, tmp_path / "exp")
     space = SearchSpace.from_config(cfg)
-    trial = {**cfg.trial_section, "plan": {"rules": space.to_plan_rules(space.sample(0))}}
+    from search.config import with_search_defaults
+
+    trial = {**with_search_defaults(cfg.trial_section), "plan": {"rules": space.to_plan_rules(space.sample(0))},
+             "method": "mixed"}  # as the trainable builds it: data-aware init, calibrated from the driver's cache
 
     def no_sampling(*a, **k):
         raise AssertionError("the trial sampled teacher text again instead of reading the driver's cache")
