@@ -305,6 +305,7 @@ def test_time_budget_ends_the_search(ray_session, tiny_search):
     # so the budget must exceed that for any trial to finish; 40 trials of 150 steps still cannot fit in it.
     raw = tiny_search(name="budget", num_samples=40, max_concurrent=2, time_budget_minutes=0.5, asha=None)
     raw["trial"]["stage1"].update(max_steps=150, eval_every=25)
+    raw["trial"]["init"] = "svd"  # no calibration pass in the driver or the trials: the budget is for training
     cfg = load_search_config(raw)
     t0 = time.time()
     outcome = run_search(cfg)

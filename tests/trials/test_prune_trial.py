@@ -20,7 +20,8 @@ def test_prune_trial_end_to_end(init, tiny_lm_teacher, text_corpus, tmp_path):
     cfg = _lm_config(tiny_lm_teacher, text_corpus, method="prune", plan={"preset": "prune:2"}, init=init)
     cfg["stage1"].update(max_steps=4, eval_every=2)
     summary, student = run_trial(cfg, output_dir=tmp_path, progress=False, return_student=True)
-    assert summary["status"] == "complete" and summary["method"] == "prune"
+    # a preset is a hand-made plan: a reference point for analysis, like the Kronecker presets
+    assert summary["status"] == "complete" and summary["method"] == "preset" and summary["label"] == "prune:2"
     # d=32, 2 heads, FFN 128: every attention and FFN matrix halves
     assert summary["plan_resolved"]["transformer.h.0.attn.c_attn"] == {
         "prune": {"part": "heads", "side": "out", "units": 2, "kept": 1, "blocks": 3}}
