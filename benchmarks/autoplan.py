@@ -30,16 +30,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+from common import perplexity  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 PRESETS = ("uniform:2", "uniform:4", "lowrank:2", "lowrank:4", "kngpt2")
-
-
-def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
-    """exp(mean next-token NLL) over the blocks, as trials evaluate it."""
-    from trials.evaluate import evaluate_lm
-
-    return evaluate_lm(model, blocks, batch, next(model.parameters()).device)["quality"]
 
 
 def _bar(what):

@@ -1,7 +1,11 @@
 """What several benchmarks share: the demo teacher's WikiText-2 trial, so that every evidence script trains its
-plans with the same settings and ILKD budget (`search_vs_presets.py`, `families.py`)."""
+plans with the same settings and ILKD budget (`search_vs_presets.py`, `families.py`), the pool that runs their
+plans, and the perplexity `init_quality.py` and `autoplan.py` measure."""
 from __future__ import annotations
 
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -20,3 +24,29 @@ def demo_wikitext_trial(data: str, steps: int, lr: float) -> dict:
         "threads": 1,
         "save_checkpoint": False,
     }
+
+
+def perplexity(model, blocks, batch: int = 16) -> float:
+    """exp(mean next-token NLL) over token blocks, as trials evaluate it (`trials.evaluate.evaluate_lm`)."""
+    from trials.evaluate import evaluate_lm
+
+    return evaluate_lm(model, blocks, batch, next(model.parameters()).device)["quality"]
+
+
+def _run_trial(cfg: dict, out: str) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from trials.trial import run_trial
+
+    return run_trial(cfg, output_dir=out, progress=False)
+
+
+def run_trials(todo: dict[str, tuple[dict, Path]]) -> None:
+    """Run trial configs (label -> (config with its name, output folder)) two at a time; a trial that fails is
+    printed with its label and the others go on."""
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        futures = {label: pool.submit(_run_trial, cfg, str(out)) for label, (cfg, out) in todo.items()}
+        for label, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as exc:  # one failing plan must not hide the others
+                print(f"{label}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

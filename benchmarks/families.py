@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import demo_wikitext_trial
+from common import demo_wikitext_trial, run_trials
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MATRICES = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -64,13 +61,6 @@ def plans() -> dict[str, tuple[str, float, dict]]:
     return out
 
 
-def _trial(label: str, cfg: dict, out: str) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from trials.trial import run_trial
-
-    return run_trial({**cfg, "name": label.replace(" ", "").replace("+", "-")}, output_dir=out, progress=False)
-
-
 def _folder(out: Path, label: str) -> Path:
     return out / "trials" / label.replace(" ", "_").replace("+", "plus")
 
@@ -97,14 +87,8 @@ def main(argv=None) -> int:
         cfg = {**base_trial(args), **patch, "label": label}
         if label == "teacher":
             cfg["stage1"] = {**cfg["stage1"], "max_steps": 0}
-        todo[label] = cfg
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        futures = {label: pool.submit(_trial, label, cfg, str(_folder(out, label))) for label, cfg in todo.items()}
-        for label, fut in futures.items():
-            try:
-                fut.result()
-            except Exception as exc:  # one failing plan must not hide the others
-                print(f"{label}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        todo[label] = ({**cfg, "name": label.replace(" ", "").replace("+", "-")}, _folder(out, label))
+    run_trials(todo)
 
     rows = []
     teacher_bytes = None

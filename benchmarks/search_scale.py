@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -39,37 +38,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from search_overhead import Timing, _time_suggestions, trial_overheads  # noqa: E402
 
-WORDS = ("the student learns from the teacher while every weight becomes a product of two small factors and the "
-         "search looks for shapes ranks and layers that keep quality high at a small size").split()
-
-
-def make_tiny_teacher(path: Path) -> Path:
-    """A tiny GPT-2 LM (2 layers, d=32) with a ~300-token BPE, trained for ~2 s (the search tests' teacher)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from trials.teacher import train_bpe_tokenizer
-
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(300)]
-    tok = train_bpe_tokenizer(texts, 300, min_frequency=1)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, architectures=["GPT2LMHeadModel"])
-    model = GPT2LMHeadModel(cfg)
-    ids = torch.tensor([t for text in texts for t in tok(text + tok.eos_token)["input_ids"]])
-    blocks = ids[: len(ids) // 16 * 16].view(-1, 16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        batch = blocks[torch.randint(0, len(blocks), (16,), generator=g)]
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
+sys.path.insert(0, str(REPO / "tests" / "search"))
+from conftest import make_tiny_teacher  # noqa: E402  (the search tests' teacher, built the same way)
 
 
 def search_dict(teacher: Path, storage: Path, trials: int, name: str, address: str | None = None) -> dict:

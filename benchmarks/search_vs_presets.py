@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
-from common import demo_wikitext_trial
+from common import demo_wikitext_trial, run_trials
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARTS = ("references", "search", "random", "auto")
@@ -73,21 +71,8 @@ REFERENCES = {
 }
 
 
-def _trial(label: str, cfg: dict, out: str) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from trials.trial import run_trial
-
-    return run_trial({**cfg, "name": label}, output_dir=out, progress=False)
-
-
 def _run_all(todo: dict[str, tuple[dict, Path]]) -> None:
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        futures = {label: pool.submit(_trial, label, cfg, str(out)) for label, (cfg, out) in todo.items()}
-        for label, f in futures.items():
-            try:
-                f.result()
-            except Exception as exc:  # one failed reference must not hide the others
-                print(f"{label}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    run_trials({label: ({**cfg, "name": label}, out) for label, (cfg, out) in todo.items()})
 
 
 def _search(args, cfg: dict, out: Path) -> None:

@@ -72,9 +72,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration token budget (default 8192; 1/8 is held out for the report's output error)")
     p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
-    p.add_argument("--ridge", type=_ridge_arg, default=None, metavar="R",
-                   help="the data-aware init's ridge: λ = ridge · mean(diag S) is added to S (default 0.01); "
-                        "larger stays nearer the weight's own SVD, 0 trusts the calibration data fully")
+    _add_ridge_arg(p)  # --ridge (search.profile_commands)
     p.add_argument("--split", choices=("auto", "output", "input"), default="auto",
                    help="side that factor rules and uniform:<f> split among equally compressing shapes: output (the "
                         "papers' tie-break), input (what data-aware init serves best); auto: input with --init data")
@@ -170,12 +168,6 @@ def _plan(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- compress
-
-
-def _ridge_arg(text: str) -> float:
-    from .profile_commands import _ridge
-
-    return _ridge(text)
 
 
 def _compress(args) -> int:
@@ -284,3 +276,10 @@ def _add_auto_plan_options(plan_parser, choice_group) -> None:
     from search.profile_commands import add_auto_arguments
 
     add_auto_arguments(plan_parser, choice_group)
+
+
+def _add_ridge_arg(parser) -> None:
+    """`kronsearch compress --ridge R`: the same option as profile and plan --auto (search.profile_commands)."""
+    from search.profile_commands import add_ridge_arg
+
+    add_ridge_arg(parser)

@@ -30,6 +30,11 @@ def _add_calib_args(p, required: bool) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration token budget (default 8192; 1/8 held out)")
     p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
+    add_ridge_arg(p)
+
+
+def add_ridge_arg(p) -> None:
+    """`--ridge R`, the data-aware init's ridge (profile, plan --auto and compress share it)."""
     p.add_argument("--ridge", type=_ridge, default=None, metavar="R",
                    help="the data-aware init's ridge: λ = ridge · mean(diag S) is added to S (default 0.01); "
                         "larger stays nearer the weight's own SVD, 0 trusts the calibration data fully")

@@ -37,12 +37,16 @@ def kron_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, kron_cache):
     """A tiny GPT-2 LM (2 layers, d=32, 4 heads... of width 8) with a ~300-token byte-level BPE, on disk."""
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny-gpt2-teacher"))
+
+
+def make_tiny_teacher(path: Path) -> Path:
+    """The tiny teacher written to `path` (also benchmarks/search_scale.py's)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from trials.teacher import train_bpe_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-gpt2-teacher")
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(300)]
     tok = train_bpe_tokenizer(texts, 300, min_frequency=1)
