@@ -328,6 +328,27 @@ def _fast_damage(blocks: list, spec) -> tuple[float, str] | None:
     return sum(f for f, _ in res) / base, inits.pop() if len(inits) == 1 else "svd"
 
 
+def _candidate_damage(name: str, module: nn.Module, spec, stats_one, blocks: list | None,
+                      proxy: "_Proxy | None") -> tuple[float, str | None, nn.Module | None]:
+    """(damage, init source, the layer built or None) of one candidate on one matrix: from the cached `blocks`
+    (`_FastBlock`) where the method allows it, else by building the layer with the data-aware init on `stats_one`
+    and measuring it with `proxy` (made here when None). DataError when the damage is not finite."""
+    from .methods import get_method
+
+    new, got = None, None
+    with torch.no_grad():
+        if blocks is not None:
+            got = _fast_damage(blocks, spec)
+        if got is None:
+            new = get_method(spec.method).build(module, spec, "data", stats=stats_one)
+            got = (proxy or _Proxy(_weight(module), stats_one.S))(new.to_dense()), getattr(new, "init_source", None)
+    damage, init_src = got
+    if not math.isfinite(damage):
+        raise DataError(f"{name}: candidate {spec.label()} gave a non-finite output error (the calibration "
+                        "statistics or the weight hold extreme values)")
+    return float(damage), init_src, new
+
+
 def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, ridge: float | None = None,
                    progress: Callable[[int, int, str], None] | None = None) -> dict[str, list[float]]:
     """The profile's damage (relative output error on the calibration statistics, data-aware init) of given specs:
@@ -335,7 +356,6 @@ def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, r
     specs' `blocks`). The search's prior and automatic seeds (`search.prior`) use it on the space's own options."""
     from .calibration import ModuleStats
     from .datainit import DEFAULT_RIDGE
-    from .methods import get_method
 
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
     modules = dict(model.named_modules())
@@ -352,18 +372,8 @@ def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, r
         W = _weight(modules[name])
         blocks = max((getattr(sp, "blocks", 1) for sp in specs), default=1)
         cached = [_FastBlock(w, S, ridge) for w in W.split(W.shape[0] // blocks, dim=0)]
-        damages = []
-        with torch.no_grad():
-            for spec in specs:
-                got = _fast_damage(cached, spec)
-                if got is None:  # another method: build it
-                    new = get_method(spec.method).build(modules[name], spec, "data",
-                                                        stats=ModuleStats(S=S, tokens=stats.stats(name).tokens))
-                    got = _Proxy(W, S)(new.to_dense()), None
-                if not math.isfinite(got[0]):
-                    raise DataError(f"{name}: candidate {spec.label()} gave a non-finite output error")
-                damages.append(float(got[0]))
-        out[name] = damages
+        stats_one = ModuleStats(S=S, tokens=stats.stats(name).tokens)
+        out[name] = [_candidate_damage(name, modules[name], spec, stats_one, cached, None)[0] for spec in specs]
         if progress is not None:
             progress(i + 1, len(wanted), name)
     return out
@@ -559,17 +569,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
             for j, spec in enumerate(specs):
                 method = get_method(spec.method)
                 ts = time.time()
-                new, got = None, None
-                with torch.no_grad():
-                    if fast:
-                        got = _fast_damage(fast_blocks, spec)
-                    if got is None:
-                        new = method.build(module, spec, "data", stats=stats_one)
-                        got = (proxy or _Proxy(_weight(module), S))(new.to_dense()), getattr(new, "init_source", None)
-                damage, init_src = got
-                if not math.isfinite(damage):
-                    raise DataError(f"{mx.name}: candidate {spec.label()} gave a non-finite output error (the "
-                                    "calibration statistics or the weight hold extreme values)")
+                damage, init_src, new = _candidate_damage(mx.name, module, spec, stats_one, fast_blocks, proxy)
                 kl = None
                 if j in kl_idx:
                     if new is None:

@@ -138,7 +138,7 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
                  f"{c['macs_per_token']:,}", shorten(space.describe(cheap), 90)])
     fewest = {"params": "parameters", "params_excl_output_embedding": "parameters excluding the output embedding",
               "macs_per_token": "multiply-adds"}.get(size_metric, size_metric)
-    dropped = getattr(space, "_dropped_options", {})
+    dropped = space.dropped_options
     if cfg.space.prior is not None:
         n = sum(len(v) for v in dropped.values())
         print(f"sensitivity prior (max_damage {cfg.space.prior.max_damage:g}): {n} option(s) dropped over "

@@ -27,7 +27,6 @@ import math
 import re
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from kron.errors import ConfigError, UserError
 
@@ -76,8 +75,7 @@ def _specs(space) -> dict[str, list[tuple[str, object]]]:
 def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
     """Module name -> option -> damage for every linear option of `space` (see the module docstring), from the
     teacher of `cfg` and its calibration data; cached on disk by teacher, calibration data and options."""
-    import torch
-
+    from kron.fsutil import atomic_write_json
     from kron.models import pick_device
     from kron.profile import option_damages
     from trials.calibration import calibration_for, default_calib_source
@@ -90,36 +88,28 @@ def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
     trial = cfg.trial
     tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None
     tokens = tokens or trial.init_config.calib_tokens
-    device = pick_device(trial.device)
-    threads = torch.get_num_threads()
+    teacher, tokenizer = load_teacher(trial, pick_device(trial.device))
     try:
-        teacher, tokenizer = load_teacher(trial, device)
+        stats = calibration_for(trial, teacher, tokenizer, tokens)
+    except UserError as exc:
+        source = trial.init_config.calib or default_calib_source(trial)[0]
+        raise ConfigError(f"the search's sensitivity profile (space.prior / search.seed_plans: auto) needs "
+                          f"calibration data from {source!r}: {exc}") from None
+    key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
+           "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = default_cache_dir() / "damages" / f"{digest}.json"
+    if path.is_file():
         try:
-            stats = calibration_for(trial, teacher, tokenizer, tokens)
-        except UserError as exc:
-            source = trial.init_config.calib or default_calib_source(trial)[0]
-            raise ConfigError(f"the search's sensitivity profile (space.prior / search.seed_plans: auto) needs "
-                              f"calibration data from {source!r}: {exc}") from None
-        key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
-               "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = default_cache_dir() / "damages" / f"{digest}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())["damages"]
-            except (OSError, ValueError, KeyError):
-                pass  # recomputed below
-        print(f"sensitivity profile of the space: {len(wanted)} matrices, "
-              f"{sum(len(v) for v in wanted.values())} options ...", file=stream or sys.stderr)
-        got = option_damages(teacher, stats, {n: [sp for _, sp in v] for n, v in wanted.items()})
-        damages = {n: {o: d for (o, _), d in zip(wanted[n], got[n])} for n in wanted}
-        from kron.fsutil import atomic_write_json
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"key": key, "damages": damages})
-        return damages
-    finally:
-        torch.set_num_threads(threads)
+            return json.loads(path.read_text())["damages"]
+        except (OSError, ValueError, KeyError):
+            pass  # recomputed below
+    print(f"sensitivity profile of the space: {len(wanted)} matrices, "
+          f"{sum(len(v) for v in wanted.values())} options ...", file=stream or sys.stderr)
+    got = option_damages(teacher, stats, {n: [sp for _, sp in v] for n, v in wanted.items()})
+    damages = {n: {o: d for (o, _), d in zip(wanted[n], got[n])} for n in wanted}
+    atomic_write_json(path, {"key": key, "damages": damages})
+    return damages
 
 
 def choice_damage(choice, option: str, damages: dict, *, how=max) -> float | None:

@@ -96,7 +96,7 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
     fp = _normalised(old.get("fingerprint"))
     new = json.loads(json.dumps(config_fingerprint(cfg)))
     if fp is not None and fp != new:
-        legacy = _legacy_defaults_changed(old.get("fingerprint"), new)
+        legacy = _legacy_defaults_changed(old.get("fingerprint"), fp, new)
         if legacy:
             raise ConfigError(f"--resume: the search {cfg.name!r} was started by an earlier release, whose defaults "
                               f"were {' and '.join(legacy)}; this release's defaults differ, so set them in the "
@@ -183,14 +183,14 @@ def _meta_bytes(cfg: SearchConfig) -> bytes | None:
         return None
 
 
-def _legacy_defaults_changed(saved, new: dict) -> list[str]:
+def _legacy_defaults_changed(saved, fp: dict, new: dict) -> list[str]:
     """The old defaults ("space.methods [kronecker]", "trial.init svd") a search written before they changed ran
-    with and the resuming config no longer gets: set them explicitly to resume it."""
+    with and the resuming config no longer gets: set them explicitly to resume it. saved: the fingerprint as
+    written; fp: `_normalised(saved)`."""
     if not isinstance(saved, dict) or "init" in saved:
         return []
     from .config import LEGACY_DEFAULTS
 
-    fp = _normalised(saved)
     out = []
     space = saved.get("space") if isinstance(saved.get("space"), dict) else {}
     if "methods" not in space and new.get("space", {}).get("methods") != LEGACY_DEFAULTS["methods"]:

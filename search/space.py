@@ -238,6 +238,11 @@ class SearchSpace(BudgetMixin):
         return cls(space, inspect_model(model, space))
 
     @property
+    def dropped_options(self) -> dict[str, list[str]]:
+        """Choice key -> the options the sensitivity prior (`space.prior`) removed."""
+        return dict(getattr(self, "_dropped_options", {}))  # a space pickled before the prior existed has none
+
+    @property
     def layered_groups(self) -> list[str]:
         return list(dict.fromkeys(m.group for m in self.info.matrices if m.layer is not None))
 

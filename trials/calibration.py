@@ -174,13 +174,10 @@ def calibration_stats(teacher, tokenizer, source: str, tokens: int = DEFAULT_CAL
 
 def trial_calibration(cfg, teacher, tokenizer=None):
     """The calibration statistics a trial's `init: data` asks for (None for `init: svd`): its `calib` source, or
-    the trial's own stage-1 data (`data.source`, with its config_name and sampling settings)."""
-    from kron.models import load_tokenizer, resolve_source
-
-    init = cfg.init_config
-    if init.method != "data":
+    its default source (`default_calib_source`)."""
+    if cfg.init_config.method != "data":
         return None
-    return calibration_for(cfg, teacher, tokenizer, init.calib_tokens)
+    return calibration_for(cfg, teacher, tokenizer)
 
 
 def default_calib_source(cfg) -> tuple[str, int]:

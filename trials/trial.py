@@ -31,6 +31,9 @@ __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA",
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
+# Trial methods that build the student by a plan through kron.surgery (and so may calibrate a data-aware init)
+COMPRESSING_METHODS = ("kronecker", "lowrank", "mixed", "prune")
+
 # Per-process caches: a reused worker loads each teacher and data set once.
 _TEACHERS: dict[tuple, Any] = {}
 _DATA: dict[tuple, Any] = {}
@@ -98,7 +101,7 @@ def prepare_data(config, device: str | torch.device | None = None) -> dict[str, 
     if cfg.stage2 is not None:
         load_glue_data(cfg, tokenizer)
     out = {"teacher_s": t1 - t0, "data_s": time.time() - t1}
-    if cfg.init_config.method == "data" and cfg.method in ("kronecker", "lowrank", "mixed"):
+    if cfg.init_config.method == "data" and cfg.method in COMPRESSING_METHODS:
         from .calibration import trial_calibration
 
         t2 = time.time()
@@ -190,7 +193,7 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
                     plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
         return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if cfg.method in ("kronecker", "lowrank", "mixed", "prune"):
+    if cfg.method in COMPRESSING_METHODS:
         from kron.baselines import describe_lowrank
         from kron.surgery import apply_specs, default_split
 
