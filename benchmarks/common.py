@@ -1,9 +1,11 @@
-"""What several benchmarks share: the demo teacher's WikiText-2 trial, so that every evidence script trains its
-plans with the same settings and ILKD budget (`search_vs_presets.py`, `families.py`), the pool that runs their
-plans, and the perplexity `init_quality.py` and `autoplan.py` measure."""
+"""What several benchmarks share: the demo teacher's WikiText-2 trial and the fine-tuned MiniLM's SST-2 trial, so that
+every evidence script trains its plans with the same settings and distillation budget (`search_vs_presets.py`,
+`families.py`, `glue_minilm.py`), the pool that runs their plans, and the perplexity `init_quality.py` and
+`autoplan.py` measure."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,6 +21,49 @@ def demo_wikitext_trial(data: str, steps: int, lr: float) -> dict:
         "stage1": {"lr": lr, "warmup_steps": 10, "batch_size": 8, "max_steps": steps,
                    "eval_every": max(steps // 3, 1), "eval_batches": 8, "early_stopping": None,
                    "distill": {"emb": 0.5, "att": 0.5, "hid": 0.5, "ce": 0.1}},
+        "init": "data",
+        "seed": 0,
+        "threads": 1,
+        "save_checkpoint": False,
+    }
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+SST2 = SHARED / "data" / "glue" / "SST-2"
+
+
+def ensure_minilm_teacher(out: str | Path, *, model: str | Path = MINILM, glue: str | Path = SST2,
+                          minutes: float = 8.0, max_len: int = 64, threads: int = 2) -> Path:
+    """all-MiniLM-L6-v2 fine-tuned on SST-2 train by `kronsearch teacher finetune` (one epoch at most, `minutes` of
+    training) into `out`; kept when `out` already holds a model."""
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        for path in (model, glue):
+            if not Path(path).exists():
+                raise SystemExit(f"not found: {path}")
+        cmd = [sys.executable, "-m", "search.cli", "teacher", "finetune", "--model", str(model), "--task", "sst2",
+               "--data", str(glue), "--out", str(out), "--epochs", "1", "--lr", "5e-5", "--batch-size", "32",
+               "--max-len", str(max_len), "--max-minutes", str(minutes), "--threads", str(threads)]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def minilm_sst2_trial(teacher: str | Path, glue: str | Path, steps: int, lr: float, *, max_len: int = 64,
+                      max_train_examples: int = 20_000) -> dict:
+    """The trial config (without a plan) of the fine-tuned MiniLM distilled on SST-2 for `steps` steps: task
+    distillation only (no text stage), batches of 32 sentences of at most `max_len` tokens, ILKD (emb, att, hid 0.5)
+    + logits KD (temperature 2) + 0.02 cross-entropy on the labels, quality = SST-2 dev accuracy (all 872 sentences),
+    data-aware init calibrated on SST-2 training sentences, one thread, no checkpoint."""
+    return {
+        "teacher": str(Path(teacher).resolve()),
+        "stage1": None,
+        "glue": {"task": "sst2", "source": str(Path(glue).resolve()), "max_len": max_len,
+                 "max_train_examples": max_train_examples},
+        "stage2": {"lr": lr, "warmup_steps": max(steps // 10, 1), "batch_size": 32, "max_steps": steps,
+                   "eval_every": max(steps // 2, 1), "early_stopping": None,
+                   "distill": {"emb": 0.5, "att": 0.5, "hid": 0.5, "ce": 0.02, "logits": 1.0, "temperature": 2.0}},
         "init": "data",
         "seed": 0,
         "threads": 1,
@@ -50,3 +95,41 @@ def run_trials(todo: dict[str, tuple[dict, Path]]) -> None:
                 fut.result()
             except Exception as exc:  # one failing plan must not hide the others
                 print(f"{label}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def search_config(name: str, trial: dict, storage: str | Path, *, trials: int, steps: int, size: str,
+                  algorithm: str = "tpe", seeds=("auto",), max_damage: float | None = 0.5,
+                  methods=("kronecker", "lowrank"), **space) -> dict:
+    """A search config as the evidence scripts run it: per-layer, per-matrix choices (`layers: free`) among
+    `methods` (and dense), the embedding's factor, TPE (or `algorithm`) + ASHA with a grace period of a third of the
+    trial's steps, two trials at a time on one CPU each, objectives quality and `size`, `seed_plans` and the
+    sensitivity prior (`space.prior.max_damage`; None: no prior). Extra keyword arguments go into `space`."""
+    space = {"groups": ["embedding", "attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
+             "methods": list(methods), "ranks": [1], "min_compression": 2, "max_compression": 32,
+             "max_aspect": 16, "max_shapes": 6, "allow_keep": True, **space}
+    if max_damage is not None:
+        space["prior"] = {"max_damage": max_damage}
+    return {
+        "name": name,
+        "trial": trial,
+        "space": space,
+        "search": {"algorithm": algorithm, "num_samples": trials, "max_concurrent": 2, "resources": {"cpu": 1},
+                   "seed": 0, "objectives": ["quality", size],
+                   "asha": {"grace_period": max(steps // 3, 1), "reduction_factor": 2},
+                   "storage": str(Path(storage).resolve()), "seed_plans": list(seeds),
+                   "reference": False},  # the teacher is among the benchmark's reference trials
+    }
+
+
+def run_search(cfg: dict, out: Path) -> None:
+    """`kronsearch search` on `cfg` (written next to its results as <name>.yaml); skipped when already run."""
+    import yaml
+
+    if any((Path(out) / cfg["name"]).glob("experiment_state-*.json")):
+        return  # already run
+    path = Path(out) / f"{cfg['name']}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cmd = [sys.executable, "-m", "search.cli", "search", str(path)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from common import SHARED, ensure_minilm_teacher
 
 
 def student_plan() -> dict:
@@ -48,14 +46,8 @@ def main(argv=None) -> int:
     for path in (args.model, args.glue, args.text):
         if not Path(path).exists():
             raise SystemExit(f"not found: {path}")
-    teacher = Path(args.teacher_dir)
-    if not (teacher / "config.json").is_file():
-        cmd = [sys.executable, "-m", "search.cli", "teacher", "finetune", "--model", args.model, "--task", "sst2",
-               "--data", args.glue, "--out", str(teacher), "--epochs", "1", "--lr", "5e-5", "--batch-size", "32",
-               "--max-len", str(args.max_len), "--max-minutes", str(args.teacher_minutes),
-               "--threads", str(args.threads)]
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+    teacher = ensure_minilm_teacher(args.teacher_dir, model=args.model, glue=args.glue, minutes=args.teacher_minutes,
+                                    max_len=args.max_len, threads=args.threads)
 
     from trials.trial import run_trial
 

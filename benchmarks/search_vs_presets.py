@@ -1,10 +1,13 @@
 """Does the search beat every plan a researcher could pick by hand? (#12, evidence)
 
     python benchmarks/search_vs_presets.py --data ../shared/data/wikitext-2 [--trials 24] [--steps 60]
+    python benchmarks/search_vs_presets.py --teacher minilm [--trials 16] [--steps 40]
 
 Everything below is trained with the SAME trial settings and ILKD budget (--steps steps, data-aware init for every
 structure that has one), on the bundled demo teacher and WikiText-2 (quality = validation perplexity; size =
-parameters without the output embedding, as in the KnGPT2 paper):
+parameters without the output embedding, as in the KnGPT2 paper) or, with `--teacher minilm`, on all-MiniLM-L6-v2
+fine-tuned on SST-2 (`common.ensure_minilm_teacher`; task distillation, quality = SST-2 dev accuracy; references
+as below with the KroneckerBERT8 structure scaled to 384 wide in place of kngpt2):
 
 1. `search`: the product as a user runs it — TPE + ASHA over per-layer, per-matrix choices of structure (Kronecker
    shape, low-rank rank, or dense) and the embedding's factor, seeded with `seed_plans: [auto]` (the automatic
@@ -25,38 +28,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
-from common import demo_wikitext_trial, run_trials
+from common import (SHARED, SST2, demo_wikitext_trial, ensure_minilm_teacher, minilm_sst2_trial, run_search,
+                    run_trials, search_config)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARTS = ("references", "search", "random", "auto")
+# size axis: the KnGPT2 paper's (the output embedding left out) for the demo; a classifier has none
+SIZE = "params_excl_output_embedding"
 
 
 def base_trial(args) -> dict:
+    if args.teacher == "minilm":
+        return minilm_sst2_trial(args.teacher_dir, args.glue, args.steps, args.lr)
     return demo_wikitext_trial(args.data, args.steps, args.lr)
 
 
-def search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
-    space = {"groups": ["embedding", "attention", "attention_output", "ffn_in", "ffn_out"], "layers": "free",
-             "methods": ["kronecker", "lowrank"], "ranks": [1], "min_compression": 2, "max_compression": 32,
-             "max_aspect": 16, "max_shapes": 6, "allow_keep": True}
-    if prior:
-        space["prior"] = {"max_damage": args.max_damage}
-    return {
-        "name": name,
-        "trial": base_trial(args),
-        "space": space,
-        "search": {"algorithm": algorithm, "num_samples": args.trials, "max_concurrent": 2, "resources": {"cpu": 1},
-                   "seed": 0, "objectives": ["quality", "params_excl_output_embedding"],
-                   "asha": {"grace_period": max(args.steps // 3, 1), "reduction_factor": 2},
-                   "storage": str(Path(args.out).resolve()), "seed_plans": list(seeds),
-                   "reference": False},  # the teacher is among the reference trials below
-    }
+def _search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
+    return search_config(name, base_trial(args), args.out, trials=args.trials, steps=args.steps, size=SIZE,
+                         algorithm=algorithm, seeds=seeds, max_damage=args.max_damage if prior else None)
 
 
 REFERENCES = {
@@ -71,18 +62,24 @@ REFERENCES = {
 }
 
 
+def references(teacher: str) -> dict[str, dict]:
+    """label -> trial-config patch of every hand-made reference for this teacher (MiniLM: the KroneckerBERT8
+    structure scaled to 384 wide, `glue_minilm.student_plan`, instead of GPT-2's kngpt2)."""
+    if teacher != "minilm":
+        return dict(REFERENCES)
+    from glue_minilm import student_plan
+
+    refs = {k: v for k, v in REFERENCES.items() if k != "kngpt2"}
+    return {"teacher": refs.pop("teacher"), "kroneckerbert8-style": {"plan": student_plan()}, **refs}
+
+
 def _run_all(todo: dict[str, tuple[dict, Path]]) -> None:
     run_trials({label: ({**cfg, "name": label}, out) for label, (cfg, out) in todo.items()})
 
 
-def _search(args, cfg: dict, out: Path) -> None:
-    if any((out / cfg["name"]).glob("experiment_state-*.json")):
-        return  # already run
-    path = out / f"{cfg['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [sys.executable, "-m", "search.cli", "search", str(path)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+def _no_training(cfg: dict) -> dict:
+    stage = "stage2" if cfg.get("stage1") is None else "stage1"
+    return {**cfg, stage: {**cfg[stage], "max_steps": 0}}
 
 
 def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
@@ -90,7 +87,7 @@ def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
     from search.config import load_search_config
     from search.space import SearchSpace
 
-    cfg = load_search_config(search_config(args, "search"))
+    cfg = load_search_config(_search_config(args, "search"))
     space = SearchSpace.from_config(cfg)
     todo = {}
     for label, params in space.seeds:
@@ -105,15 +102,26 @@ def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"))
+    p.add_argument("--teacher", choices=["demo", "minilm"], default="demo",
+                   help="demo: the bundled GPT-2 on WikiText-2; minilm: all-MiniLM-L6-v2 fine-tuned on SST-2")
+    p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"), help="WikiText-2 (demo)")
+    p.add_argument("--glue", default=str(SST2), help="SST-2 TSVs (minilm)")
+    p.add_argument("--teacher-dir", default="runs/minilm-sst2-teacher",
+                   help="the fine-tuned MiniLM (made there first when absent; minilm)")
     p.add_argument("--trials", type=int, default=24)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--steps", type=int, default=None, help="training steps of every trial (demo 60, minilm 40)")
+    p.add_argument("--lr", type=float, default=None, help="demo 5e-4, minilm 1e-4")
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
-    p.add_argument("--out", default="runs/search_vs_presets")
+    p.add_argument("--out", default=None, help="default runs/search_vs_presets[-minilm]")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args(argv)
-    if not Path(args.data).exists():
+    minilm = args.teacher == "minilm"
+    args.steps = args.steps or (40 if minilm else 60)
+    args.lr = args.lr or (1e-4 if minilm else 5e-4)
+    args.out = args.out or ("runs/search_vs_presets-minilm" if minilm else "runs/search_vs_presets")
+    if minilm:
+        ensure_minilm_teacher(args.teacher_dir, glue=args.glue)
+    elif not Path(args.data).exists():
         raise SystemExit(f"data not found: {args.data}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -123,19 +131,19 @@ def main(argv=None) -> int:
         t = time.time()
         refs = out / "references"
         todo = {label: ({**base_trial(args), **patch}, refs / label.replace(":", "-"))
-                for label, patch in REFERENCES.items()
+                for label, patch in references(args.teacher).items()
                 if not (refs / label.replace(":", "-") / "trial_summary.json").is_file()}
         if "teacher" in todo:
-            todo["teacher"][0]["stage1"] = {**todo["teacher"][0]["stage1"], "max_steps": 0}
+            todo["teacher"] = (_no_training(todo["teacher"][0]), todo["teacher"][1])
         _run_all(todo)
         timings["references_s"] = time.time() - t
     if "search" in args.parts:
         t = time.time()
-        _search(args, search_config(args, "search"), out)
+        run_search(_search_config(args, "search"), out)
         timings["search_s"] = time.time() - t
     if "random" in args.parts:
         t = time.time()
-        _search(args, search_config(args, "random", algorithm="random", seeds=(), prior=False), out)
+        run_search(_search_config(args, "random", algorithm="random", seeds=(), prior=False), out)
         timings["random_s"] = time.time() - t
     if "auto" in args.parts:
         t = time.time()
@@ -147,13 +155,13 @@ def main(argv=None) -> int:
     pools = [(out / name, name) for name in ("search", "random", "auto") if (out / name).is_dir()]
     sources = [p for p, _ in pools] + [out / "references"]
     labels = [n for _, n in pools] + ["references"]
-    paths = compare(sources, out / "compare", labels=labels, x="params_excl_output_embedding",
-                    title="demo teacher, WikiText-2: searched vs hand-made plans")
+    title = ("MiniLM fine-tuned on SST-2" if minilm else "demo teacher, WikiText-2") + ": searched vs hand-made plans"
+    paths = compare(sources, out / "compare", labels=labels, x=SIZE, title=title)
     import pandas as pd
 
     table = pd.read_csv(out / "compare" / "compare.csv")
     print((out / "compare" / "compare.md").read_text())
-    print(json.dumps({"benchmark": "search_vs_presets", "trials": args.trials, "steps": args.steps,
+    print(json.dumps({"benchmark": "search_vs_presets", "teacher": args.teacher, "trials": args.trials, "steps": args.steps,
                       **{k: round(v, 1) for k, v in timings.items()},
                       "plot": str(paths.get("compare.png", out / "compare" / "compare.png")),
                       "table": json.loads(table.to_json(orient="records"))}, default=str))
