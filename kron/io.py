@@ -24,6 +24,7 @@ from torch import nn
 from .errors import CheckpointError
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from . import methods
+from .methods.base import structure_of
 from .plan import CompressionPlan, ModuleSpec, PlanError
 from .surgery import (SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
                       source_types, specs_from_model)
@@ -122,7 +123,9 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "modules": {name: spec.to_dict() for name, spec in specs.items()},
             "source_types": source_types(model),
-            "methods": {m: methods.get_method(m).spec_type.version for m in sorted({s.method for s in specs.values()})},
+            # every method a spec uses: a modifier's (int8) and the structure it wraps (prune under int8)
+            "methods": {m: methods.get_method(m).spec_type.version
+                        for m in sorted({x.method for s in specs.values() for x in (s, structure_of(s))})},
             "report": report,
             "files": {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
         }
@@ -250,8 +253,9 @@ def merge(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     """Replace every Kronecker (or low-rank U·V) module by the dense module it stands for (nn.Linear, GPT-2's Conv1D
     in its (in, out) orientation, nn.Embedding) holding `to_dense()`, so that transformers' save_pretrained /
     from_pretrained work without kronsearch. The LM head stays untied from the input embedding (their values
-    differ). A pruned model (`prune`) becomes plain smaller modules, its config updated where the config can describe
-    the pruned widths (`Method.merge_config`); PlanError, before anything changes, where it cannot."""
+    differ). A pruned model (`prune`, int8 or not: int8 weights are dequantised) becomes plain smaller modules, its
+    config updated where the config can describe the pruned widths (`Method.merge_config`); PlanError, before
+    anything changes, where it cannot."""
     import copy
 
     # config entries the merged model needs (a pruned FFN's width...): asked first, so a structure the config cannot

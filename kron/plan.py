@@ -42,7 +42,7 @@ from torch import nn
 from . import methods
 from .errors import PlanError
 from .methods.base import (ModuleSpec, Slot, alternatives_message, check_keys, choice_message, method_of_key,
-                           modifier_keys, option_defaults, positive_int, primary_keys)
+                           modifier_keys, option_defaults, positive_int, primary_keys, structure_of)
 from .methods.kronecker import nearest_shape
 from .yamlio import dump_yaml
 
@@ -476,11 +476,14 @@ class CompressionPlan:
 
 
 def check_together(specs: Mapping[str, ModuleSpec | str], model: nn.Module) -> None:
-    """Each method's check that its specs fit together (a structured method's blocks; `Method.check_resolved`)."""
+    """Each method's check that its specs fit together (a structured method's blocks; `Method.check_resolved`). A
+    structure wrapped by a modifier (int8 of a pruned matrix) is checked as the structure, with the others of its
+    block whether they are quantised or not."""
     by_method: dict[str, dict[str, ModuleSpec]] = {}
     for name, spec in specs.items():
         if isinstance(spec, ModuleSpec):
-            by_method.setdefault(spec.method, {})[name] = spec
+            structure = structure_of(spec)
+            by_method.setdefault(structure.method, {})[name] = structure
     for method_name, own in by_method.items():
         methods.get_method(method_name).check_resolved(own, model)
 

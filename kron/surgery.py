@@ -24,6 +24,7 @@ from torch import nn
 from . import methods
 from .errors import PlanError
 from .methods import ModuleSpec, Slot
+from .methods.base import structure_of, with_structure
 from .plan import KEEP, CompressionPlan, check_together, dense_dims, module_type
 
 __all__ = [
@@ -377,12 +378,14 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
                             f"{' ...' if len(missing) > 3 else ''}: they were collected for another model or other "
                             "modules; collect them for this model")
     check_together(dict(todo), model)
-    # structured methods decide for several modules at once (which heads a pruned block keeps) before any swap
+    # structured methods decide for several modules at once (which heads a pruned block keeps) before any swap; a
+    # modifier's spec (int8) hands them its structure, and keeps wrapping the structure they return
     extras: dict[str, dict] = {}
-    for method_name in dict.fromkeys(s.method for _, s in todo):
-        own = {n: s for n, s in todo if s.method == method_name}
+    structures = {n: structure_of(s) for n, s in todo}
+    for method_name in dict.fromkeys(s.method for s in structures.values()):
+        own = {n: s for n, s in structures.items() if s.method == method_name}
         extras.update(methods.get_method(method_name).prepare(model, own, init, calib) or {})
-    todo = [(n, extras.get(n, {}).get("spec", s)) for n, s in todo]
+    todo = [(n, with_structure(s, extras[n]["spec"]) if "spec" in extras.get(n, {}) else s) for n, s in todo]
 
     params_before = count_params(model)
     bytes_before = count_bytes(model)
@@ -431,8 +434,9 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
             init="none" if init == "none" else (getattr(new, "init_source", None) or "svd"),
             bytes_before=count_bytes(old), bytes_after=count_bytes(new),
         ))
-    for method_name in dict.fromkeys(s.method for _, s in todo):
-        methods.get_method(method_name).finish(model, [n for n, s in todo if s.method == method_name])
+    structures = {n: structure_of(s).method for n, s in todo}
+    for method_name in dict.fromkeys(structures.values()):
+        methods.get_method(method_name).finish(model, [n for n, m in structures.items() if m == method_name])
     for method_name, names in no_data.items():
         notes.append(f"method {method_name} has no data-aware init: {len(names)} module(s) initialised by SVD "
                      f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")

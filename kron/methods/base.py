@@ -19,7 +19,10 @@ A method is one `Method` object plus one `ModuleSpec` subclass, registered with 
 A *modifier* (`Method.modifier = True`; the int8 quantisation of `kron.methods.quant`) is not a structure of its
 own but wraps any structure's spec: its rule keys (e.g. `quantize: int8`) go beside one primary key of a structure
 (`shape:`, `lowrank_ratio:`, ...) or alone (the dense matrix), and `modify(inner, options, slot)` wraps the inner
-spec (None for the dense matrix). Its spec dicts carry its `dict_key` beside the inner spec's keys.
+spec (None for the dense matrix). Its spec dicts carry its `dict_key` beside the inner spec's keys. A modifier's spec
+and layer hold the structure's as `inner`; the block-wide steps of a structured method (`check_resolved`, `prepare`,
+`finish`, `merge_config`: pruning's) are the structure's, so surgery and plans hand them the inner spec
+(`structure_of`) and the wrapped layer (`structure_layer`), whether or not a modifier wraps it.
 """
 from __future__ import annotations
 
@@ -45,7 +48,10 @@ __all__ = [
     "register",
     "rule_keys",
     "spec_from_dict",
+    "structure_layer",
+    "structure_of",
     "unregister",
+    "with_structure",
 ]
 
 LINEAR_KINDS = ("linear", "conv1d")  # kron.plan.module_type of nn.Linear and transformers' Conv1D
@@ -138,7 +144,12 @@ class ModuleSpec(metaclass=_SpecMeta):
 
     def bytes(self, m: int, n: int, width: int = 4) -> int:
         """Bytes of the stored weights (no bias) for an m x n weight whose floats take `width` bytes (float32: 4)."""
-        return self.params(m, n) * width
+        return self.params(m, n) * width + self.aux_bytes(m, n)
+
+    def aux_bytes(self, m: int, n: int) -> int:
+        """Bytes the layer stores beside its weight tensors and bias, whatever the weights' width (a pruned layer's
+        kept-unit indices); 0 for most methods. A quantisation modifier keeps them as they are."""
+        return 0
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModuleSpec":
@@ -218,8 +229,9 @@ class Method:
         return None
 
     def check_resolved(self, specs: Mapping[str, ModuleSpec], model) -> None:
-        """Raise PlanError when this method's specs (name -> spec, this method's only) do not fit together, e.g. a
-        pruned attention block whose output projection is not pruned alike. Called before the model changes."""
+        """Raise PlanError when this method's specs (name -> spec, this method's only; a modifier's spec as the inner
+        spec it wraps) do not fit together, e.g. a pruned attention block whose output projection is not pruned
+        alike. Called before the model changes."""
 
     def prepare(self, model, specs: Mapping[str, ModuleSpec], init: str, calib=None) -> dict[str, dict]:
         """Decisions taken for several modules at once before any is built (which heads a pruned block keeps):
@@ -373,6 +385,30 @@ def parse_option(text: str) -> ModuleSpec | None:
         if spec is not None:
             return spec
     return None
+
+
+def structure_of(spec: ModuleSpec) -> ModuleSpec:
+    """The structure a spec describes: a modifier's inner spec where it wraps one (int8 of a pruned matrix: the
+    PruneSpec), else the spec itself (the dense matrix in int8 included)."""
+    inner = getattr(spec, "inner", None)
+    return inner if inner is not None and get_method(spec.method).modifier else spec
+
+
+def with_structure(spec: ModuleSpec, structure: ModuleSpec) -> ModuleSpec:
+    """`spec` with its structure (`structure_of`) replaced: a modifier's spec wrapping the new one, or the new one."""
+    if structure_of(spec) is spec:
+        return structure
+    from dataclasses import replace
+
+    return replace(spec, inner=structure)
+
+
+def structure_layer(module):
+    """The layer holding a module's structure: a modifier's wrapped layer (`inner`), else the module itself."""
+    method = method_of_module(module)
+    if method is not None and method.modifier:
+        return getattr(module, "inner", module)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -320,8 +320,8 @@ def test_bad_rules(value, message):
         CompressionPlan([{"select": "attn.c_attn", "prune": value}])
     with pytest.raises(PlanError, match="blocks do not apply to prune"):
         CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "blocks": 3}])
-    with pytest.raises(PlanError, match="prune with quantize: int8 is not supported yet"):
-        CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "quantize": "int8"}])
+    with pytest.raises(PlanError, match="quantize must be 'int8'"):
+        CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "quantize": "int4"}])
 
 
 def _unchanged(model, fn):
@@ -396,3 +396,206 @@ def test_attention_distillation_compares_the_heads_that_remain(make_tiny_model, 
     assert same.parts["att"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(RuntimeError):
         ilkd_loss(s, t, DistillWeights())  # without the map the head counts differ
+
+
+# ----------------------------------------------------------------------------------------------- pruning + int8
+
+
+def int8_plan(kind, heads=None, ffn=None, scope=None):
+    """The same rule as `plan`, with quantize: int8 beside prune."""
+    rule = plan(kind, heads, ffn, scope).to_dict()["rules"][0]
+    return CompressionPlan([{**rule, "quantize": "int8"}])
+
+
+def _dequantised_copy(pruned):
+    """The float pruned model with every pruned weight replaced by its int8 round trip (per-row scales)."""
+    from kron.methods.quant.layer import dequantize_rows, quantize_rows
+
+    out = copy.deepcopy(pruned)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, PrunedLinear):
+                m.weight.copy_(dequantize_rows(*quantize_rows(m.weight), m.weight.dtype))
+    return out
+
+
+@pytest.mark.parametrize("kind, init", [("gpt2", "svd"), ("gpt2", "data"), ("bert", "svd"), ("llama", "svd")])
+def test_prune_int8_is_the_pruned_model_with_dequantised_weights(kind, init, make_tiny_model, tiny_inputs):
+    from kron.methods.quant import QuantizedSpec, quantized_bytes
+    from kron.methods.quant.layer import QuantizedLinear
+    from kron.plan import dense_dims
+    from kron.surgery import count_bytes
+
+    teacher = make_tiny_model(kind)
+    inputs = tiny_inputs(kind)
+    calib = calib_for(teacher, kind, tiny_inputs) if init == "data" else None
+    p = int8_plan(kind, heads=0.5, ffn=0.5)
+    resolved = p.resolve(teacher)
+    q = compress(teacher, p, inplace=False, init=init, calib=calib)
+    f = compress(teacher, plan(kind, heads=0.5, ffn=0.5), inplace=False, init=init, calib=calib)
+    layers = {n: m for n, m in q.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert set(layers) == {r.name for r in q.modules} and len(layers) == len(f.modules)
+    floats = dict(f.model.named_modules())
+    for name, layer in layers.items():
+        assert isinstance(layer.inner, PrunedLinear) and layer.inner.weight.dtype == torch.int8
+        assert layer.inner.weight_scale.shape == (layer.out_features,)
+        assert layer.inner.kept_units() == floats[name].kept_units()  # the same units as the float pruning
+    # the int8 model runs exactly the pruned model's weights after an int8 round trip, and stays close to it
+    torch.testing.assert_close(logits(q.model, inputs), logits(_dequantised_copy(f.model), inputs),
+                               rtol=1e-6, atol=1e-6)
+    pruned, quant = logits(f.model, inputs), logits(q.model, inputs)
+    assert 0 < (quant - pruned).norm() / pruned.norm() < 2e-2
+    # sizes: parameters as the pruned model; bytes = int8 elements + float32 scales (+ bias, kept indices)
+    assert q.params_after == f.params_after and q.macs_per_token_after == f.macs_per_token_after
+    assert q.bytes_after == count_bytes(q.model) < f.bytes_after
+    teacher_modules = dict(teacher.named_modules())
+    analytic = q.bytes_before
+    for r in q.modules:
+        spec = resolved[r.name]
+        assert isinstance(spec, QuantizedSpec) and isinstance(spec.inner, PruneSpec)
+        m, n = dense_dims(teacher_modules[r.name])
+        rows, cols = spec.inner.pruned_dims(m, n)
+        bias = layers[r.name].bias
+        bias_bytes = 0 if bias is None else 4 * bias.numel()
+        assert spec.bytes(m, n) == quantized_bytes([(rows, cols)]) + 4 * spec.inner.kept == rows * cols + 4 * rows \
+            + 4 * spec.inner.kept
+        assert r.bytes_after == spec.bytes(m, n) + bias_bytes
+        analytic += r.bytes_after - r.bytes_before
+    assert analytic == q.bytes_after
+
+
+def test_prune_int8_saves_reloads_exactly(make_tiny_model, tiny_inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    from kron.methods.quant import QuantizedSpec
+    from kron.methods.quant.layer import QuantizedLinear
+
+    model = make_tiny_model("gpt2")
+    inputs = tiny_inputs("gpt2")
+    p = int8_plan("gpt2", heads=0.5, ffn=0.25)
+    report = compress(model, p)
+    save_compressed(model, p, tmp_path / "m", report=report)
+    assert CompressionPlan.load(tmp_path / "m" / "plan.yaml") == p
+    stored = load_file(tmp_path / "m" / "model.safetensors")
+    assert stored["transformer.h.0.attn.c_attn.inner.weight"].dtype == torch.int8
+    assert stored["transformer.h.0.attn.c_attn.inner.weight_scale"].shape == (24,)
+    assert stored["transformer.h.0.attn.c_attn.inner.kept_ids"].dtype == torch.int32
+    back = load_compressed(tmp_path / "m", device="cpu")
+    info = back.kron_info
+    assert info["modules"]["transformer.h.0.attn.c_attn"] == {
+        "prune": {"part": "heads", "side": "out", "units": 2, "kept": 1, "blocks": 3}, "quantize": "int8"}
+    assert info["methods"] == {"int8": QuantizedSpec.version, "prune": PruneSpec.version}
+    layer = back.transformer.h[1].mlp.c_proj
+    assert isinstance(layer, QuantizedLinear) and isinstance(layer.inner, PrunedLinear)
+    before, after = model.state_dict(), back.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    assert torch.equal(logits(back, inputs), logits(model, inputs))
+    assert kept_heads(back) == kept_heads(model) and all(h is not None for h in kept_heads(back))
+    assert count_params(back) == report.params_after
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("transformer.h.1.mlp.c_fc.inner.weight_scale"), "transformer.h.1.mlp.c_fc.*no scales"),
+    (lambda t: t.__setitem__("transformer.h.1.mlp.c_fc.inner.weight_scale", torch.ones(64)),
+     "transformer.h.1.mlp.c_fc.*scales.*shape"),
+    (lambda t: t.__setitem__("transformer.h.1.mlp.c_fc.inner.weight",
+                             t["transformer.h.1.mlp.c_fc.inner.weight"].float()), "transformer.h.1.mlp.c_fc.*not int8"),
+])
+def test_prune_int8_checkpoint_with_missing_or_mismatched_scales_is_refused(edit, message, make_tiny_model,
+                                                                            tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kron.errors import CheckpointError
+
+    model = make_tiny_model("gpt2")
+    compress(model, int8_plan("gpt2", ffn=0.5))
+    out = save_compressed(model, None, tmp_path / "m")
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        load_compressed(out, device="cpu", verify=False)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prune_int8_merges_to_a_smaller_dense_model_where_prune_does(kind, make_tiny_model, tiny_inputs, tmp_path):
+    import transformers
+
+    from kron.methods.quant.layer import QuantizedLinear
+
+    inputs = tiny_inputs(kind)
+    model = make_tiny_model(kind)
+    # GPT-2: FFN only (its config cannot describe fewer heads); Llama: heads (key/value groups) and FFN
+    compress(model, int8_plan(kind, heads=0.5 if kind == "llama" else None, ffn=0.5))
+    expected = logits(model, inputs)
+    merged = merge(model, inplace=False)
+    assert not any(isinstance(m, (QuantizedLinear, PrunedLinear)) for m in merged.modules())
+    dense = merged.transformer.h[0].mlp.c_fc if kind == "gpt2" else merged.model.layers[0].mlp.up_proj
+    w = dense.weight.T if kind == "gpt2" else dense.weight
+    assert w.dtype == torch.float32 and tuple(w.shape) == ((32, 16) if kind == "gpt2" else (12, 16))
+    # the dequantised floats of the int8 layer, at the pruned size
+    src = model.transformer.h[0].mlp.c_fc if kind == "gpt2" else model.model.layers[0].mlp.up_proj
+    assert torch.equal(w, src.to_dense())
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path / "dense")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager").eval()
+    torch.testing.assert_close(logits(back, inputs), expected, rtol=1e-5, atol=1e-5)
+    assert count_params(back) == count_params(model)
+
+
+def test_prune_int8_merge_is_refused_naming_the_modules_where_prune_merge_is(make_tiny_model):
+    heads = make_tiny_model("gpt2")
+    compress(heads, int8_plan("gpt2", heads=0.5))
+    with pytest.raises(PlanError, match=r"cannot describe") as err:
+        _unchanged(heads, lambda: merge(heads))
+    assert "transformer.h.0.attn.c_attn" in str(err.value)
+
+
+def test_prune_int8_global_scope_and_mixed_blocks_keep_the_units_of_float_pruning(make_tiny_model, tiny_inputs):
+    """The block-wide steps see a block's matrices whether int8 or not: global scope pools the same blocks, a block
+    with some matrices int8 and others float keeps one set of units, a partial block is still refused."""
+    teacher = make_tiny_model("llama", seed=3)
+    with torch.no_grad():
+        teacher.model.layers[0].mlp.down_proj.weight[:, :20] *= 0.01
+    calib = calib_for(teacher, "llama", tiny_inputs)
+
+    def kept(model):
+        return {n: getattr(m, "inner", m).kept_units() for n, m in model.named_modules()
+                if isinstance(getattr(m, "inner", m), PrunedLinear) and not n.endswith(".inner")}
+
+    f = compress(teacher, plan("llama", ffn=0.5, scope="global"), inplace=False, init="data", calib=calib).model
+    q = compress(teacher, int8_plan("llama", ffn=0.5, scope="global"), inplace=False, init="data", calib=calib).model
+    assert kept(q) == kept(f) and len(kept(f)["model.layers.0.mlp.up_proj"]) < 12
+    with pytest.raises(PlanError, match=r"one intermediate size") as err:  # per-layer widths: as prune alone
+        _unchanged(q, lambda: merge(q))
+    assert "model.layers.0.mlp.gate_proj" in str(err.value)
+    # FFN down_proj in int8, gate/up in float: one block, one set of units
+    mixed = CompressionPlan([{"select": FFN["llama"], "prune": {"ffn": 0.5}},
+                             {"select": "mlp.down_proj", "prune": {"ffn": 0.5}, "quantize": "int8"}])
+    m = compress(teacher, mixed, inplace=False, init="data", calib=calib).model
+    ref = compress(teacher, plan("llama", ffn=0.5), inplace=False, init="data", calib=calib).model
+    assert kept(m) == kept(ref)
+    assert type(m.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert isinstance(m.model.layers[0].mlp.up_proj, PrunedLinear)
+    partial = CompressionPlan([{"select": "mlp.down_proj", "prune": {"ffn": 0.5}, "quantize": "int8"}])
+    with pytest.raises(PlanError, match="prunes model.layers.0.mlp.down_proj but not model.layers.0.mlp.gate_proj"):
+        _unchanged(teacher, lambda: compress(teacher, partial))
+
+
+def test_prune_int8_rule_spec_label_and_option_round_trip(make_tiny_model):
+    from kron.methods.quant import QuantizedSpec
+
+    p = int8_plan("gpt2", heads=0.5, ffn=0.25)
+    assert CompressionPlan.from_yaml(p.to_yaml()) == p
+    assert p.to_dict()["rules"][0] == {"select": SELECT["gpt2"], "prune": {"heads": 0.5, "ffn": 0.25},
+                                       "quantize": "int8"}
+    model = make_tiny_model("gpt2")
+    resolved = p.resolve(model)
+    spec = resolved["transformer.h.0.attn.c_attn"]
+    assert spec == QuantizedSpec(PruneSpec(part="heads", side="out", units=2, kept=1, blocks=3))
+    assert spec_from_dict(spec.to_dict()) == spec and parse_label(spec.label()) == spec
+    assert spec.label() == "prune heads out 1/2 b3 int8" and spec.describe(48, 16) == "1 of 2 heads kept: 24x16, int8"
+    assert parse_option(spec.option()) == spec and spec.option() == "pr:heads:out:1/2:b3+int8"
+    assert CompressionPlan.from_resolved(resolved).resolve(model) == resolved

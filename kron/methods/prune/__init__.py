@@ -10,6 +10,10 @@ Grouped-query attention (Llama-family with fewer key/value heads): the unit remo
 K and V head and the query heads that read it), so every layer keeps `num_key_value_groups` and the KV cache
 shrinks with the heads; `heads: 0.5` on 8 KV heads x 4 query heads removes 4 groups (16 query heads).
 
+With `quantize: int8` beside `prune:` (one rule: "pruning + int8") each pruned matrix is then stored as int8 with
+per-output-channel float32 scales (`kron.methods.quant`, whose spec and layer wrap this method's); the block-wide
+steps below see the pruned matrices whether or not they are quantised (`kron.methods.base.structure_of`).
+
 Each matrix's spec (`PruneSpec`) is concrete: the part ("heads" / "ffn"), the side that loses rows ("out": Q, K, V,
 up, gate) or columns ("in": the attention output, down), the units (heads or KV groups; neurons) and how many are
 kept; which ones are kept is decided when the model is pruned (`prepare`: by importance on calibration data under
@@ -24,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping, Sequence
 
 from ...errors import PlanError
-from ..base import (LINEAR_KINDS, Method, ModuleSpec, Slot, check_keys, modifier_keys, option_defaults,
+from ..base import (LINEAR_KINDS, Method, ModuleSpec, Slot, check_keys, option_defaults,
                     positive_int, register)
 from ..linear import wrong_kind
 
@@ -98,9 +102,10 @@ class PruneSpec(ModuleSpec):
     def weight_shapes(self, m: int, n: int) -> list[tuple[int, ...]]:
         return [self.pruned_dims(m, n)]
 
-    def bytes(self, m: int, n: int, width: int = 4) -> int:
-        # the weight, and the kept units' indices (int32) the layer stores so a saved model knows which remain
-        return self.params(m, n) * width + 4 * self.kept
+    def aux_bytes(self, m: int, n: int) -> int:
+        # the kept units' indices (int32) the layer stores so a saved model knows which remain (`bytes` adds the
+        # weight; int8 of a pruned matrix keeps them beside its int8 weight and scales)
+        return 4 * self.kept
 
     def macs(self, m: int, n: int) -> int:
         return self.params(m, n)
@@ -192,12 +197,6 @@ class PruneMethod(Method):
         if others:
             raise PlanError(f"{where}: {', '.join(others)} do not apply to prune (a pruned matrix stays dense; fused "
                             "projections are split into their heads automatically)")
-        mods = [k for k in options if k in modifier_keys()]
-        if mods:
-            # a modifier wraps the spec, so the block-wide steps (check_resolved, prepare, finish) would reach the
-            # modifier, not prune: refused until the modifier passes them on to its inner method
-            raise PlanError(f"{where}: prune with {', '.join(f'{k}: {options[k]}' for k in mods)} is not supported "
-                            "yet; prune in one rule and quantize the kept model later")
         return {**{k: v for k, v in options.items() if k != "prune"}, "prune": inner}
 
     def rule_to_dict(self, options: Mapping) -> dict:

@@ -231,21 +231,35 @@ def _global_kept(pooled, scores, kept, specs, blocks) -> dict:
 # ----------------------------------------------------------------------------------------------- the rest of the model
 
 
-def _pruned(model):
+def _pruned(model) -> dict:
+    """Name -> PrunedLinear of every pruned matrix, named as the model's module (an int8 one's PrunedLinear is the
+    wrapper's `inner`: listed under the wrapper's name, once)."""
+    from ..base import structure_layer
     from .layer import PrunedLinear
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, PrunedLinear)}
+    out, wrapped = {}, set()
+    for name, module in model.named_modules():  # pre-order: a wrapper comes before the layer it wraps
+        if id(module) in wrapped:
+            continue
+        layer = structure_layer(module)
+        if layer is not module:
+            wrapped.add(id(layer))
+        if isinstance(layer, PrunedLinear):
+            out[name] = layer
+    return out
 
 
 def fix_attention(model, names: Sequence[str]) -> None:
     """Tell each pruned attention module its head count (GPT-2 splits c_attn by `split_size`; BERT keeps
     `all_head_size`). Llama-family attention reshapes with -1 heads and prunes whole KV groups, so its
     `num_key_value_groups` stays right."""
+    from ..base import structure_layer
+
     config, _, _ = _family(model)
     heads, kv, head_dim = head_layout(config)
     modules = dict(model.named_modules())
     for name in names:
-        layer = modules[name]
+        layer = structure_layer(modules[name])  # the PrunedLinear, also under int8
         if layer.part != "heads" or layer.side != "out":
             continue
         attn = modules[name.rpartition(".")[0]]
@@ -276,9 +290,8 @@ def kept_heads(model) -> list[list[int] | None]:
 
 def merge_config(model) -> dict:
     """Config entries that make `from_pretrained` rebuild a merged pruned model (one FFN width and, for
-    Llama-family, one head count for all layers); PlanError naming the layers where the config cannot."""
-    from ...plan import dense_dims
-
+    Llama-family, one head count for all layers); PlanError naming the layers and modules where the config cannot
+    (the same whether the pruned matrices are int8 or float)."""
     config, family, model_type = _family(model)
     pruned = _pruned(model)
     if not pruned:
@@ -291,34 +304,51 @@ def merge_config(model) -> dict:
     kv_kept: dict[int, int] = {}
     heads, kv, head_dim = head_layout(config)
     for (layer, part), names in blocks.items():
-        first = modules[names[0]]
+        first = names[0]
         if part == "ffn":
-            widths[layer] = first.kept if names[0] in pruned else dense_dims(first)[0]
-        elif names[0] in pruned:
-            kv_kept[layer] = first.kept
+            widths[layer] = pruned[first].kept if first in pruned else _rows(modules[first])
+        elif first in pruned:
+            kv_kept[layer] = pruned[first].kept
         else:
             kv_kept[layer] = kv
     if any(pruned[n].part == "ffn" for n in pruned):
         if len(set(widths.values())) > 1:
-            raise PlanError(f"merge: the FFN keeps {_by_value(widths)} neurons; a {cls} has one intermediate size for "
-                            "all layers, so from_pretrained could not rebuild the merged model. Prune every layer's "
-                            "FFN to the same width (scope: layer, one fraction), or keep the kronsearch folder "
-                            "(load_compressed)")
+            raise PlanError(f"merge: the FFN keeps {_by_value(widths)} neurons ({_modules(pruned, 'ffn')}); a {cls} "
+                            "has one intermediate size for all layers, so from_pretrained could not rebuild the "
+                            "merged model. Prune every layer's FFN to the same width (scope: layer, one fraction), or "
+                            "keep the kronsearch folder (load_compressed)")
         out["n_inner" if family.name == "gpt2" else "intermediate_size"] = next(iter(widths.values()))
     if any(pruned[n].part == "heads" for n in pruned):
         if family.name != "llama":
             raise PlanError(f"merge: layers {sorted(k for k, v in kv_kept.items() if v != kv)} keep fewer attention "
-                            f"heads, which a {cls} cannot describe (its head size is hidden_size / heads, and "
-                            "transformers no longer stores pruned_heads), so from_pretrained could not rebuild the "
-                            "merged model. Keep the kronsearch folder (load_compressed; its pruned layers are plain "
-                            "dense matmuls), or prune only the FFN for a mergeable model")
+                            f"heads ({_modules(pruned, 'heads')}), which a {cls} cannot describe (its head size is "
+                            "hidden_size / heads, and transformers no longer stores pruned_heads), so from_pretrained "
+                            "could not rebuild the merged model. Keep the kronsearch folder (load_compressed; its "
+                            "pruned layers are plain dense matmuls), or prune only the FFN for a mergeable model")
         if len(set(kv_kept.values())) > 1:
-            raise PlanError(f"merge: the attention keeps {_by_value(kv_kept)} key/value heads; a {cls} has one head "
-                            "count for all layers, so from_pretrained could not rebuild the merged model. Prune every "
-                            "layer's heads alike, or keep the kronsearch folder (load_compressed)")
+            raise PlanError(f"merge: the attention keeps {_by_value(kv_kept)} key/value heads "
+                            f"({_modules(pruned, 'heads')}); a {cls} has one head count for all layers, so "
+                            "from_pretrained could not rebuild the merged model. Prune every layer's heads alike, or "
+                            "keep the kronsearch folder (load_compressed)")
         k = next(iter(kv_kept.values()))
         out.update(num_attention_heads=k * heads // kv, num_key_value_heads=k, head_dim=head_dim)
     return out
+
+
+def _rows(module) -> int:
+    """Output rows of an unpruned block's first matrix (dense, or compressed by another method)."""
+    from ...plan import dense_dims
+
+    try:
+        return dense_dims(module)[0]
+    except PlanError:
+        return int(module.out_features)
+
+
+def _modules(pruned: Mapping, part: str, count: int = 3) -> str:
+    """"modules a, b, c ..." of the pruned matrices of one part, for error messages."""
+    names = [n for n, layer in pruned.items() if layer.part == part]
+    return f"module{'s' if len(names) > 1 else ''} {', '.join(names[:count])}{' ...' if len(names) > count else ''}"
 
 
 def _by_value(per_layer: Mapping[int, int]) -> str:

@@ -7,6 +7,8 @@ s = max|row| / 127, q in [-127, 127]. So "Kronecker + int8" is one plan rule:
       shape: [128, 16, 2, 4]
       quantize: int8          # beside shape/factor, lowrank_rank/lowrank_ratio, or alone (the dense matrix in int8)
 
+It goes beside `prune:` too ("pruning + int8": the kept rows/columns of each pruned matrix stored as int8; the
+pruning's block-wide steps see the inner PruneSpecs and PrunedLinear layers, `kron.methods.base.structure_of`).
 Spec dicts (plan files, kronsearch.json, trial summaries) are the inner spec's dict plus `quantize: int8`; labels
 add " int8" ("dense int8" alone), search options "+int8". Embeddings are not supported (a PlanError names the
 module). The layer (`layer.QuantizedLinear`) dequantises on the fly (see its docstring for why not an int8 kernel).
@@ -76,8 +78,12 @@ class QuantizedSpec(ModuleSpec):
         return m * n if self.inner is None else self.inner.macs(m, n)
 
     def bytes(self, m: int, n: int, width: int = 4) -> int:
-        """int8 elements (1 byte) plus a float32 scale per row of each weight tensor; `width` is not used."""
-        return quantized_bytes(self.weight_shapes(m, n))
+        """int8 elements (1 byte) plus a float32 scale per row of each weight tensor, and what the structure stores
+        beside its weights (a pruned matrix's kept-unit indices); `width` is not used."""
+        return quantized_bytes(self.weight_shapes(m, n)) + self.aux_bytes(m, n)
+
+    def aux_bytes(self, m: int, n: int) -> int:
+        return 0 if self.inner is None else self.inner.aux_bytes(m, n)
 
     def describe(self, m: int | None = None, n: int | None = None) -> str:
         if self.inner is None:

@@ -121,7 +121,7 @@ class QuantizedLinear(nn.Module):
 
                 with torch.no_grad():
                     w = linear_weight(reference)[0].to(torch.float32)
-                    layer.init_error = float((w - layer.to_dense().to(torch.float32)).norm() / w.norm().clamp_min(1e-30))
+                    layer.init_error = float((w - layer.to_full().to(torch.float32)).norm() / w.norm().clamp_min(1e-30))
         return layer
 
     # --------------------------------------------------------------------------------- weights
@@ -202,6 +202,15 @@ class QuantizedLinear(nn.Module):
             if isinstance(self.inner, nn.Linear):
                 return self.inner.weight
             return self.inner.to_dense()
+
+    def to_full(self) -> torch.Tensor:
+        """The dequantised weight at the size of the dense module it replaced: a pruned inner layer's `to_full`
+        (zeros in the removed rows/columns), `to_dense` for every other structure."""
+        full = getattr(self.inner, "to_full", None)
+        if not callable(full):
+            return self.to_dense()
+        with self._weights_in_place(self._float_dtype()):
+            return full()
 
     def extra_repr(self) -> str:
         return f"int8 per-output-channel, {len(self.weight_names)} tensor(s), qat={self.qat}"
