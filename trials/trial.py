@@ -217,6 +217,7 @@ def _check_method_specs(method: str, specs: dict) -> None:
     """Keep the methods apart: a lowrank trial's plan factors matrices as U·V only, a kronecker trial's as Kronecker
     products only (results are grouped by method, and a mixed plan would be neither baseline nor Kronecker); a
     mixed trial's plan may use any method per matrix."""
+    from kron.methods.base import structure_of
     from kron.plan import KEEP
 
     for name, spec in specs.items():
@@ -229,10 +230,11 @@ def _check_method_specs(method: str, specs: dict) -> None:
         if method == "kronecker" and spec.method == "lowrank":
             raise UserError(f"method 'kronecker': the plan makes module {name} a low-rank U·V; use method 'lowrank' "
                             "for the low-rank baseline")
-        if (method == "prune") != (spec.method == "prune") and method != "mixed":
+        # pruning + int8 (`prune:` with `quantize: int8`) is pruning: its structure is what counts
+        if (method == "prune") != (structure_of(spec).method == "prune") and method != "mixed":
             raise UserError(f"method {method!r}: the plan gives module {name} {spec.describe()}; a prune trial's "
-                            "rules use prune (or the preset prune:<f>), other trials' rules do not (use method "
-                            "'mixed' to combine them)")
+                            "rules use prune (or the preset prune:<f>; quantize: int8 may go beside prune), other "
+                            "trials' rules do not (use method 'mixed' to combine them)")
 
 
 def _report_counts(model) -> dict:

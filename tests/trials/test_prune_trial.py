@@ -37,6 +37,34 @@ def test_prune_trial_end_to_end(init, tiny_lm_teacher, text_corpus, tmp_path):
     assert count_params(back) == summary["params"]
 
 
+def test_prune_trial_with_int8_rules(tiny_lm_teacher, text_corpus, tmp_path):
+    """Pruning + int8 in one rule is a prune trial: the pruned matrices are stored as int8, the attention ILKD still
+    compares the heads that remain, and the checkpoint reloads with the recorded size in bytes."""
+    from kron.io import load_compressed
+    from kron.methods.prune.layer import PrunedLinear
+    from kron.methods.prune.structure import kept_heads
+    from kron.methods.quant.layer import QuantizedLinear
+    from kron.surgery import count_bytes, count_params
+
+    rules = [{"select": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "prune": {"heads": 0.5, "ffn": 0.5},
+              "quantize": "int8"}]
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, method="prune", plan={"rules": rules})
+    cfg["stage1"].update(max_steps=2, eval_every=2)
+    summary, student = run_trial(cfg, output_dir=tmp_path, progress=False, return_student=True)
+    assert summary["status"] == "complete" and summary["method"] == "prune"
+    assert summary["plan_resolved"]["transformer.h.0.attn.c_attn"] == {
+        "prune": {"part": "heads", "side": "out", "units": 2, "kept": 1, "blocks": 3}, "quantize": "int8"}
+    assert math.isfinite(summary["quality"])
+    assert all(math.isfinite(h["loss_att"]) for h in summary["history"] if "loss_att" in h)
+    layer = student.transformer.h[0].attn.c_attn
+    assert isinstance(layer, QuantizedLinear) and isinstance(layer.inner, PrunedLinear)
+    assert all(len(h) == 1 for h in kept_heads(student))
+    back = load_compressed(tmp_path / "checkpoint", device="cpu")
+    assert count_params(back) == summary["params"] and count_bytes(back) == summary["bytes"]
+    # int8 of the pruned matrices: 1 byte per weight against float32's 4, plus the scales
+    assert summary["bytes"] < summary["bytes_teacher"] / 2
+
+
 def test_prune_trial_on_a_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_path):
     cfg = {
         "teacher": str(tiny_bert_classifier), "method": "prune",
@@ -56,6 +84,9 @@ def test_prune_trial_on_a_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_pa
 @pytest.mark.parametrize("method, rules, message", [
     ("prune", [{"select": "mlp.c_fc", "shape": [64, 16, 2, 2]}], "a prune trial's rules use prune"),
     ("kronecker", [{"select": ["mlp.c_fc", "mlp.c_proj"], "prune": {"ffn": 0.5}}], "method 'kronecker': the plan"),
+    ("kronecker", [{"select": ["mlp.c_fc", "mlp.c_proj"], "prune": {"ffn": 0.5}, "quantize": "int8"}],
+     "method 'kronecker': the plan"),
+    ("prune", [{"select": "mlp.c_fc", "quantize": "int8"}], "a prune trial's rules use prune"),
 ])
 def test_prune_and_other_methods_do_not_mix(method, rules, message, tiny_lm_teacher, text_corpus, tmp_path):
     cfg = _lm_config(tiny_lm_teacher, text_corpus, method=method, plan={"rules": rules})
