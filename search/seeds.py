@@ -152,8 +152,9 @@ def _seed_blocks(seed: Seed, space, on: set, params: dict, missing: dict, where:
                               "whole")
         kept = {i: {parse_option(seed.options[n]).kept for n in b.names[i]} for i in layers}
         units = {i: parse_option(seed.options[b.names[i][0]]).units for i in layers}
+        # the option giving every matrix exactly the seed's (a float fraction, never its "+int8" twin)
         opt = next((o for o in b.options[1:] if all(
-            {parse_option(s).kept for s in b.specs[o][i].values()} == kept[i] for i in layers)), None)
+            b.specs[o][i] == {n: seed.options[n] for n in b.names[i]} for i in layers)), None)
         if opt is None:
             fractions = {f"{(units[i] - min(kept[i])) / units[i]:.6g}" for i in layers}
             label = fractions.pop()

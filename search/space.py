@@ -13,10 +13,11 @@ plus any user groups given by module selectors), and the space is a set of categ
   layers (`layers: {count: k}`: a priority in [0, 1] per layer "L3.priority", the k highest win);
 * with `prune` in `space.methods`, one block choice per layer and block ("L3.prune_heads", "L3.prune_ffn"; one per
   block kind with `tie_layers`): "none", or a fraction of the block's heads (key/value groups) or FFN neurons
-  removed. Structured pruning removes units from every matrix of a block together (Q, K, V and the attention
-  output; all FFN matrices), so it is offered only where the space searches the whole block (groups attention +
-  attention_output, ffn_in + ffn_out), and a pruned block's matrices take no choice of their own: the block choice
-  is drawn first and their per-matrix choices are then not drawn (`BlockChoice`).
+  removed ("0.5"; with int8 in `space.quantize` also "0.5+int8", the pruned matrices stored as int8). Structured
+  pruning removes units from every matrix of a block together (Q, K, V and the attention output; all FFN
+  matrices), so it is offered only where the space searches the whole block (groups attention + attention_output,
+  ffn_in + ffn_out), and a pruned block's matrices take no choice of their own: the block choice is drawn first and
+  their per-matrix choices are then not drawn (`BlockChoice`).
 
 The same drawing code serves Optuna (`define_by_run`) and plain random sampling (`sample`), so both always agree
 on which parameters exist. Costs are computed analytically (`plan_cost`): the teacher's counts plus, for each
@@ -57,6 +58,7 @@ PLAN_INFO_KEYS = ("plan_summary", "plan_params", "plan_params_excl_output_embedd
 
 KEEP = "keep"
 NO_PRUNE = "none"  # a block choice's option that leaves the block to its matrices' own choices
+INT8 = "+int8"  # a block choice's option suffix: the pruned matrices stored as int8 ("0.5+int8")
 # the space's groups that make up a prunable block (kron.methods.prune removes a unit from all of them at once)
 PRUNE_GROUPS = {"heads": ("attention", "attention_output"), "ffn": ("ffn_in", "ffn_out")}
 
@@ -105,15 +107,17 @@ class Choice:
 class BlockChoice:
     """Structured pruning of one layer's attention ("heads") or FFN ("ffn") block — or, with tie_layers, of that
     block in every searched layer: "none" (the block's matrices take their own choices, `members`) or a fraction of
-    its units removed ("0.5"), which gives every matrix of the block its PruneSpec and overrides `members`."""
+    its units removed ("0.5"), which gives every matrix of the block its PruneSpec and overrides `members`; with int8
+    in `space.quantize` also each fraction in int8 ("0.5+int8": pruning + int8, the pruned matrices stored as int8
+    with per-row scales)."""
 
     key: str  # "L3.prune_heads", or "prune_heads" when tied
     part: str  # "heads" | "ffn"
     layer: int | None  # None: tied across layers
-    options: tuple[str, ...]  # "none", then the fractions removed, ascending
+    options: tuple[str, ...]  # "none", then the fractions removed, ascending (float ones, then "+int8" ones)
     members: tuple[str, ...]  # keys of the per-matrix choices of the block's matrices
     names: dict = field(compare=False, hash=False, repr=False)  # layer -> the block's matrix names, model order
-    # option -> layer -> {matrix name: PruneSpec option string (blocks left to `resolved`, as for every option)}
+    # option -> layer -> {matrix name: PruneSpec option string, "+int8" for int8 (blocks left to `resolved`)}
     specs: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     # option -> layer -> (Δparams, Δparams excluding the output embedding, Δmacs, Δbytes) of that layer's block
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -410,6 +414,7 @@ class SearchSpace(BudgetMixin):
     def _build_blocks(self, space: SpaceConfig, info: ModelInfo) -> list[BlockChoice]:
         """The prune choices of the prunable blocks (see `BlockChoice`), each layer's heads before its FFN."""
         from kron.methods.prune import PruneSpec, removed_units
+        from kron.methods.quant import QuantizedSpec
 
         per_key: dict[tuple, dict[int, dict]] = {}
         for (layer, part), block in self._prunable.items():
@@ -423,12 +428,18 @@ class SearchSpace(BudgetMixin):
             units = {i: next(iter(b.values()))["units"] for i, b in blocks.items()}
             first = units[min(units)]
             # each option is named by the fraction it removes exactly (of the first layer's units: every layer of a
-            # transformers model has the same), so fractions that round to the same count are one option
-            wanted = list(space.prune_fractions) + [float(x) for x in self._extra_options.get(key, ())]
-            labels = {f"{removed_units(f, first) / first:.6g}" for f in wanted}
+            # transformers model has the same), so fractions that round to the same count are one option; with
+            # int8 in space.quantize each fraction also in int8 ("0.5+int8": the pruned matrices stored as int8)
+            def named(f: float) -> str:
+                return f"{removed_units(f, first) / first:.6g}"
+
+            extra = [(named(float(x.removesuffix(INT8))), x.endswith(INT8)) for x in self._extra_options.get(key, ())]
+            stored_as = ([False] if "none" in space.quantize else []) + ([True] if "int8" in space.quantize else [])
+            labels = {(named(f), int8) for f in space.prune_fractions for int8 in stored_as} | set(extra)
             specs, deltas = {}, {}
-            for label in sorted(labels, key=float):
-                kept = {i: u - removed_units(float(label), u) for i, u in units.items()}
+            for fraction, int8 in sorted(labels, key=lambda fq: (fq[1], float(fq[0]))):
+                label = fraction + (INT8 if int8 else "")
+                kept = {i: u - removed_units(float(fraction), u) for i, u in units.items()}
                 if not all(0 < kept[i] < units[i] for i in units):
                     continue  # removes nothing, or every unit
                 specs[label], deltas[label] = {}, {}
@@ -438,15 +449,16 @@ class SearchSpace(BudgetMixin):
                         mx = mats[name]
                         sp = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i],
                                        blocks=mx.blocks)
+                        stored = QuantizedSpec(sp) if int8 else sp
                         dense = mx.m * mx.n
                         d_bias = sp.pruned_dims(mx.m, mx.n)[0] - mx.m if ctx["bias"] else 0  # rows lose their bias
                         dp = sp.params(mx.m, mx.n) - dense + d_bias
                         total[0] += dp
                         total[1] += dp
                         total[2] += sp.macs(mx.m, mx.n) - dense
-                        total[3] += sp.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
-                        specs[label][i][name] = PruneSpec(part=part, side=ctx["side"], units=ctx["units"],
-                                                          kept=kept[i]).option()
+                        total[3] += stored.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
+                        option = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i]).option()
+                        specs[label][i][name] = option + (INT8 if int8 else "")
                     deltas[label][i] = tuple(total)
             if not specs:
                 continue  # e.g. a single head: nothing to prune

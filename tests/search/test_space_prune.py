@@ -188,14 +188,50 @@ def test_prune_rules_are_one_per_fraction_and_part():
     assert space.describe(params) == "L0.prune_heads 0.5 | L0.prune_ffn 0.25 | L1.prune_heads 0.5 | L1.prune_ffn none"
 
 
-def test_prune_beside_int8_choices():
-    """int8 stays a per-matrix choice; pruned blocks are float (prune + int8 in one rule is refused by kron)."""
+def test_pruned_blocks_offer_int8_like_the_matrices():
+    """With int8 in space.quantize each fraction also comes in int8 ("0.5+int8": pruning + int8, one kron rule per
+    fraction); costs equal the built model's; quantize: [int8] alone offers only int8 pruning; size stays exact."""
+    from kron.methods.prune.layer import PrunedLinear
+    from kron.methods.quant.layer import QuantizedLinear
+
     space = _space("gpt2", quantize=["none", "int8"], allow_keep=True)
-    assert all(o == NO_PRUNE or "int8" not in o for b in space.blocks for o in b.options)
-    for params in _sampled_with_prune(space, 2, seed=3):
+    heads = space.blocks[0]
+    assert heads.options == (NO_PRUNE, "0.25", "0.5", "0.75", "0.25+int8", "0.5+int8", "0.75+int8")
+    assert all(o == NO_PRUNE or o.endswith("+int8") for b in _space("gpt2", quantize=["int8"]).blocks
+               for o in b.options)
+    assert all("int8" not in o for b in _space("gpt2").blocks for o in b.options)  # the default: float only
+    params = {**space.cheapest("params"), "L0.prune_heads": "0.5+int8", "L0.prune_ffn": "0.25",
+              "L1.prune_heads": "0.5", "L1.prune_ffn": "0.75+int8"}
+    params = space._normalise(params)
+    rules = space.to_plan_rules(params)
+    assert {"select": ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"], "prune": {"heads": 0.5},
+            "quantize": "int8"} in rules
+    assert {"select": ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"], "prune": {"heads": 0.5}} \
+        in rules
+    assert space.resolved(params)["transformer.h.0.attn.c_attn"] == {
+        "prune": {"part": "heads", "side": "out", "units": 4, "kept": 2, "blocks": 3}, "quantize": "int8"}
+    checked = [params] + [p for p in _sampled_with_prune(space, 40, seed=3)
+                          if any(p.get(b.key, "").endswith("+int8") for b in space.blocks)][:2]
+    assert len(checked) == 3
+    for k, p in enumerate(checked):
         model = real_model("gpt2")
-        compress(model, CompressionPlan.from_dict(space.to_plan_dict(params)), init="none")
-        assert space.plan_costs(params)["bytes"] == count_bytes(model)
+        compress(model, CompressionPlan.from_dict(space.to_plan_dict(p)))
+        costs = space.plan_costs(p)
+        assert (costs["params"], costs["macs_per_token"], costs["bytes"]) == (
+            count_params(model), macs_per_token(model), count_bytes(model)), space.describe(p)
+        if k == 0:
+            int8, fp = model.transformer.h[0].attn.c_attn, model.transformer.h[1].attn.c_attn
+            assert isinstance(int8, QuantizedLinear) and isinstance(int8.inner, PrunedLinear)
+            assert isinstance(fp, PrunedLinear)
+    # a float prune seed is its float fraction, never the int8 twin (added where the space has int8 only)
+    for quantize in (["none", "int8"], ["int8"]):
+        seeded = _space("gpt2", quantize=quantize, allow_keep=True).with_seeds(["prune:2"], meta_model("gpt2"))
+        (_, seed), = seeded.seeds
+        assert {seed[b.key] for b in seeded.blocks} == {"0.5"}
+        assert "0.5" in seeded.blocks[0].options and "0.5+int8" in seeded.blocks[0].options
+    small = _space("gpt2", quantize=["none", "int8"], max_shapes=1, methods=["kronecker", "prune"], layers=[1])
+    plans = {_plan_key(r) for r in (small.resolved(p) for p in _drawn(small)) if r}
+    assert small.size() == len(plans)
 
 
 # ----------------------------------------------------------------------------------------------- drawing
