@@ -14,8 +14,8 @@ importance where the method has one):
 * layer dropping: keep the odd layers (2x fewer layer weights) or a quarter of the layers (4x on the demo's 4
   layers, 3x on MiniLM's 6: layers 2 and 5);
 * int8 alone (every attention and FFN matrix as int8 weights + float32 scales: ~4x fewer bytes there);
-* the stacks Kronecker+int8 and low-rank+int8 at f = 2 and 4 (~8x and ~16x fewer bytes in those matrices);
-  pruning+int8 is refused by this release (prune's block-wide steps do not pass through the int8 modifier yet).
+* the stacks Kronecker+int8, low-rank+int8 and pruning+int8 (`prune:` rules with `quantize: int8`, a prune trial)
+  at f = 2 and 4 (~8x and ~16x fewer bytes in those matrices).
 
 The teacher is evaluated once (no training). For each plan the table gives its weight bytes (the whole model's:
 each tensor's elements x stored width, scales included), bytes ratio to the float32 teacher over the whole model and
@@ -80,6 +80,8 @@ def plans(config) -> dict[str, tuple[str, float, dict]]:
             "rules": _preset_rules(f"uniform:{f}", config, int8=True)}})
         out[f"lowrank x{f} + int8"] = ("lowrank+int8", 4 * f, {"method": "mixed", "plan": {
             "rules": _preset_rules(f"lowrank:{f}", config, int8=True)}})
+        out[f"prune x{f} + int8"] = ("prune+int8", 4 * f, {"method": "prune", "plan": {
+            "rules": _preset_rules(f"prune:{f}", config, int8=True)}})
     return out
 
 
