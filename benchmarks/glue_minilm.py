@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         if not Path(path).exists():
             raise SystemExit(f"not found: {path}")
     teacher = ensure_minilm_teacher(args.teacher_dir, model=args.model, glue=args.glue, minutes=args.teacher_minutes,
-                                    max_len=args.max_len, threads=args.threads)
+                                    max_len=args.max_len, threads=args.threads, lr=5e-5)
 
     from trials.trial import run_trial
 

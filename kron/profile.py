@@ -312,6 +312,13 @@ class _FastBlock:
             self._lowrank = torch.cat([tail, tail.new_zeros(1)])
         return max(float(self._lowrank[rank].item()), 0.0), "data"
 
+    def int8(self) -> float:
+        """f of the dense matrix in per-row int8 (`quant.layer.quantize_rows`)."""
+        from .methods.quant.layer import dequantize_rows, quantize_rows
+
+        D = self.W - dequantize_rows(*quantize_rows(self.W)).double()
+        return max(float(((D @ self.S) * D).sum().item()), 0.0)
+
 
 def _fast_damage(blocks: list, spec) -> tuple[float, str] | None:
     """(damage, init) of a kronecker / lowrank spec from the cached blocks; None for other methods."""
@@ -373,10 +380,25 @@ def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, r
         blocks = max((getattr(sp, "blocks", 1) for sp in specs), default=1)
         cached = [_FastBlock(w, S, ridge) for w in W.split(W.shape[0] // blocks, dim=0)]
         stats_one = ModuleStats(S=S, tokens=stats.stats(name).tokens)
-        out[name] = [_candidate_damage(name, modules[name], spec, stats_one, cached, None)[0] for spec in specs]
+        out[name] = [_int8_estimate(cached, spec) if getattr(spec, "method", None) == "int8" else
+                     _candidate_damage(name, modules[name], spec, stats_one, cached, None)[0] for spec in specs]
         if progress is not None:
             progress(i + 1, len(wanted), name)
     return out
+
+
+def _int8_estimate(blocks: list, spec) -> float:
+    """The damage of a structure + int8 (`quantize: int8`) for the search's prior, without building the layer: the
+    structure's damage (fast path; 0 for the dense matrix) plus that of the dense matrix in int8. Exact for the dense
+    matrix in int8; for a structure it is an estimate — its factors, not W, are quantised, and the two errors are
+    added as if orthogonal — of a term orders of magnitude below the structure's own damage (building each
+    Kronecker layer only to quantise it doubled the prior's time)."""
+    inner = getattr(spec, "inner", None)
+    got = (0.0, "data") if inner is None else _fast_damage(blocks, inner)
+    if got is None:
+        raise PlanError(f"the search's prior cannot estimate {spec.label()}: its structure has no fast damage")
+    base = sum(b.base for b in blocks)
+    return got[0] + (sum(b.int8() for b in blocks) / base if base > 0 else 0.0)
 
 
 def _model_inputs(batch, device):

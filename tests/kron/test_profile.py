@@ -211,3 +211,32 @@ def test_fast_path_matches_building_each_layer(gpt2, blocks):
     assert any(s[1] > 1 and s[3] > 1 for s in shapes)
     for a, b in zip(fc, sc):
         assert a["damage"] == pytest.approx(b["damage"], rel=2e-3, abs=1e-7), a["label"]
+
+
+def test_option_damages_int8_without_building(gpt2, monkeypatch):
+    """The search prior's damage of `+int8` options: exact for the dense matrix in int8 (= building the layer and
+    measuring it), and for a structure + int8 the structure's own damage plus the dense int8 term — close to the
+    built layer's (its factors are quantised, not W) and never below the structure alone; no layer is built."""
+    from kron.calibration import ModuleStats
+    from kron.methods import get_method, parse_option
+    from kron.profile import _Proxy, _weight, option_damages
+
+    model, stats, _ = gpt2
+    name = "transformer.h.1.mlp.c_proj"  # 32 x 128
+    module = dict(model.named_modules())[name]
+    K = "16x32,2x4,r1"  # a general split (n1, n2 > 1): the iterative data-aware solve
+    opts = ["int8", "lr4", "lr4+int8", K, K + "+int8"]
+    specs = [parse_option(o) for o in opts]
+    built = []
+    one = ModuleStats(S=stats.stats(name).S, tokens=stats.stats(name).tokens)
+    proxy = _Proxy(_weight(module), one.S)
+    for spec in specs:
+        built.append(proxy(get_method(spec.method).build(module, spec, "data", stats=one).to_dense()))
+    import kron.methods.quant as quant
+
+    monkeypatch.setattr(quant.Int8Method, "build", lambda *a, **k: pytest.fail("built an int8 layer"))
+    got = dict(zip(opts, option_damages(model, stats, {name: specs})[name]))
+    assert got["int8"] == pytest.approx(built[0], rel=1e-6) and 0 < got["int8"] < 1e-3
+    for structure in ("lr4", K):
+        assert got[structure + "+int8"] >= got[structure]
+        assert got[structure + "+int8"] == pytest.approx(built[opts.index(structure + "+int8")], rel=0.05)
