@@ -15,7 +15,9 @@ __all__ = ["batches", "evaluate_glue", "evaluate_kd", "evaluate_lm", "sync"]
 
 
 def batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool, seed: int) -> Iterator[dict]:
-    """Endless shuffled batches (training), or one ordered pass (evaluation)."""
+    """Endless shuffled batches (training), or one ordered pass (evaluation). With an `attention_mask`, each batch
+    drops the trailing columns that are padding in all of its rows (GLUE sets are padded to their longest example,
+    most batches are far shorter): the model's outputs on real tokens and the masked losses are unchanged."""
     n = next(iter(tensors.values())).shape[0]
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -24,9 +26,20 @@ def batches(tensors: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool,
         stop = max(n - batch_size + 1, 1) if shuffle else n
         for i in range(0, stop, batch_size):
             idx = order[i : i + batch_size]
-            yield {k: v[idx] for k, v in tensors.items()}
+            yield _trim_padding({k: v[idx] for k, v in tensors.items()})
         if not shuffle:
             return
+
+
+def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    used = mask.any(dim=0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    if width == mask.shape[1]:
+        return batch
+    return {k: v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -81,3 +81,45 @@ def test_layer_map_for_different_depths(make_tiny_model, tiny_inputs):
     assert out.parts["hid"] > 0
     with pytest.raises(ValueError, match="one teacher layer in"):
         ilkd_loss(s, t, ALL, layer_map=[1, 4])
+
+
+def test_batches_trim_trailing_padding_without_changing_outputs_or_losses():
+    """GLUE tensors are padded to the longest example of the set; `batches` cuts each batch to its own longest row,
+    and the classifier's logits and every masked ILKD term are the same as on the full-width batch."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from trials.distill import DistillWeights, forward_for_distillation, ilkd_loss
+    from trials.evaluate import batches
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, attn_implementation="eager")
+    teacher = BertForSequenceClassification(cfg).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lengths = torch.tensor([3, 5, 2, 4, 12, 6])  # the set's longest row (12) is not in the first two batches
+    ids = torch.randint(1, 50, (6, 16))
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    data = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.tensor([0, 1, 0, 1, 0, 1])}
+    got = list(batches(data, 2, shuffle=False, seed=0))
+    assert [b["input_ids"].shape[1] for b in got] == [5, 4, 12]
+    assert all(b["labels"].shape == (2,) for b in got)
+    w = DistillWeights(emb=0.5, att=0.5, hid=0.5, ce=0.0, logits=1.0)
+    for i, b in enumerate(got):
+        full = {k: v[2 * i: 2 * i + 2] for k, v in data.items()}
+        outs = []
+        for batch in (b, full):
+            with torch.no_grad():
+                s = forward_for_distillation(student, batch["input_ids"], batch["attention_mask"])
+                t = forward_for_distillation(teacher, batch["input_ids"], batch["attention_mask"])
+            outs.append((s.logits, ilkd_loss(s, t, w, attention_mask=batch["attention_mask"])))
+        (logits_a, loss_a), (logits_b, loss_b) = outs
+        assert torch.allclose(logits_a, logits_b, atol=1e-5)
+        for k in ("emb", "att", "hid", "logits"):
+            assert float(loss_a.parts[k]) == pytest.approx(float(loss_b.parts[k]), rel=1e-4, abs=1e-7), k
