@@ -12,6 +12,10 @@ only, with data-aware init: perplexity right after init (no distillation)
 on the first 32 blocks of 128 tokens of WikiText-2 valid, and the profile's predicted damage of each plan.
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
+                                  [--kl-subset 2] [--damage proxy|kl|both]
+
+`--damage kl` (or `both`): the automatic plans also minimise the summed model-level KL (`kron.autoplan.kl_damages`:
+the profile's `--kl-subset` measurements per matrix, interpolated along the proxy); give `--kl-subset 4` or more.
 
 Prints tables and one JSON line ({"benchmark": "autoplan", ...}).
 """
@@ -142,7 +146,11 @@ def demo_part(args) -> dict:
                "ratio": rep.compression_ratio, "damage": plan_damage(prof, resolved)}
         rows.append(row)
         print(f"  {preset}: ppl {ppl:.2f}", file=sys.stderr, flush=True)
-        for methods, tag in ((["kronecker", "lowrank"], "auto"), (["kronecker"], "auto kron")):
+        damages = ("proxy", "kl") if args.damage == "both" else (args.damage,)
+        combos = [(methods, tag + ("" if dmg == "proxy" else " kl"), dmg)
+                  for methods, tag in ((["kronecker", "lowrank"], "auto"), (["kronecker"], "auto kron"))
+                  for dmg in damages]
+        for methods, tag, damage in combos:
             # kngpt2 compresses the word embedding, which unties GPT-2's LM head (a dense copy stays): its total
             # parameters exceed the teacher's. Its size is then compared as the compression ratio (parameters
             # excluding the output embedding); the others at equal total parameters.
@@ -151,7 +159,7 @@ def demo_part(args) -> dict:
             else:
                 budget = Budget("params", rep.params_after, f"params={rep.params_after}")
             try:
-                sol = auto_plan(prof, budget, methods=methods)
+                sol = auto_plan(prof, budget, methods=methods, damage=damage)
             except Exception as exc:
                 rows.append({"plan": f"{tag} @ {preset}", "params": None, "ppl": None, "damage": None,
                              "error": str(exc)})
@@ -164,7 +172,7 @@ def demo_part(args) -> dict:
                 kinds[k] = kinds.get(k, 0) + 1
             rows.append({"plan": f"{tag} @ {preset}", "params": arep.params_after, "ratio": arep.compression_ratio,
                          "macs": arep.macs_per_token_after, "ppl": perplexity(arep.model, blocks),
-                         "damage": sol.damage, "gap": sol.gap, "mix": kinds})
+                         "damage": sol.damage, "damage_kind": damage, "gap": sol.gap, "mix": kinds})
     print(f"\ndemo teacher: calibration {stats.tokens:,} fit + {stats.heldout_tokens:,} held-out tokens of "
           f"{'WikiText-2 train' if source != 'teacher-samples' else 'teacher samples'} ({calib_s:.1f} s); profile "
           f"{len(prof['matrices'])} matrices, {sum(len(m['candidates']) for m in prof['matrices'].values())} "
@@ -172,15 +180,15 @@ def demo_part(args) -> dict:
           f"{'n/a' if rho is None else format(rho, '.3f')} "
           f"over {corr['pairs']} candidates; perplexity after init (no distillation) on {blocks.shape[0]} blocks of "
           "128 tokens of WikiText-2 valid")
-    print(f"{'plan':<22} {'params':>10} {'ratio':>6} {'MACs/token':>11} {'pred. damage':>13} {'ppl':>9}  mix")
+    print(f"{'plan':<24} {'params':>10} {'ratio':>6} {'MACs/token':>11} {'pred. damage':>13} {'ppl':>9}  mix")
     for r in rows:
         if r.get("error"):
-            print(f"{r['plan']:<22} {r['error']}")
+            print(f"{r['plan']:<24} {r['error']}")
             continue
         mix = ", ".join(f"{k} {v}" for k, v in (r.get("mix") or {}).items())
         dmg = "n/a" if r["damage"] is None or r["damage"] != r["damage"] else f"{r['damage']:.4g}"
         ratio = f"{r['ratio']:.3f}" if r.get("ratio") else "1"
-        print(f"{r['plan']:<22} {r['params']:>10,} {ratio:>6} {r.get('macs', 0) or 0:>11,} {dmg:>13} "
+        print(f"{r['plan']:<24} {r['params']:>10,} {ratio:>6} {r.get('macs', 0) or 0:>11,} {dmg:>13} "
               f"{r['ppl']:>9.2f}  {mix}")
     return {"teacher_ppl": teacher_ppl, "rows": rows, "profile_s": round(prof_s, 1), "calib_s": round(calib_s, 1),
             "spearman": corr["spearman"], "kl_pairs": corr["pairs"], "constraints": c.to_dict(),
@@ -197,6 +205,8 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--kl-subset", type=int, default=2)
     p.add_argument("--eval-blocks", type=int, default=32)
+    p.add_argument("--damage", choices=("proxy", "kl", "both"), default="proxy",
+                   help="what the automatic plans minimise (kron.autoplan damage; both: a row for each)")
     p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

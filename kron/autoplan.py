@@ -2,7 +2,8 @@
 
 A multiple-choice knapsack: items are a model's compressible matrices, each item's options are its candidates
 (Kronecker shapes, low-rank ranks, keep) with a cost (parameters or multiply-adds per token) and a damage (the
-profile's relative output error, `kron.profile`); exactly one option per item, total cost (plus what is not
+profile's relative output error, `kron.profile`; or, with `damage="kl"`, the model-level KL the profile measured for
+some candidates and `kl_damages` estimates for the rest); exactly one option per item, total cost (plus what is not
 compressed) within the budget, summed damage as small as possible.
 
 Two solvers, both returning the chosen options, the predicted damage and a lower bound on the optimum:
@@ -29,8 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ConfigError, PlanError
 
-__all__ = ["AXES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Option", "Solution", "parse_budget", "solve", "solve_brute", "solve_dp",
-           "solve_lagrange"]
+__all__ = ["AXES", "DAMAGES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Option", "Solution", "kl_damages",
+           "parse_budget", "solve", "solve_brute", "solve_dp", "solve_lagrange"]
 
 AXES = ("params", "macs", "ratio")
 DEFAULT_METHODS = ("kronecker", "lowrank")
@@ -381,21 +382,73 @@ def solve(items: Sequence[Item], room: int, *, solver: str = "dp", max_cells: in
 # ----------------------------------------------------------------------------------------------- profiles
 
 
+def kl_damages(entry: Mapping, *, name: str = "matrix") -> list[float]:
+    """The model-level damage of every candidate of one profiled matrix (`damage="kl"`), estimated from the
+    candidates whose KL was measured (`kron.profile`'s `model_damage`, `--kl-subset`): log KL is interpolated
+    piecewise-linearly in log proxy between the measured candidates (sorted by proxy; equal proxies averaged),
+    and beyond the measured range the nearest measured KL/proxy ratio is kept (KL proportional to the proxy, its
+    first-order behaviour). A measured candidate keeps its measurement; keep (and any zero proxy) is 0.
+
+    Why: the proxy (relative output error) is not comparable across matrices — the same relative error costs the
+    model 100x more in one matrix than in another — and the summed proxy ranks plans accordingly worse than the
+    summed KL. PlanError when the matrix has no measured candidate with a positive proxy and KL."""
+    points: dict[float, list[float]] = {}
+    for c in entry["candidates"]:
+        md = c.get("model_damage")
+        if c["method"] == "keep" or md is None or not (c["damage"] > 0 and md > 0):
+            continue
+        if math.isfinite(c["damage"]) and math.isfinite(md):
+            points.setdefault(math.log(c["damage"]), []).append(math.log(md))
+    if not points:
+        raise PlanError(f"damage kl: {name} has no candidate measured at model level (make the profile with "
+                        "`kronsearch profile --kl-subset N`, N >= 1; 4 or more per matrix is advised)")
+    xs = sorted(points)
+    ys = [sum(points[x]) / len(points[x]) for x in xs]
+    out = []
+    for c in entry["candidates"]:
+        md = c.get("model_damage")
+        d = c["damage"]
+        if c["method"] == "keep" or not d > 0:
+            out.append(0.0)
+            continue
+        if md is not None and md >= 0 and math.isfinite(md):
+            out.append(float(md))
+            continue
+        x = math.log(d)
+        if x <= xs[0]:
+            y = ys[0] + x - xs[0]
+        elif x >= xs[-1]:
+            y = ys[-1] + x - xs[-1]
+        else:
+            k = next(i for i in range(1, len(xs)) if x <= xs[i])
+            t = (x - xs[k - 1]) / (xs[k] - xs[k - 1])
+            y = ys[k - 1] + t * (ys[k] - ys[k - 1])
+        out.append(math.exp(y))
+    return out
+
+
+DAMAGES = ("proxy", "kl")
+
+
 def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | None = None,
-                       damage: str = "damage") -> tuple[list[Item], int]:
+                       damage: str = "proxy") -> tuple[list[Item], int]:
     """(items, fixed) from a profile dict (`kron.profile`): options per matrix on the axis "params" or "macs" (the
-    ratio axis counts parameters), and `fixed` the model's cost outside the profiled matrices' weights."""
+    ratio axis counts parameters), and `fixed` the model's cost outside the profiled matrices' weights. damage:
+    "proxy" (the relative output error) or "kl" (the model-level KL, measured or estimated: `kl_damages`)."""
+    if damage not in DAMAGES:
+        raise ConfigError(f"damage must be one of {', '.join(DAMAGES)}, got {damage!r}")
     key = "macs" if axis == "macs" else "params"
     wanted = set(methods) if methods is not None else None
     items = []
     dense_total = 0
     for name, mx in profile["matrices"].items():
         opts = []
-        for c in mx["candidates"]:
+        values = kl_damages(mx, name=name) if damage == "kl" else [c["damage"] for c in mx["candidates"]]
+        for c, value in zip(mx["candidates"], values):
             if c["method"] != "keep" and wanted is not None and c["method"] not in wanted:
                 continue
             spec = "keep" if c["method"] == "keep" else dict(c["spec"], method=c["method"])
-            opts.append(Option(c["label"], spec, int(c[key]), float(c[damage])))
+            opts.append(Option(c["label"], spec, int(c[key]), float(value)))
         items.append(Item(name, opts))
         dense_total += int(mx["dense_" + key])
     totals = profile["model"]
@@ -427,10 +480,11 @@ def smallest_reachable(profile: Mapping, axis: str, items: Sequence[Item], fixed
 
 
 def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None = None, solver: str = "dp",
-              max_cells: int = DEFAULT_MAX_CELLS) -> Solution:
-    """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under `budget`.
-    PlanError naming the smallest reachable size when no plan meets the budget."""
-    items, fixed = items_from_profile(profile, budget.axis, methods=methods)
+              max_cells: int = DEFAULT_MAX_CELLS, damage: str = "proxy") -> Solution:
+    """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under `budget`
+    (damage "proxy": relative output errors; "kl": model-level KL, `kl_damages`). PlanError naming the smallest
+    reachable size when no plan meets the budget."""
+    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage)
     room = budget_room(profile, budget, fixed)
     lo = sum(min(o.cost for o in it.options) for it in items)
     if lo > room:

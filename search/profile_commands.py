@@ -119,6 +119,12 @@ def add_auto_arguments(p, group) -> None:
                    help="with --auto: a profile from `kronsearch profile` (with --calib: made or resumed there)")
     _add_calib_args(p, required=False)
     _add_constraint_args(p, defaults=False)
+    p.add_argument("--damage", choices=("proxy", "kl"), default="proxy",
+                   help="with --auto: what the plan minimises summed over matrices: proxy (the relative output "
+                        "error of each matrix; default) or kl (the model-level KL the profile measured for "
+                        "--kl-subset candidates per matrix, interpolated in log-log along the proxy for the others; "
+                        "needs a profile made with --kl-subset >= 1, 4 or more advised; with --calib the profile "
+                        "measures 4 per matrix)")
     p.add_argument("--solver", choices=("dp", "lagrange"), default="dp",
                    help="with --auto: dp (exact, or within the stated gap on a rounded cost grid; default) or "
                         "lagrange (multiplier sweep and greedy fill)")
@@ -308,6 +314,10 @@ def _out_path(out: str, budget, several: bool) -> Path:
     return p.with_name(f"{p.stem}-{tag}{p.suffix or '.yaml'}")
 
 
+KL_POINTS = 4  # candidates per matrix measured at model level when plan --auto --damage kl --calib profiles
+_DAMAGE_WORDS = {"proxy": "sum of relative output errors", "kl": "sum of model-level KLs, measured or interpolated"}
+
+
 def plan_auto(args) -> int:
     from kron.autoplan import auto_plan, resolved_specs
     from kron.errors import ConfigError
@@ -328,7 +338,8 @@ def plan_auto(args) -> int:
         methods = _methods(args)
         constraints = _constraints(args)
         _, model = _load(args)
-        profile = _run_profile(args, model, src, args.profile, constraints, methods, 0, 1, False, args.json)
+        kl = (KL_POINTS, 1024) if args.damage == "kl" else (0, 1)
+        profile = _run_profile(args, model, src, args.profile, constraints, methods, *kl, False, args.json)
         del model
     else:
         profile = load_profile(args.profile)
@@ -351,7 +362,7 @@ def plan_auto(args) -> int:
     results = []
     for budget in budgets:
         try:
-            sol = auto_plan(profile, budget, methods=methods, solver=args.solver)
+            sol = auto_plan(profile, budget, methods=methods, solver=args.solver, damage=args.damage)
         except PlanError as exc:
             if len(budgets) == 1 or "unreachable" not in str(exc):
                 raise
@@ -360,7 +371,7 @@ def plan_auto(args) -> int:
         resolved = resolved_specs(sol)
         plan = CompressionPlan.from_resolved(resolved, name=f"auto {budget}",
                                              description=f"kronsearch plan --auto --budget {budget}: predicted "
-                                                         f"damage {sol.damage:.4g} (sum of relative output errors)")
+                                                         f"damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]})")
         import copy
 
         model = copy.deepcopy(skeleton)
@@ -383,8 +394,9 @@ def plan_auto(args) -> int:
         out = []
         for budget, sol, plan, report, path in results:
             d = sol.to_dict()
-            d.update({"budget": str(budget), "plan": plan.to_dict(), "params": report.params_after,
-                      "macs": report.macs_per_token_after, "ratio": report.compression_ratio,
+            d.update({"budget": str(budget), "damage_kind": args.damage, "plan": plan.to_dict(),
+                      "params": report.params_after, "macs": report.macs_per_token_after,
+                      "ratio": report.compression_ratio,
                       "plan_file": str(path) if path else None, "notes": sol.notes})
             out.append(d)
         print(json.dumps({"model": args.model, "profile": args.profile, "plans": out}))
@@ -403,7 +415,7 @@ def plan_auto(args) -> int:
             rows.append((name, o.label, f"{mx['dense_params'] / max(_opt_params(mx, o.label), 1):.2f}x",
                          f"{o.damage:.4g}"))
         _print_table(("matrix", "choice", "compression", "damage"), rows)
-        print(f"  predicted damage {sol.damage:.4g} (sum of relative output errors; lower bound {sol.bound:.4g}); "
+        print(f"  predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]}; lower bound {sol.bound:.4g}); "
               f"{report.params_after:,} params ({fmt_n(report.params_after)}), "
               f"{report.macs_per_token_after:,} MACs/token, ratio {report.compression_ratio:.3f}")
         for note in sol.notes:

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from kron.autoplan import (Budget, Constraints, Item, Option, auto_plan, lagrangian_bound, parse_budget,
-                           resolved_specs, solve, solve_brute, solve_dp, solve_lagrange)
+from kron.autoplan import (Budget, Constraints, Item, Option, auto_plan, kl_damages, lagrangian_bound,
+                           parse_budget, resolved_specs, solve, solve_brute, solve_dp, solve_lagrange)
 from kron.errors import ConfigError, PlanError
 
 
@@ -142,3 +142,51 @@ def test_auto_plan_on_a_profile():
         auto_plan(prof, parse_budget("params=849"))
     with pytest.raises(PlanError, match=r"smallest reachable size is ratio=1\.429"):
         auto_plan(prof, parse_budget("ratio=3"))
+
+
+def _entry(points):
+    """One profiled matrix: (label, proxy damage, measured KL or None) per candidate, keep first."""
+    cands = [{"method": "keep", "label": "keep", "spec": None, "params": 100, "macs": 100, "damage": 0.0,
+              "model_damage": 0.0}]
+    for k, (label, d, kl) in enumerate(points):
+        cands.append({"method": "lowrank", "label": label, "spec": {"lowrank_rank": 10 - k}, "params": 50 - k,
+                      "macs": 50 - k, "damage": d, "model_damage": kl})
+    return {"dense_params": 100, "dense_macs": 100, "candidates": cands}
+
+
+def test_kl_damages_interpolates_in_log_log_and_keeps_measurements():
+    e = _entry([("a", 0.01, 1e-4), ("b", 0.04, None), ("c", 0.16, 1e-2), ("d", 0.32, None), ("e", 0.001, None)])
+    got = kl_damages(e)
+    assert got[0] == 0.0  # keep
+    assert got[1] == 1e-4 and got[3] == 1e-2  # measured: as measured
+    # b: halfway between a and c in log proxy -> halfway in log KL (geometric mean)
+    assert got[2] == pytest.approx(1e-3)
+    # beyond the measured range: the nearest measured KL/proxy ratio (proportional)
+    assert got[4] == pytest.approx(0.32 * 1e-2 / 0.16)
+    assert got[5] == pytest.approx(0.001 * 1e-4 / 0.01)
+    # one measured point: every other candidate proportional to it
+    one = kl_damages(_entry([("a", 0.1, 0.02), ("b", 0.4, None)]))
+    assert one[2] == pytest.approx(0.08)
+    # equal proxies measured twice: their log KLs are averaged
+    two = kl_damages(_entry([("a", 0.1, 0.01), ("b", 0.1, 0.04), ("c", 0.2, None)]))
+    assert two[3] == pytest.approx(0.02 * 2)
+    with pytest.raises(PlanError, match="kl-subset"):
+        kl_damages(_entry([("a", 0.1, None)]), name="h.0.mlp")
+
+
+def test_auto_plan_damage_kl_follows_model_sensitivity():
+    # x: small proxy but the model is sensitive to it; y: larger proxy, the model barely notices
+    prof = {"model": {"params": 1000, "params_excl_output_embedding": 500, "macs": 400},
+            "matrices": {"x": _entry([("x1", 0.1, 0.05), ("x2", 0.3, 0.2)]),
+                         "y": _entry([("y1", 0.2, 0.001), ("y2", 0.5, 0.003)])}}
+    budget = parse_budget("params=950")  # room 150 over 800 fixed: one matrix kept, the other at 50
+    by_proxy = auto_plan(prof, budget)
+    by_kl = auto_plan(prof, budget, damage="kl")
+    assert {n: o.label for n, o in by_proxy.choice.items()} == {"x": "x1", "y": "keep"}
+    assert {n: o.label for n, o in by_kl.choice.items()} == {"x": "keep", "y": "y1"}
+    assert by_kl.damage == pytest.approx(0.001)
+    with pytest.raises(ConfigError, match="damage"):
+        auto_plan(prof, budget, damage="fisher")
+    del prof["matrices"]["y"]["candidates"][1]["model_damage"], prof["matrices"]["y"]["candidates"][2]["model_damage"]
+    with pytest.raises(PlanError, match="y has no candidate measured"):
+        auto_plan(prof, budget, damage="kl")

@@ -71,6 +71,15 @@ def test_profile_then_auto_plans(env, capsys):
     p = json.loads(out)["plans"][0]
     assert rc == 0 and p["params"] <= plans[1]["params"] and p["solver"] == "lagrange"
     assert all(c["spec"] == "keep" or c["spec"]["method"] == "lowrank" for c in p["choice"].values())
+    # --damage kl: the summed model-level KL (measured for one candidate per matrix here, the rest estimated)
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", prof,
+                       "--damage", "kl", "--json", *FAST[:6])
+    assert rc == 0, err
+    p = json.loads(out)["plans"][0]
+    assert p["damage_kind"] == "kl" and p["ratio"] >= 1.3 and p["damage"] >= 0
+    rc, out, _ = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", prof,
+                     "--damage", "kl", *FAST[:6])
+    assert rc == 0 and "sum of model-level KLs" in out
 
     # bad input: clear one-line errors, never a traceback
     for argv, message in [
@@ -108,5 +117,18 @@ def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     assert rc == 0 and "modules factored" in out
     rc, _, err = run(capsys, "plan", "--model", model, "--preset", "uniform:2", "--budget", "ratio=2")
     assert rc == 2 and "--budget goes with --auto" in err
+    # --damage kl with --calib: the profile measures the KL it needs
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
+                       "--damage", "kl", "--profile", tmp / "kl.json", "--json")
+    assert rc == 0, err
+    made = json.loads((tmp / "kl.json").read_text())
+    assert all(any(c.get("model_damage") for c in m["candidates"]) for m in made["matrices"].values())
+    assert json.loads(out)["plans"][0]["damage_kind"] == "kl"
+    # a profile without model-level measurements cannot give a KL plan: a clear error
+    rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", tmp / "x0.json",
+                     *calib, *FAST)
+    rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", tmp / "x0.json",
+                     "--damage", "kl", *FAST[:6])
+    assert rc == 2 and "--kl-subset" in err and "Traceback" not in err
     rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
     assert rc == 2 and "--ranks must be integers" in err
