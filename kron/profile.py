@@ -259,28 +259,40 @@ class _FastBlock:
             self._white = (L, Linv, self.W @ L)
         return self._white
 
-    def f_kron(self, A: torch.Tensor, B: torch.Tensor) -> float:
-        """tr((W − Σ A_k⊗B_k) S (W − Σ A_k⊗B_k)ᵀ) from the factors: O(m·n + r²·n²)."""
+    def f_kron(self, A: torch.Tensor, B: torch.Tensor, ls=None) -> float:
+        """tr((W − Σ A_k⊗B_k) S (W − Σ A_k⊗B_k)ᵀ) from the factors: O(m·n·r + m1·(r·n1)² + r²·n²) with the
+        shape's layout `ls` (a `kron.datainit._KronLS` on S; made here when None)."""
         r, m1, n1 = A.shape
         _, m2, n2 = B.shape
-        WS4 = self.WS.reshape(m1, m2, n1, n2)
-        S4 = self.S.reshape(n1, n2, n1, n2)
-        cross = float(torch.einsum("kxa,kip,xiap->", A, B, WS4).item())
-        AA = torch.einsum("kxa,lxb->klab", A, A)
-        BB = torch.einsum("kip,liq->klpq", B, B)
-        quad = float(torch.einsum("klab,klpq,apbq->", AA, BB, S4).item())
+        if ls is None:
+            ls = self.layout((m1, n1, m2, n2), r)
+        from .datainit import _kron_dense
+
+        cross = float((_kron_dense(A, B) * self.WS).sum().item())  # <Ŵ, W·S>
+        Ar = A.permute(1, 0, 2).reshape(m1, r * n1)
+        D = (Ar.T @ Ar).reshape(r, n1, r, n1).permute(0, 2, 1, 3).reshape(r * r, n1 * n1)  # D[k,l,a,b]
+        C = torch.einsum("kip,liq->klpq", B, B).reshape(r * r, n2 * n2)
+        quad = float(((D @ ls.Sblk.T) * C).sum().item())  # Σ_kl Σ_pq C[k,l,p,q] <D_kl, S_pq>
         return max(self.base - 2 * cross + quad, 0.0)
+
+    def layout(self, shape, rank: int):
+        """The least-squares layout of one shape on S + λI (`kron.datainit._KronLS`), from the cached W·S."""
+        from .datainit import _KronLS
+
+        return _KronLS(self.W, self.S, shape, rank, WS=self.WS, lam=self.lam,
+                       base=self.base + self.lam * float((self.W * self.W).sum().item()))
 
     def kronecker(self, shape, rank: int, *, grid: int = 12, iters: int = 10, tol: float = 1e-6,
                   seed: int = 0) -> tuple[float, str]:
         """(f, init) of `data_aware_kronecker(W, S, shape, rank)`: the better of the SVD init and the data-aware
         factors on S."""
-        from .datainit import _balance, _KronLS, _search_and_refine
+        from .datainit import _balance, _search_and_refine
         from .factor import nearest_kronecker
 
         m1, n1, m2, n2 = shape
+        ls = self.layout(shape, rank)
         svd = nearest_kronecker(self.W, shape, rank)
-        f_svd = self.f_kron(svd.A, svd.B)
+        f_svd = self.f_kron(svd.A, svd.B, ls)
         if n1 == 1 or n2 == 1:
             L, Linv, WL = self.whitener()
             white = nearest_kronecker(WL, shape, rank)
@@ -290,14 +302,9 @@ class _FastBlock:
             else:
                 B = B @ Linv
         else:
-            ls = object.__new__(_KronLS)
-            ls.m1, ls.n1, ls.m2, ls.n2, ls.rank = m1, n1, m2, n2, rank
-            ls.S4 = self.Sr.reshape(n1, n2, n1, n2)
-            ls.WS4 = (self.WS + self.lam * self.W).reshape(m1, m2, n1, n2)
-            ls.base = self.base + self.lam * float((self.W * self.W).sum().item())
             A, B, _ = _search_and_refine(ls, svd.B, grid, seed, iters, tol)
         A, B = _balance(A, B)
-        f_data = self.f_kron(A, B)
+        f_data = self.f_kron(A, B, ls)
         return (f_svd, "svd") if f_svd < f_data else (f_data, "data")
 
     def lowrank(self, rank: int) -> tuple[float, str]:
@@ -380,25 +387,31 @@ def option_damages(model: nn.Module, stats, wanted: Mapping[str, Sequence], *, r
         blocks = max((getattr(sp, "blocks", 1) for sp in specs), default=1)
         cached = [_FastBlock(w, S, ridge) for w in W.split(W.shape[0] // blocks, dim=0)]
         stats_one = ModuleStats(S=S, tokens=stats.stats(name).tokens)
-        out[name] = [_int8_estimate(cached, spec) if getattr(spec, "method", None) == "int8" else
-                     _candidate_damage(name, modules[name], spec, stats_one, cached, None)[0] for spec in specs]
+        done: dict = {}  # spec -> damage: a structure's damage serves its +int8 option too
+
+        def damage(spec):
+            if spec not in done:
+                if getattr(spec, "method", None) == "int8":
+                    inner = 0.0 if spec.inner is None else damage(spec.inner)
+                    done[spec] = _int8_estimate(cached, inner)
+                else:
+                    done[spec] = _candidate_damage(name, modules[name], spec, stats_one, cached, None)[0]
+            return done[spec]
+
+        out[name] = [damage(spec) for spec in specs]
         if progress is not None:
             progress(i + 1, len(wanted), name)
     return out
 
 
-def _int8_estimate(blocks: list, spec) -> float:
+def _int8_estimate(blocks: list, inner_damage: float) -> float:
     """The damage of a structure + int8 (`quantize: int8`) for the search's prior, without building the layer: the
-    structure's damage (fast path; 0 for the dense matrix) plus that of the dense matrix in int8. Exact for the dense
-    matrix in int8; for a structure it is an estimate — its factors, not W, are quantised, and the two errors are
-    added as if orthogonal — of a term orders of magnitude below the structure's own damage (building each
-    Kronecker layer only to quantise it doubled the prior's time)."""
-    inner = getattr(spec, "inner", None)
-    got = (0.0, "data") if inner is None else _fast_damage(blocks, inner)
-    if got is None:
-        raise PlanError(f"the search's prior cannot estimate {spec.label()}: its structure has no fast damage")
+    structure's damage (`inner_damage`, 0 for the dense matrix) plus that of the dense matrix in int8. Exact for the
+    dense matrix in int8; for a structure it is an estimate — its factors, not W, are quantised, and the two errors
+    are added as if orthogonal — of a term orders of magnitude below the structure's own damage (building each
+    Kronecker layer only to quantise it kept an all-families search in its prior for minutes)."""
     base = sum(b.base for b in blocks)
-    return got[0] + (sum(b.int8() for b in blocks) / base if base > 0 else 0.0)
+    return inner_damage + (sum(b.int8() for b in blocks) / base if base > 0 else 0.0)
 
 
 def _model_inputs(batch, device):
