@@ -34,7 +34,7 @@ __all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_
 
 AUTO_DEFAULT = 3  # automatic seed plans for a plain "auto"
 _AUTO = re.compile(r"auto(?::(\d+))?")
-_METRIC_INDEX = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2}  # Choice.deltas order
+_METRIC_INDEX = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2, "bytes": 3}  # Choice.deltas
 
 
 def auto_count(name: str) -> int | None:
@@ -142,7 +142,7 @@ def pruned_options(space, damages: dict, max_damage: float) -> dict[str, list[st
 
 def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str, dict[str, str], frozenset]]:
     """`count` automatic plans of `space` as (label, module -> option, decomposed layers), cheapest first; see the
-    module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token)."""
+    module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token, bytes)."""
     from kron.autoplan import Item, Option, solve
     from kron.errors import PlanError
 
@@ -150,7 +150,7 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
         raise ConfigError("search.seed_plans: 'auto' needs a space whose layers are all, free or a fixed list; with "
                           "layers {count: k} give presets or plan files as seeds")
     idx = _METRIC_INDEX.get(metric, 0)
-    base = space.info.params if idx == 0 else (space.info.params_excl_output_embedding if idx == 1 else space.info.macs)
+    base = _base_size(space, idx)
     items, fixed_choice, fixed_cost = [], {}, 0
     for c in space.choices:
         n = len(c.matrices)
@@ -207,11 +207,17 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
     return out
 
 
+def _base_size(space, idx: int) -> int:
+    info = space.info
+    return [info.params, info.params_excl_output_embedding, info.macs,
+            getattr(info, "bytes", None) or 4 * info.params][idx]
+
+
 def _budget_cap(space, idx: int) -> int | None:
     b = space.budget
     if b is None:
         return None
-    return [b.max_params, b.max_params_excl_output_embedding, b.max_macs][idx]
+    return [b.max_params, b.max_params_excl_output_embedding, b.max_macs, getattr(b, "max_bytes", None)][idx]
 
 
 def _short(n: float) -> str:
