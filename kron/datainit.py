@@ -162,50 +162,92 @@ def whitened_lowrank(W: torch.Tensor, S: torch.Tensor, rank: int, ridge: float =
 
 
 class _KronLS:
-    """Least-squares pieces of f(A, B) = tr((W − Σ A_k⊗B_k) Sr (W − Σ A_k⊗B_k)ᵀ) for one weight and shape."""
+    """Least-squares pieces of f(A, B) = tr((W − Σ A_k⊗B_k) Sr (W − Σ A_k⊗B_k)ᵀ) for one weight and shape, with
+    Sr = S + lam·I.
 
-    def __init__(self, W: torch.Tensor, Sr: torch.Tensor, shape, rank: int):
+    Laid out once per shape so that every solve is a few matrix products (no einsum over the 4-index views, which
+    dominated the cost on large matrices): the n2² blocks S_pq = S[a·n2+p, b·n2+q] (each n1 x n1) as the rows of
+    one (n2², n1²) matrix, and W·Sr with rows (x, a) and columns (i, p). The ridge is added where it lands (λ on the
+    diagonal of the Gram matrices) instead of being stored in S, so a caller holding S and W·S (`kron.profile`) does
+    not copy them per shape."""
+
+    def __init__(self, W: torch.Tensor, S: torch.Tensor, shape, rank: int, *, WS: torch.Tensor | None = None,
+                 lam: float = 0.0, base: float | None = None):
+        m1, n1, m2, n2 = shape
         self.m1, self.n1, self.m2, self.n2 = shape
         self.rank = rank
-        m1, n1, m2, n2 = shape
-        self.S4 = Sr.reshape(n1, n2, n1, n2)
-        self.WS4 = (W @ Sr).reshape(m1, m2, n1, n2)
-        self.base = float(((W @ Sr) * W).sum().item())  # f(0)
+        self.lam = float(lam)
+        WS = W @ S if WS is None else WS  # W·S (without the ridge)
+        self.Sblk = S.reshape(n1, n2, n1, n2).permute(1, 3, 0, 2).reshape(n2 * n2, n1 * n1).contiguous()
+        WSr = WS + self.lam * W if self.lam else WS
+        self.WSp = WSr.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2).contiguous()
+        if base is None:
+            base = float((WS * W).sum().item()) + self.lam * float((W * W).sum().item())
+        self.base = base  # f(0) on Sr
 
     @staticmethod
-    def _solve(G: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """X = H G⁻¹ (G symmetric PSD) and tr(H G⁻¹ Hᵀ), with a tiny jitter if G is singular."""
+    def _solve(G: torch.Tensor, H: torch.Tensor, want_X: bool = True):
+        """(X, gain, finish): X = H G⁻¹ (G symmetric PSD; None unless want_X) and gain = tr(H G⁻¹ Hᵀ), with a tiny
+        jitter if G is singular; finish() gives X later (one more triangular solve) when it was not asked for."""
         jitter = 0.0
         scale = float(torch.diagonal(G).abs().mean().item()) or 1.0
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         for _ in range(6):
-            L, info = torch.linalg.cholesky_ex(G + jitter * eye)
+            L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
             if int(info.item()) == 0:
                 Z = torch.linalg.solve_triangular(L, H.T, upper=False)  # L Z = Hᵀ
-                X = torch.linalg.solve_triangular(L.T, Z, upper=True).T
-                return X, float((Z * Z).sum().item())
+
+                def finish(L=L, Z=Z):
+                    return torch.linalg.solve_triangular(L.T, Z, upper=True).T
+
+                return (finish() if want_X else None), float((Z * Z).sum().item()), finish
             jitter = scale * (1e-12 if jitter == 0 else jitter / scale * 100)
         X = torch.linalg.lstsq(G, H.T).solution.T
-        return X, float((X * H).sum().item())
+        return X, float((X * H).sum().item()), (lambda X=X: X)
+
+    def gram_A(self, B: torch.Tensor) -> torch.Tensor:
+        """G[(k,a),(l,b)] = Σ_pq C[k,p,l,q] Sr[a·n2+p, b·n2+q], C = Σ_i B[k,i,·] B[l,i,·]."""
+        r, n1, n2 = self.rank, self.n1, self.n2
+        C = torch.einsum("kip,liq->klpq", B, B).reshape(r * r, n2 * n2)
+        G = (C @ self.Sblk).reshape(r, r, n1, n1).permute(0, 2, 1, 3).reshape(r * n1, r * n1)
+        if self.lam:
+            tr = torch.diagonal(C.reshape(r, r, n2, n2), dim1=2, dim2=3).sum(-1)  # Σ_p C[k,p,l,p]
+            G = G + self.lam * torch.kron(tr, torch.eye(n1, dtype=G.dtype, device=G.device))
+        return G
+
+    def _rhs_A(self, B: torch.Tensor) -> torch.Tensor:
+        r, n1 = self.rank, self.n1
+        H = self.WSp @ B.reshape(r, -1).T  # (m1·n1, r): rows (x, a)
+        return H.reshape(self.m1, n1, r).permute(0, 2, 1).reshape(self.m1, r * n1)
+
+    def f_A(self, B: torch.Tensor):
+        """(f at the best A given B, finish): finish() returns that A (the search compares many B first)."""
+        _, gain, finish = self._solve(self.gram_A(B), self._rhs_A(B), want_X=False)
+        r, n1 = self.rank, self.n1
+
+        def A():
+            return finish().reshape(self.m1, r, n1).permute(1, 0, 2).contiguous()
+
+        return max(self.base - gain, 0.0), A
 
     def solve_A(self, B: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The best A given B, and f at (A, B)."""
-        r, n1 = self.rank, self.n1
-        C = torch.einsum("kip,liq->kplq", B, B)
-        G = torch.einsum("kplq,apbq->kalb", C, self.S4).reshape(r * n1, r * n1)
-        H = torch.einsum("xiap,kip->xka", self.WS4, B).reshape(self.m1, r * n1)
-        X, gain = self._solve(G, H)
-        A = X.reshape(self.m1, r, n1).permute(1, 0, 2).contiguous()
-        return A, max(self.base - gain, 0.0)
+        f, A = self.f_A(B)
+        return A(), f
 
     def solve_B(self, A: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The best B given A, and f at (A, B)."""
-        r, n2 = self.rank, self.n2
-        D = torch.einsum("kxa,lxb->kalb", A, A)
-        G = torch.einsum("kalb,apbq->kplq", D, self.S4).reshape(r * n2, r * n2)
-        H = torch.einsum("xiap,kxa->ikp", self.WS4, A).reshape(self.m2, r * n2)
-        X, gain = self._solve(G, H)
-        B = X.reshape(self.m2, r, n2).permute(1, 0, 2).contiguous()
+        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
+        Af = A.permute(1, 0, 2).reshape(m1, r * n1)
+        D = (Af.T @ Af).reshape(r, n1, r, n1).permute(0, 2, 1, 3).reshape(r * r, n1 * n1)  # D[k,l,a,b]
+        G = (D @ self.Sblk.T).reshape(r, r, n2, n2).permute(0, 2, 1, 3).reshape(r * n2, r * n2)
+        if self.lam:
+            tr = torch.diagonal(D.reshape(r, r, n1, n1), dim1=2, dim2=3).sum(-1)  # tr(D_kl)
+            G = G + self.lam * torch.kron(tr, torch.eye(n2, dtype=G.dtype, device=G.device))
+        H = self.WSp.T @ A.permute(1, 2, 0).reshape(m1 * n1, r)  # (m2·n2, r): rows (i, p)
+        H = H.reshape(m2, n2, r).permute(0, 2, 1).reshape(m2, r * n2)
+        X, gain, _ = self._solve(G, H)
+        B = X.reshape(m2, r, n2).permute(1, 0, 2).contiguous()
         return B, max(self.base - gain, 0.0)
 
 
@@ -232,10 +274,10 @@ def _search_and_refine(ls: "_KronLS", B_svd: torch.Tensor, grid: int, seed: int,
     least squares until the objective stops falling by more than `tol`; returns (A, B, objective)."""
     best_f, best = math.inf, None
     for B0 in _b_candidates(B_svd, grid, seed):
-        A0, f0 = ls.solve_A(B0)
+        f0, A0 = ls.f_A(B0)  # A itself only for the best start
         if f0 < best_f:
             best_f, best = f0, (A0, B0)
-    A, B = best
+    A, B = best[0](), best[1]
     f = best_f
     for _ in range(iters):
         B, _ = ls.solve_B(A)

@@ -126,3 +126,37 @@ def test_float32_weights_and_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN or inf"):
         whitened_lowrank(W, bad, 2)
+
+
+@pytest.mark.parametrize("shape, rank", [((6, 4, 4, 4), 2), ((24, 8, 1, 2), 1), ((3, 8, 8, 2), 3)])
+def test_least_squares_layout_matches_the_four_index_formulas(shape, rank):
+    """`_KronLS` (blocks of S laid out once per shape, the ridge added analytically) solves the same least squares
+    as the plain four-index contractions on S + λI, and its objective-only path gives the same f and A."""
+    from kron.datainit import _KronLS, ridged
+
+    m1, n1, m2, n2 = shape
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
+    S = correlated_S(n1 * n2, 4)
+    Sr = ridged(S, 1e-2)
+    lam = float((torch.diagonal(Sr) - torch.diagonal(S)).mean())
+    B = torch.randn(rank, m2, n2, generator=g, dtype=torch.float64)
+    # reference: the normal equations written with einsum on the 4-index views of S + λI
+    S4, WS4 = Sr.reshape(n1, n2, n1, n2), (W @ Sr).reshape(m1, m2, n1, n2)
+    GA = torch.einsum("kip,liq,apbq->kalb", B, B, S4).reshape(rank * n1, rank * n1)
+    HA = torch.einsum("xiap,kip->xka", WS4, B).reshape(m1, rank * n1)
+    A_ref = torch.linalg.solve(GA, HA.T).T.reshape(m1, rank, n1).permute(1, 0, 2)
+    GB = torch.einsum("kxa,lxb,apbq->kplq", A_ref, A_ref, S4).reshape(rank * n2, rank * n2)
+    HB = torch.einsum("xiap,kxa->ikp", WS4, A_ref).reshape(m2, rank * n2)
+    B_ref = torch.linalg.solve(GB, HB.T).T.reshape(m2, rank, n2).permute(1, 0, 2)
+    base = calibration_objective(W, Sr)
+    for ls in (_KronLS(W, Sr, shape, rank), _KronLS(W, S, shape, rank, lam=lam)):
+        assert ls.base == pytest.approx(base, rel=1e-12)
+        A, f = ls.solve_A(B)
+        assert torch.allclose(A, A_ref, rtol=1e-8, atol=1e-10)
+        dense = torch.einsum("kac,kbd->abcd", A, B).reshape(m1 * m2, n1 * n2)
+        assert f == pytest.approx(calibration_objective(W, Sr, dense), rel=1e-9)
+        f_only, later = ls.f_A(B)
+        assert f_only == f and torch.equal(later(), A)
+        B2, _ = ls.solve_B(A)
+        assert torch.allclose(B2, B_ref, rtol=1e-8, atol=1e-10)
