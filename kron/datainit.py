@@ -161,6 +161,17 @@ def whitened_lowrank(W: torch.Tensor, S: torch.Tensor, rank: int, ridge: float =
 # ----------------------------------------------------------------------------------------------- Kronecker
 
 
+def s_blocks(S: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """The n2² blocks S_pq = S[a·n2+p, b·n2+q] (each n1 x n1, flattened) as the rows of an (n2², n1²) matrix."""
+    return S.reshape(n1, n2, n1, n2).permute(1, 3, 0, 2).reshape(n2 * n2, n1 * n1).contiguous()
+
+
+def _add_identity_blocks(G: torch.Tensor, t: torch.Tensor, n: int) -> None:
+    """G += kron(t, I_n) in place (G is (r·n) x (r·n), t is r x r)."""
+    r = t.shape[0]
+    G.view(r, n, r, n).diagonal(dim1=1, dim2=3).add_(t[:, :, None])
+
+
 class _KronLS:
     """Least-squares pieces of f(A, B) = tr((W − Σ A_k⊗B_k) Sr (W − Σ A_k⊗B_k)ᵀ) for one weight and shape, with
     Sr = S + lam·I.
@@ -172,13 +183,13 @@ class _KronLS:
     not copy them per shape."""
 
     def __init__(self, W: torch.Tensor, S: torch.Tensor, shape, rank: int, *, WS: torch.Tensor | None = None,
-                 lam: float = 0.0, base: float | None = None):
+                 lam: float = 0.0, base: float | None = None, Sblk: torch.Tensor | None = None):
         m1, n1, m2, n2 = shape
         self.m1, self.n1, self.m2, self.n2 = shape
         self.rank = rank
         self.lam = float(lam)
         WS = W @ S if WS is None else WS  # W·S (without the ridge)
-        self.Sblk = S.reshape(n1, n2, n1, n2).permute(1, 3, 0, 2).reshape(n2 * n2, n1 * n1).contiguous()
+        self.Sblk = s_blocks(S, n1, n2) if Sblk is None else Sblk
         WSr = WS + self.lam * W if self.lam else WS
         self.WSp = WSr.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2).contiguous()
         if base is None:
@@ -191,9 +202,12 @@ class _KronLS:
         jitter if G is singular; finish() gives X later (one more triangular solve) when it was not asked for."""
         jitter = 0.0
         scale = float(torch.diagonal(G).abs().mean().item()) or 1.0
-        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         for _ in range(6):
-            L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
+            Gj = G
+            if jitter:
+                Gj = G.clone()
+                Gj.diagonal().add_(jitter)
+            L, info = torch.linalg.cholesky_ex(Gj)
             if int(info.item()) == 0:
                 Z = torch.linalg.solve_triangular(L, H.T, upper=False)  # L Z = Hᵀ
 
@@ -212,7 +226,7 @@ class _KronLS:
         G = (C @ self.Sblk).reshape(r, r, n1, n1).permute(0, 2, 1, 3).reshape(r * n1, r * n1)
         if self.lam:
             tr = torch.diagonal(C.reshape(r, r, n2, n2), dim1=2, dim2=3).sum(-1)  # Σ_p C[k,p,l,p]
-            G = G + self.lam * torch.kron(tr, torch.eye(n1, dtype=G.dtype, device=G.device))
+            _add_identity_blocks(G, self.lam * tr, n1)
         return G
 
     def _rhs_A(self, B: torch.Tensor) -> torch.Tensor:
@@ -243,7 +257,7 @@ class _KronLS:
         G = (D @ self.Sblk.T).reshape(r, r, n2, n2).permute(0, 2, 1, 3).reshape(r * n2, r * n2)
         if self.lam:
             tr = torch.diagonal(D.reshape(r, r, n1, n1), dim1=2, dim2=3).sum(-1)  # tr(D_kl)
-            G = G + self.lam * torch.kron(tr, torch.eye(n2, dtype=G.dtype, device=G.device))
+            _add_identity_blocks(G, self.lam * tr, n2)
         H = self.WSp.T @ A.permute(1, 2, 0).reshape(m1 * n1, r)  # (m2·n2, r): rows (i, p)
         H = H.reshape(m2, n2, r).permute(0, 2, 1).reshape(m2, r * n2)
         X, gain, _ = self._solve(G, H)

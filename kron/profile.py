@@ -250,6 +250,15 @@ class _FastBlock:
         self.lam = float((torch.diagonal(self.Sr) - torch.diagonal(self.S)).mean().item()) if self.S.numel() else 0.0
         self._white = None
         self._lowrank = None
+        self._blocks: dict = {}
+
+    def blocks(self, n1: int, n2: int) -> torch.Tensor:
+        """S laid out as its n2² blocks of n1 x n1 (`kron.datainit.s_blocks`), shared by the shapes with this split."""
+        from .datainit import s_blocks
+
+        if (n1, n2) not in self._blocks:
+            self._blocks[(n1, n2)] = s_blocks(self.S, n1, n2)
+        return self._blocks[(n1, n2)]
 
     def whitener(self):
         """(L, L⁻¹ or None, W·L) with S + λI = L·Lᵀ: a Cholesky factor (L⁻¹ None: applied by triangular solves, see
@@ -271,51 +280,54 @@ class _FastBlock:
             return X @ Linv
         return torch.linalg.solve_triangular(L, X, upper=False, left=False)
 
-    def f_kron(self, A: torch.Tensor, B: torch.Tensor, ls=None) -> float:
-        """tr((W − Σ A_k⊗B_k) S (W − Σ A_k⊗B_k)ᵀ) from the factors: O(m·n·r + m1·(r·n1)² + r²·n²) with the
-        shape's layout `ls` (a `kron.datainit._KronLS` on S; made here when None)."""
-        r, m1, n1 = A.shape
-        _, m2, n2 = B.shape
-        if ls is None:
-            ls = self.layout((m1, n1, m2, n2), r)
+    def f_kron(self, A: torch.Tensor, B: torch.Tensor) -> float:
+        """tr((W − Σ A_k⊗B_k) S (W − Σ A_k⊗B_k)ᵀ) from the factors: O(m·n·r + m1·(r·n1)² + r²·n²)."""
         from .datainit import _kron_dense
 
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
         cross = float((_kron_dense(A, B) * self.WS).sum().item())  # <Ŵ, W·S>
         Ar = A.permute(1, 0, 2).reshape(m1, r * n1)
         D = (Ar.T @ Ar).reshape(r, n1, r, n1).permute(0, 2, 1, 3).reshape(r * r, n1 * n1)  # D[k,l,a,b]
         C = torch.einsum("kip,liq->klpq", B, B).reshape(r * r, n2 * n2)
-        quad = float(((D @ ls.Sblk.T) * C).sum().item())  # Σ_kl Σ_pq C[k,l,p,q] <D_kl, S_pq>
+        quad = float(((D @ self.blocks(n1, n2).T) * C).sum().item())  # Σ_kl Σ_pq C[k,l,p,q] <D_kl, S_pq>
         return max(self.base - 2 * cross + quad, 0.0)
 
     def layout(self, shape, rank: int):
-        """The least-squares layout of one shape on S + λI (`kron.datainit._KronLS`), from the cached W·S."""
+        """The least-squares layout of one shape on S + λI (`kron.datainit._KronLS`), from the cached S blocks and
+        W·S."""
         from .datainit import _KronLS
 
-        return _KronLS(self.W, self.S, shape, rank, WS=self.WS, lam=self.lam,
+        return _KronLS(self.W, self.S, shape, rank, WS=self.WS, lam=self.lam, Sblk=self.blocks(shape[1], shape[3]),
                        base=self.base + self.lam * float((self.W * self.W).sum().item()))
 
     def kronecker(self, shape, rank: int, *, grid: int = 12, iters: int = 10, tol: float = 1e-6,
                   seed: int = 0) -> tuple[float, str]:
         """(f, init) of `data_aware_kronecker(W, S, shape, rank)`: the better of the SVD init and the data-aware
         factors on S."""
-        from .datainit import _balance, _search_and_refine
+        from .datainit import _balance, _kron_dense, _search_and_refine
         from .factor import nearest_kronecker
 
         m1, n1, m2, n2 = shape
-        ls = self.layout(shape, rank)
         svd = nearest_kronecker(self.W, shape, rank)
-        f_svd = self.f_kron(svd.A, svd.B, ls)
+        f_svd = self.f_kron(svd.A, svd.B)
+        f_data = None
         if n1 == 1 or n2 == 1:
-            white = nearest_kronecker(self.whitener()[2], shape, rank)
+            _, Linv, WL = self.whitener()
+            white = nearest_kronecker(WL, shape, rank)
             A, B = white.A, white.B
             if n2 == 1:
                 A = self.unwhiten(A.reshape(rank * m1, n1)).reshape(rank, m1, n1)
             else:
                 B = self.unwhiten(B.reshape(rank * m2, n2)).reshape(rank, m2, n2)
+            if Linv is None:  # exact L·Lᵀ = S + λI: ‖(W − Ŵ)L‖² is the SVD's tail, then take the ridge's part out
+                tail = float((white.singular_values[rank:].double() ** 2).sum().item())
+                f_data = max(tail - self.lam * float(((self.W - _kron_dense(A, B)) ** 2).sum().item()), 0.0)
         else:
-            A, B, _ = _search_and_refine(ls, svd.B, grid, seed, iters, tol)
-        A, B = _balance(A, B)
-        f_data = self.f_kron(A, B, ls)
+            A, B, _ = _search_and_refine(self.layout(shape, rank), svd.B, grid, seed, iters, tol)
+        if f_data is None:
+            A, B = _balance(A, B)
+            f_data = self.f_kron(A, B)
         return (f_svd, "svd") if f_svd < f_data else (f_data, "data")
 
     def lowrank(self, rank: int) -> tuple[float, str]:

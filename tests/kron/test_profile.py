@@ -240,3 +240,32 @@ def test_option_damages_int8_without_building(gpt2, monkeypatch):
     for structure in ("lr4", K):
         assert got[structure + "+int8"] >= got[structure]
         assert got[structure + "+int8"] == pytest.approx(built[opts.index(structure + "+int8")], rel=0.05)
+
+
+@pytest.mark.parametrize("shape, rank", [((12, 16, 2, 1), 1), ((6, 1, 4, 16), 2), ((24, 8, 1, 2), 1),
+                                         ((6, 4, 4, 4), 2)])
+@pytest.mark.parametrize("wide", [False, True])
+def test_cached_block_objectives_match_datainit_closely(shape, rank, wide):
+    """`_FastBlock` (closed forms from the whitening's SVD tail, triangular solves instead of L⁻¹, the transposed
+    SVD of a wide W·L) reproduces `data_aware_kronecker` / `whitened_lowrank` on the calibration objective to
+    rounding, not just to the 2e-3 of the layer-building comparison."""
+    from kron.datainit import DEFAULT_RIDGE, calibration_objective, data_aware_kronecker, whitened_lowrank
+    from kron.profile import _FastBlock
+
+    m1, n1, m2, n2 = shape
+    m, n = m1 * m2, n1 * n2
+    if wide:  # the low-rank check on a wide matrix (transposed SVD); the Kronecker shape on its transpose
+        m1, n1, m2, n2, m, n = n1, m1, n2, m2, n, m
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(400, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    S = X.T @ X / 400
+    fb = _FastBlock(W, S, DEFAULT_RIDGE)
+    got, _ = fb.kronecker((m1, n1, m2, n2), rank)
+    ref = data_aware_kronecker(W, S, (m1, n1, m2, n2), rank)
+    want = calibration_objective(W, S, torch.einsum("kac,kbd->abcd", ref.A, ref.B).reshape(m, n))
+    assert got == pytest.approx(want, rel=1e-9)
+    for r in (1, 3):
+        got, _ = fb.lowrank(r)
+        lr = whitened_lowrank(W, S, r)
+        assert got == pytest.approx(calibration_objective(W, S, lr.U @ lr.V), rel=1e-9)
