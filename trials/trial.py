@@ -326,6 +326,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     try:
         teacher, tokenizer = load_teacher(cfg, device)
         student, comp, plan = build_student(cfg, teacher)
+        qat = _enable_qat(student) if cfg.qat else 0  # int8 layers train through fake quantisation
         run.hooks.before_training(cfg, out_dir)
         student.to(device)
         if hasattr(student, "set_attn_implementation"):
@@ -343,6 +344,10 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         for kind, stage_cfg in stages:
             run.best, run.best_step = None, None  # each stage selects on its own validation metric
             _run_stage(run, kind, stage_cfg, teacher, student, tokenizer, device)
+        if qat:
+            from kron.methods.quant.layer import disable_qat
+
+            disable_qat(student)  # the int8 weights from the trained masters; what was evaluated and saved
         status = "complete"
     except _Diverged as exc:
         status = "diverged"
@@ -354,6 +359,14 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     if status == "complete":
         run.write(status="complete")
     return (run.summary, student) if return_student else run.summary
+
+
+def _enable_qat(student) -> int:
+    """Quantisation-aware recovery for the student's int8 layers (`kron.methods.quant.layer.enable_qat`): without it
+    their int8 weights would stay as initialised while the rest trains. Returns how many layers."""
+    from kron.methods.quant.layer import enable_qat
+
+    return enable_qat(student)
 
 
 def _error_text(exc: BaseException) -> str:

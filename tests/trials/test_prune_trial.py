@@ -92,3 +92,32 @@ def test_prune_and_other_methods_do_not_mix(method, rules, message, tiny_lm_teac
     cfg = _lm_config(tiny_lm_teacher, text_corpus, method=method, plan={"rules": rules})
     with pytest.raises(UserError, match=message):
         run_trial(cfg, output_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_int8_matrices_train_through_fake_quantisation_unless_qat_is_off(qat, tiny_lm_teacher, text_corpus, tmp_path):
+    """With qat (the default) the int8 weights of a pruned + int8 student move during distillation and the saved
+    checkpoint holds the trained int8 weights, no float masters; with qat: false they stay as initialised."""
+    from kron.io import load_compressed
+    from kron.methods.quant.layer import QuantizedLinear
+
+    rules = [{"select": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "prune": {"heads": 0.5, "ffn": 0.5},
+              "quantize": "int8"}]
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, method="prune", plan={"rules": rules}, qat=qat)
+    cfg["stage1"].update(max_steps=4, eval_every=4, early_stopping=None)
+    at_init = _lm_config(tiny_lm_teacher, text_corpus, method="prune", plan={"rules": rules})
+    at_init["stage1"].update(max_steps=0)
+    _, init_student = run_trial(at_init, output_dir=tmp_path / "init", progress=False, return_student=True)
+    summary, student = run_trial(cfg, output_dir=tmp_path / "run", progress=False, return_student=True)
+    assert summary["status"] == "complete"
+    layers = {n: m for n, m in student.named_modules() if isinstance(m, QuantizedLinear)}
+    assert layers and not any(m.qat for m in layers.values())  # back to plain int8 after training
+    before = dict(init_student.named_modules())
+    moved = [n for n, m in layers.items()
+             if any(not torch.equal(q, before[n].quantized()[k][0]) for k, (q, _) in m.quantized().items())]
+    assert bool(moved) == qat
+    saved = load_compressed(tmp_path / "run" / "checkpoint", device="cpu")
+    assert not any(".master." in k for k in saved.state_dict())
+    for n, m in layers.items():
+        got = dict(saved.named_modules())[n].quantized()
+        assert all(torch.equal(q, got[k][0]) for k, (q, _) in m.quantized().items())
