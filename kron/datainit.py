@@ -183,11 +183,15 @@ class _KronLS:
     not copy them per shape."""
 
     def __init__(self, W: torch.Tensor, S: torch.Tensor, shape, rank: int, *, WS: torch.Tensor | None = None,
-                 lam: float = 0.0, base: float | None = None, Sblk: torch.Tensor | None = None):
+                 lam: float = 0.0, base: float | None = None, Sblk: torch.Tensor | None = None,
+                 Mblk: torch.Tensor | None = None):
         m1, n1, m2, n2 = shape
         self.m1, self.n1, self.m2, self.n2 = shape
         self.rank = rank
         self.lam = float(lam)
+        # M = (W·Sr)ᵀ(W·Sr) in blocks (`s_blocks`): with B one row (m2 = 1), HᵀH = Σ_pq C_pq M_pq, so a start's
+        # objective costs O(n1³) instead of O(m1·n1²) (used when m1 > n1; see f_A)
+        self.Mblk = Mblk if m2 == 1 else None
         WS = W @ S if WS is None else WS  # W·S (without the ridge)
         self.Sblk = s_blocks(S, n1, n2) if Sblk is None else Sblk
         WSr = WS + self.lam * W if self.lam else WS
@@ -234,6 +238,36 @@ class _KronLS:
         H = self.WSp @ B.reshape(r, -1).T  # (m1·n1, r): rows (x, a)
         return H.reshape(self.m1, n1, r).permute(0, 2, 1).reshape(self.m1, r * n1)
 
+    def implicit_A(self, B: torch.Tensor):
+        """With `Mblk` (B one row): (f at the best A given B, state) without forming A = H G⁻¹: f = base −
+        <G⁻¹, HᵀH>, HᵀH = Σ_pq C_pq M_pq; state = (B, G⁻¹, HᵀH) for `solve_B_implicit`. None when G is not
+        numerically positive definite (the explicit path then handles it)."""
+        G = self.gram_A(B)
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info.item()) != 0:
+            return None
+        r, n1, n2 = self.rank, self.n1, self.n2
+        C = torch.einsum("kip,liq->klpq", B, B).reshape(r * r, n2 * n2)
+        K = (C @ self.Mblk).reshape(r, r, n1, n1).permute(0, 2, 1, 3).reshape(r * n1, r * n1)
+        Ginv = torch.cholesky_inverse(L)
+        return max(self.base - float((Ginv * K).sum().item()), 0.0), (B, Ginv, K)
+
+    def solve_B_implicit(self, state) -> torch.Tensor:
+        """`solve_B(A)` for the A = H G⁻¹ of `implicit_A`'s state: AᵀA = G⁻¹ HᵀH G⁻¹ and the right-hand side
+        Σ_x,a (W·Sr)[x,(a,p)] A[k,x,a] = Σ_l,q b_l[q] Σ_c,a G⁻¹[(l,c),(k,a)] M[(c,q),(a,p)]: O(n1³ + r²·n²)."""
+        B, Ginv, K = state
+        r, n1, n2 = self.rank, self.n1, self.n2
+        D = (Ginv @ K @ Ginv).reshape(r, n1, r, n1).permute(0, 2, 1, 3).reshape(r * r, n1 * n1)  # D[k,l,a,b]
+        G = (D @ self.Sblk.T).reshape(r, r, n2, n2).permute(0, 2, 1, 3).reshape(r * n2, r * n2)
+        if self.lam:
+            tr = torch.diagonal(D.reshape(r, r, n1, n1), dim1=2, dim2=3).sum(-1)
+            _add_identity_blocks(G, self.lam * tr, n2)
+        Gi = Ginv.reshape(r, n1, r, n1).permute(0, 2, 1, 3).reshape(r * r, n1 * n1)  # [l,k | c,a]
+        T = (Gi @ self.Mblk.T).reshape(r, r, n2, n2)  # T[l,k,q,p] = Σ_c,a G⁻¹[(l,c),(k,a)] M[(c,q),(a,p)]
+        H = torch.einsum("lq,lkqp->kp", B.reshape(r, n2), T).reshape(1, r * n2)
+        X, _, _ = self._solve(G, H)
+        return X.reshape(1, r, n2).permute(1, 0, 2).contiguous()
+
     def f_A(self, B: torch.Tensor):
         """(f at the best A given B, finish): finish() returns that A (the search compares many B first)."""
         _, gain, finish = self._solve(self.gram_A(B), self._rhs_A(B), want_X=False)
@@ -246,8 +280,9 @@ class _KronLS:
 
     def solve_A(self, B: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The best A given B, and f at (A, B)."""
-        f, A = self.f_A(B)
-        return A(), f
+        _, gain, finish = self._solve(self.gram_A(B), self._rhs_A(B), want_X=False)
+        r, n1 = self.rank, self.n1
+        return finish().reshape(self.m1, r, n1).permute(1, 0, 2).contiguous(), max(self.base - gain, 0.0)
 
     def solve_B(self, A: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The best B given A, and f at (A, B)."""
@@ -286,8 +321,13 @@ def _b_candidates(B0: torch.Tensor, grid: int, seed: int) -> list[torch.Tensor]:
 def _search_and_refine(ls: "_KronLS", B_svd: torch.Tensor, grid: int, seed: int, iters: int, tol: float):
     """The general case: the best of B's candidate directions (A solved in closed form for each), then alternating
     least squares until the objective stops falling by more than `tol`; returns (A, B, objective)."""
+    starts = _b_candidates(B_svd, grid, seed)
+    if getattr(ls, "Mblk", None) is not None:
+        got = _search_and_refine_implicit(ls, starts, iters, tol)
+        if got is not None:
+            return got
     best_f, best = math.inf, None
-    for B0 in _b_candidates(B_svd, grid, seed):
+    for B0 in starts:
         f0, A0 = ls.f_A(B0)  # A itself only for the best start
         if f0 < best_f:
             best_f, best = f0, (A0, B0)
@@ -300,6 +340,32 @@ def _search_and_refine(ls: "_KronLS", B_svd: torch.Tensor, grid: int, seed: int,
         f = min(f, f_new)
         if done:
             break
+    return A, B, f
+
+
+def _search_and_refine_implicit(ls: "_KronLS", starts, iters: int, tol: float):
+    """`_search_and_refine` with A kept implicit (`_KronLS.implicit_A`, B one row and A taller than wide): the same
+    starts, steps and stopping rule in O(n1³ + n²) per step instead of O(m1·n1²); A is formed once at the end.
+    None when some Gram matrix needs the explicit path's jitter."""
+    best_f, best = math.inf, None
+    for B0 in starts:
+        got = ls.implicit_A(B0)
+        if got is None:
+            return None
+        if got[0] < best_f:
+            best_f, best = got
+    f, state = best_f, best
+    for _ in range(iters):
+        got = ls.implicit_A(ls.solve_B_implicit(state))
+        if got is None:
+            return None
+        f_new, state = got
+        done = f - f_new <= tol * max(f, 1e-300)
+        f = min(f, f_new)
+        if done:
+            break
+    B = state[0]
+    A, _ = ls.solve_A(B)
     return A, B, f
 
 

@@ -252,13 +252,18 @@ class _FastBlock:
         self._lowrank = None
         self._blocks: dict = {}
 
-    def blocks(self, n1: int, n2: int) -> torch.Tensor:
-        """S laid out as its n2² blocks of n1 x n1 (`kron.datainit.s_blocks`), shared by the shapes with this split."""
+    def blocks(self, n1: int, n2: int, *, gram: bool = False) -> torch.Tensor:
+        """S (or, gram: M = (W·Sr)ᵀ(W·Sr), Sr = S + λI) laid out as its n2² blocks of n1 x n1
+        (`kron.datainit.s_blocks`), shared by the shapes with this split."""
         from .datainit import s_blocks
 
-        if (n1, n2) not in self._blocks:
-            self._blocks[(n1, n2)] = s_blocks(self.S, n1, n2)
-        return self._blocks[(n1, n2)]
+        key = (n1, n2, gram)
+        if key not in self._blocks:
+            if gram and "M" not in self._blocks:
+                WSr = self.WS + self.lam * self.W
+                self._blocks["M"] = WSr.T @ WSr
+            self._blocks[key] = s_blocks(self._blocks["M"] if gram else self.S, n1, n2)
+        return self._blocks[key]
 
     def whitener(self):
         """(L, L⁻¹ or None, W·L) with S + λI = L·Lᵀ: a Cholesky factor (L⁻¹ None: applied by triangular solves, see
@@ -298,7 +303,12 @@ class _FastBlock:
         W·S."""
         from .datainit import _KronLS
 
-        return _KronLS(self.W, self.S, shape, rank, WS=self.WS, lam=self.lam, Sblk=self.blocks(shape[1], shape[3]),
+        m1, n1, m2, n2 = shape
+        # A taller than wide with B one row: the search keeps A implicit (`kron.datainit._KronLS.implicit_A`); its
+        # M = (W·Sr)ᵀ(W·Sr) costs m·n² once, so only where W is not wide
+        implicit = m2 == 1 and m1 > n1 and self.W.shape[0] >= self.W.shape[1]
+        Mblk = self.blocks(n1, n2, gram=True) if implicit else None
+        return _KronLS(self.W, self.S, shape, rank, WS=self.WS, lam=self.lam, Sblk=self.blocks(n1, n2), Mblk=Mblk,
                        base=self.base + self.lam * float((self.W * self.W).sum().item()))
 
     def kronecker(self, shape, rank: int, *, grid: int = 12, iters: int = 10, tol: float = 1e-6,
