@@ -124,23 +124,28 @@ def _compare_table(stats: pd.DataFrame, dominance: pd.DataFrame) -> pd.DataFrame
     return table
 
 
+_X_NAMES = {"params_excl_output_embedding": "params excl. output embedding", "macs_per_token": "MACs/token"}
+
+
 def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | None = None) -> str:
     marked, stats = summary.marked, summary.stats
     qname = _quality_name(marked)
     lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
     lines += ["## Searches", ""]
     lines += _hypervolume_lines(stats, summary.reference, qname)
-    rows = [[row["search"], row["best_trial"] or "—", fmt_quality(row["best_quality"]), fmt_int(row["best_params"]),
-             row["knee_trial"] or "—", fmt_int(row["knee_x"]), fmt_quality(row["knee_quality"])]
+    xname = _X_NAMES.get(summary.x, summary.x)  # the size axis the fronts and the dominance are computed on
+    rows = [[row["search"], row["best_trial"] or "—", fmt_quality(row["best_quality"]),
+             fmt_int(row["best_x"]), row["knee_trial"] or "—", fmt_int(row["knee_x"]),
+             fmt_quality(row["knee_quality"])]
             for _, row in stats.iterrows()]
-    lines += md_table(["search", "best trial", f"best {qname}", "its params", "knee trial", "knee params",
+    lines += md_table(["search", "best trial", f"best {qname}", f"its {xname}", "knee trial", f"knee {xname}",
                         f"knee {qname}"], rows, numeric=(2, 3, 5, 6)) + [""]
 
     lines += ["## Baselines", ""]
     if dominance.empty:
         lines += ["No baseline trials (teacher, preset, low-rank, layer-drop) among the sources.", ""]
         return "\n".join(lines)
-    lines += [f"For each baseline, the best search plan (by {qname}) with at most the baseline's parameters. "
+    lines += [f"For each baseline, the best search plan (by {qname}) with at most the baseline's {xname}. "
               f"Δ = plan − baseline in {qname}; the plan dominates the baseline when it is no worse in both "
               "objectives and better in one.", ""]
     searches = list(stats["search"])
@@ -149,19 +154,19 @@ def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | 
         if row["best_trial"] is None:
             verdict = "none dominates (no plan this small)"
         elif row["dominates"]:
-            verdict = (f"{row['best_search']}/{row['best_trial']} ({fmt_int(row['best_params'])} params, "
+            verdict = (f"{row['best_search']}/{row['best_trial']} ({fmt_int(row['best_params'])} {xname}, "
                        f"{fmt_quality(row['best_quality'])})")
         else:
-            verdict = (f"none dominates (best at ≤ its params: {row['best_search']}/{row['best_trial']}, "
+            verdict = (f"none dominates (best at ≤ its {xname}: {row['best_search']}/{row['best_trial']}, "
                        f"{fmt_quality(row['best_quality'])})")
         cells = [row["baseline"], row["method"], fmt_int(row["params"]), fmt_quality(row["quality"]), verdict,
                  fmt_delta(row["quality_delta"], row["quality_delta_pct"])]
         for search in searches:
             delta = row.get(f"delta:{search}", math.nan)
             cells.append(fmt_delta(delta) + ("" if not row.get(f"dominates:{search}") else " ✓")
-                         if np.isfinite(delta) else "no plan ≤ params")
+                         if np.isfinite(delta) else f"no plan ≤ {xname}")
         rows.append(cells)
-    lines += md_table(["baseline", "method", "params", qname, "best dominating plan", "Δ (best plan)",
+    lines += md_table(["baseline", "method", xname, qname, "best dominating plan", "Δ (best plan)",
                         *[f"Δ {s}" for s in searches]], rows, numeric=[2, 3, 5, *range(6, 6 + len(searches))])
     lines += ["", "✓: that search has a plan dominating the baseline.", ""]
     return "\n".join(lines)

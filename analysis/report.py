@@ -129,8 +129,8 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
                  ) -> pd.DataFrame:
     """One row per search (groups with at least one non-baseline trial), in name order.
 
-    Columns: search, trials, complete, failed, on_front, best_trial, best_quality, best_params, best_plan,
-    knee_trial, knee_x, knee_quality, hypervolume, hypervolume_share (of the largest hypervolume).
+    Columns: search, trials, complete, failed, on_front, best_trial, best_quality, best_params, best_x (the best
+    trial's size on `x`), best_plan, knee_trial, knee_x, knee_quality, hypervolume, hypervolume_share (of the largest hypervolume).
     `reference` defaults to `common_reference(df, x, y)`.
     """
     if reference is None:
@@ -143,7 +143,8 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
         good = group[ok[group.index]]
         row = {"search": str(search), "trials": len(group), "complete": int((group["status"] == "complete").sum()),
                "failed": int(group["status"].isin(_FAILED).sum()), "on_front": 0,
-               "best_trial": None, "best_quality": math.nan, "best_params": pd.NA, "best_plan": None,
+               "best_trial": None, "best_quality": math.nan, "best_params": pd.NA, "best_x": math.nan,
+               "best_plan": None,
                "knee_trial": None, "knee_x": math.nan, "knee_quality": math.nan,
                "hypervolume": math.nan, "hypervolume_share": math.nan}
         if not good.empty:
@@ -152,7 +153,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
             best = good.iloc[_best_index(good, y, directions[1], x)]
             knee = good.iloc[knee_point(values, directions)]
             row.update(best_trial=str(best["trial_id"]), best_quality=float(best["quality"]),
-                       best_params=best["params"], best_plan=text_or_none(best["plan_summary"]),
+                       best_params=best["params"], best_x=float(best[x]), best_plan=text_or_none(best["plan_summary"]),
                        knee_trial=str(knee["trial_id"]), knee_x=float(knee[x]), knee_quality=float(knee[y]))
             if reference is not None:
                 row["hypervolume"] = hypervolume(values, directions, reference["values"])
@@ -160,7 +161,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
             row["on_front"] = int(group["on_front"].sum())
         rows.append(row)
     stats = pd.DataFrame(rows, columns=[
-        "search", "trials", "complete", "failed", "on_front", "best_trial", "best_quality", "best_params",
+        "search", "trials", "complete", "failed", "on_front", "best_trial", "best_quality", "best_params", "best_x",
         "best_plan", "knee_trial", "knee_x", "knee_quality", "hypervolume", "hypervolume_share"])
     top = stats["hypervolume"].max() if len(stats) else math.nan
     if np.isfinite(top) and top > 0:

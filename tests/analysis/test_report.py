@@ -226,6 +226,23 @@ def test_compare_dominance_on_a_hand_made_set(hand_results, tmp_path):
     assert "-30 (-25.0%)" in text
 
 
+def test_compare_names_its_size_axis(hand_results, tmp_path):
+    """On another size axis (here MACs/token = params / 2) the tables say so, and each search's best trial is given
+    by its size on that axis, not by its parameters."""
+    import json
+
+    for path in (hand_results / "refs").glob("*/trial_summary.json"):
+        summary = json.loads(path.read_text())
+        write_json(path, {**summary, "macs_per_token": summary["params"] // 2})
+    compare([hand_results / "A", hand_results / "B", hand_results / "refs"], tmp_path, x="macs_per_token")
+    text = (tmp_path / "compare.md").read_text()
+    assert "| its MACs/token |" in text and "knee MACs/token" in text and "its params" not in text
+    assert "none dominates (best at ≤ its MACs/token: A/a1, 300)" in text
+    table = pd.read_csv(tmp_path / "compare.csv").set_index("name")
+    assert table.loc["kn", "best_trial"] == "b2"  # same verdicts: every size halves
+    assert "| B | b2 | 90 | 1.5k (1,500) |" in text  # its best trial b2: 3,000 params, 1,500 MACs/token
+
+
 def test_baseline_dominance_per_search_columns(hand_results):
     dominance = baseline_dominance(mark_pareto(load_results(hand_results))).set_index("baseline")
     assert dominance.loc["kn", "delta:A"] == pytest.approx(30.0)  # a2: 2000 params, ppl 150 (better than a4)
