@@ -34,10 +34,10 @@ __all__ = ["SearchReport", "analyze_search", "shorten", "text_table"]
 
 # the columns of pareto.csv and trials.csv, in this order (those the table has)
 CSV_COLUMNS = ["trial_id", "status", "quality_name", "quality", "params", "params_excl_output_embedding",
-               "compression_ratio", "macs_per_token", "latency_us_per_token", "steps", "wall_time_s", "on_front",
+               "compression_ratio", "macs_per_token", "bytes", "latency_us_per_token", "steps", "wall_time_s", "on_front",
                "plan_summary", "summary_path", "checkpoint"]
 _SIZE_WORDS = {"params": "parameters", "params_excl_output_embedding": "parameters excl. output embedding",
-               "macs_per_token": "MACs per token"}
+               "macs_per_token": "MACs per token", "bytes": "bytes of weight storage"}
 
 Describe = Callable[[dict], str]
 

@@ -323,3 +323,23 @@ def test_the_end_of_search_table_lists_the_trials_stopped_early_apart_from_the_f
     assert re.search(rf"{p['trial_id']} {p['quality']:.4g} at step 120, {p['params']:,}", line), line
     front_rows = report.text.split("stopped early")[0]
     assert p["trial_id"] not in front_rows  # never on the front
+
+
+def test_the_end_of_search_analysis_of_a_bytes_objective(make_summary, tmp_path):
+    """objectives [quality, bytes] (a search with int8 in its space): the front is over bytes, trials.csv and
+    pareto.csv carry the bytes column, sorted by it (the analysis stopped with KeyError: 'bytes' before)."""
+    from analysis.front import analyze_search
+
+    rows = [("a", 4_000_000, 120.0, "complete"), ("b", 2_000_000, 130.0, "complete"), ("c", 3_000_000, 140.0,
+                                                                                      "complete"),
+            ("d", 1_000_000, 200.0, "pruned")]
+    for trial_id, n_bytes, quality, status in rows:
+        write_json(tmp_path / "s" / trial_id / "trial_summary.json",
+                   make_summary(trial_id=trial_id, search="s", bytes=n_bytes, quality=quality, status=status,
+                                params=1_000_000))  # every plan the same parameters: only bytes tell them apart
+    report = analyze_search(tmp_path / "s", "s", ["quality", "bytes"])
+    trials = pd.read_csv(tmp_path / "s" / "analysis" / "trials.csv")
+    assert "bytes" in trials and list(trials.loc[trials["status"] == "complete", "trial_id"]) == ["b", "c", "a"]
+    front = pd.read_csv(tmp_path / "s" / "analysis" / "pareto.csv")
+    assert list(front["trial_id"]) == ["b", "a"] and list(front["bytes"]) == [2_000_000, 4_000_000]
+    assert "stopped early" in report.text
