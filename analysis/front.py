@@ -154,6 +154,7 @@ def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, des
     """The front as a text table; its parameter column is the count the front was computed on (the total, or
     without the output embedding when that is the objective)."""
     pcol = "params_excl_output_embedding" if size_col == "params_excl_output_embedding" else "params"
+    by_bytes = size_col == "bytes"  # the front is over bytes: the table shows them beside the parameters
     qname = df["quality_name"].dropna().iloc[0] if df["quality_name"].notna().any() else "quality"
     ref = df[is_reference(df)]
     df = df[~is_reference(df)]
@@ -167,21 +168,28 @@ def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, des
     for _, r in front.iterrows():
         lat = r.get("latency_us_per_token")
         rows.append([str(r["trial_id"]), f"{r['quality']:.4g}", f"{int(r[pcol]):,}",
+                     *([_int_or_dash(r.get("bytes"))] if by_bytes else []),
                      f"{float(r['compression_ratio']):.2f}x", f"{int(r['macs_per_token']):,}",
                      f"{lat:.1f}" if lat is not None and not (isinstance(lat, float) and math.isnan(lat)) else "-",
                      str(r["steps"]) if r["steps"] is not None else "-", shorten(_plan_text(r, describe), 70)])
     for _, r in ref.iterrows():
         if r["quality"] is None or (isinstance(r["quality"], float) and math.isnan(r["quality"])):
             continue
-        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r[pcol]):,}", "1.00x",
+        rows.append([f"({r['method']})", f"{r['quality']:.4g}", f"{int(r[pcol]):,}",
+                     *([_int_or_dash(r.get("bytes"))] if by_bytes else []), "1.00x",
                      f"{int(r['macs_per_token']):,}" if r["macs_per_token"] is not None else "-", "-", "0",
                      "uncompressed reference, not trained"])
     pname = "params excl. out-emb" if pcol != "params" else "params"
-    lines.append(text_table(["trial", qname, pname, "compr.", "MACs/token", "us/token", "steps", "plan"], rows))
-    pruned = _pruned_line(df[df["status"] == "pruned"], pcol)
+    lines.append(text_table(["trial", qname, pname, *(["bytes"] if by_bytes else []), "compr.", "MACs/token",
+                             "us/token", "steps", "plan"], rows))
+    pruned = _pruned_line(df[df["status"] == "pruned"], "bytes" if by_bytes else pcol)
     if pruned:
         lines.append(pruned)
     return "\n".join(lines)
+
+
+def _int_or_dash(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{int(value):,}"
 
 
 def _pruned_line(pruned: pd.DataFrame, pcol: str, most: int = 8) -> str | None:

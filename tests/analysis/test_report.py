@@ -342,4 +342,6 @@ def test_the_end_of_search_analysis_of_a_bytes_objective(make_summary, tmp_path)
     assert "bytes" in trials and list(trials.loc[trials["status"] == "complete", "trial_id"]) == ["b", "c", "a"]
     front = pd.read_csv(tmp_path / "s" / "analysis" / "pareto.csv")
     assert list(front["trial_id"]) == ["b", "a"] and list(front["bytes"]) == [2_000_000, 4_000_000]
-    assert "stopped early" in report.text
+    assert "stopped early" in report.text and "d 200 at step" in report.text and "1,000,000" in report.text
+    header = next(ln for ln in report.text.splitlines() if ln.startswith("trial"))
+    assert "bytes" in header.split()
