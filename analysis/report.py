@@ -263,7 +263,7 @@ def _pareto_csv(front: pd.DataFrame, y: str) -> pd.DataFrame:
 def report_markdown(summary: Summary, *, title: str | None = None, images: Sequence[str] = (),
                     note: str | None = None) -> str:
     """The markdown text of `report.md`."""
-    marked, stats, x, y = summary.marked, summary.stats, summary.x, summary.y
+    marked, stats, x = summary.marked, summary.stats, summary.x
     qname = _quality_name(marked)
     qdir = column_direction(marked[(marked["status"] == "complete").fillna(False)], "quality")
     lines = [f"# {title or _default_title(summary)}", ""]

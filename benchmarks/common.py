@@ -134,3 +134,37 @@ def run_search(cfg: dict, out: Path) -> None:
     cmd = [sys.executable, "-m", "search.cli", "search", str(path)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def add_teacher_args(p) -> None:
+    """The evidence scripts' choice of teacher and its data (`--teacher demo|minilm`, --data, --glue, --teacher-dir)
+    and the training budget every plan shares (--steps, --lr: defaults per teacher, see `resolve_teacher_args`)."""
+    p.add_argument("--teacher", choices=["demo", "minilm"], default="demo",
+                   help="demo: the bundled GPT-2 on WikiText-2; minilm: all-MiniLM-L6-v2 fine-tuned on SST-2")
+    p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"), help="WikiText-2 (demo)")
+    p.add_argument("--glue", default=str(SST2), help="SST-2 TSVs (minilm)")
+    p.add_argument("--teacher-dir", default="runs/minilm-sst2-teacher",
+                   help="the fine-tuned MiniLM (made there first when absent; minilm)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every plan (demo 60, minilm 40)")
+    p.add_argument("--lr", type=float, default=None, help="demo 5e-4, minilm 1e-4")
+
+
+def resolve_teacher_args(args, out: str) -> bool:
+    """Fill the per-teacher defaults (steps, lr, --out as `runs/<out>[-minilm]`), make the MiniLM teacher when it is
+    missing, check the demo's data; True for MiniLM."""
+    minilm = args.teacher == "minilm"
+    args.steps = args.steps or (40 if minilm else 60)
+    args.lr = args.lr or (1e-4 if minilm else 5e-4)
+    args.out = args.out or (f"runs/{out}-minilm" if minilm else f"runs/{out}")
+    if minilm:
+        ensure_minilm_teacher(args.teacher_dir, glue=args.glue)
+    elif not Path(args.data).exists():
+        raise SystemExit(f"data not found: {args.data}")
+    return minilm
+
+
+def evidence_trial(args) -> dict:
+    """The trial config (without a plan) every plan of an evidence script shares, for `--teacher`."""
+    if args.teacher == "minilm":
+        return minilm_sst2_trial(args.teacher_dir, args.glue, args.steps, args.lr)
+    return demo_wikitext_trial(args.data, args.steps, args.lr)

@@ -33,16 +33,9 @@ import json
 import time
 from pathlib import Path
 
-from common import (SHARED, SST2, demo_wikitext_trial, ensure_minilm_teacher, minilm_sst2_trial, run_search,
-                    run_trials, search_config)
+from common import add_teacher_args, evidence_trial, resolve_teacher_args, run_search, run_trials, search_config
 
 PARTS = ("plans", "search")
-
-
-def base_trial(args) -> dict:
-    if args.teacher == "minilm":
-        return minilm_sst2_trial(args.teacher_dir, args.glue, args.steps, args.lr)
-    return demo_wikitext_trial(args.data, args.steps, args.lr)
 
 
 def _teacher_config(args):
@@ -86,7 +79,7 @@ def plans(config) -> dict[str, tuple[str, float, dict]]:
 
 
 def _search_config(args) -> dict:
-    return search_config("search-all", base_trial(args), args.out, trials=args.trials, steps=args.steps,
+    return search_config("search-all", evidence_trial(args), args.out, trials=args.trials, steps=args.steps,
                          size="bytes", max_damage=args.max_damage, methods=("kronecker", "lowrank", "prune"),
                          quantize=["none", "int8"])
 
@@ -97,28 +90,14 @@ def _folder(out: Path, label: str) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", choices=["demo", "minilm"], default="demo",
-                   help="demo: the bundled GPT-2 on WikiText-2; minilm: all-MiniLM-L6-v2 fine-tuned on SST-2")
-    p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"), help="WikiText-2 (demo)")
-    p.add_argument("--glue", default=str(SST2), help="SST-2 TSVs (minilm)")
-    p.add_argument("--teacher-dir", default="runs/minilm-sst2-teacher",
-                   help="the fine-tuned MiniLM (made there first when absent; minilm)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every plan (demo 60, minilm 40)")
-    p.add_argument("--lr", type=float, default=None, help="demo 5e-4, minilm 1e-4")
+    add_teacher_args(p)
     p.add_argument("--out", default=None, help="default runs/families[-minilm]")
     p.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=["plans"])
     p.add_argument("--trials", type=int, default=16, help="trials of the search over every family")
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
     args = p.parse_args(argv)
-    minilm = args.teacher == "minilm"
-    args.steps = args.steps or (40 if minilm else 60)
-    args.lr = args.lr or (1e-4 if minilm else 5e-4)
-    args.out = args.out or ("runs/families-minilm" if minilm else "runs/families")
-    if minilm:
-        ensure_minilm_teacher(args.teacher_dir, glue=args.glue)
-    elif not Path(args.data).exists():
-        raise SystemExit(f"data not found: {args.data}")
+    minilm = resolve_teacher_args(args, "families")
     out = Path(args.out).resolve()
     t0 = time.time()
     table = plans(_teacher_config(args))
@@ -129,7 +108,7 @@ def main(argv=None) -> int:
                 continue
             if (_folder(out, label) / "trial_summary.json").is_file():
                 continue
-            cfg = {**base_trial(args), **patch, "label": label}
+            cfg = {**evidence_trial(args), **patch, "label": label}
             if label == "teacher":
                 stage = "stage2" if minilm else "stage1"
                 cfg[stage] = {**cfg[stage], "max_steps": 0}

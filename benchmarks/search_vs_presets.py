@@ -31,22 +31,15 @@ import json
 import time
 from pathlib import Path
 
-from common import (SHARED, SST2, demo_wikitext_trial, ensure_minilm_teacher, minilm_sst2_trial, run_search,
-                    run_trials, search_config)
+from common import add_teacher_args, evidence_trial, resolve_teacher_args, run_search, run_trials, search_config
 
 PARTS = ("references", "search", "random", "auto")
 # size axis: the KnGPT2 paper's (the output embedding left out) for the demo; a classifier has none
 SIZE = "params_excl_output_embedding"
 
 
-def base_trial(args) -> dict:
-    if args.teacher == "minilm":
-        return minilm_sst2_trial(args.teacher_dir, args.glue, args.steps, args.lr)
-    return demo_wikitext_trial(args.data, args.steps, args.lr)
-
-
 def _search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
-    return search_config(name, base_trial(args), args.out, trials=args.trials, steps=args.steps, size=SIZE,
+    return search_config(name, evidence_trial(args), args.out, trials=args.trials, steps=args.steps, size=SIZE,
                          algorithm=algorithm, seeds=seeds, max_damage=args.max_damage if prior else None)
 
 
@@ -96,33 +89,19 @@ def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
         if (folder / "trial_summary.json").is_file():
             continue
         plan = space.to_plan_dict(params, name=name)
-        todo[name] = ({**base_trial(args), "method": "mixed", "plan": {"rules": plan["rules"]}, "label": name}, folder)
+        todo[name] = ({**evidence_trial(args), "method": "mixed", "plan": {"rules": plan["rules"]}, "label": name}, folder)
     return todo
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", choices=["demo", "minilm"], default="demo",
-                   help="demo: the bundled GPT-2 on WikiText-2; minilm: all-MiniLM-L6-v2 fine-tuned on SST-2")
-    p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"), help="WikiText-2 (demo)")
-    p.add_argument("--glue", default=str(SST2), help="SST-2 TSVs (minilm)")
-    p.add_argument("--teacher-dir", default="runs/minilm-sst2-teacher",
-                   help="the fine-tuned MiniLM (made there first when absent; minilm)")
+    add_teacher_args(p)
     p.add_argument("--trials", type=int, default=24)
-    p.add_argument("--steps", type=int, default=None, help="training steps of every trial (demo 60, minilm 40)")
-    p.add_argument("--lr", type=float, default=None, help="demo 5e-4, minilm 1e-4")
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
     p.add_argument("--out", default=None, help="default runs/search_vs_presets[-minilm]")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args(argv)
-    minilm = args.teacher == "minilm"
-    args.steps = args.steps or (40 if minilm else 60)
-    args.lr = args.lr or (1e-4 if minilm else 5e-4)
-    args.out = args.out or ("runs/search_vs_presets-minilm" if minilm else "runs/search_vs_presets")
-    if minilm:
-        ensure_minilm_teacher(args.teacher_dir, glue=args.glue)
-    elif not Path(args.data).exists():
-        raise SystemExit(f"data not found: {args.data}")
+    minilm = resolve_teacher_args(args, "search_vs_presets")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -130,7 +109,7 @@ def main(argv=None) -> int:
     if "references" in args.parts:
         t = time.time()
         refs = out / "references"
-        todo = {label: ({**base_trial(args), **patch}, refs / label.replace(":", "-"))
+        todo = {label: ({**evidence_trial(args), **patch}, refs / label.replace(":", "-"))
                 for label, patch in references(args.teacher).items()
                 if not (refs / label.replace(":", "-") / "trial_summary.json").is_file()}
         if "teacher" in todo:

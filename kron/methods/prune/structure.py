@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...errors import PlanError
-from ...vocab import FAMILIES, family_of_model_type, known_model_types
+from ...vocab import family_of_model_type, known_model_types
 from . import PruneSpec, with_kept
 
 __all__ = ["blocks_of", "check_blocks", "choose_units", "context", "fix_attention", "kept_heads", "merge_config"]
@@ -150,8 +150,6 @@ def _in_out(model, names: Sequence[str], specs) -> tuple[str, list[str]]:
 
 def _unit_view(W: torch.Tensor, side: str, blocks: int, units: int) -> torch.Tensor:
     """The weight's pruned side as (units, the rest): rows/columns of unit u gathered in row u."""
-    from ..layers import linear_weight  # noqa: F401  (orientation documented there)
-
     X = W if side == "out" else W.T  # (pruned side, other side)
     size, other = X.shape
     width = size // (blocks * units)
