@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.report import (Summary, _best_index, _eligible, _has_plotly, _hypervolume_lines, _out_dir,
+from analysis.report import (Summary, _best_index, _eligible, _has_plotly, _hypervolume_lines, _label, _out_dir,
                              _quality_name, _trial_name, load_labelled, summarize)
 from analysis.results import as_floats, atomic_write_text, column_direction, is_reference
 from analysis.textfmt import fmt_delta, fmt_int, fmt_quality, md_table
@@ -124,16 +124,13 @@ def _compare_table(stats: pd.DataFrame, dominance: pd.DataFrame) -> pd.DataFrame
     return table
 
 
-_X_NAMES = {"params_excl_output_embedding": "params excl. output embedding", "macs_per_token": "MACs/token"}
-
-
 def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | None = None) -> str:
     marked, stats = summary.marked, summary.stats
     qname = _quality_name(marked)
     lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
     lines += ["## Searches", ""]
     lines += _hypervolume_lines(stats, summary.reference, qname)
-    xname = _X_NAMES.get(summary.x, summary.x)  # the size axis the fronts and the dominance are computed on
+    xname = _label(summary.x)  # the size axis the fronts and the dominance are computed on
     rows = [[row["search"], row["best_trial"] or "—", fmt_quality(row["best_quality"]),
              fmt_int(row["best_x"]), row["knee_trial"] or "—", fmt_int(row["knee_x"]),
              fmt_quality(row["knee_quality"])]

@@ -452,7 +452,9 @@ def _quality_name(df: pd.DataFrame) -> str:
 
 
 def _label(column: str) -> str:
-    return {"params": "params", "macs_per_token": "MACs/token"}.get(column, column)
+    """A size axis's short name in the markdown reports' text and table headers."""
+    return {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
+            "macs_per_token": "MACs/token"}.get(column, column)
 
 
 def _margin_word(direction: str, worst: float) -> str:
