@@ -505,16 +505,11 @@ def test_prune_int8_saves_reloads_exactly(make_tiny_model, tiny_inputs, tmp_path
 ])
 def test_prune_int8_checkpoint_with_missing_or_mismatched_scales_is_refused(edit, message, make_tiny_model,
                                                                             tmp_path):
-    from safetensors.torch import load_file, save_file
-
     from kron.errors import CheckpointError
 
-    model = make_tiny_model("gpt2")
-    compress(model, int8_plan("gpt2", ffn=0.5))
-    out = save_compressed(model, None, tmp_path / "m")
-    tensors = load_file(out / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    from .test_quant import tampered_checkpoint
+
+    out = tampered_checkpoint(tmp_path, make_tiny_model("gpt2"), edit, int8_plan("gpt2", ffn=0.5))
     with pytest.raises(CheckpointError, match=message):
         load_compressed(out, device="cpu", verify=False)
 

@@ -153,14 +153,16 @@ def test_bad_rules(rule, message):
         CompressionPlan([rule])
 
 
-def _tampered(tmp_path, tiny_gpt2, edit):
+def tampered_checkpoint(tmp_path, model, edit, plan=None):
+    """`model` compressed by `plan` (default: mlp.c_fc in int8), saved under tmp_path/m, its weights file then
+    rewritten with `edit` applied to its tensors; returns the folder."""
     from safetensors.torch import load_file, save_file
 
     from kron.io import save_compressed
     from kron.surgery import compress
 
-    compress(tiny_gpt2, CompressionPlan([{"select": "mlp.c_fc", "quantize": "int8"}]))
-    out = save_compressed(tiny_gpt2, None, tmp_path / "m")
+    compress(model, plan or CompressionPlan([{"select": "mlp.c_fc", "quantize": "int8"}]))
+    out = save_compressed(model, None, tmp_path / "m")
     tensors = load_file(out / "model.safetensors")
     edit(tensors)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -177,7 +179,7 @@ def _tampered(tmp_path, tiny_gpt2, edit):
 def test_checkpoint_with_missing_or_mismatched_scales_is_refused(tmp_path, tiny_gpt2, edit, message):
     from kron.io import load_compressed
 
-    out = _tampered(tmp_path, tiny_gpt2, edit)
+    out = tampered_checkpoint(tmp_path, tiny_gpt2, edit)
     with pytest.raises(CheckpointError, match=message):
         load_compressed(out, device="cpu", verify=False)
 
