@@ -19,6 +19,7 @@ import torch
 
 from kron.errors import UserError
 from kron.fsutil import atomic_write_json
+from kron.methods.quant.layer import disable_qat, enable_qat
 from kron.vocab import SCHEMA, SUMMARY_NAME
 
 from .config import StageConfig, TrialConfig, load_trial_config
@@ -326,7 +327,8 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     try:
         teacher, tokenizer = load_teacher(cfg, device)
         student, comp, plan = build_student(cfg, teacher)
-        qat = _enable_qat(student) if cfg.qat else 0  # int8 layers train through fake quantisation
+        # int8 layers train through fake quantisation; without it their int8 weights would stay as initialised
+        qat = enable_qat(student) if cfg.qat else 0
         run.hooks.before_training(cfg, out_dir)
         student.to(device)
         if hasattr(student, "set_attn_implementation"):
@@ -345,8 +347,6 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
             run.best, run.best_step = None, None  # each stage selects on its own validation metric
             _run_stage(run, kind, stage_cfg, teacher, student, tokenizer, device)
         if qat:
-            from kron.methods.quant.layer import disable_qat
-
             disable_qat(student)  # the int8 weights from the trained masters; what was evaluated and saved
         status = "complete"
     except _Diverged as exc:
@@ -359,14 +359,6 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     if status == "complete":
         run.write(status="complete")
     return (run.summary, student) if return_student else run.summary
-
-
-def _enable_qat(student) -> int:
-    """Quantisation-aware recovery for the student's int8 layers (`kron.methods.quant.layer.enable_qat`): without it
-    their int8 weights would stay as initialised while the rest trains. Returns how many layers."""
-    from kron.methods.quant.layer import enable_qat
-
-    return enable_qat(student)
 
 
 def _error_text(exc: BaseException) -> str:
