@@ -12,7 +12,12 @@ only, with data-aware init: perplexity right after init (no distillation)
 on the first 32 blocks of 128 tokens of WikiText-2 valid, and the profile's predicted damage of each plan.
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
-                                  [--kl-subset 2] [--damage proxy|kl|both]
+                                  [--kl-subset 2] [--damage proxy|kl|both] [--refine N] [--presets P1,P2]
+                                  [--mixed-only]
+
+`--refine N`: each automatic plan is also refined on the model (`kron.refine`: exchange moves judged by the joint
+KL of the whole compressed model on the held-out calibration batches, at most N measurements) — a "+refine" row.
+`--presets` picks the presets (default all five).
 
 `--damage kl` (or `both`): the automatic plans also minimise the summed model-level KL (`kron.autoplan.kl_damages`:
 the profile's `--kl-subset` measurements per matrix, interpolated along the proxy); give `--kl-subset 4` or more.
@@ -112,6 +117,7 @@ def demo_part(args) -> dict:
     from kron.plan import CompressionPlan
     from kron.presets import get_plan
     from kron.profile import profile_model
+    from kron.refine import refine_plan
     from kron.surgery import compress, default_split
     from trials.calibration import calibration_batches, calibration_stats
     from trials.data import load_text_blocks
@@ -137,7 +143,7 @@ def demo_part(args) -> dict:
     rho = corr["spearman"]
     teacher_ppl = perplexity(teacher, blocks)
     rows = [{"plan": "teacher", "params": prof["model"]["params"], "ppl": teacher_ppl, "damage": 0.0}]
-    for preset in PRESETS:
+    for preset in args.presets.split(","):
         plan = get_plan(preset, teacher.config)
         rep = compress(teacher, plan, init="data", calib=stats, inplace=False)
         resolved = plan.resolve(teacher, split=default_split("data"))
@@ -149,6 +155,7 @@ def demo_part(args) -> dict:
         damages = ("proxy", "kl") if args.damage == "both" else (args.damage,)
         combos = [(methods, tag + ("" if dmg == "proxy" else " kl"), dmg)
                   for methods, tag in ((["kronecker", "lowrank"], "auto"), (["kronecker"], "auto kron"))
+                  if not (args.mixed_only and methods == ["kronecker"])
                   for dmg in damages]
         for methods, tag, damage in combos:
             # kngpt2 compresses the word embedding, which unties GPT-2's LM head (a dense copy stays): its total
@@ -164,15 +171,23 @@ def demo_part(args) -> dict:
                 rows.append({"plan": f"{tag} @ {preset}", "params": None, "ppl": None, "damage": None,
                              "error": str(exc)})
                 continue
-            auto = CompressionPlan.from_resolved(resolved_specs(sol))
-            arep = compress(teacher, auto, init="data", calib=stats, inplace=False)
-            kinds = {}
-            for o in sol.choice.values():
-                k = o.spec if o.spec == "keep" else o.spec["method"]
-                kinds[k] = kinds.get(k, 0) + 1
-            rows.append({"plan": f"{tag} @ {preset}", "params": arep.params_after, "ratio": arep.compression_ratio,
-                         "macs": arep.macs_per_token_after, "ppl": perplexity(arep.model, blocks),
-                         "damage": sol.damage, "damage_kind": damage, "gap": sol.gap, "mix": kinds})
+            versions = [(tag, sol, None)]
+            if args.refine:
+                r = refine_plan(teacher, stats, prof, budget, sol, heldout, methods=methods, damage=damage,
+                                max_evals=args.refine)
+                versions.append((tag + " +refine", r.solution, r))
+            for name, s, r in versions:
+                auto = CompressionPlan.from_resolved(resolved_specs(s))
+                arep = compress(teacher, auto, init="data", calib=stats, inplace=False)
+                kinds = {}
+                for o in s.choice.values():
+                    k = o.spec if o.spec == "keep" else o.spec["method"]
+                    kinds[k] = kinds.get(k, 0) + 1
+                rows.append({"plan": f"{name} @ {preset}", "params": arep.params_after,
+                             "ratio": arep.compression_ratio, "macs": arep.macs_per_token_after,
+                             "ppl": perplexity(arep.model, blocks), "damage": s.damage,
+                             "damage_kind": "kl, joint" if r else damage, "gap": s.gap, "mix": kinds,
+                             "refinement": r.to_dict() if r else None})
     print(f"\ndemo teacher: calibration {stats.tokens:,} fit + {stats.heldout_tokens:,} held-out tokens of "
           f"{'WikiText-2 train' if source != 'teacher-samples' else 'teacher samples'} ({calib_s:.1f} s); profile "
           f"{len(prof['matrices'])} matrices, {sum(len(m['candidates']) for m in prof['matrices'].values())} "
@@ -207,6 +222,12 @@ def main() -> None:
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--damage", choices=("proxy", "kl", "both"), default="proxy",
                    help="what the automatic plans minimise (kron.autoplan damage; both: a row for each)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="also each automatic plan refined on the model (kron.refine, at most N joint KL "
+                        "measurements on the held-out calibration batches); a '+refine' row each")
+    p.add_argument("--mixed-only", action="store_true",
+                   help="only the automatic plans over Kronecker and low-rank (no Kronecker-only rows)")
+    p.add_argument("--presets", default=",".join(PRESETS), help="the presets to compare (comma-separated)")
     p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

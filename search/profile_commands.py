@@ -128,6 +128,11 @@ def add_auto_arguments(p, group) -> None:
     p.add_argument("--solver", choices=("dp", "lagrange"), default="dp",
                    help="with --auto: dp (exact, or within the stated gap on a rounded cost grid; default) or "
                         "lagrange (multiplier sweep and greedy fill)")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="with --auto and --calib: improve each plan by exchange moves (one matrix one candidate "
+                        "better, another one worse, within the budget) judged by the KL of the whole compressed model "
+                        "on the held-out calibration batches, at most N measurements (kron.refine; 0: off, the "
+                        "default; 40 is a good start)")
     p.set_defaults(func=plan_dispatch)
 
 
@@ -328,19 +333,26 @@ def plan_auto(args) -> int:
     from kron.surgery import apply_specs
 
     budgets = _budgets(args)
+    if args.refine < 0:
+        raise ConfigError(f"--refine takes a number of measurements >= 0, got {args.refine}")
+    if args.refine and args.calib is None:
+        raise ConfigError("--refine measures plans on the model: give --calib SRC (its held-out batches are the "
+                          "measure; with --profile too, the profile is reused)")
     if args.profile is None and args.calib is None:
         raise ConfigError("--auto needs a profile: --profile profile.json (from `kronsearch profile`) or --calib "
                           "SRC to make one now")
     src = resolve_source(args.model)
     config = load_config(src)
     skeleton = build_from_config(config, task=args.task, device="meta")
+    model = None
     if args.calib is not None:
         methods = _methods(args)
         constraints = _constraints(args)
         _, model = _load(args)
         kl = (KL_POINTS, 1024) if args.damage == "kl" else (0, 1)
         profile = _run_profile(args, model, src, args.profile, constraints, methods, *kl, False, args.json)
-        del model
+        if not args.refine:
+            model = None
     else:
         profile = load_profile(args.profile)
         base = Constraints.from_dict(profile.get("constraints", {}))
@@ -368,10 +380,15 @@ def plan_auto(args) -> int:
                 raise
             print(f"kronsearch plan: skipped {budget}: {exc}", file=sys.stderr)
             continue
+        refinement = None
+        if args.refine:
+            refinement = _refine(args, model, src, profile, budget, sol, methods)
+            sol = refinement.solution
         resolved = resolved_specs(sol)
+        what = (f"refined on the model: KL {refinement.start_kl:.4g} -> {refinement.kl:.4g}" if refinement else
+                f"predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]})")
         plan = CompressionPlan.from_resolved(resolved, name=f"auto {budget}",
-                                             description=f"kronsearch plan --auto --budget {budget}: predicted "
-                                                         f"damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]})")
+                                             description=f"kronsearch plan --auto --budget {budget}: {what}")
         import copy
 
         model = copy.deepcopy(skeleton)
@@ -386,23 +403,27 @@ def plan_auto(args) -> int:
         if args.out:
             path = _out_path(args.out, budget, len(budgets) > 1)
             plan.save(path)
-        results.append((budget, sol, plan, report, path))
+        results.append((budget, sol, plan, report, path, refinement))
 
     if not results:
         raise PlanError(f"no budget of {', '.join(map(str, budgets))} is reachable with this profile's candidates")
     if args.json:
         out = []
-        for budget, sol, plan, report, path in results:
+        for budget, sol, plan, report, path, refinement in results:
             d = sol.to_dict()
-            d.update({"budget": str(budget), "damage_kind": args.damage, "plan": plan.to_dict(),
+            d.update({"budget": str(budget), "damage_kind": "kl, measured jointly" if refinement else args.damage,
+                      "refinement": refinement.to_dict() if refinement else None, "plan": plan.to_dict(),
                       "params": report.params_after, "macs": report.macs_per_token_after,
                       "ratio": report.compression_ratio,
                       "plan_file": str(path) if path else None, "notes": sol.notes})
             out.append(d)
         print(json.dumps({"model": args.model, "profile": args.profile, "plans": out}))
         return 0
-    for budget, sol, plan, report, path in results:
-        if sol.exact:
+    for budget, sol, plan, report, path, refinement in results:
+        if refinement is not None:
+            quality = (f"refined from the knapsack's plan: {len(refinement.moves)} moves in {refinement.evals} "
+                       f"measurements, {refinement.seconds:.0f} s")
+        elif sol.exact:
             quality = "exact"
         elif sol.gap <= 0:
             quality = "optimal: its lower bound is met"
@@ -415,8 +436,17 @@ def plan_auto(args) -> int:
             rows.append((name, o.label, f"{mx['dense_params'] / max(_opt_params(mx, o.label), 1):.2f}x",
                          f"{o.damage:.4g}"))
         _print_table(("matrix", "choice", "compression", "damage"), rows)
-        print(f"  predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]}; lower bound {sol.bound:.4g}); "
-              f"{report.params_after:,} params ({fmt_n(report.params_after)}), "
+        if refinement is not None:
+            print(f"  KL of the whole model on {refinement.tokens:,} held-out calibration tokens: "
+                  f"{refinement.start_kl:.4g} (the knapsack's plan) -> {refinement.kl:.4g} "
+                  f"({100 * refinement.gain:.1f}% lower)")
+            for move in refinement.moves:
+                print(f"  move: {move}")
+            dmg = "KL measured"
+        else:
+            dmg = (f"predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]}; lower bound "
+                   f"{sol.bound:.4g})")
+        print(f"  {dmg}; {report.params_after:,} params ({fmt_n(report.params_after)}), "
               f"{report.macs_per_token_after:,} MACs/token, ratio {report.compression_ratio:.3f}")
         for note in sol.notes:
             print(f"  note: {note}")
@@ -426,8 +456,26 @@ def plan_auto(args) -> int:
         print("front:")
         _print_table(("budget", "params", "macs/token", "ratio", "damage"),
                      [(str(b), f"{r.params_after:,}", f"{r.macs_per_token_after:,}", f"{r.compression_ratio:.3f}",
-                       f"{s.damage:.4g}") for b, s, _, r, _ in results])
+                       f"{s.damage:.4g}") for b, s, _, r, _, _ in results])
     return 0
+
+
+def _refine(args, model, src, profile, budget, sol, methods):
+    """`--refine N`: the knapsack's plan improved on the model (kron.refine), on the held-out calibration batches."""
+    from search.model_commands import calibration_stats_for
+    from kron.refine import refine_plan
+
+    if model is None:
+        _, model = _load(args)
+    stats = calibration_stats_for(args, model, src)
+    heldout = _heldout(args, model, src)
+
+    def bar(done, best):
+        if done == 1 or done % 10 == 0 or done == args.refine:
+            print(f"  refine {budget}: {done}/{args.refine} measurements, KL {best:.4g}", file=sys.stderr, flush=True)
+
+    return refine_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
+                       max_evals=args.refine, progress=None if args.json else bar)
 
 
 def _opt_params(mx, label: str) -> int:

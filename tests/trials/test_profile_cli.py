@@ -132,3 +132,26 @@ def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     assert rc == 2 and "--kl-subset" in err and "Traceback" not in err
     rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
     assert rc == 2 and "--ranks must be integers" in err
+
+
+def test_plan_auto_refine(env, capsys):
+    """`plan --auto --refine N`: the knapsack's plan improved on the model, never over its budget; --refine needs
+    --calib."""
+    model, calib, tmp = env
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
+                       "--refine", "6", "--json", "--out", tmp / "r.yaml")
+    assert rc == 0, err
+    p = json.loads(out)["plans"][0]
+    r = p["refinement"]
+    assert 1 <= r["evals"] <= 6 and r["kl"] <= r["start_kl"] and p["ratio"] >= 1.3
+    assert p["damage"] == r["kl"] and p["solver"].endswith("+refine")
+    assert CompressionPlan.load(tmp / "r.yaml").rules
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
+                       "--refine", "3")
+    assert rc == 0 and "held-out calibration tokens" in out and "refined from the knapsack" in out, err
+    assert "refine ratio=1.3: 1/3 measurements" in err
+    rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile",
+                     tmp / "nope.json", "--refine", "5")
+    assert rc == 2 and "--refine measures plans on the model: give --calib" in err
+    rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, "--refine", "-1")
+    assert rc == 2 and "--refine takes a number" in err

@@ -1,0 +1,224 @@
+"""Refining an automatic plan on the model itself: exchange moves judged by the joint model-level measure.
+
+`kron.autoplan` chooses per matrix the candidate that minimises a *sum* of per-matrix damages, each measured with
+that matrix compressed alone. The sum is a model of the real objective — the damage of the model with every
+matrix compressed at once — and a biased one: errors of successive layers interact, and the proxy is not comparable
+across matrices. On the demo teacher at 4x the knapsack plan ties the uniform low-rank preset at init instead of
+beating it (README, "Sensitivity profile and automatic plans").
+
+`refine_plan` starts from the knapsack's plan and improves it on the real objective: the KL(teacher ‖ student) of
+the whole compressed model on held-out calibration batches (`kron.profile._ModelMeasure`, the profile's model-level
+measure). A move gives one matrix its next better candidate (the next step up its own cost/damage staircase) and
+takes the next step down from another, when the two together stay within the budget (or only gives, when the
+budget's slack allows). Moves are tried in the order the profile predicts they help; the first that lowers the
+measured KL by more than `min_gain` (relative) is kept and the list is made again; the refinement stops when
+`patience` moves in a row fail or after `max_evals` measurements. It never returns a plan the measure rates worse
+than the start, nor one over the budget.
+
+Every matrix is built with its method's data-aware init once per candidate and cached, so a measurement costs one
+forward pass over the held-out tokens. Pure torch: the caller hands in the model, its calibration statistics and
+held-out batches (`trials.calibration` in the CLI).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .autoplan import Budget, Item, Option, Solution, budget_room, items_from_profile
+from .errors import DataError, PlanError
+
+__all__ = ["Refinement", "refine_plan", "staircase"]
+
+
+@dataclass
+class Refinement:
+    """What `refine_plan` did: the refined Solution (damage: the measured KL), the KL of the start and of the end,
+    how many measurements and accepted moves, each accepted move as text, and the seconds it took."""
+
+    solution: Solution
+    start_kl: float
+    kl: float
+    evals: int
+    moves: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def gain(self) -> float:
+        """Relative KL reduction over the start (0 when nothing was found)."""
+        return (self.start_kl - self.kl) / self.start_kl if self.start_kl > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"start_kl": self.start_kl, "kl": self.kl, "gain": self.gain, "evals": self.evals,
+                "moves": list(self.moves), "seconds": round(self.seconds, 2), "tokens": self.tokens}
+
+
+def staircase(item: Item) -> list[Option]:
+    """The options of an item that are not dominated (no other option is as cheap with less damage), cheapest
+    first, with strictly falling damage."""
+    out: list[Option] = []
+    for o in sorted(item.options, key=lambda o: (o.cost, o.damage)):
+        if not out or o.damage < out[-1].damage:
+            if out and o.cost == out[-1].cost:
+                continue
+            out.append(o)
+    return out
+
+
+class _Evaluator:
+    """Measures plans (name -> Option) on the model: builds each (matrix, candidate) once, swaps it in, measures."""
+
+    def __init__(self, model: nn.Module, stats, heldout: Sequence, kl_tokens: int | None, ridge: float | None):
+        from .profile import _ModelMeasure
+
+        self.model = model
+        self.ridge = ridge
+        self.stats = stats
+        self.modules = dict(model.named_modules())
+        self.measure = _ModelMeasure(model, heldout, kl_tokens)
+        self.built: dict[tuple[str, str], nn.Module] = {}
+        self.seen: dict[tuple, float] = {}
+        self.evals = 0
+
+    def _layer(self, name: str, option: Option) -> nn.Module:
+        from .calibration import ModuleStats
+        from .methods import get_method
+        from .methods.base import spec_from_dict
+
+        key = (name, option.label)
+        if key not in self.built:
+            spec = spec_from_dict(option.spec)
+            st = self.stats.stats(name)
+            one = ModuleStats(S=st.S, tokens=st.tokens, ridge=self.ridge)
+            with torch.no_grad():
+                layer = get_method(spec.method).build(self.modules[name], spec, "data", stats=one)
+            self.built[key] = layer.eval()
+        return self.built[key]
+
+    def __call__(self, choice: Mapping[str, Option]) -> float:
+        from .profile import _swap
+
+        key = tuple(sorted((n, o.label) for n, o in choice.items()))
+        if key in self.seen:
+            return self.seen[key]
+        swapped = []
+        try:
+            for name, o in choice.items():
+                if o.spec == "keep":
+                    continue
+                swapped.append((name, _swap(self.model, name, self._layer(name, o))))
+            value = float(self.measure())
+        finally:
+            for name, old in reversed(swapped):
+                _swap(self.model, name, old)
+        if value != value:
+            raise DataError("the refined plan's model-level measure is NaN (the calibration statistics or a weight "
+                            "hold extreme values)")
+        self.seen[key] = value
+        self.evals += 1
+        return value
+
+
+def _moves(items: Sequence[Item], stairs: Mapping[str, list[Option]], choice: Mapping[str, Option], slack: int):
+    """Candidate moves (predicted change of summed damage, [(name, new option), ...]), best predicted first."""
+    pos = {}
+    for it in items:
+        st = stairs[it.name]
+        cur = choice[it.name]
+        # where the current option sits on the staircase: the costliest stair not costlier than it
+        below = [i for i, o in enumerate(st) if o.cost <= cur.cost]
+        pos[it.name] = below[-1] if below else None
+    ups, downs = [], []
+    for it in items:
+        st, cur, i = stairs[it.name], choice[it.name], pos[it.name]
+        nxt = st[(i + 1) if i is not None else 0] if (i is None or i + 1 < len(st)) else None
+        if nxt is not None and nxt.cost > cur.cost and nxt.damage < cur.damage:
+            ups.append((it.name, nxt, nxt.cost - cur.cost, nxt.damage - cur.damage))
+        if i is not None:
+            prev = st[i - 1] if (st[i].label == cur.label and i > 0) else (st[i] if st[i].label != cur.label else None)
+            if prev is not None and prev.cost < cur.cost:
+                downs.append((it.name, prev, prev.cost - cur.cost, prev.damage - cur.damage))
+    out = []
+    for name_u, up, dc_u, dd_u in ups:
+        if dc_u <= slack:
+            out.append((dd_u, [(name_u, up)]))
+        for name_d, down, dc_d, dd_d in downs:
+            if name_d != name_u and dc_u + dc_d <= slack:
+                out.append((dd_u + dd_d, [(name_u, up), (name_d, down)]))
+    out.sort(key=lambda m: m[0])
+    return out
+
+
+def refine_plan(model: nn.Module, stats, profile: Mapping, budget: Budget, solution: Solution,
+                heldout: Sequence, *, methods: Sequence[str] | None = None, damage: str = "proxy",
+                max_evals: int = 40, patience: int = 12, min_gain: float = 1e-3, kl_tokens: int | None = 4096,
+                progress: Callable[[int, float], None] | None = None) -> Refinement:
+    """Improve `solution` (from `kron.autoplan.auto_plan` on the same profile, budget, methods and damage) by
+    exchange moves judged by the model-level KL of the whole compressed model on `heldout` batches (at most
+    `kl_tokens` tokens). See the module docstring. progress(evals, best KL) after each measurement.
+
+    Returns a Refinement whose solution has the measured KL as its damage (bound = nan: no lower bound on it)."""
+    if max_evals < 1:
+        raise PlanError(f"refining needs at least one measurement (max_evals >= 1), got {max_evals}")
+    t0 = time.time()
+    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage)
+    room = budget_room(profile, budget, fixed)
+    by_name = {it.name: it for it in items}
+    missing = [n for n in by_name if n not in solution.choice]
+    if missing:
+        raise PlanError(f"the plan to refine has no choice for {missing[0]}: it was made from another profile")
+    choice = {n: solution.choice[n] for n in by_name}
+    # the solution's options carry the damage of its own objective; use the items' (same labels) from here on
+    for n, o in list(choice.items()):
+        same = [x for x in by_name[n].options if x.label == o.label]
+        if not same:
+            raise PlanError(f"the plan to refine chose {o.label} for {n}, which the profile does not offer")
+        choice[n] = same[0]
+    stairs = {it.name: staircase(it) for it in items}
+    was_training = model.training
+    model.eval()
+    try:
+        ev = _Evaluator(model, stats, heldout, kl_tokens, profile.get("ridge"))
+        start = best = ev(choice)
+        if progress is not None:
+            progress(ev.evals, best)
+        accepted: list[str] = []
+        while ev.evals < max_evals:
+            cost = sum(o.cost for o in choice.values())
+            improved = False
+            fails = 0
+            for _, move in _moves(items, stairs, choice, room - cost):
+                if ev.evals >= max_evals or fails >= patience:
+                    break
+                trial = dict(choice)
+                for n, o in move:
+                    trial[n] = o
+                before = ev.evals
+                value = ev(trial)
+                if progress is not None and ev.evals > before:
+                    progress(ev.evals, min(best, value))
+                if value < best * (1 - min_gain):
+                    accepted.append(", ".join(f"{n}: {choice[n].label} -> {o.label}" for n, o in move)
+                                    + f" (KL {best:.4g} -> {value:.4g})")
+                    choice, best = trial, value
+                    improved = True
+                    break
+                fails += 1
+            if not improved:
+                break
+        tokens = ev.measure.tokens
+        evals = ev.evals
+    finally:
+        model.train(was_training)
+    cost = sum(o.cost for o in choice.values())
+    if cost > room:  # moves keep within the room; never hand out a plan over its budget
+        raise PlanError(f"internal check failed: the refined plan costs {cost + fixed:,}, over the budget {budget}")
+    sol = Solution(choice=choice, damage=best, cost=cost + fixed, room=room + fixed, bound=float("nan"),
+                   solver=solution.solver + "+refine", exact=False,
+                   notes=list(solution.notes) + [f"refined on the model: KL {start:.4g} -> {best:.4g} in {evals} "
+                                                 f"measurements, {len(accepted)} moves kept"])
+    return Refinement(sol, start, best, evals, accepted, time.time() - t0, tokens)
