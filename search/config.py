@@ -92,7 +92,7 @@ class BudgetConfig(_Strict):
 # `search.resume.adopt_saved_defaults` resumes them with those (and says so).
 DEFAULT_SPACE_METHODS = ("kronecker", "lowrank")
 DEFAULT_SEARCH_INIT = "data"
-LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd"}
+LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd", "seed_damage": "proxy"}
 
 
 class PriorConfig(_Strict):
@@ -291,6 +291,11 @@ class SearchSettings(_Strict):
     seed_plans: list[str] = Field(default_factory=list,
                                   description="plans evaluated first, as trials of the search: presets (kngpt2, "
                                               "uniform:2, lowrank:2, ...) or plan files")
+    seed_damage: Literal["kl", "proxy"] = Field(
+        "kl", description="what the automatic seed plans (seed_plans: [auto]) minimise summed over matrices: kl (the "
+                          "teacher's KL with each matrix compressed alone, measured for 4 options per matrix on "
+                          "held-out calibration tokens and interpolated along the proxy for the others; default) or "
+                          "proxy (the relative output error of each matrix, as releases before this one did)")
     loggers: list[str] | None = Field(None, description="experiment trackers fed by Ray Tune's logger callbacks: "
                                       "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
                                       "importable; []: none)")
@@ -688,7 +693,14 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
           "init": cfg.trial.init_config.method}  # the init trials get, set or by default (search_defaults)
     if cfg.search.seed_plans:  # they add options to the space
         fp["seed_plans"] = list(cfg.search.seed_plans)
+        if has_auto_seeds(cfg.search.seed_plans):  # what the automatic seeds minimise decides which they are
+            fp["seed_damage"] = cfg.search.seed_damage
     return fp
+
+
+def has_auto_seeds(names) -> bool:
+    """Whether seed plan names ask for automatic plans ("auto", "auto:N")."""
+    return any(isinstance(n, str) and re.fullmatch(r"auto(?::\d+)?", n) for n in names or ())
 
 
 def finite_or_none(x) -> float | None:

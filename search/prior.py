@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from kron.errors import ConfigError, UserError
 
-__all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages"]
+__all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages", "seed_kl_damages"]
 
 AUTO_DEFAULT = 3  # automatic seed plans for a plain "auto"
 _AUTO = re.compile(r"auto(?::(\d+))?")
@@ -110,6 +110,78 @@ def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
     damages = {n: {o: d for (o, _), d in zip(wanted[n], got[n])} for n in wanted}
     atomic_write_json(path, {"key": key, "damages": damages})
     return damages
+
+
+KL_POINTS = 4  # options per matrix whose KL the automatic seeds measure (search.seed_damage: kl)
+
+
+def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[str, float]]:
+    """Module name -> option -> the teacher's KL with that matrix alone compressed to that option (data-aware
+    init), for the automatic seeds (`search.seed_damage: kl`): measured for `KL_POINTS` options per matrix spread
+    over its proxy damages (`damages`, `search_damages`), on the held-out calibration batches, and interpolated in
+    log-log along the proxy for the others (`kron.autoplan.kl_damages`). Why: the relative output error is not
+    comparable across matrices (the same error costs one matrix 100x the KL of another), so plans minimising its sum
+    keep the wrong matrices dense. Cached on disk beside the damages."""
+    import torch
+
+    from kron.autoplan import kl_damages
+    from kron.calibration import ModuleStats
+    from kron.fsutil import atomic_write_json
+    from kron.methods import get_method
+    from kron.models import pick_device
+    from kron.profile import _ModelMeasure, _kl_pick, _swap
+    from trials.calibration import calibration_for, heldout_for
+    from trials.data import _model_fingerprint, default_cache_dir
+    from trials.trial import load_teacher
+
+    wanted = {n: v for n, v in _specs(space).items() if n in damages}
+    if not wanted:
+        return {}
+    trial = cfg.trial
+    tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None
+    tokens = tokens or trial.init_config.calib_tokens
+    teacher, tokenizer = load_teacher(trial, pick_device(trial.device))
+    stats = calibration_for(trial, teacher, tokenizer, tokens)
+    key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None), "tokens": tokens,
+           "options": {n: [o for o, _ in v] for n, v in wanted.items()}, "kl_points": KL_POINTS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = default_cache_dir() / "damages" / f"kl-{digest}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["damages"]
+        except (OSError, ValueError, KeyError):
+            pass  # recomputed below
+    heldout = heldout_for(trial, teacher, tokenizer, tokens)
+    print(f"model-level damage for the automatic seeds: {len(wanted)} matrices x {KL_POINTS} options ...",
+          file=stream or sys.stderr)
+    teacher.eval()
+    measure = _ModelMeasure(teacher, heldout, 1024)
+    modules = dict(teacher.named_modules())
+    out: dict[str, dict[str, float]] = {}
+    for name, opts in wanted.items():
+        st = stats.stats(name)
+        one = ModuleStats(S=st.S, tokens=st.tokens)
+        ranked = sorted((damages[name][o], o, spec) for o, spec in opts if damages[name].get(o) is not None)
+        positive = [r for r in ranked if r[0] > 0]
+        pick = {positive[i][1] for i in _kl_pick(len(positive), KL_POINTS)}
+        cands = []
+        for d, o, spec in ranked:
+            md = None
+            if o in pick:
+                with torch.no_grad():
+                    layer = get_method(spec.method).build(modules[name], spec, "data", stats=one).eval()
+                old = _swap(teacher, name, layer)
+                try:
+                    md = float(measure())
+                finally:
+                    _swap(teacher, name, old)
+            cands.append({"method": spec.method, "damage": d, "model_damage": md})
+        if not any(c["model_damage"] for c in cands):  # the model does not notice this matrix compressed
+            out[name] = {o: 0.0 for _, o, _ in ranked}
+            continue
+        out[name] = {o: v for (_, o, _), v in zip(ranked, kl_damages({"candidates": cands}, name=name))}
+    atomic_write_json(path, {"key": key, "damages": out})
+    return out
 
 
 def choice_damage(choice, option: str, damages: dict, *, how=max) -> float | None:

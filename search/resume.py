@@ -103,6 +103,7 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
                               "config to resume it as it was run, or start a new search with --name")
         changed = [k for k in ("trial", "space") if fp.get(k) != new.get(k)]
         changed += ["search.seed_plans"] if fp.get("seed_plans") != new.get("seed_plans") else []
+        changed += ["search.seed_damage"] if fp.get("seed_damage") != new.get("seed_damage") else []
         raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
 
@@ -118,6 +119,10 @@ def _normalised(fp):
     from .config import LEGACY_DEFAULTS, SpaceConfig
 
     fp = dict(fp)
+    from .config import has_auto_seeds
+
+    if has_auto_seeds(fp.get("seed_plans")) and "seed_damage" not in fp:  # written before seeds minimised KL
+        fp["seed_damage"] = LEGACY_DEFAULTS["seed_damage"]
     if "init" not in fp:  # written before searches defaulted to the data-aware init: its trials ran with svd
         trial = fp.get("trial") if isinstance(fp.get("trial"), dict) else {}
         if isinstance(fp.get("trial"), dict) and "init" not in trial:
@@ -135,8 +140,9 @@ def _normalised(fp):
 
 def adopt_saved_defaults(cfg: SearchConfig, stream=None) -> SearchConfig:
     """`cfg` for resuming a search an earlier release started: the defaults that changed what a search does
-    (`space.methods` [kronecker], the trials' init svd) take the values the search ran with, where the config does
-    not set them. A search this release started, or none at all, gives `cfg` back unchanged."""
+    (`space.methods` [kronecker], the trials' init svd, the automatic seeds' damage proxy) take the values the search
+    ran with, where the config does not set them. A search this release started, or none at all, gives `cfg` back
+    unchanged."""
     import sys
 
     from .config import LEGACY_DEFAULTS
@@ -146,14 +152,20 @@ def adopt_saved_defaults(cfg: SearchConfig, stream=None) -> SearchConfig:
         saved = json.loads(raw).get("fingerprint") if raw is not None else None
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return cfg  # check_resume names the corrupt file
-    if not isinstance(saved, dict) or "init" in saved or not isinstance(saved.get("space"), dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("space"), dict):
         return cfg
+    from .config import has_auto_seeds
+
     data = cfg.model_dump(mode="json")
     notes = []
-    if "methods" not in saved["space"] and "methods" not in cfg.space.model_fields_set:
+    if (has_auto_seeds(saved.get("seed_plans")) and "seed_damage" not in saved
+            and "seed_damage" not in cfg.search.model_fields_set):
+        data["search"]["seed_damage"] = LEGACY_DEFAULTS["seed_damage"]
+        notes.append(f"search.seed_damage {LEGACY_DEFAULTS['seed_damage']!r}")
+    if "init" not in saved and "methods" not in saved["space"] and "methods" not in cfg.space.model_fields_set:
         data["space"]["methods"] = list(LEGACY_DEFAULTS["methods"])
         notes.append(f"space.methods {LEGACY_DEFAULTS['methods']}")
-    if "init" not in cfg.trial_section:
+    if "init" not in saved and "init" not in cfg.trial_section:
         data["trial"]["init"] = LEGACY_DEFAULTS["init"]
         notes.append(f"trial.init {LEGACY_DEFAULTS['init']!r}")
     if not notes:
@@ -187,11 +199,16 @@ def _legacy_defaults_changed(saved, fp: dict, new: dict) -> list[str]:
     """The old defaults ("space.methods [kronecker]", "trial.init svd") a search written before they changed ran
     with and the resuming config no longer gets: set them explicitly to resume it. saved: the fingerprint as
     written; fp: `_normalised(saved)`."""
-    if not isinstance(saved, dict) or "init" in saved:
+    if not isinstance(saved, dict):
         return []
-    from .config import LEGACY_DEFAULTS
+    from .config import LEGACY_DEFAULTS, has_auto_seeds
 
     out = []
+    if (has_auto_seeds(saved.get("seed_plans")) and "seed_damage" not in saved
+            and new.get("seed_damage") != LEGACY_DEFAULTS["seed_damage"]):
+        out.append(f"search.seed_damage {LEGACY_DEFAULTS['seed_damage']!r}")
+    if "init" in saved:
+        return out
     space = saved.get("space") if isinstance(saved.get("space"), dict) else {}
     if "methods" not in space and new.get("space", {}).get("methods") != LEGACY_DEFAULTS["methods"]:
         out.append(f"space.methods {LEGACY_DEFAULTS['methods']}")

@@ -143,12 +143,15 @@ class SearchSpace(BudgetMixin):
     _prunable: dict = {}
 
     def __init__(self, space: SpaceConfig, info: ModelInfo, *, extra_options: dict[str, list[str]] | None = None,
-                 dropped_options: dict[str, list[str]] | None = None, damages: dict | None = None):
+                 dropped_options: dict[str, list[str]] | None = None, damages: dict | None = None,
+                 seed_damages: dict | None = None):
         self.config = space
         self.info = info
         self._extra_options = extra_options or {}
         self._dropped_options = dropped_options or {}  # what the sensitivity prior removed (search.prior)
         self.damages = damages  # module -> option -> damage of the teacher's sensitivity profile, when computed
+        # what the automatic seeds minimise instead (search.seed_damage: kl, `prior.seed_kl_damages`); None: damages
+        self.seed_damages = seed_damages
         self.seeds: list[tuple[str, dict]] = []  # (label, parameters) of the seed plans, evaluated first
         self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
         self._prunable = self._prunable_blocks(space, info)
@@ -174,10 +177,13 @@ class SearchSpace(BudgetMixin):
         trial = base_trial_config(cfg)
         model = teacher_skeleton(trial)
         space = cls.from_model(model, cfg.space)
-        from .prior import needs_profile, search_damages
+        from .config import has_auto_seeds
+        from .prior import needs_profile, search_damages, seed_kl_damages
 
         if needs_profile(cfg):  # the real teacher and its calibration data, once, cached on disk
             space = space.with_damages(search_damages(cfg, space))
+            if cfg.search.seed_damage == "kl" and has_auto_seeds(cfg.search.seed_plans):
+                space.seed_damages = seed_kl_damages(cfg, space, space.damages)
         if cfg.search.seed_plans:
             space = space.with_seeds(cfg.search.seed_plans, model, metric=cfg.size_metric)
         return space
@@ -189,7 +195,7 @@ class SearchSpace(BudgetMixin):
 
         drop = pruned_options(self, damages, self.config.prior.max_damage) if self.config.prior else {}
         return SearchSpace(self.config, self.info, extra_options=self._extra_options, dropped_options=drop,
-                           damages=damages)
+                           damages=damages, seed_damages=self.seed_damages)
 
     def with_seeds(self, names: list[str], model, *, metric: str = "params") -> "SearchSpace":
         """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds).
@@ -207,14 +213,14 @@ class SearchSpace(BudgetMixin):
                 raise ConfigError("search.seed_plans: 'auto' (automatic plans from the teacher's sensitivity) needs "
                                   "the teacher's calibration statistics; SearchSpace.from_config computes them from "
                                   "the trial's data (or call with_damages first)")
-            seeds += [Seed(label, options, layers) for label, options, layers in auto_seeds(self, self.damages, n,
-                                                                                           metric)]
+            damages = self.seed_damages if self.seed_damages is not None else self.damages
+            seeds += [Seed(label, options, layers) for label, options, layers in auto_seeds(self, damages, n, metric)]
         extras: dict[str, list[str]] = {}
         for seed in seeds:
             for key, opt in seed_options(seed, self)[1].items():
                 extras.setdefault(key, []).append(opt)
         space = SearchSpace(self.config, self.info, extra_options=extras, dropped_options=self._dropped_options,
-                            damages=self.damages) if extras else self
+                            damages=self.damages, seed_damages=self.seed_damages) if extras else self
         for seed in seeds:
             params = seed_options(seed, space)[0]
             breaches = space.over_budget(params)

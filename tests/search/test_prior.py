@@ -208,3 +208,78 @@ def test_a_search_started_by_the_first_release_resumes_with_its_defaults(tmp_pat
     # a search this release started is left alone
     (folder / "search_meta.json").write_text(json.dumps({"fingerprint": config_fingerprint(cfg)}))
     assert adopt_saved_defaults(cfg) is cfg
+
+
+def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeypatch):
+    """search.seed_damage: kl (the default): the seeds' damages are the teacher's KL with each matrix compressed
+    alone — measured for 4 options per matrix, interpolated for the others — cached beside the proxy damages;
+    seed_damage: proxy keeps the relative output errors."""
+    import torch
+
+    from kron.calibration import ModuleStats
+    from kron.methods import get_method
+    from kron.profile import _ModelMeasure, _swap
+    from search.prior import KL_POINTS, _specs
+    from trials.calibration import calibration_for, heldout_for
+    from trials.trial import load_teacher
+
+    cfg, _, damages, tmp = demo_space
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
+    base = {"trial.init": cfg.trial.init_config.model_dump(), "space.groups": ["attention_output", "ffn_in"],
+            "space.max_shapes": 3, "search.seed_plans": ["auto"]}
+    kl_cfg = _cfg(tmp, **base)
+    assert kl_cfg.search.seed_damage == "kl"
+    space = SearchSpace.from_config(kl_cfg)
+    kl = space.seed_damages
+    assert kl is not None and set(kl) == set(damages)
+    assert all(set(kl[m]) == set(damages[m]) and all(v >= 0 for v in kl[m].values()) for m in kl)
+    # a measured option's value is the KL of the model with that matrix alone compressed, taken again here
+    teacher, tok = load_teacher(kl_cfg.trial, "cpu")
+    teacher.eval()
+    name = next(iter(kl))
+    opts = dict(_specs(space)[name])
+    worst = max(damages[name], key=damages[name].get)  # the ends of the proxy range are always measured
+    st = calibration_for(kl_cfg.trial, teacher, tok).stats(name)
+    layer = get_method(opts[worst].method).build(teacher.get_submodule(name), opts[worst], "data",
+                                                 stats=ModuleStats(S=st.S, tokens=st.tokens)).eval()
+    measure = _ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024)
+    _swap(teacher, name, layer)
+    with torch.no_grad():
+        assert kl[name][worst] == pytest.approx(measure(), rel=1e-4)
+    assert KL_POINTS == 4 and len(list((tmp / "cache" / "damages").glob("kl-*.json"))) == 1
+    # the seeds are planned on these values; cached: a second space measures nothing
+    import kron.profile
+
+    monkeypatch.setattr(kron.profile, "_ModelMeasure", lambda *a, **k: pytest.fail("measured again"))
+    again = SearchSpace.from_config(kl_cfg)
+    assert again.seed_damages == kl and again.seeds == space.seeds and len(space.seeds) >= 2
+    proxy = SearchSpace.from_config(_cfg(tmp, **base, **{"search.seed_damage": "proxy"}))
+    assert proxy.seed_damages is None and proxy.seeds
+    with pytest.raises(Exception, match="seed_damage"):
+        _cfg(tmp, **{"search.seed_damage": "mse"})
+
+
+def test_a_search_with_automatic_seeds_from_the_last_release_resumes_with_proxy_seeds(tmp_path, capsys):
+    from search.config import config_fingerprint
+    from search.resume import _check_fingerprint, adopt_saved_defaults
+
+    cfg = _cfg(tmp_path, **{"search.seed_plans": ["auto", "lowrank:2"]})
+    folder = tmp_path / "runs" / "prior"
+    folder.mkdir(parents=True)
+    fp = config_fingerprint(cfg)
+    assert fp["seed_damage"] == "kl"
+    old_fp = {k: v for k, v in fp.items() if k != "seed_damage"}  # the last release wrote no seed_damage
+    (folder / "search_meta.json").write_text(json.dumps({"fingerprint": old_fp}))
+    adopted = adopt_saved_defaults(cfg)
+    assert adopted.search.seed_damage == "proxy" and "search.seed_damage 'proxy'" in capsys.readouterr().err
+    _check_fingerprint(adopted, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")  # matches
+    with pytest.raises(ConfigError, match="defaults were search.seed_damage 'proxy'"):
+        _check_fingerprint(cfg, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")
+    # set explicitly: kept, and then refused as a change
+    mine = _cfg(tmp_path, **{"search.seed_plans": ["auto", "lowrank:2"], "search.seed_damage": "kl"})
+    assert adopt_saved_defaults(mine).search.seed_damage == "kl"
+    # without automatic seeds nothing is recorded or adopted
+    plain = _cfg(tmp_path, **{"search.seed_plans": ["lowrank:2"]})
+    assert "seed_damage" not in config_fingerprint(plain)
+    (folder / "search_meta.json").write_text(json.dumps({"fingerprint": config_fingerprint(plain)}))
+    assert adopt_saved_defaults(plain) is plain
