@@ -352,11 +352,17 @@ def _check_init(init: str, calib) -> None:
 
 
 def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping], *, inplace: bool = True,
-                init: str = "svd", calib=None, ridge: float | None = None) -> CompressionReport:
+                init: str = "svd", calib=None, ridge: float | None = None, init_cache=None,
+                cache_scope: str | None = None) -> CompressionReport:
     """Replace modules by name following resolved specs (name -> ModuleSpec | spec dict | "keep").
 
     init / calib / ridge: as in `compress`. A module whose method has no data-aware init is initialised by SVD under
-    init="data" (a note in the report says which); embeddings are always data-free."""
+    init="data" (a note in the report says which); embeddings are always data-free.
+    init_cache / cache_scope: a `kron.initcache.InitCache` and the name of what the layers are built from (the
+    model's weights and `calib`: the caller's promise that the same scope means the same weights and statistics);
+    linear layers already built under the same scope, name, spec, init and ridge are restored from it instead of
+    initialised again (the same values), and new ones are added. Layers a structured method prepares together
+    (pruning) are always built."""
     _check_init(init, calib)
     if ridge is not None and not (isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
                                   and math.isfinite(ridge) and ridge >= 0):
@@ -407,13 +413,23 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         if stats is not None and ridge is not None:
             stats = dataclasses.replace(stats, ridge=float(ridge))
         extra = {k: v for k, v in extras.get(name, {}).items() if k != "spec"}
-        if init == "data" and linear and method.data_init:
-            new = method.build(old, spec, "data", stats=stats, **extra)
+        if init == "data" and linear and not method.data_init:
+            no_data.setdefault(method.name, []).append(name)
+        key = (init_cache.key(cache_scope, name, spec, init, ridge)
+               if init_cache is not None and cache_scope is not None and linear and not extra and init != "none"
+               else None)
+        hit = init_cache.get(key) if key is not None else None
+        if hit is not None:
+            new = init_cache.restore(hit, method.build(old, spec, "none"))
+            out_err = hit.output_error
         else:
-            if init == "data" and linear:
-                no_data.setdefault(method.name, []).append(name)
-            new = method.build(old, spec, "svd" if init == "data" else init, **extra)
-        out_err = _output_error(old, new, stats) if stats is not None and init != "none" else None
+            if init == "data" and linear and method.data_init:
+                new = method.build(old, spec, "data", stats=stats, **extra)
+            else:
+                new = method.build(old, spec, "svd" if init == "data" else init, **extra)
+            out_err = _output_error(old, new, stats) if stats is not None and init != "none" else None
+            if key is not None:
+                init_cache.put(key, new, out_err)
         new.train(old.training)
         weight = old.weight
         if not weight.requires_grad:

@@ -7,6 +7,7 @@ a trial killed at any moment leaves its latest state on disk.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ import torch
 
 from kron.errors import UserError
 from kron.fsutil import atomic_write_json
+from kron.initcache import process_init_cache
 from kron.methods.quant.layer import disable_qat, enable_qat
 from kron.vocab import SCHEMA, SUMMARY_NAME
 
@@ -44,6 +46,7 @@ def clear_caches() -> None:
     _TEACHERS.clear()
     _DATA.clear()
     teacher_cache().clear()
+    process_init_cache().clear()
 
 
 @dataclass
@@ -205,7 +208,14 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
         specs = plan.resolve(student, split=init.split or default_split(init.method))
         _check_method_specs(cfg.method, specs)
         calib = trial_calibration(cfg, teacher)
-        comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib, ridge=init.ridge).to_dict()
+        # a reused worker restores layers it already initialised for this teacher and these statistics
+        # (kron.initcache: the same values; the data-aware init is most of a trial's set-up)
+        device = next(teacher.parameters()).device
+        scope = None if calib is not None and not calib.key else repr((  # statistics without a key: no reuse
+            teacher_identity(_teacher_key(cfg, device), teacher),
+            None if calib is None else json.dumps(calib.key, sort_keys=True, default=str)))
+        comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib, ridge=init.ridge,
+                           init_cache=process_init_cache(), cache_scope=scope).to_dict()
         if cfg.method == "lowrank":
             comp["plan_summary"] = describe_lowrank(plan, comp)
         return student, comp, plan

@@ -108,6 +108,15 @@ def test_build_student_with_data_init(tiny_lm_teacher, text_corpus, tmp_path, mo
     assert comp["init"] == "data" and comp["calib"]["tokens"] == 448
     assert all(m["output_error"] is not None and m["init"] in ("data", "svd") for m in comp["modules"])
     assert all(m["spec"]["shape"][2] == 1 for m in comp["modules"])  # input splits under data-aware init
+    # a second trial with the same teacher and statistics restores the layers (kron.initcache): the same student
+    from kron.initcache import process_init_cache
+
+    hits = process_init_cache().hits
+    again, comp2, _ = build_student(cfg, teacher)
+    assert process_init_cache().hits - hits == len(comp["modules"])
+    assert [(m["output_error"], m["init_error"]) for m in comp2["modules"]] == \
+           [(m["output_error"], m["init_error"]) for m in comp["modules"]]
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
     svd_cfg = load_trial_config({**cfg.model_dump(mode="json"), "init": "svd"})
     _, svd_comp, _ = build_student(svd_cfg, teacher)
     assert svd_comp["init"] == "svd" and svd_comp["calib"] is None
