@@ -17,14 +17,31 @@ def _callback_base():
     return Callback
 
 
+_SIZE_WORDS = {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
+               "macs_per_token": "MACs/token"}
+
+
+def _size_text(value, metric: str) -> str:
+    if metric == "bytes":
+        return "? MB" if value is None else f"{float(value) / 1e6:.1f} MB"
+    return f"{fmt_n(value)} {_SIZE_WORDS.get(metric, metric)}"
+
+
 class ProgressCallback(_callback_base()):
     """One console line per event: a trial started, evaluated, finished, was pruned or failed; with the counts
-    and the best quality so far per size bucket (tenths of the teacher's parameter count)."""
+    and the best quality so far per size bucket (tenths of the teacher's size on the search's size axis:
+    `size_metric`, parameters by default)."""
+
+    # class-level defaults: a callback pickled by an earlier release (tuner.pkl) has neither attribute
+    size_metric = "params"
+    teacher_size: int | None = None
 
     def __init__(self, *, quality_name: str, quality_mode: str, teacher_params: int, max_t: int | None,
-                 stream=None):
+                 stream=None, size_metric: str = "params", teacher_size: int | None = None):
         self.quality_name, self.quality_mode = quality_name, quality_mode
         self.teacher_params = max(int(teacher_params), 1)
+        self.size_metric = size_metric
+        self.teacher_size = max(int(teacher_size), 1) if teacher_size else None
         self.max_t = max_t
         self.stream = stream
         self._reset()
@@ -54,8 +71,16 @@ class ProgressCallback(_callback_base()):
             self.numbers[trial.trial_id] = len(self.numbers) + 1
         return f"#{self.numbers[trial.trial_id]} {trial.trial_id}"
 
-    def _bucket(self, params) -> int:
-        return min(9, int(10 * float(params) / self.teacher_params))
+    def _size(self, result: dict):
+        value = result.get(self.size_metric)
+        return (value, self.size_metric) if value is not None else (result.get("params"), "params")
+
+    def _bucket(self, result: dict) -> int | None:
+        value, metric = self._size(result)
+        if value is None:
+            return None
+        base = self.teacher_size if metric == self.size_metric and self.teacher_size else self.teacher_params
+        return min(9, int(10 * float(value) / base))
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a < b if self.quality_mode == "min" else a > b)
@@ -78,7 +103,7 @@ class ProgressCallback(_callback_base()):
         q = result.get("quality")
         qtext = fmt_q(q) if q is not None and math.isfinite(q) else f"({fmt_q(result.get('eval_quality'))})"
         self._print(f"trial {self._num(trial)} step {result.get('step')} {self.quality_name} {qtext}, "
-                    f"{fmt_n(result.get('params'))} params ({fmt_x(result.get('compression_ratio'))})")
+                    f"{_size_text(*self._size(result))} ({fmt_x(result.get('compression_ratio'))})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -86,8 +111,8 @@ class ProgressCallback(_callback_base()):
         outcome, _ = trial_outcome(result, False, ["quality"], self.max_t)
         self.counts[outcome] += 1
         q = result.get("quality")
-        if outcome == "complete" and q is not None and math.isfinite(q) and result.get("params") is not None:
-            b = self._bucket(result["params"])
+        b = self._bucket(result)
+        if outcome == "complete" and q is not None and math.isfinite(q) and b is not None:
             if self._better(q, self.best.get(b)):
                 self.best[b] = q
         word = {"complete": "finished", "pruned": "pruned (stopped early)", "fail": "failed (diverged)"}[outcome]
