@@ -20,6 +20,9 @@ _CALIB_HELP = ("calibration data: a text file or folder, a datasets-hub name, gl
                "(1/8 of --calib-tokens is held out for the model-level measure)")
 
 
+KL_POINTS = 4  # candidates per matrix measured at model level: the profile's default, and plan --auto --calib's
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
@@ -91,8 +94,9 @@ def add_profile_parser(subparsers) -> None:
     _add_calib_args(p, required=True)
     p.add_argument("--out", required=True, help="the profile (.json), resumed when it exists")
     _add_constraint_args(p, defaults=True)
-    p.add_argument("--kl-subset", type=int, default=2, metavar="N",
-                   help="candidates per matrix also measured at model level (KL on held-out tokens; 0: none)")
+    p.add_argument("--kl-subset", type=int, default=KL_POINTS, metavar="N",
+                   help=f"candidates per matrix also measured at model level (KL on held-out tokens; 0: none; "
+                        f"default {KL_POINTS}, what `plan --auto --damage kl` needs)")
     p.add_argument("--kl-tokens", type=int, default=1024, metavar="N", help="held-out tokens for the KL")
     p.add_argument("--heatmap", default=None, metavar="PNG",
                    help="heat map of matrix x compression -> damage (default: --out with .png; 'none' to skip)")
@@ -119,12 +123,12 @@ def add_auto_arguments(p, group) -> None:
                    help="with --auto: a profile from `kronsearch profile` (with --calib: made or resumed there)")
     _add_calib_args(p, required=False)
     _add_constraint_args(p, defaults=False)
-    p.add_argument("--damage", choices=("proxy", "kl"), default="proxy",
-                   help="with --auto: what the plan minimises summed over matrices: proxy (the relative output "
-                        "error of each matrix; default) or kl (the model-level KL the profile measured for "
-                        "--kl-subset candidates per matrix, interpolated in log-log along the proxy for the others; "
-                        "needs a profile made with --kl-subset >= 1, 4 or more advised; with --calib the profile "
-                        "measures 4 per matrix)")
+    p.add_argument("--damage", choices=("proxy", "kl"), default=None,
+                   help="with --auto: what the plan minimises summed over matrices: kl (the model-level KL the "
+                        "profile measured for --kl-subset candidates per matrix, interpolated in log-log along the "
+                        "proxy for the others; with --calib the profile measures 4 per matrix) or proxy (the "
+                        "relative output error of each matrix). Default: kl, or proxy with a note when the profile "
+                        "has no model-level measurement for some matrix (made with --kl-subset 0)")
     p.add_argument("--solver", choices=("dp", "lagrange"), default="dp",
                    help="with --auto: dp (exact, or within the stated gap on a rounded cost grid; default) or "
                         "lagrange (multiplier sweep and greedy fill)")
@@ -319,12 +323,11 @@ def _out_path(out: str, budget, several: bool) -> Path:
     return p.with_name(f"{p.stem}-{tag}{p.suffix or '.yaml'}")
 
 
-KL_POINTS = 4  # candidates per matrix measured at model level when plan --auto --damage kl --calib profiles
 _DAMAGE_WORDS = {"proxy": "sum of relative output errors", "kl": "sum of model-level KLs, measured or interpolated"}
 
 
 def plan_auto(args) -> int:
-    from kron.autoplan import auto_plan, resolved_specs
+    from kron.autoplan import auto_plan, items_from_profile, resolved_specs
     from kron.errors import ConfigError
     from kron.models import build_from_config, load_config, resolve_source
     from kron.plan import CompressionPlan
@@ -349,7 +352,7 @@ def plan_auto(args) -> int:
         methods = _methods(args)
         constraints = _constraints(args)
         _, model = _load(args)
-        kl = (KL_POINTS, 1024) if args.damage == "kl" else (0, 1)
+        kl = (KL_POINTS, 1024) if args.damage != "proxy" else (0, 1)
         profile = _run_profile(args, model, src, args.profile, constraints, methods, *kl, False, args.json)
         if not args.refine:
             model = None
@@ -370,6 +373,17 @@ def plan_auto(args) -> int:
     methods = _methods(args, default=profile.get("methods"))
 
     from kron.errors import PlanError
+
+    damage = args.damage or "kl"
+    if args.damage is None:
+        try:
+            items_from_profile(profile, "params", methods=methods, damage="kl")
+        except PlanError:
+            damage = "proxy"
+            print(f"kronsearch plan: note: {args.profile or 'the profile'} has no model-level (KL) measurement for "
+                  "some matrix, so the plan minimises the summed relative output error (--damage proxy); make the "
+                  f"profile with --kl-subset {KL_POINTS} for the KL objective", file=sys.stderr)
+    args.damage = damage
 
     results = []
     for budget in budgets:

@@ -124,12 +124,22 @@ def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     made = json.loads((tmp / "kl.json").read_text())
     assert all(any(c.get("model_damage") for c in m["candidates"]) for m in made["matrices"].values())
     assert json.loads(out)["plans"][0]["damage_kind"] == "kl"
-    # a profile without model-level measurements cannot give a KL plan: a clear error
+    # a profile without model-level measurements cannot give a KL plan: a clear error when asked for, and the
+    # default falls back to the proxy, saying so
     rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", tmp / "x0.json",
-                     *calib, *FAST)
+                     *calib, *FAST, "--damage", "proxy")
+    assert rc == 0 and not any(c.get("model_damage") for m in json.loads((tmp / "x0.json").read_text())[
+        "matrices"].values() for c in m["candidates"] if c["method"] != "keep")
     rc, _, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", tmp / "x0.json",
                      "--damage", "kl", *FAST[:6])
     assert rc == 2 and "--kl-subset" in err and "Traceback" not in err
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile", tmp / "x0.json",
+                       *FAST[:6], "--json")
+    assert rc == 0 and json.loads(out)["plans"][0]["damage_kind"] == "proxy"
+    assert "no model-level (KL) measurement" in err and "--kl-subset 4" in err
+    # by default a plan made with --calib minimises the KL (4 measurements per matrix)
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST, "--json")
+    assert rc == 0 and json.loads(out)["plans"][0]["damage_kind"] == "kl", err
     rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
     assert rc == 2 and "--ranks must be integers" in err
 
