@@ -72,19 +72,14 @@ def _specs(space) -> dict[str, list[tuple[str, object]]]:
     return out
 
 
-def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
-    """Module name -> option -> damage for every linear option of `space` (see the module docstring), from the
-    teacher of `cfg` and its calibration data; cached on disk by teacher, calibration data and options."""
-    from kron.fsutil import atomic_write_json
+def _teacher_and_cache(cfg, wanted: dict, extra_key: dict, prefix: str):
+    """(teacher, tokenizer, calibration statistics, calibration tokens, cache key, cache file, cached damages or
+    None) for damages of the `wanted` options (module -> [(option, spec)]) of a search config's teacher."""
     from kron.models import pick_device
-    from kron.profile import option_damages
     from trials.calibration import calibration_for, default_calib_source
     from trials.data import _model_fingerprint, default_cache_dir
     from trials.trial import load_teacher
 
-    wanted = _specs(space)
-    if not wanted:
-        return {}
     trial = cfg.trial
     tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None
     tokens = tokens or trial.init_config.calib_tokens
@@ -96,14 +91,30 @@ def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
         raise ConfigError(f"the search's sensitivity profile (space.prior / search.seed_plans: auto) needs "
                           f"calibration data from {source!r}: {exc}") from None
     key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
-           "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}}
+           "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}, **extra_key}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = default_cache_dir() / "damages" / f"{digest}.json"
+    path = default_cache_dir() / "damages" / f"{prefix}{digest}.json"
+    cached = None
     if path.is_file():
         try:
-            return json.loads(path.read_text())["damages"]
+            cached = json.loads(path.read_text())["damages"]
         except (OSError, ValueError, KeyError):
-            pass  # recomputed below
+            pass  # recomputed
+    return teacher, tokenizer, stats, tokens, key, path, cached
+
+
+def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
+    """Module name -> option -> damage for every linear option of `space` (see the module docstring), from the
+    teacher of `cfg` and its calibration data; cached on disk by teacher, calibration data and options."""
+    from kron.fsutil import atomic_write_json
+    from kron.profile import option_damages
+
+    wanted = _specs(space)
+    if not wanted:
+        return {}
+    teacher, _, stats, _, key, path, cached = _teacher_and_cache(cfg, wanted, {}, "")
+    if cached is not None:
+        return cached
     print(f"sensitivity profile of the space: {len(wanted)} matrices, "
           f"{sum(len(v) for v in wanted.values())} options ...", file=stream or sys.stderr)
     got = option_damages(teacher, stats, {n: [sp for _, sp in v] for n, v in wanted.items()})
@@ -128,30 +139,17 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     from kron.calibration import ModuleStats
     from kron.fsutil import atomic_write_json
     from kron.methods import get_method
-    from kron.models import pick_device
     from kron.profile import _ModelMeasure, _kl_pick, _swap
-    from trials.calibration import calibration_for, heldout_for
-    from trials.data import _model_fingerprint, default_cache_dir
-    from trials.trial import load_teacher
+    from trials.calibration import heldout_for
 
     wanted = {n: v for n, v in _specs(space).items() if n in damages}
     if not wanted:
         return {}
-    trial = cfg.trial
-    tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None
-    tokens = tokens or trial.init_config.calib_tokens
-    teacher, tokenizer = load_teacher(trial, pick_device(trial.device))
-    stats = calibration_for(trial, teacher, tokenizer, tokens)
-    key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None), "tokens": tokens,
-           "options": {n: [o for o, _ in v] for n, v in wanted.items()}, "kl_points": KL_POINTS}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = default_cache_dir() / "damages" / f"kl-{digest}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())["damages"]
-        except (OSError, ValueError, KeyError):
-            pass  # recomputed below
-    heldout = heldout_for(trial, teacher, tokenizer, tokens)
+    teacher, tokenizer, stats, tokens, key, path, cached = _teacher_and_cache(cfg, wanted, {"kl_points": KL_POINTS},
+                                                                               "kl-")
+    if cached is not None:
+        return cached
+    heldout = heldout_for(cfg.trial, teacher, tokenizer, tokens)
     print(f"model-level damage for the automatic seeds: {len(wanted)} matrices x {KL_POINTS} options ...",
           file=stream or sys.stderr)
     teacher.eval()
