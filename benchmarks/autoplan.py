@@ -2,7 +2,8 @@
 
 Part `gpt2` (timing only): GPT-2 small's shapes with random weights (`config:gpt2`) and synthetic token batches:
 the time to collect the calibration statistics, profile every attention and FFN matrix (Kronecker and low-rank
-candidates + keep) and solve the knapsack at a few budgets.
+candidates + keep, and `--kl-subset` of them per matrix measured at model level on 1,024 synthetic held-out tokens,
+as `kronsearch profile` does by default) and solve the knapsack at a few budgets.
 
 Part `demo` (quality): the demo teacher (`kron.load_model("demo")`), calibration on 8,192 tokens of WikiText-2 train
 (../shared/data/wikitext-2; teacher samples when absent). For each preset (uniform:2, uniform:4, lowrank:2,
@@ -12,7 +13,7 @@ only, with data-aware init: perplexity right after init (no distillation)
 on the first 32 blocks of 128 tokens of WikiText-2 valid, and the profile's predicted damage of each plan.
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
-                                  [--kl-subset 2] [--damage proxy|kl|both] [--refine N] [--presets P1,P2]
+                                  [--kl-subset 4] [--damage proxy|kl|both] [--refine N] [--presets P1,P2]
                                   [--mixed-only]
 
 `--refine N`: each automatic plan is also refined on the model (`kron.refine`: exchange moves judged by the joint
@@ -78,12 +79,14 @@ def gpt2_part(args) -> dict:
     model = load_model("config:gpt2", device="cpu").eval()
     g = torch.Generator().manual_seed(0)
     fit = [torch.randint(0, model.config.vocab_size, (8, 128), generator=g) for _ in range(args.gpt2_tokens // 1024)]
+    held = [torch.randint(0, model.config.vocab_size, (8, 128), generator=g)]  # 1,024 tokens, as the CLI holds out
     t0 = time.time()
     stats = collect_input_stats(model, fit)
     stats_s = time.time() - t0
     c = Constraints(max_shapes=args.max_shapes, shapes_per_level=args.shapes_per_level)
     t0 = time.time()
-    prof = profile_model(model, stats, constraints=c, source="config:gpt2", kl_subset=0, progress=_bar("gpt2"))
+    prof = profile_model(model, stats, constraints=c, source="config:gpt2", heldout=held if args.kl_subset else None,
+                         kl_subset=args.kl_subset, progress=_bar("gpt2"))
     prof_s = time.time() - t0
     by_group: dict[str, float] = {}
     for mx in prof["matrices"].values():
@@ -101,9 +104,9 @@ def gpt2_part(args) -> dict:
     out = {"matrices": len(prof["matrices"]), "candidates": n_cand, "calib_tokens": stats.tokens,
            "stats_s": round(stats_s, 1), "profile_s": round(prof_s, 1), "solve_s": round(solve_s, 2),
            "profile_s_by_group": {k: round(v, 1) for k, v in by_group.items()}, "plans": plans,
-           "constraints": c.to_dict(), "threads": torch.get_num_threads()}
+           "constraints": c.to_dict(), "threads": torch.get_num_threads(), "kl_subset": args.kl_subset}
     print(f"GPT-2 small shapes (random weights, {stats.tokens:,} synthetic tokens, {torch.get_num_threads()} "
-          f"thread(s)): statistics {stats_s:.1f} s; profile of {out['matrices']} matrices x {n_cand} candidates "
+          f"thread(s), {args.kl_subset} KL measurements per matrix on 1,024 tokens): statistics {stats_s:.1f} s; profile of {out['matrices']} matrices x {n_cand} candidates "
           f"{prof_s:.1f} s ({', '.join(f'{k} {v:.0f} s' for k, v in by_group.items())}); 3 knapsacks {solve_s:.2f} s")
     for b, r in plans.items():
         print(f"  {b}: " + (r["error"] if "error" in r else f"damage {r['damage']:.4g}, gap {r['gap']:.2g}"))
@@ -218,7 +221,8 @@ def main() -> None:
     p.add_argument("--shapes-per-level", type=int, default=2)
     p.add_argument("--gpt2-tokens", type=int, default=4096)
     p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--kl-subset", type=int, default=2)
+    p.add_argument("--kl-subset", type=int, default=4,
+                   help="candidates per matrix measured at model level (the profile's default; gpt2 part too)")
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--damage", choices=("proxy", "kl", "both"), default="proxy",
                    help="what the automatic plans minimise (kron.autoplan damage; both: a row for each)")
