@@ -148,7 +148,7 @@ def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | 
     searches = list(stats["search"])
     rows = []
     for _, row in dominance.iterrows():
-        if row["best_trial"] is None:
+        if not isinstance(row["best_trial"], str):  # None, or NaN once the rows went through a DataFrame
             verdict = "none dominates (no plan this small)"
         elif row["dominates"]:
             verdict = (f"{row['best_search']}/{row['best_trial']} ({fmt_int(row['best_params'])} {xname}, "

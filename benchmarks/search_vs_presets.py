@@ -63,7 +63,8 @@ def references(teacher: str) -> dict[str, dict]:
     from glue_minilm import student_plan
 
     refs = {k: v for k, v in REFERENCES.items() if k != "kngpt2"}
-    return {"teacher": refs.pop("teacher"), "kroneckerbert8-style": {"plan": student_plan()}, **refs}
+    return {"teacher": refs.pop("teacher"), "kroneckerbert8-style": {"plan": student_plan(), "reference": True},
+            **refs}
 
 
 def _run_all(todo: dict[str, tuple[dict, Path]]) -> None:

@@ -487,6 +487,9 @@ def base_trial_config(cfg: SearchConfig | dict) -> TrialConfig:
 def _trial_from_section(trial: dict) -> TrialConfig:
     if "plan" in trial:
         raise ValueError("trial.plan: the search chooses the plan; remove `plan` from the trial section")
+    if trial.get("reference"):
+        raise ValueError("trial.reference: a search's trials are its samples, not reference points; run hand-made "
+                         "plans as seed_plans or as separate trials")
     method = trial.get("method", "kronecker")
     if method != "kronecker":
         raise ValueError(f"trial.method: a search compresses with method 'kronecker', got {method!r}")

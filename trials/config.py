@@ -186,6 +186,9 @@ class TrialConfig(_Strict):
     trust_remote_code: bool = False
     label: str | None = Field(None, description="how results tables and plots name this trial (default: the preset "
                                                 "or baseline it runs, else its trial id)")
+    reference: bool = Field(False, description="a hand-made plan run as a reference point: analysis lists it with "
+                                               "the baselines (as it does presets, low-rank and layer-drop trials) "
+                                               "instead of as a member of a search's front; not for searches")
 
     @field_validator("teacher")
     @classmethod

@@ -380,8 +380,11 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _summary_method(cfg: TrialConfig) -> str:
-    """What produced the student: a hand-designed preset is a reference point for analysis, not a search sample."""
-    if cfg.method in ("kronecker", "prune") and cfg.plan is not None and cfg.plan.preset is not None:
+    """What produced the student: a hand-designed preset (or any plan marked `reference: true`) is a reference
+    point for analysis, not a search sample."""
+    if cfg.method not in ("kronecker", "prune", "mixed") or cfg.plan is None:
+        return cfg.method
+    if cfg.reference or (cfg.plan.preset is not None and cfg.method != "mixed"):
         return "preset"
     return cfg.method
 

@@ -260,6 +260,18 @@ def test_equal_quality_with_fewer_params_dominates(tmp_path, make_summary):
     assert bool(dominance.loc["kn", "dominates"]) and not bool(dominance.loc["same", "dominates"])
 
 
+def test_a_baseline_smaller_than_every_plan_says_so(tmp_path, make_summary):
+    write_json(tmp_path / "s" / "t" / "trial_summary.json", make_summary(trial_id="t", params=900, quality=120.0))
+    write_json(tmp_path / "s2" / "u" / "trial_summary.json", make_summary(trial_id="u", params=800, quality=130.0))
+    write_json(tmp_path / "r" / "tiny" / "trial_summary.json",
+               make_summary(trial_id="tiny", method="preset", params=100, quality=300.0))
+    write_json(tmp_path / "r" / "big" / "trial_summary.json",
+               make_summary(trial_id="big", method="preset", params=2_000, quality=200.0))
+    compare([tmp_path / "s", tmp_path / "s2", tmp_path / "r"], tmp_path / "out")
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "none dominates (no plan this small)" in text and "nan" not in text
+
+
 def test_load_labelled(fake_results, tmp_path):
     root = fake_results["kron-gpt2-asha"].parents[1]  # holds asha, tpe and the references
     df = load_labelled([fake_results["kron-gpt2-tpe"], root], labels=["T", "all"])

@@ -251,3 +251,22 @@ def _fresh_caches():
     clear_caches()
     yield
     clear_caches()
+
+
+def test_a_hand_made_plan_marked_reference_is_a_baseline_in_analysis(tiny_lm_teacher, text_corpus, tmp_path):
+    """`reference: true`: a hand-written plan (not a preset) is listed with the baselines, not as a search member;
+    without it the same trial is a plain kronecker trial; a search's trials cannot be references."""
+    from analysis.results import is_reference, load_results
+    from search.config import load_search_config
+
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, reference=True, label="my-plan")
+    cfg["stage1"]["max_steps"] = 2
+    summary = run_trial(cfg, output_dir=tmp_path / "ref", progress=False)
+    assert summary["status"] == "complete" and summary["method"] == "preset" and summary["label"] == "my-plan"
+    plain = run_trial({**cfg, "reference": False}, output_dir=tmp_path / "plain", progress=False)
+    assert plain["method"] == "kronecker"
+    df = load_results(tmp_path)
+    assert sorted(df[is_reference(df)]["label"]) == ["my-plan"]
+    with pytest.raises(Exception, match="trial.reference"):
+        load_search_config({"name": "s", "trial": {"teacher": "demo", "reference": True},
+                            "space": {"groups": ["ffn_in"]}, "search": {"num_samples": 2}})
