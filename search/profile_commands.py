@@ -384,6 +384,7 @@ def plan_auto(args) -> int:
                   "some matrix, so the plan minimises the summed relative output error (--damage proxy); make the "
                   f"profile with --kl-subset {KL_POINTS} for the KL objective", file=sys.stderr)
     args.damage = damage
+    refine = _refiner(args, model, src, profile, methods) if args.refine else None
 
     results = []
     for budget in budgets:
@@ -395,8 +396,8 @@ def plan_auto(args) -> int:
             print(f"kronsearch plan: skipped {budget}: {exc}", file=sys.stderr)
             continue
         refinement = None
-        if args.refine:
-            refinement = _refine(args, model, src, profile, budget, sol, methods)
+        if refine is not None:
+            refinement = refine(budget, sol)
             sol = refinement.solution
         resolved = resolved_specs(sol)
         what = (f"refined on the model: KL {refinement.start_kl:.4g} -> {refinement.kl:.4g}" if refinement else
@@ -405,8 +406,8 @@ def plan_auto(args) -> int:
                                              description=f"kronsearch plan --auto --budget {budget}: {what}")
         import copy
 
-        model = copy.deepcopy(skeleton)
-        report = apply_specs(model, plan.resolve(model), init="none")  # the plan resolves on the model
+        sized = copy.deepcopy(skeleton)
+        report = apply_specs(sized, plan.resolve(sized), init="none")  # the plan resolves on the model
         size = {"params": report.params_after, "macs": report.macs_per_token_after,
                 "ratio": report.compression_ratio}
         ok = size[budget.axis] >= budget.value if budget.axis == "ratio" else size[budget.axis] <= budget.value
@@ -474,22 +475,25 @@ def plan_auto(args) -> int:
     return 0
 
 
-def _refine(args, model, src, profile, budget, sol, methods):
-    """`--refine N`: the knapsack's plan improved on the model (kron.refine), on the held-out calibration batches."""
+def _refiner(args, model, src, profile, methods):
+    """`--refine N`: a function (budget, knapsack solution) -> Refinement improving the plan on `model` (kron.refine),
+    on the held-out calibration batches; the statistics and batches are read once for every budget."""
     from search.model_commands import calibration_stats_for
     from kron.refine import refine_plan
 
-    if model is None:
-        _, model = _load(args)
     stats = calibration_stats_for(args, model, src)
     heldout = _heldout(args, model, src)
 
-    def bar(done, best):
-        if done == 1 or done % 10 == 0 or done == args.refine:
-            print(f"  refine {budget}: {done}/{args.refine} measurements, KL {best:.4g}", file=sys.stderr, flush=True)
+    def refine(budget, sol):
+        def bar(done, best):
+            if done == 1 or done % 10 == 0 or done == args.refine:
+                print(f"  refine {budget}: {done}/{args.refine} measurements, KL {best:.4g}", file=sys.stderr,
+                      flush=True)
 
-    return refine_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
-                       max_evals=args.refine, progress=None if args.json else bar)
+        return refine_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
+                           max_evals=args.refine, progress=None if args.json else bar)
+
+    return refine
 
 
 def _opt_params(mx, label: str) -> int:

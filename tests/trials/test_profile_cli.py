@@ -156,6 +156,14 @@ def test_plan_auto_refine(env, capsys):
     assert 1 <= r["evals"] <= 6 and r["kl"] <= r["start_kl"] and p["ratio"] >= 1.3
     assert p["damage"] == r["kl"] and p["solver"].endswith("+refine")
     assert CompressionPlan.load(tmp / "r.yaml").rules
+    # several budgets: each plan is refined on the model itself (not on the sized skeleton of the previous plan)
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budgets", "ratio=1.2,ratio=1.4", *calib, *FAST,
+                       "--refine", "3", "--json")
+    assert rc == 0, err
+    plans = json.loads(out)["plans"]
+    assert len(plans) == 2 and all(p["refinement"]["evals"] >= 1 and p["refinement"]["kl"] <= p["refinement"][
+        "start_kl"] for p in plans)
+    assert [p["ratio"] >= float(p["budget"].split("=")[1]) for p in plans] == [True, True]
     rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
                        "--refine", "3")
     assert rc == 0 and "held-out calibration tokens" in out and "refined from the knapsack" in out, err
