@@ -125,23 +125,18 @@ class _Evaluator:
 
 def _moves(items: Sequence[Item], stairs: Mapping[str, list[Option]], choice: Mapping[str, Option], slack: int):
     """Candidate moves (predicted change of summed damage, [(name, new option), ...]), best predicted first."""
-    pos = {}
-    for it in items:
-        st = stairs[it.name]
-        cur = choice[it.name]
-        # where the current option sits on the staircase: the costliest stair not costlier than it
-        below = [i for i, o in enumerate(st) if o.cost <= cur.cost]
-        pos[it.name] = below[-1] if below else None
     ups, downs = [], []
     for it in items:
-        st, cur, i = stairs[it.name], choice[it.name], pos[it.name]
-        nxt = st[(i + 1) if i is not None else 0] if (i is None or i + 1 < len(st)) else None
-        if nxt is not None and nxt.cost > cur.cost and nxt.damage < cur.damage:
-            ups.append((it.name, nxt, nxt.cost - cur.cost, nxt.damage - cur.damage))
-        if i is not None:
-            prev = st[i - 1] if (st[i].label == cur.label and i > 0) else (st[i] if st[i].label != cur.label else None)
-            if prev is not None and prev.cost < cur.cost:
-                downs.append((it.name, prev, prev.cost - cur.cost, prev.damage - cur.damage))
+        st, cur = stairs[it.name], choice[it.name]
+        # where the current option sits on the staircase: the costliest stair not costlier than it (-1: none)
+        i = max((k for k, o in enumerate(st) if o.cost <= cur.cost), default=-1)
+        if i + 1 < len(st):
+            nxt = st[i + 1]
+            if nxt.cost > cur.cost and nxt.damage < cur.damage:
+                ups.append((it.name, nxt, nxt.cost - cur.cost, nxt.damage - cur.damage))
+        j = i - 1 if i >= 0 and st[i].label == cur.label else i  # the next stair below the current option
+        if j >= 0 and st[j].cost < cur.cost:
+            downs.append((it.name, st[j], st[j].cost - cur.cost, st[j].damage - cur.damage))
     out = []
     for name_u, up, dc_u, dd_u in ups:
         if dc_u <= slack:

@@ -701,9 +701,12 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
     return fp
 
 
+AUTO_SEED = re.compile(r"auto(?::(\d+))?")  # a seed plan name asking for automatic plans: "auto", "auto:N"
+
+
 def has_auto_seeds(names) -> bool:
     """Whether seed plan names ask for automatic plans ("auto", "auto:N")."""
-    return any(isinstance(n, str) and re.fullmatch(r"auto(?::\d+)?", n) for n in names or ())
+    return any(isinstance(n, str) and AUTO_SEED.fullmatch(n) for n in names or ())
 
 
 def finite_or_none(x) -> float | None:

@@ -24,22 +24,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sys
 from dataclasses import replace
 
 from kron.errors import ConfigError, UserError
 
-__all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages", "seed_kl_damages"]
+__all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages", "seed_kl_damages",
+           "teacher_size"]
 
 AUTO_DEFAULT = 3  # automatic seed plans for a plain "auto"
-_AUTO = re.compile(r"auto(?::(\d+))?")
 _METRIC_INDEX = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2, "bytes": 3}  # Choice.deltas
 
 
 def auto_count(name: str) -> int | None:
     """N of a seed name "auto" / "auto:N", None for any other seed."""
-    m = _AUTO.fullmatch(name)
+    from .config import AUTO_SEED
+
+    m = AUTO_SEED.fullmatch(name)
     if m is None:
         return None
     n = int(m.group(1) or AUTO_DEFAULT)
@@ -275,6 +276,12 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
         if options:
             out.append((f"seed:auto@{_short(target)}", options, frozenset(layers)))
     return out
+
+
+def teacher_size(space, metric: str) -> int:
+    """The uncompressed model's size on a size axis (params, params_excl_output_embedding, macs_per_token, bytes;
+    anything else: parameters)."""
+    return _base_size(space, _METRIC_INDEX.get(metric, 0))
 
 
 def _base_size(space, idx: int) -> int:

@@ -155,12 +155,11 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
     scheduler = make_scheduler(cfg, space)
     if isinstance(scheduler, SizeStratifiedASHA):
         print(scheduler.describe(), file=stream or sys.stdout, flush=True)
-    from .prior import _METRIC_INDEX, _base_size
+    from .prior import teacher_size
 
     progress = ProgressCallback(quality_name=trial.quality_name, quality_mode=trial.quality_mode,
                                 teacher_params=space.info.params, max_t=cfg.asha_max_t, stream=stream,
-                                size_metric=cfg.size_metric,
-                                teacher_size=_base_size(space, _METRIC_INDEX.get(cfg.size_metric, 0)))
+                                size_metric=cfg.size_metric, teacher_size=teacher_size(space, cfg.size_metric))
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent,
         reuse_actors=True,

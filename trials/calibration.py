@@ -188,42 +188,34 @@ def default_calib_source(cfg) -> tuple[str, int]:
     return cfg.data.source, cfg.data.seq_len
 
 
-def _calib_source(cfg):
-    """(source, sequence length, config name) a trial config calibrates on (`init.calib`, else its default)."""
+def _calib_call(cfg, teacher, tokenizer, tokens: int | None):
+    """(teacher, tokenizer, source, tokens) and the keyword arguments with which `calibration_batches` and
+    `calibration_stats` read a trial config's calibration data: `init.calib` (else `default_calib_source`), a budget
+    of `tokens` (default `init.calib_tokens`)."""
+    from kron.models import load_tokenizer, resolve_source
+
     init = cfg.init_config
     d = cfg.data
     default, seq_len = default_calib_source(cfg)
     source = init.calib if init.calib is not None else default
     config_name = init.calib_config_name if init.calib_config_name is not None else (
         d.config_name if source == d.source else None)
-    return source, seq_len, config_name
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_source(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
+    return ((teacher, tokenizer, source, tokens or init.calib_tokens),
+            {"seq_len": seq_len, "config_name": config_name, "temperature": d.temperature, "top_k": d.top_k or None,
+             "device": next(teacher.parameters()).device})
 
 
 def heldout_for(cfg, teacher, tokenizer=None, tokens: int | None = None):
     """The held-out calibration batches of a trial config's calibration source and budget (the part of
     `calibration_batches` that `calibration_for`'s statistics leave out), for model-level measures."""
-    from kron.models import load_tokenizer, resolve_source
-
-    source, seq_len, config_name = _calib_source(cfg)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(resolve_source(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
-    d = cfg.data
-    return calibration_batches(teacher, tokenizer, source, tokens or cfg.init_config.calib_tokens, seq_len=seq_len,
-                               config_name=config_name, temperature=d.temperature, top_k=d.top_k or None,
-                               device=next(teacher.parameters()).device)[1]
+    args, kw = _calib_call(cfg, teacher, tokenizer, tokens)
+    return calibration_batches(*args, **kw)[1]
 
 
 def calibration_for(cfg, teacher, tokenizer=None, tokens: int | None = None):
     """The calibration statistics of a trial config's calibration source (`init.calib`, else
     `default_calib_source`) on `teacher`, with a budget of `tokens` (default `init.calib_tokens`); cached on disk."""
-    from kron.models import load_tokenizer, resolve_source
-
-    init = cfg.init_config
-    d = cfg.data
-    source, seq_len, config_name = _calib_source(cfg)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(resolve_source(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
-    device = next(teacher.parameters()).device
-    return calibration_stats(teacher, tokenizer, source, tokens or init.calib_tokens, seq_len=seq_len,
-                             config_name=config_name, temperature=d.temperature, top_k=d.top_k or None,
-                             model_id=cfg.teacher, device=device)
+    args, kw = _calib_call(cfg, teacher, tokenizer, tokens)
+    return calibration_stats(*args, **kw, model_id=cfg.teacher)
