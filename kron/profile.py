@@ -454,64 +454,161 @@ def _int8_estimate(blocks: list, inner_damage: float) -> float:
     return inner_damage + (sum(b.int8() for b in blocks) / base if base > 0 else 0.0)
 
 
-def _model_inputs(batch, device):
+def _model_inputs(batch, device, extra: Mapping | None = None):
     if isinstance(batch, torch.Tensor):
-        return {"input_ids": batch.to(device)}, None
-    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-    return kw, kw.get("attention_mask")
+        kw, mask = {"input_ids": batch.to(device)}, None
+    else:
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+        mask = kw.get("attention_mask")
+    if extra:
+        kw.update(extra)
+    return kw, mask
+
+
+def _no_cache_kwargs(model: nn.Module) -> dict:
+    """{"use_cache": False} when the model's forward takes it: no KV cache is built for a measurement pass (it
+    costs memory, and a replayed layer prefix would leave it half filled)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+REPLAY_MAX_BYTES = 1 << 30  # layer outputs kept for prefix replay: at most this much (else every pass runs it all)
 
 
 class _ModelMeasure:
     """KL(teacher ‖ student) on held-out batches: next-token distributions of a causal LM (each position, padding
-    left out), or a classifier's outputs; a model without logits: relative squared error of the last hidden state."""
+    left out), or a classifier's outputs; a model without logits: relative squared error of the last hidden state.
 
-    def __init__(self, model: nn.Module, batches: Sequence, max_tokens: int | None = None):
+    Prefix replay: the reference pass keeps every transformer layer's output (`kron.baselines.layer_list`; at most
+    REPLAY_MAX_BYTES, else replay is off). A measurement told which modules differ from the reference
+    (`changed`: dotted names) runs the model from the first layer holding one of them: the layers before it return
+    their recorded outputs instead of computing them — the same numbers, since those layers are the reference's.
+    A changed module outside the layers (embeddings, head) or `changed=None` runs everything.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence, max_tokens: int | None = None, *, replay: bool = True):
         self.model = model
         dev = next(model.parameters()).device
         self.device = dev
         self.batches, self.ref = [], []
         self.kind = None
-        seen = 0
-        with torch.no_grad():
-            for b in batches:
-                if max_tokens is not None and seen >= max_tokens:
-                    break
-                kw, mask = _model_inputs(b, dev)
-                out = model(**kw)
-                logits = getattr(out, "logits", None)
-                if logits is not None:
-                    self.kind = "kl"
-                    ref = torch.log_softmax(logits.float(), dim=-1)
-                else:
-                    self.kind = "hidden_rel_mse"
-                    ref = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
-                self.batches.append((kw, mask))
-                self.ref.append(ref)
-                seen += int(mask.sum().item()) if mask is not None else int(kw["input_ids"].numel())
+        self.extra = _no_cache_kwargs(model)
+        self.layers_name, self.layers = self._layers() if replay else (None, None)
+        self.recorded: list[list] = []  # per batch, per layer: the layer's output in the reference pass
+        self.replays = 0  # measurements that skipped at least one layer
+        recording: list = []
+        hooks = [layer.register_forward_hook(lambda _m, _a, out: recording.append(out))
+                 for layer in (self.layers or [])]
+        seen, kept = 0, 0
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    if max_tokens is not None and seen >= max_tokens:
+                        break
+                    kw, mask = _model_inputs(b, dev, self.extra)
+                    recording.clear()
+                    out = model(**kw)
+                    logits = getattr(out, "logits", None)
+                    if logits is not None:
+                        self.kind = "kl"
+                        ref = torch.log_softmax(logits.float(), dim=-1)
+                    else:
+                        self.kind = "hidden_rel_mse"
+                        ref = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
+                    self.batches.append((kw, mask))
+                    self.ref.append(ref)
+                    if self.layers is not None:
+                        kept += sum(_nbytes(o) for o in recording)
+                        if len(recording) != len(self.layers) or kept > REPLAY_MAX_BYTES:
+                            self.layers_name, self.layers, self.recorded = None, None, []  # replay off
+                        else:
+                            self.recorded.append(list(recording))
+                    seen += int(mask.sum().item()) if mask is not None else int(kw["input_ids"].numel())
+        finally:
+            for h in hooks:
+                h.remove()
         if not self.batches:
             raise DataError("no held-out batches for the model-level measure")
         self.tokens = seen
 
-    def __call__(self) -> float:
+    def _layers(self):
+        from .baselines import layer_list
+
+        try:
+            name, layers = layer_list(self.model)
+        except PlanError:
+            return None, None
+        return name, list(layers)
+
+    def start_layer(self, changed) -> int:
+        """The first layer a measurement with these modules changed must run (0: all of them)."""
+        if changed is None or self.layers is None:
+            return 0
+        prefix = self.layers_name + "."
+        start = len(self.layers)
+        for name in changed:
+            if not name.startswith(prefix):
+                return 0
+            index = name[len(prefix):].split(".", 1)[0]
+            if not index.isdigit():
+                return 0
+            start = min(start, int(index))
+        return start
+
+    def __call__(self, changed: Sequence[str] | None = None) -> float:
+        """The measure of the model as it is now; `changed`: the modules that differ from the reference pass (None:
+        unknown, run every layer)."""
+        start = self.start_layer(changed)
+        if start > 0:
+            self.replays += 1
         num, den = 0.0, 0.0
-        with torch.no_grad():
-            for (kw, mask), ref in zip(self.batches, self.ref):
-                out = self.model(**kw)
-                if self.kind == "kl":
-                    logq = torch.log_softmax(out.logits.float(), dim=-1)
-                    kl = (ref.exp() * (ref - logq)).sum(-1)  # per position (or per sequence for a classifier)
-                    if mask is not None and kl.dim() == 2 and tuple(kl.shape) == tuple(mask.shape):
-                        w = mask.to(kl.dtype)
-                        num += float((kl * w).sum().item())
-                        den += float(w.sum().item())
+        current: list = [None]
+        stubbed = []
+        try:
+            for layer in self.layers[:start] if start else ():
+                stubbed.append((layer, layer.__dict__.get("forward")))
+                layer.forward = lambda *a, **k: current[0]
+            with torch.no_grad():
+                for i, ((kw, mask), ref) in enumerate(zip(self.batches, self.ref)):
+                    if start:
+                        current[0] = self.recorded[i][start - 1]
+                    out = self.model(**kw)
+                    if self.kind == "kl":
+                        logq = torch.log_softmax(out.logits.float(), dim=-1)
+                        kl = (ref.exp() * (ref - logq)).sum(-1)  # per position (or per sequence for a classifier)
+                        if mask is not None and kl.dim() == 2 and tuple(kl.shape) == tuple(mask.shape):
+                            w = mask.to(kl.dtype)
+                            num += float((kl * w).sum().item())
+                            den += float(w.sum().item())
+                        else:
+                            num += float(kl.sum().item())
+                            den += kl.numel()
                     else:
-                        num += float(kl.sum().item())
-                        den += kl.numel()
+                        h = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
+                        num += float(((h - ref) ** 2).sum().item())
+                        den += float((ref ** 2).sum().item())
+        finally:
+            for layer, fwd in stubbed:
+                if fwd is None:
+                    del layer.forward
                 else:
-                    h = out.last_hidden_state.float() if hasattr(out, "last_hidden_state") else out[0].float()
-                    num += float(((h - ref) ** 2).sum().item())
-                    den += float((ref ** 2).sum().item())
+                    layer.forward = fwd
         return num / den if den > 0 else 0.0
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -652,7 +749,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                     new.eval()
                     old = _swap(model, mx.name, new)
                     try:
-                        kl = measure()
+                        kl = measure(changed=[mx.name])
                     finally:
                         _swap(model, mx.name, old)
                 p = spec.params(mx.m, mx.n)

@@ -111,7 +111,7 @@ class _Evaluator:
                 if o.spec == "keep":
                     continue
                 swapped.append((name, _swap(self.model, name, self._layer(name, o))))
-            value = float(self.measure())
+            value = float(self.measure(changed=[n for n, _ in swapped]))
         finally:
             for name, old in reversed(swapped):
                 _swap(self.model, name, old)

@@ -309,3 +309,68 @@ def test_refine_improves_a_bad_start_on_the_model_and_keeps_the_budget(gpt2):
 
     with pytest.raises(PlanError, match="at least one measurement"):
         refine_plan(model, stats, prof, budget, start, held, max_evals=0)
+
+
+def _three_families():
+    from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=32, num_labels=3,
+                                                    initializer_range=0.3)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=32)).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 64, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    return [(gpt2, "transformer.h.2.mlp.c_fc", 2, "transformer.h.0.attn.c_proj", [ids]),
+            (bert, "bert.encoder.layer.2.intermediate.dense", 2, "bert.encoder.layer.0.attention.self.query",
+             [{"input_ids": ids, "attention_mask": mask}]),
+            (llama, "model.layers.1.mlp.up_proj", 1, "model.layers.0.self_attn.o_proj", [ids])]
+
+
+@pytest.mark.parametrize("family", [0, 1, 2], ids=["gpt2", "bert", "llama"])
+def test_model_measure_replays_the_unchanged_layer_prefix(family):
+    """The model-level measure told which module changed runs the model from that module's layer on: the same value
+    as running every layer, and the layers before it are really not run (a change made to one of them after the
+    reference pass goes unseen, which only a replay can do)."""
+    from kron.profile import _ModelMeasure, _swap
+
+    model, late, index, early, held = _three_families()[family]
+    measure = _ModelMeasure(model, held)
+    full = _ModelMeasure(model, held, replay=False)
+    assert measure.layers is not None and full.layers is None
+    new = copy.deepcopy(model.get_submodule(late))
+    with torch.no_grad():
+        new.weight.mul_(0.7)
+    old = _swap(model, late, new)
+    try:
+        want = full()
+        assert want > 1e-6
+        assert measure(changed=[late]) == pytest.approx(want, rel=1e-5)
+        assert measure.replays == 1
+        assert measure.start_layer([late]) == index and measure.start_layer([late, early]) == 0
+        assert measure(changed=None) == pytest.approx(want, rel=1e-5)  # unknown: everything runs
+        assert measure.replays == 1
+        # a change before the replayed layers: seen only when the measure is told about it
+        with torch.no_grad():
+            model.get_submodule(early).weight.mul_(0.5)
+        try:
+            assert measure(changed=[late]) == pytest.approx(want, rel=1e-5)
+            both = measure(changed=[late, early])
+            assert abs(both - want) > 0.01 * want and both == pytest.approx(full(), rel=1e-5)
+        finally:
+            with torch.no_grad():
+                model.get_submodule(early).weight.mul_(2.0)
+    finally:
+        _swap(model, late, old)
+    # a module outside the layers (the embedding): every layer runs
+    emb = "transformer.wte" if family == 0 else "bert.embeddings.word_embeddings" if family == 1 else "model.embed_tokens"
+    assert measure.start_layer([emb]) == 0
+    assert measure(changed=[late]) == pytest.approx(0.0, abs=1e-6)  # the reference model again
+    assert not any("forward" in layer.__dict__ for layer in measure.layers)  # the stubs are gone
