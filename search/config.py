@@ -92,7 +92,7 @@ class BudgetConfig(_Strict):
 # `search.resume.adopt_saved_defaults` resumes them with those (and says so).
 DEFAULT_SPACE_METHODS = ("kronecker", "lowrank")
 DEFAULT_SEARCH_INIT = "data"
-LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd", "seed_damage": "proxy"}
+LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd", "seed_damage": "proxy", "seed_embedding": False}
 
 
 class PriorConfig(_Strict):
@@ -296,6 +296,11 @@ class SearchSettings(_Strict):
                           "teacher's KL with each matrix compressed alone, measured for 4 options per matrix on "
                           "held-out calibration tokens and interpolated along the proxy for the others; default) or "
                           "proxy (the relative output error of each matrix, as releases before this one did)")
+    seed_embedding: bool = Field(
+        True, description="with seed_damage kl: the automatic seeds may factor the embedding too (the teacher's KL "
+                          "with the embedding alone factored is measured for each of its options; they are data-free, "
+                          "as in trials). false: seeds keep the embedding's mildest option, as releases before this "
+                          "one did")
     loggers: list[str] | None = Field(None, description="experiment trackers fed by Ray Tune's logger callbacks: "
                                       "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
                                       "importable; []: none)")
@@ -698,6 +703,8 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
         fp["seed_plans"] = list(cfg.search.seed_plans)
         if has_auto_seeds(cfg.search.seed_plans):  # what the automatic seeds minimise decides which they are
             fp["seed_damage"] = cfg.search.seed_damage
+            if cfg.search.seed_damage == "kl":
+                fp["seed_embedding"] = cfg.search.seed_embedding
     return fp
 
 

@@ -13,8 +13,10 @@ resumed search or a dry run reuses them.
 * Automatic seeds: per choice, the option that minimises the summed damage of the plan under a size budget (the
   multiple-choice knapsack of `kron.autoplan`, with the space's choices as items, so tied layers and fused blocks
   are respected), at `auto:N` budgets (N = 3 by default) spread evenly in log-size between the cheapest plan of the
-  space and the teacher (or the space's budget). Embedding choices have no data-aware damage: they keep the
-  teacher's table when the space allows `keep`, else take their mildest factor.
+  space and the teacher (or the space's budget). Embedding choices have no proxy damage: with KL seeds
+  (`search.seed_damage: kl`, `search.seed_embedding: true`, the defaults) the KL of every embedding option is
+  measured and the knapsack plans the embedding like any matrix; otherwise it keeps the teacher's table when the
+  space allows `keep`, else takes its mildest factor.
 * Structured pruning (`prune` in space.methods) is a block choice, not a matrix option (`search.space.BlockChoice`):
   no per-matrix damage describes it, so the prior never drops a block option and automatic seeds leave every block
   unpruned (its matrices take the options the knapsack picked).
@@ -70,6 +72,18 @@ def _specs(space) -> dict[str, list[tuple[str, object]]]:
                 if mx.blocks > 1 and hasattr(spec, "blocks"):
                     spec = replace(spec, blocks=mx.blocks)
                 out.setdefault(mx.name, []).append((o, spec))
+    return out
+
+
+def _embedding_specs(space) -> dict[str, list[tuple[str, object]]]:
+    """Module name -> [(option, spec)] for every embedding factor option of the space (keep left out)."""
+    from kron.methods import parse_option
+
+    out: dict[str, list] = {}
+    for c in space.choices:
+        for mx in c.matrices:
+            if mx.kind == "embedding":
+                out.setdefault(mx.name, []).extend((o, parse_option(o)) for o in c.options if o != "keep")
     return out
 
 
@@ -146,13 +160,16 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     wanted = {n: v for n, v in _specs(space).items() if n in damages}
     if not wanted:
         return {}
-    teacher, tokenizer, stats, tokens, key, path, cached = _teacher_and_cache(cfg, wanted, {"kl_points": KL_POINTS},
-                                                                               "kl-")
+    embeddings = _embedding_specs(space) if getattr(cfg.search, "seed_embedding", False) else {}
+    extra = {"kl_points": KL_POINTS, **({"embeddings": {n: [o for o, _ in v] for n, v in embeddings.items()}}
+                                        if embeddings else {})}
+    teacher, tokenizer, stats, tokens, key, path, cached = _teacher_and_cache(cfg, wanted, extra, "kl-")
     if cached is not None:
         return cached
     heldout = heldout_for(cfg.trial, teacher, tokenizer, tokens)
-    print(f"model-level damage for the automatic seeds: {len(wanted)} matrices x {KL_POINTS} options ...",
-          file=stream or sys.stderr)
+    n_emb = sum(len(v) for v in embeddings.values())
+    print(f"model-level damage for the automatic seeds: {len(wanted)} matrices x {KL_POINTS} options"
+          f"{f' + {n_emb} embedding factors' if n_emb else ''} ...", file=stream or sys.stderr)
     teacher.eval()
     measure = _ModelMeasure(teacher, heldout, 1024)
     modules = dict(teacher.named_modules())
@@ -171,7 +188,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
                     layer = get_method(spec.method).build(modules[name], spec, "data", stats=one).eval()
                 old = _swap(teacher, name, layer)
                 try:
-                    md = float(measure())
+                    md = float(measure(changed=[name]))
                 finally:
                     _swap(teacher, name, old)
             cands.append({"method": spec.method, "damage": d, "model_damage": md})
@@ -179,6 +196,16 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
             out[name] = {o: 0.0 for _, o, _ in ranked}
             continue
         out[name] = {o: v for (_, o, _), v in zip(ranked, kl_damages({"candidates": cands}, name=name))}
+    for name, opts in embeddings.items():  # few options, no proxy to interpolate along: every one measured
+        out[name] = {}
+        for o, spec in opts:
+            with torch.no_grad():  # data-free, as trials build it (tied: the LM head keeps the dense table)
+                layer = get_method(spec.method).build(modules[name], spec, "svd").eval()
+            old = _swap(teacher, name, layer)
+            try:
+                out[name][o] = max(0.0, float(measure(changed=[name])))
+            finally:
+                _swap(teacher, name, old)
     atomic_write_json(path, {"key": key, "damages": out})
     return out
 
@@ -225,8 +252,9 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
     items, fixed_choice, fixed_cost = [], {}, 0
     for c in space.choices:
         n = len(c.matrices)
-        if any(mx.kind == "embedding" for mx in c.matrices) or all(choice_damage(c, o, damages) is None
-                                                                    for o in c.options if o != "keep"):
+        known = [choice_damage(c, o, damages) for o in c.options if o != "keep"]
+        if (any(d is None for d in known) if any(mx.kind == "embedding" for mx in c.matrices)
+                else all(d is None for d in known)):  # an embedding is planned only when every option is measured
             opt = "keep" if "keep" in c.options else c.options[0]  # embedding options go from mild to strong
             fixed_choice[c.key] = opt
             fixed_cost += n * c.deltas[opt][idx]

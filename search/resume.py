@@ -104,6 +104,7 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
         changed = [k for k in ("trial", "space") if fp.get(k) != new.get(k)]
         changed += ["search.seed_plans"] if fp.get("seed_plans") != new.get("seed_plans") else []
         changed += ["search.seed_damage"] if fp.get("seed_damage") != new.get("seed_damage") else []
+        changed += ["search.seed_embedding"] if fp.get("seed_embedding") != new.get("seed_embedding") else []
         raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
 
@@ -123,6 +124,8 @@ def _normalised(fp):
 
     if has_auto_seeds(fp.get("seed_plans")) and "seed_damage" not in fp:  # written before seeds minimised KL
         fp["seed_damage"] = LEGACY_DEFAULTS["seed_damage"]
+    if has_auto_seeds(fp.get("seed_plans")) and fp.get("seed_damage") == "kl" and "seed_embedding" not in fp:
+        fp["seed_embedding"] = LEGACY_DEFAULTS["seed_embedding"]  # written before KL seeds could factor embeddings
     if "init" not in fp:  # written before searches defaulted to the data-aware init: its trials ran with svd
         trial = fp.get("trial") if isinstance(fp.get("trial"), dict) else {}
         if isinstance(fp.get("trial"), dict) and "init" not in trial:
@@ -140,7 +143,8 @@ def _normalised(fp):
 
 def adopt_saved_defaults(cfg: SearchConfig, stream=None) -> SearchConfig:
     """`cfg` for resuming a search an earlier release started: the defaults that changed what a search does
-    (`space.methods` [kronecker], the trials' init svd, the automatic seeds' damage proxy) take the values the search
+    (`space.methods` [kronecker], the trials' init svd, the automatic seeds' damage proxy and, for KL seeds, their
+    embedding kept) take the values the search
     ran with, where the config does not set them. A search this release started, or none at all, gives `cfg` back
     unchanged."""
     import sys
@@ -162,6 +166,10 @@ def adopt_saved_defaults(cfg: SearchConfig, stream=None) -> SearchConfig:
             and "seed_damage" not in cfg.search.model_fields_set):
         data["search"]["seed_damage"] = LEGACY_DEFAULTS["seed_damage"]
         notes.append(f"search.seed_damage {LEGACY_DEFAULTS['seed_damage']!r}")
+    if (has_auto_seeds(saved.get("seed_plans")) and saved.get("seed_damage") == "kl"
+            and "seed_embedding" not in saved and "seed_embedding" not in cfg.search.model_fields_set):
+        data["search"]["seed_embedding"] = LEGACY_DEFAULTS["seed_embedding"]
+        notes.append(f"search.seed_embedding {str(LEGACY_DEFAULTS['seed_embedding']).lower()}")
     if "init" not in saved and "methods" not in saved["space"] and "methods" not in cfg.space.model_fields_set:
         data["space"]["methods"] = list(LEGACY_DEFAULTS["methods"])
         notes.append(f"space.methods {LEGACY_DEFAULTS['methods']}")
@@ -207,6 +215,9 @@ def _legacy_defaults_changed(saved, fp: dict, new: dict) -> list[str]:
     if (has_auto_seeds(saved.get("seed_plans")) and "seed_damage" not in saved
             and new.get("seed_damage") != LEGACY_DEFAULTS["seed_damage"]):
         out.append(f"search.seed_damage {LEGACY_DEFAULTS['seed_damage']!r}")
+    if (has_auto_seeds(saved.get("seed_plans")) and saved.get("seed_damage") == "kl" and "seed_embedding" not in saved
+            and new.get("seed_embedding") != LEGACY_DEFAULTS["seed_embedding"]):
+        out.append(f"search.seed_embedding {str(LEGACY_DEFAULTS['seed_embedding']).lower()}")
     if "init" in saved:
         return out
     space = saved.get("space") if isinstance(saved.get("space"), dict) else {}

@@ -268,7 +268,7 @@ def test_a_search_with_automatic_seeds_from_the_last_release_resumes_with_proxy_
     folder.mkdir(parents=True)
     fp = config_fingerprint(cfg)
     assert fp["seed_damage"] == "kl"
-    old_fp = {k: v for k, v in fp.items() if k != "seed_damage"}  # the last release wrote no seed_damage
+    old_fp = {k: v for k, v in fp.items() if k not in ("seed_damage", "seed_embedding")}  # written before both
     (folder / "search_meta.json").write_text(json.dumps({"fingerprint": old_fp}))
     adopted = adopt_saved_defaults(cfg)
     assert adopted.search.seed_damage == "proxy" and "search.seed_damage 'proxy'" in capsys.readouterr().err
@@ -283,3 +283,68 @@ def test_a_search_with_automatic_seeds_from_the_last_release_resumes_with_proxy_
     assert "seed_damage" not in config_fingerprint(plain)
     (folder / "search_meta.json").write_text(json.dumps({"fingerprint": config_fingerprint(plain)}))
     assert adopt_saved_defaults(plain) is plain
+
+
+def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(demo_space, monkeypatch):
+    """search.seed_embedding (default true with KL seeds): the KL of the teacher with its embedding alone factored
+    is measured for every embedding option (data-free init, as trials build it; the tied LM head keeps the dense
+    table), and the knapsack plans the embedding like any matrix: on the axis that counts the factored table
+    (parameters excluding the output embedding) the cheapest seed factors it. seed_embedding: false keeps the last
+    release's seeds (embedding on its mildest option)."""
+    import torch
+
+    from kron.methods import get_method, parse_option
+    from kron.profile import _ModelMeasure, _swap
+    from trials.calibration import heldout_for
+    from trials.trial import load_teacher
+
+    cfg, _, _, tmp = demo_space
+    monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
+    base = {"trial.init": cfg.trial.init_config.model_dump(), "space.groups": ["embedding", "ffn_in"],
+            "space.max_shapes": 3, "search.seed_plans": ["auto"],
+            "search.objectives": ["quality", "params_excl_output_embedding"]}
+    kl_cfg = _cfg(tmp, **base)
+    assert kl_cfg.search.seed_embedding is True
+    space = SearchSpace.from_config(kl_cfg)
+    emb = next(c for c in space.choices if any(mx.kind == "embedding" for mx in c.matrices))
+    name = emb.matrices[0].name
+    measured = space.seed_damages[name]
+    assert set(measured) == {o for o in emb.options if o != "keep"} and len(measured) >= 2
+    # each is the KL of the model with that factor, taken again here
+    teacher, tok = load_teacher(kl_cfg.trial, "cpu")
+    teacher.eval()
+    strongest = max(measured, key=lambda o: int(o[1:]))
+    layer = get_method("kron_embedding").build(teacher.get_submodule(name), parse_option(strongest), "svd").eval()
+    measure = _ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024, replay=False)
+    _swap(teacher, name, layer)
+    with torch.no_grad():
+        assert measured[strongest] == pytest.approx(measure(), rel=1e-4) and measured[strongest] > 0
+    cheapest = min(space.seeds, key=lambda s: space.plan_costs(s[1])["params_excl_output_embedding"])
+    assert cheapest[1][emb.key] != "keep" and cheapest[1][emb.key] != min(measured, key=lambda o: int(o[1:]))
+    # seed_embedding false: nothing measured for the embedding, every seed on its mildest option or keep
+    legacy = SearchSpace.from_config(_cfg(tmp, **base, **{"search.seed_embedding": False}))
+    assert name not in legacy.seed_damages
+    assert {p[emb.key] for _, p in legacy.seeds} <= {"keep", emb.options[0]}
+
+
+def test_a_search_with_kl_seeds_from_the_last_release_resumes_with_its_embedding_kept(tmp_path, capsys):
+    """The last release's KL seeds never factored the embedding: its searches resume with seed_embedding false
+    (adopted, said), and a config that insists on the new default is refused naming it."""
+    from search.config import config_fingerprint
+    from search.resume import _check_fingerprint, adopt_saved_defaults
+
+    cfg = _cfg(tmp_path, **{"search.seed_plans": ["auto"]})
+    fp = config_fingerprint(cfg)
+    assert fp["seed_damage"] == "kl" and fp["seed_embedding"] is True
+    old_fp = {k: v for k, v in fp.items() if k != "seed_embedding"}
+    folder = tmp_path / "runs" / "prior"
+    folder.mkdir(parents=True)
+    (folder / "search_meta.json").write_text(json.dumps({"fingerprint": old_fp}))
+    adopted = adopt_saved_defaults(cfg)
+    assert adopted.search.seed_embedding is False and "search.seed_embedding false" in capsys.readouterr().err
+    _check_fingerprint(adopted, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")  # matches
+    with pytest.raises(ConfigError, match="defaults were search.seed_embedding false"):
+        _check_fingerprint(cfg, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")
+    # proxy seeds never measured the embedding: nothing recorded, nothing adopted
+    proxy = _cfg(tmp_path, **{"search.seed_plans": ["auto"], "search.seed_damage": "proxy"})
+    assert "seed_embedding" not in config_fingerprint(proxy)
