@@ -56,14 +56,15 @@ def needs_profile(cfg) -> bool:
     return cfg.space.prior is not None or any(auto_count(n) is not None for n in cfg.search.seed_plans)
 
 
-def _specs(space) -> dict[str, list[tuple[str, object]]]:
-    """Module name -> [(option, spec with the module's blocks)] for every linear option of the space."""
+def _specs(space, *, embeddings: bool = False) -> dict[str, list[tuple[str, object]]]:
+    """Module name -> [(option, spec with the module's blocks)] for every linear option of the space (keep left
+    out); embeddings=True: for every embedding factor option instead."""
     from kron.methods import parse_option
 
     out: dict[str, list] = {}
     for c in space.choices:
         for mx in c.matrices:
-            if mx.kind == "embedding":
+            if (mx.kind == "embedding") != embeddings:
                 continue
             for o in c.options:
                 if o == "keep":
@@ -72,18 +73,6 @@ def _specs(space) -> dict[str, list[tuple[str, object]]]:
                 if mx.blocks > 1 and hasattr(spec, "blocks"):
                     spec = replace(spec, blocks=mx.blocks)
                 out.setdefault(mx.name, []).append((o, spec))
-    return out
-
-
-def _embedding_specs(space) -> dict[str, list[tuple[str, object]]]:
-    """Module name -> [(option, spec)] for every embedding factor option of the space (keep left out)."""
-    from kron.methods import parse_option
-
-    out: dict[str, list] = {}
-    for c in space.choices:
-        for mx in c.matrices:
-            if mx.kind == "embedding":
-                out.setdefault(mx.name, []).extend((o, parse_option(o)) for o in c.options if o != "keep")
     return out
 
 
@@ -160,7 +149,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     wanted = {n: v for n, v in _specs(space).items() if n in damages}
     if not wanted:
         return {}
-    embeddings = _embedding_specs(space) if getattr(cfg.search, "seed_embedding", False) else {}
+    embeddings = _specs(space, embeddings=True) if cfg.search.seed_embedding else {}
     extra = {"kl_points": KL_POINTS, **({"embeddings": {n: [o for o, _ in v] for n, v in embeddings.items()}}
                                         if embeddings else {})}
     teacher, tokenizer, stats, tokens, key, path, cached = _teacher_and_cache(cfg, wanted, extra, "kl-")
@@ -173,6 +162,18 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     teacher.eval()
     measure = _ModelMeasure(teacher, heldout, 1024)
     modules = dict(teacher.named_modules())
+
+    def kl_with(name: str, spec, init: str, stats=None) -> float:
+        """The teacher's measure with module `name` alone built as `spec`."""
+        with torch.no_grad():
+            kw = {"stats": stats} if stats is not None else {}  # data-free methods take no statistics
+            layer = get_method(spec.method).build(modules[name], spec, init, **kw).eval()
+        old = _swap(teacher, name, layer)
+        try:
+            return float(measure(changed=[name]))
+        finally:
+            _swap(teacher, name, old)
+
     out: dict[str, dict[str, float]] = {}
     for name, opts in wanted.items():
         st = stats.stats(name)
@@ -182,30 +183,15 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
         pick = {positive[i][1] for i in _kl_pick(len(positive), KL_POINTS)}
         cands = []
         for d, o, spec in ranked:
-            md = None
-            if o in pick:
-                with torch.no_grad():
-                    layer = get_method(spec.method).build(modules[name], spec, "data", stats=one).eval()
-                old = _swap(teacher, name, layer)
-                try:
-                    md = float(measure(changed=[name]))
-                finally:
-                    _swap(teacher, name, old)
+            md = kl_with(name, spec, "data", one) if o in pick else None
             cands.append({"method": spec.method, "damage": d, "model_damage": md})
         if not any(c["model_damage"] for c in cands):  # the model does not notice this matrix compressed
             out[name] = {o: 0.0 for _, o, _ in ranked}
             continue
         out[name] = {o: v for (_, o, _), v in zip(ranked, kl_damages({"candidates": cands}, name=name))}
     for name, opts in embeddings.items():  # few options, no proxy to interpolate along: every one measured
-        out[name] = {}
-        for o, spec in opts:
-            with torch.no_grad():  # data-free, as trials build it (tied: the LM head keeps the dense table)
-                layer = get_method(spec.method).build(modules[name], spec, "svd").eval()
-            old = _swap(teacher, name, layer)
-            try:
-                out[name][o] = max(0.0, float(measure(changed=[name])))
-            finally:
-                _swap(teacher, name, old)
+        # data-free, as trials build it (tied: the LM head keeps the dense table)
+        out[name] = {o: max(0.0, kl_with(name, spec, "svd")) for o, spec in opts}
     atomic_write_json(path, {"key": key, "damages": out})
     return out
 
