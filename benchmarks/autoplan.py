@@ -2,8 +2,8 @@
 
 Part `gpt2` (timing only): GPT-2 small's shapes with random weights (`config:gpt2`) and synthetic token batches:
 the time to collect the calibration statistics, profile every attention and FFN matrix (Kronecker and low-rank
-candidates + keep, and `--kl-subset` of them per matrix measured at model level on 1,024 synthetic held-out tokens,
-as `kronsearch profile` does by default) and solve the knapsack at a few budgets.
+candidates + keep, and `--kl-subset` of them per matrix measured at model level on 1,024 synthetic held-out tokens
+(`--kl-tokens` fewer), as `kronsearch profile` does by default) and solve the knapsack at a few budgets.
 
 Part `demo` (quality): the demo teacher (`kron.load_model("demo")`), calibration on 8,192 tokens of WikiText-2 train
 (../shared/data/wikitext-2; teacher samples when absent). For each preset (uniform:2, uniform:4, lowrank:2,
@@ -13,7 +13,8 @@ only, with data-aware init: perplexity right after init (no distillation)
 on the first 32 blocks of 128 tokens of WikiText-2 valid, and the profile's predicted damage of each plan.
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
-                                  [--kl-subset 4] [--damage proxy|kl|both] [--refine N] [--presets P1,P2]
+                                  [--kl-subset 4] [--kl-tokens 1024] [--damage proxy|kl|both] [--refine N]
+                                  [--presets P1,P2]
                                   [--mixed-only]
 
 `--refine N`: each automatic plan is also refined on the model (`kron.refine`: exchange moves judged by the joint
@@ -86,7 +87,7 @@ def gpt2_part(args) -> dict:
     c = Constraints(max_shapes=args.max_shapes, shapes_per_level=args.shapes_per_level)
     t0 = time.time()
     prof = profile_model(model, stats, constraints=c, source="config:gpt2", heldout=held if args.kl_subset else None,
-                         kl_subset=args.kl_subset, progress=_bar("gpt2"))
+                         kl_subset=args.kl_subset, kl_tokens=args.kl_tokens, progress=_bar("gpt2"))
     prof_s = time.time() - t0
     by_group: dict[str, float] = {}
     for mx in prof["matrices"].values():
@@ -104,9 +105,10 @@ def gpt2_part(args) -> dict:
     out = {"matrices": len(prof["matrices"]), "candidates": n_cand, "calib_tokens": stats.tokens,
            "stats_s": round(stats_s, 1), "profile_s": round(prof_s, 1), "solve_s": round(solve_s, 2),
            "profile_s_by_group": {k: round(v, 1) for k, v in by_group.items()}, "plans": plans,
-           "constraints": c.to_dict(), "threads": torch.get_num_threads(), "kl_subset": args.kl_subset}
+           "constraints": c.to_dict(), "threads": torch.get_num_threads(), "kl_subset": args.kl_subset,
+           "kl_tokens": args.kl_tokens}
     print(f"GPT-2 small shapes (random weights, {stats.tokens:,} synthetic tokens, {torch.get_num_threads()} "
-          f"thread(s), {args.kl_subset} KL measurements per matrix on 1,024 tokens): statistics {stats_s:.1f} s; profile of {out['matrices']} matrices x {n_cand} candidates "
+          f"thread(s), {args.kl_subset} KL measurements per matrix on {min(args.kl_tokens, 1024):,} tokens): statistics {stats_s:.1f} s; profile of {out['matrices']} matrices x {n_cand} candidates "
           f"{prof_s:.1f} s ({', '.join(f'{k} {v:.0f} s' for k, v in by_group.items())}); 3 knapsacks {solve_s:.2f} s")
     for b, r in plans.items():
         print(f"  {b}: " + (r["error"] if "error" in r else f"damage {r['damage']:.4g}, gap {r['gap']:.2g}"))
@@ -140,7 +142,7 @@ def demo_part(args) -> dict:
     c = Constraints(max_shapes=args.max_shapes, shapes_per_level=args.shapes_per_level)
     t0 = time.time()
     prof = profile_model(teacher, stats, constraints=c, source="demo", heldout=heldout, kl_subset=args.kl_subset,
-                         progress=_bar("demo"))
+                         kl_tokens=args.kl_tokens, progress=_bar("demo"))
     prof_s = time.time() - t0
     corr = prof["correlation"]
     rho = corr["spearman"]
@@ -223,6 +225,9 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--kl-subset", type=int, default=4,
                    help="candidates per matrix measured at model level (the profile's default; gpt2 part too)")
+    p.add_argument("--kl-tokens", type=int, default=1024,
+                   help="held-out tokens of each model-level measurement (the CLI's --kl-tokens; at most what "
+                        "the part holds out: 1,024 in the gpt2 part)")
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--damage", choices=("proxy", "kl", "both"), default="proxy",
                    help="what the automatic plans minimise (kron.autoplan damage; both: a row for each)")

@@ -250,6 +250,8 @@ class _FastBlock:
         self.lam = float((torch.diagonal(self.Sr) - torch.diagonal(self.S)).mean().item()) if self.S.numel() else 0.0
         self._white = None
         self._lowrank = None
+        self._lowrank_factors = None
+        self._factors: dict = {}
         self._blocks: dict = {}
 
     def blocks(self, n1: int, n2: int, *, gram: bool = False) -> torch.Tensor:
@@ -314,7 +316,7 @@ class _FastBlock:
     def kronecker(self, shape, rank: int, *, grid: int = 12, iters: int = 10, tol: float = 1e-6,
                   seed: int = 0) -> tuple[float, str]:
         """(f, init) of `data_aware_kronecker(W, S, shape, rank)`: the better of the SVD init and the data-aware
-        factors on S."""
+        factors on S. The chosen factors (A, B) are kept for `factors` until the next call."""
         from .datainit import _balance, _kron_dense, _search_and_refine
         from .factor import nearest_kronecker
 
@@ -335,10 +337,26 @@ class _FastBlock:
                 f_data = max(tail - self.lam * float(((self.W - _kron_dense(A, B)) ** 2).sum().item()), 0.0)
         else:
             A, B, _ = _search_and_refine(self.layout(shape, rank), svd.B, grid, seed, iters, tol)
+        A, B = _balance(A, B)  # as data_aware_kronecker returns them
         if f_data is None:
-            A, B = _balance(A, B)
             f_data = self.f_kron(A, B)
-        return (f_svd, "svd") if f_svd < f_data else (f_data, "data")
+        if f_svd < f_data:
+            self._factors = {("kronecker", tuple(shape), rank): (svd.A, svd.B)}
+            return f_svd, "svd"
+        self._factors = {("kronecker", tuple(shape), rank): (A, B)}
+        return f_data, "data"
+
+    def factors(self, spec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The float64 factors behind the last damage computed for `spec` — Kronecker (A, B) as
+        `data_aware_kronecker` gives them, low-rank (U, V) as `whitened_lowrank` — or None when they are not at hand
+        (the caller then builds the layer itself)."""
+        if spec.method == "kronecker":
+            return self._factors.get(("kronecker", tuple(spec.shape), spec.rank))
+        if spec.method == "lowrank" and self._lowrank_factors is not None:
+            P, sig, Z = self._lowrank_factors
+            root = sig[:spec.rank].sqrt()
+            return P[:, :spec.rank] * root, root[:, None] * Z[:spec.rank]
+        return None
 
     def lowrank(self, rank: int) -> tuple[float, str]:
         """(f, "data") of `whitened_lowrank(W, S, rank)`: with W·L = P Σ Qᵀ, W − Ŵ_r = P_t Σ_t Q_tᵀ L⁻¹, so
@@ -346,11 +364,12 @@ class _FastBlock:
         if self._lowrank is None:
             _, Linv, WL = self.whitener()
             if WL.shape[0] < WL.shape[1]:  # wide: LAPACK is ~3x faster on the tall transpose (same factors)
-                U, sig, _ = torch.linalg.svd(WL.T, full_matrices=False)
-                Qh = U.T
+                U, sig, Ph = torch.linalg.svd(WL.T, full_matrices=False)
+                P, Qh = Ph.T, U.T
             else:
-                _, sig, Qh = torch.linalg.svd(WL, full_matrices=False)
+                P, sig, Qh = torch.linalg.svd(WL, full_matrices=False)
             Z = self.unwhiten(Qh)
+            self._lowrank_factors = (P, sig, Z)  # U = P_r Σ_r^½, V = Σ_r^½ Z_r (whitened_lowrank)
             if Linv is None:  # L·Lᵀ = S + λI, so z S zᵀ = q L⁻¹(L Lᵀ − λI)L⁻ᵀ qᵀ = 1 − λ‖z‖² (unit rows q)
                 g = (1 - self.lam * (Z * Z).sum(1)).clamp_min(0)
             else:
@@ -380,6 +399,29 @@ def _fast_damage(blocks: list, spec) -> tuple[float, str] | None:
         return 0.0, res[0][1]
     inits = {i for _, i in res}
     return sum(f for f, _ in res) / base, inits.pop() if len(inits) == 1 else "svd"
+
+
+def _layer_from_factors(module: nn.Module, spec, factors: list) -> nn.Module | None:
+    """The layer `method.build(module, spec, "data", stats)` would give, from the factors `_FastBlock.factors`
+    found for it (one pair per output block), without solving again; None when some factors are missing."""
+    from .methods import get_method
+    from .methods.layers import linear_weight
+
+    if not factors or any(f is None for f in factors) or spec.method not in ("kronecker", "lowrank"):
+        return None
+    names = ("A", "B") if spec.method == "kronecker" else ("U", "V")
+    new = get_method(spec.method).build(module, spec, "none")
+    parts = list(new.blocks) if spec.blocks > 1 else [new]
+    if len(parts) != len(factors):
+        return None
+    bias = linear_weight(module)[1]
+    with torch.no_grad():
+        for part, pair in zip(parts, factors):
+            for attr, t in zip(names, pair):
+                getattr(part, attr).copy_(t)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
 
 
 def _candidate_damage(name: str, module: nn.Module, spec, stats_one, blocks: list | None,
@@ -744,6 +786,8 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                 damage, init_src, new = _candidate_damage(mx.name, module, spec, stats_one, fast_blocks, proxy)
                 kl = None
                 if j in kl_idx:
+                    if new is None and fast_blocks is not None:  # the factors just found, not a second solve
+                        new = _layer_from_factors(module, spec, [b.factors(spec) for b in fast_blocks])
                     if new is None:
                         new = method.build(module, spec, "data", stats=stats_one)
                     new.eval()

@@ -265,10 +265,44 @@ def test_cached_block_objectives_match_datainit_closely(shape, rank, wide):
     ref = data_aware_kronecker(W, S, (m1, n1, m2, n2), rank)
     want = calibration_objective(W, S, torch.einsum("kac,kbd->abcd", ref.A, ref.B).reshape(m, n))
     assert got == pytest.approx(want, rel=1e-9)
+    from kron.methods import parse_option
+
+    kspec = parse_option(f"{m1}x{n1},{m2}x{n2},r{rank}")
+    A, B = fb.factors(kspec)  # the factors behind that damage: the layer the KL measurement swaps in
+    dense = torch.einsum("kac,kbd->abcd", A, B).reshape(m, n)
+    assert torch.allclose(dense, torch.einsum("kac,kbd->abcd", ref.A, ref.B).reshape(m, n), rtol=1e-6, atol=1e-9)
     for r in (1, 3):
         got, _ = fb.lowrank(r)
         lr = whitened_lowrank(W, S, r)
         assert got == pytest.approx(calibration_objective(W, S, lr.U @ lr.V), rel=1e-9)
+        U, V = fb.factors(parse_option(f"lr{r}"))
+        assert torch.allclose(U @ V, lr.U @ lr.V, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_kl_candidates_reuse_the_profiled_factors(gpt2, blocks, monkeypatch):
+    """The model-level measurement swaps in the layer made from the factors the fast path just found (no second
+    data-aware solve): the same KL as building each layer with `method.build(..., "data")`."""
+    import kron.datainit as datainit
+
+    model, stats, held = gpt2
+    mx = compressible_matrices(model)[0 if blocks == 3 else 3]
+    c = Constraints(ranks=(1, 2), max_shapes=3, shapes_per_level=2, max_compression=12)
+    slow = profile_model(model, stats, constraints=c, matrices=[mx], heldout=held, kl_subset=6, fast=False)
+    calls = []
+    for fn in ("data_aware_kronecker", "whitened_lowrank"):
+        monkeypatch.setattr(datainit, fn, lambda *a, _f=fn, **k: calls.append(_f) or pytest.fail(_f))
+    fast = profile_model(model, stats, constraints=c, matrices=[mx], heldout=held, kl_subset=6)
+    assert not calls
+    got = [(x["label"], x["model_damage"]) for x in fast["matrices"][mx.name]["candidates"]]
+    want = [(x["label"], x["model_damage"]) for x in slow["matrices"][mx.name]["candidates"]]
+    assert sum(d is not None for _, d in got) >= 6 and {x for x, _ in got} >= {"keep"}
+    assert {x["method"] for x in fast["matrices"][mx.name]["candidates"] if x["model_damage"]} == {"kronecker",
+                                                                                                    "lowrank"}
+    for (la, a), (lb, b) in zip(got, want):
+        assert la == lb and (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, rel=1e-3, abs=1e-8), la
 
 
 def test_refine_improves_a_bad_start_on_the_model_and_keeps_the_budget(gpt2):
