@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .autoplan import DEFAULT_METHODS, Constraints
@@ -622,7 +623,9 @@ class _ModelMeasure:
                     out = self.model(**kw)
                     if self.kind == "kl":
                         logq = torch.log_softmax(out.logits.float(), dim=-1)
-                        kl = (ref.exp() * (ref - logq)).sum(-1)  # per position (or per sequence for a classifier)
+                        # exp(ref)·(ref − logq) in one elementwise pass (no exp(ref) / difference temporaries of
+                        # tokens x vocab floats); per position, or per sequence for a classifier
+                        kl = F.kl_div(logq, ref, reduction="none", log_target=True).sum(-1)
                         if mask is not None and kl.dim() == 2 and tuple(kl.shape) == tuple(mask.shape):
                             w = mask.to(kl.dtype)
                             num += float((kl * w).sum().item())

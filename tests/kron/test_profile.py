@@ -408,3 +408,20 @@ def test_model_measure_replays_the_unchanged_layer_prefix(family):
     assert measure.start_layer([emb]) == 0
     assert measure(changed=[late]) == pytest.approx(0.0, abs=1e-6)  # the reference model again
     assert not any("forward" in layer.__dict__ for layer in measure.layers)  # the stubs are gone
+
+
+def test_model_measure_is_the_mean_next_token_kl(gpt2):
+    """The model-level measure of a causal LM is the mean over positions of KL(teacher ‖ student) of the next-token
+    distributions, checked against the definition in float64."""
+    from kron.profile import _ModelMeasure
+
+    model, _, held = gpt2
+    student = copy.deepcopy(model)
+    measure = _ModelMeasure(student, held)  # the reference pass: the teacher's weights
+    assert measure() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        student.transformer.h[1].mlp.c_fc.weight.mul_(-3.0)
+        p = torch.log_softmax(model(input_ids=held[0]).logits.double(), -1)
+        q = torch.log_softmax(student(input_ids=held[0]).logits.double(), -1)
+    want = float((p.exp() * (p - q)).sum(-1).mean())
+    assert want > 1e-3 and measure(changed=["transformer.h.1.mlp.c_fc"]) == pytest.approx(want, rel=1e-4)
