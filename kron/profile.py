@@ -508,6 +508,25 @@ def _model_inputs(batch, device, extra: Mapping | None = None):
     return kw, mask
 
 
+def _first_rows(batch, tokens: int):
+    """The batch cut to its first rows holding at most `tokens` tokens (padding not counted; at least one row), so
+    that a token budget smaller than one batch is honoured."""
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return batch
+    mask = None if isinstance(batch, torch.Tensor) else batch.get("attention_mask")
+    per_row = (mask.reshape(mask.shape[0], -1).sum(1) if isinstance(mask, torch.Tensor)
+               else torch.full((ids.shape[0],), ids[0].numel()))
+    k = max(int((per_row.cumsum(0) <= tokens).sum().item()), 1)
+    if k >= ids.shape[0]:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch[:k]
+    n = ids.shape[0]
+    return {key: v[:k] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for key, v in batch.items()}
+
+
 def _no_cache_kwargs(model: nn.Module) -> dict:
     """{"use_cache": False} when the model's forward takes it: no KV cache is built for a measurement pass (it
     costs memory, and a replayed layer prefix would leave it half filled)."""
@@ -532,9 +551,13 @@ class _ModelMeasure:
     (`changed`: dotted names) runs the model from the first layer holding one of them: the layers before it return
     their recorded outputs instead of computing them — the same numbers, since those layers are the reference's.
     A changed module outside the layers (embeddings, head) or `changed=None` runs everything.
+
+    max_tokens: at most this many held-out tokens (the last batch used is cut to its first rows, at least one);
+    whole_batches: the older rule — whole batches until the budget is reached (the search's seeds keep it).
     """
 
-    def __init__(self, model: nn.Module, batches: Sequence, max_tokens: int | None = None, *, replay: bool = True):
+    def __init__(self, model: nn.Module, batches: Sequence, max_tokens: int | None = None, *, replay: bool = True,
+                 whole_batches: bool = False):
         self.model = model
         dev = next(model.parameters()).device
         self.device = dev
@@ -553,6 +576,8 @@ class _ModelMeasure:
                 for b in batches:
                     if max_tokens is not None and seen >= max_tokens:
                         break
+                    if max_tokens is not None and not whole_batches:
+                        b = _first_rows(b, max_tokens - seen)
                     kw, mask = _model_inputs(b, dev, self.extra)
                     recording.clear()
                     out = model(**kw)

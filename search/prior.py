@@ -160,7 +160,9 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     print(f"model-level damage for the automatic seeds: {len(wanted)} matrices x {KL_POINTS} options"
           f"{f' + {n_emb} embedding factors' if n_emb else ''} ...", file=stream or sys.stderr)
     teacher.eval()
-    measure = _ModelMeasure(teacher, heldout, 1024)
+    # whole batches up to 1,024 tokens, as releases before row-level cuts measured: the seeds of a resumed search
+    # (and cached damages) stay the same
+    measure = _ModelMeasure(teacher, heldout, 1024, whole_batches=True)
     modules = dict(teacher.named_modules())
 
     def kl_with(name: str, spec, init: str, stats=None) -> float:

@@ -425,3 +425,27 @@ def test_model_measure_is_the_mean_next_token_kl(gpt2):
         q = torch.log_softmax(student(input_ids=held[0]).logits.double(), -1)
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert want > 1e-3 and measure(changed=["transformer.h.1.mlp.c_fc"]) == pytest.approx(want, rel=1e-4)
+
+
+def test_model_measure_token_budget_cuts_rows():
+    """A token budget smaller than a batch keeps that batch's first rows (padding not counted; at least one row, never
+    more than the budget); `whole_batches` keeps the older rule."""
+    from kron.profile import _first_rows
+
+    ids = torch.arange(8 * 16).reshape(8, 16)
+    assert _first_rows(ids, 32).shape == (2, 16) and _first_rows(ids, 40).shape == (2, 16)
+    assert _first_rows(ids, 5).shape == (1, 16) and _first_rows(ids, 10_000) is ids
+    mask = torch.zeros(8, 16, dtype=torch.long)
+    mask[:, :4] = 1  # 4 real tokens per row
+    cut = _first_rows({"input_ids": ids, "attention_mask": mask, "labels": ids, "n": 3}, 12)
+    assert cut["input_ids"].shape == (3, 16) and cut["attention_mask"].shape == (3, 16)
+    assert cut["labels"].shape == (3, 16) and cut["n"] == 3
+
+
+def test_model_measure_honours_a_budget_below_one_batch(gpt2):
+    from kron.profile import _ModelMeasure
+
+    model, _, held = gpt2  # one batch of 2 x 16
+    assert _ModelMeasure(model, held, 16).tokens == 16
+    assert _ModelMeasure(model, held, 16, whole_batches=True).tokens == 32
+    assert _ModelMeasure(model, held).tokens == 32
