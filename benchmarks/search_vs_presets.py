@@ -38,7 +38,8 @@ PARTS = ("references", "search", "random", "auto")
 SIZE = "params_excl_output_embedding"
 
 
-def _search_config(args, name: str, *, algorithm: str = "tpe", seeds=("auto",), prior: bool = True) -> dict:
+def _search_config(args, name: str, *, algorithm: str = "tpe", seeds=None, prior: bool = True) -> dict:
+    seeds = tuple(args.seeds) if seeds is None else seeds
     return search_config(name, evidence_trial(args), args.out, trials=args.trials, steps=args.steps, size=SIZE,
                          algorithm=algorithm, seeds=seeds, max_damage=args.max_damage if prior else None)
 
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     add_teacher_args(p)
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
+    p.add_argument("--seeds", nargs="+", default=["auto"], metavar="PLAN",
+                   help="the search's seed_plans (default: auto, 3 automatic plans; e.g. auto:5); the auto part "
+                        "trains the automatic ones alone")
     p.add_argument("--out", default=None, help="default runs/search_vs_presets[-minilm]")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args(argv)
