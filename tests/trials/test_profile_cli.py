@@ -105,6 +105,17 @@ def test_profile_then_auto_plans(env, capsys):
     assert rc == 2 and "constraints.max_shapes" in err and "--fresh" in err
 
 
+def test_profile_kl_tokens_below_one_batch(env, capsys):
+    """`--kl-tokens` smaller than a held-out batch measures only that many tokens (whole rows of the batch)."""
+    model, calib, tmp = env
+    prof = tmp / "p.json"
+    rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", prof, "--kl-subset", "1", "--kl-tokens",
+                     "32", "--heatmap", "none", *FAST)
+    assert rc == 0, err
+    data = json.loads(prof.read_text())
+    assert data["model_measure"]["tokens"] == 32  # one row of the held-out batch (2 rows of 32)
+
+
 def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     model, calib, tmp = env
     rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", *calib, *FAST,
