@@ -106,25 +106,101 @@ def minilm_rows(args) -> list[dict]:
     return rows
 
 
+def minilm_accuracy_rows(args) -> list[dict]:
+    """SST-2 dev accuracy (all 872 sentences) right after init of the fine-tuned MiniLM teacher compressed by each
+    preset (svd / data-aware init) and by the automatic plan at each preset's size (profile of the classifier with
+    KL of its outputs for 4 candidates per matrix, summed-KL knapsack at the preset's parameter count, data-aware
+    init); calibration on SST-2 training sentences. The automatic plans compress linear matrices only: a preset that
+    factors the word embedding (KroneckerBERT8-style) is smaller than any of them can be."""
+    from common import ensure_minilm_teacher
+    from glue_minilm import student_plan
+    from kron import load_model
+    from kron.autoplan import Budget, Constraints, auto_plan, resolved_specs
+    from kron.errors import UserError
+    from kron.models import load_tokenizer
+    from kron.plan import CompressionPlan
+    from kron.profile import profile_model
+    from kron.surgery import compress
+    from trials.calibration import calibration_batches, calibration_stats
+    from trials.evaluate import evaluate_glue
+    from trials.glue import encode_glue, load_glue
+
+    glue = SHARED / "data" / "glue"
+    if not (SHARED / "models" / "all-MiniLM-L6-v2").is_dir() or not glue.is_dir():
+        print("MiniLM or GLUE data not found: skipping the MiniLM accuracy rows")
+        return []
+    tdir = ensure_minilm_teacher(args.minilm_teacher)
+    teacher = load_model(str(tdir), device="cpu")
+    tok = load_tokenizer(str(tdir))
+    dev = encode_glue(load_glue("sst2", str(glue / "SST-2"), "dev"), tok, 64)
+
+    def accuracy(model) -> float:
+        return evaluate_glue(model, dev, "sst2", 64, torch.device("cpu"))["quality"]
+
+    source = f"glue:sst2:{glue / 'SST-2'}"
+    calib = calibration_stats(teacher, tok, source, args.calib_tokens, seq_len=64, model_id=str(tdir))
+    heldout = calibration_batches(teacher, tok, source, args.calib_tokens, seq_len=64)[1]
+    t0 = time.time()
+    prof = profile_model(teacher, calib, constraints=Constraints(), source=str(tdir), heldout=heldout, kl_subset=4)
+    print(f"MiniLM SST-2 teacher: profile of {len(prof['matrices'])} matrices in {time.time() - t0:.1f} s "
+          f"(proxy vs KL Spearman {prof['correlation']['spearman']:.3f})")
+    rows = [{"model": "minilm-sst2", "preset": "teacher", "init": "-", "split": "-", "quality": accuracy(teacher),
+             "seconds": 0.0}]
+    presets = {"uniform:2": "uniform:2", "uniform:4": "uniform:4", "lowrank:2": "lowrank:2",
+               "lowrank:4": "lowrank:4", "kroneckerbert8-style": CompressionPlan.from_dict(student_plan())}
+    for name, plan in presets.items():
+        params = None
+        for init in ("svd", "data"):
+            t = time.time()
+            rep = compress(teacher, plan, init=init, calib=calib, inplace=False)
+            params = rep.params_after
+            rows.append({"model": "minilm-sst2", "preset": name, "init": init, "split": "-",
+                         "quality": accuracy(rep.model), "seconds": time.time() - t, "params": params})
+        t = time.time()
+        try:
+            sol = auto_plan(prof, Budget("params", params, f"params={params}"), damage="kl")
+        except UserError as exc:
+            rows.append({"model": "minilm-sst2", "preset": f"auto @ {name}", "init": "data", "split": "-",
+                         "quality": float("nan"), "seconds": 0.0, "error": str(exc).splitlines()[0]})
+            continue
+        rep = compress(teacher, CompressionPlan.from_resolved(resolved_specs(sol)), init="data", calib=calib,
+                       inplace=False)
+        rows.append({"model": "minilm-sst2", "preset": f"auto @ {name}", "init": "data", "split": "-",
+                     "quality": accuracy(rep.model), "seconds": time.time() - t, "params": rep.params_after})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--data", default=str(SHARED / "data" / "wikitext-2"))
-    p.add_argument("--minilm", action="store_true", help="also the MiniLM rows (cosine to the teacher on SST-2 dev)")
+    p.add_argument("--minilm", action="store_true", help="also the MiniLM rows (cosine to the teacher on SST-2 dev, "
+                   "and SST-2 dev accuracy of the fine-tuned teacher after init, presets and automatic plans)")
+    p.add_argument("--minilm-teacher", default="runs/minilm-sst2-teacher",
+                   help="the SST-2 fine-tuned MiniLM (made there first when absent: common.ensure_minilm_teacher)")
+    p.add_argument("--skip-demo", action="store_true", help="only the MiniLM rows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows = demo_rows(args)
+    rows = [] if args.skip_demo else demo_rows(args)
     if args.minilm:
         rows += minilm_rows(args)
+        rows += minilm_accuracy_rows(args)
     print(f"{'model':<7} {'preset':<10} {'init':<5} {'split':<7} {'quality':>9} {'out_err':>8} {'init s':>7}")
     for r in rows:
+        if r.get("error"):
+            print(f"{r['model']:<7} {r['preset']:<10} {r['error']}")
+            continue
         q = f"{r['quality']:.1f}" if r["model"] == "demo" else f"{r['quality']:.3f}"
         oe = "-" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.3f}"
         print(f"{r['model']:<7} {r['preset']:<10} {r['init']:<5} {r['split']:<7} {q:>9} {oe:>8} {r['seconds']:>7.1f}")
     q = {(r["preset"], r["init"], r["split"]): r["quality"] for r in rows if r["model"] == "demo"}
+    if not q:
+        print(json.dumps({"benchmark": "init_quality", "threads": args.threads,
+                          "seconds": round(time.time() - t0, 1), "rows": rows}))
+        return 0
     ratio = q[("uniform:4", "svd", "output")] / q[("uniform:4", "data", "input")]
     print(f"uniform:4 on the demo teacher: SVD init perplexity / data-aware init perplexity = {ratio:.2f} "
           f"(target >= 2): {'met' if ratio >= 2 else 'NOT met'}")
