@@ -112,7 +112,7 @@ def minilm_accuracy_rows(args) -> list[dict]:
     KL of its outputs for 4 candidates per matrix, summed-KL knapsack at the preset's parameter count, data-aware
     init); calibration on SST-2 training sentences. The automatic plans compress linear matrices only: a preset that
     factors the word embedding (KroneckerBERT8-style) is smaller than any of them can be."""
-    from common import ensure_minilm_teacher
+    from common import MINILM, SST2, ensure_minilm_teacher
     from glue_minilm import student_plan
     from kron import load_model
     from kron.autoplan import Budget, Constraints, auto_plan, resolved_specs
@@ -125,19 +125,18 @@ def minilm_accuracy_rows(args) -> list[dict]:
     from trials.evaluate import evaluate_glue
     from trials.glue import encode_glue, load_glue
 
-    glue = SHARED / "data" / "glue"
-    if not (SHARED / "models" / "all-MiniLM-L6-v2").is_dir() or not glue.is_dir():
-        print("MiniLM or GLUE data not found: skipping the MiniLM accuracy rows")
+    if not MINILM.is_dir() or not SST2.is_dir():
+        print("MiniLM or SST-2 data not found: skipping the MiniLM accuracy rows")
         return []
     tdir = ensure_minilm_teacher(args.minilm_teacher)
     teacher = load_model(str(tdir), device="cpu")
     tok = load_tokenizer(str(tdir))
-    dev = encode_glue(load_glue("sst2", str(glue / "SST-2"), "dev"), tok, 64)
+    dev = encode_glue(load_glue("sst2", str(SST2), "dev"), tok, 64)
 
     def accuracy(model) -> float:
         return evaluate_glue(model, dev, "sst2", 64, torch.device("cpu"))["quality"]
 
-    source = f"glue:sst2:{glue / 'SST-2'}"
+    source = f"glue:sst2:{SST2}"
     calib = calibration_stats(teacher, tok, source, args.calib_tokens, seq_len=64, model_id=str(tdir))
     heldout = calibration_batches(teacher, tok, source, args.calib_tokens, seq_len=64)[1]
     t0 = time.time()

@@ -252,7 +252,7 @@ class _FastBlock:
         self._white = None
         self._lowrank = None
         self._lowrank_factors = None
-        self._factors: dict = {}
+        self._kron_factors = None  # ((shape, rank), (A, B)) of the last `kronecker` call
         self._blocks: dict = {}
 
     def blocks(self, n1: int, n2: int, *, gram: bool = False) -> torch.Tensor:
@@ -341,18 +341,17 @@ class _FastBlock:
         A, B = _balance(A, B)  # as data_aware_kronecker returns them
         if f_data is None:
             f_data = self.f_kron(A, B)
-        if f_svd < f_data:
-            self._factors = {("kronecker", tuple(shape), rank): (svd.A, svd.B)}
-            return f_svd, "svd"
-        self._factors = {("kronecker", tuple(shape), rank): (A, B)}
-        return f_data, "data"
+        best = (f_svd, "svd", (svd.A, svd.B)) if f_svd < f_data else (f_data, "data", (A, B))
+        self._kron_factors = ((tuple(shape), rank), best[2])
+        return best[0], best[1]
 
     def factors(self, spec) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The float64 factors behind the last damage computed for `spec` — Kronecker (A, B) as
         `data_aware_kronecker` gives them, low-rank (U, V) as `whitened_lowrank` — or None when they are not at hand
         (the caller then builds the layer itself)."""
         if spec.method == "kronecker":
-            return self._factors.get(("kronecker", tuple(spec.shape), spec.rank))
+            last = self._kron_factors
+            return last[1] if last is not None and last[0] == (tuple(spec.shape), spec.rank) else None
         if spec.method == "lowrank" and self._lowrank_factors is not None:
             P, sig, Z = self._lowrank_factors
             root = sig[:spec.rank].sqrt()
@@ -628,6 +627,18 @@ class _ModelMeasure:
             start = min(start, int(index))
         return start
 
+    def with_layers(self, layers: Mapping[str, nn.Module]) -> float:
+        """The measure with each module named in `layers` swapped for its layer (the others as they are), replaying
+        the unchanged prefix; the originals are put back afterwards, also on error."""
+        swapped = []
+        try:
+            for name, layer in layers.items():
+                swapped.append((name, _swap(self.model, name, layer)))
+            return float(self(changed=list(layers)))
+        finally:
+            for name, old in reversed(swapped):
+                _swap(self.model, name, old)
+
     def __call__(self, changed: Sequence[str] | None = None) -> float:
         """The measure of the model as it is now; `changed`: the modules that differ from the reference pass (None:
         unknown, run every layer)."""
@@ -818,12 +829,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                         new = _layer_from_factors(module, spec, [b.factors(spec) for b in fast_blocks])
                     if new is None:
                         new = method.build(module, spec, "data", stats=stats_one)
-                    new.eval()
-                    old = _swap(model, mx.name, new)
-                    try:
-                        kl = measure(changed=[mx.name])
-                    finally:
-                        _swap(model, mx.name, old)
+                    kl = measure.with_layers({mx.name: new.eval()})
                 p = spec.params(mx.m, mx.n)
                 cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
                               "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,

@@ -100,21 +100,11 @@ class _Evaluator:
         return self.built[key]
 
     def __call__(self, choice: Mapping[str, Option]) -> float:
-        from .profile import _swap
-
         key = tuple(sorted((n, o.label) for n, o in choice.items()))
         if key in self.seen:
             return self.seen[key]
-        swapped = []
-        try:
-            for name, o in choice.items():
-                if o.spec == "keep":
-                    continue
-                swapped.append((name, _swap(self.model, name, self._layer(name, o))))
-            value = float(self.measure(changed=[n for n, _ in swapped]))
-        finally:
-            for name, old in reversed(swapped):
-                _swap(self.model, name, old)
+        value = self.measure.with_layers({name: self._layer(name, o) for name, o in choice.items()
+                                          if o.spec != "keep"})
         if value != value:
             raise DataError("the refined plan's model-level measure is NaN (the calibration statistics or a weight "
                             "hold extreme values)")

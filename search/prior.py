@@ -143,7 +143,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     from kron.calibration import ModuleStats
     from kron.fsutil import atomic_write_json
     from kron.methods import get_method
-    from kron.profile import _ModelMeasure, _kl_pick, _swap
+    from kron.profile import _ModelMeasure, _kl_pick
     from trials.calibration import heldout_for
 
     wanted = {n: v for n, v in _specs(space).items() if n in damages}
@@ -170,11 +170,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
         with torch.no_grad():
             kw = {"stats": stats} if stats is not None else {}  # data-free methods take no statistics
             layer = get_method(spec.method).build(modules[name], spec, init, **kw).eval()
-        old = _swap(teacher, name, layer)
-        try:
-            return float(measure(changed=[name]))
-        finally:
-            _swap(teacher, name, old)
+        return measure.with_layers({name: layer})
 
     out: dict[str, dict[str, float]] = {}
     for name, opts in wanted.items():
