@@ -431,26 +431,36 @@ DAMAGES = ("proxy", "kl")
 
 
 def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | None = None,
-                       damage: str = "proxy") -> tuple[list[Item], int]:
-    """(items, fixed) from a profile dict (`kron.profile`): options per matrix on the axis "params" or "macs" (the
-    ratio axis counts parameters), and `fixed` the model's cost outside the profiled matrices' weights. damage:
-    "proxy" (the relative output error) or "kl" (the model-level KL, measured or estimated: `kl_damages`)."""
+                       damage: str = "proxy", embeddings: bool | Iterable[int] = True) -> tuple[list[Item], int]:
+    """(items, fixed) from a profile dict (`kron.profile`): options per matrix on the axis "params", "macs" or
+    "ratio" (parameters excluding the output embedding: a tied embedding's factors without the LM head's dense
+    copy), and `fixed` the model's cost outside the profiled matrices' weights. damage: "proxy" (the relative output
+    error; an embedding's: its table's weight error) or "kl" (the model-level KL, measured or estimated:
+    `kl_damages`). methods: the linear methods whose candidates are offered (an embedding's factors are offered
+    whenever the profile has them and `embeddings` is True; False: the embedding stays as it is; a collection of
+    factors: only those)."""
     if damage not in DAMAGES:
         raise ConfigError(f"damage must be one of {', '.join(DAMAGES)}, got {damage!r}")
-    key = "macs" if axis == "macs" else "params"
+    key = {"macs": "macs", "ratio": "params_excl_output_embedding"}.get(axis, "params")
     wanted = set(methods) if methods is not None else None
     items = []
     dense_total = 0
     for name, mx in profile["matrices"].items():
+        is_emb = mx.get("group") == "embedding"
+        if is_emb and embeddings is False:
+            continue
+        allowed = None if embeddings is True or not is_emb else {int(f) for f in embeddings}
         opts = []
         values = kl_damages(mx, name=name) if damage == "kl" else [c["damage"] for c in mx["candidates"]]
         for c, value in zip(mx["candidates"], values):
-            if c["method"] != "keep" and wanted is not None and c["method"] not in wanted:
+            if c["method"] != "keep" and wanted is not None and c["method"] not in wanted and not is_emb:
+                continue
+            if allowed is not None and c["method"] != "keep" and c["spec"].get("embedding_factor") not in allowed:
                 continue
             spec = "keep" if c["method"] == "keep" else dict(c["spec"], method=c["method"])
-            opts.append(Option(c["label"], spec, int(c[key]), float(value)))
+            opts.append(Option(c["label"], spec, int(c.get(key, c["params"])), float(value)))
         items.append(Item(name, opts))
-        dense_total += int(mx["dense_" + key])
+        dense_total += int(mx.get("dense_" + key, mx["dense_params"]))
     totals = profile["model"]
     if axis == "macs":
         fixed = int(totals["macs"]) - dense_total
@@ -480,21 +490,29 @@ def smallest_reachable(profile: Mapping, axis: str, items: Sequence[Item], fixed
 
 
 def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None = None, solver: str = "dp",
-              max_cells: int = DEFAULT_MAX_CELLS, damage: str = "proxy") -> Solution:
+              max_cells: int = DEFAULT_MAX_CELLS, damage: str = "proxy",
+              embeddings: bool | Iterable[int] = True) -> Solution:
     """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under `budget`
     (damage "proxy": relative output errors; "kl": model-level KL, `kl_damages`). PlanError naming the smallest
     reachable size when no plan meets the budget."""
-    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage)
+    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage, embeddings=embeddings)
     room = budget_room(profile, budget, fixed)
     lo = sum(min(o.cost for o in it.options) for it in items)
     if lo > room:
         raise PlanError(f"budget {budget} is unreachable with these candidates: the smallest reachable size is "
                         f"{smallest_reachable(profile, budget.axis, items, fixed)} (a profile with a larger "
-                        f"--max-compression, more --ranks or --methods reaches further; or give a larger budget)")
+                        f"--max-compression, more --ranks or --methods{_embedding_hint(profile, embeddings)} "
+                        "reaches further; or give a larger budget)")
     sol = solve(items, room, solver=solver, max_cells=max_cells)
     sol.cost += fixed
     sol.room += fixed
     return sol
+
+
+def _embedding_hint(profile: Mapping, embeddings: bool) -> str:
+    if embeddings is False or not any(mx.get("group") == "embedding" for mx in profile["matrices"].values()):
+        return ", or the word embedding's factors (--embedding-factors),"
+    return ""
 
 
 def resolved_specs(sol: Solution) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from .autoplan import DEFAULT_METHODS, Constraints
 from .errors import DataError, PlanError
 
 __all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header",
-           "compressible_matrices", "load_profile", "model_identity", "profile_header", "profile_model",
+           "compressible_matrices", "embedding_matrices", "load_profile", "model_identity", "profile_header", "profile_model",
            "spearman"]
 
 FORMAT = "kronsearch.profile/1"
@@ -88,6 +88,25 @@ def compressible_matrices(model: nn.Module, groups: Sequence[str] = LINEAR_GROUP
     if not out:
         raise PlanError("the model has no compressible attention or FFN matrix")
     return out
+
+
+def embedding_matrices(model: nn.Module) -> list[Matrix]:
+    """The model's word embedding (the `kron.vocab` family's embedding pattern; for a model of no known family,
+    `get_input_embeddings()`) as a Matrix of group "embedding", (m, n) = (vocabulary, width); [] when it has none."""
+    from .surgery import input_embedding
+    from .vocab import family_of
+
+    emb = input_embedding(model)
+    if emb is None or not isinstance(emb, nn.Embedding):
+        return []
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if not name:
+        return []
+    names = [n for n, _ in model.named_modules() if n]
+    fam = family_of(getattr(getattr(model, "config", None), "model_type", None), names)
+    if fam is not None and not re.fullmatch(fam.patterns["embedding"], name):
+        return []
+    return [Matrix(name, "embedding", emb.num_embeddings, emb.embedding_dim)]
 
 
 def candidates_for(mx: Matrix, methods: Sequence[str], constraints) -> list:
@@ -722,9 +741,12 @@ def _kl_pick(n: int, k: int) -> list[int]:
 
 
 def correlation(profile: Mapping) -> dict:
-    """Spearman correlation of proxy vs model-level damage over every measured candidate, and its count."""
+    """Spearman correlation of proxy vs model-level damage over every measured candidate of the linear matrices
+    (an embedding's proxy, its table's weight error, is another quantity), and its count."""
     xs, ys = [], []
     for mx in profile["matrices"].values():
+        if mx.get("group") == "embedding":
+            continue
         for c in mx["candidates"]:
             if c.get("model_damage") is not None and c["method"] != "keep":
                 xs.append(c["damage"])
@@ -735,11 +757,61 @@ def correlation(profile: Mapping) -> dict:
 # ----------------------------------------------------------------------------------------------- profiling
 
 
+def _tied(model: nn.Module, emb: nn.Module) -> bool:
+    """Whether the LM head shares the embedding's table (compressing the embedding then leaves the head a dense
+    copy of it: trials and plans count that copy)."""
+    from .surgery import output_embedding
+
+    head = output_embedding(model)
+    return head is not None and getattr(head, "weight", None) is emb.weight
+
+
+def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int], measure: "_ModelMeasure | None") -> dict:
+    """The profile entry of a word embedding: keep and A (v x d/f) ⊗ B (1 x f) for each factor f of `factors` that
+    divides the width, each built with its data-free SVD init (as trials build it; an embedding has no input
+    activations). damage: the relative weight error ‖E − Ê‖²/‖E‖² of the table; model_damage: the model-level
+    measure of every candidate (few of them, and no proxy to interpolate along) when `measure` is given.
+    params: the model's parameter change (tied: plus the LM head's dense copy); params_excl_output_embedding: the
+    factors alone."""
+    from .methods import get_method
+    from .methods.base import spec_from_dict
+
+    t0 = time.time()
+    module = model.get_submodule(mx.name)
+    tied = _tied(model, module)
+    v, d = mx.m, mx.n
+    dense = v * d
+    E = module.weight.detach().double()
+    base = float(E.pow(2).sum())
+    cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense,
+              "params_excl_output_embedding": dense, "macs": 0, "compression": 1.0, "damage": 0.0,
+              "model_damage": 0.0 if measure is not None else None, "seconds": 0.0}]
+    method = get_method("kron_embedding")
+    used = sorted({int(f) for f in factors if int(f) > 1 and d % int(f) == 0})
+    for f in used:
+        ts = time.time()
+        spec = spec_from_dict({"embedding_factor": f})
+        with torch.no_grad():
+            new = method.build(module, spec, "svd").eval()
+            err = float((new.to_dense().double() - E).pow(2).sum()) / base if base > 0 else 0.0
+        kl = measure.with_layers({mx.name: new}) if measure is not None else None
+        p = spec.params(v, d)
+        cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(),
+                      "params": p + (dense if tied else 0), "params_excl_output_embedding": p, "macs": 0,
+                      "compression": dense / p, "damage": err, "model_damage": kl, "init": "svd",
+                      "seconds": round(time.time() - ts, 4)})
+        del new
+    return {"group": "embedding", "m": v, "n": d, "blocks": 1, "dense_params": dense,
+            "dense_params_excl_output_embedding": dense, "dense_macs": 0, "tied": tied, "factors": used,
+            "candidates": cands, "seconds": round(time.time() - t0, 3), "complete": True}
+
+
 def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_METHODS,
                   constraints: Constraints | None = None, source: str | None = None,
                   heldout: Sequence | None = None, kl_subset: int = 2, kl_tokens: int | None = 1024,
                   path: str | Path | None = None, fresh: bool = False, ridge: float | None = None,
                   matrices: Sequence[Matrix] | None = None, fast: bool = True,
+                  embedding_factors: Sequence[int] = (),
                   progress: Callable[[int, int, str], None] | None = None) -> dict:
     """The sensitivity profile of `model` on calibration statistics `stats` (`kron.calibration.CalibStats`).
 
@@ -748,7 +820,10 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     kl_subset 0: no model-level measure). kl_tokens: at most this many held-out tokens for it.
     path: a JSON file written atomically after each matrix; an existing one with the same header is resumed
     (its matrices are not computed again), one with another header is refused (DataError naming the difference)
-    unless `fresh`. progress(done, total, name) is called after each matrix. fast: compute the Kronecker and
+    unless `fresh`. embedding_factors: also profile the word embedding as A (v x d/f) ⊗ B (1 x f) for these f
+    (`embedding_entry`: data-free init, every candidate measured at model level); not part of the header, so an
+    older profile resumed with them gains the embedding entry. progress(done, total, name) is called after each
+    matrix. fast: compute the Kronecker and
     low-rank damages from per-matrix cached pieces (the same results as building each layer, much faster on large
     matrices); other methods are always built.
     Returns the profile dict (see the module docstring).
@@ -774,6 +849,15 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
             raise PlanError(f"method {name} has no data-aware init; the profile measures data-aware damage")
     mats = list(matrices) if matrices is not None else compressible_matrices(model)
     missing = [mx.name for mx in mats if mx.name not in stats]
+    factors = sorted({int(f) for f in embedding_factors})
+    if any(f < 2 for f in factors):
+        raise PlanError(f"embedding factors must be integers > 1, got {list(embedding_factors)}")
+    emb_mats = embedding_matrices(model) if factors else []
+    for mx in emb_mats:
+        if not any(mx.n % f == 0 for f in factors):
+            raise PlanError(f"no embedding factor of {factors} divides the width {mx.n} of {mx.name} "
+                            f"({mx.m} x {mx.n}); valid factors divide {mx.n}, e.g. "
+                            f"{[f for f in (2, 3, 4, 6, 8, 12, 16) if mx.n % f == 0]}")
     if missing:
         raise DataError(f"the calibration statistics have no entry for {', '.join(missing[:3])}"
                         f"{' ...' if len(missing) > 3 else ''}: they were collected for another model")
@@ -794,10 +878,21 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     was_training = model.training
     model.eval()
     t_start = time.time()
+    mats = emb_mats + mats
     try:
         for i, mx in enumerate(mats):
-            if mx.name in done and done[mx.name].get("complete"):
+            if _reusable(done.get(mx.name), mx, factors, heldout is not None and kl_subset > 0):
                 profile["matrices"][mx.name] = done[mx.name]
+                if progress is not None:
+                    progress(i + 1, len(mats), mx.name)
+                continue
+            if mx.group == "embedding":
+                if heldout is not None and kl_subset > 0 and measure is None:
+                    measure = _ModelMeasure(model, heldout, kl_tokens)
+                    profile["model_measure"] = {"kind": measure.kind, "tokens": measure.tokens}
+                profile["matrices"][mx.name] = embedding_entry(model, mx, factors, measure)
+                if path is not None:
+                    atomic_write_json(path, _with_pending(profile, mats))
                 if progress is not None:
                     progress(i + 1, len(mats), mx.name)
                 continue
@@ -851,6 +946,18 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     if path is not None:
         atomic_write_json(path, profile)
     return profile
+
+
+def _reusable(entry: Mapping | None, mx: Matrix, factors: Sequence[int], measured: bool) -> bool:
+    """Whether a resumed profile's entry serves this run: complete, and for an embedding made for the same factors
+    (and measured at model level when this run measures)."""
+    if not entry or not entry.get("complete"):
+        return False
+    if mx.group != "embedding":
+        return True
+    if entry.get("factors") != [f for f in factors if f > 1 and mx.n % f == 0]:
+        return False
+    return not measured or all(c.get("model_damage") is not None for c in entry["candidates"])
 
 
 def _with_pending(profile: dict, mats: Sequence[Matrix]) -> dict:

@@ -92,10 +92,14 @@ class _Evaluator:
         key = (name, option.label)
         if key not in self.built:
             spec = spec_from_dict(option.spec)
-            st = self.stats.stats(name)
-            one = ModuleStats(S=st.S, tokens=st.tokens, ridge=self.ridge)
+            method = get_method(spec.method)
             with torch.no_grad():
-                layer = get_method(spec.method).build(self.modules[name], spec, "data", stats=one)
+                if not method.data_init:  # the word embedding's factors: data-free, as the profile built them
+                    layer = method.build(self.modules[name], spec, "svd")
+                else:
+                    st = self.stats.stats(name)
+                    one = ModuleStats(S=st.S, tokens=st.tokens, ridge=self.ridge)
+                    layer = method.build(self.modules[name], spec, "data", stats=one)
             self.built[key] = layer.eval()
         return self.built[key]
 
@@ -141,16 +145,17 @@ def _moves(items: Sequence[Item], stairs: Mapping[str, list[Option]], choice: Ma
 def refine_plan(model: nn.Module, stats, profile: Mapping, budget: Budget, solution: Solution,
                 heldout: Sequence, *, methods: Sequence[str] | None = None, damage: str = "proxy",
                 max_evals: int = 40, patience: int = 12, min_gain: float = 1e-3, kl_tokens: int | None = 4096,
-                progress: Callable[[int, float], None] | None = None) -> Refinement:
+                embeddings=True, progress: Callable[[int, float], None] | None = None) -> Refinement:
     """Improve `solution` (from `kron.autoplan.auto_plan` on the same profile, budget, methods and damage) by
     exchange moves judged by the model-level KL of the whole compressed model on `heldout` batches (at most
-    `kl_tokens` tokens). See the module docstring. progress(evals, best KL) after each measurement.
+    `kl_tokens` tokens). See the module docstring. embeddings: as `auto_plan`'s. progress(evals, best KL) after
+    each measurement.
 
     Returns a Refinement whose solution has the measured KL as its damage (bound = nan: no lower bound on it)."""
     if max_evals < 1:
         raise PlanError(f"refining needs at least one measurement (max_evals >= 1), got {max_evals}")
     t0 = time.time()
-    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage)
+    items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage, embeddings=embeddings)
     room = budget_room(profile, budget, fixed)
     by_name = {it.name: it for it in items}
     missing = [n for n in by_name if n not in solution.choice]

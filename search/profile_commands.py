@@ -21,6 +21,7 @@ _CALIB_HELP = ("calibration data: a text file or folder, a datasets-hub name, gl
 
 
 KL_POINTS = 4  # candidates per matrix measured at model level: the profile's default, and plan --auto --calib's
+EMBEDDING_FACTORS = (2, 4, 8)  # the word embedding's factors profiled by default (the search space's default too)
 
 
 def _csv(text: str) -> list[str]:
@@ -79,6 +80,11 @@ def _add_constraint_args(p, defaults: bool) -> None:
     p.add_argument("--shapes-per-level", type=int, default=dflt("shapes_per_level"),
                    help=f"Kronecker shapes per compression level: input-side splits first (default "
                         f"{Constraints().shapes_per_level})")
+    p.add_argument("--embedding-factors", default=None, metavar="F1,F2|none",
+                   help="also profile (and plan) the word embedding as A (v x d/f) ⊗ B (1 x f) for these f, data-free "
+                        "init, every factor measured at model level (default "
+                        f"{','.join(map(str, EMBEDDING_FACTORS))}; none: leave the embedding as it is; plan --auto "
+                        "--profile: default whatever the profile holds)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
 
@@ -182,6 +188,24 @@ def _constraints(args, base=None):
         raise ConfigError(str(exc)) from None
 
 
+def _embedding_factors(args) -> list[int] | None:
+    """--embedding-factors as a list ([] for none), or None when not given."""
+    from kron.errors import ConfigError
+
+    text = getattr(args, "embedding_factors", None)
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        out = [int(f) for f in _csv(text)]
+    except ValueError:
+        out = []
+    if not out or any(f < 2 for f in out):
+        raise ConfigError(f"--embedding-factors takes integers > 1 separated by commas, or none; got {text!r}")
+    return out
+
+
 def _methods(args, default=None) -> list[str]:
     from kron.autoplan import DEFAULT_METHODS
     from kron.methods import get_method
@@ -227,9 +251,11 @@ def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tok
     stats = _calibration(args, model, src)
     heldout = _heldout(args, model, src) if kl_subset > 0 else None
     bar = None if quiet else _Bar("profile")
+    factors = _embedding_factors(args)
     return profile_model(model, stats, methods=methods, constraints=constraints, source=args.model,
                          heldout=heldout, kl_subset=kl_subset, kl_tokens=kl_tokens, path=path, fresh=fresh,
-                         progress=bar, ridge=getattr(args, "ridge", None))
+                         progress=bar, ridge=getattr(args, "ridge", None),
+                         embedding_factors=EMBEDDING_FACTORS if factors is None else factors)
 
 
 def _print_table(header, rows) -> None:
@@ -291,8 +317,8 @@ def plan_dispatch(args) -> int:
         return plan_auto(args)
     from kron.errors import ConfigError
 
-    given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks")
-             if getattr(args, k, None) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks",
+                                                   "embedding_factors") if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --auto (an automatic plan "
                           "under a budget); with --preset/--plan leave them out")
@@ -371,25 +397,27 @@ def plan_auto(args) -> int:
             raise ConfigError(f"{args.profile} is incomplete ({len(missing)} matrices not profiled yet, e.g. "
                               f"{missing[0]}): rerun `kronsearch profile` to finish it")
     methods = _methods(args, default=profile.get("methods"))
+    embeddings = _plan_embeddings(args, profile)
 
     from kron.errors import PlanError
 
     damage = args.damage or "kl"
     if args.damage is None:
         try:
-            items_from_profile(profile, "params", methods=methods, damage="kl")
+            items_from_profile(profile, "params", methods=methods, damage="kl", embeddings=embeddings)
         except PlanError:
             damage = "proxy"
             print(f"kronsearch plan: note: {args.profile or 'the profile'} has no model-level (KL) measurement for "
                   "some matrix, so the plan minimises the summed relative output error (--damage proxy); make the "
                   f"profile with --kl-subset {KL_POINTS} for the KL objective", file=sys.stderr)
     args.damage = damage
-    refine = _refiner(args, model, src, profile, methods) if args.refine else None
+    refine = _refiner(args, model, src, profile, methods, embeddings) if args.refine else None
 
     results = []
     for budget in budgets:
         try:
-            sol = auto_plan(profile, budget, methods=methods, solver=args.solver, damage=args.damage)
+            sol = auto_plan(profile, budget, methods=methods, solver=args.solver, damage=args.damage,
+                            embeddings=embeddings)
         except PlanError as exc:
             if len(budgets) == 1 or "unreachable" not in str(exc):
                 raise
@@ -448,7 +476,7 @@ def plan_auto(args) -> int:
         rows = []
         for name, o in sol.choice.items():
             mx = profile["matrices"][name]
-            rows.append((name, o.label, f"{mx['dense_params'] / max(_opt_params(mx, o.label), 1):.2f}x",
+            rows.append((name, o.label, f"{_compression(mx, o.label):.2f}x",
                          f"{o.damage:.4g}"))
         _print_table(("matrix", "choice", "compression", "damage"), rows)
         if refinement is not None:
@@ -475,7 +503,7 @@ def plan_auto(args) -> int:
     return 0
 
 
-def _refiner(args, model, src, profile, methods):
+def _refiner(args, model, src, profile, methods, embeddings=True):
     """`--refine N`: a function (budget, knapsack solution) -> Refinement improving the plan on `model` (kron.refine),
     on the held-out calibration batches; the statistics and batches are read once for every budget."""
     from search.model_commands import calibration_stats_for
@@ -491,10 +519,30 @@ def _refiner(args, model, src, profile, methods):
                       flush=True)
 
         return refine_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
-                           max_evals=args.refine, progress=None if args.json else bar)
+                           max_evals=args.refine, embeddings=embeddings, progress=None if args.json else bar)
 
     return refine
 
 
-def _opt_params(mx, label: str) -> int:
-    return next((c["params"] for c in mx["candidates"] if c["label"] == label), mx["dense_params"])
+def _plan_embeddings(args, profile):
+    """What `auto_plan` may do with the word embedding: True (every factor the profile holds), False (keep it), or
+    the factors given (each must be in the profile)."""
+    from kron.errors import ConfigError
+
+    factors = _embedding_factors(args)
+    if factors is None:
+        return True
+    if not factors:
+        return False
+    held = {f for mx in profile["matrices"].values() if mx.get("group") == "embedding" for f in mx.get("factors", [])}
+    missing = [f for f in factors if f not in held]
+    if missing:
+        raise ConfigError(f"--embedding-factors {','.join(map(str, factors))}: the profile has no embedding "
+                          f"candidate with factor {', '.join(map(str, missing))} (it holds "
+                          f"{', '.join(map(str, sorted(held))) or 'none'}); profile them first")
+    return factors
+
+
+def _compression(mx, label: str) -> float:
+    """The compression of the matrix's candidate `label` (an embedding's: its table's, without a tied head's copy)."""
+    return next((c["compression"] for c in mx["candidates"] if c["label"] == label), 1.0)

@@ -449,3 +449,118 @@ def test_model_measure_honours_a_budget_below_one_batch(gpt2):
     assert _ModelMeasure(model, held, 16).tokens == 16
     assert _ModelMeasure(model, held, 16, whole_batches=True).tokens == 32
     assert _ModelMeasure(model, held).tokens == 32
+
+
+# ----------------------------------------------------------------------------------------------- the word embedding
+
+
+def test_embedding_candidates_of_a_tied_lm(gpt2, tmp_path):
+    """The word embedding as A (v x d/f) ⊗ B (1 x f): data-free init, its weight error as proxy, every factor
+    measured at model level (the same number as swapping the built embedding in by hand), and sizes that count the
+    dense copy a tied LM head keeps; the proxy/KL correlation stays over the linear matrices only."""
+    from kron.methods import get_method
+    from kron.methods.base import spec_from_dict
+    from kron.profile import _ModelMeasure
+
+    model, stats, held = gpt2
+    prof = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, embedding_factors=(2, 3, 4, 8),
+                         path=tmp_path / "p.json")
+    assert list(prof["matrices"])[0] == "transformer.wte"
+    entry = prof["matrices"]["transformer.wte"]
+    assert entry["group"] == "embedding" and entry["tied"] and entry["factors"] == [2, 4, 8]  # 3 does not divide 32
+    assert [c["label"] for c in entry["candidates"]] == ["keep", "emb f2", "emb f4", "emb f8"]
+    E = model.transformer.wte.weight.detach().double()
+    measure = _ModelMeasure(model, held, 1024)
+    for c in entry["candidates"][1:]:
+        f = c["spec"]["embedding_factor"]
+        assert c["params_excl_output_embedding"] == 64 * 32 // f + f
+        assert c["params"] == 64 * 32 // f + f + 64 * 32  # the head keeps the dense table
+        layer = get_method("kron_embedding").build(model.transformer.wte, spec_from_dict(c["spec"]), "svd")
+        assert c["damage"] == pytest.approx(float((layer.to_dense().detach().double() - E).pow(2).sum() / E.pow(2).sum()))
+        assert c["model_damage"] == pytest.approx(measure.with_layers({"transformer.wte": layer.eval()}), rel=1e-5)
+        assert c["model_damage"] > 0
+    fs = [c["damage"] for c in entry["candidates"][1:]]
+    assert fs == sorted(fs)  # a larger factor loses more of the table
+    assert prof["correlation"]["pairs"] == 8  # one measured candidate per linear matrix; the embedding left out
+    assert model.transformer.wte.weight is model.lm_head.weight  # the model is given back untouched
+
+
+def test_auto_plan_reaches_further_with_the_embedding(gpt2):
+    """A ratio budget no linear-only plan reaches is met by factoring the embedding; the plan builds to the size the
+    knapsack counted. On the params axis a tied embedding's factors only add (the head keeps the table)."""
+    from kron.errors import PlanError
+
+    model, stats, held = gpt2
+    prof = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, embedding_factors=(2, 4, 8))
+    linear_only = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1)
+    with pytest.raises(PlanError, match="smallest reachable size is ratio=") as exc:
+        auto_plan(linear_only, parse_budget("ratio=4.5"), damage="kl")
+    assert "--embedding-factors" in str(exc.value)
+    with pytest.raises(PlanError, match="--embedding-factors"):
+        auto_plan(prof, parse_budget("ratio=4.5"), damage="kl", embeddings=False)
+    sol = auto_plan(prof, parse_budget("ratio=4.5"), damage="kl")
+    assert sol.choice["transformer.wte"].spec != "keep"
+    plan = CompressionPlan.from_resolved(resolved_specs(sol))
+    m = copy.deepcopy(model)
+    rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
+    assert rep.compression_ratio >= 4.5 and sol.cost == rep.params_after_excluding_output_embedding
+    only_f8 = auto_plan(prof, parse_budget("ratio=4.5"), damage="kl", embeddings=[8])
+    assert only_f8.choice["transformer.wte"].label in ("emb f8",)
+    on_params = auto_plan(prof, parse_budget(f"params={rep.params_after}"), damage="kl")
+    assert on_params.choice["transformer.wte"].spec == "keep"
+
+
+def test_resume_adds_the_embedding_and_redoes_it_for_other_factors(gpt2, tmp_path):
+    model, stats, held = gpt2
+    path = tmp_path / "p.json"
+    first = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, path=path)
+    assert "transformer.wte" not in first["matrices"]
+    calls = []
+    second = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, path=path,
+                           embedding_factors=(2, 4), progress=lambda d, t, n: calls.append(n))
+    assert second["matrices"]["transformer.wte"]["factors"] == [2, 4]
+    for name, entry in first["matrices"].items():  # resumed, not recomputed
+        assert second["matrices"][name] == json.loads(json.dumps(entry))
+    third = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, path=path, embedding_factors=(8,))
+    assert third["matrices"]["transformer.wte"]["factors"] == [8]
+    from kron.errors import PlanError
+
+    with pytest.raises(PlanError, match="divides the width 32"):
+        profile_model(model, stats, constraints=C, kl_subset=0, embedding_factors=(3, 5))
+
+
+def test_embedding_of_an_untied_classifier_and_refine_with_it():
+    """BERT's word embedding: no tied head, so its factors count alone on every axis; plan --auto --refine builds
+    an embedding option data-free, and what it reports is what the built plan measures."""
+    from transformers import BertForSequenceClassification
+
+    from kron.autoplan import Budget, Solution, items_from_profile
+    from kron.profile import _ModelMeasure
+    from kron.refine import refine_plan
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=200, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 200, (4, 12), generator=g),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(2)]
+    stats = collect_input_stats(model, batches)
+    prof = profile_model(model, stats, constraints=C, heldout=batches[:1], kl_subset=1, embedding_factors=(2, 4))
+    entry = prof["matrices"]["bert.embeddings.word_embeddings"]
+    assert not entry["tied"]
+    assert all(c["params"] == c["params_excl_output_embedding"] for c in entry["candidates"])
+    items, fixed = items_from_profile(prof, "params")
+    cheapest = {it.name: min(it.options, key=lambda o: o.cost) for it in items}
+    assert cheapest["bert.embeddings.word_embeddings"].label == "emb f4"
+    cost = sum(o.cost for o in cheapest.values())
+    start = Solution(choice=cheapest, damage=0.0, cost=cost + fixed, room=cost, bound=0.0, solver="dp")
+    budget = Budget("params", cost + fixed + 2000)
+    r = refine_plan(model, stats, prof, budget, start, batches[:1], max_evals=6)
+    plan = CompressionPlan.from_resolved(resolved_specs(r.solution))
+    m = copy.deepcopy(model)
+    rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
+    assert rep.params_after <= budget.value and rep.params_after == r.solution.cost
+    measure = _ModelMeasure(model, batches[:1], 4096)
+    measure.model = m.eval()
+    assert measure() == pytest.approx(r.kl, rel=1e-4)

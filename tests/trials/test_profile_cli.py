@@ -35,15 +35,19 @@ def test_profile_then_auto_plans(env, capsys):
     assert "transformer.h.0.attn.c_attn (attention, 96 x 32, 3 blocks)" in out
     assert "candidate" in out and "damage" in out and "keep" in out
     assert "Spearman" in out and "held-out tokens" in out
-    assert "profile [" in err and "8/8" in err  # the progress bar
+    assert "profile [" in err and "9/9" in err  # the progress bar
     assert (tmp / "profile.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads(prof.read_text())
-    assert len(data["matrices"]) == 8 and data["model"]["source"] == model
+    assert len(data["matrices"]) == 9 and data["model"]["source"] == model
+    # the word embedding by default (factors 2, 4, 8), every factor measured at model level
+    assert "transformer.wte (embedding, " in out and "emb f8" in out
+    emb = data["matrices"]["transformer.wte"]
+    assert emb["factors"] == [2, 4, 8] and all(c["model_damage"] is not None for c in emb["candidates"])
 
     # resume: nothing recomputed, same result
     rc, out2, _ = run(capsys, "profile", "--model", model, *calib, "--out", prof, "--kl-subset", "1", *FAST,
                       "--json", "--heatmap", "none")
-    assert rc == 0 and json.loads(out2)["matrices"] == 8
+    assert rc == 0 and json.loads(out2)["matrices"] == 9
     assert json.loads(prof.read_text())["matrices"] == data["matrices"]
 
     # one budget from the saved profile
@@ -81,8 +85,25 @@ def test_profile_then_auto_plans(env, capsys):
                      "--damage", "kl", *FAST[:6])
     assert rc == 0 and "sum of model-level KLs" in out
 
+    # the embedding: --embedding-factors none keeps it; factors the profile lacks are refused
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.6", "--profile", prof,
+                       "--embedding-factors", "none", "--json", *FAST[:6])
+    assert rc == 0, err
+    assert "transformer.wte" not in json.loads(out)["plans"][0]["choice"]  # not planned: the model's table stays
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.6", "--profile", prof,
+                       "--embedding-factors", "8", "--json", *FAST[:6])
+    assert rc == 0 and json.loads(out)["plans"][0]["choice"]["transformer.wte"]["label"] in ("keep", "emb f8"), err
+    rc, out, err = run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=3", "--profile", prof,
+                       "--json", *FAST[:6])  # the knapsack factors the embedding at this size
+    plan = json.loads(out)["plans"][0]
+    assert rc == 0 and plan["choice"]["transformer.wte"]["label"].startswith("emb f") and plan["ratio"] >= 3, err
+
     # bad input: clear one-line errors, never a traceback
     for argv, message in [
+        (["--budget", "ratio=2", "--profile", prof, *FAST[:6], "--embedding-factors", "16"],
+         "the profile has no embedding candidate with factor 16"),
+        (["--budget", "ratio=2", "--profile", prof, *FAST[:6], "--embedding-factors", "1"],
+         "--embedding-factors takes integers > 1"),
         (["--budget", "ratio=50", "--profile", prof, *FAST[:6]], "unreachable with these candidates: the smallest "
                                                                  "reachable size is ratio="),
         (["--budget", "params=10", "--profile", prof, *FAST[:6]], "smallest reachable size is params="),
@@ -153,6 +174,10 @@ def test_plan_auto_with_calib_and_plain_plan_still_works(env, capsys):
     assert rc == 0 and json.loads(out)["plans"][0]["damage_kind"] == "kl", err
     rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--ranks", "a")
     assert rc == 2 and "--ranks must be integers" in err
+    rc, _, err = run(capsys, "profile", "--model", model, *calib, "--out", tmp / "x.json", "--embedding-factors", "5")
+    assert rc == 2 and "divides the width 32" in err and "Traceback" not in err
+    rc, _, err = run(capsys, "plan", "--model", model, "--preset", "uniform:2", "--embedding-factors", "2")
+    assert rc == 2 and "--embedding-factors goes with --auto" in err
 
 
 def test_plan_auto_refine(env, capsys):
