@@ -290,7 +290,10 @@ class SearchSettings(_Strict):
                                               "training): a reference point in the results and the Pareto plot")
     seed_plans: list[str] = Field(default_factory=list,
                                   description="plans evaluated first, as trials of the search: presets (kngpt2, "
-                                              "uniform:2, lowrank:2, ...) or plan files")
+                                              "uniform:2, lowrank:2, ...), plan files, auto / auto:N (automatic "
+                                              "plans spread over the size range) or auto@TARGET (one automatic "
+                                              "plan at a size on the search's size axis, 3.5M, or at a preset's or "
+                                              "plan file's size: auto@lowrank:2)")
     seed_damage: Literal["kl", "proxy"] = Field(
         "kl", description="what the automatic seed plans (seed_plans: [auto]) minimise summed over matrices: kl (the "
                           "teacher's KL with each matrix compressed alone, measured for 4 options per matrix on "
@@ -709,11 +712,12 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
 
 
 AUTO_SEED = re.compile(r"auto(?::(\d+))?")  # a seed plan name asking for automatic plans: "auto", "auto:N"
+AUTO_AT = re.compile(r"auto@(.*)")  # one automatic plan at a size: "auto@3.5M", or at a preset's / plan's: "auto@lowrank:2"
 
 
 def has_auto_seeds(names) -> bool:
-    """Whether seed plan names ask for automatic plans ("auto", "auto:N")."""
-    return any(isinstance(n, str) and AUTO_SEED.fullmatch(n) for n in names or ())
+    """Whether seed plan names ask for automatic plans ("auto", "auto:N", "auto@TARGET")."""
+    return any(isinstance(n, str) and (AUTO_SEED.fullmatch(n) or AUTO_AT.fullmatch(n)) for n in names or ())
 
 
 def finite_or_none(x) -> float | None:

@@ -51,9 +51,34 @@ def auto_count(name: str) -> int | None:
     return n
 
 
+def auto_target(name: str) -> str | None:
+    """TARGET of a seed name "auto@TARGET" (a size, or a preset / plan file whose size it takes), else None."""
+    from .config import AUTO_AT
+
+    m = AUTO_AT.fullmatch(name)
+    if m is None:
+        return None
+    target = m.group(1).strip()
+    if not target:
+        raise ConfigError(f"search.seed_plans: {name!r}: give a size (auto@3.5M) or a preset / plan file "
+                          "(auto@lowrank:2) after auto@")
+    return target
+
+
+def parse_size(text: str) -> float | None:
+    """A size such as 3.5M, 250k, 2.1G or 1200000 as a number; None when `text` is not one."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kKmMgG]?)\s*", text)
+    if m is None:
+        return None
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+
+
 def needs_profile(cfg) -> bool:
     """Whether building the space of `cfg` needs the teacher's damages (a prior or automatic seeds)."""
-    return cfg.space.prior is not None or any(auto_count(n) is not None for n in cfg.search.seed_plans)
+    return cfg.space.prior is not None or any(auto_count(n) is not None or auto_target(n) is not None
+                                              for n in cfg.search.seed_plans)
 
 
 def _specs(space, *, embeddings: bool = False) -> dict[str, list[tuple[str, object]]]:
@@ -225,8 +250,64 @@ def pruned_options(space, damages: dict, max_damage: float) -> dict[str, list[st
 def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str, dict[str, str], frozenset]]:
     """`count` automatic plans of `space` as (label, module -> option, decomposed layers), cheapest first; see the
     module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token, bytes)."""
-    from kron.autoplan import Item, Option, solve
+    from kron.autoplan import solve
     from kron.errors import PlanError
+
+    items, fixed_choice, lo, hi = _knapsack(space, damages, metric)
+    if not lo < hi:
+        raise ConfigError(f"search.seed_plans: 'auto': the space's cheapest plan ({lo:,}) is not below its largest "
+                          f"allowed size ({hi:,}); nothing to spread automatic plans over")
+    out, seen = [], set()
+    for i in range(1, count + 1):
+        target = int(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (count + 1)))
+        try:
+            sol = solve(items, target - lo)
+        except PlanError:
+            continue
+        options, layers, key = _seed_of(space, sol, fixed_choice)
+        if key in seen or not options:
+            continue
+        seen.add(key)
+        out.append((f"seed:auto@{_short(target)}", options, layers))
+    return out
+
+
+def auto_seed_at(space, damages: dict, target: int, metric: str, label: str) -> tuple[str, dict[str, str], frozenset]:
+    """One automatic plan of `space` at most `target` in size on `metric` (the knapsack of `auto_seeds`), as
+    (label, module -> option, decomposed layers). ConfigError when the space has no plan that small."""
+    from kron.autoplan import solve
+
+    items, fixed_choice, lo, _ = _knapsack(space, damages, metric)
+    if target < lo:
+        raise ConfigError(f"search.seed_plans: {label.removeprefix('seed:')!r}: the space's smallest plan has "
+                          f"{lo:,} ({metric}), above the target {int(target):,}")
+    sol = solve(items, int(target) - lo)
+    options, layers, _ = _seed_of(space, sol, fixed_choice)
+    if not options:
+        raise ConfigError(f"search.seed_plans: {label.removeprefix('seed:')!r}: at {int(target):,} ({metric}) the "
+                          "automatic plan compresses nothing; give a smaller target")
+    return label, options, layers
+
+
+def _seed_of(space, sol, fixed_choice: dict) -> tuple[dict[str, str], frozenset, tuple]:
+    """(module -> option, decomposed layers, a key of the choice) of a knapsack solution over the space's choices."""
+    choice = {**fixed_choice, **{k: o.label for k, o in sol.choice.items()}}
+    options, layers = {}, set()
+    for c in space.choices:
+        opt = choice.get(c.key, "keep")
+        if opt == "keep":
+            continue
+        for mx in c.matrices:
+            options[mx.name] = opt
+            if mx.layer is not None:
+                layers.add(mx.layer)
+    return options, frozenset(layers), tuple(sorted(choice.items()))
+
+
+def _knapsack(space, damages: dict, metric: str):
+    """(items with costs above each choice's cheapest option, the fixed choices, the cheapest plan's size, the
+    largest allowed size) of the automatic seeds' knapsack on `metric`."""
+    from kron.autoplan import Item, Option
 
     if space.layer_mode == "count":
         raise ConfigError("search.seed_plans: 'auto' needs a space whose layers are all, free or a fixed list; with "
@@ -261,33 +342,7 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
     cap = _budget_cap(space, idx)
     if cap is not None:
         hi = min(hi, cap)
-    if not lo < hi:
-        raise ConfigError(f"search.seed_plans: 'auto': the space's cheapest plan ({lo:,}) is not below its largest "
-                          f"allowed size ({hi:,}); nothing to spread automatic plans over")
-    out, seen = [], set()
-    for i in range(1, count + 1):
-        target = int(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (count + 1)))
-        try:
-            sol = solve(items, target - lo)
-        except PlanError:
-            continue
-        choice = {**fixed_choice, **{k: o.label for k, o in sol.choice.items()}}
-        key = tuple(sorted(choice.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        options, layers = {}, set()
-        for c in space.choices:
-            opt = choice.get(c.key, "keep")
-            if opt == "keep":
-                continue
-            for mx in c.matrices:
-                options[mx.name] = opt
-                if mx.layer is not None:
-                    layers.add(mx.layer)
-        if options:
-            out.append((f"seed:auto@{_short(target)}", options, frozenset(layers)))
-    return out
+    return items, fixed_choice, lo, hi
 
 
 def teacher_size(space, metric: str) -> int:

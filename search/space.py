@@ -188,6 +188,29 @@ class SearchSpace(BudgetMixin):
             space = space.with_seeds(cfg.search.seed_plans, model, metric=cfg.size_metric)
         return space
 
+    def _target_size(self, target: str, model, metric: str, name: str) -> int:
+        """The size on `metric` an "auto@TARGET" seed aims at: TARGET itself when it is a size (3.5M), else the size
+        of the preset or plan file TARGET on this space (resolved as a seed would be)."""
+        from .prior import parse_size
+        from .seeds import resolve_seeds, seed_options
+
+        value = parse_size(target)
+        if value is not None:
+            return int(value)
+        try:
+            ref = resolve_seeds([target], model, self.info, list(self.config.methods))[0]
+        except ConfigError as exc:
+            raise ConfigError(f"search.seed_plans: {name!r}: {target!r} is neither a size (3.5M, 250k) nor a seed "
+                              f"plan the space can express: {exc}") from None
+        extras = seed_options(ref, self)[1]
+        merged = {k: list(v) for k, v in self._extra_options.items()}
+        for k, o in extras.items():
+            merged.setdefault(k, []).append(o)
+        space = SearchSpace(self.config, self.info, extra_options=merged,
+                            dropped_options=self._dropped_options) if extras else self
+        costs = space.plan_costs(seed_options(ref, space)[0])
+        return int(costs.get(metric, costs["params"]))
+
     def with_damages(self, damages: dict) -> "SearchSpace":
         """This space knowing the teacher's damages (`search.prior.search_damages`), with the options the prior
         (`space.prior`) drops removed."""
@@ -200,21 +223,26 @@ class SearchSpace(BudgetMixin):
     def with_seeds(self, names: list[str], model, *, metric: str = "params") -> "SearchSpace":
         """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds).
         "auto" / "auto:N" seeds need the damages (`with_damages`); metric: their size axis."""
-        from .prior import auto_count, auto_seeds
+        from .prior import auto_count, auto_seed_at, auto_seeds, auto_target
         from .seeds import Seed, resolve_seeds, seed_options
 
         seeds = []
         for name in names:
-            n = auto_count(name)
-            if n is None:
+            n, target = auto_count(name), auto_target(name)
+            if n is None and target is None:
                 seeds += resolve_seeds([name], model, self.info, list(self.config.methods))
                 continue
             if self.damages is None:
-                raise ConfigError("search.seed_plans: 'auto' (automatic plans from the teacher's sensitivity) needs "
-                                  "the teacher's calibration statistics; SearchSpace.from_config computes them from "
-                                  "the trial's data (or call with_damages first)")
+                raise ConfigError(f"search.seed_plans: {name!r} (automatic plans from the teacher's sensitivity) "
+                                  "needs the teacher's calibration statistics; SearchSpace.from_config computes them "
+                                  "from the trial's data (or call with_damages first)")
             damages = self.seed_damages if self.seed_damages is not None else self.damages
-            seeds += [Seed(label, options, layers) for label, options, layers in auto_seeds(self, damages, n, metric)]
+            if n is not None:
+                seeds += [Seed(label, options, layers)
+                          for label, options, layers in auto_seeds(self, damages, n, metric)]
+                continue
+            size = self._target_size(target, model, metric, name)
+            seeds.append(Seed(*auto_seed_at(self, damages, size, metric, f"seed:{name}")))
         extras: dict[str, list[str]] = {}
         for seed in seeds:
             for key, opt in seed_options(seed, self)[1].items():

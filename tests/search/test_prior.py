@@ -348,3 +348,38 @@ def test_a_search_with_kl_seeds_from_the_last_release_resumes_with_its_embedding
     # proxy seeds never measured the embedding: nothing recorded, nothing adopted
     proxy = _cfg(tmp_path, **{"search.seed_plans": ["auto"], "search.seed_damage": "proxy"})
     assert "seed_embedding" not in config_fingerprint(proxy)
+
+
+def test_auto_at_a_size_or_at_a_presets_size(demo_space, tmp_path):
+    """`auto@3.5M` is one automatic plan at that size; `auto@lowrank:2` one at the preset's size on the search's
+    size axis, never above it. Bad targets are errors naming the seed."""
+    from search.prior import auto_target, parse_size
+
+    from search.config import base_trial_config
+    from search.model_info import teacher_skeleton
+
+    cfg, space, damages, _ = demo_space
+    spaced = space.with_damages(damages)
+    teacher = teacher_skeleton(base_trial_config(cfg))
+    plan = tmp_path / "lr.yaml"  # a hand-made low-rank plan of the searched groups
+    plan.write_text("rules:\n  - {select: attn.c_proj, lowrank_rank: 64}\n  - {select: mlp.c_fc, lowrank_rank: 64}\n")
+    assert parse_size("3.5M") == 3.5e6 and parse_size("250k") == 250e3 and parse_size("lowrank:2") is None
+    assert auto_target("auto@lowrank:2") == "lowrank:2" and auto_target("auto") is None
+    ref = spaced.with_seeds([str(plan)], teacher, metric="params")
+    (_, ref_params), = ref.seeds
+    ref_size = ref.plan_costs(ref_params)["params"]
+    both = spaced.with_seeds([str(plan), f"auto@{plan}", f"auto@{ref_size / 1e6:.4f}M"], teacher, metric="params")
+    labels = [label for label, _ in both.seeds]
+    assert labels == [f"seed:{plan}", f"seed:auto@{plan}", f"seed:auto@{ref_size / 1e6:.4f}M"]
+    sizes = [both.plan_costs(p)["params"] for _, p in both.seeds]
+    assert sizes[1] <= ref_size and sizes[1] > 0.95 * ref_size  # fills the preset's size, not far below it
+    assert both.seeds[1][1] == both.seeds[2][1] or abs(sizes[2] - sizes[1]) < 0.001 * ref_size
+
+    # on another size axis the target is the preset's size on that axis
+    macs = spaced.with_seeds([str(plan), f"auto@{plan}"], teacher, metric="macs_per_token")
+    (_, p_ref), (_, p_auto) = macs.seeds
+    assert macs.plan_costs(p_auto)["macs_per_token"] <= macs.plan_costs(p_ref)["macs_per_token"]
+    for name, message in [("auto@10k", "smallest plan has"), ("auto@nonsense:3", "neither a size"),
+                          ("auto@", "give a size"), ("auto@lowrank:2", "neither a size")]:
+        with pytest.raises(ConfigError, match=message):
+            spaced.with_seeds([name], teacher, metric="params")
