@@ -303,16 +303,17 @@ def test_time_budget_ends_the_search(ray_session, tiny_search):
     # A fresh Ray worker's first trial needs ~15 s on this 2-core machine before it trains (worker start ~5 s,
     # torch + transformers imports ~4.5 s, teacher + student + first evaluation ~5 s, two workers starting at once),
     # so the budget must exceed that for any trial to finish — with room for a loaded machine, where 30 s left no trial
-    # finished; 40 trials of 150 steps still cannot fit in it.
-    raw = tiny_search(name="budget", num_samples=40, max_concurrent=2, time_budget_minutes=0.75, asha=None)
-    raw["trial"]["stage1"].update(max_steps=150, eval_every=25)
+    # finished; 200 trials of 300 steps still cannot fit in it (40 of 150 did, on a quiet machine, once workers
+    # reuse their teacher and inits).
+    raw = tiny_search(name="budget", num_samples=200, max_concurrent=2, time_budget_minutes=0.75, asha=None)
+    raw["trial"]["stage1"].update(max_steps=300, eval_every=50)
     raw["trial"]["init"] = "svd"  # no calibration pass in the driver or the trials: the budget is for training
     cfg = load_search_config(raw)
     t0 = time.time()
     outcome = run_search(cfg)
     wall = time.time() - t0
     assert wall < 45 + 8, wall  # 45 s of budget; the margin is for the last results and the analysis
-    assert 0 < len(outcome.trials) < 40
+    assert 0 < len(outcome.trials) < 200
     assert any(t["status"] == "complete" for t in outcome.trials)
 
 
