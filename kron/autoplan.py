@@ -119,6 +119,13 @@ class Budget:
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
 
 
+def parse_number(text: str) -> float | None:
+    """'3.5M', '250k', '2.1G', '1e6' (suffixes k, M, G/B, T; case-insensitive) as a number; None when `text` is not
+    one."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt]?)\s*", str(text).strip().lower())
+    return None if m is None else float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
 def parse_budget(text: str) -> Budget:
     """'params=3.5M', 'macs=2.1G', 'ratio=2' (suffixes k, M, G/B; case-insensitive) -> Budget."""
     if not isinstance(text, str) or "=" not in text:
@@ -128,12 +135,11 @@ def parse_budget(text: str) -> Budget:
     axis = axis.strip().lower()
     if axis not in AXES:
         raise ConfigError(f"budget {text!r}: unknown axis {axis!r}; use one of {', '.join(AXES)}")
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt]?)\s*", value.strip().lower())
-    if m is None:
+    v = parse_number(value)
+    if v is None:
         raise ConfigError(f"budget {text!r}: {value!r} is not a number (suffixes k, M, G allowed)")
-    v = float(m.group(1)) * _SUFFIX[m.group(2)]
     if axis == "ratio":
-        if m.group(2) or not v >= 1:
+        if not value.strip()[-1:].isdigit() or not v >= 1:  # a suffix (k, M, ...) is no ratio
             raise ConfigError(f"budget {text!r}: a compression ratio is a number >= 1 (teacher / student parameters)")
     elif v < 1:
         raise ConfigError(f"budget {text!r}: must be a positive size")

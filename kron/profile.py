@@ -40,8 +40,8 @@ from .autoplan import DEFAULT_METHODS, Constraints
 from .errors import DataError, PlanError
 
 __all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header",
-           "compressible_matrices", "embedding_matrices", "load_profile", "model_identity", "profile_header", "profile_model",
-           "spearman"]
+           "compressible_matrices", "embedding_matrices", "load_profile", "model_identity", "profile_header",
+           "profile_model", "spearman"]
 
 FORMAT = "kronsearch.profile/1"
 LINEAR_GROUPS = ("attention", "attention_output", "ffn_in", "ffn_out")
@@ -766,7 +766,8 @@ def _tied(model: nn.Module, emb: nn.Module) -> bool:
     return head is not None and getattr(head, "weight", None) is emb.weight
 
 
-def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int], measure: "_ModelMeasure | None") -> dict:
+def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int],
+                    measure: "_ModelMeasure | None") -> dict:
     """The profile entry of a word embedding: keep and A (v x d/f) ⊗ B (1 x f) for each factor f of `factors` that
     divides the width, each built with its data-free SVD init (as trials build it; an embedding has no input
     activations). damage: the relative weight error ‖E − Ê‖²/‖E‖² of the table; model_damage: the model-level
@@ -787,7 +788,7 @@ def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int], measur
               "params_excl_output_embedding": dense, "macs": 0, "compression": 1.0, "damage": 0.0,
               "model_damage": 0.0 if measure is not None else None, "seconds": 0.0}]
     method = get_method("kron_embedding")
-    used = sorted({int(f) for f in factors if int(f) > 1 and d % int(f) == 0})
+    used = _dividing(factors, d)
     for f in used:
         ts = time.time()
         spec = spec_from_dict({"embedding_factor": f})
@@ -854,7 +855,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
         raise PlanError(f"embedding factors must be integers > 1, got {list(embedding_factors)}")
     emb_mats = embedding_matrices(model) if factors else []
     for mx in emb_mats:
-        if not any(mx.n % f == 0 for f in factors):
+        if not _dividing(factors, mx.n):
             raise PlanError(f"no embedding factor of {factors} divides the width {mx.n} of {mx.name} "
                             f"({mx.m} x {mx.n}); valid factors divide {mx.n}, e.g. "
                             f"{[f for f in (2, 3, 4, 6, 8, 12, 16) if mx.n % f == 0]}")
@@ -879,61 +880,62 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     model.eval()
     t_start = time.time()
     mats = emb_mats + mats
+    measuring = heldout is not None and kl_subset > 0
+
+    def model_measure() -> _ModelMeasure:
+        """The model-level measure, made on first use (the reference pass over the held-out batches)."""
+        nonlocal measure
+        if measure is None:
+            measure = _ModelMeasure(model, heldout, kl_tokens)
+            profile["model_measure"] = {"kind": measure.kind, "tokens": measure.tokens}
+        return measure
+
     try:
         for i, mx in enumerate(mats):
-            if _reusable(done.get(mx.name), mx, factors, heldout is not None and kl_subset > 0):
+            if _reusable(done.get(mx.name), mx, factors, measuring):
                 profile["matrices"][mx.name] = done[mx.name]
                 if progress is not None:
                     progress(i + 1, len(mats), mx.name)
                 continue
             if mx.group == "embedding":
-                if heldout is not None and kl_subset > 0 and measure is None:
-                    measure = _ModelMeasure(model, heldout, kl_tokens)
-                    profile["model_measure"] = {"kind": measure.kind, "tokens": measure.tokens}
-                profile["matrices"][mx.name] = embedding_entry(model, mx, factors, measure)
-                if path is not None:
-                    atomic_write_json(path, _with_pending(profile, mats))
-                if progress is not None:
-                    progress(i + 1, len(mats), mx.name)
-                continue
-            t0 = time.time()
-            module = modules[mx.name]
-            st = stats.stats(mx.name)
-            S = st.S
-            if not torch.isfinite(S).all():
-                raise DataError(f"the calibration statistics of {mx.name} hold NaN or inf values")
-            proxy = _Proxy(_weight(module), S) if not fast else None
-            fast_blocks = ([_FastBlock(w, S, ridge) for w in _weight(module).split(mx.m // mx.blocks, dim=0)]
-                           if fast else None)
-            stats_one = ModuleStats(S=S, tokens=st.tokens)
-            specs = candidates_for(mx, methods, constraints)
-            dense = mx.m * mx.n
-            cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense, "macs": dense,
-                      "compression": 1.0, "damage": 0.0, "model_damage": 0.0 if heldout else None, "seconds": 0.0}]
-            kl_idx = set(_kl_pick(len(specs), kl_subset)) if heldout is not None and kl_subset > 0 else set()
-            if kl_idx and measure is None:
-                measure = _ModelMeasure(model, heldout, kl_tokens)
-                profile["model_measure"] = {"kind": measure.kind, "tokens": measure.tokens}
-            for j, spec in enumerate(specs):
-                method = get_method(spec.method)
-                ts = time.time()
-                damage, init_src, new = _candidate_damage(mx.name, module, spec, stats_one, fast_blocks, proxy)
-                kl = None
-                if j in kl_idx:
-                    if new is None and fast_blocks is not None:  # the factors just found, not a second solve
-                        new = _layer_from_factors(module, spec, [b.factors(spec) for b in fast_blocks])
-                    if new is None:
-                        new = method.build(module, spec, "data", stats=stats_one)
-                    kl = measure.with_layers({mx.name: new.eval()})
-                p = spec.params(mx.m, mx.n)
-                cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
-                              "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,
-                              "model_damage": kl, "init": init_src,
-                              "seconds": round(time.time() - ts, 4)})
-                del new
-            profile["matrices"][mx.name] = {"group": mx.group, "m": mx.m, "n": mx.n, "blocks": mx.blocks,
-                                            "dense_params": dense, "dense_macs": dense, "candidates": cands,
-                                            "seconds": round(time.time() - t0, 3), "complete": True}
+                profile["matrices"][mx.name] = embedding_entry(model, mx, factors, model_measure() if measuring
+                                                               else None)
+            else:
+                t0 = time.time()
+                module = modules[mx.name]
+                st = stats.stats(mx.name)
+                S = st.S
+                if not torch.isfinite(S).all():
+                    raise DataError(f"the calibration statistics of {mx.name} hold NaN or inf values")
+                proxy = _Proxy(_weight(module), S) if not fast else None
+                fast_blocks = ([_FastBlock(w, S, ridge) for w in _weight(module).split(mx.m // mx.blocks, dim=0)]
+                               if fast else None)
+                stats_one = ModuleStats(S=S, tokens=st.tokens)
+                specs = candidates_for(mx, methods, constraints)
+                dense = mx.m * mx.n
+                cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense, "macs": dense,
+                          "compression": 1.0, "damage": 0.0, "model_damage": 0.0 if heldout else None, "seconds": 0.0}]
+                kl_idx = set(_kl_pick(len(specs), kl_subset)) if measuring else set()
+                for j, spec in enumerate(specs):
+                    method = get_method(spec.method)
+                    ts = time.time()
+                    damage, init_src, new = _candidate_damage(mx.name, module, spec, stats_one, fast_blocks, proxy)
+                    kl = None
+                    if j in kl_idx:
+                        if new is None and fast_blocks is not None:  # the factors just found, not a second solve
+                            new = _layer_from_factors(module, spec, [b.factors(spec) for b in fast_blocks])
+                        if new is None:
+                            new = method.build(module, spec, "data", stats=stats_one)
+                        kl = model_measure().with_layers({mx.name: new.eval()})
+                    p = spec.params(mx.m, mx.n)
+                    cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
+                                  "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,
+                                  "model_damage": kl, "init": init_src,
+                                  "seconds": round(time.time() - ts, 4)})
+                    del new
+                profile["matrices"][mx.name] = {"group": mx.group, "m": mx.m, "n": mx.n, "blocks": mx.blocks,
+                                                "dense_params": dense, "dense_macs": dense, "candidates": cands,
+                                                "seconds": round(time.time() - t0, 3), "complete": True}
             profile["correlation"] = correlation(profile)
             if path is not None:
                 atomic_write_json(path, _with_pending(profile, mats))
@@ -948,6 +950,11 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     return profile
 
 
+def _dividing(factors: Sequence[int], width: int) -> list[int]:
+    """The embedding factors f > 1 of `factors` that divide `width`, sorted: the ones an embedding entry holds."""
+    return sorted({int(f) for f in factors if int(f) > 1 and width % int(f) == 0})
+
+
 def _reusable(entry: Mapping | None, mx: Matrix, factors: Sequence[int], measured: bool) -> bool:
     """Whether a resumed profile's entry serves this run: complete, and for an embedding made for the same factors
     (and measured at model level when this run measures)."""
@@ -955,7 +962,7 @@ def _reusable(entry: Mapping | None, mx: Matrix, factors: Sequence[int], measure
         return False
     if mx.group != "embedding":
         return True
-    if entry.get("factors") != [f for f in factors if f > 1 and mx.n % f == 0]:
+    if entry.get("factors") != _dividing(factors, mx.n):
         return False
     return not measured or all(c.get("model_damage") is not None for c in entry["candidates"])
 

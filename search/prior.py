@@ -65,16 +65,6 @@ def auto_target(name: str) -> str | None:
     return target
 
 
-def parse_size(text: str) -> float | None:
-    """A size such as 3.5M, 250k, 2.1G or 1200000 as a number; None when `text` is not one."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([kKmMgG]?)\s*", text)
-    if m is None:
-        return None
-    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
-
-
 def needs_profile(cfg) -> bool:
     """Whether building the space of `cfg` needs the teacher's damages (a prior or automatic seeds)."""
     return cfg.space.prior is not None or any(auto_count(n) is not None or auto_target(n) is not None

@@ -191,10 +191,11 @@ class SearchSpace(BudgetMixin):
     def _target_size(self, target: str, model, metric: str, name: str) -> int:
         """The size on `metric` an "auto@TARGET" seed aims at: TARGET itself when it is a size (3.5M), else the size
         of the preset or plan file TARGET on this space (resolved as a seed would be)."""
-        from .prior import parse_size
+        from kron.autoplan import parse_number
+
         from .seeds import resolve_seeds, seed_options
 
-        value = parse_size(target)
+        value = parse_number(target)
         if value is not None:
             return int(value)
         try:

@@ -353,7 +353,8 @@ def test_a_search_with_kl_seeds_from_the_last_release_resumes_with_its_embedding
 def test_auto_at_a_size_or_at_a_presets_size(demo_space, tmp_path):
     """`auto@3.5M` is one automatic plan at that size; `auto@lowrank:2` one at the preset's size on the search's
     size axis, never above it. Bad targets are errors naming the seed."""
-    from search.prior import auto_target, parse_size
+    from kron.autoplan import parse_number
+    from search.prior import auto_target
 
     from search.config import base_trial_config
     from search.model_info import teacher_skeleton
@@ -363,7 +364,7 @@ def test_auto_at_a_size_or_at_a_presets_size(demo_space, tmp_path):
     teacher = teacher_skeleton(base_trial_config(cfg))
     plan = tmp_path / "lr.yaml"  # a hand-made low-rank plan of the searched groups
     plan.write_text("rules:\n  - {select: attn.c_proj, lowrank_rank: 64}\n  - {select: mlp.c_fc, lowrank_rank: 64}\n")
-    assert parse_size("3.5M") == 3.5e6 and parse_size("250k") == 250e3 and parse_size("lowrank:2") is None
+    assert parse_number("3.5M") == 3.5e6 and parse_number("250k") == 250e3 and parse_number("lowrank:2") is None
     assert auto_target("auto@lowrank:2") == "lowrank:2" and auto_target("auto") is None
     ref = spaced.with_seeds([str(plan)], teacher, metric="params")
     (_, ref_params), = ref.seeds
