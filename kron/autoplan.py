@@ -515,7 +515,7 @@ def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None
     return sol
 
 
-def _embedding_hint(profile: Mapping, embeddings: bool) -> str:
+def _embedding_hint(profile: Mapping, embeddings: bool | Iterable[int]) -> str:
     if embeddings is False or not any(mx.get("group") == "embedding" for mx in profile["matrices"].values()):
         return ", or the word embedding's factors (--embedding-factors),"
     return ""
