@@ -261,6 +261,10 @@ class AshaConfig(_Strict):
     size_buckets: int = Field(3, ge=1, le=20, description="run ASHA separately within this many size strata (log "
                                                           "scale, cheapest plan to teacher), so small plans compete "
                                                           "with small plans; 1 = plain ASHA")
+    protect_seeds: bool = Field(True, description="seed plans (search.seed_plans) are never stopped early: they run "
+                                                  "to max_t, and their results still count in ASHA's rungs, so "
+                                                  "sampled trials must match them to go on; false: ASHA stops seeds "
+                                                  "like sampled trials")
 
 
 class ResourcesConfig(_Strict):

@@ -11,7 +11,7 @@ from .trainable import TIME_ATTR
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["SizeStratifiedASHA", "make_scheduler"]
+__all__ = ["SeedsRunToEnd", "SizeStratifiedASHA", "make_scheduler"]
 
 
 def _scheduler_base():
@@ -89,8 +89,57 @@ class SizeStratifiedASHA(_scheduler_base()):
         return "\n".join(f"stratum {i}: {s.debug_string()}" for i, s in enumerate(self.strata))
 
 
+class SeedsRunToEnd(_scheduler_base()):
+    """`inner` (ASHA), except that it never stops a seed plan before `max_t`: a seed's results still go through
+    `inner`, so they set the rungs' cutoffs that sampled trials must meet, but its STOP becomes CONTINUE. Seeds are
+    few and chosen on purpose (presets, the automatic plans at given sizes); stopping them at an early rung loses the
+    comparison they were seeded for (`asha.protect_seeds`)."""
+
+    def __init__(self, inner, space: SearchSpace, *, time_attr: str, max_t: int):
+        super().__init__()
+        self.inner, self.space, self.time_attr, self.max_t = inner, space, time_attr, max_t
+        self._seed: dict[str, bool] = {}
+        self.kept: dict[str, int] = {}  # trial id -> how many stops were overridden (tests, debug_string)
+
+    def is_seed(self, trial) -> bool:
+        if trial.trial_id not in self._seed:
+            self._seed[trial.trial_id] = self.space.seed_label(trial.config) is not None
+        return self._seed[trial.trial_id]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, **spec)
+
+    def on_trial_add(self, tune_controller, trial):
+        self.inner.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = self.inner.on_trial_result(tune_controller, trial, result)
+        if (action == self.STOP and self.is_seed(trial)
+                and float(result.get(self.time_attr, self.max_t)) < self.max_t):
+            self.kept[trial.trial_id] = self.kept.get(trial.trial_id, 0) + 1
+            return self.CONTINUE
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self.inner.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial):
+        self.inner.on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self.inner.on_trial_remove(tune_controller, trial)
+
+    def describe(self) -> str:
+        inner = getattr(self.inner, "describe", None)
+        return (inner() + "; " if inner else "") + "seed plans run to max_t"
+
+    def debug_string(self) -> str:
+        return self.inner.debug_string() + f"\nseeds kept running past an ASHA stop: {len(self.kept)}"
+
+
 def make_scheduler(cfg: SearchConfig, space: SearchSpace):
-    """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise. A trial that survives
+    """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise; wrapped in
+    `SeedsRunToEnd` when the space has seed plans and `asha.protect_seeds` is on. A trial that survives
     every rung runs to its own end (run_trial writes its final summary), unless asha.max_t is below the stage's
     steps, in which case ASHA stops it at max_t and it counts as complete."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -102,6 +151,9 @@ def make_scheduler(cfg: SearchConfig, space: SearchSpace):
                   grace_period=a.grace_period, reduction_factor=a.reduction_factor,
                   stop_last_trials=cfg.asha_max_t < cfg.final_stage_steps)
     if a.size_buckets == 1:
-        return ASHAScheduler(**kwargs)
-    # latency is measured, not known in advance: cfg.size_metric stratifies by parameters then
-    return SizeStratifiedASHA(space, size_metric=cfg.size_metric, n=a.size_buckets, **kwargs)
+        sched = ASHAScheduler(**kwargs)
+    else:  # latency is measured, not known in advance: cfg.size_metric stratifies by parameters then
+        sched = SizeStratifiedASHA(space, size_metric=cfg.size_metric, n=a.size_buckets, **kwargs)
+    if a.protect_seeds and space.seeds:
+        sched = SeedsRunToEnd(sched, space, time_attr=TIME_ATTR, max_t=cfg.asha_max_t)
+    return sched

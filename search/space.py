@@ -664,6 +664,13 @@ class SearchSpace(BudgetMixin):
             elif not re.fullmatch(r"L\d+\.(on|priority)", key):
                 raise ConfigError(f"unknown plan parameter {key!r}; this space has {self.param_names()[:8]}...")
 
+    def seed_label(self, config: dict) -> str | None:
+        """The label of the seed plan (search.seed_plans) a trial's config holds ("seed:kngpt2"), None for a sampled
+        plan."""
+        params = {k: config[k] for k in self.param_names() if k in config}
+        # getattr: a space pickled by a release without seed plans (an older search being resumed) has no `seeds`
+        return next((label for label, p in getattr(self, "seeds", ()) if p == params), None)
+
     def param_names(self) -> list[str]:
         names = []
         if self.layer_mode == "free":

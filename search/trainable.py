@@ -83,8 +83,7 @@ def trainable(config: dict, setup: TrialSetup) -> None:
         out_dir = Path.cwd() if Path.cwd().name == trial_dir.name else trial_dir
     trial_cfg = {**setup.base_trial, "name": trial_id, "threads": threads_for(setup.cpus),
                  "plan": {"rules": space.to_plan_rules(params)}}
-    # getattr: a space pickled by a release without seed plans (an older search being resumed) has no `seeds`
-    seed = next((label for label, p in getattr(space, "seeds", ()) if p == params), None)
+    seed = space.seed_label(config)
     if seed is not None:  # a seed plan (search.seed_plans), evaluated first: named so in results and plots
         trial_cfg["label"] = seed
 

@@ -156,6 +156,55 @@ def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, ti
     assert type(make_scheduler(load_search_config(raw), space)) is FIFOScheduler
 
 
+def test_seed_plans_run_to_the_end_but_set_the_rungs(cfg_space, tiny_search):
+    """asha.protect_seeds (default): ASHA never stops a seed plan before max_t, though its results still set the
+    rung cutoffs sampled trials must meet; with protect_seeds false a seed is stopped like any trial."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from search.scheduler import SeedsRunToEnd, make_scheduler
+
+    raw = tiny_search(seed_plans=["uniform:2"])
+    raw["space"]["groups"] = ["attention", "attention_output", "ffn_in", "ffn_out"]  # all that uniform:2 compresses
+    raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 1}
+    cfg = load_search_config(raw)
+    space = SearchSpace.from_config(cfg)
+    (label, seed_params), = space.seeds
+    sampled = next(p for p in (space.sample(i) for i in range(50)) if p != seed_params)
+    assert space.seed_label(seed_params) == label and space.seed_label(sampled) is None
+
+    def fresh():
+        sched = make_scheduler(load_search_config(raw), space)
+        trials = {"seed": _Trial("seed", seed_params), "a": _Trial("a", sampled), "b": _Trial("b", sampled)}
+        for t in trials.values():
+            sched.on_trial_add(None, t)
+        return sched, trials
+
+    sched, t = fresh()
+    assert isinstance(sched, SeedsRunToEnd) and isinstance(sched.inner, ASHAScheduler)
+    assert "seed plans run to max_t" in sched.describe()
+    # a good sampled trial, then a much worse seed at the same rung: ASHA would stop the seed, it goes on
+    assert sched.on_trial_result(None, t["a"], {"quality": 10.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
+    assert sched.inner.on_trial_result(None, t["b"], {"quality": 200.0, TIME_ATTR: 2}) == TrialScheduler.STOP
+    assert sched.on_trial_result(None, t["seed"], {"quality": 190.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
+    assert sched.kept == {"seed": 1}
+    # the seed's results count in the rungs: a good seed first makes a worse sampled trial stop
+    sched, t = fresh()
+    assert sched.on_trial_result(None, t["seed"], {"quality": 10.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, t["a"], {"quality": 100.0, TIME_ATTR: 2}) == TrialScheduler.STOP
+    # protect_seeds false: plain ASHA, the bad seed is stopped
+    raw["search"]["asha"]["protect_seeds"] = False
+    sched, t = fresh()
+    assert isinstance(sched, ASHAScheduler)
+    sched.on_trial_result(None, t["a"], {"quality": 10.0, TIME_ATTR: 2})
+    sched.on_trial_result(None, t["b"], {"quality": 200.0, TIME_ATTR: 2})
+    assert sched.on_trial_result(None, t["seed"], {"quality": 190.0, TIME_ATTR: 2}) == TrialScheduler.STOP
+    # no seed plans: nothing to protect, no wrapper
+    raw["search"]["asha"]["protect_seeds"] = True
+    raw["search"]["seed_plans"] = []
+    assert isinstance(make_scheduler(load_search_config(raw), SearchSpace.from_config(load_search_config(raw))),
+                      ASHAScheduler)
+
+
 def _journal_trials(path, name):
     from search.searcher import load_journal_study
 
