@@ -10,8 +10,10 @@ fine-tuned on SST-2 (`common.ensure_minilm_teacher`; task distillation, quality 
 as below with the KroneckerBERT8 structure scaled to 384 wide in place of kngpt2):
 
 1. `search`: the product as a user runs it — TPE + ASHA over per-layer, per-matrix choices of structure (Kronecker
-   shape, low-rank rank, or dense) and the embedding's factor, seeded with `seed_plans: [auto]` (the automatic
-   plans of the teacher's sensitivity at 3 sizes) and the sensitivity prior (`space.prior`).
+   shape, low-rank rank, or dense) and the embedding's factor, seeded with `seed_plans: [auto, auto@<size>, ...]`
+   (the automatic plans of the teacher's sensitivity at 3 sizes spread over the range, and one at each reference's
+   size: the sizes the search is judged at; references within 1% of each other share the smallest) and the
+   sensitivity prior (`space.prior`). `--seeds` replaces that list (the previous release's default: `--seeds auto`).
 2. `random`: the same space and number of trials, sampled at random, no seeds, no prior, no early stopping
    interplay beyond the same ASHA: does the searcher add anything over chance?
 3. `auto`: the automatic plans alone (what `seed_plans: [auto]` evaluates first), each trained as a plain trial:
@@ -68,6 +70,23 @@ def references(teacher: str) -> dict[str, dict]:
             **refs}
 
 
+def reference_seeds(refs: Path, tolerance: float = 0.01) -> list[str]:
+    """`auto@<size>` for the size of every hand-made reference trained under `refs` (the teacher left out), sizes
+    within `tolerance` of a smaller one dropped: one automatic seed plan at each size the search is judged at."""
+    sizes = []
+    for path in sorted(refs.glob("*/trial_summary.json")):
+        summary = json.loads(path.read_text())
+        if summary.get("method") != "teacher" and summary.get(SIZE):
+            sizes.append(int(summary[SIZE]))
+    if not sizes:
+        raise SystemExit(f"no reference results under {refs}: run the references part first (--parts references)")
+    kept = []
+    for size in sorted(sizes):
+        if not kept or size > kept[-1] * (1 + tolerance):
+            kept.append(size)
+    return [f"auto@{size}" for size in kept]
+
+
 def _run_all(todo: dict[str, tuple[dict, Path]]) -> None:
     run_trials({label: ({**cfg, "name": label}, out) for label, (cfg, out) in todo.items()})
 
@@ -100,9 +119,10 @@ def main(argv=None) -> int:
     add_teacher_args(p)
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
-    p.add_argument("--seeds", nargs="+", default=["auto"], metavar="PLAN",
-                   help="the search's seed_plans (default: auto, 3 automatic plans; e.g. auto:5); the auto part "
-                        "trains the automatic ones alone")
+    p.add_argument("--seeds", nargs="+", default=None, metavar="PLAN",
+                   help="the search's seed_plans (default: auto, 3 automatic plans over the size range, and "
+                        "auto@<size> at every reference's size; e.g. auto:5); the auto part trains the automatic "
+                        "ones alone")
     p.add_argument("--out", default=None, help="default runs/search_vs_presets[-minilm]")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     args = p.parse_args(argv)
@@ -121,6 +141,9 @@ def main(argv=None) -> int:
             todo["teacher"] = (_no_training(todo["teacher"][0]), todo["teacher"][1])
         _run_all(todo)
         timings["references_s"] = time.time() - t
+    if args.seeds is None and {"search", "auto"} & set(args.parts):
+        args.seeds = ["auto", *reference_seeds(out / "references")]
+        print(f"seed_plans: {args.seeds}", flush=True)
     if "search" in args.parts:
         t = time.time()
         run_search(_search_config(args, "search"), out)
@@ -146,6 +169,7 @@ def main(argv=None) -> int:
     table = pd.read_csv(out / "compare" / "compare.csv")
     print((out / "compare" / "compare.md").read_text())
     print(json.dumps({"benchmark": "search_vs_presets", "teacher": args.teacher, "trials": args.trials, "steps": args.steps,
+                      "seeds": args.seeds,
                       **{k: round(v, 1) for k, v in timings.items()},
                       "plot": str(paths.get("compare.png", out / "compare" / "compare.png")),
                       "table": json.loads(table.to_json(orient="records"))}, default=str))
