@@ -1,7 +1,7 @@
 """Does the search beat every plan a researcher could pick by hand? (#12, evidence)
 
     python benchmarks/search_vs_presets.py --data ../shared/data/wikitext-2 [--trials 24] [--steps 60]
-    python benchmarks/search_vs_presets.py --teacher minilm [--trials 16] [--steps 40]
+    python benchmarks/search_vs_presets.py --teacher minilm [--trials 12] [--steps 40]
 
 Everything below is trained with the SAME trial settings and ILKD budget (--steps steps, data-aware init for every
 structure that has one), on the bundled demo teacher and WikiText-2 (quality = validation perplexity; size =
@@ -40,8 +40,9 @@ PARTS = ("references", "search", "random", "auto")
 SIZE = "params_excl_output_embedding"
 
 
-def _search_config(args, name: str, *, algorithm: str = "tpe", seeds=None, prior: bool = True) -> dict:
+def _search_config(args, name: str, *, algorithm: str | None = None, seeds=None, prior: bool = True) -> dict:
     seeds = tuple(args.seeds) if seeds is None else seeds
+    algorithm = algorithm or args.algorithm
     return search_config(name, evidence_trial(args), args.out, trials=args.trials, steps=args.steps, size=SIZE,
                          algorithm=algorithm, seeds=seeds, max_damage=args.max_damage if prior else None)
 
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     add_teacher_args(p)
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--max-damage", type=float, default=0.5, help="the search's space.prior.max_damage")
+    p.add_argument("--algorithm", choices=("tpe", "nsga2"), default="tpe", help="the search part's sampler")
     p.add_argument("--seeds", nargs="+", default=None, metavar="PLAN",
                    help="the search's seed_plans (default: auto, 3 automatic plans over the size range, and "
                         "auto@<size> at every reference's size; e.g. auto:5); the auto part trains the automatic "

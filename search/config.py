@@ -265,6 +265,10 @@ class AshaConfig(_Strict):
                                                   "to max_t, and their results still count in ASHA's rungs, so "
                                                   "sampled trials must match them to go on; false: ASHA stops seeds "
                                                   "like sampled trials")
+    keep_front: bool = Field(True, description="a trial whose (quality, size) at a step is on the Pareto front of "
+                                               "every result reported at that step is not stopped (ASHA ranks by "
+                                               "quality within a size stratum and would stop a plan that extends the "
+                                               "front); false: plain ASHA decisions")
 
 
 class ResourcesConfig(_Strict):

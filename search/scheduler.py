@@ -11,7 +11,7 @@ from .trainable import TIME_ATTR
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["SeedsRunToEnd", "SizeStratifiedASHA", "make_scheduler"]
+__all__ = ["ParetoAwareASHA", "SizeStratifiedASHA", "make_scheduler"]
 
 
 def _scheduler_base():
@@ -89,22 +89,47 @@ class SizeStratifiedASHA(_scheduler_base()):
         return "\n".join(f"stratum {i}: {s.debug_string()}" for i, s in enumerate(self.strata))
 
 
-class SeedsRunToEnd(_scheduler_base()):
-    """`inner` (ASHA), except that it never stops a seed plan before `max_t`: a seed's results still go through
-    `inner`, so they set the rungs' cutoffs that sampled trials must meet, but its STOP becomes CONTINUE. Seeds are
-    few and chosen on purpose (presets, the automatic plans at given sizes); stopping them at an early rung loses the
-    comparison they were seeded for (`asha.protect_seeds`)."""
+class ParetoAwareASHA(_scheduler_base()):
+    """`inner` (ASHA), except where a stop would lose a plan worth finishing; every result still goes through `inner`,
+    so it still sets the rungs' cutoffs.
 
-    def __init__(self, inner, space: SearchSpace, *, time_attr: str, max_t: int):
+    - protect_seeds: a seed plan (search.seed_plans) is never stopped before `max_t`. Seeds are few and chosen on
+      purpose (presets, the automatic plans at given sizes); stopping one at an early rung loses the comparison it
+      was seeded for.
+    - keep_front: a trial is not stopped while its (quality, size) at this step is on the Pareto front of every
+      result reported at the same step (all strata): ASHA ranks by quality within a size stratum, so it stops a plan
+      that is worse than larger plans of its stratum yet better than every smaller one — one that would extend the
+      front (the idea of multi-objective ASHA, Schmucker et al. 2021, in its simplest form: the rung's
+      non-dominated trials go on).
+    """
+
+    def __init__(self, inner, space: SearchSpace, *, time_attr: str, max_t: int, metric: str, mode: str,
+                 size_metric: str, protect_seeds: bool = True, keep_front: bool = True):
         super().__init__()
         self.inner, self.space, self.time_attr, self.max_t = inner, space, time_attr, max_t
+        self._metric, self._mode, self.size_metric = metric, mode, size_metric
+        self.protect_seeds, self.keep_front = protect_seeds, keep_front
         self._seed: dict[str, bool] = {}
-        self.kept: dict[str, int] = {}  # trial id -> how many stops were overridden (tests, debug_string)
+        self._size: dict[str, float] = {}
+        self._at: dict[float, dict[str, tuple[float, float]]] = {}  # step -> trial id -> (quality, size)
+        self.kept: dict[str, str] = {}  # trial id -> why a stop was overridden last ("seed" / "front")
 
     def is_seed(self, trial) -> bool:
         if trial.trial_id not in self._seed:
             self._seed[trial.trial_id] = self.space.seed_label(trial.config) is not None
         return self._seed[trial.trial_id]
+
+    def size(self, trial) -> float:
+        if trial.trial_id not in self._size:
+            params = {k: trial.config[k] for k in self.space.param_names() if k in trial.config}
+            self._size[trial.trial_id] = float(self.space.plan_costs(params)[self.size_metric])
+        return self._size[trial.trial_id]
+
+    def _on_front(self, trial_id: str, step: float) -> bool:
+        q, s = self._at[step][trial_id]
+        sign = 1.0 if self._mode == "min" else -1.0
+        return not any(s2 <= s and sign * q2 <= sign * q and (s2 < s or sign * q2 < sign * q)
+                       for other, (q2, s2) in self._at[step].items() if other != trial_id)
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return self.inner.set_search_properties(metric, mode, **spec)
@@ -114,9 +139,18 @@ class SeedsRunToEnd(_scheduler_base()):
 
     def on_trial_result(self, tune_controller, trial, result):
         action = self.inner.on_trial_result(tune_controller, trial, result)
-        if (action == self.STOP and self.is_seed(trial)
-                and float(result.get(self.time_attr, self.max_t)) < self.max_t):
-            self.kept[trial.trial_id] = self.kept.get(trial.trial_id, 0) + 1
+        step, quality = result.get(self.time_attr), result.get(self._metric)
+        if step is None or quality is None or quality != quality:  # no step or no quality yet (NaN): ASHA's call
+            return action
+        step = float(step)
+        self._at.setdefault(step, {})[trial.trial_id] = (float(quality), self.size(trial))
+        if action != self.STOP or step >= self.max_t:
+            return action
+        if self.protect_seeds and self.is_seed(trial):
+            self.kept[trial.trial_id] = "seed"
+            return self.CONTINUE
+        if self.keep_front and self._on_front(trial.trial_id, step):
+            self.kept[trial.trial_id] = "front"
             return self.CONTINUE
         return action
 
@@ -131,15 +165,19 @@ class SeedsRunToEnd(_scheduler_base()):
 
     def describe(self) -> str:
         inner = getattr(self.inner, "describe", None)
-        return (inner() + "; " if inner else "") + "seed plans run to max_t"
+        kept = [w for w, on in (("seed plans run to max_t", self.protect_seeds and self.space.seeds),
+                                ("trials on the front at their step are not stopped", self.keep_front)) if on]
+        return "; ".join(([inner()] if inner else []) + kept)
 
     def debug_string(self) -> str:
-        return self.inner.debug_string() + f"\nseeds kept running past an ASHA stop: {len(self.kept)}"
+        why = [w for w in self.kept.values()]
+        return (self.inner.debug_string() + f"\nstops overridden: {why.count('seed')} seeds, "
+                f"{why.count('front')} trials on the front")
 
 
 def make_scheduler(cfg: SearchConfig, space: SearchSpace):
     """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise; wrapped in
-    `SeedsRunToEnd` when the space has seed plans and `asha.protect_seeds` is on. A trial that survives
+    `ParetoAwareASHA` for `asha.protect_seeds` (when the space has seed plans) and `asha.keep_front`. A trial that survives
     every rung runs to its own end (run_trial writes its final summary), unless asha.max_t is below the stage's
     steps, in which case ASHA stops it at max_t and it counts as complete."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -154,6 +192,9 @@ def make_scheduler(cfg: SearchConfig, space: SearchSpace):
         sched = ASHAScheduler(**kwargs)
     else:  # latency is measured, not known in advance: cfg.size_metric stratifies by parameters then
         sched = SizeStratifiedASHA(space, size_metric=cfg.size_metric, n=a.size_buckets, **kwargs)
-    if a.protect_seeds and space.seeds:
-        sched = SeedsRunToEnd(sched, space, time_attr=TIME_ATTR, max_t=cfg.asha_max_t)
+    protect = a.protect_seeds and bool(space.seeds)
+    if protect or a.keep_front:
+        sched = ParetoAwareASHA(sched, space, time_attr=TIME_ATTR, max_t=cfg.asha_max_t, metric="quality",
+                                mode=cfg.quality_mode(), size_metric=cfg.size_metric, protect_seeds=protect,
+                                keep_front=a.keep_front)
     return sched

@@ -28,7 +28,7 @@ from .progress import ProgressCallback  # noqa: F401 (also re-exported, see belo
 from .raystart import ray_env, ray_running, start_ray
 from .reference import prepare_locally, run_teacher_reference
 from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unfinished, write_meta
-from .scheduler import SeedsRunToEnd, SizeStratifiedASHA, make_scheduler
+from .scheduler import ParetoAwareASHA, SizeStratifiedASHA, make_scheduler
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
 from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
@@ -153,7 +153,7 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
     local_dir = Path(local_dir) if local_dir is not None else Path(experiment_path(cfg))
     searcher = make_searcher(cfg, space, initial_params, journal=local_dir / STUDY_JOURNAL)
     scheduler = make_scheduler(cfg, space)
-    if isinstance(scheduler, (SizeStratifiedASHA, SeedsRunToEnd)):
+    if isinstance(scheduler, (SizeStratifiedASHA, ParetoAwareASHA)):
         print(scheduler.describe(), file=stream or sys.stdout, flush=True)
     from .prior import teacher_size
 

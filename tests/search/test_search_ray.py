@@ -37,9 +37,10 @@ def _summaries(exp: Path) -> dict[str, dict]:
 
 def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
     # One trial at a time, and the first two plans fixed: a mild compression, then the most aggressive plan, which
-    # is far worse at the first rung (step 2) and must be stopped there. TPE proposes the other two.
+    # is far worse at the first rung (step 2) and must be stopped there. TPE proposes the other two. keep_front off:
+    # the harsh plan is the smallest, so on the front of its step (test_searcher tests keep_front).
     raw = tiny_search(name="mo", num_samples=4, max_concurrent=1, reference=True,
-                      asha={"grace_period": 2, "reduction_factor": 4, "size_buckets": 1})
+                      asha={"grace_period": 2, "reduction_factor": 4, "size_buckets": 1, "keep_front": False})
     cfg = load_search_config(raw)
     space = SearchSpace.from_config(cfg)
     mild = max((space.sample(i) for i in range(50)), key=lambda p: space.plan_costs(p)["params"])

@@ -133,7 +133,7 @@ def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, ti
     from search.scheduler import SizeStratifiedASHA, make_scheduler
 
     raw = tiny_search()
-    raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 2}
+    raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 2, "keep_front": False}
     cfg = load_search_config(raw)
     space = SearchSpace.from_config(cfg)
     sched = make_scheduler(cfg, space)
@@ -156,12 +156,14 @@ def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, ti
     assert type(make_scheduler(load_search_config(raw), space)) is FIFOScheduler
 
 
-def test_seed_plans_run_to_the_end_but_set_the_rungs(cfg_space, tiny_search):
+def test_pareto_aware_asha_keeps_seeds_and_the_front(cfg_space, tiny_search):
     """asha.protect_seeds (default): ASHA never stops a seed plan before max_t, though its results still set the
-    rung cutoffs sampled trials must meet; with protect_seeds false a seed is stopped like any trial."""
+    rung cutoffs sampled trials must meet. asha.keep_front (default): a trial on the front of its step's results
+    (quality and size) goes on where ASHA's within-stratum ranking would stop it; a dominated one stops. Both off:
+    plain ASHA."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from search.scheduler import SeedsRunToEnd, make_scheduler
+    from search.scheduler import ParetoAwareASHA, make_scheduler
 
     raw = tiny_search(seed_plans=["uniform:2"])
     raw["space"]["groups"] = ["attention", "attention_output", "ffn_in", "ffn_out"]  # all that uniform:2 compresses
@@ -169,37 +171,63 @@ def test_seed_plans_run_to_the_end_but_set_the_rungs(cfg_space, tiny_search):
     cfg = load_search_config(raw)
     space = SearchSpace.from_config(cfg)
     (label, seed_params), = space.seeds
-    sampled = next(p for p in (space.sample(i) for i in range(50)) if p != seed_params)
-    assert space.seed_label(seed_params) == label and space.seed_label(sampled) is None
+    assert space.seed_label(seed_params) == label
+    samples = sorted((p for p in (space.sample(i) for i in range(80)) if p != seed_params),
+                     key=lambda p: space.plan_costs(p)["params"])
+    small, large = samples[0], samples[-1]
+    assert space.plan_costs(small)["params"] < space.plan_costs(large)["params"]
+    assert space.seed_label(small) is None
 
-    def fresh():
+    def fresh(**asha):
+        raw["search"]["asha"].update(asha)
         sched = make_scheduler(load_search_config(raw), space)
-        trials = {"seed": _Trial("seed", seed_params), "a": _Trial("a", sampled), "b": _Trial("b", sampled)}
+        trials = {"seed": _Trial("seed", seed_params), "small": _Trial("small", small),
+                  "large": _Trial("large", large), "large2": _Trial("large2", large)}
         for t in trials.values():
             sched.on_trial_add(None, t)
         return sched, trials
 
-    sched, t = fresh()
-    assert isinstance(sched, SeedsRunToEnd) and isinstance(sched.inner, ASHAScheduler)
+    def result(q):
+        return {"quality": q, TIME_ATTR: 2}
+
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    sched, t = fresh(keep_front=False)
+    assert isinstance(sched, ParetoAwareASHA) and isinstance(sched.inner, ASHAScheduler)
     assert "seed plans run to max_t" in sched.describe()
-    # a good sampled trial, then a much worse seed at the same rung: ASHA would stop the seed, it goes on
-    assert sched.on_trial_result(None, t["a"], {"quality": 10.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
-    assert sched.inner.on_trial_result(None, t["b"], {"quality": 200.0, TIME_ATTR: 2}) == TrialScheduler.STOP
-    assert sched.on_trial_result(None, t["seed"], {"quality": 190.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
-    assert sched.kept == {"seed": 1}
+    # a good trial, then a much worse seed at the same rung: ASHA would stop the seed, it goes on
+    assert sched.on_trial_result(None, t["large"], result(10.0)) == go
+    assert sched.inner.on_trial_result(None, t["large2"], result(200.0)) == stop
+    assert sched.on_trial_result(None, t["seed"], result(190.0)) == go
+    assert sched.kept == {"seed": "seed"}
     # the seed's results count in the rungs: a good seed first makes a worse sampled trial stop
-    sched, t = fresh()
-    assert sched.on_trial_result(None, t["seed"], {"quality": 10.0, TIME_ATTR: 2}) == TrialScheduler.CONTINUE
-    assert sched.on_trial_result(None, t["a"], {"quality": 100.0, TIME_ATTR: 2}) == TrialScheduler.STOP
-    # protect_seeds false: plain ASHA, the bad seed is stopped
-    raw["search"]["asha"]["protect_seeds"] = False
-    sched, t = fresh()
+    sched, t = fresh(keep_front=False)
+    assert sched.on_trial_result(None, t["seed"], result(10.0)) == go
+    assert sched.on_trial_result(None, t["large"], result(100.0)) == stop
+
+    # keep_front: the small plan is worse than the large ones but better than anything as small: it goes on
+    sched, t = fresh(protect_seeds=False, keep_front=True)
+    assert "trials on the front at their step are not stopped" in sched.describe()
+    assert sched.on_trial_result(None, t["large"], result(10.0)) == go
+    assert sched.on_trial_result(None, t["large2"], result(20.0)) in (go, stop)
+    assert sched.inner.on_trial_result(None, t["small"], result(150.0)) == stop  # what ASHA alone decides ...
+    sched, t = fresh(protect_seeds=False, keep_front=True)
+    sched.on_trial_result(None, t["large"], result(10.0))
+    sched.on_trial_result(None, t["large2"], result(20.0))
+    assert sched.on_trial_result(None, t["small"], result(150.0)) == go  # ... and what it does here
+    assert sched.kept == {"small": "front"}
+    # a large plan worse than an equally large one is dominated: stopped
+    sched, t = fresh(protect_seeds=False, keep_front=True)
+    sched.on_trial_result(None, t["small"], result(10.0))
+    sched.on_trial_result(None, t["large"], result(10.0))
+    assert sched.on_trial_result(None, t["large2"], result(200.0)) == stop
+    # both off: plain ASHA, the bad seed is stopped
+    sched, t = fresh(protect_seeds=False, keep_front=False)
     assert isinstance(sched, ASHAScheduler)
-    sched.on_trial_result(None, t["a"], {"quality": 10.0, TIME_ATTR: 2})
-    sched.on_trial_result(None, t["b"], {"quality": 200.0, TIME_ATTR: 2})
-    assert sched.on_trial_result(None, t["seed"], {"quality": 190.0, TIME_ATTR: 2}) == TrialScheduler.STOP
-    # no seed plans: nothing to protect, no wrapper
-    raw["search"]["asha"]["protect_seeds"] = True
+    sched.on_trial_result(None, t["large"], result(10.0))
+    sched.on_trial_result(None, t["large2"], result(200.0))
+    assert sched.on_trial_result(None, t["seed"], result(190.0)) == stop
+    # no seed plans and keep_front off: nothing to wrap
+    raw["search"]["asha"].update(protect_seeds=True)
     raw["search"]["seed_plans"] = []
     assert isinstance(make_scheduler(load_search_config(raw), SearchSpace.from_config(load_search_config(raw))),
                       ASHAScheduler)
