@@ -162,11 +162,11 @@ def minilm_accuracy_rows(args) -> list[dict]:
             params = rep.params_after
             rows.append({"model": "minilm-sst2", "preset": name, "init": init, "split": "-",
                          "quality": accuracy(rep.model), "seconds": time.time() - t, "params": params})
+        budget = Budget("params", params, f"params={params}")
         for label, embeddings in (("auto", True), ("auto-lin", False)):
             t = time.time()
             try:
-                sol = auto_plan(prof, Budget("params", params, f"params={params}"), damage="kl",
-                                embeddings=embeddings)
+                sol = auto_plan(prof, budget, damage="kl", embeddings=embeddings)
             except UserError as exc:
                 rows.append({"model": "minilm-sst2", "preset": f"{label} @ {name}", "init": "data", "split": "-",
                              "quality": float("nan"), "seconds": 0.0, "error": str(exc).splitlines()[0]})
@@ -179,8 +179,8 @@ def minilm_accuracy_rows(args) -> list[dict]:
                          "embedding": emb})
             if label == "auto" and args.refine:  # plan --auto --refine: exchange moves judged by the whole model's KL
                 t = time.time()
-                ref = refine_plan(teacher, calib, prof, Budget("params", params, f"params={params}"), sol, heldout,
-                                  damage="kl", max_evals=args.refine, kl_tokens=args.kl_tokens, embeddings=True)
+                ref = refine_plan(teacher, calib, prof, budget, sol, heldout, damage="kl", max_evals=args.refine,
+                                  kl_tokens=args.kl_tokens, embeddings=True)
                 rep = compress(teacher, CompressionPlan.from_resolved(resolved_specs(ref.solution)), init="data",
                                calib=calib, inplace=False)
                 rows.append({"model": "minilm-sst2", "preset": f"auto+refine @ {name}", "init": "data",

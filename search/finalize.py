@@ -51,7 +51,7 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
         last = result.metrics or {}
         error = result.error
         # the sampled parameters; None for a trial Ray added but never ran (the time budget ran out while pending)
-        params = {k: result.config[k] for k in space.param_names() if k in (result.config or {})}
+        params = space.params_of(result.config)
         outcome, _ = trial_outcome(last, error is not None, ["quality"], max_t)
         summary_path = trial_dir / SUMMARY_NAME
         summary = _read_json(summary_path)
@@ -168,7 +168,7 @@ def _read_json(path: Path) -> dict | None:
 def _error_summary(cfg: SearchConfig, space: SearchSpace, result, trial_id: str) -> dict:
     """A minimal summary for a trial that crashed before run_trial wrote one (so it shows up in the results)."""
     trial = cfg.trial
-    params = {k: result.config[k] for k in space.param_names() if k in (result.config or {})}
+    params = space.params_of(result.config)
     try:
         costs = space.plan_costs(params)
         plan = space.to_plan_dict(params)

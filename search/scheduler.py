@@ -20,7 +20,29 @@ def _scheduler_base():
     return FIFOScheduler
 
 
-class SizeStratifiedASHA(_scheduler_base()):
+class _Delegating(_scheduler_base()):
+    """A scheduler that hands every trial event to the scheduler `_sched(trial)` picks for that trial."""
+
+    def _sched(self, trial):
+        raise NotImplementedError
+
+    def on_trial_add(self, tune_controller, trial):
+        self._sched(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._sched(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._sched(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial):
+        self._sched(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._sched(trial).on_trial_remove(tune_controller, trial)
+
+
+class SizeStratifiedASHA(_Delegating):
     """ASHA within size strata: one asynchronous successive-halving scheduler per stratum of the size objective.
 
     Plain ASHA ranks trials by quality alone, so in a quality/size search it stops the small plans first (they are
@@ -54,8 +76,7 @@ class SizeStratifiedASHA(_scheduler_base()):
         return True  # metric and mode are fixed at construction
 
     def stratum(self, config: dict) -> int:
-        params = {k: config[k] for k in self.space.param_names() if k in config}
-        value = self.space.plan_costs(params)[self.size_metric]
+        value = self.space.plan_costs(self.space.params_of(config))[self.size_metric]
         return sum(value > e for e in self.edges)
 
     def describe(self) -> str:
@@ -70,26 +91,11 @@ class SizeStratifiedASHA(_scheduler_base()):
             self._of[trial.trial_id] = self.stratum(trial.config)
         return self.strata[self._of[trial.trial_id]]
 
-    def on_trial_add(self, tune_controller, trial):
-        self._sched(trial).on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller, trial, result):
-        return self._sched(trial).on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller, trial, result):
-        self._sched(trial).on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_error(self, tune_controller, trial):
-        self._sched(trial).on_trial_error(tune_controller, trial)
-
-    def on_trial_remove(self, tune_controller, trial):
-        self._sched(trial).on_trial_remove(tune_controller, trial)
-
     def debug_string(self) -> str:
         return "\n".join(f"stratum {i}: {s.debug_string()}" for i, s in enumerate(self.strata))
 
 
-class ParetoAwareASHA(_scheduler_base()):
+class ParetoAwareASHA(_Delegating):
     """`inner` (ASHA), except where a stop would lose a plan worth finishing; every result still goes through `inner`,
     so it still sets the rungs' cutoffs.
 
@@ -121,8 +127,8 @@ class ParetoAwareASHA(_scheduler_base()):
 
     def size(self, trial) -> float:
         if trial.trial_id not in self._size:
-            params = {k: trial.config[k] for k in self.space.param_names() if k in trial.config}
-            self._size[trial.trial_id] = float(self.space.plan_costs(params)[self.size_metric])
+            costs = self.space.plan_costs(self.space.params_of(trial.config))
+            self._size[trial.trial_id] = float(costs[self.size_metric])
         return self._size[trial.trial_id]
 
     def _on_front(self, trial_id: str, step: float) -> bool:
@@ -131,14 +137,14 @@ class ParetoAwareASHA(_scheduler_base()):
         return not any(s2 <= s and sign * q2 <= sign * q and (s2 < s or sign * q2 < sign * q)
                        for other, (q2, s2) in self._at[step].items() if other != trial_id)
 
+    def _sched(self, trial):
+        return self.inner
+
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return self.inner.set_search_properties(metric, mode, **spec)
 
-    def on_trial_add(self, tune_controller, trial):
-        self.inner.on_trial_add(tune_controller, trial)
-
     def on_trial_result(self, tune_controller, trial, result):
-        action = self.inner.on_trial_result(tune_controller, trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
         step, quality = result.get(self.time_attr), result.get(self._metric)
         if step is None or quality is None or quality != quality:  # no step or no quality yet (NaN): ASHA's call
             return action
@@ -154,15 +160,6 @@ class ParetoAwareASHA(_scheduler_base()):
             return self.CONTINUE
         return action
 
-    def on_trial_complete(self, tune_controller, trial, result):
-        self.inner.on_trial_complete(tune_controller, trial, result)
-
-    def on_trial_error(self, tune_controller, trial):
-        self.inner.on_trial_error(tune_controller, trial)
-
-    def on_trial_remove(self, tune_controller, trial):
-        self.inner.on_trial_remove(tune_controller, trial)
-
     def describe(self) -> str:
         inner = getattr(self.inner, "describe", None)
         kept = [w for w, on in (("seed plans run to max_t", self.protect_seeds and self.space.seeds),
@@ -170,15 +167,15 @@ class ParetoAwareASHA(_scheduler_base()):
         return "; ".join(([inner()] if inner else []) + kept)
 
     def debug_string(self) -> str:
-        why = [w for w in self.kept.values()]
+        why = list(self.kept.values())
         return (self.inner.debug_string() + f"\nstops overridden: {why.count('seed')} seeds, "
                 f"{why.count('front')} trials on the front")
 
 
 def make_scheduler(cfg: SearchConfig, space: SearchSpace):
     """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise; wrapped in
-    `ParetoAwareASHA` for `asha.protect_seeds` (when the space has seed plans) and `asha.keep_front`. A trial that survives
-    every rung runs to its own end (run_trial writes its final summary), unless asha.max_t is below the stage's
+    `ParetoAwareASHA` for `asha.protect_seeds` (when the space has seed plans) and `asha.keep_front`. A trial that
+    survives every rung runs to its own end (run_trial writes its final summary), unless asha.max_t is below the stage's
     steps, in which case ASHA stops it at max_t and it counts as complete."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

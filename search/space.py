@@ -32,7 +32,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from kron.errors import ConfigError
 
@@ -664,10 +664,15 @@ class SearchSpace(BudgetMixin):
             elif not re.fullmatch(r"L\d+\.(on|priority)", key):
                 raise ConfigError(f"unknown plan parameter {key!r}; this space has {self.param_names()[:8]}...")
 
-    def seed_label(self, config: dict) -> str | None:
+    def params_of(self, config: Mapping | None) -> dict:
+        """The plan parameters in a trial's config (Ray's config may hold other keys; None: none)."""
+        config = config or {}
+        return {k: config[k] for k in self.param_names() if k in config}
+
+    def seed_label(self, config: Mapping) -> str | None:
         """The label of the seed plan (search.seed_plans) a trial's config holds ("seed:kngpt2"), None for a sampled
         plan."""
-        params = {k: config[k] for k in self.param_names() if k in config}
+        params = self.params_of(config)
         # getattr: a space pickled by a release without seed plans (an older search being resumed) has no `seeds`
         return next((label for label, p in getattr(self, "seeds", ()) if p == params), None)
 

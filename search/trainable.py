@@ -72,7 +72,7 @@ def trainable(config: dict, setup: TrialSetup) -> None:
     else:
         os.environ.pop("KRONSEARCH_FAULT_INJECT", None)
     space = setup.space
-    params = {k: config[k] for k in space.param_names() if k in config}
+    params = space.params_of(config)
     costs = space.plan_costs(params)
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -83,7 +83,7 @@ def trainable(config: dict, setup: TrialSetup) -> None:
         out_dir = Path.cwd() if Path.cwd().name == trial_dir.name else trial_dir
     trial_cfg = {**setup.base_trial, "name": trial_id, "threads": threads_for(setup.cpus),
                  "plan": {"rules": space.to_plan_rules(params)}}
-    seed = space.seed_label(config)
+    seed = space.seed_label(params)
     if seed is not None:  # a seed plan (search.seed_plans), evaluated first: named so in results and plots
         trial_cfg["label"] = seed
 
