@@ -41,6 +41,16 @@ def pool(request, monkeypatch):
     F.clear_buffer_pool()
 
 
+@pytest.fixture(params=["whole", "chunks"])
+def chunks(request, monkeypatch):
+    """Run the forward without gradients whole, and in token chunks of 3 (the test batch of 20 tokens ends in a
+    short chunk), whatever the layer's arithmetic intensity."""
+    if request.param == "chunks":
+        monkeypatch.setattr(F, "_CHUNK_TOKENS", 3)
+        monkeypatch.setattr(F, "_CHUNK_MAX_INTENSITY", float("inf"))
+    return request.param
+
+
 def _factors(shape, rank, dtype, requires_grad=True):
     m1, n1, m2, n2 = shape
     A = torch.randn(rank, m1, n1, dtype=dtype, requires_grad=requires_grad)
@@ -79,7 +89,7 @@ def test_gradcheck_float64_full_jacobian(shape, order):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("order", ["a_first", "b_first"])
-def test_float32_matches_autograd_of_dense_reference(shape, rank, order, pool):
+def test_float32_matches_autograd_of_dense_reference(shape, rank, order, pool, chunks):
     m1, n1, m2, n2 = shape
     rank = min(rank, m1 * n1, m2 * n2)
     A, B = _factors(shape, rank, torch.float32)
@@ -96,6 +106,24 @@ def test_float32_matches_autograd_of_dense_reference(shape, rank, order, pool):
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
     for g, t in zip(got, (x, A, B, bias)):
         assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-4 * max(1.0, t.grad.abs().max().item()))
+    with torch.no_grad():
+        assert torch.allclose(kron_linear(x, A, B, bias, order), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_only_for_memory_bound_layers_on_large_cpu_batches():
+    """512-token chunks where the layer does little arithmetic per element it moves (measured to pay), the whole
+    batch for the GEMM-heavy KnGPT2 shapes (no gain, or a loss) and for small batches."""
+    def chunk(shape, tokens, order):
+        m1, n1, m2, n2 = shape
+        X = torch.empty(tokens, n1, n2)
+        return F._chunk_tokens(X, torch.empty(1, m1, n1), torch.empty(1, m2, n2), order)
+
+    assert chunk((24, 6, 128, 128), 4096, "b_first") == F._CHUNK_TOKENS
+    assert chunk((48, 256, 64, 3), 4096, "a_first") == F._CHUNK_TOKENS
+    assert chunk((384, 768, 2, 1), 4096, "a_first") == 4096
+    assert chunk((1536, 768, 2, 1), 4096, "a_first") == 4096
+    assert chunk((768, 1536, 1, 2), 4096, "b_first") == 4096
+    assert chunk((24, 6, 128, 128), 2 * F._CHUNK_TOKENS - 1, "b_first") == 2 * F._CHUNK_TOKENS - 1
 
 
 @pytest.mark.parametrize("shape", SHAPES)
