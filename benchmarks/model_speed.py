@@ -3,7 +3,8 @@ process competing for the CPU (issue #15 part 2).
 
     python benchmarks/model_speed.py [--models gpt2 bert] [--variants dense kngpt2 uniform:2 uniform:4 lowrank:4]
                                      [--batch 4] [--seq-len 128] [--threads 2] [--repeats 5] [--warmup 2]
-                                     [--device auto] [--dtype float32] [--attn eager] [--no-contention] [--quick]
+                                     [--device auto] [--dtype float32] [--attn eager] [--no-contention]
+                                     [--no-ceiling] [--quick]
 
 Models, random weights, built offline by `kron.models.load_model`:
   - gpt2: `config:gpt2`, GPT-2 small as a causal LM (GPT2LMHeadModel, the 50257 x 768 LM head included);
@@ -30,6 +31,15 @@ which macs_per_token leaves out, are added at 2 · seq-len · d_model per layer 
 product for GPT-2 too: eager attention computes all of it and masks afterwards, so no seq-len/2 for causal (with
 --attn sdpa a kernel may skip the masked half; the term is ~2% of GPT-2 small's MACs at 128 tokens). The MAC ratio dense / variant is used for the training step as well (backward ≈ 2x forward per matrix).
 Target per row: speed-up ≥ 0.9 x MAC ratio, "met" / "MISSED", for inference and for the training step.
+
+Ceiling (default on; --no-ceiling skips it): how fast ANY layer with the variant's linear multiply-adds could make the
+model, given that the rest (embeddings, norms, GELU, softmax, attention-score products, copies, the loss) does not
+shrink. A copy of dense in which every nn.Linear / Conv1D (the LM head included) is replaced by a stand-in that only
+writes its output (a broadcast of one input feature times a learnable scalar, so that the backward still runs
+through the whole model) is timed in the same rounds: its time O is the time of everything but the linear layers'
+arithmetic. Then ceiling = dense / (O + (dense − O) · linear MACs of the variant / linear MACs of dense): linear
+time scaled by the multiply-adds, Amdahl's law with the rest fixed. A row whose 0.9 x MAC-ratio target lies above
+its ceiling cannot be met by faster layers; "x/ceil" shows how close a variant gets to its ceiling.
 
 Contention (default on; --no-contention skips it): a second process runs a one-thread 512 x 512 torch matmul loop,
 keeping one core busy. It is started once before the first measurement and killed in a `finally`; on POSIX it is
@@ -171,6 +181,43 @@ def _quick_configs(tmp: Path) -> dict[str, dict]:
     return out
 
 
+NO_LINEAR = "(no linear)"  # the ceiling's model: dense with every linear layer's arithmetic taken out
+
+
+class _OutputOnly(nn.Module):
+    """Stands in for a linear layer: writes an output of the right shape (input feature 0 broadcast, times a
+    learnable scalar so gradients flow through) and does no multiply-adds."""
+
+    def __init__(self, out_features: int, like: torch.Tensor):
+        super().__init__()
+        self.out_features = out_features
+        self.scale = nn.Parameter(torch.ones((), device=like.device, dtype=like.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :1].expand(*x.shape[:-1], self.out_features) * self.scale
+
+
+def without_linear(dense: nn.Module) -> nn.Module:
+    """A copy of dense whose nn.Linear and Conv1D layers (the LM head included) are `_OutputOnly` stand-ins."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(dense)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear):
+            out, like = mod.out_features, mod.weight
+        elif isinstance(mod, Conv1D):
+            out, like = mod.nf, mod.weight
+        else:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, _OutputOnly(out, like))
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False  # the LM head is a stand-in now; nothing to tie
+    return model
+
+
 def _is_kronecker(variant: str) -> bool:
     return variant.startswith(KRONECKER_PRESETS)
 
@@ -194,9 +241,10 @@ def model_macs(model: nn.Module, seq_len: int) -> dict:
     return {"linear": linear, "attention_scores": float(attention), "total": linear + attention}
 
 
-def build_variants(spec: dict, variants: list[str], device, dtype, attn: str) -> tuple[dict, dict, dict]:
+def build_variants(spec: dict, variants: list[str], device, dtype, attn: str, ceiling: bool = False
+                   ) -> tuple[dict, dict, dict]:
     """(name -> model, name -> reason it does not apply, name -> seconds to build); dense is loaded, the others are
-    compressed copies of it (init="none")."""
+    compressed copies of it (init="none"); with ceiling, also dense without its linear layers (NO_LINEAR)."""
     from kron.errors import PlanError
     from kron.models import load_model
     from kron.presets import get_plan
@@ -217,6 +265,10 @@ def build_variants(spec: dict, variants: list[str], device, dtype, attn: str) ->
             continue
         seconds[name] = time.perf_counter() - t0
         models[name] = report.model.eval()
+    if ceiling:
+        t0 = time.perf_counter()
+        models[NO_LINEAR] = without_linear(dense).eval()
+        seconds[NO_LINEAR] = time.perf_counter() - t0
     return models, na, seconds
 
 
@@ -245,8 +297,8 @@ def _timed(fn, device) -> float:
 
 
 def bench_model(key: str, spec: dict, args, device, dtype, contender: Contender | None) -> dict:
-    models, na, build_s = build_variants(spec, args.variants, device, dtype, args.attn)
-    names = [n for n in args.variants if n in models]
+    models, na, build_s = build_variants(spec, args.variants, device, dtype, args.attn, args.ceiling)
+    names = [n for n in args.variants if n in models] + ([NO_LINEAR] if args.ceiling else [])
     cfg = models["dense"].config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit is not None and args.seq_len > limit:
@@ -256,8 +308,8 @@ def bench_model(key: str, spec: dict, args, device, dtype, contender: Contender 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=gen).to(device)
     fns = {n: _step_fns(models[n], spec["task"], ids) for n in names}
-    macs = {n: model_macs(models[n], args.seq_len) for n in names}
-    params = {n: count_params(models[n]) for n in names}
+    macs = {n: model_macs(models[n], args.seq_len) for n in names if n != NO_LINEAR}
+    params = {n: count_params(models[n]) for n in names if n != NO_LINEAR}
 
     def run(name: str, kind: str) -> float:
         model = models[name]
@@ -284,6 +336,8 @@ def bench_model(key: str, spec: dict, args, device, dtype, contender: Contender 
     tokens = args.batch * args.seq_len
     rows = []
     for n in names:
+        if n == NO_LINEAR:
+            continue
         row = {"variant": n, "kronecker": _is_kronecker(n), "params": params[n], "macs_per_token": macs[n],
                "mac_ratio": macs["dense"]["total"] / macs[n]["total"], "build_seconds": build_s[n]}
         for kind in ("infer", "train"):
@@ -293,6 +347,13 @@ def bench_model(key: str, spec: dict, args, device, dtype, contender: Contender 
                  "speedup": statistics.median(d / v for d, v in zip(times["quiet"]["dense"][kind], q))}
             r["target_speedup"] = None if n == "dense" else SPEEDUP_OF_MAC_RATIO * row["mac_ratio"]
             r["met"] = None if n == "dense" else bool(r["speedup"] >= r["target_speedup"])
+            if args.ceiling:
+                # per round: dense / (O + (dense - O) * linear MAC share), O = the no-linear model's time
+                share = macs[n]["linear"] / macs["dense"]["linear"]
+                r["ceiling_speedup"] = statistics.median(
+                    d / (o + (d - o) * share) for d, o in zip(times["quiet"]["dense"][kind],
+                                                             times["quiet"][NO_LINEAR][kind]))
+                r["of_ceiling"] = r["speedup"] / r["ceiling_speedup"]
             if contender is not None:
                 b = times["busy"][n][kind]
                 r["busy_ms"] = statistics.median(b) * 1e3
@@ -307,8 +368,14 @@ def bench_model(key: str, spec: dict, args, device, dtype, contender: Contender 
                 row[kind]["slowdown_vs_dense"] = row[kind]["slowdown"] / dense
                 row[kind]["slowdown_ok"] = None if row["variant"] == "dense" else bool(
                     row[kind]["slowdown"] <= dense * (1 + args.slowdown_tolerance))
-    return {"model": key, "source": spec["src"], "task": spec["task"], "label": spec["label"], "rows": rows,
-            "not_applicable": na}
+    out = {"model": key, "source": spec["src"], "task": spec["task"], "label": spec["label"], "rows": rows,
+           "not_applicable": na}
+    if args.ceiling:
+        out["no_linear_ms"] = {k: statistics.median(times["quiet"][NO_LINEAR][k]) * 1e3 for k in ("infer", "train")}
+        out["no_linear_share"] = {k: statistics.median(o / d for o, d in zip(times["quiet"][NO_LINEAR][k],
+                                                                            times["quiet"]["dense"][k]))
+                                  for k in ("infer", "train")}
+    return out
 
 
 def _verdict(r: dict) -> str:
@@ -317,15 +384,27 @@ def _verdict(r: dict) -> str:
 
 def print_model(res: dict, contention: bool) -> None:
     print(f"\n{res['model']}: {res['label']} ({res['source']})")
+    ceil = "no_linear_ms" in res
+
+    def _ceil(r: dict) -> str:
+        return f" {r['ceiling_speedup']:>5.2f}x" if ceil and "ceiling_speedup" in r else (" " * 7 if ceil else "")
+
+    c_head = f" {'ceil':>6}" if ceil else ""
     head = (f"{'variant':<10} {'params':>7} {'MACs/tok':>9} {'MAC x':>6} | {'infer':>8} {'tok/s':>7} {'x':>5} "
-            f"{'target':<14} | {'train':>8} {'tok/s':>7} {'x':>5} {'target':<14}")
+            f"{'target':<14}{c_head} | {'train':>8} {'tok/s':>7} {'x':>5} {'target':<14}{c_head}")
     print(head)
     print("-" * len(head))
     for row in res["rows"]:
         i, t = row["infer"], row["train"]
         print(f"{row['variant']:<10} {row['params'] / 1e6:>6.1f}M {row['macs_per_token']['total'] / 1e6:>8.1f}M "
               f"{row['mac_ratio']:>5.2f}x | {i['ms']:>6.1f}ms {i['tokens_per_s']:>7.0f} {i['speedup']:>4.2f}x "
-              f"{_verdict(i):<14} | {t['ms']:>6.1f}ms {t['tokens_per_s']:>7.0f} {t['speedup']:>4.2f}x {_verdict(t):<14}")
+              f"{_verdict(i):<14}{_ceil(i)} | {t['ms']:>6.1f}ms {t['tokens_per_s']:>7.0f} {t['speedup']:>4.2f}x "
+              f"{_verdict(t):<14}{_ceil(t)}")
+    if ceil:
+        print(f"ceil: the speed-up if the linear layers' time shrank with their multiply-adds and nothing else did; "
+              f"dense without its linear arithmetic took {res['no_linear_ms']['infer']:.1f} ms "
+              f"({res['no_linear_share']['infer']:.0%} of dense) inference, {res['no_linear_ms']['train']:.1f} ms "
+              f"({res['no_linear_share']['train']:.0%}) a training step")
     for name, why in res["not_applicable"].items():
         print(f"{name:<10} n/a: {why}")
     if not contention:
@@ -370,6 +449,9 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation")
     p.add_argument("--contention", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every round with a second process keeping one core busy (default on)")
+    p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time dense without its linear layers' arithmetic, for the Amdahl ceiling of each "
+                        "variant (default on)")
     p.add_argument("--slowdown-tolerance", type=float, default=0.05,
                    help="a variant's slowdown under contention counts as no worse than dense's up to this "
                         "relative margin (default 0.05)")
