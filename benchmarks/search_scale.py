@@ -17,6 +17,9 @@ runs it (TPE + ASHA, the Optuna journal, the default loggers), and reports:
     python benchmarks/search_scale.py                  # 200 trials (~10-20 min on 2 busy cores)
     python benchmarks/search_scale.py --trials 80      # a shorter run
     python benchmarks/search_scale.py --smoke          # 12 trials, a minute: checks the script end to end
+    python benchmarks/search_scale.py --malloc-trim    # RSS after glibc's malloc_trim(0): memory in use only
+    python benchmarks/search_scale.py --bare           # the same number of trivial trials through plain Ray Tune +
+                                                       # Optuna (no kronsearch): the driver's RSS slope to compare
 
 Prints a table and, last, one JSON line.
 """
@@ -80,12 +83,21 @@ def rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
+def _malloc_trim() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class MemorySampler(threading.Thread):
     """The driver's RSS every `every` seconds, with how many trials had ended by then."""
 
-    def __init__(self, timing: Timing, every: float = 1.0, snapshot_at: int | None = None):
+    def __init__(self, timing: Timing, every: float = 1.0, snapshot_at: int | None = None, trim: bool = False):
         super().__init__(daemon=True)
         self.timing, self.every = timing, every
+        # trim: hand glibc's free heap back to the OS before each sample (malloc_trim(0)), so that RSS counts only
+        # memory in use: growth that this removes is freed memory the allocator kept, not a leak
+        self.trim = _malloc_trim if trim else None
         self.snapshot_at, self.snapshot = snapshot_at, None  # tracemalloc snapshot once that many trials ended
         self.samples: list[tuple[float, int, float]] = []  # (seconds since start, trials ended, RSS MB)
         self._halt = threading.Event()
@@ -93,6 +105,8 @@ class MemorySampler(threading.Thread):
 
     def run(self):
         while not self._halt.is_set():
+            if self.trim is not None:
+                self.trim()
             self.samples.append((time.time() - self.t0, len(self.timing.end), rss_mb()))
             if self.snapshot_at is not None and self.snapshot is None and len(self.timing.end) >= self.snapshot_at:
                 import tracemalloc
@@ -177,13 +191,7 @@ def summarise(timing: Timing, calls: dict, sampler: MemorySampler, cfg, n_trials
 
     samples = sampler.samples
     # RSS against trials ended, after the first quarter (start-up, imports and caches settle there)
-    late = [(n, mb) for _, n, mb in samples if n >= q]
-    slope = None
-    if len(late) >= 3 and late[-1][0] > late[0][0]:
-        xs, ys = [n for n, _ in late], [mb for _, mb in late]
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        slope = round(100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 2) if var else None
+    slope = _slope([(n, mb) for _, n, mb in samples if n >= q])
 
     def rss_at(n):
         return next((round(mb, 1) for _, k, mb in samples if k >= n), None)
@@ -213,6 +221,57 @@ def summarise(timing: Timing, calls: dict, sampler: MemorySampler, cfg, n_trials
     }
 
 
+def bare_tune(n: int, trim: bool) -> dict:
+    """n trivial trials (4 reports each) through plain Ray Tune + Optuna, 2 at a time, reused actors, default
+    loggers: the driver's RSS slope of Ray Tune itself, for comparison with a kronsearch search."""
+    import types
+
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    def trainable(config):
+        for i in range(4):
+            tune.report({"loss": config["x"] + i, "step": i})
+
+    ended = types.SimpleNamespace(end={})
+
+    class Ended(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ended.end[trial.trial_id] = time.time()
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sampler = MemorySampler(ended, trim=trim)
+    sampler.start()
+    t0 = time.time()
+    try:
+        tune.Tuner(trainable, param_space={"x": tune.uniform(0, 1)},
+                   tune_config=tune.TuneConfig(num_samples=n, metric="loss", mode="min", reuse_actors=True,
+                                               search_alg=ConcurrencyLimiter(OptunaSearch(), 2)),
+                   run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="kss-bare"), callbacks=[Ended()],
+                                             verbose=0)).fit()
+    finally:
+        sampler.stop()
+        ray.shutdown()
+    q = max(1, n // 4)
+    late = [(k, mb) for _, k, mb in sampler.samples if k >= q]
+    return {"benchmark": "search_scale", "bare_ray_tune": True, "trials": n, "malloc_trim": trim,
+            "wall_s": round(time.time() - t0, 1), "driver_rss_mb_start": round(sampler.samples[0][2], 1),
+            "driver_rss_mb_end": round(sampler.samples[-1][2], 1),
+            "driver_rss_slope_mb_per_100_trials": _slope(late)}
+
+
+def _slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares MB per 100 trials of (trials ended, RSS MB) points."""
+    if len(points) < 3 or points[-1][0] <= points[0][0]:
+        return None
+    xs, ys = [n for n, _ in points], [mb for _, mb in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return round(100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 2) if var else None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=200)
@@ -221,9 +280,23 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=None, help="run on this Ray cluster instead of a local Ray")
     p.add_argument("--tracemalloc", action="store_true",
                    help="trace the driver's Python allocations: what grew between the first quarter and the end")
+    p.add_argument("--malloc-trim", action="store_true",
+                   help="call glibc's malloc_trim(0) before every RSS sample: tells retained free heap from growth "
+                        "in use (Linux/glibc)")
+    p.add_argument("--bare", action="store_true",
+                   help="instead of a kronsearch search, the same number of trivial trials through plain Ray Tune + "
+                        "Optuna: the driver's RSS slope of Ray Tune itself")
     p.add_argument("--memory-trace", default=None, help="also write the RSS samples (t, trials ended, MB) as CSV")
     args = p.parse_args(argv)
     n = 12 if args.smoke else args.trials
+    if args.bare:
+        res = bare_tune(n, args.malloc_trim)
+        print(f"plain Ray Tune + Optuna, {n} trivial trials, 2 at a time: {res['wall_s']} s; driver RSS (MB) start "
+              f"{res['driver_rss_mb_start']}, end {res['driver_rss_mb_end']}; slope after the first quarter "
+              f"{res['driver_rss_slope_mb_per_100_trials']} MB per 100 trials"
+              f"{' (after malloc_trim)' if args.malloc_trim else ''}")
+        print(json.dumps(res))
+        return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -249,7 +322,8 @@ def main(argv=None) -> int:
         import tracemalloc
 
         tracemalloc.start(8)
-    sampler = MemorySampler(timing, snapshot_at=max(1, n // 4) if args.tracemalloc else None)
+    sampler = MemorySampler(timing, snapshot_at=max(1, n // 4) if args.tracemalloc else None,
+                            trim=args.malloc_trim)
     sampler.start()
     t0 = time.time()
     outcome = run_search(cfg, SearchSpace.from_config(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
@@ -267,6 +341,7 @@ def main(argv=None) -> int:
         tracemalloc.stop()
     res = summarise(timing, calls, sampler, cfg, n)
     res["python_growth_mb_by_file"] = grown
+    res["malloc_trim"] = args.malloc_trim
     q = res["quarter"]
     res["state_save_ms_first"] = _mean([1000 * d for k, d in saves if k < q], 1)
     res["state_save_ms_last"] = _mean([1000 * d for k, d in saves if k >= n - q], 1)
