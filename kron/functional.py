@@ -11,7 +11,8 @@ takes its output and scratch tensors from a small per-size pool (`_BufferPool`) 
 when nothing else references its storage any more (the storage's use count is back to the pool's own reference),
 so a result the caller keeps, or a tensor autograd saved for backward, is never overwritten. The gradient goes
 through `_KronLinearFn`, whose backward uses the same cheap contraction orders as the forward instead of autograd's
-replay of the forward's reshapes and copies.
+replay of the forward's reshapes and copies. Without gradients, memory-bound layers run large CPU batches in token
+chunks whose intermediates stay in cache (`_chunk_tokens`).
 """
 from __future__ import annotations
 
