@@ -39,7 +39,7 @@ writes its output (a broadcast of one input feature times a learnable scalar, so
 through the whole model) is timed in the same rounds: its time O is the time of everything but the linear layers'
 arithmetic. Then ceiling = dense / (O + (dense − O) · linear MACs of the variant / linear MACs of dense): linear
 time scaled by the multiply-adds, Amdahl's law with the rest fixed. A row whose 0.9 x MAC-ratio target lies above
-its ceiling cannot be met by faster layers; "x/ceil" shows how close a variant gets to its ceiling.
+its ceiling cannot be met by faster layers; "of_ceiling" in the JSON is how close a variant gets to its ceiling.
 
 Contention (default on; --no-contention skips it): a second process runs a one-thread 512 x 512 torch matmul loop,
 keeping one core busy. It is started once before the first measurement and killed in a `finally`; on POSIX it is

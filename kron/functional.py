@@ -359,11 +359,11 @@ def _forward(X, A, B, bias, order, out=None):
 # gradients the forward runs in chunks of _CHUNK_TOKENS tokens, each writing its rows of the one output, so that
 # the intermediates stay in cache — only for layers doing fewer than _CHUNK_MAX_INTENSITY multiply-adds per element
 # read or written. Measured (4,096 tokens, interleaved A/B, 15 repeats): 512-token chunks made the forward of the
-# ≥ 5x shapes of benchmarks/kron_layer.py 7–16% faster on 2 threads and −5 to +11% on 1 (48x256 ⊗ 64x3: 15%/11%), left
-# 384x768 ⊗ 2x1 (154 per element) unchanged and made 1536x768 ⊗ 2x1 and 768x1536 ⊗ 1x2 (220) 0–7% slower: their
-# GEMMs lose more to the fewer rows than the cache gives back. With gradients the chunked forward + backward was
-# no faster (0.86–1.07x: the backward's per-chunk weight-gradient sums cost what the cache saves), so training
-# runs the batch whole.
+# ≥ 5x shapes of benchmarks/kron_layer.py 7–16% faster on 2 threads and −5 to +11% on 1 (48x256 ⊗ 64x3: 15% /
+# 11%), left 384x768 ⊗ 2x1 (154 per element) unchanged and made 1536x768 ⊗ 2x1 and 768x1536 ⊗ 1x2 (220) 0–7%
+# slower: their GEMMs lose more to the fewer rows than the cache gives back. With gradients the chunked forward +
+# backward was no faster (0.86–1.07x: the backward's per-chunk weight-gradient sums cost what the cache saves), so
+# training runs the batch whole.
 _CHUNK_TOKENS = 512
 _CHUNK_MAX_INTENSITY = 100.0
 
