@@ -14,7 +14,7 @@ runs it (TPE + ASHA, the Optuna journal, the default loggers), and reports:
   quarter, target: flat), and the sizes of what the driver rewrites (Ray's experiment state, the searcher
   checkpoint, the Optuna journal) at the end.
 
-    python benchmarks/search_scale.py                  # 200 trials (~10-20 min on 2 busy cores)
+    python benchmarks/search_scale.py                  # 200 trials (~1 min on 2 quiet cores, 5 on busy ones)
     python benchmarks/search_scale.py --trials 80      # a shorter run
     python benchmarks/search_scale.py --smoke          # 12 trials, a minute: checks the script end to end
     python benchmarks/search_scale.py --malloc-trim    # RSS after glibc's malloc_trim(0): memory in use only
