@@ -2,6 +2,8 @@
 
     python benchmarks/kron_layer.py [--tokens 4096] [--threads 1 2] [--repeats 7] [--device auto] [--skip-svd]
                                     [--malloc-tuning]
+    python benchmarks/kron_layer.py --chunks [--threads 1 2] [--repeats 15] [--chunk-every-layer]
+                                    # the chunked forward without gradients against the whole batch, A/B
 
 Runs with the DEFAULT glibc allocator: `kron.functional.kron_linear` reuses its own large buffers, so no
 environment variables are needed. --malloc-tuning re-executes the script with MALLOC_MMAP_THRESHOLD_ /
@@ -146,6 +148,60 @@ def bench_layer(out_f: int, in_f: int, shape, tokens: int, device, dtype, repeat
     return res
 
 
+def bench_chunks(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=time.perf_counter,
+                 every_layer: bool = False) -> dict:
+    """Forward without gradients of our layer with the token chunks `kron.functional` picks for it against the
+    whole batch at once (chunks off), interleaved per repeat; speed-up = median of per-repeat ratios whole/chunked.
+    every_layer: chunk whatever the layer's arithmetic intensity and the thread count (to test that rule)."""
+    from kron import functional as F
+
+    if every_layer:
+        F._CHUNK_MAX_INTENSITY, F._CHUNK_MIN_THREADS = float("inf"), 1
+
+    layer = KroneckerLinear(in_f, out_f, shape)
+    x = torch.randn(tokens, in_f)
+    m1, n1, m2, n2 = shape
+    chunk = F._chunk_tokens(x.view(tokens, n1, n2), layer.A, layer.B, layer.order)
+    default = F._CHUNK_TOKENS
+
+    def fwd(chunk_tokens):
+        def run():
+            F._CHUNK_TOKENS = chunk_tokens
+            try:
+                with torch.no_grad():
+                    layer(x)
+            finally:
+                F._CHUNK_TOKENS = default
+        return run
+
+    t = _time_interleaved({"whole": fwd(1 << 62), "chunked": fwd(default)}, torch.device("cpu"), repeats, clock=clock)
+    return {"chunk_tokens": chunk, "whole_ms": statistics.median(t["whole"]) * 1e3,
+            "chunked_ms": statistics.median(t["chunked"]) * 1e3,
+            "speedup": statistics.median(w / c for w, c in zip(t["whole"], t["chunked"]))}
+
+
+def main_chunks(args, cases) -> int:
+    """--chunks: the A/B of the chunked forward (CPU)."""
+    print(f"chunked forward (no grad) vs the whole batch, CPU, {args.tokens} tokens, {args.repeats} repeats, "
+          f"interleaved; load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}", flush=True)
+    rows = []
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        clock = time.thread_time if args.clock == "cpu" and nt == 1 else time.perf_counter
+        print(f"\n{nt} thread(s)\n{'case':24s} {'A':>9s} {'B':>7s} {'chunk':>6s} | {'whole':>8s} {'chunked':>8s} "
+              f"{'x':>6s}")
+        for label, out_f, in_f, shape in cases:
+            r = bench_chunks(out_f, in_f, shape, args.tokens, args.repeats, clock, args.chunk_every_layer)
+            rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
+            m1, n1, m2, n2 = shape
+            chunk = "whole" if r["chunk_tokens"] >= args.tokens else str(r["chunk_tokens"])
+            print(f"{label:24s} {f'{m1}x{n1}':>9s} {f'{m2}x{n2}':>7s} {chunk:>6s} | {r['whole_ms']:>6.1f}ms "
+                  f"{r['chunked_ms']:>6.1f}ms {r['speedup']:>5.2f}x", flush=True)
+    print(json.dumps({"benchmark": "kron_layer_chunks", "tokens": args.tokens, "repeats": args.repeats,
+                      "every_layer": args.chunk_every_layer, "rows": rows}))
+    return 0
+
+
 def _target(row: dict) -> dict | None:
     if row["case"].startswith("kngpt2"):
         return TARGETS["kngpt2"]
@@ -186,6 +242,11 @@ def main(argv=None) -> int:
                         "included), which a loaded shared machine distorts less than wall time; rows with more "
                         "threads stay on wall time")
     p.add_argument("--skip-svd", action="store_true")
+    p.add_argument("--chunks", action="store_true",
+                   help="instead: time the chunked forward without gradients against the whole batch (CPU), per shape "
+                        "(rows whose layer is not chunked show 'whole' and a ratio near 1)")
+    p.add_argument("--chunk-every-layer", action="store_true",
+                   help="with --chunks: chunk every shape on any thread count (tests the rule that picks them)")
     p.add_argument("--malloc-tuning", action="store_true",
                    help="re-execute with glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised (opt-in)")
     args = p.parse_args(argv)
@@ -201,6 +262,8 @@ def main(argv=None) -> int:
         if key not in seen and (not args.cases or any(c in case[0] for c in args.cases)):
             seen.add(key)
             cases.append(case)
+    if args.chunks:
+        return main_chunks(args, cases)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"device={device} ({_device_name(device)}, {os.cpu_count()} CPUs, load average {load}), "

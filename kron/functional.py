@@ -353,25 +353,28 @@ def _forward(X, A, B, bias, order, out=None):
     return _b_first_forward(X, A, B, bias, out)
 
 
-# Token chunks (CPU, inference). A layer that saves many multiply-adds moves about as many bytes as the dense
-# layer (its input and output are the same size) for far less arithmetic: it is memory-bound, and an intermediate
-# written for the whole batch at once (4,096 tokens: tens of MB) goes out to memory and comes back. Without
-# gradients the forward runs in chunks of _CHUNK_TOKENS tokens, each writing its rows of the one output, so that
-# the intermediates stay in cache — only for layers doing fewer than _CHUNK_MAX_INTENSITY multiply-adds per element
-# read or written. Measured (4,096 tokens, interleaved A/B, 15 repeats): 512-token chunks made the forward of the
-# ≥ 5x shapes of benchmarks/kron_layer.py 7–16% faster on 2 threads and −5 to +11% on 1 (48x256 ⊗ 64x3: 15% /
-# 11%), left 384x768 ⊗ 2x1 (154 per element) unchanged and made 1536x768 ⊗ 2x1 and 768x1536 ⊗ 1x2 (220) 0–7%
-# slower: their GEMMs lose more to the fewer rows than the cache gives back. With gradients the chunked forward +
-# backward was no faster (0.86–1.07x: the backward's per-chunk weight-gradient sums cost what the cache saves), so
-# training runs the batch whole.
+# Token chunks (CPU, inference, several threads). A layer that saves many multiply-adds moves about as many bytes
+# as the dense layer (its input and output are the same size) for far less arithmetic: it is memory-bound, and an
+# intermediate written for the whole batch at once (4,096 tokens: tens of MB) goes out to memory and comes back.
+# Without gradients the forward runs in chunks of _CHUNK_TOKENS tokens, each writing its rows of the one output, so
+# that the intermediates stay in cache — only for layers doing fewer than _CHUNK_MAX_INTENSITY multiply-adds per
+# element read or written, and only with at least _CHUNK_MIN_THREADS threads (which share the memory bandwidth).
+# Measured by `python benchmarks/kron_layer.py --chunks --threads 1 2 --repeats 15` (4,096 tokens, interleaved):
+# on 2 threads the six chunked shapes ran 0.98–1.31x as fast as the whole batch (4 of 6 faster: 48x256 ⊗ 64x3
+# 1.31x, 6x128 ⊗ 512x6 1.12x), on 1 thread 0.89–1.12x (3 of 6 slower), hence no chunks on one thread. The three
+# KnGPT2 shapes (about 150–220 multiply-adds per element), chunked anyway (`--chunk-every-layer --cases kngpt2`),
+# ran 0.93–1.00x on 1 and 2 threads: their GEMMs lose more to fewer rows than the cache gives back. With gradients a
+# chunked forward + backward measured no faster in development (the backward's per-chunk weight-gradient sums cost
+# what the cache saves), so training runs the batch whole.
 _CHUNK_TOKENS = 512
 _CHUNK_MAX_INTENSITY = 100.0
+_CHUNK_MIN_THREADS = 2
 
 
 def _chunk_tokens(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str) -> int:
     """Tokens per chunk of a forward without gradients (the whole batch where chunks do not pay)."""
     T, n1, n2 = X.shape
-    if X.device.type != "cpu" or T < 2 * _CHUNK_TOKENS:
+    if X.device.type != "cpu" or T < 2 * _CHUNK_TOKENS or torch.get_num_threads() < _CHUNK_MIN_THREADS:
         return T
     r, m1, _ = A.shape
     m2 = B.shape[1]

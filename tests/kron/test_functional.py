@@ -48,6 +48,7 @@ def chunks(request, monkeypatch):
     if request.param == "chunks":
         monkeypatch.setattr(F, "_CHUNK_TOKENS", 3)
         monkeypatch.setattr(F, "_CHUNK_MAX_INTENSITY", float("inf"))
+        monkeypatch.setattr(F, "_CHUNK_MIN_THREADS", 1)
     return request.param
 
 
@@ -110,9 +111,11 @@ def test_float32_matches_autograd_of_dense_reference(shape, rank, order, pool, c
         assert torch.allclose(kron_linear(x, A, B, bias, order), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_chunks_only_for_memory_bound_layers_on_large_cpu_batches():
-    """512-token chunks where the layer does little arithmetic per element it moves (measured to pay), the whole
-    batch for the GEMM-heavy KnGPT2 shapes (no gain, or a loss) and for small batches."""
+def test_chunks_only_for_memory_bound_layers_on_large_cpu_batches(monkeypatch):
+    """512-token chunks where the layer does little arithmetic per element it moves (measured to pay on 2 threads),
+    the whole batch for the GEMM-heavy KnGPT2 shapes (no gain, or a loss), for small batches and on one thread."""
+    monkeypatch.setattr(F, "_CHUNK_MIN_THREADS", 1)
+
     def chunk(shape, tokens, order):
         m1, n1, m2, n2 = shape
         X = torch.empty(tokens, n1, n2)
@@ -124,6 +127,8 @@ def test_chunks_only_for_memory_bound_layers_on_large_cpu_batches():
     assert chunk((1536, 768, 2, 1), 4096, "a_first") == 4096
     assert chunk((768, 1536, 1, 2), 4096, "b_first") == 4096
     assert chunk((24, 6, 128, 128), 2 * F._CHUNK_TOKENS - 1, "b_first") == 2 * F._CHUNK_TOKENS - 1
+    monkeypatch.setattr(F, "_CHUNK_MIN_THREADS", torch.get_num_threads() + 1)
+    assert chunk((24, 6, 128, 128), 4096, "b_first") == 4096
 
 
 @pytest.mark.parametrize("shape", SHAPES)
