@@ -92,13 +92,16 @@ def _malloc_trim() -> None:
 class MemorySampler(threading.Thread):
     """The driver's RSS every `every` seconds, with how many trials had ended by then."""
 
-    def __init__(self, timing: Timing, every: float = 1.0, snapshot_at: int | None = None, trim: bool = False):
+    def __init__(self, timing: Timing, every: float = 1.0, snapshot_at: int | None = None, trim: bool = False,
+                 snapshot_end_at: int | None = None):
         super().__init__(daemon=True)
         self.timing, self.every = timing, every
         # trim: hand glibc's free heap back to the OS before each sample (malloc_trim(0)), so that RSS counts only
         # memory in use: growth that this removes is freed memory the allocator kept, not a leak
         self.trim = _malloc_trim if trim else None
         self.snapshot_at, self.snapshot = snapshot_at, None  # tracemalloc snapshot once that many trials ended
+        # and a second one near the end, while the search still runs (after it returns, its objects are gone)
+        self.snapshot_end_at, self.snapshot_end = snapshot_end_at, None
         self.samples: list[tuple[float, int, float]] = []  # (seconds since start, trials ended, RSS MB)
         self._halt = threading.Event()
         self.t0 = time.time()
@@ -112,6 +115,11 @@ class MemorySampler(threading.Thread):
                 import tracemalloc
 
                 self.snapshot = tracemalloc.take_snapshot()
+            elif (self.snapshot_end_at is not None and self.snapshot_end is None
+                  and len(self.timing.end) >= self.snapshot_end_at):
+                import tracemalloc
+
+                self.snapshot_end = tracemalloc.take_snapshot()
             self._halt.wait(self.every)
 
     def stop(self):
@@ -323,24 +331,28 @@ def main(argv=None) -> int:
 
         tracemalloc.start(8)
     sampler = MemorySampler(timing, snapshot_at=max(1, n // 4) if args.tracemalloc else None,
-                            trim=args.malloc_trim)
+                            trim=args.malloc_trim,
+                            snapshot_end_at=max(n // 4 + 1, n - max(2, n // 20)) if args.tracemalloc else None)
     sampler.start()
     t0 = time.time()
     outcome = run_search(cfg, SearchSpace.from_config(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
     wall = time.time() - t0
     sampler.stop()
-    grown = []
+    grown, grown_total = [], None
     if args.tracemalloc and sampler.snapshot is not None:
         import tracemalloc
 
-        end = tracemalloc.take_snapshot()
+        end = sampler.snapshot_end or tracemalloc.take_snapshot()
         filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
         stats = end.filter_traces(filters).compare_to(sampler.snapshot.filter_traces(filters), "filename")
         grown = [(str(st.traceback[0].filename).split("site-packages/")[-1], round(st.size_diff / 2**20, 2))
                  for st in stats[:12]]
+        grown_total = round(sum(st.size_diff for st in stats) / 2**20, 2)
         tracemalloc.stop()
     res = summarise(timing, calls, sampler, cfg, n)
     res["python_growth_mb_by_file"] = grown
+    # every file's growth summed: many files growing a little each add up where the top 12 look flat
+    res["python_growth_mb_total"] = grown_total if grown else None
     res["malloc_trim"] = args.malloc_trim
     q = res["quarter"]
     res["state_save_ms_first"] = _mean([1000 * d for k, d in saves if k < q], 1)
