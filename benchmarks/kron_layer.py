@@ -148,15 +148,10 @@ def bench_layer(out_f: int, in_f: int, shape, tokens: int, device, dtype, repeat
     return res
 
 
-def bench_chunks(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=time.perf_counter,
-                 every_layer: bool = False) -> dict:
+def bench_chunks(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=time.perf_counter) -> dict:
     """Forward without gradients of our layer with the token chunks `kron.functional` picks for it against the
-    whole batch at once (chunks off), interleaved per repeat; speed-up = median of per-repeat ratios whole/chunked.
-    every_layer: chunk whatever the layer's arithmetic intensity and the thread count (to test that rule)."""
+    whole batch at once (chunks off), interleaved per repeat; speed-up = median of per-repeat ratios whole/chunked."""
     from kron import functional as F
-
-    if every_layer:
-        F._CHUNK_MAX_INTENSITY, F._CHUNK_MIN_THREADS = float("inf"), 1
 
     layer = KroneckerLinear(in_f, out_f, shape)
     x = torch.randn(tokens, in_f)
@@ -181,7 +176,12 @@ def bench_chunks(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=
 
 
 def main_chunks(args, cases) -> int:
-    """--chunks: the A/B of the chunked forward (CPU)."""
+    """--chunks: the A/B of the chunked forward (CPU); --chunk-every-layer lifts the rule that picks the layers
+    (intensity and thread count) for the whole run."""
+    from kron import functional as F
+
+    if args.chunk_every_layer:
+        F._CHUNK_MAX_INTENSITY, F._CHUNK_MIN_THREADS = float("inf"), 1
     print(f"chunked forward (no grad) vs the whole batch, CPU, {args.tokens} tokens, {args.repeats} repeats, "
           f"interleaved; load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}", flush=True)
     rows = []
@@ -191,7 +191,7 @@ def main_chunks(args, cases) -> int:
         print(f"\n{nt} thread(s)\n{'case':24s} {'A':>9s} {'B':>7s} {'chunk':>6s} | {'whole':>8s} {'chunked':>8s} "
               f"{'x':>6s}")
         for label, out_f, in_f, shape in cases:
-            r = bench_chunks(out_f, in_f, shape, args.tokens, args.repeats, clock, args.chunk_every_layer)
+            r = bench_chunks(out_f, in_f, shape, args.tokens, args.repeats, clock)
             rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
             m1, n1, m2, n2 = shape
             chunk = "whole" if r["chunk_tokens"] >= args.tokens else str(r["chunk_tokens"])

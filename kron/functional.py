@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .factor import kron_macs
+from .shapes import kron_macs, order_macs
 
 __all__ = ["clear_buffer_pool", "dense_weight", "kron_linear", "lowrank_linear", "set_buffer_pool_limit"]
 
@@ -378,11 +378,9 @@ def _chunk_tokens(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str)
         return T
     r, m1, _ = A.shape
     m2 = B.shape[1]
-    if order == "a_first":
-        macs, inter = r * m1 * n2 * (n1 + m2), r * m1 * n2
-    else:
-        macs, inter = r * n1 * m2 * (n2 + m1), r * n1 * m2
-    intensity = macs / (n1 * n2 + m1 * m2 + inter)  # multiply-adds per element read or written, per token
+    inter = r * m1 * n2 if order == "a_first" else r * n1 * m2  # U = A X or Z = X Bᵀ, per token
+    # multiply-adds per element read or written, per token
+    intensity = order_macs(m1, n1, m2, n2, r)[order] / (n1 * n2 + m1 * m2 + inter)
     return _CHUNK_TOKENS if intensity < _CHUNK_MAX_INTENSITY else T
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "kron_params",
     "lowrank_params",
     "lowrank_rank_for_ratio",
+    "order_macs",
     "validate_shape",
 ]
 
@@ -42,16 +43,20 @@ def kron_params(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> int:
     return rank * (m1 * n1 + m2 * n2)
 
 
-def kron_macs(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> tuple[int, str]:
-    """Multiply-adds per token of the cheaper contraction order, and that order's name.
+def order_macs(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> dict[str, int]:
+    """Multiply-adds per token of each contraction order.
 
     "b_first" contracts X (n1 x n2) with Bᵀ first: n1·m2·(n2 + m1); "a_first" with A first: m1·n2·(n1 + m2).
     """
-    b_first = n1 * m2 * (n2 + m1)
-    a_first = m1 * n2 * (n1 + m2)
-    if a_first <= b_first:
-        return rank * a_first, "a_first"
-    return rank * b_first, "b_first"
+    return {"a_first": rank * m1 * n2 * (n1 + m2), "b_first": rank * n1 * m2 * (n2 + m1)}
+
+
+def kron_macs(m1: int, n1: int, m2: int, n2: int, rank: int = 1) -> tuple[int, str]:
+    """Multiply-adds per token of the cheaper contraction order (`order_macs`), and that order's name."""
+    costs = order_macs(m1, n1, m2, n2, rank)
+    if costs["a_first"] <= costs["b_first"]:
+        return costs["a_first"], "a_first"
+    return costs["b_first"], "b_first"
 
 
 @dataclass(frozen=True)
