@@ -20,6 +20,8 @@ runs it (TPE + ASHA, the Optuna journal, the default loggers), and reports:
     python benchmarks/search_scale.py --malloc-trim    # RSS after glibc's malloc_trim(0): memory in use only
     python benchmarks/search_scale.py --bare           # the same number of trivial trials through plain Ray Tune +
                                                        # Optuna (no kronsearch): the driver's RSS slope to compare
+    python benchmarks/search_scale.py --no-trim        # Ray Tune's state of ended trials kept whole (without
+                                                       # search.trialstate): the A/B of that trim
 
 Prints a table and, last, one JSON line.
 """
@@ -294,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--bare", action="store_true",
                    help="instead of a kronsearch search, the same number of trivial trials through plain Ray Tune + "
                         "Optuna: the driver's RSS slope of Ray Tune itself")
+    p.add_argument("--no-trim", action="store_true",
+                   help="keep Ray Tune's full state of ended trials (search.trialstate off): the A/B of that trim")
     p.add_argument("--memory-trace", default=None, help="also write the RSS samples (t, trials ended, MB) as CSV")
     args = p.parse_args(argv)
     n = 12 if args.smoke else args.trials
@@ -317,6 +321,10 @@ def main(argv=None) -> int:
     from search.tuner import run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.no_trim:  # the callback looks the function up at each call (the driver runs it)
+        import search.trialstate
+
+        search.trialstate.trim_trial_state = lambda trial: False
     teacher = make_tiny_teacher(storage / "teacher")
     name = f"scale-{n}"
     cfg = load_search_config(search_dict(teacher, storage / "runs", n, name, args.address))
@@ -354,6 +362,7 @@ def main(argv=None) -> int:
     # every file's growth summed: many files growing a little each add up where the top 12 look flat
     res["python_growth_mb_total"] = grown_total if grown else None
     res["malloc_trim"] = args.malloc_trim
+    res["trim_ended_trials"] = not args.no_trim
     q = res["quarter"]
     res["state_save_ms_first"] = _mean([1000 * d for k, d in saves if k < q], 1)
     res["state_save_ms_last"] = _mean([1000 * d for k, d in saves if k >= n - q], 1)

@@ -4,7 +4,8 @@ This module is the orchestrator; each part it puts together has its own module:
 `search.trainable` (the Ray trainable and its metrics), `search.searcher` (Optuna, told PRUNED/FAIL truthfully),
 `search.scheduler` (ASHA within size strata), `search.progress` (console lines), `search.raystart` (Ray start-up),
 `search.storage` (local or remote experiments), `search.resume` (search_meta.json and --resume checks),
-`search.tracking` (TensorBoard / MLflow / W&B logger callbacks, `search.loggers`),
+`search.tracking` (TensorBoard / MLflow / W&B logger callbacks, `search.loggers`), `search.trialstate` (what Ray
+Tune keeps of ended trials, trimmed),
 `search.reference` (the driver's data preparation and the teacher reference) and `search.finalize` (trial
 statuses and the Optuna export after the fit).
 
@@ -35,6 +36,7 @@ from .storage import (download_file, experiment_path, local_mirror, remote_exper
                       upload)
 from .tracking import check_loggers, logger_callbacks
 from .trainable import TrialSetup, make_trainable, trainable
+from .trialstate import TrimEndedTrials
 
 __all__ = ["run_search"]
 # Ray pickles the searcher (and the scheduler, callbacks, trial set-up) into tuner.pkl by module path: searches
@@ -169,7 +171,8 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
     run_config = tune.RunConfig(
         name=cfg.name, **storage_args(cfg.search.storage), verbose=0,
         callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(),
-                   *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or [])],
+                   *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or []),
+                   TrimEndedTrials()],  # last: the others see an ended trial's state untrimmed
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),
     )

@@ -78,6 +78,15 @@ def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
             assert summary["params"] == space.plan_costs(t["params"])["params"]
     assert json.loads((exp / "optuna_trials.json").read_text())
 
+    # Ray's saved state of the ended trials: the last result and the metric statistics kept, the running windows
+    # dropped (search.trialstate: the driver's memory per trial)
+    state = json.loads(sorted(exp.glob("experiment_state-*.json"))[-1].read_text())
+    run_meta = [json.loads(m) for _, m in state["trial_data"]]
+    assert len(run_meta) == 4
+    for m in run_meta:
+        assert m["metric_n_steps"] == {}
+        assert m["metric_analysis"]["quality"]["last-5-avg"] is not None and m["last_result"]["params"] > 0
+
     printed = capsys.readouterr().out
     assert "teacher reference: val_ppl" in printed
     assert "started" in printed and "finished at step 6" in printed and "pruned (stopped early)" in printed
