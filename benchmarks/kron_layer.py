@@ -4,6 +4,8 @@
                                     [--malloc-tuning]
     python benchmarks/kron_layer.py --chunks [--threads 1 2] [--repeats 15] [--chunk-every-layer]
                                     # the chunked forward without gradients against the whole batch, A/B
+    python benchmarks/kron_layer.py --pairs [--threads 1 2] [--repeats 15]
+                                    # output pairs of B 2 x 1 as complex products against the broadcast, A/B
 
 Runs with the DEFAULT glibc allocator: `kron.functional.kron_linear` reuses its own large buffers, so no
 environment variables are needed. --malloc-tuning re-executes the script with MALLOC_MMAP_THRESHOLD_ /
@@ -202,6 +204,66 @@ def main_chunks(args, cases) -> int:
     return 0
 
 
+def bench_pairs(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=time.perf_counter) -> dict:
+    """nn.Linear, our layer, and our layer with the complex-pair path of `kron.functional` off (pairs written by
+    the plain broadcast product), interleaved per repeat; forward without gradients and forward+backward."""
+    from kron import functional as F
+
+    dense, ours = nn.Linear(in_f, out_f), KroneckerLinear(in_f, out_f, shape)
+    x = torch.randn(tokens, in_f)
+    xg = x.clone().requires_grad_(True)
+    real = F._as_pairs
+
+    def run(layer, grad: bool, pairs: bool = True):
+        def go():
+            F._as_pairs = real if pairs else (lambda t: None)
+            try:
+                if grad:
+                    layer.zero_grad(set_to_none=True)
+                    xg.grad = None
+                    layer(xg).sum().backward()
+                else:
+                    with torch.no_grad():
+                        layer(x)
+            finally:
+                F._as_pairs = real
+        return go
+
+    res = {}
+    for name, grad in (("fwd", False), ("fwd_bwd", True)):
+        t = _time_interleaved({"dense": run(dense, grad), "pairs": run(ours, grad),
+                               "no_pairs": run(ours, grad, pairs=False)}, torch.device("cpu"), repeats, clock=clock)
+        res[name] = {**{f"{k}_ms": statistics.median(v) * 1e3 for k, v in t.items()},
+                     **{f"{k}_speedup": statistics.median(d / o for d, o in zip(t["dense"], t[k]))
+                        for k in ("pairs", "no_pairs")},
+                     "pairs_vs_no_pairs": statistics.median(n / o for n, o in zip(t["no_pairs"], t["pairs"]))}
+    return res
+
+
+def main_pairs(args, cases) -> int:
+    """--pairs: the A/B of the complex-pair path (CPU) at the shapes that take it (B 2 x 1)."""
+    cases = [c for c in cases if tuple(c[3][2:]) == (2, 1)]
+    print(f"complex-pair path vs the broadcast product, CPU, {args.tokens} tokens, {args.repeats} repeats, "
+          f"interleaved with nn.Linear; load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}",
+          flush=True)
+    rows = []
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        clock = time.thread_time if args.clock == "cpu" and nt == 1 else time.perf_counter
+        print(f"\n{nt} thread(s): speed-up over nn.Linear with pairs / without | pairs vs without\n"
+              f"{'case':24s} {'fwd':>13s} {'f+b':>13s} | {'fwd':>6s} {'f+b':>6s}")
+        for label, out_f, in_f, shape in cases:
+            r = bench_pairs(out_f, in_f, shape, args.tokens, args.repeats, clock)
+            rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
+            f, fb = r["fwd"], r["fwd_bwd"]
+            print(f"{label:24s} {f['pairs_speedup']:>5.2f}x/{f['no_pairs_speedup']:>5.2f}x "
+                  f"{fb['pairs_speedup']:>5.2f}x/{fb['no_pairs_speedup']:>5.2f}x | "
+                  f"{f['pairs_vs_no_pairs']:>5.2f}x {fb['pairs_vs_no_pairs']:>5.2f}x", flush=True)
+    print(json.dumps({"benchmark": "kron_layer_pairs", "tokens": args.tokens, "repeats": args.repeats,
+                      "rows": rows}))
+    return 0
+
+
 def _target(row: dict) -> dict | None:
     if row["case"].startswith("kngpt2"):
         return TARGETS["kngpt2"]
@@ -245,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", action="store_true",
                    help="instead: time the chunked forward without gradients against the whole batch (CPU), per shape "
                         "(rows whose layer is not chunked show 'whole' and a ratio near 1)")
+    p.add_argument("--pairs", action="store_true",
+                   help="A/B of the complex-pair path (kron.functional._as_pairs) against the broadcast product, at "
+                        "the shapes with B 2 x 1")
     p.add_argument("--chunk-every-layer", action="store_true",
                    help="with --chunks: chunk every shape on any thread count (tests the rule that picks them)")
     p.add_argument("--malloc-tuning", action="store_true",
@@ -264,6 +329,8 @@ def main(argv=None) -> int:
             cases.append(case)
     if args.chunks:
         return main_chunks(args, cases)
+    if args.pairs:
+        return main_pairs(args, cases)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"device={device} ({_device_name(device)}, {os.cpu_count()} CPUs, load average {load}), "

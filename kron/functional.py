@@ -160,6 +160,45 @@ def _acc_bmm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
         out.baddbmm_(a, b)
 
 
+_PAIR_DTYPES = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _as_pairs(t: torch.Tensor) -> torch.Tensor | None:
+    """t (..., 2) seen as complex numbers (...), one per pair of its last dimension; None where no such view exists
+    (not CPU, a dtype without a complex twin, pairs not adjacent or not aligned)."""
+    cdtype = _PAIR_DTYPES.get(t.dtype)
+    if cdtype is None or t.device.type != "cpu" or t.dim() < 1 or t.shape[-1] != 2 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(cdtype).squeeze(-1)
+    except RuntimeError:  # odd storage offset or stride
+        return None
+
+
+def _pairs_outer_acc(Yc: torch.Tensor, u: torch.Tensor, bc: torch.Tensor, first: bool, tmp: torch.Tensor | None,
+                     biasc: torch.Tensor | None = None) -> None:
+    """Yc (=, +=) u · bc (+ biasc): one term of Y[t, i, :] = Σ_k u_k[t, i] b_k (+ bias[i, :]) for pairs b_k, written
+    through complex views — Yc of Y's pairs, bc = b0 + i·b1, biasc of the bias's pairs — so that the real factor u
+    (T, m) is cast into complex numbers (u + 0i) and multiplied as one contiguous, vectorised pass. On CPU the plain
+    elementwise form (Y (T, m, 2) = u[..., None] * b) runs a loop two wide over a broadcast operand, not vectorised:
+    4,096 x 384 pairs, 1 thread, 4.3 ms that way, ~2 ms cast + complex multiply-add. tmp: a complex buffer like Yc
+    (needed when not first)."""
+    if first:
+        Yc.copy_(u)
+        if biasc is not None:
+            torch.addcmul(biasc, Yc, bc, out=Yc)
+        else:
+            Yc.mul_(bc)
+    else:
+        tmp.copy_(u)
+        Yc.addcmul_(tmp, bc)
+
+
+def _complex_empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """A pooled complex buffer of `shape` (like's real dtype, twice the last dimension, seen as pairs)."""
+    return _as_pairs(_empty((*shape, 2), like))
+
+
 def _sum_tokens_outer(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Σ_t L[t] R[t]ᵀ for L (T, p, c), R (T, q, c): the weight-gradient contraction over tokens and c."""
     T, p, c = L.shape
@@ -185,6 +224,14 @@ def _a_first_forward(X, A, B, bias, out=None):
     if n2 == 1:
         U = _empty((T, r, m1), X)
         torch.mm(X.view(T, n1), A.reshape(r * m1, n1).t(), out=U.view(T, r * m1))
+        Yc = _as_pairs(Y) if m2 == 2 else None
+        Bc = _as_pairs(B[:, :, 0]) if Yc is not None else None
+        biasc = _as_pairs(bias.reshape(m1, 2)) if Bc is not None and bias is not None else None
+        if Bc is not None and (bias is None or biasc is not None):  # pairs (KnGPT2's B 2 x 1): complex products
+            tmp = _complex_empty((T, m1), X) if r > 1 else None
+            for k in range(r):
+                _pairs_outer_acc(Yc, U[:, k], Bc[k], k == 0, tmp, biasc)
+            return Yout, [U]
         for k in range(r):
             Bk = B[k, :, 0].view(1, 1, m2)
             if k == 0:

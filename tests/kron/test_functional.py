@@ -12,6 +12,8 @@ from kron.functional import _BATCHED_MIN, dense_weight, kron_linear
 # (m1, n1, m2, n2): n2 == 1, m2 == 1, narrow (< _BATCHED_MIN) and wide (>= _BATCHED_MIN) second contractions
 SHAPES = [
     (4, 6, 3, 1),            # a_first with n2 == 1
+    (4, 6, 2, 1),            # a_first with n2 == 1, m2 == 2: the output written as complex pairs (KnGPT2's B 2 x 1)
+    (5, 4, 1, 2),            # b_first with m2 == 1, n2 == 2 (KnGPT2's swapped B 1 x 2)
     (3, 1, 4, 6),            # m1 == 1 / n1 == 1
     (5, 4, 1, 3),            # m2 == 1 (b_first: one GEMM for the second contraction)
     (4, 3, 5, 2),            # narrow both ways
@@ -216,3 +218,28 @@ def test_rejects_bad_order_and_width():
         kron_linear(torch.randn(2, 6), A, B, None, "c_first")
     with pytest.raises(ValueError, match="features"):
         kron_linear(torch.randn(2, 7), A, B)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairs_go_through_complex_views(monkeypatch, rank, dtype):
+    # KnGPT2's B 2 x 1 (Q/K/V, c_fc): the forward writes its output pairs through complex views; equal to dense
+    calls = []
+    real = F._pairs_outer_acc
+    monkeypatch.setattr(F, "_pairs_outer_acc", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    for shape, order in [((4, 6, 2, 1), "a_first"), ((6, 8, 2, 1), "auto")]:
+        calls.clear()
+        m1, n1, m2, n2 = shape
+        A, B = _factors(shape, rank, dtype)
+        bias = torch.randn(m1 * m2, dtype=dtype, requires_grad=True)
+        x = torch.randn(7, n1 * n2, dtype=dtype, requires_grad=True)
+        W = sum(torch.kron(A[k], B[k]) for k in range(rank))
+        y = F.kron_linear(x, A, B, bias, order=order)
+        ref = x @ W.t() + bias
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+        g = torch.randn_like(y)
+        gx, = torch.autograd.grad(y, x, g)
+        gx_ref, = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+        assert len(calls) == rank, (shape, calls)  # one call per rank term, in the forward only
