@@ -173,7 +173,7 @@ def _kroneckerbert(name: str, config) -> CompressionPlan:
     d, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     (an1, am1), (fn1, fm1) = p["attention"], p["ffn"]
     f = p["embedding"]
-    base = f"the KroneckerBERT shapes are for BERT-base (hidden 768, intermediate 3072); use uniform:<factor> for " \
+    base = "the KroneckerBERT shapes are for BERT-base (hidden 768, intermediate 3072); use uniform:<factor> for " \
            "other sizes"
 
     def check(what: str, m: int, n: int, m1: int, n1: int, rank: int) -> list[int]:

@@ -352,8 +352,6 @@ def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search
     trial's plan and per-evaluation metrics (quality, ILKD loss terms, throughput); optuna.load_study on the journal
     has every trial with its state; the search's line, `kronsearch analyze`, `compare` and the CSVs count the same
     trials, the teacher reference apart."""
-    import importlib.util
-
     import pandas as pd
 
     from analysis.cli import add_parsers  # noqa: F401  (the CLI below)
@@ -408,7 +406,7 @@ def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search
     by = {st: sum(1 for s in summaries.values() if s["status"] == st) for st in ("complete", "pruned")}
     words = ", ".join(f"{n} {st}" for st, n in by.items() if n)
     line = _counts(outcome)
-    assert line.startswith(f"4 trials in ") and f"({words})" in line and line.endswith("; references: teacher")
+    assert line.startswith("4 trials in ") and f"({words})" in line and line.endswith("; references: teacher")
     write_analysis(cfg, exp, space)
     capsys.readouterr()
     trials_csv = pd.read_csv(exp / "analysis" / "trials.csv")
