@@ -12,7 +12,8 @@ environment variables are needed. --malloc-tuning re-executes the script with MA
 MALLOC_TRIM_THRESHOLD_ raised (glibc then keeps freed blocks instead of unmapping them; this speeds up dense and
 Kronecker alike and was the README's setting before the pool).
 
-Three layers are timed side by side in one process, interleaved per repeat (dense, ours, reference), so that the
+Three layers are timed side by side in one process, interleaved per repeat (dense, ours, reference; every other
+repeat dense, reference, ours: see _time_interleaved), so that the
 load of a shared machine hits all three alike; a speed-up is the median over repeats of the per-repeat ratio:
   - nn.Linear,
   - ours: kron.layers.KroneckerLinear (custom autograd Function, contraction order from kron_macs),
@@ -101,15 +102,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_interleaved(fns: dict, device, repeats: int, warmup: int = 2, clock=time.perf_counter
-                      ) -> dict[str, list[float]]:
-    """Seconds per call of each function, the functions taking turns within every repeat."""
+def _time_interleaved(fns: dict, device, repeats: int, warmup: int = 2, clock=time.perf_counter,
+                      alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns within every repeat. alternate: every other
+    repeat runs the functions after the first in reverse order (first, a, b / first, b, a), so that a and b each
+    follow the first and each other equally often — on small, cache-resident sizes a function that runs right after
+    a different layer finds the cache cold, and a fixed order favours the one that follows its twin."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        order = names[:1] + names[:0:-1] if alternate and i % 2 else names
+        for name in order:
+            fn = fns[name]
             _sync(device)
             t0 = clock()
             fn()
@@ -139,7 +146,8 @@ def bench_layer(out_f: int, in_f: int, shape, tokens: int, device, dtype, repeat
 
     res = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        t = _time_interleaved({k: (lambda l=l: fn(l)) for k, l in layers.items()}, device, repeats, clock=clock)
+        t = _time_interleaved({k: (lambda l=l: fn(l)) for k, l in layers.items()}, device, repeats, clock=clock,
+                              alternate=True)
         row = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in t.items()}
         for k in ("ours", "ref"):
             row[f"{k}_speedup"] = statistics.median(d / o for d, o in zip(t["dense"], t[k]))
@@ -171,10 +179,30 @@ def bench_chunks(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=
                 F._CHUNK_TOKENS = default
         return run
 
-    t = _time_interleaved({"whole": fwd(1 << 62), "chunked": fwd(default)}, torch.device("cpu"), repeats, clock=clock)
+    t = _time_interleaved({"whole": fwd(1 << 62), "chunked": fwd(default)}, torch.device("cpu"), repeats, clock=clock,
+                          alternate=True)
     return {"chunk_tokens": chunk, "whole_ms": statistics.median(t["whole"]) * 1e3,
             "chunked_ms": statistics.median(t["chunked"]) * 1e3,
             "speedup": statistics.median(w / c for w, c in zip(t["whole"], t["chunked"]))}
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _ab_rows(args, cases, bench, header: str, line) -> list[dict]:
+    """An A/B mode's loop: `bench(out_f, in_f, shape, tokens, repeats, clock)` for every case on every thread count;
+    `header` (with {nt}) printed per thread count, `line(label, shape, result)` per case; the rows for the JSON line."""
+    rows = []
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        clock = time.thread_time if args.clock == "cpu" and nt == 1 else time.perf_counter
+        print(header.format(nt=nt))
+        for label, out_f, in_f, shape in cases:
+            r = bench(out_f, in_f, shape, args.tokens, args.repeats, clock)
+            rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
+            print(line(label, shape, r), flush=True)
+    return rows
 
 
 def main_chunks(args, cases) -> int:
@@ -185,20 +213,16 @@ def main_chunks(args, cases) -> int:
     if args.chunk_every_layer:
         F._CHUNK_MAX_INTENSITY, F._CHUNK_MIN_THREADS = float("inf"), 1
     print(f"chunked forward (no grad) vs the whole batch, CPU, {args.tokens} tokens, {args.repeats} repeats, "
-          f"interleaved; load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}", flush=True)
-    rows = []
-    for nt in args.threads:
-        torch.set_num_threads(nt)
-        clock = time.thread_time if args.clock == "cpu" and nt == 1 else time.perf_counter
-        print(f"\n{nt} thread(s)\n{'case':24s} {'A':>9s} {'B':>7s} {'chunk':>6s} | {'whole':>8s} {'chunked':>8s} "
-              f"{'x':>6s}")
-        for label, out_f, in_f, shape in cases:
-            r = bench_chunks(out_f, in_f, shape, args.tokens, args.repeats, clock)
-            rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
-            m1, n1, m2, n2 = shape
-            chunk = "whole" if r["chunk_tokens"] >= args.tokens else str(r["chunk_tokens"])
-            print(f"{label:24s} {f'{m1}x{n1}':>9s} {f'{m2}x{n2}':>7s} {chunk:>6s} | {r['whole_ms']:>6.1f}ms "
-                  f"{r['chunked_ms']:>6.1f}ms {r['speedup']:>5.2f}x", flush=True)
+          f"interleaved; load average {_load()}", flush=True)
+
+    def line(label, shape, r):
+        m1, n1, m2, n2 = shape
+        chunk = "whole" if r["chunk_tokens"] >= args.tokens else str(r["chunk_tokens"])
+        return (f"{label:24s} {f'{m1}x{n1}':>9s} {f'{m2}x{n2}':>7s} {chunk:>6s} | {r['whole_ms']:>6.1f}ms "
+                f"{r['chunked_ms']:>6.1f}ms {r['speedup']:>5.2f}x")
+
+    rows = _ab_rows(args, cases, bench_chunks, "\n{nt} thread(s)\n" + f"{'case':24s} {'A':>9s} {'B':>7s} "
+                    f"{'chunk':>6s} | {'whole':>8s} {'chunked':>8s} {'x':>6s}", line)
     print(json.dumps({"benchmark": "kron_layer_chunks", "tokens": args.tokens, "repeats": args.repeats,
                       "every_layer": args.chunk_every_layer, "rows": rows}))
     return 0
@@ -232,7 +256,8 @@ def bench_pairs(out_f: int, in_f: int, shape, tokens: int, repeats: int, clock=t
     res = {}
     for name, grad in (("fwd", False), ("fwd_bwd", True)):
         t = _time_interleaved({"dense": run(dense, grad), "pairs": run(ours, grad),
-                               "no_pairs": run(ours, grad, pairs=False)}, torch.device("cpu"), repeats, clock=clock)
+                               "no_pairs": run(ours, grad, pairs=False)}, torch.device("cpu"), repeats, clock=clock,
+                              alternate=True)
         res[name] = {**{f"{k}_ms": statistics.median(v) * 1e3 for k, v in t.items()},
                      **{f"{k}_speedup": statistics.median(d / o for d, o in zip(t["dense"], t[k]))
                         for k in ("pairs", "no_pairs")},
@@ -244,21 +269,16 @@ def main_pairs(args, cases) -> int:
     """--pairs: the A/B of the complex-pair path (CPU) at the shapes that take it (B 2 x 1)."""
     cases = [c for c in cases if tuple(c[3][2:]) == (2, 1)]
     print(f"complex-pair path vs the broadcast product, CPU, {args.tokens} tokens, {args.repeats} repeats, "
-          f"interleaved with nn.Linear; load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}",
-          flush=True)
-    rows = []
-    for nt in args.threads:
-        torch.set_num_threads(nt)
-        clock = time.thread_time if args.clock == "cpu" and nt == 1 else time.perf_counter
-        print(f"\n{nt} thread(s): speed-up over nn.Linear with pairs / without | pairs vs without\n"
-              f"{'case':24s} {'fwd':>13s} {'f+b':>13s} | {'fwd':>6s} {'f+b':>6s}")
-        for label, out_f, in_f, shape in cases:
-            r = bench_pairs(out_f, in_f, shape, args.tokens, args.repeats, clock)
-            rows.append({"case": label, "threads": nt, "shape": list(shape), **r})
-            f, fb = r["fwd"], r["fwd_bwd"]
-            print(f"{label:24s} {f['pairs_speedup']:>5.2f}x/{f['no_pairs_speedup']:>5.2f}x "
-                  f"{fb['pairs_speedup']:>5.2f}x/{fb['no_pairs_speedup']:>5.2f}x | "
-                  f"{f['pairs_vs_no_pairs']:>5.2f}x {fb['pairs_vs_no_pairs']:>5.2f}x", flush=True)
+          f"interleaved with nn.Linear; load average {_load()}", flush=True)
+
+    def line(label, shape, r):
+        f, fb = r["fwd"], r["fwd_bwd"]
+        return (f"{label:24s} {f['pairs_speedup']:>5.2f}x/{f['no_pairs_speedup']:>5.2f}x "
+                f"{fb['pairs_speedup']:>5.2f}x/{fb['no_pairs_speedup']:>5.2f}x | "
+                f"{f['pairs_vs_no_pairs']:>5.2f}x {fb['pairs_vs_no_pairs']:>5.2f}x")
+
+    rows = _ab_rows(args, cases, bench_pairs, "\n{nt} thread(s): speed-up over nn.Linear with pairs / without | "
+                    "pairs vs without\n" + f"{'case':24s} {'fwd':>13s} {'f+b':>13s} | {'fwd':>6s} {'f+b':>6s}", line)
     print(json.dumps({"benchmark": "kron_layer_pairs", "tokens": args.tokens, "repeats": args.repeats,
                       "rows": rows}))
     return 0
@@ -332,7 +352,7 @@ def main(argv=None) -> int:
     if args.pairs:
         return main_pairs(args, cases)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = _load()
     print(f"device={device} ({_device_name(device)}, {os.cpu_count()} CPUs, load average {load}), "
           f"dtype={args.dtype}, tokens={args.tokens}, repeats={args.repeats}, "
           f"allocator={'glibc tuned (MALLOC_* env)' if tuned else 'glibc default'}", flush=True)

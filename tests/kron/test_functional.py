@@ -222,7 +222,7 @@ def test_rejects_bad_order_and_width():
 
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pairs_go_through_complex_views(monkeypatch, rank, dtype):
+def test_pairs_go_through_complex_views(monkeypatch, chunks, rank, dtype):
     # KnGPT2's B 2 x 1 (Q/K/V, c_fc): the forward writes its output pairs through complex views; equal to dense
     calls = []
     real = F._pairs_outer_acc
@@ -243,3 +243,7 @@ def test_pairs_go_through_complex_views(monkeypatch, rank, dtype):
         gx_ref, = torch.autograd.grad(ref, x, g)
         torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
         assert len(calls) == rank, (shape, calls)  # one call per rank term, in the forward only
+        with torch.no_grad():  # the inference forward, whole or (fixture `chunks`) into row slices of the output
+            torch.testing.assert_close(F.kron_linear(x, A, B, bias, order=order), ref, rtol=tol, atol=tol)
+        calls.clear()
+
