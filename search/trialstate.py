@@ -12,7 +12,8 @@ a search runs with `max_failures=0`, so nothing restarts it) it drops the trial'
 fed stay in `metric_analysis`). `last_result` and the metrics' statistics stay, so Ray's
 `ResultGrid`, the progress lines and `search.finalize` see what they saw before, and `result.json`, `progress.csv`
 and the trial summaries are written as before. It uses Ray Tune internals (`Trial.run_metadata`): where they are
-missing (another Ray release) it does nothing.
+missing (another Ray release) it does nothing. Ray pickles its callbacks into a search's tuner.pkl, which `--resume`
+unpickles by module path: `search.trialstate.TrimEndedTrials` must stay importable under this name.
 """
 from __future__ import annotations
 
