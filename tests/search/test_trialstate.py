@@ -51,6 +51,18 @@ def test_a_result_after_the_trim_refills_the_windows_instead_of_failing():
     assert list(windows["5"]) == [1.0] and windows["10"].maxlen == 10
 
 
+def test_a_trimmed_trial_pickles_and_copies():
+    # Ray may pickle or copy a Trial (its experiment state, result grids): the stand-in must survive both
+    import copy
+    import pickle
+
+    trial = _trial_with_results(3)
+    trim_trial_state(trial)
+    for clone in (pickle.loads(pickle.dumps(trial.run_metadata.metric_n_steps)),
+                  copy.deepcopy(trial.run_metadata.metric_n_steps)):
+        assert dict(clone) == {} and list(clone["loss"]["10"]) == []
+
+
 def test_objects_without_ray_run_metadata_are_left_alone():
     assert trim_trial_state(SimpleNamespace()) is False
     assert trim_trial_state(SimpleNamespace(run_metadata=SimpleNamespace())) is False
