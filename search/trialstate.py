@@ -19,14 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 
+from .progress import _callback_base
+
 __all__ = ["TrimEndedTrials", "trim_trial_state"]
-
-
-def _callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
 
 class _RefillingWindows(dict):
     """Stand-in for a trimmed `metric_n_steps`: empty, and a metric updated again gets fresh windows instead of a
