@@ -112,16 +112,14 @@ class MemorySampler(threading.Thread):
         while not self._halt.is_set():
             if self.trim is not None:
                 self.trim()
-            self.samples.append((time.time() - self.t0, len(self.timing.end), rss_mb()))
-            if self.snapshot_at is not None and self.snapshot is None and len(self.timing.end) >= self.snapshot_at:
-                import tracemalloc
+            ended = len(self.timing.end)
+            self.samples.append((time.time() - self.t0, ended, rss_mb()))
+            for at, attr in ((self.snapshot_at, "snapshot"), (self.snapshot_end_at, "snapshot_end")):
+                if at is not None and getattr(self, attr) is None and ended >= at:
+                    import tracemalloc
 
-                self.snapshot = tracemalloc.take_snapshot()
-            elif (self.snapshot_end_at is not None and self.snapshot_end is None
-                  and len(self.timing.end) >= self.snapshot_end_at):
-                import tracemalloc
-
-                self.snapshot_end = tracemalloc.take_snapshot()
+                    setattr(self, attr, tracemalloc.take_snapshot())
+                    break  # one snapshot per sample: the second comes at a later one
             self._halt.wait(self.every)
 
     def stop(self):
