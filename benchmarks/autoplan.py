@@ -10,7 +10,10 @@ Part `demo` (quality): the demo teacher (`kron.load_model("demo")`), calibration
 lowrank:4, kngpt2) with data-aware init, and the automatic plan at the preset's size (`params=<preset's>`; for
 kngpt2, whose compressed embedding unties the LM head, `ratio=<preset's>`), methods kronecker+lowrank and kronecker
 only, with data-aware init: perplexity right after init (no distillation)
-on the first 32 blocks of 128 tokens of WikiText-2 valid, and the profile's predicted damage of each plan.
+on the first 32 blocks of 128 tokens of WikiText-2 valid (`--eval-blocks`), and the profile's predicted damage of
+each plan. Each automatic plan is also compared with its preset block by block (`common.paired_nll`): the change of
+perplexity in percent with a 95% interval from the paired per-block NLL differences, and "better", "worse" or "tie"
+(the interval holds 0).
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
                                   [--kl-subset 4] [--kl-tokens 1024] [--damage proxy|kl|both] [--refine N]
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from common import perplexity  # noqa: E402
+from common import block_nlls, paired_nll  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 PRESETS = ("uniform:2", "uniform:4", "lowrank:2", "lowrank:4", "kngpt2")
@@ -69,6 +73,10 @@ def plan_damage(profile, resolved) -> float:
         hit = [c for c in mx["candidates"] if c["method"] == spec.method and c["spec"] == d]
         total += hit[0]["damage"] if hit else float("nan")
     return total
+
+
+def _ppl(nlls) -> float:
+    return math.exp(float(nlls.mean()))
 
 
 def gpt2_part(args) -> dict:
@@ -146,13 +154,14 @@ def demo_part(args) -> dict:
     prof_s = time.time() - t0
     corr = prof["correlation"]
     rho = corr["spearman"]
-    teacher_ppl = perplexity(teacher, blocks)
+    teacher_ppl = _ppl(block_nlls(teacher, blocks))
     rows = [{"plan": "teacher", "params": prof["model"]["params"], "ppl": teacher_ppl, "damage": 0.0}]
     for preset in args.presets.split(","):
         plan = get_plan(preset, teacher.config)
         rep = compress(teacher, plan, init="data", calib=stats, inplace=False)
         resolved = plan.resolve(teacher, split=default_split("data"))
-        ppl = perplexity(rep.model, blocks)
+        preset_nll = block_nlls(rep.model, blocks)
+        ppl = _ppl(preset_nll)
         row = {"plan": preset, "params": rep.params_after, "macs": rep.macs_per_token_after, "ppl": ppl,
                "ratio": rep.compression_ratio, "damage": plan_damage(prof, resolved)}
         rows.append(row)
@@ -184,13 +193,14 @@ def demo_part(args) -> dict:
             for name, s, r in versions:
                 auto = CompressionPlan.from_resolved(resolved_specs(s))
                 arep = compress(teacher, auto, init="data", calib=stats, inplace=False)
+                nll = block_nlls(arep.model, blocks)
                 kinds = {}
                 for o in s.choice.values():
                     k = o.spec if o.spec == "keep" else o.spec["method"]
                     kinds[k] = kinds.get(k, 0) + 1
                 rows.append({"plan": f"{name} @ {preset}", "params": arep.params_after,
                              "ratio": arep.compression_ratio, "macs": arep.macs_per_token_after,
-                             "ppl": perplexity(arep.model, blocks), "damage": s.damage,
+                             "ppl": _ppl(nll), "vs_preset": paired_nll(nll, preset_nll), "damage": s.damage,
                              "damage_kind": "kl, joint" if r else damage, "gap": s.gap, "mix": kinds,
                              "refinement": r.to_dict() if r else None})
     print(f"\ndemo teacher: calibration {stats.tokens:,} fit + {stats.heldout_tokens:,} held-out tokens of "
@@ -200,7 +210,8 @@ def demo_part(args) -> dict:
           f"{'n/a' if rho is None else format(rho, '.3f')} "
           f"over {corr['pairs']} candidates; perplexity after init (no distillation) on {blocks.shape[0]} blocks of "
           "128 tokens of WikiText-2 valid")
-    print(f"{'plan':<24} {'params':>10} {'ratio':>6} {'MACs/token':>11} {'pred. damage':>13} {'ppl':>9}  mix")
+    print(f"{'plan':<24} {'params':>10} {'ratio':>6} {'MACs/token':>11} {'pred. damage':>13} {'ppl':>9} "
+          f"{'vs preset, 95% CI':>27}  mix")
     for r in rows:
         if r.get("error"):
             print(f"{r['plan']:<24} {r['error']}")
@@ -208,8 +219,11 @@ def demo_part(args) -> dict:
         mix = ", ".join(f"{k} {v}" for k, v in (r.get("mix") or {}).items())
         dmg = "n/a" if r["damage"] is None or r["damage"] != r["damage"] else f"{r['damage']:.4g}"
         ratio = f"{r['ratio']:.3f}" if r.get("ratio") else "1"
+        vs = r.get("vs_preset")
+        vs = (f"{vs['ppl_change_pct']:+.2f}% [{vs['ci_pct'][0]:+.2f}, {vs['ci_pct'][1]:+.2f}] {vs['verdict']}"
+              if vs else "")
         print(f"{r['plan']:<24} {r['params']:>10,} {ratio:>6} {r.get('macs', 0) or 0:>11,} {dmg:>13} "
-              f"{r['ppl']:>9.2f}  {mix}")
+              f"{r['ppl']:>9.2f} {vs:>27}  {mix}")
     return {"teacher_ppl": teacher_ppl, "rows": rows, "profile_s": round(prof_s, 1), "calib_s": round(calib_s, 1),
             "spearman": corr["spearman"], "kl_pairs": corr["pairs"], "constraints": c.to_dict(),
             "eval_blocks": int(blocks.shape[0]), "calib_tokens": stats.tokens}

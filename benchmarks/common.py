@@ -79,6 +79,79 @@ def perplexity(model, blocks, batch: int = 16) -> float:
     return evaluate_lm(model, blocks, batch, next(model.parameters()).device)["quality"]
 
 
+def block_nlls(model, blocks, batch: int = 16):
+    """The mean next-token NLL of each block (float64 tensor, one per block), in the same forward passes as
+    `perplexity`: the blocks have equal lengths, so exp(mean of these) is the perplexity."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], batch):
+            ids = blocks[i : i + batch].to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out.append(nll.double().mean(dim=1).cpu())
+    return torch.cat(out)
+
+
+def paired_nll(a, b, z: float = 1.96) -> dict:
+    """Model a against model b on the same blocks (`block_nlls` of each): the mean per-token NLL difference d = a − b
+    (negative: a is better), its standard error over the blocks (paired: the blocks' own difficulty cancels), and
+    the perplexity ratio exp(d) with its interval exp(d ± z·SE), in percent; verdict "better" or "worse" when the
+    interval excludes 0, otherwise "tie". Neighbouring blocks of one text are not quite independent, so the interval
+    is a little optimistic."""
+    import math
+
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"paired_nll needs two equal sets of at least 2 blocks, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    diff = (a - b).double()
+    d = float(diff.mean())
+    se = float(diff.std(unbiased=True)) / math.sqrt(diff.numel())
+    lo, hi = d - z * se, d + z * se
+    verdict = "better" if hi < 0 else "worse" if lo > 0 else "tie"
+    pct = lambda x: 100.0 * math.expm1(x)  # noqa: E731
+    return {"blocks": int(diff.numel()), "d_nll": d, "se": se, "ppl_change_pct": pct(d),
+            "ci_pct": [pct(lo), pct(hi)], "z": z, "verdict": verdict}
+
+
+def glue_correct(model, dev: dict, batch: int = 64):
+    """Per dev example of a classification task (encoded by `trials.glue.encode_glue`), whether the model's argmax
+    prediction is the label (bool tensor): the terms of the accuracy `trials.evaluate.evaluate_glue` reports."""
+    import torch
+
+    from trials.evaluate import batches
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for b in batches(dev, batch, shuffle=False, seed=0):
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            out.append((logits.argmax(-1) == b["labels"]).cpu())
+    return torch.cat(out)
+
+
+def mcnemar(a, b, alpha: float = 0.05) -> dict:
+    """Classifier a against classifier b on the same examples (`glue_correct` of each): the accuracy change in
+    points, the examples only a gets right and only b gets right, and McNemar's exact two-sided p (a binomial test
+    on those discordant examples); verdict "better" or "worse" when p < alpha, otherwise "tie"."""
+    from scipy.stats import binomtest
+
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"mcnemar needs two equal, non-empty sets of examples, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    n = a_only + b_only
+    p = binomtest(a_only, n, 0.5).pvalue if n else 1.0
+    verdict = "tie" if p >= alpha else "better" if a_only > b_only else "worse"
+    return {"examples": int(a.numel()), "change_points": 100.0 * (a_only - b_only) / a.numel(), "a_only": a_only,
+            "b_only": b_only, "p": float(p), "alpha": alpha, "verdict": verdict}
+
+
 def _run_trial(cfg: dict, out: str) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from trials.trial import run_trial
