@@ -115,8 +115,10 @@ def minilm_accuracy_rows(args) -> list[dict]:
     (what this benchmark measured before the embedding was profiled; it cannot reach the KroneckerBERT8-style size,
     whose embedding is factored). With --refine N (default 40) a third: "auto+refine", the "auto" plan improved by
     `kron.refine.refine_plan` — exchange moves kept when they lower the whole classifier's KL on the held-out
-    calibration sentences (what `plan --auto --refine N` does)."""
-    from common import MINILM, SST2, ensure_minilm_teacher
+    calibration sentences (what `plan --auto --refine N` does). Each automatic plan is compared with the preset
+    (data-aware init) sentence by sentence: McNemar's exact test on the sentences only one of them gets right
+    (`common.mcnemar`), "better"/"worse" at p < 0.05, otherwise "tie"."""
+    from common import MINILM, SST2, ensure_minilm_teacher, glue_correct, mcnemar
     from glue_minilm import student_plan
     from kron import load_model
     from kron.autoplan import Budget, Constraints, auto_plan, resolved_specs
@@ -127,7 +129,6 @@ def minilm_accuracy_rows(args) -> list[dict]:
     from kron.refine import refine_plan
     from kron.surgery import compress
     from trials.calibration import calibration_batches, calibration_stats
-    from trials.evaluate import evaluate_glue
     from trials.glue import encode_glue, load_glue
 
     if not MINILM.is_dir() or not SST2.is_dir():
@@ -138,8 +139,11 @@ def minilm_accuracy_rows(args) -> list[dict]:
     tok = load_tokenizer(str(tdir))
     dev = encode_glue(load_glue("sst2", str(SST2), "dev"), tok, 64)
 
-    def accuracy(model) -> float:
-        return evaluate_glue(model, dev, "sst2", 64, torch.device("cpu"))["quality"]
+    def correct(model):
+        return glue_correct(model, dev, 64)
+
+    def accuracy(ok) -> float:  # as trials.evaluate.evaluate_glue reports it: a fraction
+        return float(ok.double().mean())
 
     source = f"glue:sst2:{SST2}"
     calib = calibration_stats(teacher, tok, source, args.calib_tokens, seq_len=64, model_id=str(tdir))
@@ -150,8 +154,8 @@ def minilm_accuracy_rows(args) -> list[dict]:
     print(f"MiniLM SST-2 teacher: profile of {len(prof['matrices'])} matrices in {time.time() - t0:.1f} s, KL on "
           f"{prof['model_measure']['tokens']} held-out tokens "
           f"(proxy vs KL Spearman {prof['correlation']['spearman']:.3f})")
-    rows = [{"model": "minilm-sst2", "preset": "teacher", "init": "-", "split": "-", "quality": accuracy(teacher),
-             "seconds": 0.0}]
+    rows = [{"model": "minilm-sst2", "preset": "teacher", "init": "-", "split": "-",
+             "quality": accuracy(correct(teacher)), "seconds": 0.0}]
     presets = {"uniform:2": "uniform:2", "uniform:4": "uniform:4", "lowrank:2": "lowrank:2",
                "lowrank:4": "lowrank:4", "kroneckerbert8-style": CompressionPlan.from_dict(student_plan())}
     for name, plan in presets.items():
@@ -160,8 +164,9 @@ def minilm_accuracy_rows(args) -> list[dict]:
             t = time.time()
             rep = compress(teacher, plan, init=init, calib=calib, inplace=False)
             params = rep.params_after
+            preset_ok = correct(rep.model)  # the data-aware one (last) is what the automatic plans are judged by
             rows.append({"model": "minilm-sst2", "preset": name, "init": init, "split": "-",
-                         "quality": accuracy(rep.model), "seconds": time.time() - t, "params": params})
+                         "quality": accuracy(preset_ok), "seconds": time.time() - t, "params": params})
         budget = Budget("params", params, f"params={params}")
         for label, embeddings in (("auto", True), ("auto-lin", False)):
             t = time.time()
@@ -174,17 +179,20 @@ def minilm_accuracy_rows(args) -> list[dict]:
             rep = compress(teacher, CompressionPlan.from_resolved(resolved_specs(sol)), init="data", calib=calib,
                            inplace=False)
             emb = next((o.label for n, o in sol.choice.items() if "word_embeddings" in n), "keep")
+            ok = correct(rep.model)
             rows.append({"model": "minilm-sst2", "preset": f"{label} @ {name}", "init": "data", "split": "-",
-                         "quality": accuracy(rep.model), "seconds": time.time() - t, "params": rep.params_after,
-                         "embedding": emb})
+                         "quality": accuracy(ok), "seconds": time.time() - t, "params": rep.params_after,
+                         "embedding": emb, "vs_preset": mcnemar(ok, preset_ok)})
             if label == "auto" and args.refine:  # plan --auto --refine: exchange moves judged by the whole model's KL
                 t = time.time()
                 ref = refine_plan(teacher, calib, prof, budget, sol, heldout, damage="kl", max_evals=args.refine,
                                   kl_tokens=args.kl_tokens, embeddings=True)
                 rep = compress(teacher, CompressionPlan.from_resolved(resolved_specs(ref.solution)), init="data",
                                calib=calib, inplace=False)
+                ok = correct(rep.model)
                 rows.append({"model": "minilm-sst2", "preset": f"auto+refine @ {name}", "init": "data",
-                             "split": "-", "quality": accuracy(rep.model), "seconds": time.time() - t,
+                             "split": "-", "quality": accuracy(ok), "vs_preset": mcnemar(ok, preset_ok),
+                             "seconds": time.time() - t,
                              "params": rep.params_after, "kl_start": ref.start_kl, "kl_end": ref.kl,
                              "moves": len(ref.moves), "evals": ref.evals})
     return rows
@@ -221,7 +229,11 @@ def main() -> int:
             continue
         q = f"{r['quality']:.1f}" if r["model"] == "demo" else f"{r['quality']:.3f}"
         oe = "-" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.3f}"
-        print(f"{r['model']:<7} {r['preset']:<10} {r['init']:<5} {r['split']:<7} {q:>9} {oe:>8} {r['seconds']:>7.1f}")
+        vs = r.get("vs_preset")
+        vs = (f"  vs preset {vs['change_points']:+.1f} points ({vs['a_only']} vs {vs['b_only']} sentences, McNemar "
+              f"p {vs['p']:.3f}): {vs['verdict']}" if vs else "")
+        print(f"{r['model']:<7} {r['preset']:<10} {r['init']:<5} {r['split']:<7} {q:>9} {oe:>8} "
+              f"{r['seconds']:>7.1f}{vs}")
     q = {(r["preset"], r["init"], r["split"]): r["quality"] for r in rows if r["model"] == "demo"}
     if not q:
         print(json.dumps({"benchmark": "init_quality", "threads": args.threads,
