@@ -96,25 +96,31 @@ def block_nlls(model, blocks, batch: int = 16):
     return torch.cat(out)
 
 
-def paired_nll(a, b, z: float = 1.96) -> dict:
+def paired_nll(a, b, z: float = 1.96, group: int = 16) -> dict:
     """Model a against model b on the same blocks (`block_nlls` of each): the mean per-token NLL difference d = a − b
-    (negative: a is better), its standard error over the blocks (paired: the blocks' own difficulty cancels), and
-    the perplexity ratio exp(d) with its interval exp(d ± z·SE), in percent; verdict "better" or "worse" when the
-    interval excludes 0, otherwise "tie". Neighbouring blocks of one text are not quite independent, so the interval
-    is a little optimistic."""
+    (negative: a is better), its standard error, the perplexity ratio exp(d) with its interval exp(d ± z·SE), in
+    percent; verdict "better" or "worse" when the interval excludes 0, otherwise "tie". Paired: the blocks' own
+    difficulty cancels. Neighbouring blocks of one text are not independent, so the SE is also taken over the means
+    of runs of `group` consecutive blocks (batch means; where there are at least 8 such runs) and the larger of the
+    two is used: correlation between neighbours widens the second, not the first."""
     import math
 
     if a.shape != b.shape or a.numel() < 2:
         raise ValueError(f"paired_nll needs two equal sets of at least 2 blocks, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-    diff = (a - b).double()
+    diff = (a - b).double().flatten()
+    n = diff.numel()
     d = float(diff.mean())
-    se = float(diff.std(unbiased=True)) / math.sqrt(diff.numel())
+    se_blocks = float(diff.std(unbiased=True)) / math.sqrt(n)
+    runs = n // group if group > 1 else 0
+    se_runs = (float(diff[: runs * group].view(runs, group).mean(dim=1).std(unbiased=True)) / math.sqrt(runs)
+               if runs >= 8 else None)
+    se = max(se_blocks, se_runs or 0.0)
     lo, hi = d - z * se, d + z * se
     verdict = "better" if hi < 0 else "worse" if lo > 0 else "tie"
     pct = lambda x: 100.0 * math.expm1(x)  # noqa: E731
-    return {"blocks": int(diff.numel()), "d_nll": d, "se": se, "ppl_change_pct": pct(d),
-            "ci_pct": [pct(lo), pct(hi)], "z": z, "verdict": verdict}
+    return {"blocks": n, "d_nll": d, "se": se, "se_blocks": se_blocks, "se_runs": se_runs, "group": group,
+            "ppl_change_pct": pct(d), "ci_pct": [pct(lo), pct(hi)], "z": z, "verdict": verdict}
 
 
 def glue_correct(model, dev: dict, batch: int = 64):

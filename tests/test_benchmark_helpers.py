@@ -78,6 +78,18 @@ def test_block_nlls_give_the_trials_perplexity_and_paired_nll_judges_by_the_inte
     with pytest.raises(ValueError, match="equal sets"):
         common.paired_nll(base, base[:4])
 
+    # neighbouring blocks that move together: the runs' SE sees it, the blocks' SE does not, and the wider one counts
+    steps = torch.tensor([0.004, -0.002] * 8 * 8, dtype=torch.float64).view(8, 16)  # within-run alternation
+    drift = torch.linspace(-0.03, 0.03, 8, dtype=torch.float64).view(8, 1)[torch.randperm(8)]  # run-level shifts
+    diff = (steps + drift - 0.006).flatten()
+    r = common.paired_nll(torch.zeros(128, dtype=torch.float64) + diff, torch.zeros(128, dtype=torch.float64))
+    assert r["se_runs"] > r["se_blocks"] and r["se"] == r["se_runs"]
+    assert r["verdict"] == "tie"
+    flat = common.paired_nll(diff, torch.zeros(128, dtype=torch.float64), group=1)
+    assert flat["se_runs"] is None and flat["se"] == flat["se_blocks"]
+    assert flat["verdict"] == "better"  # what treating the blocks as independent would have claimed
+    assert common.paired_nll(base - 0.01, base)["se_runs"] is None  # too few blocks for 8 runs of 16
+
 
 def test_glue_correct_gives_the_accuracy_and_mcnemar_counts_the_discordant_examples():
     """The mean of `glue_correct` is `evaluate_glue`'s accuracy; McNemar's exact test compares only the examples
