@@ -42,11 +42,12 @@ def rss_mb() -> float:
 
 
 def trial_config(path: Path, steps: int | None, seed: int = 0) -> dict:
-    """The config's trial section with one plan sampled from its space, one thread, no checkpoint."""
+    """The config's trial section with one plan sampled from its space (its seed plans left out: they add options to
+    the space and a sensitivity profile to build it), one thread, no checkpoint."""
     from search.config import load_search_config
     from search.space import SearchSpace
 
-    cfg = load_search_config(path)
+    cfg = load_search_config(path, overrides={"search.seed_plans": []})
     space = SearchSpace.from_config(cfg)
     params = space.sample_within_budget(seed) if space.budget is not None else space.sample(seed)
     trial = copy.deepcopy(cfg.trial_section)
