@@ -49,6 +49,10 @@ def _search(args) -> int:
         from .resume import adopt_saved_defaults
 
         cfg = adopt_saved_defaults(cfg)
+    if not args.dry_run:  # nothing to resume, or the name taken: say so before the space's profile, not after it
+        from .tuner import check_experiment_folder
+
+        check_experiment_folder(cfg, args.resume)
     space = SearchSpace.from_config(cfg)  # everything model-dependent is checked here, before Ray starts
     if args.dry_run:
         dry_run(cfg, space, show=args.show)

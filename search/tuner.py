@@ -49,6 +49,26 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def check_experiment_folder(cfg: SearchConfig, resume: bool) -> tuple[str, bool, Path]:
+    """(experiment path, remote?, local folder) after the checks that need neither the model nor Ray: with `resume`,
+    an experiment to resume whose config matches; without, no experiment of that name already there. ConfigError
+    otherwise. `kronsearch search` calls it before building the space too (whose sensitivity profile can take
+    minutes), so that a mistaken --resume or a name already used fails at once."""
+    path = experiment_path(cfg)
+    remote = is_remote_storage(cfg.search.storage)
+    local_dir = Path(path) if not remote else local_mirror(cfg)
+    if resume:
+        if remote:
+            check_remote_resume(cfg, path)
+        else:
+            check_resume(cfg, local_dir)
+    elif (not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json"))) or (
+            remote and remote_experiment_exists(path)):
+        raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
+                          "to continue it, or --name to start a new one")
+    return path, remote, local_dir
+
+
 def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: bool = False, stream=None,
                keep_ray: bool = False, initial_params: list[dict] | None = None,
                callbacks: list | None = None) -> SearchOutcome:
@@ -70,18 +90,7 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
         initial_params = [p for _, p in space.seeds] + list(initial_params or [])
     _validate_plan_format(cfg, space)
-    path = experiment_path(cfg)
-    remote = is_remote_storage(cfg.search.storage)
-    local_dir = Path(path) if not remote else local_mirror(cfg)
-    if resume:
-        if remote:
-            check_remote_resume(cfg, path)
-        else:
-            check_resume(cfg, local_dir)
-    elif (not remote and local_dir.exists() and any(local_dir.glob("experiment_state-*.json"))) or (
-            remote and remote_experiment_exists(path)):
-        raise ConfigError(f"an experiment named {cfg.name!r} already exists in {cfg.search.storage}; pass --resume "
-                          "to continue it, or --name to start a new one")
+    path, remote, local_dir = check_experiment_folder(cfg, resume)
     loggers = cfg.search.logger_names
     if not resume:  # a resumed search keeps the loggers it was started with (Ray restores its callbacks)
         check_loggers(loggers, local_dir)  # a missing extra or an unwritable folder: before any work

@@ -49,3 +49,28 @@ def test_config_errors_exit_2_with_one_line(tiny_search, tmp_path, capsys):
     assert "search.sampler: unknown key; valid keys: algorithm" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_resume_of_nothing_and_a_taken_name_fail_before_the_space_is_built(tiny_search, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Building the space can mean a sensitivity profile of the teacher (seed_plans: [auto], minutes on a large
+    model): a --resume with nothing to resume, or a new search under a name already used, must say so first."""
+    import search.space
+
+    def never(*a, **k):
+        raise AssertionError("the space was built before the storage checks")
+
+    raw = tiny_search(seed_plans=["auto"])
+    path = _write(tmp_path, raw)
+    monkeypatch.setattr(search.space.SearchSpace, "from_config", classmethod(never))
+    assert main(["search", path, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume: nothing to resume" in err and len(err.splitlines()) == 1
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    assert main(["search", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "an experiment named 'tiny' already exists" in err and len(err.splitlines()) == 1
+    assert main(["search", path, "--dry-run"]) == 1  # a dry run checks no storage: it reaches the space
+    assert "the space was built before the storage checks" in capsys.readouterr().err
