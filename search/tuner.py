@@ -85,12 +85,12 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
         adopted = adopt_saved_defaults(cfg, stream)
         if adopted is not cfg:
             cfg, space = adopted, None
+    path, remote, local_dir = check_experiment_folder(cfg, resume)  # before the space: its profile takes minutes
     if space is None:
         space = SearchSpace.from_config(cfg)
     if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
         initial_params = [p for _, p in space.seeds] + list(initial_params or [])
     _validate_plan_format(cfg, space)
-    path, remote, local_dir = check_experiment_folder(cfg, resume)
     loggers = cfg.search.logger_names
     if not resume:  # a resumed search keeps the loggers it was started with (Ray restores its callbacks)
         check_loggers(loggers, local_dir)  # a missing extra or an unwritable folder: before any work

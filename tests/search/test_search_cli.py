@@ -1,6 +1,7 @@
 """`kronsearch search`: arguments, exit codes and messages (no Ray: dry runs and config errors only)."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from search.cli import main
@@ -66,6 +67,12 @@ def test_resume_of_nothing_and_a_taken_name_fail_before_the_space_is_built(tiny_
     assert main(["search", path, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--resume: nothing to resume" in err and len(err.splitlines()) == 1
+    from kron.errors import ConfigError
+    from search.config import load_search_config
+    from search.tuner import run_search
+
+    with pytest.raises(ConfigError, match="nothing to resume"):  # the API builds the space after the check too
+        run_search(load_search_config(path), resume=True)
     folder = tmp_path / "runs" / "tiny"
     folder.mkdir(parents=True)
     (folder / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
