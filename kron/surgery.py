@@ -75,19 +75,22 @@ def count_params(model: nn.Module, *, exclude_output_embedding: bool = False) ->
         embedding.
     """
     total = sum(p.numel() for p in _unique_params(model))
-    total += sum(t.numel() for t in _stored_weights(model))
+    total += stored_weight_count(model)
     if exclude_output_embedding:
         total -= output_embedding_params(model)
     return total
 
 
-def _stored_weights(model: nn.Module):
-    """Weight tensors kept as buffers, not Parameters (int8 layers' weights: `stored_weights()`), counted as
-    parameters."""
+def stored_weight_count(model: nn.Module) -> int:
+    """Weights kept as buffers, not Parameters, counted as parameters: the elements a module reports with
+    `stored_weight_count()` (quantised layers: the logical element count of their int8 or packed 4-bit weights,
+    whatever the storage's own element count)."""
+    total = 0
     for mod in model.modules():
-        get = getattr(mod, "stored_weights", None)
+        get = getattr(mod, "stored_weight_count", None)
         if callable(get):
-            yield from get()
+            total += int(get())
+    return total
 
 
 def count_bytes(model: nn.Module) -> int:
@@ -137,13 +140,12 @@ def output_embedding_params(model: nn.Module) -> int:
     if head is None:
         return 0
     own = {id(p): p for n, p in head.named_parameters() if n.rsplit(".", 1)[-1] != "bias"}
-    own.update({id(t): t for t in _stored_weights(head)})
     for mod in model.modules():
         if mod is head:
             continue
         for p in mod.parameters(recurse=False):
             own.pop(id(p), None)  # shared with e.g. the input embedding: counted there
-    return sum(p.numel() for p in own.values())
+    return sum(p.numel() for p in own.values()) + stored_weight_count(head)
 
 
 def macs_per_token(model: nn.Module) -> int:
@@ -443,7 +445,7 @@ def apply_specs(model: nn.Module, specs: Mapping[str, ModuleSpec | str | Mapping
         records.append(ModuleRecord(
             name=name, kind=spec.kind, module_type=getattr(new, SOURCE_ATTR), dense_shape=(m, n),
             spec=spec.to_dict(), params_before=sum(p.numel() for p in old.parameters()),
-            params_after=sum(p.numel() for p in new.parameters()) + sum(t.numel() for t in _stored_weights(new)),
+            params_after=sum(p.numel() for p in new.parameters()) + stored_weight_count(new),
             macs_before=m * n if module_type(old) in methods.LINEAR_KINDS else 0,
             macs_after=int(new.macs_per_token) if module_type(old) in methods.LINEAR_KINDS else 0,
             init_error=new.init_error, output_error=out_err,

@@ -185,6 +185,9 @@ class Method:
     rule_hint: str  # its rule keys as error messages name them, e.g. "shape or factor"
     data_init: bool = False  # build() takes init="data" with calibration `stats` (kron.datainit)
     modifier: bool = False  # wraps another method's spec (see the module docstring) instead of being a structure
+    # further names `get_method` finds it by: the `spec.method` values of its specs when they are not `name` (a
+    # modifier with a parameter: "int8" and "int4" are both the quantisation modifier's)
+    aliases: tuple[str, ...] = ()
 
     # --- plan rules
     def validate_rule(self, options: dict, where: str) -> dict:
@@ -255,18 +258,23 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}  # alias -> registered name
 
 
 def register(method: Method) -> Method:
     """Add a method to the registry (its name, keys and dict key must not clash with registered ones)."""
-    if method.name in _REGISTRY:
-        raise ValueError(f"a compression method named {method.name!r} is already registered")
+    names = (method.name, *method.aliases)
     for other in _REGISTRY.values():
+        taken = set(names) & {other.name, *other.aliases}
+        if taken:
+            raise ValueError(f"a compression method named {sorted(taken)[0]!r} is already registered")
         clash = set(method.primary_keys) & set(other.primary_keys)
         if clash or method.dict_key == other.dict_key:
             raise ValueError(f"method {method.name!r} reuses the keys {sorted(clash) or [method.dict_key]} of "
                              f"{other.name!r}")
     _REGISTRY[method.name] = method
+    for alias in method.aliases:
+        _ALIASES[alias] = method.name
     return method
 
 
@@ -285,10 +293,12 @@ def modifiers() -> list[Method]:
 
 
 def get_method(name: str) -> Method:
+    """The registered method of a name or alias (the `method` of any spec it makes)."""
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise PlanError(f"unknown compression method {name!r}; known: {', '.join(_REGISTRY)}") from None
+        return _REGISTRY[_ALIASES.get(name, name)]
+    except (KeyError, TypeError):
+        known = [n for m in all_methods() for n in (m.name, *m.aliases)]
+        raise PlanError(f"unknown compression method {name!r}; known: {', '.join(known)}") from None
 
 
 def modifier_keys() -> list[str]:
@@ -455,4 +465,7 @@ def _legacy_spec(shape=None, rank: int = 1, blocks: int = 1, embedding_factor=No
 
 def unregister(name: str) -> Method:
     """Remove a method from the registry (tests that register a method of their own undo it with this)."""
-    return _REGISTRY.pop(name)
+    method = _REGISTRY.pop(name)
+    for alias in method.aliases:
+        _ALIASES.pop(alias, None)
+    return method

@@ -134,9 +134,10 @@ class QuantizedLinear(nn.Module):
             out[name] = (owner._buffers[attr], owner._buffers[attr + SUFFIX])
         return out
 
-    def stored_weights(self) -> list[torch.Tensor]:
-        """The int8 tensors counted as this layer's weight parameters (none while QAT masters stand for them)."""
-        return [] if self.qat else [q for q, _ in self.quantized().values()]
+    def stored_weight_count(self) -> int:
+        """Elements of the stored weights, counted as this layer's weight parameters (`kron.surgery.count_params`;
+        0 while QAT masters, which are Parameters, stand for them)."""
+        return 0 if self.qat else sum(q.numel() for q, _ in self.quantized().values())
 
     @torch.no_grad()
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
