@@ -53,13 +53,13 @@ class ModuleStats:
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> every nn.Linear and transformers Conv1D of a model (the modules S is collected for)."""
-    from .plan import module_type
+    from .modules import module_type
 
     return {n: m for n, m in model.named_modules() if n and module_type(m) in ("linear", "conv1d")}
 
 
 def _in_features(module: nn.Module) -> int:
-    from .plan import dense_dims
+    from .modules import dense_dims
 
     return dense_dims(module)[1]
 

@@ -31,7 +31,6 @@ for every module the plan could touch (nn.Linear, transformers' Conv1D, nn.Embed
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from pathlib import Path
@@ -44,6 +43,8 @@ from .errors import PlanError
 from .methods.base import (ModuleSpec, Slot, alternatives_message, check_keys, choice_message, method_of_key,
                            modifier_keys, option_defaults, positive_int, primary_keys, structure_of)
 from .methods.kronecker import nearest_shape
+from .modules import SUPPORTED_TYPES, dense_dims, layer_index, module_type, unsupported_message
+from .selectors import selector_matches
 from .yamlio import dump_yaml
 
 __all__ = [
@@ -61,68 +62,7 @@ __all__ = [
 
 KEEP = "keep"
 PLAN_VERSION = 1
-SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
 _PLAN_KEYS = ("version", "name", "description", "default", "rules")
-_GLOB_CHARS = set("*?[")
-
-
-# ----------------------------------------------------------------------------------------------- modules
-
-
-def module_type(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' Conv1D, weight stored in x out), "embedding", or None if unsupported."""
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    # duck-typed so that kron does not import transformers just to recognise GPT-2's layer
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return "conv1d"
-    return None
-
-
-def dense_dims(module: nn.Module) -> tuple[int, int]:
-    """(m, n) of the weight in kronsearch's orientation: (out, in) for linear layers, (vocab, dim) for embeddings."""
-    kind = module_type(module)
-    if kind == "embedding":
-        return module.num_embeddings, module.embedding_dim
-    if kind == "linear":
-        return module.out_features, module.in_features
-    if kind == "conv1d":
-        return module.nf, module.weight.shape[0]
-    raise PlanError(_unsupported_message("?", module))
-
-
-def layer_index(name: str) -> int | None:
-    """The first all-digit component of a dotted module name (`transformer.h.3.attn` -> 3), or None."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def selector_matches(selector: str, name: str) -> bool:
-    """Whether a selector (exact / `.suffix`, glob, or `re:` regex) matches a dotted module name."""
-    if selector.startswith("re:"):
-        return re.fullmatch(selector[3:], name) is not None
-    parts = name.split(".")
-    suffixes = (".".join(parts[i:]) for i in range(len(parts)))
-    if _GLOB_CHARS & set(selector):
-        return any(fnmatch.fnmatchcase(s, selector) for s in suffixes)
-    return any(s == selector for s in suffixes)
-
-
-def _unsupported_message(name: str, module: nn.Module) -> str:
-    t = type(module)
-    hint = ""
-    if t.__name__.startswith(("Kronecker", "FusedKronecker")):
-        hint = " (it is already compressed)"
-    elif len(list(module.children())):
-        hint = " (a container: select its linear layers instead, or narrow the pattern)"
-    return (
-        f"module {name} is a {t.__module__}.{t.__name__}{hint}, which cannot be compressed; supported types: "
-        f"{', '.join(SUPPORTED_TYPES)}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------- rules
@@ -256,7 +196,7 @@ class Rule:
         model `module` belongs to, for structured methods (`prune`) that need to know its attention/FFN block."""
         kind = module_type(module)
         if kind is None:
-            raise PlanError(f"{self.where}: {_unsupported_message(name, module)}")
+            raise PlanError(f"{self.where}: {unsupported_message(name, module)}")
         m, n = dense_dims(module)
         context = self.method.plan_context(model, name, module) if model is not None else None
         slot = Slot(self.where, name, kind, type(module).__name__, m, n, split, context)

@@ -26,9 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -38,75 +37,30 @@ from torch import nn
 
 from .autoplan import DEFAULT_METHODS, Constraints
 from .errors import DataError, PlanError
+from .modules import LINEAR_GROUPS, Matrix, input_embedding_matrix, matrices
 
 __all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header",
            "compressible_matrices", "embedding_matrices", "load_profile", "model_identity", "profile_header",
            "profile_model", "spearman"]
 
 FORMAT = "kronsearch.profile/1"
-LINEAR_GROUPS = ("attention", "attention_output", "ffn_in", "ffn_out")
 HEADER_KEYS = ("model", "calibration", "constraints", "methods", "ridge")  # what must match to reuse a profile
 
 
-@dataclass(frozen=True)
-class Matrix:
-    """One compressible linear matrix: dotted name, group, (m, n) = (out, in), equal output blocks (fused)."""
-
-    name: str
-    group: str
-    m: int
-    n: int
-    blocks: int = 1
-
-
 def compressible_matrices(model: nn.Module, groups: Sequence[str] = LINEAR_GROUPS) -> list[Matrix]:
-    """The model's attention and FFN matrices (the `kron.vocab` family's group patterns), in model order; for a
-    model of no known family, every nn.Linear / Conv1D except the output embedding."""
-    from .plan import dense_dims, module_type, selector_matches
-    from .surgery import output_embedding
-    from .vocab import family_of
-
-    mods = [(n, m) for n, m in model.named_modules() if n and module_type(m) in ("linear", "conv1d")]
-    fam = family_of(getattr(getattr(model, "config", None), "model_type", None), [n for n, _ in mods])
-    head = output_embedding(model)
-    out = []
-    for name, mod in mods:
-        if mod is head:
-            continue
-        group = None
-        if fam is not None:
-            group = next((g for g in groups if re.fullmatch(fam.patterns[g], name)), None)
-            if group is None:
-                continue
-        m, n = dense_dims(mod)
-        blocks = 1
-        if fam is not None:
-            for sel, b in fam.fused.items():
-                if selector_matches(sel, name) and m % b == 0:
-                    blocks = b
-        out.append(Matrix(name, group or "linear", m, n, blocks))
+    """The model's attention and FFN matrices (`kron.modules.matrices`), in model order; for a model of no known
+    family, every nn.Linear / Conv1D except the output embedding. PlanError when there is none."""
+    out = matrices(model, groups, any_linear=True)
     if not out:
         raise PlanError("the model has no compressible attention or FFN matrix")
     return out
 
 
 def embedding_matrices(model: nn.Module) -> list[Matrix]:
-    """The model's word embedding (the `kron.vocab` family's embedding pattern; for a model of no known family,
-    `get_input_embeddings()`) as a Matrix of group "embedding", (m, n) = (vocabulary, width); [] when it has none."""
-    from .surgery import input_embedding
-    from .vocab import family_of
-
-    emb = input_embedding(model)
-    if emb is None or not isinstance(emb, nn.Embedding):
-        return []
-    name = next((n for n, m in model.named_modules() if m is emb), None)
-    if not name:
-        return []
-    names = [n for n, _ in model.named_modules() if n]
-    fam = family_of(getattr(getattr(model, "config", None), "model_type", None), names)
-    if fam is not None and not re.fullmatch(fam.patterns["embedding"], name):
-        return []
-    return [Matrix(name, "embedding", emb.num_embeddings, emb.embedding_dim)]
+    """The model's word embedding (`kron.modules.input_embedding_matrix`) as a one-element list; [] when it has
+    none."""
+    emb = input_embedding_matrix(model)
+    return [] if emb is None else [emb]
 
 
 def candidates_for(mx: Matrix, methods: Sequence[str], constraints) -> list:

@@ -25,7 +25,8 @@ from . import methods
 from .errors import PlanError
 from .methods import ModuleSpec, Slot
 from .methods.base import structure_of, with_structure
-from .plan import KEEP, CompressionPlan, check_together, dense_dims, module_type
+from .modules import dense_dims, module_type
+from .plan import KEEP, CompressionPlan, check_together
 
 __all__ = [
     "CompressionReport",
@@ -524,9 +525,9 @@ def untie_word_embeddings(model: nn.Module) -> None:
 def _check_kind(name: str, module: nn.Module, spec: ModuleSpec) -> None:
     kind = module_type(module)
     if kind is None:
-        from .plan import _unsupported_message
+        from .modules import unsupported_message
 
-        raise PlanError(_unsupported_message(name, module))
+        raise PlanError(unsupported_message(name, module))
     method = methods.get_method(spec.method)
     if kind not in method.module_kinds:
         raise PlanError(f"module {name} is a {type(module).__name__} but its spec is {spec.describe()!r}: "

@@ -7,9 +7,10 @@ adding a model family or an objective is one entry below, not a hunt through fiv
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Sequence
+
+from .selectors import selector_matches
 
 __all__ = [
     "DEMO",
@@ -41,21 +42,51 @@ GROUPS = ("embedding", "attention", "attention_output", "ffn_in", "ffn_out")
 class Family:
     """An architecture family: which transformers model types belong to it and where its matrices live.
 
-    patterns: group -> regex (full match on the dotted module name) of the group's matrices.
+    groups: group -> the plan selectors (`kron.selectors` syntax) of the group's matrices; every module is named once,
+        here, and presets, search groups, profiles, pruning and layer dropping derive what they need from it.
     fused: plan selector of fused projections -> number of equal output blocks (GPT-2's c_attn = [Q; K; V]: 3).
     layer_list: dotted suffix of the ModuleList holding the layers (GPT2LMHeadModel: transformer.h).
-    attention / ffn_in / ffn_out selectors: plan selectors (kron.plan syntax) of those matrices, for presets.
+    ffn_width_key: the config key of the FFN width, which a merged FFN-pruned model sets.
+    head_keys: the config keys (query heads, key/value heads, head size) a merged head-pruned model sets; None where
+        the config cannot describe fewer heads (its head size is hidden / heads).
     """
 
     name: str
     model_types: tuple[str, ...]
-    patterns: dict
+    groups: dict
     fused: dict
     layer_list: str
-    attention_selectors: tuple[str, ...]
-    ffn_in_selectors: tuple[str, ...]
-    ffn_out_selectors: tuple[str, ...]
-    embedding_selector: str
+    ffn_width_key: str = "intermediate_size"
+    head_keys: tuple[str, str, str] | None = None
+
+    def selectors(self, group: str) -> tuple[str, ...]:
+        """The plan selectors of one group's matrices (none for a group the family does not have)."""
+        return tuple(self.groups.get(group, ()))
+
+    def group_of(self, name: str, groups: Sequence[str] = GROUPS) -> str | None:
+        """The first of `groups` whose selectors match the dotted module name, or None."""
+        return next((g for g in groups if any(selector_matches(s, name) for s in self.selectors(g))), None)
+
+    def fused_blocks(self, name: str) -> int:
+        """Equal output blocks of the module (GPT-2's c_attn: 3), 1 for an unfused one."""
+        return next((b for sel, b in self.fused.items() if selector_matches(sel, name)), 1)
+
+    @property
+    def attention_selectors(self) -> tuple[str, ...]:
+        """Q, K, V and the attention output (what the presets call the attention matrices)."""
+        return self.selectors("attention") + self.selectors("attention_output")
+
+    @property
+    def ffn_in_selectors(self) -> tuple[str, ...]:
+        return self.selectors("ffn_in")
+
+    @property
+    def ffn_out_selectors(self) -> tuple[str, ...]:
+        return self.selectors("ffn_out")
+
+    @property
+    def embedding_selector(self) -> str:
+        return self.selectors("embedding")[0]
 
     @property
     def linear_selectors(self) -> tuple[str, ...]:
@@ -68,54 +99,34 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="gpt2",
             model_types=("gpt2",),
-            patterns={
-                "embedding": r"(.*\.)?wte",
-                "attention": r".*\.attn\.c_attn",
-                "attention_output": r".*\.attn\.c_proj",
-                "ffn_in": r".*\.mlp\.c_fc",
-                "ffn_out": r".*\.mlp\.c_proj",
-            },
+            groups={"embedding": ("wte",), "attention": ("attn.c_attn",), "attention_output": ("attn.c_proj",),
+                    "ffn_in": ("mlp.c_fc",), "ffn_out": ("mlp.c_proj",)},
             fused={"attn.c_attn": 3},
             layer_list="h",
-            attention_selectors=("attn.c_attn", "attn.c_proj"),
-            ffn_in_selectors=("mlp.c_fc",),
-            ffn_out_selectors=("mlp.c_proj",),
-            embedding_selector="wte",
+            ffn_width_key="n_inner",
         ),
         Family(
             name="bert",
             model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
-            patterns={
-                "embedding": r"(.*\.)?embeddings\.word_embeddings",
-                "attention": r".*\.attention\.self\.(query|key|value)",
-                "attention_output": r".*\.attention\.output\.dense",
-                "ffn_in": r".*\.intermediate\.dense",
-                "ffn_out": r".*\.layer\.\d+\.output\.dense",
-            },
+            groups={"embedding": ("embeddings.word_embeddings",),
+                    "attention": ("attention.self.query", "attention.self.key", "attention.self.value"),
+                    "attention_output": ("attention.output.dense",),
+                    "ffn_in": ("intermediate.dense",),
+                    # not attention.output.dense: the FFN output is the layer's own `output.dense`
+                    "ffn_out": (r"re:(.*\.)?layer\.\d+\.output\.dense",)},
             fused={},
             layer_list="encoder.layer",
-            attention_selectors=("attention.self.query", "attention.self.key", "attention.self.value",
-                                 "attention.output.dense"),
-            ffn_in_selectors=("intermediate.dense",),
-            ffn_out_selectors=(r"re:(.*\.)?layer\.\d+\.output\.dense",),
-            embedding_selector="embeddings.word_embeddings",
         ),
         Family(
             name="llama",
             model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2"),
-            patterns={
-                "embedding": r"(.*\.)?embed_tokens",
-                "attention": r".*\.self_attn\.(q|k|v)_proj",
-                "attention_output": r".*\.self_attn\.o_proj",
-                "ffn_in": r".*\.mlp\.(gate|up)_proj",
-                "ffn_out": r".*\.mlp\.down_proj",
-            },
+            groups={"embedding": ("embed_tokens",),
+                    "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    "attention_output": ("self_attn.o_proj",),
+                    "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": ("mlp.down_proj",)},
             fused={},
             layer_list="layers",
-            attention_selectors=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-            ffn_in_selectors=("mlp.gate_proj", "mlp.up_proj"),
-            ffn_out_selectors=("mlp.down_proj",),
-            embedding_selector="embed_tokens",
+            head_keys=("num_attention_heads", "num_key_value_heads", "head_dim"),
         ),
     )
 }
@@ -130,14 +141,14 @@ def family_of_model_type(model_type: str | None) -> Family | None:
 
 
 def family_of(model_type: str | None, names: Sequence[str] = ()) -> Family | None:
-    """The family of a model type; for an unknown type, the family whose group patterns match the most of the
+    """The family of a model type; for an unknown type, the family whose group selectors match the most of the
     module `names` (a renamed or custom architecture with the usual layout), or None."""
     fam = family_of_model_type(model_type)
     if fam is not None or not names:
         return fam
     best, hits = None, 0
     for f in FAMILIES.values():
-        n = sum(1 for name in names for p in f.patterns.values() if re.fullmatch(p, name))
+        n = sum(1 for name in names if f.group_of(name) is not None)
         if n > hits:
             best, hits = f, n
     return best

@@ -3,33 +3,16 @@ compressible matrices per group (kron.vocab families, or user selectors), their 
 teacher's parameter and multiply-add counts."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kron.errors import ConfigError
-from kron.vocab import GROUPS, family_of
+from kron.modules import Matrix  # one Matrix type (kron.modules); importable here for searches pickled before
+from kron.vocab import GROUPS
 
 from .config import SpaceConfig
 
 __all__ = ["Matrix", "ModelInfo", "inspect_model", "teacher_skeleton"]
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """One compressible weight of the teacher."""
-
-    name: str
-    group: str
-    layer: int | None
-    kind: str  # "linear" | "conv1d" | "embedding"
-    m: int  # out features (vocab for embeddings)
-    n: int  # in features (dim for embeddings)
-    blocks: int = 1  # equal output blocks of a fused projection (GPT-2 c_attn: 3)
-
-    @property
-    def block_dims(self) -> tuple[int, int]:
-        return self.m // self.blocks, self.n
 
 
 @dataclass
@@ -54,38 +37,26 @@ class ModelInfo:
 
 def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     """List the teacher's matrices per group (model may live on the meta device)."""
-    from kron.plan import dense_dims, layer_index, module_type, selector_matches
+    from kron.modules import family_of_model, group_hits, layer_index, matrix_of, module_type
     from kron.surgery import count_bytes, count_params, input_embedding, macs_per_token, output_embedding
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    modules = [(n, m) for n, m in model.named_modules() if n and module_type(m) is not None]
-    names = [n for n, _ in modules]
-    fam = family_of(model_type, names)
-    family = fam.name if fam is not None else None
+    names = [n for n, m in model.named_modules() if n and module_type(m) is not None]
+    fam = family_of_model(model)
     out_emb = output_embedding(model)
     in_emb = input_embedding(model)
     tied = (in_emb is not None and out_emb is not None and getattr(out_emb, "weight", None) is not None
             and out_emb.weight is getattr(in_emb, "weight", None))
-    head_names = {n for n, m in modules if m is out_emb}
-    in_name = next((n for n, m in modules if m is in_emb), None)
-
-    wanted: list[tuple[str, Callable[[str], bool]]] = []
-    for g in space.groups:
-        if family is None:
-            raise ConfigError(
-                f"space.groups: cannot map groups to modules of model_type {model_type!r} (known families: GPT-2, "
-                f"BERT, Llama); list the matrices with space.modules, e.g. {{my_group: ['re:.*\\.mlp\\..*']}}. "
-                f"Module names look like: {', '.join(names[:6])}")
-        pat = fam.patterns[g]
-        wanted.append((g, lambda name, pat=pat: re.fullmatch(pat, name) is not None))
-    for g, sels in (space.modules or {}).items():
-        wanted.append((g, lambda name, sels=tuple(sels): any(selector_matches(s, name) for s in sels)))
-
+    in_name = next((n for n, m in model.named_modules() if n and m is in_emb), None)
+    if space.groups and fam is None:
+        raise ConfigError(
+            f"space.groups: cannot map groups to modules of model_type {model_type!r} (known families: GPT-2, "
+            f"BERT, Llama); list the matrices with space.modules, e.g. {{my_group: ['re:.*\\.mlp\\..*']}}. "
+            f"Module names look like: {', '.join(names[:6])}")
     owner: dict[str, str] = {}
     matrices: list[Matrix] = []
-    for g, match in wanted:
-        hits = [(n, m) for n, m in modules if match(n)]
+    for g, hits in group_hits(model, space.groups, space.modules, fam).items():
         if not hits:
             where = f"space.modules.{g}" if g not in GROUPS else f"space.groups: {g}"
             raise ConfigError(f"{where}: no compressible module of this model (model_type {model_type!r}) matches; "
@@ -94,25 +65,16 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
             if n in owner:
                 raise ConfigError(f"space: module {n} is in two groups ({owner[n]} and {g}); each matrix may be "
                                   "searched by one group only")
-            if n in head_names:
+            if m is out_emb:
                 raise ConfigError(f"space: {n} is the output embedding (LM head); it stays dense (the KnGPT2 "
                                   "convention) — drop it from the group")
             owner[n] = g
-            kind = module_type(m)
-            rows, cols = dense_dims(m)
-            if g == "embedding" and kind != "embedding":
+            if g == "embedding" and module_type(m) != "embedding":
                 raise ConfigError(f"space.groups: embedding matched {n}, a {type(m).__name__}, not an nn.Embedding")
-            blocks = 1
-            if fam is not None and kind != "embedding":
-                for selector, b in fam.fused.items():
-                    if selector_matches(selector, n):
-                        blocks = b
-            if rows % blocks:
-                blocks = 1
-            matrices.append(Matrix(n, g, layer_index(n) if kind != "embedding" else None, kind, rows, cols, blocks))
+            matrices.append(matrix_of(n, m, g, fam))
     layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
     return ModelInfo(
-        family=family, model_type=model_type, matrices=matrices, layers=layers,
+        family=fam.name if fam is not None else None, model_type=model_type, matrices=matrices, layers=layers,
         params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
         macs=macs_per_token(model), tied_input_embedding=in_name if tied else None, bytes=count_bytes(model),
         float_width=_float_width(model), prune_blocks=_prune_blocks(model) if "prune" in space.methods else None,

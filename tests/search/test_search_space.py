@@ -115,7 +115,7 @@ def _check_plan(space: SearchSpace, cfg: SpaceConfig, params: dict, kind: str) -
     on = space.active_layers(params)
     family = space.info.family
     for name, spec in resolved.items():
-        group = next(g for g in cfg.groups if re.fullmatch(FAMILIES[family].patterns[g], name))
+        group = FAMILIES[family].group_of(name, cfg.groups)
         layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
         module = modules[name]
         if group == "embedding":

@@ -17,13 +17,13 @@ Importance of a unit (per block; `scope: global` compares blocks by each unit's 
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ...errors import PlanError
+from ...modules import dense_dims, layer_index
 from ...vocab import family_of_model_type, known_model_types
 from . import PruneSpec, with_kept
 
@@ -33,12 +33,6 @@ _ROLE = {"attention": ("heads", "out"), "attention_output": ("heads", "in"), "ff
          "ffn_out": ("ffn", "in")}
 # model types whose attention cannot lose heads by slicing (a norm over all heads' projections together)
 _NO_HEAD_PRUNING = {"olmo2": "its q_norm / k_norm normalise all heads' projections together"}
-
-
-def _layer(name: str) -> int | None:
-    from ...plan import layer_index
-
-    return layer_index(name)
 
 
 def _family(model):
@@ -55,31 +49,16 @@ def head_layout(config) -> tuple[int, int, int]:
     return heads, kv, head_dim
 
 
-def _group(family, name: str) -> str | None:
-    for group, pattern in family.patterns.items():
-        if group in _ROLE and re.fullmatch(pattern, name):
-            return group
-    return None
-
-
-def _blocks(family, name: str) -> int:
-    from ...plan import selector_matches
-
-    return next((b for sel, b in family.fused.items() if selector_matches(sel, name)), 1)
-
-
 def context(model, name: str, module) -> dict:
     """The block of a matrix: part ("heads"/"ffn"), side ("out"/"in"), units, layer, blocks, unit_word; or
     {"error": why it cannot be pruned}."""
-    from ...plan import dense_dims
-
     config, family, model_type = _family(model)
     if family is None:
         return {"error": f"prune knows the attention and FFN blocks of GPT-2, BERT-family and Llama-family models "
                          f"(model types {', '.join(known_model_types())}); module {name} belongs to a "
                          f"{type(model).__name__} of model_type {model_type!r}"}
-    group = _group(family, name)
-    layer = _layer(name)
+    group = family.group_of(name, tuple(_ROLE))
+    layer = layer_index(name)
     if group is None or layer is None:
         return {"error": f"module {name} is not an attention or FFN matrix of a {family.name} layer: prune removes "
                          "heads from Q, K, V and the attention output, and neurons from the FFN matrices"}
@@ -91,7 +70,7 @@ def context(model, name: str, module) -> dict:
                              f"{_NO_HEAD_PRUNING[model_type]}); prune only its FFN (prune: {{ffn: ...}})"}
         heads, kv, _ = head_layout(config)
         word = "heads" if kv == heads else f"key/value groups ({heads // kv} query heads each)"
-        return {"part": part, "side": side, "units": kv, "layer": layer, "blocks": _blocks(family, name),
+        return {"part": part, "side": side, "units": kv, "layer": layer, "blocks": family.fused_blocks(name),
                 "unit_word": word}
     units = m if side == "out" else n
     return {"part": part, "side": side, "units": units, "layer": layer, "blocks": 1, "unit_word": "FFN neurons"}
@@ -103,10 +82,11 @@ def blocks_of(model) -> dict[tuple[int, str], list[str]]:
     out: dict[tuple[int, str], list[str]] = {}
     if family is None:
         return out
+    # by name, whatever the module is now (a pruned or quantised layer of a compressed model included)
     for name, _ in model.named_modules():
-        group = _group(family, name) if name else None
-        layer = _layer(name) if group else None
-        if group is not None and layer is not None:
+        group = family.group_of(name, tuple(_ROLE)) if name else None
+        layer = layer_index(name) if group else None
+        if layer is not None:
             out.setdefault((layer, _ROLE[group][0]), []).append(name)
     return out
 
@@ -114,7 +94,7 @@ def blocks_of(model) -> dict[tuple[int, str], list[str]]:
 def _by_block(specs: Mapping[str, PruneSpec]) -> dict[tuple[int, str], list[str]]:
     out: dict[tuple[int, str], list[str]] = {}
     for name, spec in specs.items():
-        out.setdefault((_layer(name), spec.part), []).append(name)
+        out.setdefault((layer_index(name), spec.part), []).append(name)
     return out
 
 
@@ -279,7 +259,7 @@ def kept_heads(model) -> list[list[int] | None]:
     group = heads // kv
     out: list[list[int] | None] = [None] * n_layers
     for name, layer in _pruned(model).items():
-        idx = _layer(name)
+        idx = layer_index(name)
         if layer.part != "heads" or layer.side != "out" or idx is None or idx >= n_layers or out[idx] is not None:
             continue
         out[idx] = [g * group + j for g in layer.kept_units() for j in range(group)]
@@ -315,9 +295,9 @@ def merge_config(model) -> dict:
                             "has one intermediate size for all layers, so from_pretrained could not rebuild the "
                             "merged model. Prune every layer's FFN to the same width (scope: layer, one fraction), or "
                             "keep the kronsearch folder (load_compressed)")
-        out["n_inner" if family.name == "gpt2" else "intermediate_size"] = next(iter(widths.values()))
+        out[family.ffn_width_key] = next(iter(widths.values()))
     if any(pruned[n].part == "heads" for n in pruned):
-        if family.name != "llama":
+        if family.head_keys is None:
             raise PlanError(f"merge: layers {sorted(k for k, v in kv_kept.items() if v != kv)} keep fewer attention "
                             f"heads ({_modules(pruned, 'heads')}), which a {cls} cannot describe (its head size is "
                             "hidden_size / heads, and transformers no longer stores pruned_heads), so from_pretrained "
@@ -329,14 +309,12 @@ def merge_config(model) -> dict:
                             "from_pretrained could not rebuild the merged model. Prune every layer's heads alike, or "
                             "keep the kronsearch folder (load_compressed)")
         k = next(iter(kv_kept.values()))
-        out.update(num_attention_heads=k * heads // kv, num_key_value_heads=k, head_dim=head_dim)
+        out.update(zip(family.head_keys, (k * heads // kv, k, head_dim)))
     return out
 
 
 def _rows(module) -> int:
     """Output rows of an unpruned block's first matrix (dense, or compressed by another method)."""
-    from ...plan import dense_dims
-
     try:
         return dense_dims(module)[0]
     except PlanError:
