@@ -163,7 +163,7 @@ def test_builtin_methods_are_registered_and_torch_free():
             "print(','.join(x.name for x in m.all_methods()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     names = out.strip().split(",")
-    assert names[:3] == ["kronecker", "kron_embedding", "lowrank"] and names[-1] == "int8"  # modifiers last
+    assert names[:3] == ["kronecker", "kron_embedding", "lowrank"] and names[-1] == "quant"  # modifiers last
 
 
 @pytest.mark.parametrize("d", [

@@ -321,7 +321,7 @@ def test_bad_rules(value, message):
     with pytest.raises(PlanError, match="blocks do not apply to prune"):
         CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "blocks": 3}])
     with pytest.raises(PlanError, match="quantize must be 'int8'"):
-        CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "quantize": "int4"}])
+        CompressionPlan([{"select": "attn.c_attn", "prune": {"heads": 0.5}, "quantize": "int3"}])
 
 
 def _unchanged(model, fn):

@@ -144,7 +144,7 @@ def test_embeddings_are_refused_naming_the_module(tiny_gpt2):
 
 
 @pytest.mark.parametrize("rule, message", [
-    ({"select": "c_fc", "quantize": "int4"}, "quantize must be 'int8'"),
+    ({"select": "c_fc", "quantize": "int3"}, "quantize must be 'int8'"),
     ({"select": "c_fc", "quantize": "int8", "keep": True}, "keep: true cannot be combined with quantize"),
     ({"select": "c_fc", "shape": [16, 4, 4, 4], "factor": 2, "quantize": "int8"}, "give exactly one of"),
 ])

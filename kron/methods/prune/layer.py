@@ -83,11 +83,12 @@ class PrunedLinear(nn.Module):
 
     @property
     def macs_per_token(self) -> int:
-        return self.weight.shape[0] * self.weight.shape[1]
+        # from the kept sizes, not the weight tensor, which a 4-bit modifier stores packed at half its width
+        return self.out_features * self.in_features
 
     @property
     def factor_params(self) -> int:
-        return self.weight.numel()
+        return self.out_features * self.in_features
 
     def kept_units(self) -> list[int]:
         """The kept units (heads / KV groups, or neurons) among the teacher's, increasing."""
