@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 
+from kron.vocab import SIZE_AXES
+
 _SELECT_HELP = ("knee (the front's best trade-off), front (every front trial), best-under-params:N, "
                 "best-under-macs:N or best-under-bytes:N (best quality within N; N like 2.5e6, 2500000, 2.5M, 800k; "
                 "bytes like 4MB, 4MiB)")
 
 
-X_CHOICES = ("params", "params_excl_output_embedding", "macs_per_token", "bytes")  # = analysis.report.X_COLUMNS
+X_CHOICES = SIZE_AXES  # kron.vocab's size axes (= analysis.report.X_COLUMNS)
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(

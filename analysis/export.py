@@ -38,15 +38,17 @@ from analysis.results import (
 )
 from kron.errors import CheckpointError, DataError, UserError
 from kron.fsutil import atomic_dir
+from kron.vocab import AXES
 from kron.yamlio import dump_yaml
 
 __all__ = ["select", "export", "parse_amount", "parse_how", "SELECTIONS", "SELECTION_NAME"]
 
-SELECTIONS = ("knee", "front", "best-under-params:N", "best-under-macs:N", "best-under-bytes:N")
+# best-under-<axis>:N for every size axis (kron.vocab.AXES), by the axis's budget spelling
+_CONSTRAINT_COLUMNS = {a.spellings[0]: a.name for a in AXES.values()}
+SELECTIONS = ("knee", "front", *(f"best-under-{k}:N" for k in _CONSTRAINT_COLUMNS))
 SELECTION_NAME = "selection.json"
 _SCALES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _AMOUNT = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([kmbg]?)$", re.IGNORECASE)
-_CONSTRAINT_COLUMNS = {"params": "params", "macs": "macs_per_token", "bytes": "bytes"}
 _BYTES = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(?:([kmgt])(i?))?b?$", re.IGNORECASE)
 _INFO_FILE = "kronsearch.json"  # marks a directory written by kron.io.save_compressed
 

@@ -28,7 +28,7 @@ from analysis.export import plan_yaml
 from analysis.pareto import pareto_mask
 from analysis.results import atomic_write_text, is_reference, load_results, read_summary
 from kron.errors import DataError
-from kron.vocab import OBJECTIVES, SIZE_AXES, latency_us_per_token
+from kron.vocab import AXES, OBJECTIVES, SIZE_AXES, latency_us_per_token
 
 __all__ = ["SearchReport", "analyze_search", "shorten", "text_table"]
 
@@ -36,8 +36,6 @@ __all__ = ["SearchReport", "analyze_search", "shorten", "text_table"]
 CSV_COLUMNS = ["trial_id", "status", "quality_name", "quality", "params", "params_excl_output_embedding",
                "compression_ratio", "macs_per_token", "bytes", "latency_us_per_token", "steps", "wall_time_s", "on_front",
                "plan_summary", "summary_path", "checkpoint"]
-_SIZE_WORDS = {"params": "parameters", "params_excl_output_embedding": "parameters excl. output embedding",
-               "macs_per_token": "MACs per token", "bytes": "bytes of weight storage"}
 
 Describe = Callable[[dict], str]
 
@@ -100,7 +98,7 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
             x = size_col if size_col in SIZE_AXES else "params"  # latency is measured: plot against parameters
             paths["Pareto plot"] = plot_pareto(df.drop(columns=["on_front"]), x=x, y="quality",
                                                out_png=adir / "pareto.png",
-                                               title=f"{name}: {df['quality_name'].iloc[0]} vs {_SIZE_WORDS[x]}")
+                                               title=f"{name}: {df['quality_name'].iloc[0]} vs {AXES[x].label}")
         except Exception as exc:  # a plot problem must not hide the table
             notes.append(f"warning: could not draw the Pareto plot: {type(exc).__name__}: {exc}")
     fdir = adir / "front"

@@ -176,9 +176,9 @@ def demo_part(args) -> dict:
             # parameters exceed the teacher's. Its size is then compared as the compression ratio (parameters
             # excluding the output embedding); the others at equal total parameters.
             if preset == "kngpt2":
-                budget = Budget("ratio", rep.compression_ratio, f"ratio={rep.compression_ratio:.4f}")
+                budget = Budget.on("ratio", rep.compression_ratio, f"ratio={rep.compression_ratio:.4f}")
             else:
-                budget = Budget("params", rep.params_after, f"params={rep.params_after}")
+                budget = Budget.on("params", rep.params_after, f"params={rep.params_after}")
             try:
                 sol = auto_plan(prof, budget, methods=methods, damage=damage)
             except Exception as exc:

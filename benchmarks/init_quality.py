@@ -167,7 +167,7 @@ def minilm_accuracy_rows(args) -> list[dict]:
             preset_ok = correct(rep.model)  # the data-aware one (last) is what the automatic plans are judged by
             rows.append({"model": "minilm-sst2", "preset": name, "init": init, "split": "-",
                          "quality": accuracy(preset_ok), "seconds": time.time() - t, "params": params})
-        budget = Budget("params", params, f"params={params}")
+        budget = Budget.on("params", params, f"params={params}")
         for label, embeddings in (("auto", True), ("auto-lin", False)):
             t = time.time()
             try:

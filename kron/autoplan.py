@@ -28,12 +28,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from .budget import Budget, Limit, parse_budget, parse_number
 from .errors import ConfigError, PlanError
+from .vocab import AXES, RATIO_AXIS
 
-__all__ = ["AXES", "DAMAGES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Option", "Solution", "kl_damages",
-           "parse_budget", "solve", "solve_brute", "solve_dp", "solve_lagrange"]
+__all__ = ["DAMAGES", "DEFAULT_METHODS", "Budget", "Constraints", "Item", "Limit", "Option", "Solution", "kl_damages",
+           "parse_budget", "parse_number", "solve", "solve_brute", "solve_dp", "solve_lagrange"]
 
-AXES = ("params", "macs", "ratio")
 DEFAULT_METHODS = ("kronecker", "lowrank")
 DEFAULT_MAX_CELLS = 100_000
 
@@ -101,49 +102,6 @@ class Item:
         for o in self.options:
             if not (isinstance(o.damage, (int, float)) and math.isfinite(o.damage)):
                 raise PlanError(f"matrix {self.name}: candidate {o.label} has a non-finite damage {o.damage!r}")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A size budget: axis "params" (all parameters of the model), "macs" (multiply-adds per token) or "ratio"
-    (compression ratio: parameters excluding the output embedding, teacher / student), and its value."""
-
-    axis: str
-    value: float
-    text: str = ""
-
-    def __str__(self) -> str:
-        return self.text or f"{self.axis}={self.value:g}"
-
-
-_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
-
-
-def parse_number(text: str) -> float | None:
-    """'3.5M', '250k', '2.1G', '1e6' (suffixes k, M, G/B, T; case-insensitive) as a number; None when `text` is not
-    one."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgbt]?)\s*", str(text).strip().lower())
-    return None if m is None else float(m.group(1)) * _SUFFIX[m.group(2)]
-
-
-def parse_budget(text: str) -> Budget:
-    """'params=3.5M', 'macs=2.1G', 'ratio=2' (suffixes k, M, G/B; case-insensitive) -> Budget."""
-    if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"a budget is AXIS=VALUE with AXIS one of {', '.join(AXES)} (e.g. params=3.5M, "
-                          f"macs=2.1G, ratio=2), got {text!r}")
-    axis, _, value = text.partition("=")
-    axis = axis.strip().lower()
-    if axis not in AXES:
-        raise ConfigError(f"budget {text!r}: unknown axis {axis!r}; use one of {', '.join(AXES)}")
-    v = parse_number(value)
-    if v is None:
-        raise ConfigError(f"budget {text!r}: {value!r} is not a number (suffixes k, M, G allowed)")
-    if axis == "ratio":
-        if not value.strip()[-1:].isdigit() or not v >= 1:  # a suffix (k, M, ...) is no ratio
-            raise ConfigError(f"budget {text!r}: a compression ratio is a number >= 1 (teacher / student parameters)")
-    elif v < 1:
-        raise ConfigError(f"budget {text!r}: must be a positive size")
-    return Budget(axis, v, f"{axis}={value.strip()}")
 
 
 @dataclass
@@ -436,18 +394,54 @@ def kl_damages(entry: Mapping, *, name: str = "matrix") -> list[float]:
 DAMAGES = ("proxy", "kl")
 
 
+def profile_totals(profile: Mapping) -> dict[str, float]:
+    """The profiled model's size on every axis it records ({axis: total}; a profile made before byte counts has
+    none for bytes)."""
+    model = profile["model"]
+    return {a.name: int(model[a.totals_key]) for a in AXES.values() if model.get(a.totals_key) is not None}
+
+
+def candidate_cost(entry: Mapping, cand: Mapping, axis: str) -> int:
+    """A profiled candidate's cost on a size axis: its parameters (a tied embedding's factors plus the LM head's
+    dense copy), parameters excluding the output embedding (the factors alone), multiply-adds per token, or bytes of
+    weight storage (recorded, or — in a profile made before byte counts — from its spec at float32)."""
+    if axis == "params":
+        return int(cand["params"])
+    if axis == "params_excl_output_embedding":
+        return int(cand.get("params_excl_output_embedding", cand["params"]))
+    if axis == "macs_per_token":
+        return int(cand["macs"])
+    if cand.get("bytes") is not None:
+        return int(cand["bytes"])
+    from .methods import spec_from_dict
+
+    width = int(entry.get("float_width", 4))
+    m, n = int(entry["m"]), int(entry["n"])
+    own = m * n * width if cand["method"] == "keep" else spec_from_dict(cand["spec"]).bytes(m, n, width)
+    tied = entry.get("tied") and cand["method"] != "keep"
+    return own + (m * n * width if tied else 0)  # a compressed tied embedding leaves the head a dense copy
+
+
+def _dense_cost(entry: Mapping, axis: str) -> int:
+    keep = next(c for c in entry["candidates"] if c["method"] == "keep")
+    return candidate_cost(entry, keep, axis)
+
+
 def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | None = None,
                        damage: str = "proxy", embeddings: bool | Iterable[int] = True) -> tuple[list[Item], int]:
-    """(items, fixed) from a profile dict (`kron.profile`): options per matrix on the axis "params", "macs" or
-    "ratio" (parameters excluding the output embedding: a tied embedding's factors without the LM head's dense
-    copy), and `fixed` the model's cost outside the profiled matrices' weights. damage: "proxy" (the relative output
-    error; an embedding's: its table's weight error) or "kl" (the model-level KL, measured or estimated:
-    `kl_damages`). methods: the linear methods whose candidates are offered (an embedding's factors are offered
-    whenever the profile has them and `embeddings` is True; False: the embedding stays as it is; a collection of
-    factors: only those)."""
+    """(items, fixed) from a profile dict (`kron.profile`): options per matrix costed on a size axis
+    (`kron.vocab.AXES`, see `candidate_cost`), and `fixed` the model's size on that axis outside the profiled
+    matrices' weights. damage: "proxy" (the relative output error; an embedding's: its table's weight error) or
+    "kl" (the model-level KL, measured or estimated: `kl_damages`). methods: the linear methods whose candidates are
+    offered (an embedding's factors are offered whenever the profile has them and `embeddings` is True; False: the
+    embedding stays as it is; a collection of factors: only those). A modifier's candidates (int8, int4) count as
+    their structure's method."""
     if damage not in DAMAGES:
         raise ConfigError(f"damage must be one of {', '.join(DAMAGES)}, got {damage!r}")
-    key = {"macs": "macs", "ratio": "params_excl_output_embedding"}.get(axis, "params")
+    totals = profile_totals(profile)
+    if axis not in totals:
+        raise PlanError(f"this profile has no {AXES[axis].words} totals (made before kronsearch counted them): make "
+                        "it again with `kronsearch profile` for a budget on that axis")
     wanted = set(methods) if methods is not None else None
     items = []
     dense_total = 0
@@ -459,54 +453,45 @@ def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | 
         opts = []
         values = kl_damages(mx, name=name) if damage == "kl" else [c["damage"] for c in mx["candidates"]]
         for c, value in zip(mx["candidates"], values):
-            if c["method"] != "keep" and wanted is not None and c["method"] not in wanted and not is_emb:
+            structure = c.get("structure", c["method"])
+            if c["method"] != "keep" and wanted is not None and structure not in wanted and not is_emb:
                 continue
             if allowed is not None and c["method"] != "keep" and c["spec"].get("embedding_factor") not in allowed:
                 continue
             spec = "keep" if c["method"] == "keep" else dict(c["spec"], method=c["method"])
-            opts.append(Option(c["label"], spec, int(c.get(key, c["params"])), float(value)))
+            opts.append(Option(c["label"], spec, candidate_cost(mx, c, axis), float(value)))
         items.append(Item(name, opts))
-        dense_total += int(mx.get("dense_" + key, mx["dense_params"]))
-    totals = profile["model"]
-    if axis == "macs":
-        fixed = int(totals["macs"]) - dense_total
-    elif axis == "ratio":
-        fixed = int(totals["params_excl_output_embedding"]) - dense_total
-    else:
-        fixed = int(totals["params"]) - dense_total
-    return items, fixed
+        dense_total += _dense_cost(mx, axis)
+    return items, int(totals[axis]) - dense_total
 
 
 def budget_room(profile: Mapping, budget: Budget, fixed: int) -> int:
-    """The cost the profiled matrices may take under `budget` (the model total minus what stays as it is)."""
-    if budget.axis == "ratio":
-        total = int(profile["model"]["params_excl_output_embedding"]) / budget.value
-    else:
-        total = budget.value
-    return int(math.floor(total)) - fixed
+    """The cost the profiled matrices may take under a one-limit `budget` (its bound minus what stays as it is)."""
+    return int(math.floor(budget.single.bound(profile_totals(profile)))) - fixed
 
 
-def smallest_reachable(profile: Mapping, axis: str, items: Sequence[Item], fixed: int) -> str:
-    """The smallest size any plan over these candidates reaches, worded for the budget axis."""
+def smallest_reachable(profile: Mapping, budget: Budget, items: Sequence[Item], fixed: int) -> str:
+    """The smallest size any plan over these candidates reaches, worded for the budget's axis."""
+    lim = budget.single
     lo = fixed + sum(min(o.cost for o in it.options) for it in items)
-    if axis == "ratio":
-        excl = int(profile["model"]["params_excl_output_embedding"])
+    if lim.ratio:
+        excl = profile_totals(profile)[RATIO_AXIS]
         return f"ratio={excl / lo:.3f} ({lo:,} parameters excluding the output embedding)"
-    return f"{axis}={lo:,}"
+    return f"{AXES[lim.axis].spellings[0]}={lo:,}"
 
 
 def auto_plan(profile: Mapping, budget: Budget, *, methods: Iterable[str] | None = None, solver: str = "dp",
               max_cells: int = DEFAULT_MAX_CELLS, damage: str = "proxy",
               embeddings: bool | Iterable[int] = True) -> Solution:
-    """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under `budget`
-    (damage "proxy": relative output errors; "kl": model-level KL, `kl_damages`). PlanError naming the smallest
-    reachable size when no plan meets the budget."""
+    """The plan (a Solution; `.choice` name -> Option) minimising the profile's summed damage under a one-limit
+    `budget` (damage "proxy": relative output errors; "kl": model-level KL, `kl_damages`). PlanError naming the
+    smallest reachable size when no plan meets the budget."""
     items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage, embeddings=embeddings)
     room = budget_room(profile, budget, fixed)
     lo = sum(min(o.cost for o in it.options) for it in items)
     if lo > room:
         raise PlanError(f"budget {budget} is unreachable with these candidates: the smallest reachable size is "
-                        f"{smallest_reachable(profile, budget.axis, items, fixed)} (a profile with a larger "
+                        f"{smallest_reachable(profile, budget, items, fixed)} (a profile with a larger "
                         f"--max-compression, more --ranks or --methods{_embedding_hint(profile, embeddings)} "
                         "reaches further; or give a larger budget)")
     sol = solve(items, room, solver=solver, max_cells=max_cells)

@@ -144,7 +144,7 @@ def _mismatch(got, want, where: str) -> list[str]:
         for k in sorted(set(got) | set(want)):
             if where == "calibration" and k in ("source", "tokens"):
                 continue  # descriptive: the key digest decides
-            if where == "model" and k in ("params", "params_excl_output_embedding", "macs"):
+            if where == "model" and k in ("params", "params_excl_output_embedding", "macs", "bytes", "float_width"):
                 continue  # derived from the config
             if where == "model" and k == "fingerprint" and (got.get(k) is None or want.get(k) is None):
                 continue  # a model built without weights (meta device) has no fingerprint
@@ -734,13 +734,16 @@ def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int],
     t0 = time.time()
     module = model.get_submodule(mx.name)
     tied = _tied(model, module)
+    from .surgery import float_width
+
     v, d = mx.m, mx.n
     dense = v * d
+    width = float_width(model)
     E = module.weight.detach().double()
     base = float(E.pow(2).sum())
     cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense,
-              "params_excl_output_embedding": dense, "macs": 0, "compression": 1.0, "damage": 0.0,
-              "model_damage": 0.0 if measure is not None else None, "seconds": 0.0}]
+              "params_excl_output_embedding": dense, "macs": 0, "bytes": dense * width, "compression": 1.0,
+              "damage": 0.0, "model_damage": 0.0 if measure is not None else None, "seconds": 0.0}]
     method = get_method("kron_embedding")
     used = _dividing(factors, d)
     for f in used:
@@ -753,7 +756,7 @@ def embedding_entry(model: nn.Module, mx: Matrix, factors: Sequence[int],
         p = spec.params(v, d)
         cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(),
                       "params": p + (dense if tied else 0), "params_excl_output_embedding": p, "macs": 0,
-                      "compression": dense / p, "damage": err, "model_damage": kl, "init": "svd",
+                      "bytes": spec.bytes(v, d, width) + (dense * width if tied else 0), "compression": dense / p, "damage": err, "model_damage": kl, "init": "svd",
                       "seconds": round(time.time() - ts, 4)})
         del new
     return {"group": "embedding", "m": v, "n": d, "blocks": 1, "dense_params": dense,
@@ -788,7 +791,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     from .methods import get_method
     from .methods.base import LINEAR_KINDS
     from .calibration import ModuleStats
-    from .surgery import count_params, macs_per_token
+    from .surgery import count_bytes, count_params, float_width, macs_per_token
 
     constraints = constraints or Constraints()
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
@@ -823,9 +826,10 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
         check_header(old, header, path=path)
         done = dict(old.get("matrices", {}))
     profile = dict(header)
+    width = float_width(model)
     profile["model"] = dict(header["model"], params=count_params(model),
                             params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
-                            macs=macs_per_token(model))
+                            macs=macs_per_token(model), bytes=count_bytes(model), float_width=width)
     profile["matrices"] = {}
     profile["model_measure"] = None
     modules = dict(model.named_modules())
@@ -868,7 +872,7 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                 specs = candidates_for(mx, methods, constraints)
                 dense = mx.m * mx.n
                 cands = [{"method": "keep", "label": "keep", "spec": None, "params": dense, "macs": dense,
-                          "compression": 1.0, "damage": 0.0, "model_damage": 0.0 if heldout else None, "seconds": 0.0}]
+                          "bytes": dense * width, "compression": 1.0, "damage": 0.0, "model_damage": 0.0 if heldout else None, "seconds": 0.0}]
                 kl_idx = set(_kl_pick(len(specs), kl_subset)) if measuring else set()
                 for j, spec in enumerate(specs):
                     method = get_method(spec.method)
@@ -883,7 +887,8 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
                         kl = model_measure().with_layers({mx.name: new.eval()})
                     p = spec.params(mx.m, mx.n)
                     cands.append({"method": spec.method, "label": spec.label(), "spec": spec.to_dict(), "params": p,
-                                  "macs": spec.macs(mx.m, mx.n), "compression": dense / p, "damage": damage,
+                                  "macs": spec.macs(mx.m, mx.n), "bytes": spec.bytes(mx.m, mx.n, width),
+                                  "compression": dense / p, "damage": damage,
                                   "model_damage": kl, "init": init_src,
                                   "seconds": round(time.time() - ts, 4)})
                     del new

@@ -106,6 +106,13 @@ def count_bytes(model: nn.Module) -> int:
     return total
 
 
+def float_width(model: nn.Module) -> int:
+    """Bytes per element of the model's most common floating-point parameter dtype (float32: 4); 4 for a model
+    without any."""
+    sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
+    return max(set(sizes), key=sizes.count) if sizes else 4
+
+
 def _unique_params(model: nn.Module):
     seen: set[int] = set()
     for p in model.parameters():  # parameters() already skips repeats; the id set also covers re-registered views
@@ -240,6 +247,16 @@ class CompressionReport:
     @property
     def mac_reduction(self) -> float:
         return self.macs_per_token_before / max(self.macs_per_token_after, 1)
+
+    def sizes(self, *, before: bool = False) -> dict[str, int | None]:
+        """The model's size on every axis of `kron.vocab.AXES` after compression (before=True: the dense model's),
+        as a cost dict keyed by axis."""
+        if before:
+            return {"params": self.params_before, "params_excl_output_embedding":
+                    self.params_before_excluding_output_embedding, "macs_per_token": self.macs_per_token_before,
+                    "bytes": self.bytes_before}
+        return {"params": self.params_after, "params_excl_output_embedding": self.params_after_excluding_output_embedding,
+                "macs_per_token": self.macs_per_token_after, "bytes": self.bytes_after}
 
     def init_errors(self) -> dict[str, float | None]:
         return {r.name: r.init_error for r in self.modules}

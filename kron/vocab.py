@@ -1,4 +1,4 @@
-"""The project's shared vocabulary, in one torch-free module: model families, objectives, size axes and the
+"""The project's shared vocabulary, in one torch-free module: model families, size axes, objectives and the
 trial-summary schema.
 
 Every package reads these names from here (`analysis` included, which must import neither torch nor Ray), so
@@ -20,6 +20,9 @@ __all__ = [
     "OBJECTIVES",
     "REFERENCE_METHODS",
     "SCHEMA",
+    "AXES",
+    "RATIO",
+    "RATIO_AXIS",
     "SIZE_AXES",
     "SIZE_OBJECTIVES",
     "STATUSES",
@@ -27,9 +30,11 @@ __all__ = [
     "SUMMARY_REQUIRED_KEYS",
     "Family",
     "Objective",
+    "SizeAxis",
     "family_of",
     "family_of_model_type",
     "latency_us_per_token",
+    "size_axis",
 ]
 
 # ----------------------------------------------------------------------------------------------- model families
@@ -158,6 +163,61 @@ def known_model_types() -> list[str]:
     return [t for f in FAMILIES.values() for t in f.model_types]
 
 
+# ----------------------------------------------------------------------------------------------- size axes
+
+
+@dataclass(frozen=True)
+class SizeAxis:
+    """A size a plan has before any training, computed from its specs: one row of the table below, which budgets,
+    the search's size strata, its prior and seeds, the knapsack, analysis and the CLI all read.
+
+    name: the result column (trial summaries, tables) and the key of every cost dict (`{axis: value}`).
+    objective: its name in `search.objectives`. label: axis and table label. words: in a sentence ("the plan with
+    the fewest {words}"). budget_key: its limit in a search's `space.budget`. spellings: the AXIS of a budget
+    `AXIS=VALUE` (`plan --auto --budget`, seed targets), first the canonical one. totals_key: the model's total in a
+    sensitivity profile's `model` header (and `search.model_info.ModelInfo`'s attribute).
+    """
+
+    name: str
+    objective: str
+    label: str
+    words: str
+    budget_key: str
+    spellings: tuple[str, ...]
+    totals_key: str
+
+
+AXES: dict[str, SizeAxis] = {
+    a.name: a for a in (
+        SizeAxis("params", "params", "parameters", "parameters", "max_params", ("params",), "params"),
+        SizeAxis("params_excl_output_embedding", "params_excl_output_embedding", "parameters (excl. output embedding)",
+                 "parameters excluding the output embedding", "max_params_excl_output_embedding",
+                 ("params_excl", "params_excl_output_embedding"), "params_excl_output_embedding"),
+        SizeAxis("macs_per_token", "macs", "MACs per token", "multiply-adds", "max_macs", ("macs", "macs_per_token"),
+                 "macs"),
+        # weight storage: each tensor's elements x its stored width (float32 4; int8 1 and int4 ½, plus float32
+        # scales)
+        SizeAxis("bytes", "bytes", "weight storage (bytes)", "bytes of weight storage", "max_bytes", ("bytes",),
+                 "bytes"),
+    )
+}
+# Result columns a Pareto front may use as its size axis (known before training, so comparable across searches).
+SIZE_AXES = tuple(AXES)
+# `ratio=R` is a budget on the parameters excluding the output embedding: at most the teacher's / R (the papers'
+# compression ratio, `compression_ratio` in results)
+RATIO = "ratio"
+RATIO_AXIS = "params_excl_output_embedding"
+
+
+def size_axis(name: str) -> SizeAxis:
+    """The axis of a result column, objective name or budget spelling ("macs", "macs_per_token" -> macs_per_token);
+    KeyError for anything else."""
+    for a in AXES.values():
+        if name == a.name or name == a.objective or name in a.spellings:
+            return a
+    raise KeyError(name)
+
+
 # ----------------------------------------------------------------------------------------------- objectives
 
 
@@ -176,18 +236,11 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     o.name: o for o in (
         Objective("quality", "quality", None, "quality", False),
-        Objective("params", "params", "min", "parameters", True),
-        Objective("params_excl_output_embedding", "params_excl_output_embedding", "min",
-                  "parameters (excl. output embedding)", True),
-        Objective("macs", "macs_per_token", "min", "MACs per token", True),
-        # weight storage: each tensor's elements x its stored width (float32 4, int8 1 plus float32 scales)
-        Objective("bytes", "bytes", "min", "weight storage (bytes)", True),
+        *(Objective(a.objective, a.name, "min", a.label, True) for a in AXES.values()),
         Objective("latency", "latency_us_per_token", "min", "latency (µs per token)", False),
     )
 }
 SIZE_OBJECTIVES = tuple(k for k in OBJECTIVES if k != "quality")
-# Result columns a Pareto front may use as its size axis (known before training, so comparable across searches).
-SIZE_AXES = tuple(o.column for o in OBJECTIVES.values() if o.known_before_training)
 
 
 def latency_us_per_token(throughput_tokens_per_s) -> float:

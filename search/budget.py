@@ -1,7 +1,9 @@
-"""Budgets of a search space: which plans break a hard limit (parameters, multiply-adds), the nearest plan within
-budget by greedy local moves, the cheapest plan, and the check that a budget can be met at all — before Ray starts.
+"""Budgets of a search space: which plans break a hard limit (`kron.budget.Budget`: parameters, multiply-adds,
+bytes, ...), the nearest plan within budget by greedy local moves, the cheapest plan on a size axis, and the check
+that a budget can be met at all — before Ray starts.
 
-`BudgetMixin` is mixed into `search.space.SearchSpace`, whose choices, costs and normalisation it uses.
+`BudgetMixin` is mixed into `search.space.SearchSpace`, whose choices, costs (dicts keyed by size axis, `kron.vocab.
+AXES`) and normalisation it uses.
 """
 from __future__ import annotations
 
@@ -10,32 +12,46 @@ import re
 from typing import Any, Iterable
 
 from kron.errors import ConfigError
+from kron.vocab import AXES, SIZE_AXES
 
-__all__ = ["BudgetMixin"]
+__all__ = ["BudgetMixin", "NO_PRUNE"]
+
+NO_PRUNE = "none"  # a block choice's option that leaves the block to its matrices' own choices
+
+
+def _cost_key(deltas: dict, axis: str) -> tuple:
+    """Order options by their cost on `axis`, ties by the costs on every axis in table order."""
+    return (deltas[axis], tuple(deltas[a] for a in SIZE_AXES))
 
 
 class BudgetMixin:
     """Budget checks and repairs of a SearchSpace (see the module docstring)."""
 
+    def teacher_sizes(self) -> dict[str, int]:
+        """The uncompressed model's size on every axis (`kron.vocab.AXES`)."""
+        # a space pickled by 0.1.0 has no byte counts: float32 weights then
+        info = self.info
+        return {a.name: (getattr(info, a.totals_key, None) or (4 * info.params if a.name == "bytes" else 0))
+                for a in AXES.values()}
+
+    def size_cap(self, axis: str) -> float:
+        """The largest size a plan may have on `axis`: the teacher's, or the budget's bound on it where lower."""
+        teacher = self.teacher_sizes()
+        bounds = [lim.bound(teacher) for lim in (self.budget.limits if self.budget is not None else ())
+                  if lim.axis == axis]
+        return min([teacher[axis], *bounds])
+
     def over_budget(self, params: dict) -> list[str]:
         """The budget limits a plan breaks, as readable strings (empty: within budget)."""
         if self.budget is None:
             return []
-        c = self.plan_costs(params)
-        return _breaches(c, self.budget)
+        return self.budget.breaches(self.plan_costs(params), self.teacher_sizes())
 
     def within_budget(self, params: dict) -> bool:
         return not self.over_budget(params)
 
     def _excess(self, params: dict) -> float:
-        c = self.plan_costs(params)
-        b = self.budget
-        total = 0.0
-        for limit, value in ((b.max_params, c["params"]), (b.max_macs, c["macs_per_token"]), (b.max_bytes, c["bytes"]),
-                             (b.max_params_excl_output_embedding, c["params_excl_output_embedding"])):
-            if limit is not None and value > limit:
-                total += (value - limit) / limit
-        return total
+        return self.budget.excess(self.plan_costs(params), self.teacher_sizes())
 
     def _neighbours(self, params: dict) -> Iterable[dict]:
         on = self.active_layers(params)
@@ -46,10 +62,10 @@ class BudgetMixin:
                     p[f"L{i}.on"] = True
                     for c in self.choices:  # a switched-on layer takes each choice's cheapest option
                         if c.layer == i:
-                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o]["params"])
                     for b in self.blocks:  # and prunes its blocks where that is cheaper
                         if b.layer == i:
-                            p[b.key] = self._block_best(b, 0, {i})
+                            p[b.key] = self._block_best(b, "params", {i})
                     yield p
         if self.layer_mode == "count":
             for i in on:
@@ -62,12 +78,12 @@ class BudgetMixin:
                         if c.layer == i:
                             p.pop(c.key, None)
                         if c.layer == j:
-                            p[c.key] = min(c.options, key=lambda o: c.deltas[o][0])
+                            p[c.key] = min(c.options, key=lambda o: c.deltas[o]["params"])
                     for b in self.blocks:
                         if b.layer == i:
                             p.pop(b.key, None)
                         if b.layer == j:
-                            p[b.key] = self._block_best(b, 0, {j})
+                            p[b.key] = self._block_best(b, "params", {j})
                     yield p
         for b in self.blocks:  # prune a block, change its fraction, or leave it to its matrices again
             if b.key in params:
@@ -83,19 +99,17 @@ class BudgetMixin:
                     if o != params[c.key]:
                         yield {**params, c.key: o}
             elif c.tied and any(mx.layer in on for mx in c.matrices):
-                yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o][0])}
+                yield {**params, c.key: min(c.options, key=lambda o: c.deltas[o]["params"])}
 
-    def _block_best(self, b, col: int, layers: set[int]) -> str:
-        """The option of block choice `b` with the least cost (Choice.deltas column `col`) over `layers`: a
-        fraction, or "none" when its matrices' own cheapest options cost less (ties: "none")."""
-        from .space import NO_PRUNE
-
+    def _block_best(self, b, axis: str, layers: set[int]) -> str:
+        """The option of block choice `b` with the least cost on `axis` over `layers`: a fraction, or "none" when
+        its matrices' own cheapest options cost less (ties: "none")."""
         members = [self._by_key[k] for k in b.members]
-        own = sum(min(c.deltas[o][col] for o in c.options) * sum(1 for mx in c.matrices if mx.layer in layers)
+        own = sum(min(c.deltas[o][axis] for o in c.options) * sum(1 for mx in c.matrices if mx.layer in layers)
                   for c in members)
         best, cost = NO_PRUNE, own
         for o in b.options[1:]:
-            v = sum(d[col] for i, d in b.deltas[o].items() if i in layers)
+            v = sum(d[axis] for i, d in b.deltas[o].items() if i in layers)
             if v < cost:
                 best, cost = o, v
         return best
@@ -128,36 +142,34 @@ class BudgetMixin:
         on = self.active_layers(out)
         for b in self.blocks:
             if self._block_live(b, on):
-                out[b.key] = params.get(b.key, self._block_best(b, 0, on))
+                out[b.key] = params.get(b.key, self._block_best(b, "params", on))
         skip = self.pruned_members(out)
         for c in self.choices:
             needed = ((c.layer is None and not c.tied) or (c.layer is not None and c.layer in on)
                       or (c.tied and any(mx.layer in on for mx in c.matrices))) and c.key not in skip
             if needed:
-                out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o][0]))
+                out[c.key] = params.get(c.key, min(c.options, key=lambda o: c.deltas[o]["params"]))
         return out
 
     def cheapest(self, metric: str = "params") -> dict:
-        """The plan with the fewest `metric` ("params", "params_excl_output_embedding" or "macs_per_token")."""
-        col = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2, "bytes": 3}[metric]
+        """The plan with the fewest `metric` (a size axis of `kron.vocab.AXES`)."""
+        axis = metric
 
         def best(c) -> str:
-            return min(c.options, key=lambda o: (c.deltas[o][col], c.deltas[o]))
-
-        from .space import NO_PRUNE
+            return min(c.options, key=lambda o: _cost_key(c.deltas[o], axis))
 
         params: dict[str, Any] = {}
         # each block pruned where that is cheaper than its matrices' cheapest options (tied: over all its layers)
-        blocks = {b.key: self._block_best(b, col, set(b.names)) for b in self.blocks}
+        blocks = {b.key: self._block_best(b, axis, set(b.names)) for b in self.blocks}
         params.update(blocks)
         skip = self.pruned_members(blocks)
         if self.layer_mode in ("free", "count"):
             # a layer's saving when decomposed with its cheapest options (tied groups: per-matrix share)
             saving = {}
             for i in self.fixed_layers:
-                saving[i] = sum(c.deltas[best(c)][col] * sum(1 for mx in c.matrices if mx.layer == i)
+                saving[i] = sum(c.deltas[best(c)][axis] * sum(1 for mx in c.matrices if mx.layer == i)
                                 for c in self.choices if c.key not in skip)
-                saving[i] += sum(b.deltas[blocks[b.key]][i][col] for b in self.blocks
+                saving[i] += sum(b.deltas[blocks[b.key]][i][axis] for b in self.blocks
                                  if blocks[b.key] != NO_PRUNE and i in b.deltas[blocks[b.key]])
             if self.layer_mode == "free":
                 for i in self.fixed_layers:
@@ -172,21 +184,16 @@ class BudgetMixin:
 
     def _check_budget(self) -> dict:
         """Raise ConfigError when no plan meets the budget; return a plan that does (the repair fallback)."""
-        b = self.budget
-        limits = [("max_params", b.max_params, "params"), ("max_macs", b.max_macs, "macs_per_token"),
-                  ("max_bytes", b.max_bytes, "bytes"),
-                  ("max_params_excl_output_embedding", b.max_params_excl_output_embedding,
-                   "params_excl_output_embedding")]
         candidates = []
-        for field_name, limit, metric in limits:
-            if limit is None:
-                continue
+        teacher = self.teacher_sizes()
+        for limit in self.budget.limits:
+            metric = limit.axis
             plan = self.cheapest(metric)
             value = self.plan_costs(plan)[metric]
-            if value > limit:
+            if value > limit.bound(teacher):
                 raise ConfigError(
-                    f"space.budget.{field_name}: {limit:,} cannot be met — the cheapest plan of this space has "
-                    f"{value:,} {metric.replace('_', ' ')} (teacher: {self._teacher_value(metric):,}); raise the "
+                    f"space.budget.{AXES[metric].budget_key}: {limit.value:,} cannot be met — the cheapest plan of "
+                    f"this space has {value:,} {metric.replace('_', ' ')} (teacher: {teacher[metric]:,}); raise the "
                     "limit or widen the space (more groups or layers, higher max_compression, more embedding "
                     "factors)")
             candidates.append(plan)
@@ -214,19 +221,3 @@ class BudgetMixin:
                 return None
             params = rng.choice(better)
         return None
-
-    def _teacher_value(self, metric: str) -> int:
-        return {"params": self.info.params, "macs_per_token": self.info.macs, "bytes": self.info.bytes,
-                "params_excl_output_embedding": self.info.params_excl_output_embedding}[metric]
-
-
-def _breaches(costs: dict, budget) -> list[str]:
-    out = []
-    for name, limit, metric in (("max_params", budget.max_params, "params"),
-                                ("max_macs", budget.max_macs, "macs_per_token"),
-                                ("max_bytes", budget.max_bytes, "bytes"),
-                                ("max_params_excl_output_embedding", budget.max_params_excl_output_embedding,
-                                 "params_excl_output_embedding")):
-        if limit is not None and costs[metric] > limit:
-            out.append(f"{metric} {costs[metric]:,} > {name} {limit:,}")
-    return out

@@ -19,7 +19,9 @@ _COMMAND_MODULES = ("search.model_commands", "trials.cli", "trials.commands", "s
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kronsearch",
-        description="Search Kronecker-factored compressions of pre-trained Transformers.",
+        description="Find the best way to compress a pre-trained Transformer: Kronecker factors, low-rank, structured "
+                    "pruning and 8/4-bit weights per matrix, automatic plans from sensitivity profiles, and a Ray "
+                    "Tune + Optuna search over plans.",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

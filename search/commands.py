@@ -11,15 +11,19 @@ import random
 import sys
 from pathlib import Path
 
+from kron.vocab import AXES
+
 __all__ = ["add_parsers", "dry_run", "write_analysis"]
 
 
 def add_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "search",
-        help="search Kronecker compression plans (Ray Tune + Optuna) and print the Pareto front",
-        description="Search Kronecker compression plans of a teacher for the best quality/size trade-offs. "
-                    "CONFIG is a YAML file with name, trial, space and search sections (see examples/).",
+        help="search compression plans (Kronecker, low-rank, pruning, int8/int4; Ray Tune + Optuna) and print the "
+             "Pareto front",
+        description="Search compression plans of a teacher — per matrix Kronecker factors, low-rank, structured "
+                    "pruning, 8- or 4-bit weights — for the best quality/size trade-offs. CONFIG is a YAML file with "
+                    "name, trial, space and search sections (see examples/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", help="search config (YAML)")
@@ -140,8 +144,7 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
     c = space.plan_costs(cheap)
     rows.append(["min", f"{c['params']:,}", f"{c['params_excl_output_embedding']:,}", f"{c['compression_ratio']:.2f}x",
                  f"{c['macs_per_token']:,}", shorten(space.describe(cheap), 90)])
-    fewest = {"params": "parameters", "params_excl_output_embedding": "parameters excluding the output embedding",
-              "macs_per_token": "multiply-adds"}.get(size_metric, size_metric)
+    fewest = AXES[size_metric].words
     dropped = space.dropped_options
     if cfg.space.prior is not None:
         n = sum(len(v) for v in dropped.values())

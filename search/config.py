@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_serializer,
+                      field_validator, model_validator)
 
 from kron.errors import ConfigError
-from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
+from kron.vocab import AXES, GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
 from trials.config import TrialConfig, read_yaml_mapping
 
 __all__ = [
@@ -57,15 +57,11 @@ class LayerCount(_Strict):
     count: int = Field(ge=0)
 
 
-class BudgetConfig(_Strict):
-    """Hard limits: a sampled plan over any of them is rejected and resampled, never trained."""
+class _BudgetBase(_Strict):
+    """Hard limits: a sampled plan over any of them is rejected and resampled, never trained. One optional limit
+    per size axis of `kron.vocab.AXES` (its `budget_key`); `to_budget()` is the `kron.budget.Budget` they make."""
 
-    max_params: int | None = Field(None, ge=1, description="all parameters after compression (the `params` metric)")
-    max_params_excl_output_embedding: int | None = Field(None, ge=1)
-    max_macs: int | None = Field(None, ge=1, description="multiply-adds per token of the linear layers")
-    max_bytes: int | None = Field(None, ge=1, description="weight storage in bytes (int8 weights: 1 byte + scales)")
-
-    @field_validator("max_params", "max_params_excl_output_embedding", "max_macs", "max_bytes", mode="before")
+    @field_validator(*(a.budget_key for a in AXES.values()), mode="before", check_fields=False)
     @classmethod
     def _numbers(cls, v):
         # YAML reads 2e6 as a float (or even a string "2e6" in YAML 1.1); accept whole numbers in any spelling
@@ -80,11 +76,22 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self):
-        if (self.max_params is None and self.max_macs is None and self.max_params_excl_output_embedding is None
-                and self.max_bytes is None):
-            raise ValueError("a budget needs max_params, max_params_excl_output_embedding, max_macs and/or max_bytes "
-                             "(or remove `budget`)")
+        keys = [a.budget_key for a in AXES.values()]
+        if all(getattr(self, k) is None for k in keys):
+            raise ValueError(f"a budget needs {', '.join(keys[:-1])} and/or {keys[-1]} (or remove `budget`)")
         return self
+
+    def to_budget(self):
+        """The `kron.budget.Budget` of these limits."""
+        from kron.budget import Budget
+
+        return Budget.from_config(self.model_dump())
+
+
+BudgetConfig = create_model(
+    "BudgetConfig", __base__=_BudgetBase, __module__=__name__,
+    **{a.budget_key: (int | None, Field(None, ge=1, description=f"at most this many {a.words} after compression"))
+       for a in AXES.values()})
 
 
 # The defaults of this release that change what a search does: every linear matrix may be Kronecker or low-rank,

@@ -38,7 +38,8 @@ class ModelInfo:
 def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     """List the teacher's matrices per group (model may live on the meta device)."""
     from kron.modules import family_of_model, group_hits, layer_index, matrix_of, module_type
-    from kron.surgery import count_bytes, count_params, input_embedding, macs_per_token, output_embedding
+    from kron.surgery import (count_bytes, count_params, float_width, input_embedding, macs_per_token,
+                              output_embedding)
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -77,7 +78,7 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
         family=fam.name if fam is not None else None, model_type=model_type, matrices=matrices, layers=layers,
         params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
         macs=macs_per_token(model), tied_input_embedding=in_name if tied else None, bytes=count_bytes(model),
-        float_width=_float_width(model), prune_blocks=_prune_blocks(model) if "prune" in space.methods else None,
+        float_width=float_width(model), prune_blocks=_prune_blocks(model) if "prune" in space.methods else None,
     )
 
 
@@ -100,11 +101,6 @@ def _prune_blocks(model) -> dict:
             block[name] = ctx
         out[key] = block
     return out
-
-
-def _float_width(model) -> int:
-    sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
-    return max(set(sizes), key=sizes.count) if sizes else 4
 
 
 def teacher_skeleton(trial) -> Any:

@@ -30,12 +30,12 @@ import sys
 from dataclasses import replace
 
 from kron.errors import ConfigError, UserError
+from kron.vocab import SIZE_AXES
 
 __all__ = ["AUTO_DEFAULT", "auto_count", "auto_seeds", "needs_profile", "search_damages", "seed_kl_damages",
            "teacher_size"]
 
 AUTO_DEFAULT = 3  # automatic seed plans for a plain "auto"
-_METRIC_INDEX = {"params": 0, "params_excl_output_embedding": 1, "macs_per_token": 2, "bytes": 3}  # Choice.deltas
 
 
 def auto_count(name: str) -> int | None:
@@ -302,8 +302,8 @@ def _knapsack(space, damages: dict, metric: str):
     if space.layer_mode == "count":
         raise ConfigError("search.seed_plans: 'auto' needs a space whose layers are all, free or a fixed list; with "
                           "layers {count: k} give presets or plan files as seeds")
-    idx = _METRIC_INDEX.get(metric, 0)
-    base = _base_size(space, idx)
+    axis = metric if metric in SIZE_AXES else "params"
+    base = space.teacher_sizes()[axis]
     items, fixed_choice, fixed_cost = [], {}, 0
     for c in space.choices:
         n = len(c.matrices)
@@ -312,7 +312,7 @@ def _knapsack(space, damages: dict, metric: str):
                 else all(d is None for d in known)):  # an embedding is planned only when every option is measured
             opt = "keep" if "keep" in c.options else c.options[0]  # embedding options go from mild to strong
             fixed_choice[c.key] = opt
-            fixed_cost += n * c.deltas[opt][idx]
+            fixed_cost += n * c.deltas[opt][axis]
             continue
         opts = list(c.options)
         if space.layer_mode == "free" and "keep" not in opts and c.layer is not None:
@@ -321,37 +321,19 @@ def _knapsack(space, damages: dict, metric: str):
         for o in opts:
             d = choice_damage(c, o, damages, how=sum)
             if d is not None:
-                options.append(Option(o, o, n * c.deltas[o][idx] if o in c.deltas else 0, d))
+                options.append(Option(o, o, n * c.deltas[o][axis] if o in c.deltas else 0, d))
         items.append(Item(c.key, options))
     if not items:
         raise ConfigError("search.seed_plans: 'auto' found no profiled matrix in the space (only embeddings?)")
     shift = [min(o.cost for o in it.options) for it in items]
     items = [Item(it.name, [replace(o, cost=o.cost - s) for o in it.options]) for it, s in zip(items, shift)]
     lo = base + fixed_cost + sum(shift)  # the cheapest plan's size
-    hi = base
-    cap = _budget_cap(space, idx)
-    if cap is not None:
-        hi = min(hi, cap)
-    return items, fixed_choice, lo, hi
+    return items, fixed_choice, lo, space.size_cap(axis)
 
 
 def teacher_size(space, metric: str) -> int:
-    """The uncompressed model's size on a size axis (params, params_excl_output_embedding, macs_per_token, bytes;
-    anything else: parameters)."""
-    return _base_size(space, _METRIC_INDEX.get(metric, 0))
-
-
-def _base_size(space, idx: int) -> int:
-    info = space.info
-    return [info.params, info.params_excl_output_embedding, info.macs,
-            getattr(info, "bytes", None) or 4 * info.params][idx]
-
-
-def _budget_cap(space, idx: int) -> int | None:
-    b = space.budget
-    if b is None:
-        return None
-    return [b.max_params, b.max_params_excl_output_embedding, b.max_macs, getattr(b, "max_bytes", None)][idx]
+    """The uncompressed model's size on a size axis (`kron.vocab.AXES`; anything else: parameters)."""
+    return space.teacher_sizes()[metric if metric in SIZE_AXES else "params"]
 
 
 def _short(n: float) -> str:

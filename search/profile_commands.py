@@ -121,8 +121,9 @@ def add_auto_arguments(p, group) -> None:
     group.add_argument("--auto", action="store_true",
                        help="choose per matrix the candidate minimising the summed profile damage under --budget")
     p.add_argument("--budget", default=None, metavar="AXIS=V",
-                   help="with --auto: params=3.5M (all parameters), macs=2.1G (multiply-adds per token) or ratio=2 "
-                        "(parameters excl. the output embedding, teacher/student)")
+                   help="with --auto: params=3.5M (all parameters), params_excl=2M (excluding the output embedding), "
+                        "macs=2.1G (multiply-adds per token), bytes=1.2M (weight storage) or ratio=2 (parameters "
+                        "excl. the output embedding, teacher/student)")
     p.add_argument("--budgets", default=None, metavar="B1,B2",
                    help="with --auto: several budgets at once (a front of plans), e.g. ratio=1.5,ratio=2,ratio=3")
     p.add_argument("--profile", default=None, metavar="JSON",
@@ -337,7 +338,8 @@ def _budgets(args):
     if args.budgets is not None:
         texts += _csv(args.budgets)
     if not texts:
-        raise ConfigError("--auto needs --budget AXIS=VALUE (params=3.5M, macs=2.1G or ratio=2) or --budgets")
+        raise ConfigError("--auto needs --budget AXIS=VALUE (params=3.5M, macs=2.1G, bytes=1.2M, params_excl=2M or "
+                          "ratio=2) or --budgets")
     return [parse_budget(t) for t in texts]
 
 
@@ -436,11 +438,9 @@ def plan_auto(args) -> int:
 
         sized = copy.deepcopy(skeleton)
         report = apply_specs(sized, plan.resolve(sized), init="none")  # the plan resolves on the model
-        size = {"params": report.params_after, "macs": report.macs_per_token_after,
-                "ratio": report.compression_ratio}
-        ok = size[budget.axis] >= budget.value if budget.axis == "ratio" else size[budget.axis] <= budget.value
-        if not ok:  # the profile's counts and the model's disagree: never hand out a plan over its budget
-            raise ConfigError(f"internal check failed: the plan for {budget} measures {size[budget.axis]:,} on the "
+        after, before = report.sizes(), report.sizes(before=True)
+        if budget.breaches(after, before):  # the profile's counts and the model's disagree: never hand out a plan
+            raise ConfigError(f"internal check failed: the plan for {budget} measures {after[budget.axis]:,} on the "
                               "model; the profile's sizes do not match it (make the profile again)")
         path = None
         if args.out:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .config import SearchConfig
 from .fmt import fmt_n
+from .searcher import resumed_space
 from .trainable import TIME_ATTR
 
 if TYPE_CHECKING:
@@ -22,6 +23,13 @@ def _scheduler_base():
 
 class _Delegating(_scheduler_base()):
     """A scheduler that hands every trial event to the scheduler `_sched(trial)` picks for that trial."""
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled from a resumed search's tuner.pkl: the space is the one rebuilt from its config
+        (`search.searcher.resuming_into`), not the pickled object an earlier release laid out."""
+        self.__dict__.update(state)
+        if "space" in state:
+            self.space = resumed_space(state["space"])
 
     def _sched(self, trial):
         raise NotImplementedError
@@ -59,13 +67,7 @@ class SizeStratifiedASHA(_Delegating):
         self._metric, self._mode = metric, mode
         self.space, self.size_metric, self.n = space, size_metric, n
         lo = max(space.plan_costs(space.cheapest(size_metric))[size_metric], 1)
-        hi = max(space._teacher_value(size_metric), lo + 1)  # noqa: SLF001
-        if space.budget is not None:
-            limit = {"params": space.budget.max_params, "macs_per_token": space.budget.max_macs,
-                     "bytes": space.budget.max_bytes,
-                     "params_excl_output_embedding": space.budget.max_params_excl_output_embedding}[size_metric]
-            if limit is not None:
-                hi = max(min(hi, limit), lo + 1)
+        hi = max(space.size_cap(size_metric), lo + 1)
         self.edges = [math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / n) for i in range(1, n)]
         self.strata = [ASHAScheduler(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
                                      grace_period=grace_period, reduction_factor=reduction_factor,

@@ -28,7 +28,7 @@ from .trainable import trial_outcome
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["STUDY_JOURNAL", "PlanSearcher", "journal_storage", "load_journal_study", "make_sampler",
+__all__ = ["STUDY_JOURNAL", "PlanSearcher", "journal_storage", "load_journal_study", "make_sampler", "resumed_space",
            "make_searcher", "resuming_into"]
 
 STUDY_JOURNAL = "optuna_study.journal"  # the Optuna study of a search, in its run folder
@@ -38,8 +38,9 @@ STUDY_JOURNAL = "optuna_study.journal"  # the Optuna study of a search, in its r
 # trial, each ask a FAIL trial in the study: in a 200-trial search the study, the journal and every later ask grew
 # with them (benchmarks/search_scale.py: 631 rejected asks after 12 trials, 3 s per suggestion).
 OPTUNA_RESAMPLES = 8
-# set by run_search around a resumed fit: (journal path, study name) the restored searcher re-attaches to
-_RESUME: tuple[str, str] | None = None
+# set by run_search around a resumed search: (journal path, study name) the restored searcher re-attaches to, and
+# the space rebuilt from the config that restored searchers and schedulers use instead of the one they pickled
+_RESUME: tuple[str, str, object] | None = None
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,19 @@ class PlanSearcher(_searcher_base()):
 
     def restore(self, checkpoint_path: str):
         super().restore(checkpoint_path)
+        self.__setstate__({})  # the state just loaded holds the space it pickled: use the rebuilt one
         if _RESUME is not None:
             self.attach_journal(Path(_RESUME[0]), _RESUME[1])
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (tuner.pkl) or restored: the space is the one `resuming_into` gives, built from the search's
+        config by this release, not the pickled object (whose layout an earlier release wrote; the resume check has
+        made sure the config is the same)."""
+        self.__dict__.update(state)
+        space = resumed_space(None)
+        if space is not None:
+            self.plan_space = space
+            self._space = space.define_by_run
 
     def attach_journal(self, path: Path, study_name: str) -> None:
         """Point the (restored) searcher's study at the journal `path`: the study already there when it has one
@@ -255,14 +267,20 @@ def _repair_journal(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def resuming_into(path: Path, study_name: str):
-    """While active, a searcher Ray restores from its saved state re-attaches to the journal `path`."""
+def resuming_into(path: Path, study_name: str, space=None):
+    """While active, a searcher Ray restores from its saved state re-attaches to the journal `path`, and restored
+    searchers and schedulers use `space` (when given) instead of the space they pickled."""
     global _RESUME
-    _RESUME = (str(path), study_name)
+    _RESUME = (str(path), study_name, space)
     try:
         yield
     finally:
         _RESUME = None
+
+
+def resumed_space(default):
+    """The space of the search being resumed (`resuming_into`), else `default`."""
+    return _RESUME[2] if _RESUME is not None and _RESUME[2] is not None else default
 
 
 def make_sampler(cfg: SearchConfig):

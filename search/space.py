@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from kron.errors import ConfigError
+from kron.vocab import AXES, SIZE_AXES
 
-from .budget import BudgetMixin
+from .budget import NO_PRUNE, BudgetMixin
 from .config import GROUPS, SearchConfig, SpaceConfig, base_trial_config
 from .model_info import Matrix, ModelInfo, inspect_model, teacher_skeleton  # noqa: F401 (re-exported)
 
@@ -57,7 +58,6 @@ PLAN_INFO_KEYS = ("plan_summary", "plan_params", "plan_params_excl_output_embedd
                   "plan_macs_per_token")
 
 KEEP = "keep"
-NO_PRUNE = "none"  # a block choice's option that leaves the block to its matrices' own choices
 INT8 = "+int8"  # a block choice's option suffix: the pruned matrices stored as int8 ("0.5+int8")
 # the space's groups that make up a prunable block (kron.methods.prune removes a unit from all of them at once)
 PRUNE_GROUPS = {"heads": ("attention", "attention_output"), "ffn": ("ffn_in", "ffn_out")}
@@ -94,7 +94,8 @@ class Choice:
     dims: tuple[int, int]  # (rows, cols) of each block
     options: tuple[str, ...]
     matrices: tuple[Matrix, ...]
-    # option -> (Δparams, Δparams excluding the output embedding, Δmacs, Δbytes) of ONE of `matrices`
+    # option -> {size axis: Δ} (kron.vocab.AXES: Δparams, Δparams excluding the output embedding, Δmacs, Δbytes)
+    # of ONE of `matrices`
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -119,7 +120,7 @@ class BlockChoice:
     names: dict = field(compare=False, hash=False, repr=False)  # layer -> the block's matrix names, model order
     # option -> layer -> {matrix name: PruneSpec option string, "+int8" for int8 (blocks left to `resolved`)}
     specs: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-    # option -> layer -> (Δparams, Δparams excluding the output embedding, Δmacs, Δbytes) of that layer's block
+    # option -> layer -> {size axis: Δ} of that layer's block
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -165,7 +166,7 @@ class SearchSpace(BudgetMixin):
         if self.size() == 0:
             raise ConfigError("space: every plan of this space is empty (nothing decomposed), e.g. layers {count: 0} "
                               "with only per-layer groups; decompose at least one layer or add the embedding group")
-        self.budget = space.budget
+        self.budget = space.budget.to_budget() if space.budget is not None else None
         if self.budget is not None:
             self.feasible_plan = self._check_budget()
 
@@ -479,7 +480,7 @@ class SearchSpace(BudgetMixin):
                     continue  # removes nothing, or every unit
                 specs[label], deltas[label] = {}, {}
                 for i, block in blocks.items():
-                    specs[label][i], total = {}, [0, 0, 0, 0]
+                    specs[label][i], total = {}, dict.fromkeys(SIZE_AXES, 0)
                     for name, ctx in block.items():
                         mx = mats[name]
                         sp = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i],
@@ -488,13 +489,13 @@ class SearchSpace(BudgetMixin):
                         dense = mx.m * mx.n
                         d_bias = sp.pruned_dims(mx.m, mx.n)[0] - mx.m if ctx["bias"] else 0  # rows lose their bias
                         dp = sp.params(mx.m, mx.n) - dense + d_bias
-                        total[0] += dp
-                        total[1] += dp
-                        total[2] += sp.macs(mx.m, mx.n) - dense
-                        total[3] += stored.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
+                        total["params"] += dp
+                        total["params_excl_output_embedding"] += dp
+                        total["macs_per_token"] += sp.macs(mx.m, mx.n) - dense
+                        total["bytes"] += stored.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
                         option = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i]).option()
                         specs[label][i][name] = option + (INT8 if int8 else "")
-                    deltas[label][i] = tuple(total)
+                    deltas[label][i] = total
             if not specs:
                 continue  # e.g. a single head: nothing to prune
             members = tuple(c.key for c in self.choices if c.group in PRUNE_GROUPS[part] and c.layer == layer
@@ -549,7 +550,8 @@ class SearchSpace(BudgetMixin):
                 if o != KEEP and is_emb and info.tied_input_embedding == mats[0].name:
                     d_all += mats[0].m * mats[0].n  # the LM head keeps a dense copy of the table
                     d_bytes += mats[0].m * mats[0].n * info.float_width
-                deltas[o] = (d_all, d_excl, d_macs, d_bytes)
+                deltas[o] = {"params": d_all, "params_excl_output_embedding": d_excl, "macs_per_token": d_macs,
+                             "bytes": d_bytes}
             choices.append(Choice(key, g, layer, dims, tuple(opts), tuple(mats), deltas))
         return choices
 
@@ -755,30 +757,25 @@ class SearchSpace(BudgetMixin):
         analytically."""
         self._check(params)
         on = self.active_layers(params)
-        p_all, p_excl, macs = self.info.params, self.info.params_excl_output_embedding, self.info.macs
-        # a space pickled by 0.1.0 (a resumed search's scheduler) has no byte counts: float32 weights then
-        n_bytes = getattr(self.info, "bytes", None) or 4 * self.info.params
+        total = self.teacher_sizes()
         skip = self.pruned_members(params)
         for b in self.blocks:
             opt = params.get(b.key, NO_PRUNE)
             if opt == NO_PRUNE:
                 continue
-            for i, (dp, de, dm, db) in b.deltas[opt].items():
+            for i, delta in b.deltas[opt].items():
                 if i in on:
-                    p_all, p_excl, macs, n_bytes = p_all + dp, p_excl + de, macs + dm, n_bytes + db
+                    for axis in SIZE_AXES:
+                        total[axis] += delta[axis]
         for c in self.choices:
             opt = params.get(c.key)
             if opt is None or c.key in skip:
                 continue
-            dp, de, dm, *rest = c.deltas[opt]
-            db = rest[0] if rest else 4 * dp
             n = sum(1 for mx in c.matrices if mx.layer is None or mx.layer in on)
-            p_all += n * dp
-            p_excl += n * de
-            macs += n * dm
-            n_bytes += n * db
-        return {"params": p_all, "params_excl_output_embedding": p_excl, "macs_per_token": macs, "bytes": n_bytes,
-                "compression_ratio": self.info.params_excl_output_embedding / max(p_excl, 1)}
+            for axis in SIZE_AXES:
+                total[axis] += n * c.deltas[opt][axis]
+        excl = total["params_excl_output_embedding"]
+        return {**total, "compression_ratio": self.info.params_excl_output_embedding / max(excl, 1)}
 
     def plan_cost(self, params: dict) -> PlanCost:
         """(parameters, multiply-adds per token) after compression, computed analytically (no model built)."""
@@ -887,8 +884,8 @@ class SearchSpace(BudgetMixin):
                 "count": f"exactly {self.count} of {len(self.fixed_layers)}"}.get(self.layer_mode, self.layer_mode)
         lines.append(f"  layers decomposed: {mode}; tie_layers: {self.config.tie_layers}")
         if self.budget is not None:
-            lines.append("  budget: " + ", ".join(f"{k} {v:,}" for k, v in self.budget.model_dump().items()
-                                                  if v is not None))
+            lines.append("  budget: " + ", ".join(f"{AXES[lim.axis].budget_key} {lim.value:,}"
+                                                  for lim in self.budget.limits))
         n = self.size()
         lines.append(f"  size: {n:,} distinct plans (10^{self.size_log10():.2f})" if n < 10 ** 15 else
                      f"  size: 10^{self.size_log10():.2f} distinct plans")

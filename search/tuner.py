@@ -110,28 +110,29 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     try:
         from ray import tune
 
-        if resume:
-            where = storage_args(path)
-            fs = where.get("storage_filesystem")
-            if not tune.Tuner.can_restore(where["storage_path"], storage_filesystem=fs):
-                raise ConfigError(f"--resume: nothing to resume at {path} (no experiment state); run without "
-                                  "--resume to start the search")
-            tuner = tune.Tuner.restore(where["storage_path"], trainable=make_trainable(cfg, space),
-                                       resume_unfinished=True, resume_errored=False, restart_errored=False,
-                                       storage_filesystem=fs)
-            journal = local_dir / STUDY_JOURNAL
-            if remote and not journal.is_file():  # another machine started it: continue the bucket's journal
+        # a restored searcher re-attaches to its journal; restored searchers and schedulers use this space
+        with resuming_into(local_dir / STUDY_JOURNAL, cfg.name, space if resume else None):
+            if resume:
+                where = storage_args(path)
+                fs = where.get("storage_filesystem")
+                if not tune.Tuner.can_restore(where["storage_path"], storage_filesystem=fs):
+                    raise ConfigError(f"--resume: nothing to resume at {path} (no experiment state); run without "
+                                      "--resume to start the search")
+                tuner = tune.Tuner.restore(where["storage_path"], trainable=make_trainable(cfg, space),
+                                           resume_unfinished=True, resume_errored=False, restart_errored=False,
+                                           storage_filesystem=fs)
+                journal = local_dir / STUDY_JOURNAL
+                if remote and not journal.is_file():  # another machine started it: continue the bucket's journal
+                    local_dir.mkdir(parents=True, exist_ok=True)
+                    download_file(path, STUDY_JOURNAL, local_dir)
+            else:
                 local_dir.mkdir(parents=True, exist_ok=True)
-                download_file(path, STUDY_JOURNAL, local_dir)
-        else:
-            local_dir.mkdir(parents=True, exist_ok=True)
-            write_meta(cfg, space, local_dir)
-            if remote:  # in the bucket from the start: a later --resume checks the config against it
-                upload(local_dir, path, [META_NAME])
-            tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
-                               local_dir=local_dir)
-        t_fit = time.time()
-        with resuming_into(local_dir / STUDY_JOURNAL, cfg.name):  # a restored searcher re-attaches to its journal
+                write_meta(cfg, space, local_dir)
+                if remote:  # in the bucket from the start: a later --resume checks the config against it
+                    upload(local_dir, path, [META_NAME])
+                tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
+                                   local_dir=local_dir)
+            t_fit = time.time()
             grid = tuner.fit()
         timings["fit_s"] = time.time() - t_fit
         if cfg.search.reference and not remote and not prepared and not unfinished(local_dir):

@@ -95,7 +95,7 @@ def test_dp_without_numpy_matches(monkeypatch):
 
 
 def test_parse_budget():
-    assert parse_budget("params=3.5M") == Budget("params", 3.5e6, "params=3.5M")
+    assert parse_budget("params=3.5M") == Budget.on("params", 3.5e6, "params=3.5M")
     assert parse_budget("macs=2.1G").value == pytest.approx(2.1e9)
     assert parse_budget("ratio=2").value == 2
     assert parse_budget("PARAMS=1_000".replace("_", "")).value == 1000

@@ -141,16 +141,19 @@ def test_singular_S_no_nan(gpt2):
 def test_auto_plan_respects_budget_and_resolves(gpt2):
     model, stats, _ = gpt2
     prof = profile_model(model, stats, constraints=C, kl_subset=0)
-    for text in ("ratio=1.2", "params=60000", "macs=30000"):
+    for text in ("ratio=1.2", "params=60000", "macs=30000", "bytes=240000", "params_excl=60000"):
         budget = parse_budget(text)
         sol = auto_plan(prof, budget)
         plan = CompressionPlan.from_resolved(resolved_specs(sol))
         m = copy.deepcopy(model)
         rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
-        got = {"ratio": rep.compression_ratio, "params": rep.params_after, "macs": rep.macs_per_token_after}
-        assert (got["ratio"] >= budget.value) if budget.axis == "ratio" else got[budget.axis] <= budget.value
-        assert sol.cost == (rep.params_after_excluding_output_embedding if budget.axis == "ratio"
-                            else got[budget.axis])
+        got = rep.sizes()
+        assert not budget.breaches(got, rep.sizes(before=True)), text
+        if budget.single.ratio:
+            assert rep.compression_ratio >= budget.value
+        else:
+            assert got[budget.axis] <= budget.value
+        assert sol.cost == got[budget.axis], text  # the profile's counts are the model's
         # the prediction is the sum of the chosen matrices' damages
         assert sol.damage == pytest.approx(sum(o.damage for o in sol.choice.values()))
     from kron.errors import PlanError
@@ -320,7 +323,7 @@ def test_refine_improves_a_bad_start_on_the_model_and_keeps_the_budget(gpt2):
     keep_one = items[0].name
     choice = dict(cheapest, **{keep_one: next(o for o in items[0].options if o.spec == "keep")})
     cost = sum(o.cost for o in choice.values())
-    budget = Budget("params", cost + fixed)
+    budget = Budget.on("params", cost + fixed)
     start = Solution(choice=choice, damage=sum(o.damage for o in choice.values()), cost=cost + fixed,
                      room=cost, bound=0.0, solver="dp")
     params_before = sum(p.numel() for p in model.parameters())
@@ -555,7 +558,7 @@ def test_embedding_of_an_untied_classifier_and_refine_with_it():
     assert cheapest["bert.embeddings.word_embeddings"].label == "emb f4"
     cost = sum(o.cost for o in cheapest.values())
     start = Solution(choice=cheapest, damage=0.0, cost=cost + fixed, room=cost, bound=0.0, solver="dp")
-    budget = Budget("params", cost + fixed + 2000)
+    budget = Budget.on("params", cost + fixed + 2000)
     r = refine_plan(model, stats, prof, budget, start, batches[:1], max_evals=6)
     plan = CompressionPlan.from_resolved(resolved_specs(r.solution))
     m = copy.deepcopy(model)
