@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .budget import Budget, Limit, parse_budget, parse_number
@@ -39,44 +39,111 @@ DEFAULT_METHODS = ("kronecker", "lowrank")
 DEFAULT_MAX_CELLS = 100_000
 
 
-@dataclass(frozen=True)
+# what earlier releases' flat constraints called Kronecker's options (a profile's header keeps them so)
+_LEGACY_OPTIONS = {"ranks": ("kronecker", "ranks"), "max_aspect": ("kronecker", "max_aspect")}
+
+
+@dataclass(frozen=True, init=False)
 class Constraints:
-    """The candidates offered per matrix (the fields of `search.config.SpaceConfig` that methods read):
-    Kronecker `ranks`, per-matrix compression in [min_compression, max_compression], `max_aspect` of A and B,
-    and at most `max_shapes` compression levels per method and matrix (evenly over log-compression), each with
-    at most `shapes_per_level` candidates (Kronecker: the splits with the fewest B rows first, i.e. the input-side
-    splits data-aware init serves best, then the fewest multiply-adds)."""
+    """The candidates a profile offers per matrix: each method's own options (`options`: method -> options, validated
+    by the method, its defaults where not given), within the span shared by every method — per-matrix compression in
+    [min_compression, max_compression], at most `max_shapes` compression levels per method and matrix (evenly over
+    log-compression), each with at most `shapes_per_level` candidates (in the method's `level_order`: Kronecker's
+    splits with the fewest B rows first, i.e. the input-side splits data-aware init serves best, then the fewest
+    multiply-adds). `Constraints(ranks=..., max_aspect=...)` are Kronecker's options, as earlier releases spelled
+    them."""
 
-    ranks: tuple[int, ...] = (1,)
-    min_compression: float = 1.5
-    max_compression: float | None = 16.0
-    max_aspect: float | None = None
-    max_shapes: int | None = 8
-    shapes_per_level: int = 2
+    min_compression: float
+    max_compression: float | None
+    max_shapes: int | None
+    shapes_per_level: int
+    options: tuple  # ((method, ((key, value), ...)), ...): hashable; `options_dict()` reads it
 
-    def __post_init__(self):
-        ranks = tuple(sorted(set(int(r) for r in self.ranks)))
-        if not ranks or any(r < 1 for r in ranks):
-            raise PlanError(f"ranks must be positive integers, got {list(self.ranks)}")
-        object.__setattr__(self, "ranks", ranks)
-        if not (self.min_compression >= 1):
-            raise PlanError(f"min_compression must be >= 1, got {self.min_compression}")
-        if self.max_compression is not None and self.max_compression < self.min_compression:
-            raise PlanError(f"max_compression {self.max_compression} is below min_compression "
-                            f"{self.min_compression}")
-        if self.max_shapes is not None and self.max_shapes < 1:
-            raise PlanError(f"max_shapes must be a positive integer, got {self.max_shapes}")
-        if self.shapes_per_level < 1:
-            raise PlanError(f"shapes_per_level must be a positive integer, got {self.shapes_per_level}")
+    def __init__(self, *, min_compression: float = 1.5, max_compression: float | None = 16.0,
+                 max_shapes: int | None = 8, shapes_per_level: int = 2, options: Mapping | None = None, **legacy):
+        opts = {k: dict(v) for k, v in dict(options or {}).items()}
+        for key, value in legacy.items():
+            if key not in _LEGACY_OPTIONS:
+                raise TypeError(f"Constraints() got an unexpected keyword argument {key!r}")
+            method, option = _LEGACY_OPTIONS[key]
+            opts.setdefault(method, {})[option] = list(value) if isinstance(value, tuple) else value
+        if not (min_compression >= 1):
+            raise PlanError(f"min_compression must be >= 1, got {min_compression}")
+        if max_compression is not None and max_compression < min_compression:
+            raise PlanError(f"max_compression {max_compression} is below min_compression {min_compression}")
+        if max_shapes is not None and max_shapes < 1:
+            raise PlanError(f"max_shapes must be a positive integer, got {max_shapes}")
+        if shapes_per_level < 1:
+            raise PlanError(f"shapes_per_level must be a positive integer, got {shapes_per_level}")
+        from .methods import get_method
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ranks"] = list(self.ranks)
-        return d
+        checked = {}
+        for name, given in opts.items():
+            try:
+                checked[get_method(name).name] = get_method(name).options(given).model_dump(mode="json",
+                                                                                           exclude_unset=True)
+            except ConfigError as exc:
+                raise PlanError(str(exc)) from None
+        for k, v in (("min_compression", min_compression), ("max_compression", max_compression),
+                     ("max_shapes", max_shapes), ("shapes_per_level", shapes_per_level),
+                     ("options", tuple(sorted((n, _frozen(o)) for n, o in checked.items())))):
+            object.__setattr__(self, k, v)
+
+    def options_dict(self) -> dict[str, dict]:
+        """method -> the options given for it (not the defaults)."""
+        return {n: _thawed(o) for n, o in self.options}
+
+    def options_for(self, method: str):
+        """A method's validated options (`MethodOptions`): those given, over its defaults."""
+        from .methods import get_method
+
+        return get_method(method).options(self.options_dict().get(get_method(method).name))
+
+    @property
+    def span(self):
+        from .methods import Span
+
+        return Span(self.min_compression, self.max_compression, self.max_shapes)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Kronecker's ranks (the option earlier releases held here)."""
+        ranks = self.options_for("kronecker").ranks
+        return ranks if ranks == "auto" else tuple(ranks)
+
+    @property
+    def max_aspect(self) -> float | None:
+        return self.options_for("kronecker").max_aspect
+
+    def to_dict(self, methods: Iterable[str] | None = None) -> dict:
+        """The JSON form (a profile's header): the span and `options` — with `methods`, the full options of each of
+        them, defaults included, so that two settings compare equal exactly when they offer the same candidates."""
+        from .methods import get_method
+
+        opts = self.options_dict()
+        if methods is not None:
+            opts = {get_method(m).name: self.options_for(m).model_dump(mode="json") for m in methods}
+        return {"min_compression": self.min_compression, "max_compression": self.max_compression,
+                "max_shapes": self.max_shapes, "shapes_per_level": self.shapes_per_level, "options": opts}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Constraints":
-        return cls(**{k: (tuple(v) if k == "ranks" else v) for k, v in d.items()})
+        """From `to_dict`, or from the flat dict of earlier releases (ranks, max_aspect beside the span)."""
+        d = dict(d)
+        legacy = {k: d.pop(k) for k in list(d) if k in _LEGACY_OPTIONS}
+        options = {k: dict(v) for k, v in dict(d.pop("options", None) or {}).items()}
+        for key, value in legacy.items():
+            method, option = _LEGACY_OPTIONS[key]
+            options.setdefault(method, {}).setdefault(option, value)
+        return cls(**d, options=options)
+
+
+def _frozen(options: Mapping) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+def _thawed(options: tuple) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options}
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,15 @@ class Rule:
             return self.__dict__.get("options", {}).get(key, option_defaults().get(key))
         raise AttributeError(f"'Rule' object has no attribute {key!r}")
 
+    def method_names(self) -> list[str]:
+        """The methods its rules use (structures and modifiers; keep rules left out), in rule order."""
+        out: list[str] = []
+        for rule in self.rules:
+            for m in (rule.method, *rule.modifiers):
+                if m is not None and m.name not in out:
+                    out.append(m.name)
+        return out
+
     def __eq__(self, other) -> bool:
         return (isinstance(other, Rule) and (self.select, self.layers, self.keep, self.options)
                 == (other.select, other.layers, other.keep, other.options))

@@ -7,7 +7,7 @@ across matrices. On the demo teacher at 4x the knapsack plan ties the uniform lo
 beating it (README, "Sensitivity profile and automatic plans").
 
 `refine_plan` starts from the knapsack's plan and improves it on the real objective: the KL(teacher ‖ student) of
-the whole compressed model on held-out calibration batches (`kron.profile._ModelMeasure`, the profile's model-level
+the whole compressed model on held-out calibration batches (`kron.measure.ModelMeasure`, the profile's model-level
 measure). A move gives one matrix its next better candidate (the next step up its own cost/damage staircase) and
 takes the next step down from another, when the two together stay within the budget (or only gives, when the
 budget's slack allows). Moves are tried in the order the profile predicts they help; the first that lowers the
@@ -73,13 +73,13 @@ class _Evaluator:
     """Measures plans (name -> Option) on the model: builds each (matrix, candidate) once, swaps it in, measures."""
 
     def __init__(self, model: nn.Module, stats, heldout: Sequence, kl_tokens: int | None, ridge: float | None):
-        from .profile import _ModelMeasure
+        from .measure import ModelMeasure
 
         self.model = model
         self.ridge = ridge
         self.stats = stats
         self.modules = dict(model.named_modules())
-        self.measure = _ModelMeasure(model, heldout, kl_tokens)
+        self.measure = ModelMeasure(model, heldout, kl_tokens)
         self.built: dict[tuple[str, str], nn.Module] = {}
         self.seen: dict[tuple, float] = {}
         self.evals = 0

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_serializer,
-                      field_validator, model_validator)
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
 from kron.errors import ConfigError
-from kron.vocab import AXES, GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
+from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
 from trials.config import TrialConfig, read_yaml_mapping
+
+from .space_config import BudgetConfig, LayerCount, PriorConfig, SpaceConfig, Strict  # noqa: F401 (re-exported)
 
 __all__ = [
     "GROUPS",
@@ -47,219 +48,14 @@ __all__ = [
 # re-exported here for search.space, which imports GROUPS from this module.
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LayerCount(_Strict):
-    """Exactly `count` of the model's layers are decomposed; the search picks which."""
-
-    count: int = Field(ge=0)
-
-
-class _BudgetBase(_Strict):
-    """Hard limits: a sampled plan over any of them is rejected and resampled, never trained. One optional limit
-    per size axis of `kron.vocab.AXES` (its `budget_key`); `to_budget()` is the `kron.budget.Budget` they make."""
-
-    @field_validator(*(a.budget_key for a in AXES.values()), mode="before", check_fields=False)
-    @classmethod
-    def _numbers(cls, v):
-        # YAML reads 2e6 as a float (or even a string "2e6" in YAML 1.1); accept whole numbers in any spelling
-        if isinstance(v, str):
-            try:
-                v = float(v.replace("_", ""))
-            except ValueError:
-                return v
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        return v
-
-    @model_validator(mode="after")
-    def _some_limit(self):
-        keys = [a.budget_key for a in AXES.values()]
-        if all(getattr(self, k) is None for k in keys):
-            raise ValueError(f"a budget needs {', '.join(keys[:-1])} and/or {keys[-1]} (or remove `budget`)")
-        return self
-
-    def to_budget(self):
-        """The `kron.budget.Budget` of these limits."""
-        from kron.budget import Budget
-
-        return Budget.from_config(self.model_dump())
-
-
-BudgetConfig = create_model(
-    "BudgetConfig", __base__=_BudgetBase, __module__=__name__,
-    **{a.budget_key: (int | None, Field(None, ge=1, description=f"at most this many {a.words} after compression"))
-       for a in AXES.values()})
-
-
 # The defaults of this release that change what a search does: every linear matrix may be Kronecker or low-rank,
 # and every trial's factors get the data-aware init. Searches started by 0.1.0 ran with ["kronecker"] and "svd":
 # `search.resume.adopt_saved_defaults` resumes them with those (and says so).
-DEFAULT_SPACE_METHODS = ("kronecker", "lowrank")
 DEFAULT_SEARCH_INIT = "data"
 LEGACY_DEFAULTS = {"methods": ["kronecker"], "init": "svd", "seed_damage": "proxy", "seed_embedding": False}
 
 
-class PriorConfig(_Strict):
-    """A prior from the sensitivity profile: per matrix, the damage (relative output error on calibration tokens
-    with data-aware init, `kron.profile`) of each candidate alone; candidates above `max_damage` are not sampled."""
-
-    max_damage: float = Field(0.5, gt=0, description="largest relative output error a candidate may have on any "
-                                                     "matrix of its choice (the least damaging candidate of each "
-                                                     "choice always stays)")
-    calib_tokens: int | None = Field(None, ge=256, description="calibration tokens (default: the trial's "
-                                                               "init.calib_tokens)")
-
-
-class SpaceConfig(_Strict):
-    """Which matrices may be factored, and the choices for each."""
-
-    groups: list[Literal[GROUPS]] = Field(
-        default_factory=lambda: ["attention", "attention_output", "ffn_in", "ffn_out"],
-        description="standard matrix groups, mapped to module names per architecture (GPT-2, BERT, Llama)")
-    modules: dict[str, list[str]] | None = Field(
-        None, description="extra groups given by module selectors (exact / glob / 're:' regex): name -> selectors")
-    tie_layers: bool = Field(False, description="one shape choice per group shared by all layers")
-    layers: Literal["all", "free", "odd", "even"] | list[int] | LayerCount = Field(
-        "all", description="which layers are decomposed: all, free (searched per layer), odd, even (0-based "
-                           "indices), a list of indices, or {count: k} (exactly k layers, searched)")
-    ranks: list[int] | Literal["auto"] = Field(
-        default_factory=lambda: [1], description="numbers of summed Kronecker products, or 'auto': per shape, every "
-                                                 "rank 1, 2, 4, ..., 64 whose compression lies in the range (the "
-                                                 "low-rank corner of the Kronecker family and high-rank sums)")
-    min_compression: float = Field(2.0, ge=1, description="smallest dense/Kronecker parameter ratio per matrix")
-    max_compression: float | None = Field(None, ge=1)
-    max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
-    max_shapes: int | None = Field(None, ge=1, description="keep at most this many shapes per matrix, evenly "
-                                                           "spread over log-compression (None: all)")
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_SPACE_METHODS),
-                               description="compression methods each linear matrix may take (kron.methods: kronecker, "
-                                           "lowrank, prune); with several, the search picks the method per matrix "
-                                           "(prune: per layer's attention or FFN block, see prune_fractions)")
-    prune_fractions: list[float] = Field(
-        default_factory=lambda: [0.25, 0.5, 0.75],
-        description="with prune in methods: the fractions of a block's units (heads / KV groups, FFN neurons) a "
-                    "pruned attention or FFN block may remove, each in (0, 1); rounded to whole units per block")
-    prior: PriorConfig | None = Field(None, description="drop the candidates a sensitivity profile of the teacher "
-                                                        "(computed before Ray starts) says are hopeless")
-    quantize: list[Literal["none", "int8"]] = Field(
-        default_factory=lambda: ["none"], description="per linear matrix: float weights (none) and/or 8-bit weights "
-                                                      "(int8: each structure also in int8, and the dense matrix in int8)")
-    embedding_factors: list[int] = Field(default_factory=lambda: [2, 4, 8],
-                                         description="f of A (v x d/f) ⊗ B (1 x f) for the embedding group")
-    allow_keep: bool = Field(False, description="add 'keep' (stay dense) to every matrix's choices")
-    shapes: dict[str, list[str]] | None = Field(
-        None, description="explicit choices per group, e.g. {ffn_in: ['16x8,64x32,r1', keep]} (overrides the "
-                          "ranges above for that group)")
-    budget: BudgetConfig | None = None
-
-    @field_validator("ranks")
-    @classmethod
-    def _ranks(cls, v):
-        if v == "auto":
-            return v
-        if not v:
-            raise ValueError("ranks must list at least one rank, e.g. [1] or [1, 2]")
-        bad = [r for r in v if r < 1]
-        if bad:
-            raise ValueError(f"ranks must be positive integers, got {bad}")
-        return sorted(set(v))
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        from kron.methods import LINEAR_KINDS, all_methods
-
-        valid = [m.name for m in all_methods() if set(m.module_kinds) & set(LINEAR_KINDS) and not m.modifier]
-        if not v:
-            raise ValueError(f"methods must list at least one of {', '.join(valid)}")
-        unknown = [m for m in v if m not in valid]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(valid)}")
-        return list(dict.fromkeys(v))
-
-    @field_validator("prune_fractions")
-    @classmethod
-    def _prune_fractions(cls, v: list[float]) -> list[float]:
-        bad = [f for f in v if isinstance(f, bool) or not 0 < f < 1]
-        if not v or bad:
-            raise ValueError(f"prune_fractions must list fractions of units removed, each in (0, 1) (e.g. "
-                             f"[0.25, 0.5]), got {bad or v}")
-        return sorted(set(v))
-
-    @field_validator("quantize")
-    @classmethod
-    def _quantize(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"quantize must list none and/or int8, each once, got {v}")
-        return v
-
-    @field_validator("embedding_factors")
-    @classmethod
-    def _factors(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("embedding_factors must list at least one factor f > 1, e.g. [2, 4]")
-        bad = [f for f in v if f < 2]
-        if bad:
-            raise ValueError(f"embedding factors must be integers >= 2 (f = 1 does not compress), got {bad}")
-        return sorted(set(v))
-
-    @field_validator("groups")
-    @classmethod
-    def _unique_groups(cls, v: list[str]) -> list[str]:
-        dup = sorted({g for g in v if v.count(g) > 1})
-        if dup:
-            raise ValueError(f"groups listed twice: {dup}")
-        return v
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, v):
-        valid = ("layers must be 'all', 'free' (searched per layer), 'odd', 'even' (0-based indices), a list of "
-                 "0-based layer indices, or {count: k} (exactly k layers, searched)")
-        if isinstance(v, str) and v not in ("all", "free", "odd", "even"):
-            raise ValueError(valid)
-        if isinstance(v, dict):
-            k = v.get("count")
-            if set(v) != {"count"} or isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise ValueError(valid + "; count is a non-negative integer")
-            return LayerCount(count=k)
-        if not isinstance(v, (str, list, dict, LayerCount)):
-            raise ValueError(valid)
-        if isinstance(v, list):
-            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or x < 0]
-            if bad or not v:
-                raise ValueError(f"a layer list holds 0-based layer indices (non-negative integers), got {v!r}")
-            return sorted(set(v))
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.max_compression is not None and self.max_compression < self.min_compression:
-            raise ValueError(f"max_compression {self.max_compression} is below min_compression "
-                             f"{self.min_compression}")
-        custom = self.modules or {}
-        clash = sorted(set(custom) & set(GROUPS))
-        if clash:
-            raise ValueError(f"modules: group names {clash} are standard groups; pick other names (standard "
-                             f"groups go in `groups`)")
-        for name, sels in custom.items():
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-                raise ValueError(f"modules: group name {name!r} must be an identifier (letters, digits, _)")
-            if not sels:
-                raise ValueError(f"modules.{name}: give at least one module selector")
-        if not self.groups and not custom:
-            raise ValueError("the space is empty: list `groups` and/or `modules`")
-        known = set(self.groups) | set(custom)
-        for g in self.shapes or {}:
-            if g not in known:
-                raise ValueError(f"shapes: {g!r} is not a searched group; searched groups: {sorted(known)}")
-        return self
-
-
-class AshaConfig(_Strict):
+class AshaConfig(Strict):
     """Asynchronous successive halving on the trial's `quality` (Ray Tune's ASHAScheduler)."""
 
     grace_period: int = Field(10, ge=1, description="steps before a trial can be stopped")
@@ -278,12 +74,12 @@ class AshaConfig(_Strict):
                                                "front); false: plain ASHA decisions")
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(Strict):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (also its torch threads, rounded down, >= 1)")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions (0.5) share a GPU")
 
 
-class SearchSettings(_Strict):
+class SearchSettings(Strict):
     algorithm: Literal["tpe", "nsga2", "random"] = "tpe"
     num_samples: int = Field(16, ge=1, description="trials to run (plans over the budget do not count)")
     max_concurrent: int = Field(2, ge=1)
@@ -382,7 +178,7 @@ class SearchSettings(_Strict):
         raise ValueError("address must be null (local Ray), 'auto', 'ray://host:port' or 'host:port'")
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     """A search config, validated once when it is built.
 
     `trial` is the typed base trial (a TrialConfig with an empty placeholder plan: the search fills in each trial's

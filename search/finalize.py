@@ -15,7 +15,7 @@ from .config import SearchConfig, is_remote_storage
 from .fmt import one_line
 from .resume import UNFINISHED, saved_trial_states
 from .storage import download, experiment_path
-from .trainable import trial_outcome
+from .trainable import searched_method, trial_outcome
 
 if TYPE_CHECKING:
     from .space import SearchSpace
@@ -174,7 +174,7 @@ def _error_summary(cfg: SearchConfig, space: SearchSpace, result, trial_id: str)
         plan = space.to_plan_dict(params)
     except Exception:
         costs, plan = {}, None
-    return {"schema": SCHEMA, "trial_id": trial_id, "search": cfg.name, "method": "kronecker",
+    return {"schema": SCHEMA, "trial_id": trial_id, "search": cfg.name, "method": searched_method(cfg),
             "label": trial_id, "status": "error", "error": one_line(result.error), "quality_name": trial.quality_name,
             "quality_mode": trial.quality_mode, "quality": None, "params": costs.get("params"),
             "params_excl_output_embedding": costs.get("params_excl_output_embedding"),

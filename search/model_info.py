@@ -29,14 +29,14 @@ class ModelInfo:
     tied_input_embedding: str | None  # name of the input embedding when the LM head shares its weight
     bytes: int = 0  # weight storage (kron.surgery.count_bytes)
     float_width: int = 4  # bytes per element of its (most common) float dtype
-    # with prune in space.methods: (layer, part) -> {matrix name: its prune context (kron.methods.prune: part, side,
-    # units, blocks; "bias": whether it has one)} for every attention ("heads") / FFN ("ffn") block of the model
-    # (all its matrices, searched or not), or {"error": why} where the block cannot be pruned; None otherwise
-    prune_blocks: dict | None = None
+    # per-block method (prune) of the space -> its view of the model's blocks (`Method.search_blocks`: for prune,
+    # (layer, part) -> {matrix name: context} of every attention / FFN block, or {"error": why})
+    block_contexts: dict | None = None
 
 
 def inspect_model(model, space: SpaceConfig) -> ModelInfo:
     """List the teacher's matrices per group (model may live on the meta device)."""
+    from kron.methods import get_method
     from kron.modules import family_of_model, group_hits, layer_index, matrix_of, module_type
     from kron.surgery import (count_bytes, count_params, float_width, input_embedding, macs_per_token,
                               output_embedding)
@@ -78,29 +78,9 @@ def inspect_model(model, space: SpaceConfig) -> ModelInfo:
         family=fam.name if fam is not None else None, model_type=model_type, matrices=matrices, layers=layers,
         params=count_params(model), params_excl_output_embedding=count_params(model, exclude_output_embedding=True),
         macs=macs_per_token(model), tied_input_embedding=in_name if tied else None, bytes=count_bytes(model),
-        float_width=float_width(model), prune_blocks=_prune_blocks(model) if "prune" in space.methods else None,
+        float_width=float_width(model),
+        block_contexts={name: get_method(name).search_blocks(model) for name in space.block_methods()},
     )
-
-
-def _prune_blocks(model) -> dict:
-    """(layer, part) -> {name: prune context + "bias"} of every attention / FFN block (see ModelInfo.prune_blocks)."""
-    from kron.methods import get_method
-    from kron.methods.prune.structure import blocks_of
-
-    method = get_method("prune")
-    modules = dict(model.named_modules())
-    out: dict = {}
-    for key, names in blocks_of(model).items():
-        block = {}
-        for name in names:
-            ctx = dict(method.plan_context(model, name, modules[name]))
-            if ctx.get("error"):
-                block = {"error": ctx["error"]}
-                break
-            ctx["bias"] = getattr(modules[name], "bias", None) is not None
-            block[name] = ctx
-        out[key] = block
-    return out
 
 
 def teacher_skeleton(trial) -> Any:

@@ -126,7 +126,7 @@ def search_damages(cfg, space, stream=None) -> dict[str, dict[str, float]]:
     """Module name -> option -> damage for every linear option of `space` (see the module docstring), from the
     teacher of `cfg` and its calibration data; cached on disk by teacher, calibration data and options."""
     from kron.fsutil import atomic_write_json
-    from kron.profile import option_damages
+    from kron.damage import option_damages
 
     wanted = _specs(space)
     if not wanted:
@@ -158,7 +158,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     from kron.calibration import ModuleStats
     from kron.fsutil import atomic_write_json
     from kron.methods import get_method
-    from kron.profile import _ModelMeasure, _kl_pick
+    from kron.measure import ModelMeasure, spread_indices
     from trials.calibration import heldout_for
 
     wanted = {n: v for n, v in _specs(space).items() if n in damages}
@@ -177,7 +177,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
     teacher.eval()
     # whole batches up to 1,024 tokens, as releases before row-level cuts measured: the seeds of a resumed search
     # (and cached damages) stay the same
-    measure = _ModelMeasure(teacher, heldout, 1024, whole_batches=True)
+    measure = ModelMeasure(teacher, heldout, 1024, whole_batches=True)
     modules = dict(teacher.named_modules())
 
     def kl_with(name: str, spec, init: str, stats=None) -> float:
@@ -193,7 +193,7 @@ def seed_kl_damages(cfg, space, damages: dict, stream=None) -> dict[str, dict[st
         one = ModuleStats(S=st.S, tokens=st.tokens)
         ranked = sorted((damages[name][o], o, spec) for o, spec in opts if damages[name].get(o) is not None)
         positive = [r for r in ranked if r[0] > 0]
-        pick = {positive[i][1] for i in _kl_pick(len(positive), KL_POINTS)}
+        pick = {positive[i][1] for i in spread_indices(len(positive), KL_POINTS)}
         cands = []
         for d, o, spec in ranked:
             md = kl_with(name, spec, "data", one) if o in pick else None

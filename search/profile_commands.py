@@ -66,7 +66,11 @@ def _add_constraint_args(p, defaults: bool) -> None:
         return getattr(d, name) if d is not None else None
 
     p.add_argument("--methods", default=None, metavar="M1,M2",
-                   help="compression methods whose candidates are profiled (default kronecker,lowrank)")
+                   help="compression methods whose candidates are profiled (default kronecker,lowrank); a modifier "
+                        "(int8, int4, quant) adds every candidate and the dense matrix in its widths")
+    p.add_argument("--method-option", action="append", default=None, metavar="METHOD.KEY=VALUE",
+                   help="one of a method's own options, e.g. kronecker.ranks=1,2, quant.bits=8,4, quant.group_size=64 "
+                        "(repeatable; the options each method takes: its options in the docs' methods page)")
     p.add_argument("--ranks", default=None, metavar="R1,R2",
                    help=f"Kronecker ranks (summed products) to offer (default {','.join(map(str, Constraints().ranks))})")
     p.add_argument("--min-compression", type=float, default=dflt("min_compression"),
@@ -170,16 +174,29 @@ class _Bar:
 
 
 def _constraints(args, base=None):
-    from kron.errors import ConfigError, PlanError
+    """The candidates' settings: `base` (a profile's) or the defaults, with the span flags, Kronecker's --ranks and
+    --max-aspect, every --method-option METHOD.KEY=VALUE, and the options the --methods aliases imply (int4)."""
     from kron.autoplan import Constraints
+    from kron.errors import ConfigError, PlanError
+    from kron.methods import get_method
+    from kron.profile import method_names
 
     d = (base or Constraints()).to_dict()
+    opts = d["options"]
     if args.ranks is not None:
         try:
-            d["ranks"] = [int(r) for r in _csv(args.ranks)]
+            opts.setdefault("kronecker", {})["ranks"] = [int(r) for r in _csv(args.ranks)]
         except ValueError:
             raise ConfigError(f"--ranks must be integers separated by commas, got {args.ranks!r}") from None
-    for k in ("min_compression", "max_compression", "max_aspect", "max_shapes", "shapes_per_level"):
+    if args.max_aspect is not None:
+        opts.setdefault("kronecker", {})["max_aspect"] = args.max_aspect
+    for item in getattr(args, "method_option", None) or []:
+        name, key, value = _method_option(item)
+        opts.setdefault(get_method(name).name, {})[key] = value
+    if args.methods is not None:
+        for name, implied in method_names(_csv(args.methods))[1].items():
+            opts[name] = {**implied, **opts.get(name, {})}
+    for k in ("min_compression", "max_compression", "max_shapes", "shapes_per_level"):
         v = getattr(args, k)
         if v is not None:
             d[k] = v
@@ -187,6 +204,25 @@ def _constraints(args, base=None):
         return Constraints.from_dict(d)
     except PlanError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _method_option(text: str):
+    """(method, key, value) of "METHOD.KEY=VALUE" (VALUE read as YAML; "a,b" as a list)."""
+    import yaml
+
+    from kron.errors import ConfigError
+
+    name, _, rest = str(text).partition(".")
+    key, eq, value = rest.partition("=")
+    if not (name and key and eq):
+        raise ConfigError(f"--method-option takes METHOD.KEY=VALUE (e.g. kronecker.ranks=1,2 or quant.bits=8,4), "
+                          f"got {text!r}")
+    try:
+        parsed = [yaml.safe_load(v) for v in value.split(",")] if "," in value and not value.lstrip().startswith(
+            "[") else yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"--method-option {text!r}: {value!r} is not a value") from None
+    return name.strip(), key.strip(), parsed
 
 
 def _embedding_factors(args) -> list[int] | None:
@@ -208,13 +244,12 @@ def _embedding_factors(args) -> list[int] | None:
 
 
 def _methods(args, default=None) -> list[str]:
+    """The registered names of --methods (aliases such as int4 resolved; their options come via `_constraints`),
+    or `default`."""
     from kron.autoplan import DEFAULT_METHODS
-    from kron.methods import get_method
+    from kron.profile import method_names
 
-    names = _csv(args.methods) if args.methods is not None else list(default or DEFAULT_METHODS)
-    for n in names:
-        get_method(n)  # PlanError naming the known ones
-    return names
+    return method_names(_csv(args.methods) if args.methods is not None else list(default or DEFAULT_METHODS))[0]
 
 
 def _load(args):

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kron.vocab import SIZE_AXES
+
 from .config import SearchConfig
 from .trainable import trial_outcome
 
@@ -133,10 +135,8 @@ class PlanSearcher(_searcher_base()):
         except Exception:  # never fail a suggestion for a label
             return {}
         return {"plan_summary": text if len(text) <= 250 else text[:247] + "...",
-                "plan_params": int(costs["params"]),
-                "plan_params_excl_output_embedding": int(costs["params_excl_output_embedding"]),
-                "plan_compression_ratio": round(float(costs["compression_ratio"]), 4),
-                "plan_macs_per_token": int(costs["macs_per_token"])}
+                **{f"plan_{axis}": int(costs[axis]) for axis in SIZE_AXES},
+                "plan_compression_ratio": round(float(costs["compression_ratio"]), 4)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return  # multi-objective Optuna keeps no intermediate values; ASHA is the early stopper

@@ -10,9 +10,9 @@ treats tied matrices differently, or breaks the budget — is an error naming th
 starts.
 
 A seed that prunes (the preset `prune:<f>`, or prune rules) is written as the space's block choices ("L3.prune_heads":
-the fraction its kept units remove; a fraction `space.prune_fractions` lacks is added to that choice), so it needs
-prune in `space.methods` and the pruned blocks searched whole; `scope: global` plans (kept units decided across
-layers when the model is pruned) cannot be seeds.
+the fraction its kept units remove; a fraction `space.methods.prune.fractions` lacks is added to that choice), so it
+needs prune in `space.methods` and the pruned blocks searched whole; `scope: global` plans (kept units decided
+across layers when the model is pruned) cannot be seeds.
 """
 from __future__ import annotations
 
@@ -47,8 +47,13 @@ def _plan(name: str, config):
     return get_plan(name, config)
 
 
-def resolve_seeds(names: list[str], model, info, methods: list[str]) -> list[Seed]:
-    """The seeds `names` on `model` (the teacher, meta device is fine), per searched matrix of `info` (ModelInfo)."""
+def resolve_seeds(names: list[str], model, info, methods: list[str], embedding_methods=("kron_embedding",)
+                  ) -> list[Seed]:
+    """The seeds `names` on `model` (the teacher, meta device is fine), per searched matrix of `info` (ModelInfo).
+    methods: the space's methods (a modifier's specs count as their structure's, which must be listed too);
+    embedding_methods: those an embedding may take."""
+    from kron.methods import get_method, structure_of
+
     seeds = []
     matrices = {mx.name: mx for mx in info.matrices}
     for name in names:
@@ -65,10 +70,14 @@ def resolve_seeds(names: list[str], model, info, methods: list[str]) -> list[See
             if mx is None:
                 raise ConfigError(f"{where} compresses {module}, which the space does not search; add its group to "
                                   "space.groups (or space.modules), or drop the seed")
-            allowed = ["kron_embedding"] if mx.kind == "embedding" else methods
-            if spec.method not in allowed:
-                raise ConfigError(f"{where} makes {module} {spec.method}, but space.methods is {methods}; add "
-                                  f"{spec.method!r} to space.methods")
+            allowed = list(embedding_methods) if mx.kind == "embedding" else list(methods)
+            used = [get_method(spec.method).name]  # a modifier's spec: the modifier and the structure it wraps
+            if structure_of(spec) is not spec:
+                used.append(get_method(structure_of(spec).method).name)
+            bad = [m for m in used if m not in allowed]
+            if bad:
+                raise ConfigError(f"{where} makes {module} {spec.method if bad[0] == used[0] else bad[0]}, but "
+                                  f"space.methods is {list(methods)}; add {bad[0]!r} to space.methods")
             if getattr(spec, "scope", "layer") != "layer":
                 raise ConfigError(f"{where} prunes {module} with scope: {spec.scope}; a search prunes each block by "
                                   "its own fraction (scope: layer), so such a plan cannot be a seed")
@@ -110,7 +119,7 @@ def seed_options(seed: Seed, space) -> tuple[dict, dict[str, str]]:
         if not live or c.key in pruned:
             continue
         opts = {seed.options.get(mx.name, KEEP) for mx in live}
-        if any(_is_prune(o) for o in opts):
+        if any(_block_method_of(o) for o in opts):
             raise ConfigError(f"{where} prunes {', '.join(mx.name for mx in live)}, but the space has no prune "
                               f"choice for that block (prune in space.methods? the block's groups all searched? "
                               "tie_layers needs the block searched in every layer)")
@@ -125,15 +134,21 @@ def seed_options(seed: Seed, space) -> tuple[dict, dict[str, str]]:
     return params, missing
 
 
-def _is_prune(option: str) -> bool:
-    return option.startswith("pr:")
+def _block_method_of(option: str):
+    """The per-block method whose spec an option string is (its structure's, under a modifier), or None."""
+    from kron.methods import get_method, parse_option, structure_of
+
+    spec = parse_option(option) if option != KEEP else None
+    if spec is None:
+        return None
+    method = get_method(structure_of(spec).method)
+    return method.name if method.block_parts else None
 
 
 def _seed_blocks(seed: Seed, space, on: set, params: dict, missing: dict, where: str) -> set[str]:
-    """Write the seed's pruned blocks as the space's block choices (into `params`, with any fraction the space lacks
-    into `missing`); return the keys of the per-matrix choices they override."""
-    from kron.methods import parse_option
-    from kron.methods.prune import removed_units
+    """Write the seed's blocks of the space's per-block methods (pruned blocks) as its block choices (into `params`,
+    with any option the space lacks into `missing`); return the keys of the per-matrix choices they override."""
+    from kron.methods import get_method
 
     overridden: set[str] = set()
     for b in getattr(space, "blocks", ()):
@@ -142,28 +157,18 @@ def _seed_blocks(seed: Seed, space, on: set, params: dict, missing: dict, where:
             continue
         names = [n for i in layers for n in b.names[i]]
         opts = [seed.options.get(n, KEEP) for n in names]
-        pruned = [parse_option(o) for o in opts if _is_prune(o)]
-        if not pruned:
+        hit = [o for o in opts if _block_method_of(o) == b.method]
+        if not hit:
             params[b.key] = "none"
             continue
-        if len(pruned) != len(names):
-            left = [n for n, o in zip(names, opts) if not _is_prune(o)]
+        if len(hit) != len(names):
+            left = [n for n, o in zip(names, opts) if _block_method_of(o) != b.method]
             raise ConfigError(f"{where} prunes part of block {b.key} but not {', '.join(left)}; a block is pruned "
                               "whole")
-        kept = {i: {parse_option(seed.options[n]).kept for n in b.names[i]} for i in layers}
-        units = {i: parse_option(seed.options[b.names[i][0]]).units for i in layers}
-        # the option giving every matrix exactly the seed's (a float fraction, never its "+int8" twin)
-        opt = next((o for o in b.options[1:] if all(
-            b.specs[o][i] == {n: seed.options[n] for n in b.names[i]} for i in layers)), None)
-        if opt is None:
-            fractions = {f"{(units[i] - min(kept[i])) / units[i]:.6g}" for i in layers}
-            label = fractions.pop()
-            if fractions or any(len(kept[i]) > 1 or units[i] - removed_units(float(label), units[i]) != min(kept[i])
-                                for i in layers):
-                raise ConfigError(f"{where}: the blocks of choice {b.key} are pruned by different fractions, but the "
-                                  "space gives them one choice (tie_layers)")
-            opt = label
-            missing[b.key] = label
+        opt, lacking = get_method(b.method).seed_block_option(b.options, b.specs, b.names, seed.options, layers,
+                                                              b.key, where)
+        if lacking:
+            missing[b.key] = opt
         params[b.key] = opt
         overridden.update(b.members)
     return overridden

@@ -54,13 +54,9 @@ __all__ = [
 
 # keys a trial's Ray config has besides the plan parameters (search.searcher.PlanSearcher adds them for the
 # experiment trackers); every method here that takes a plan's parameters accepts and ignores them
-PLAN_INFO_KEYS = ("plan_summary", "plan_params", "plan_params_excl_output_embedding", "plan_compression_ratio",
-                  "plan_macs_per_token")
+PLAN_INFO_KEYS = ("plan_summary", *(f"plan_{axis}" for axis in SIZE_AXES), "plan_compression_ratio")
 
 KEEP = "keep"
-INT8 = "+int8"  # a block choice's option suffix: the pruned matrices stored as int8 ("0.5+int8")
-# the space's groups that make up a prunable block (kron.methods.prune removes a unit from all of them at once)
-PRUNE_GROUPS = {"heads": ("attention", "attention_output"), "ffn": ("ffn_in", "ffn_out")}
 
 
 def parse_option(option: str) -> dict | str:
@@ -106,22 +102,23 @@ class Choice:
 
 @dataclass(frozen=True)
 class BlockChoice:
-    """Structured pruning of one layer's attention ("heads") or FFN ("ffn") block — or, with tie_layers, of that
-    block in every searched layer: "none" (the block's matrices take their own choices, `members`) or a fraction of
-    its units removed ("0.5"), which gives every matrix of the block its PruneSpec and overrides `members`; with int8
-    in `space.quantize` also each fraction in int8 ("0.5+int8": pruning + int8, the pruned matrices stored as int8
-    with per-row scales)."""
+    """A per-block method's choice (structured pruning, `kron.methods.prune.search`) for one layer's block — its
+    attention ("heads") or FFN ("ffn") — or, with tie_layers, for that block in every searched layer: "none" (the
+    block's matrices take their own choices, `members`) or one of the method's options ("0.5": half the units
+    removed), which gives every matrix of the block its spec and overrides `members`; with a modifier in the space
+    also each option modified ("0.5+int8": pruning + int8)."""
 
     key: str  # "L3.prune_heads", or "prune_heads" when tied
     part: str  # "heads" | "ffn"
     layer: int | None  # None: tied across layers
-    options: tuple[str, ...]  # "none", then the fractions removed, ascending (float ones, then "+int8" ones)
+    options: tuple[str, ...]  # "none", then the method's options (the fractions removed, ascending; float first)
     members: tuple[str, ...]  # keys of the per-matrix choices of the block's matrices
     names: dict = field(compare=False, hash=False, repr=False)  # layer -> the block's matrix names, model order
     # option -> layer -> {matrix name: PruneSpec option string, "+int8" for int8 (blocks left to `resolved`)}
     specs: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     # option -> layer -> {size axis: Δ} of that layer's block
     deltas: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    method: str = "prune"  # the per-block method whose choice it is
 
     @property
     def tied(self) -> bool:
@@ -200,7 +197,8 @@ class SearchSpace(BudgetMixin):
         if value is not None:
             return int(value)
         try:
-            ref = resolve_seeds([target], model, self.info, list(self.config.methods))[0]
+            ref = resolve_seeds([target], model, self.info, self.config.method_names(),
+                                self.config.structure_methods("embedding"))[0]
         except ConfigError as exc:
             raise ConfigError(f"search.seed_plans: {name!r}: {target!r} is neither a size (3.5M, 250k) nor a seed "
                               f"plan the space can express: {exc}") from None
@@ -232,7 +230,8 @@ class SearchSpace(BudgetMixin):
         for name in names:
             n, target = auto_count(name), auto_target(name)
             if n is None and target is None:
-                seeds += resolve_seeds([name], model, self.info, list(self.config.methods))
+                seeds += resolve_seeds([name], model, self.info, self.config.method_names(),
+                                       self.config.structure_methods("embedding"))
                 continue
             if self.damages is None:
                 raise ConfigError(f"search.seed_plans: {name!r} (automatic plans from the teacher's sensitivity) "
@@ -314,80 +313,85 @@ class SearchSpace(BudgetMixin):
         return "count", ids, k
 
     def _options_for(self, group: str, dims: tuple[int, int], kind: str, example: str) -> list[str]:
-        """The options of one choice: the methods' own candidates (kron.methods) or the group's explicit list."""
-        from kron.errors import PlanError, ShapeError
-        from kron.methods import Slot, get_method
-        from kron.shapes import validate_shape
+        """The options of one choice: each structure method's candidates (kron.methods, with its options from
+        `space.methods`) or the group's explicit list, then each in every variant of the listed modifiers."""
+        from kron.methods import get_method
 
         sc = self.config
         rows, cols = dims
-        # prune is drawn per block (BlockChoice), never as a matrix's own option
-        methods = ["kron_embedding"] if kind == "embedding" else [m for m in sc.methods if m != "prune"]
+        methods = sc.structure_methods("embedding" if kind == "embedding" else "linear")
         listed = sc.shapes.get(group) if sc.shapes else None
-        specs = []
         if listed:
-            for o in listed:
-                if o == KEEP:
-                    continue
-                spec = _parse_or_error(o, group)
-                if kind == "embedding":
-                    f = getattr(spec, "factor", None)
-                    if spec.method != "kron_embedding" or cols % f or f < 2:
-                        raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
-                                          f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
-                    specs.append(spec)
-                    continue
-                if spec.method == "kron_embedding":
-                    raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
-                                      f"layers: write m1xn1,m2xn2,r<rank>")
-                if spec.method == "prune":
-                    raise ConfigError(f"space.shapes.{group}: {o!r} is a prune option; pruning is chosen per "
-                                      "attention / FFN block, not per matrix: list prune in space.methods and the "
-                                      "fractions in space.prune_fractions")
-                if spec.method not in methods:
-                    raise ConfigError(f"space.shapes.{group}: {o!r} is a {spec.method} option but space.methods is "
-                                      f"{list(sc.methods)}; add {spec.method!r} to space.methods")
-                if spec.method != "kronecker":
-                    try:
-                        spec.check(Slot(f"space.shapes.{group}", example, "linear", "", rows, cols))
-                    except PlanError:
-                        continue  # fits another shape bucket of this group
-                    if spec.params(rows, cols) >= rows * cols:
-                        raise ConfigError(f"space.shapes.{group}: {o!r} does not compress {example} ({rows} x {cols})")
-                    specs.append(spec)
-                    continue
-                try:
-                    validate_shape(rows, cols, spec.shape, spec.rank)
-                except ShapeError:
-                    continue  # fits another shape bucket of this group (e.g. Llama K/V vs Q)
-                m1, n1, m2, n2 = spec.shape
-                if m1 * n1 == 1 or m2 * n2 == 1:
-                    raise ConfigError(f"space.shapes.{group}: {o!r} has a 1x1 factor, which does not compress")
-                specs.append(spec)
-            if not specs and kind != "embedding":
-                raise ConfigError(f"space.shapes.{group}: none of {sc.shapes[group]} fits {example} "
-                                  f"(each block {rows} x {cols}, out x in); need m1·m2 = {rows} and n1·n2 = {cols}")
+            specs = self._listed_specs(group, listed, methods, rows, cols, kind, example)
         else:
-            specs = [s for name in methods for s in get_method(name).candidates(rows, cols, sc)]
+            specs = [s for name in methods for s in get_method(name).candidates(rows, cols, sc.method_options(name),
+                                                                                 sc.span)]
             if not specs and kind != "embedding":
                 rng = f"[{sc.min_compression}, {sc.max_compression or 'inf'}]"
+                options = "; ".join(f"{n} {sc.method_options(n)}" for n in methods if str(sc.method_options(n)))
                 raise ConfigError(
                     f"space: group {group} has no valid factor shape for {example} (each block {rows} x {cols}) with "
-                    f"compression in {rng}, ranks {sc.ranks}" + (f", max_aspect {sc.max_aspect}" if sc.max_aspect
-                                                                 else "")
-                    + "; widen min_compression/max_compression, raise max_aspect or change ranks")
+                    f"compression in {rng}" + (f", options {options}" if options else "")
+                    + "; widen min_compression/max_compression or change the methods' options")
         if kind == "embedding":
             if not specs:
+                factors = sorted({f for n in methods for f in getattr(sc.method_options(n), "factors", ())})
                 valid = [d for d in range(2, min(cols, 64) + 1) if cols % d == 0]
-                raise ConfigError(f"space.embedding_factors: none of {sc.embedding_factors} divides the embedding "
-                                  f"size {cols} of {example}; valid factors include {valid}")
-            specs = sorted(set(specs), key=lambda sp: sp.factor)
+                raise ConfigError(f"space.embedding_factors: none of {factors} divides the embedding size {cols} of "
+                                  f"{example}; valid factors include {valid}")
+            specs = sorted(set(specs), key=lambda sp: (sp.compression(rows, cols), sp.label()))
         opts = [sp.option() for sp in specs]
-        if kind != "embedding" and "int8" in sc.quantize:  # each structure also in int8, and the dense matrix in int8
-            opts = (opts if "none" in sc.quantize else []) + [f"{o}+int8" for o in opts] + ["int8"]
+        if kind != "embedding":
+            for name in sc.modifier_methods():  # each structure also modified, and the dense matrix
+                opts = _with_variants(get_method(name), sc.method_options(name), specs, opts)
         if sc.allow_keep or (sc.shapes and KEEP in sc.shapes.get(group, [])):
             opts = opts + [KEEP]
         return opts
+
+    def _listed_specs(self, group: str, listed, methods, rows: int, cols: int, kind: str, example: str) -> list:
+        """The specs of a group's explicit option list (`space.shapes`) that fit this shape bucket."""
+        from kron.errors import PlanError
+        from kron.methods import Slot, get_method
+
+        sc = self.config
+        specs = []
+        for o in listed:
+            if o == KEEP:
+                continue
+            spec = _parse_or_error(o, group)
+            method = get_method(spec.method)
+            slot = Slot(f"space.shapes.{group}", example, "embedding" if kind == "embedding" else "linear", "", rows,
+                        cols)
+            if kind == "embedding":
+                fits = spec.method in methods and spec.compression(rows, cols) > 1
+                try:
+                    spec.check(slot)
+                except PlanError:
+                    fits = False
+                if not fits:
+                    raise ConfigError(f"space.shapes.{group}: {o!r} is not a valid embedding factor for "
+                                      f"{example} ({rows} x {cols}); write f<k> with k dividing {cols}")
+                specs.append(spec)
+                continue
+            if "embedding" in method.module_kinds:
+                raise ConfigError(f"space.shapes.{group}: {o!r} is an embedding factor; {group} holds linear "
+                                  f"layers: write m1xn1,m2xn2,r<rank>")
+            if method.block_parts:
+                raise ConfigError(f"space.shapes.{group}: {o!r} is a {spec.method} option; {method.block_hint}")
+            if spec.method not in methods:
+                raise ConfigError(f"space.shapes.{group}: {o!r} is a {spec.method} option but space.methods is "
+                                  f"{sc.method_names()}; add {spec.method!r} to space.methods")
+            try:
+                spec.check(slot)
+            except PlanError:
+                continue  # fits another shape bucket of this group (e.g. Llama K/V vs Q)
+            if spec.params(rows, cols) >= rows * cols:
+                raise ConfigError(f"space.shapes.{group}: {o!r} does not compress {example} ({rows} x {cols})")
+            specs.append(spec)
+        if not specs and kind != "embedding":
+            raise ConfigError(f"space.shapes.{group}: none of {sc.shapes[group]} fits {example} "
+                              f"(each block {rows} x {cols}, out x in); need m1·m2 = {rows} and n1·n2 = {cols}")
+        return specs
 
     @staticmethod
     def _option_cost(option: str, rows: int, cols: int, kind: str) -> tuple[int, int]:
@@ -409,106 +413,57 @@ class SearchSpace(BudgetMixin):
         return parse_spec(option).bytes(rows, cols, width) - rows * cols * width
 
     def _prunable_blocks(self, space: SpaceConfig, info: ModelInfo) -> dict:
-        """(layer, part) -> {matrix name: prune context} of the blocks a plan may prune: those of the decomposed
-        layers whose every matrix the space searches in the block's own groups (PRUNE_GROUPS); with tie_layers only
-        parts whose block is searched in every such layer. ConfigError where prune is listed but nothing (or, with
-        prune alone, not everything searched) can be pruned."""
-        if "prune" not in space.methods:
-            return {}
-        searched = {mx.name: mx for mx in info.matrices if mx.layer in set(self.fixed_layers)}
-        out, why = {}, []
-        for (layer, part), block in sorted((getattr(info, "prune_blocks", None) or {}).items()):
-            if layer not in self.fixed_layers:
-                continue
-            if "error" in block:
-                why.append(block["error"])
-                continue
-            if all(n in searched and searched[n].group in PRUNE_GROUPS[part] for n in block):
-                out[(layer, part)] = block
-        if space.tie_layers:  # one choice for the block in every layer: only where every layer has it whole
-            for part in PRUNE_GROUPS:
-                if any((i, part) not in out for i in self.fixed_layers):
-                    out = {k: v for k, v in out.items() if k[1] != part}
-        if not out:
-            raise ConfigError(
-                "space.methods: prune removes whole attention heads (from a layer's Q, K, V and attention output "
-                "together: groups attention + attention_output) or FFN neurons (from all its FFN matrices: groups "
-                f"ffn_in + ffn_out), but this space searches no such block whole (groups {space.groups}"
-                + (f", layers {self.fixed_layers}" if self.layer_mode == "fixed" else "") + ")"
-                + (f"; {why[0]}" if why else "") + "; add the missing groups or drop prune")
-        if not [m for m in space.methods if m != "prune"]:
-            in_blocks = {n for block in out.values() for n in block}
-            loose = [mx for mx in searched.values() if mx.kind != "embedding" and mx.name not in in_blocks]
-            if loose:
-                raise ConfigError(
-                    f"space.methods: with prune alone, every searched matrix must belong to a prunable block, but "
-                    f"{loose[0].name} (group {loose[0].group}) does not (its block's other groups are not searched, "
-                    "or tie_layers needs the block in every layer); add kronecker or lowrank to space.methods, or "
-                    "search the whole block")
+        """method -> (layer, part) -> {matrix name: context} of the blocks each per-block method (prune) may choose
+        for: its own decision (`Method.choosable_blocks`) over the searched matrices of the decomposed layers."""
+        from kron.methods import get_method
+
+        searched = {mx.name: mx.group for mx in info.matrices if mx.layer in set(self.fixed_layers)}
+        loose = [(mx.name, mx.group) for mx in info.matrices if mx.layer in set(self.fixed_layers)
+                 and mx.kind != "embedding"]
+        out = {}
+        for name in space.block_methods():
+            contexts = (getattr(info, "block_contexts", None) or {}).get(name, {})
+            out[name] = get_method(name).choosable_blocks(
+                contexts, searched, self.fixed_layers, tie_layers=space.tie_layers, fixed=self.layer_mode == "fixed",
+                groups=space.groups, others=bool(space.structure_methods()), loose=loose)
         return out
 
     def _build_blocks(self, space: SpaceConfig, info: ModelInfo) -> list[BlockChoice]:
-        """The prune choices of the prunable blocks (see `BlockChoice`), each layer's heads before its FFN."""
-        from kron.methods.prune import PruneSpec, removed_units
-        from kron.methods.quant import QuantizedSpec
+        """The block choices of the per-block methods (see `BlockChoice`), each layer's parts in the method's
+        order."""
+        from kron.methods import get_method
 
-        per_key: dict[tuple, dict[int, dict]] = {}
-        for (layer, part), block in self._prunable.items():
-            per_key.setdefault((None if space.tie_layers else layer, part), {})[layer] = block
-        mats = {mx.name: mx for mx in info.matrices}
-        width = info.float_width
+        mats = {mx.name: (mx.m, mx.n, mx.blocks) for mx in info.matrices}
         out = []
-        for (layer, part), blocks in sorted(per_key.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0],
-                                                                             list(PRUNE_GROUPS).index(kv[0][1]))):
-            key = f"prune_{part}" if layer is None else f"L{layer}.prune_{part}"
-            units = {i: next(iter(b.values()))["units"] for i, b in blocks.items()}
-            first = units[min(units)]
-            # each option is named by the fraction it removes exactly (of the first layer's units: every layer of a
-            # transformers model has the same), so fractions that round to the same count are one option; with
-            # int8 in space.quantize each fraction also in int8 ("0.5+int8": the pruned matrices stored as int8)
-            def named(f: float) -> str:
-                return f"{removed_units(f, first) / first:.6g}"
-
-            extra = [(named(float(x.removesuffix(INT8))), x.endswith(INT8)) for x in self._extra_options.get(key, ())]
-            stored_as = ([False] if "none" in space.quantize else []) + ([True] if "int8" in space.quantize else [])
-            labels = {(named(f), int8) for f in space.prune_fractions for int8 in stored_as} | set(extra)
-            specs, deltas = {}, {}
-            for fraction, int8 in sorted(labels, key=lambda fq: (fq[1], float(fq[0]))):
-                label = fraction + (INT8 if int8 else "")
-                kept = {i: u - removed_units(float(fraction), u) for i, u in units.items()}
-                if not all(0 < kept[i] < units[i] for i in units):
-                    continue  # removes nothing, or every unit
-                specs[label], deltas[label] = {}, {}
-                for i, block in blocks.items():
-                    specs[label][i], total = {}, dict.fromkeys(SIZE_AXES, 0)
-                    for name, ctx in block.items():
-                        mx = mats[name]
-                        sp = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i],
-                                       blocks=mx.blocks)
-                        stored = QuantizedSpec(sp) if int8 else sp
-                        dense = mx.m * mx.n
-                        d_bias = sp.pruned_dims(mx.m, mx.n)[0] - mx.m if ctx["bias"] else 0  # rows lose their bias
-                        dp = sp.params(mx.m, mx.n) - dense + d_bias
-                        total["params"] += dp
-                        total["params_excl_output_embedding"] += dp
-                        total["macs_per_token"] += sp.macs(mx.m, mx.n) - dense
-                        total["bytes"] += stored.bytes(mx.m, mx.n, width) - dense * width + d_bias * width
-                        option = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i]).option()
-                        specs[label][i][name] = option + (INT8 if int8 else "")
-                    deltas[label][i] = total
-            if not specs:
-                continue  # e.g. a single head: nothing to prune
-            members = tuple(c.key for c in self.choices if c.group in PRUNE_GROUPS[part] and c.layer == layer
-                            and (layer is not None or c.tied))
-            names = {i: list(b) for i, b in blocks.items()}
-            out.append(BlockChoice(key, part, layer, (NO_PRUNE, *specs), members, names, specs, deltas))
+        for name, prunable in self._prunable.items():
+            method = get_method(name)
+            parts = list(method.block_parts)
+            variants = [("", None)] if _keeps_float(space) else []
+            for mod in space.modifier_methods():
+                m, mo = get_method(mod), space.method_options(mod)
+                variants += [("+" + v.option(), lambda sp, m=m, mo=mo, j=j: m.variants(sp, mo)[j])
+                             for j, v in enumerate(m.variants(None, mo))]
+            per_key: dict[tuple, dict[int, dict]] = {}
+            for (layer, part), block in prunable.items():
+                per_key.setdefault((None if space.tie_layers else layer, part), {})[layer] = block
+            for (layer, part), blocks in sorted(per_key.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0],
+                                                                                 parts.index(kv[0][1]))):
+                key = f"{name}_{part}" if layer is None else f"L{layer}.{name}_{part}"
+                specs, deltas = method.block_options(part, blocks, mats, space.method_options(name),
+                                                     self._extra_options.get(key, ()), variants, info.float_width)
+                if not specs:
+                    continue  # e.g. a single head: nothing to prune
+                members = tuple(c.key for c in self.choices if c.group in method.block_parts[part]
+                                and c.layer == layer and (layer is not None or c.tied))
+                names = {i: list(b) for i, b in blocks.items()}
+                out.append(BlockChoice(key, part, layer, (NO_PRUNE, *specs), members, names, specs, deltas, name))
         return out
 
     def _build_choices(self, space: SpaceConfig, info: ModelInfo) -> list[Choice]:
         active_layers = set(self.fixed_layers)
-        # with prune as the only linear method, a prunable block's matrices have no choice of their own
-        block_only = set() if [m for m in space.methods if m != "prune"] else {
-            n for block in self._prunable.values() for n in block}
+        # with a per-block method (prune) as the only linear one, a block's matrices have no choice of their own
+        block_only = set() if space.structure_methods() else {
+            n for blocks in self._prunable.values() for block in blocks.values() for n in block}
         buckets: dict[tuple, list[Matrix]] = {}
         for mx in info.matrices:
             if mx.layer is not None and mx.layer not in active_layers:
@@ -874,12 +829,15 @@ class SearchSpace(BudgetMixin):
             example = ", ".join(cs[0].options[:3]) + (", ..." if len(cs[0].options) > 3 else "")
             lines.append(f"  {g:<17} {n_mats:>3} matrices, block {' / '.join(f'{a}x{b}' for a, b in dims)}: "
                          f"{len(cs)} choice(s) of {'/'.join(map(str, opts))} options (e.g. {example})")
-        for part in PRUNE_GROUPS:
-            bs = [b for b in self.blocks if b.part == part]
-            if bs:
-                what = "attention heads" if part == "heads" else "FFN neurons"
-                lines.append(f"  prune_{part:<11} {len(bs):>3} block choice(s) ({what} removed; a pruned block's "
-                             f"matrices take no other option): {' | '.join(bs[0].options)}")
+        from kron.methods import get_method
+
+        for b in self.blocks:
+            if b is not next(x for x in self.blocks if (x.method, x.part) == (b.method, b.part)):
+                continue  # one line per method and part
+            bs = [x for x in self.blocks if (x.method, x.part) == (b.method, b.part)]
+            what = get_method(b.method).part_words(b.part)
+            lines.append(f"  {b.method}_{b.part:<{16 - len(b.method)}} {len(bs):>3} block choice(s) ({what} removed; a "
+                         f"pruned block's matrices take no other option): {' | '.join(bs[0].options)}")
         mode = {"fixed": f"fixed {self.fixed_layers}", "free": "free (one on/off per layer)",
                 "count": f"exactly {self.count} of {len(self.fixed_layers)}"}.get(self.layer_mode, self.layer_mode)
         lines.append(f"  layers decomposed: {mode}; tie_layers: {self.config.tie_layers}")
@@ -905,6 +863,24 @@ def _parse_or_error(option: str, group: str):
         return parse_option(option)
     except ValueError as exc:
         raise ConfigError(f"space.shapes.{group}: {exc}") from None
+
+
+def _with_variants(method, options, specs: list, opts: list[str]) -> list[str]:
+    """`opts` (the options of `specs`, a choice's structures), then in each variant of a modifier (int8, int4): every
+    structure modified and the dense matrix modified; without the unmodified ones where the modifier says so."""
+    dense = method.variants(None, options)
+    wrapped = [method.variants(sp, options) for sp in specs]
+    out = list(opts) if method.keeps_unmodified(options) else []
+    for j in range(len(dense)):
+        out += [w[j].option() for w in wrapped if len(w) == len(dense)] + [dense[j].option()]
+    return out
+
+
+def _keeps_float(space: SpaceConfig) -> bool:
+    """Whether the space offers unmodified structures (every modifier keeps them: float weights beside int8)."""
+    from kron.methods import get_method
+
+    return all(get_method(n).keeps_unmodified(space.method_options(n)) for n in space.modifier_methods())
 
 
 def _top_k(priorities: dict[int, float], k: int) -> list[int]:

@@ -161,12 +161,18 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
     return m
 
 
+def searched_method(cfg: SearchConfig) -> str:
+    """The `method` a search's trials (and their error summaries) record: "kronecker" for a Kronecker-only space,
+    "mixed" for any other (its plans may combine methods per matrix)."""
+    return "kronecker" if cfg.space.method_names() == ["kronecker"] else "mixed"
+
+
 def trial_setup(cfg: SearchConfig, space: SearchSpace) -> TrialSetup:
     """What every trial of the search `cfg` over `space` shares (with the driver's KRONSEARCH_FAULT_INJECT)."""
     remote = is_remote_storage(cfg.search.storage)
     base = with_search_defaults(cfg.trial_section)
-    if cfg.space.methods != ["kronecker"]:  # plans that mix methods per matrix
-        base = {**base, "method": "mixed"}
+    # how results tables name the search's trials: as the space's one structure, or mixed (whatever one plan uses)
+    base = {**base, "method": searched_method(cfg)}
     return TrialSetup(name=cfg.name, base_trial=base, space=space, cpus=cfg.search.resources.cpu,
                       final_stage=cfg.final_stage, experiment_dir=None if remote else experiment_path(cfg),
                       max_t=cfg.asha_max_t, fault_inject=os.environ.get("KRONSEARCH_FAULT_INJECT") or None)

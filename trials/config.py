@@ -156,10 +156,12 @@ class TrialConfig(_Strict):
 
     name: str | None = None
     teacher: str = Field("demo", description="'demo', a local model directory, a hub name, or config:...")
-    method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "prune", "teacher"] = Field(
-        "kronecker", description="kronecker | lowrank (the baseline) | mixed (a plan may use any compression method "
-                                 "per matrix, as searched plans do) | layerdrop | prune (structured pruning: a plan "
-                                 "of prune rules or the preset prune:<f>) | teacher")
+    method: Literal["kronecker", "lowrank", "mixed", "layerdrop", "prune", "teacher"] | None = Field(
+        None, description="what the trial is, for results tables: by default what its plan is (all Kronecker: "
+                          "kronecker, all low-rank: lowrank — the baseline —, all pruning: prune, several: mixed), "
+                          "layerdrop with keep_layers, lowrank with lowrank_ratio; teacher: the uncompressed "
+                          "reference. Given with a plan it names the trial as that (a search's trials are 'mixed' "
+                          "when its space mixes methods); the plan decides the structure either way")
     plan: PlanSource | None = None
     lowrank_ratio: float | None = Field(None, gt=1, description="lowrank: parameter reduction of each attention/FFN "
                                                                   "matrix (the preset lowrank:<ratio>)")
@@ -199,6 +201,13 @@ class TrialConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.method is None and self.plan is None and self.lowrank_ratio is None and self.keep_layers is None:
+            raise ValueError("a trial needs a plan (preset, file or rules), lowrank_ratio (the low-rank baseline), "
+                             "keep_layers (layer dropping) or method: teacher")
+        if self.method is None and self.keep_layers is not None:
+            self.method = "layerdrop"
+        if self.method is None and self.lowrank_ratio is not None:
+            self.method = "lowrank"
         if self.method in ("kronecker", "mixed", "prune") and self.plan is None:
             raise ValueError(f"method {self.method!r} needs a plan (preset, file or rules)")
         if self.method == "lowrank" and (self.lowrank_ratio is None) == (self.plan is None):
@@ -223,6 +232,12 @@ class TrialConfig(_Strict):
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("a trial needs stage1 (LM distillation) and/or stage2 (GLUE task distillation)")
         return self
+
+    @property
+    def builds_by_plan(self) -> bool:
+        """Whether the student is the teacher compressed by a plan (its `plan`, or the preset lowrank:<ratio>), as
+        opposed to dropped layers or the teacher itself."""
+        return self.plan is not None or self.lowrank_ratio is not None
 
     @property
     def init_config(self) -> InitConfig:

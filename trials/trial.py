@@ -34,9 +34,6 @@ __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA",
 
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
-# Trial methods that build the student by a plan through kron.surgery (and so may calibrate a data-aware init)
-COMPRESSING_METHODS = ("kronecker", "lowrank", "mixed", "prune")
-
 # Per-process caches: a reused worker loads each teacher and data set once.
 _TEACHERS: dict[tuple, Any] = {}
 _DATA: dict[tuple, Any] = {}
@@ -105,7 +102,7 @@ def prepare_data(config, device: str | torch.device | None = None) -> dict[str, 
     if cfg.stage2 is not None:
         load_glue_data(cfg, tokenizer)
     out = {"teacher_s": t1 - t0, "data_s": time.time() - t1}
-    if cfg.init_config.method == "data" and cfg.method in COMPRESSING_METHODS:
+    if cfg.init_config.method == "data" and cfg.builds_by_plan:
         from .calibration import trial_calibration
 
         t2 = time.time()
@@ -167,7 +164,7 @@ def build_plan(cfg: TrialConfig, model_config):
     from kron.plan import CompressionPlan
     from kron.presets import preset_plan
 
-    if cfg.method == "lowrank" and cfg.lowrank_ratio is not None:
+    if cfg.lowrank_ratio is not None:
         return preset_plan(f"lowrank:{cfg.lowrank_ratio:g}", model_config)
     p = cfg.plan
     if p.preset is not None:
@@ -178,13 +175,14 @@ def build_plan(cfg: TrialConfig, model_config):
 
 
 def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any]:
-    """A trainable copy of the teacher compressed by the trial's method; returns (student, report dict, plan).
+    """A trainable copy of the teacher compressed as the trial says; returns (student, report dict, plan).
 
-    kronecker / lowrank: the plan's modules replaced by Kronecker / U·V factors, SVD-initialised or, with `init: data`,
-    from the teacher's calibration statistics (kron.datainit; whitened SVD for U·V) (the report is
-    CompressionReport.to_dict(); a lowrank plan may not hold Kronecker specs, nor a kronecker plan low-rank ones).
-    layerdrop: the teacher's kept layers (plan None); the report has the same keys plus plan, plan_summary and
-    layer_map (student layer i -> teacher layer), which the ILKD stages use unless a stage gives its own.
+    A plan (or lowrank_ratio): the plan's modules replaced by its methods' layers, initialised by SVD or, with
+    `init: data`, from the teacher's calibration statistics (each method's data-aware init); the report is
+    CompressionReport.to_dict() plus `plan_method`, what the plan is (`kron.methods.base.family_of`: kronecker,
+    lowrank, prune, mixed, ...). layerdrop: the teacher's kept layers (plan None); the report has the same keys plus
+    plan, plan_summary and layer_map (student layer i -> teacher layer), which the ILKD stages use unless a stage
+    gives its own.
     """
     if cfg.method == "layerdrop":
         from kron.baselines import drop_layers, size_report
@@ -197,8 +195,10 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
                     plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
         return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if cfg.method in COMPRESSING_METHODS:
+    if cfg.builds_by_plan:
         from kron.baselines import describe_lowrank
+        from kron.methods.base import family_of, structure_of
+        from kron.plan import KEEP
         from kron.surgery import apply_specs, default_split
 
         from .calibration import trial_calibration
@@ -206,7 +206,9 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
         init = cfg.init_config  # svd, or data-aware from calibration statistics of the teacher (trials.calibration)
         plan = build_plan(cfg, teacher.config)
         specs = plan.resolve(student, split=init.split or default_split(init.method))
-        _check_method_specs(cfg.method, specs)
+        used = [s.method for s in specs.values() if s != KEEP] + [structure_of(s).method for s in specs.values()
+                                                                   if s != KEEP]
+        _check_named_method(cfg.method, specs)
         calib = trial_calibration(cfg, teacher)
         # a reused worker restores layers it already initialised for this teacher and these statistics
         # (kron.initcache: the same values; the data-aware init is most of a trial's set-up)
@@ -216,7 +218,8 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
             None if calib is None else json.dumps(calib.key, sort_keys=True, default=str)))
         comp = apply_specs(student, specs, inplace=True, init=init.method, calib=calib, ridge=init.ridge,
                            init_cache=process_init_cache(), cache_scope=scope).to_dict()
-        if cfg.method == "lowrank":
+        comp["plan_method"] = family_of(used) if used else None
+        if (cfg.method or comp["plan_method"]) == "lowrank":
             comp["plan_summary"] = describe_lowrank(plan, comp)
         return student, comp, plan
     if cfg.method == "teacher":  # the uncompressed reference point, distilled from itself (no-op) and evaluated
@@ -224,28 +227,23 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
     raise UserError(f"unknown method {cfg.method!r}")
 
 
-def _check_method_specs(method: str, specs: dict) -> None:
-    """Keep the methods apart: a lowrank trial's plan factors matrices as U·V only, a kronecker trial's as Kronecker
-    products only (results are grouped by method, and a mixed plan would be neither baseline nor Kronecker); a
-    mixed trial's plan may use any method per matrix."""
-    from kron.methods.base import structure_of
+def _check_named_method(method: str | None, specs: dict) -> None:
+    """A config that names its trial's method ("lowrank", "kronecker", "prune") must have a plan that is that
+    (`family_of` its matrices' structures; a matrix only modified — the dense matrix in int8 — counts only in a plan
+    without any structure): the plan says what the trial is, so leaving `method` out is always right, and "mixed"
+    takes any plan."""
+    from kron.methods.base import family_of, structure_of
     from kron.plan import KEEP
 
-    for name, spec in specs.items():
-        if spec == KEEP:
-            continue
-        if method == "lowrank" and spec.method != "lowrank":
-            raise UserError(f"method 'lowrank': the plan gives module {name} Kronecker factors "
-                            f"({spec.describe()}); a lowrank plan's rules use lowrank_rank or lowrank_ratio (or use "
-                            "method 'kronecker')")
-        if method == "kronecker" and spec.method == "lowrank":
-            raise UserError(f"method 'kronecker': the plan makes module {name} a low-rank U·V; use method 'lowrank' "
-                            "for the low-rank baseline")
-        # pruning + int8 (`prune:` with `quantize: int8`) is pruning: its structure is what counts
-        if (method == "prune") != (structure_of(spec).method == "prune") and method != "mixed":
-            raise UserError(f"method {method!r}: the plan gives module {name} {spec.describe()}; a prune trial's "
-                            "rules use prune (or the preset prune:<f>; quantize: int8 may go beside prune), other "
-                            "trials' rules do not (use method 'mixed' to combine them)")
+    if method in (None, "mixed"):
+        return
+    used = {name: structure_of(spec).method for name, spec in specs.items() if spec != KEEP}
+    if not used or family_of(used.values()) == method:
+        return
+    name = next(n for n, m in used.items() if family_of([m]) != method)
+    raise UserError(f"method {method!r}: the plan makes module {name} {specs[name].describe()} "
+                    f"({family_of(used.values())}); leave `method` out (the plan says what the trial is) or give "
+                    "method: mixed")
 
 
 def _report_counts(model) -> dict:
@@ -344,6 +342,7 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         if hasattr(student, "set_attn_implementation"):
             student.set_attn_implementation("eager")
         run.summary.update(_size_fields(comp, plan))
+        run.summary["method"] = _summary_method(cfg, comp.get("plan_method"))
         run.plan = plan
         run.comp = comp
         run.layer_map = comp.get("layer_map")  # layerdrop: student layer i was teacher layer layer_map[i]
@@ -379,14 +378,16 @@ def _error_text(exc: BaseException) -> str:
     return f"out of memory: {text}" if oom else text
 
 
-def _summary_method(cfg: TrialConfig) -> str:
-    """What produced the student: a hand-designed preset (or any plan marked `reference: true`) is a reference
-    point for analysis, not a search sample."""
-    if cfg.method not in ("kronecker", "prune", "mixed") or cfg.plan is None:
-        return cfg.method
-    if cfg.reference or (cfg.plan.preset is not None and cfg.method != "mixed"):
+def _summary_method(cfg: TrialConfig, plan_method: str | None = None) -> str | None:
+    """What produced the student: the config's method, or what its plan is (`plan_method`, known once the plan is
+    resolved); a hand-designed preset (or any plan marked `reference: true`) is a reference point for analysis, not
+    a search sample."""
+    method = cfg.method or plan_method
+    if method not in ("kronecker", "prune", "mixed") or cfg.plan is None:
+        return method
+    if cfg.reference or (cfg.plan.preset is not None and method != "mixed"):
         return "preset"
-    return cfg.method
+    return method
 
 
 def _default_label(cfg: TrialConfig) -> str | None:
@@ -460,7 +461,7 @@ def _head_map(run: _Run, student) -> list | None:
     ILKD compares each remaining head with the head it was; computed once per trial."""
     if not hasattr(run, "head_map"):
         run.head_map = None
-        if run.cfg.method in ("prune", "mixed"):
+        if run.cfg.builds_by_plan:
             from kron.methods.prune.structure import kept_heads
 
             heads = kept_heads(student)

@@ -6,8 +6,9 @@ The built-in methods, in the order error messages list them (`Method.order`): `k
 linear layers), `kron_embedding` (A ⊗ B word embeddings), `lowrank` (U·V). Every subpackage of this folder is
 imported (and so registered) on first use: adding a method is adding a folder; see the README's developer section.
 """
-from .base import (LINEAR_KINDS, Method, ModuleSpec, Slot, all_methods, get_method, method_of_module,  # noqa: F401
-                   parse_label, parse_option, register, rule_keys, spec_from_dict, unregister)
+from .base import (LINEAR_KINDS, Method, MethodOptions, ModuleSpec, Slot, Span, all_methods, get_method,  # noqa: F401
+                   method_of_module, parse_label, parse_option, register, rule_keys, spec_from_dict, structure_of,
+                   unregister)
 
 def _discover() -> None:
     """Import every method subpackage of kron/methods (each registers itself): a new method is a new folder."""
@@ -21,5 +22,6 @@ def _discover() -> None:
 
 _discover()
 
-__all__ = ["LINEAR_KINDS", "Method", "ModuleSpec", "Slot", "all_methods", "get_method", "method_of_module",
-           "parse_label", "parse_option", "register", "rule_keys", "spec_from_dict", "unregister"]
+__all__ = ["LINEAR_KINDS", "Method", "MethodOptions", "ModuleSpec", "Slot", "Span", "all_methods", "get_method",
+           "method_of_module", "parse_label", "parse_option", "register", "rule_keys", "spec_from_dict",
+           "structure_of", "unregister"]

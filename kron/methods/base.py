@@ -30,15 +30,20 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
+from pydantic import BaseModel, ConfigDict
+
 from ..errors import PlanError
 
 __all__ = [
     "LINEAR_KINDS",
     "Method",
+    "MethodOptions",
     "ModuleSpec",
     "Slot",
+    "Span",
     "all_methods",
     "check_keys",
+    "family_of",
     "get_method",
     "method_of_key",
     "method_of_module",
@@ -188,6 +193,12 @@ class Method:
     # further names `get_method` finds it by: the `spec.method` values of its specs when they are not `name` (a
     # modifier with a parameter: "int8" and "int4" are both the quantisation modifier's)
     aliases: tuple[str, ...] = ()
+    # the family a trial whose plan uses only this structure belongs to (`family_of`): its name by default; the
+    # Kronecker embedding's is kronecker (a plan of Kronecker factors and a Kronecker embedding is a Kronecker plan)
+    family: str | None = None
+    # a method chosen per block of matrices rather than per matrix (prune): part -> the search groups its blocks
+    # span; such a method provides search_blocks, choosable_blocks, block_options, seed_block_option, part_words
+    block_parts: dict[str, tuple[str, ...]] = {}
 
     # --- plan rules
     def validate_rule(self, options: dict, where: str) -> dict:
@@ -206,10 +217,63 @@ class Method:
         """Modifiers only: the spec wrapping `inner` (a structure's spec for this module, None for the dense matrix)."""
         raise NotImplementedError
 
-    # --- search
-    def candidates(self, m: int, n: int, constraints) -> list[ModuleSpec]:
-        """The specs this method offers for an m x n block under search constraints (a SpaceConfig-like object)."""
+    # --- search and profile: what it offers for a matrix, and its own settings
+    options_type: type = None  # its MethodOptions subclass (set below the class: MethodOptions is defined there)
+
+    def options(self, given: Mapping | None = None, *, alias: str | None = None) -> "MethodOptions":
+        """Its validated options: `given` (a section of `space.methods`, the profile's settings) over the defaults,
+        and, when the method was named by an alias, what the alias means (`alias_options`). ConfigError naming
+        the method and the key for an unknown key or a bad value."""
+        from pydantic import ValidationError
+
+        from ..errors import ConfigError
+
+        data = {**self.alias_options(alias), **dict(given or {})}
+        try:
+            return self.options_type.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(options_error(self.name, exc)) from None
+
+    def alias_options(self, alias: str | None) -> dict:
+        """The options that listing the method by an alias implies (int4: {"bits": [4]}); {} by default."""
+        return {}
+
+    def candidates(self, m: int, n: int, options: "MethodOptions", span: "Span") -> list[ModuleSpec]:
+        """The specs this method offers for an m x n block: its `options` (validated `options_type`) within the
+        shared compression `span`, in increasing compression."""
         return []
+
+    # modifiers only: the variants of a structure they make (a search offers each structure in each of them)
+    def variants(self, inner: ModuleSpec | None, options: "MethodOptions") -> list[ModuleSpec]:
+        """The modified specs of `inner` (a structure's spec; None: the dense matrix) that `options` ask for."""
+        return []
+
+    def keeps_unmodified(self, options: "MethodOptions") -> bool:
+        """Whether a search offers the unmodified structures beside the variants (quantisation: float weights)."""
+        return True
+
+    def level_order(self, spec: ModuleSpec, m: int, n: int) -> tuple:
+        """How a profile orders this method's equally compressing candidates of an m x n block when it keeps only
+        the first few per compression level (`shapes_per_level`): the fewest multiply-adds first by default."""
+        return (spec.macs(m, n), spec.label())
+
+    # --- damage: closed-form output error on calibration statistics, where the method has one (`kron.damage`)
+    def block_damage(self, block, spec: ModuleSpec) -> tuple[float, str] | None:
+        """f = tr((W − Ŵ) S (W − Ŵ)ᵀ) of `spec` on one output block (`kron.damage.MatrixBlock`: W, S and the
+        pieces several candidates share) with the method's data-aware init, and the init it stands for ("svd" or
+        "data"); None where there is no closed form (the profile then builds the layer and measures it). Methods
+        that keep the factors behind it put them in `block.cache` for `layer_from_factors`."""
+        return None
+
+    def modifier_damage(self, block, spec: ModuleSpec) -> float:
+        """Modifiers only: f of the dense matrix of `block` modified as `spec` says (int8: rounded to 8 bits), which
+        `kron.damage` adds to the damage of the structure the spec wraps."""
+        raise NotImplementedError(f"{self.name} is not a modifier")
+
+    def layer_from_factors(self, module, spec: ModuleSpec, blocks: Sequence) -> object | None:
+        """The layer `build(module, spec, "data", stats)` would give, from the factors its `block_damage` left in
+        each block's cache (one block per output block), without solving again; None when they are not there."""
+        return None
 
     # --- modules (torch)
     def build(self, module, spec: ModuleSpec, init: str, stats=None):
@@ -255,6 +319,42 @@ class Method:
 
     def parse_option(self, text: str) -> ModuleSpec | None:
         return None
+
+
+class MethodOptions(BaseModel):
+    """A method's own search settings: its section of a search's `space.methods` and of a profile's settings,
+    validated by the method (unknown keys and bad values are errors naming them), its defaults in one place.
+    Methods subclass it with their fields; a method without settings keeps this empty one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Method.options_type = MethodOptions
+
+
+@dataclass(frozen=True)
+class Span:
+    """The candidate range every method shares: per-matrix compression (dense / its parameters) in
+    [min_compression, max_compression] and at most `max_shapes` candidates per method and matrix, spread evenly
+    over log-compression (None: all)."""
+
+    min_compression: float = 1.0
+    max_compression: float | None = None
+    max_shapes: int | None = None
+
+
+def options_error(method: str, exc) -> str:
+    """One line per problem of a method's options: "<method>.<key>: <problem> (got <value>)"."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper())) or "(options)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{method}.{key}: unknown option of method {method}")
+        else:
+            got = repr(err.get("input"))
+            lines.append(f"{method}.{key}: {msg} (got {got if len(got) < 80 else got[:77] + '...'})")
+    return "; ".join(dict.fromkeys(lines))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -395,6 +495,17 @@ def parse_option(text: str) -> ModuleSpec | None:
         if spec is not None:
             return spec
     return None
+
+
+def family_of(methods) -> str:
+    """What a plan using these methods is (a trial's `method` when its config names none): the one family of its
+    structures ("kronecker", "lowrank", "prune", ...; a modifier counts as the structure it wraps, and only where the
+    plan has no structure at all as itself), or "mixed"."""
+    found = [get_method(m) for m in methods]
+    families = {m.family or m.name for m in found if not m.modifier}
+    if not families:
+        families = {m.name for m in found}
+    return families.pop() if len(families) == 1 else "mixed"
 
 
 def structure_of(spec: ModuleSpec) -> ModuleSpec:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import PlanError
 
-__all__ = ["FactoredLinear", "FusedLinear", "linear_weight"]
+__all__ = ["FactoredLinear", "FusedLinear", "linear_weight", "set_factors"]
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -23,6 +23,23 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
         f"cannot factor a {type(module).__name__}: supported types are torch.nn.Linear and "
         "transformers.pytorch_utils.Conv1D"
     )
+
+
+def set_factors(new: nn.Module, module: nn.Module, factors, names: tuple[str, ...]) -> nn.Module | None:
+    """`new` (a layer built with init "none": structure only) with its factor tensors set from `factors` — one
+    tuple per output block (a fused layer's `blocks`, else one), in the order of `names` — and the bias of the
+    dense `module`; None when the counts do not match."""
+    parts = list(new.blocks) if len(factors) > 1 else [new]
+    if len(parts) != len(factors):
+        return None
+    bias = linear_weight(module)[1]
+    with torch.no_grad():
+        for part, tensors in zip(parts, factors):
+            for attr, t in zip(names, tensors):
+                getattr(part, attr).copy_(t)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
 
 
 class FactoredLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""Data-aware initialisation (kron.datainit): exact recovery, agreement with SVD when S = I, never worse than SVD
+"""Data-aware initialisation (kron.datainit and each method's own: kron.methods.kronecker.datainit,
+kron.methods.lowrank.datainit): exact recovery, agreement with SVD when S = I, never worse than SVD
 init on the calibration objective, singular S handled by the ridge."""
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
-from kron.datainit import calibration_objective, data_aware_kronecker, output_error, whitened_lowrank
+from kron.datainit import calibration_objective, output_error
+from kron.methods.kronecker.datainit import data_aware_kronecker
+from kron.methods.lowrank.datainit import whitened_lowrank
 from kron.errors import DataError, ShapeError
 from kron.factor import nearest_kronecker, nearest_lowrank
 
@@ -130,9 +133,10 @@ def test_float32_weights_and_bad_input():
 
 @pytest.mark.parametrize("shape, rank", [((6, 4, 4, 4), 2), ((24, 8, 1, 2), 1), ((3, 8, 8, 2), 3)])
 def test_least_squares_layout_matches_the_four_index_formulas(shape, rank):
-    """`_KronLS` (blocks of S laid out once per shape, the ridge added analytically) solves the same least squares
+    """`KronLS` (blocks of S laid out once per shape, the ridge added analytically) solves the same least squares
     as the plain four-index contractions on S + λI, and its objective-only path gives the same f and A."""
-    from kron.datainit import _KronLS, ridged
+    from kron.datainit import ridged
+    from kron.methods.kronecker.datainit import KronLS
 
     m1, n1, m2, n2 = shape
     g = torch.Generator().manual_seed(3)
@@ -150,7 +154,7 @@ def test_least_squares_layout_matches_the_four_index_formulas(shape, rank):
     HB = torch.einsum("xiap,kxa->ikp", WS4, A_ref).reshape(m2, rank * n2)
     B_ref = torch.linalg.solve(GB, HB.T).T.reshape(m2, rank, n2).permute(1, 0, 2)
     base = calibration_objective(W, Sr)
-    for ls in (_KronLS(W, Sr, shape, rank), _KronLS(W, S, shape, rank, lam=lam)):
+    for ls in (KronLS(W, Sr, shape, rank), KronLS(W, S, shape, rank, lam=lam)):
         assert ls.base == pytest.approx(base, rel=1e-12)
         A, f = ls.solve_A(B)
         assert torch.allclose(A, A_ref, rtol=1e-8, atol=1e-10)
@@ -166,7 +170,8 @@ def test_least_squares_layout_matches_the_four_index_formulas(shape, rank):
 def test_implicit_search_matches_the_explicit_one(shape, rank):
     """With B one row and A taller than wide, the search and refinement keep A implicit (G⁻¹ and HᵀH from the
     blocks of M = (W·Sr)ᵀ(W·Sr)); it takes the same start, steps and stop as the explicit path."""
-    from kron.datainit import _KronLS, _search_and_refine, ridged, s_blocks
+    from kron.datainit import ridged
+    from kron.methods.kronecker.datainit import KronLS, s_blocks, search_and_refine
 
     m1, n1, m2, n2 = shape
     g = torch.Generator().manual_seed(7)
@@ -175,11 +180,11 @@ def test_implicit_search_matches_the_explicit_one(shape, rank):
     Sr = ridged(S, 1e-2)
     lam = float((torch.diagonal(Sr) - torch.diagonal(S)).mean())
     WSr = W @ Sr
-    explicit = _KronLS(W, S, shape, rank, lam=lam)
-    implicit = _KronLS(W, S, shape, rank, lam=lam, Mblk=s_blocks(WSr.T @ WSr, n1, n2))
+    explicit = KronLS(W, S, shape, rank, lam=lam)
+    implicit = KronLS(W, S, shape, rank, lam=lam, Mblk=s_blocks(WSr.T @ WSr, n1, n2))
     B0 = nearest_kronecker(W, shape, rank).B
-    A1, B1, f1 = _search_and_refine(explicit, B0, 12, 0, 10, 1e-6)
-    A2, B2, f2 = _search_and_refine(implicit, B0, 12, 0, 10, 1e-6)
+    A1, B1, f1 = search_and_refine(explicit, B0, 12, 0, 10, 1e-6)
+    A2, B2, f2 = search_and_refine(implicit, B0, 12, 0, 10, 1e-6)
     assert f2 == pytest.approx(f1, rel=1e-9)
     dense1, dense2 = (torch.einsum("kac,kbd->abcd", A, B).reshape(W.shape) for A, B in ((A1, B1), (A2, B2)))
     assert torch.allclose(dense2, dense1, rtol=1e-6, atol=1e-8 * float(dense1.abs().max()))  # factors: up to T, T⁻ᵀ

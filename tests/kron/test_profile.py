@@ -222,7 +222,7 @@ def test_option_damages_int8_without_building(gpt2, monkeypatch):
     built layer's (its factors are quantised, not W) and never below the structure alone; no layer is built."""
     from kron.calibration import ModuleStats
     from kron.methods import get_method, parse_option
-    from kron.profile import _Proxy, _weight, option_damages
+    from kron.damage import Proxy, option_damages, weight_of
 
     model, stats, _ = gpt2
     name = "transformer.h.1.mlp.c_proj"  # 32 x 128
@@ -232,12 +232,12 @@ def test_option_damages_int8_without_building(gpt2, monkeypatch):
     specs = [parse_option(o) for o in opts]
     built = []
     one = ModuleStats(S=stats.stats(name).S, tokens=stats.stats(name).tokens)
-    proxy = _Proxy(_weight(module), one.S)
+    proxy = Proxy(weight_of(module), one.S)
     for spec in specs:
         built.append(proxy(get_method(spec.method).build(module, spec, "data", stats=one).to_dense()))
     import kron.methods.quant as quant
 
-    monkeypatch.setattr(quant.Int8Method, "build", lambda *a, **k: pytest.fail("built an int8 layer"))
+    monkeypatch.setattr(quant.QuantMethod, "build", lambda *a, **k: pytest.fail("built an int8 layer"))
     got = dict(zip(opts, option_damages(model, stats, {name: specs})[name]))
     assert got["int8"] == pytest.approx(built[0], rel=1e-6) and 0 < got["int8"] < 1e-3
     for structure in ("lr4", K):
@@ -249,11 +249,14 @@ def test_option_damages_int8_without_building(gpt2, monkeypatch):
                                          ((6, 4, 4, 4), 2)])
 @pytest.mark.parametrize("wide", [False, True])
 def test_cached_block_objectives_match_datainit_closely(shape, rank, wide):
-    """`_FastBlock` (closed forms from the whitening's SVD tail, triangular solves instead of L⁻¹, the transposed
-    SVD of a wide W·L) reproduces `data_aware_kronecker` / `whitened_lowrank` on the calibration objective to
-    rounding, not just to the 2e-3 of the layer-building comparison."""
-    from kron.datainit import DEFAULT_RIDGE, calibration_objective, data_aware_kronecker, whitened_lowrank
-    from kron.profile import _FastBlock
+    """The methods' closed-form damages on a cached `MatrixBlock` (from the whitening's SVD tail, triangular solves
+    instead of L⁻¹, the transposed SVD of a wide W·L) reproduce `data_aware_kronecker` / `whitened_lowrank` on the
+    calibration objective to rounding, not just to the 2e-3 of the layer-building comparison."""
+    from kron.damage import MatrixBlock
+    from kron.datainit import DEFAULT_RIDGE, calibration_objective
+    from kron.methods import get_method
+    from kron.methods.kronecker.datainit import data_aware_kronecker
+    from kron.methods.lowrank.datainit import whitened_lowrank
 
     m1, n1, m2, n2 = shape
     m, n = m1 * m2, n1 * n2
@@ -263,38 +266,41 @@ def test_cached_block_objectives_match_datainit_closely(shape, rank, wide):
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
     X = torch.randn(400, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
     S = X.T @ X / 400
-    fb = _FastBlock(W, S, DEFAULT_RIDGE)
-    got, _ = fb.kronecker((m1, n1, m2, n2), rank)
+    from kron.methods import parse_option
+
+    fb = MatrixBlock(W, S, DEFAULT_RIDGE)
+    kspec = parse_option(f"{m1}x{n1},{m2}x{n2},r{rank}")
+    got, _ = get_method("kronecker").block_damage(fb, kspec)
     ref = data_aware_kronecker(W, S, (m1, n1, m2, n2), rank)
     want = calibration_objective(W, S, torch.einsum("kac,kbd->abcd", ref.A, ref.B).reshape(m, n))
     assert got == pytest.approx(want, rel=1e-9)
-    from kron.methods import parse_option
-
-    kspec = parse_option(f"{m1}x{n1},{m2}x{n2},r{rank}")
-    A, B = fb.factors(kspec)  # the factors behind that damage: the layer the KL measurement swaps in
-    dense = torch.einsum("kac,kbd->abcd", A, B).reshape(m, n)
+    lin = torch.nn.Linear(n, m, dtype=torch.float64)
+    layer = get_method("kronecker").layer_from_factors(lin, kspec, [fb])  # the layer the KL measurement swaps in
+    dense = layer.to_dense()  # the factors behind that damage (the bias aside)
     assert torch.allclose(dense, torch.einsum("kac,kbd->abcd", ref.A, ref.B).reshape(m, n), rtol=1e-6, atol=1e-9)
     for r in (1, 3):
-        got, _ = fb.lowrank(r)
+        lspec = parse_option(f"lr{r}")
+        got, _ = get_method("lowrank").block_damage(fb, lspec)
         lr = whitened_lowrank(W, S, r)
         assert got == pytest.approx(calibration_objective(W, S, lr.U @ lr.V), rel=1e-9)
-        U, V = fb.factors(parse_option(f"lr{r}"))
-        assert torch.allclose(U @ V, lr.U @ lr.V, rtol=1e-6, atol=1e-9)
+        layer = get_method("lowrank").layer_from_factors(lin, lspec, [fb])
+        assert torch.allclose(layer.to_dense(), lr.U @ lr.V, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_kl_candidates_reuse_the_profiled_factors(gpt2, blocks, monkeypatch):
     """The model-level measurement swaps in the layer made from the factors the fast path just found (no second
     data-aware solve): the same KL as building each layer with `method.build(..., "data")`."""
-    import kron.datainit as datainit
+    import kron.methods.kronecker.datainit as kron_datainit
+    import kron.methods.lowrank.datainit as lowrank_datainit
 
     model, stats, held = gpt2
     mx = compressible_matrices(model)[0 if blocks == 3 else 3]
     c = Constraints(ranks=(1, 2), max_shapes=3, shapes_per_level=2, max_compression=12)
     slow = profile_model(model, stats, constraints=c, matrices=[mx], heldout=held, kl_subset=6, fast=False)
     calls = []
-    for fn in ("data_aware_kronecker", "whitened_lowrank"):
-        monkeypatch.setattr(datainit, fn, lambda *a, _f=fn, **k: calls.append(_f) or pytest.fail(_f))
+    for mod, fn in ((kron_datainit, "data_aware_kronecker"), (lowrank_datainit, "whitened_lowrank")):
+        monkeypatch.setattr(mod, fn, lambda *a, _f=fn, **k: calls.append(_f) or pytest.fail(_f))
     fast = profile_model(model, stats, constraints=c, matrices=[mx], heldout=held, kl_subset=6)
     assert not calls
     got = [(x["label"], x["model_damage"]) for x in fast["matrices"][mx.name]["candidates"]]
@@ -313,7 +319,7 @@ def test_refine_improves_a_bad_start_on_the_model_and_keeps_the_budget(gpt2):
     (every matrix on its cheapest candidate but one kept dense) it must find a plan the joint measure rates better,
     within the budget, and never one it rates worse."""
     from kron.autoplan import Budget, Solution, items_from_profile
-    from kron.profile import _ModelMeasure  # the measure refine uses
+    from kron.measure import ModelMeasure  # the measure refine uses
     from kron.refine import refine_plan, staircase
 
     model, stats, held = gpt2
@@ -336,7 +342,7 @@ def test_refine_improves_a_bad_start_on_the_model_and_keeps_the_budget(gpt2):
     m = copy.deepcopy(model)
     rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
     assert rep.params_after <= budget.value
-    measure = _ModelMeasure(model, held, 4096)
+    measure = ModelMeasure(model, held, 4096)
     measure.model = m.eval()
     assert measure() == pytest.approx(r.kl, rel=1e-4)
     # the staircase: cheapest first, damage strictly falling
@@ -376,16 +382,16 @@ def test_model_measure_replays_the_unchanged_layer_prefix(family):
     """The model-level measure told which module changed runs the model from that module's layer on: the same value
     as running every layer, and the layers before it are really not run (a change made to one of them after the
     reference pass goes unseen, which only a replay can do)."""
-    from kron.profile import _ModelMeasure, _swap
+    from kron.measure import ModelMeasure, swap_module
 
     model, late, index, early, held = _three_families()[family]
-    measure = _ModelMeasure(model, held)
-    full = _ModelMeasure(model, held, replay=False)
+    measure = ModelMeasure(model, held)
+    full = ModelMeasure(model, held, replay=False)
     assert measure.layers is not None and full.layers is None
     new = copy.deepcopy(model.get_submodule(late))
     with torch.no_grad():
         new.weight.mul_(0.7)
-    old = _swap(model, late, new)
+    old = swap_module(model, late, new)
     try:
         want = full()
         assert want > 1e-6
@@ -405,7 +411,7 @@ def test_model_measure_replays_the_unchanged_layer_prefix(family):
             with torch.no_grad():
                 model.get_submodule(early).weight.mul_(2.0)
     finally:
-        _swap(model, late, old)
+        swap_module(model, late, old)
     # a module outside the layers (the embedding): every layer runs
     emb = "transformer.wte" if family == 0 else "bert.embeddings.word_embeddings" if family == 1 else "model.embed_tokens"
     assert measure.start_layer([emb]) == 0
@@ -416,11 +422,11 @@ def test_model_measure_replays_the_unchanged_layer_prefix(family):
 def test_model_measure_is_the_mean_next_token_kl(gpt2):
     """The model-level measure of a causal LM is the mean over positions of KL(teacher ‖ student) of the next-token
     distributions, checked against the definition in float64."""
-    from kron.profile import _ModelMeasure
+    from kron.measure import ModelMeasure
 
     model, _, held = gpt2
     student = copy.deepcopy(model)
-    measure = _ModelMeasure(student, held)  # the reference pass: the teacher's weights
+    measure = ModelMeasure(student, held)  # the reference pass: the teacher's weights
     assert measure() == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
         student.transformer.h[1].mlp.c_fc.weight.mul_(-3.0)
@@ -433,25 +439,25 @@ def test_model_measure_is_the_mean_next_token_kl(gpt2):
 def test_model_measure_token_budget_cuts_rows():
     """A token budget smaller than a batch keeps that batch's first rows (padding not counted; at least one row, never
     more than the budget); `whole_batches` keeps the older rule."""
-    from kron.profile import _first_rows
+    from kron.measure import first_rows
 
     ids = torch.arange(8 * 16).reshape(8, 16)
-    assert _first_rows(ids, 32).shape == (2, 16) and _first_rows(ids, 40).shape == (2, 16)
-    assert _first_rows(ids, 5).shape == (1, 16) and _first_rows(ids, 10_000) is ids
+    assert first_rows(ids, 32).shape == (2, 16) and first_rows(ids, 40).shape == (2, 16)
+    assert first_rows(ids, 5).shape == (1, 16) and first_rows(ids, 10_000) is ids
     mask = torch.zeros(8, 16, dtype=torch.long)
     mask[:, :4] = 1  # 4 real tokens per row
-    cut = _first_rows({"input_ids": ids, "attention_mask": mask, "labels": ids, "n": 3}, 12)
+    cut = first_rows({"input_ids": ids, "attention_mask": mask, "labels": ids, "n": 3}, 12)
     assert cut["input_ids"].shape == (3, 16) and cut["attention_mask"].shape == (3, 16)
     assert cut["labels"].shape == (3, 16) and cut["n"] == 3
 
 
 def test_model_measure_honours_a_budget_below_one_batch(gpt2):
-    from kron.profile import _ModelMeasure
+    from kron.measure import ModelMeasure
 
     model, _, held = gpt2  # one batch of 2 x 16
-    assert _ModelMeasure(model, held, 16).tokens == 16
-    assert _ModelMeasure(model, held, 16, whole_batches=True).tokens == 32
-    assert _ModelMeasure(model, held).tokens == 32
+    assert ModelMeasure(model, held, 16).tokens == 16
+    assert ModelMeasure(model, held, 16, whole_batches=True).tokens == 32
+    assert ModelMeasure(model, held).tokens == 32
 
 
 # ----------------------------------------------------------------------------------------------- the word embedding
@@ -463,7 +469,7 @@ def test_embedding_candidates_of_a_tied_lm(gpt2, tmp_path):
     dense copy a tied LM head keeps; the proxy/KL correlation stays over the linear matrices only."""
     from kron.methods import get_method
     from kron.methods.base import spec_from_dict
-    from kron.profile import _ModelMeasure
+    from kron.measure import ModelMeasure
 
     model, stats, held = gpt2
     prof = profile_model(model, stats, constraints=C, heldout=held, kl_subset=1, embedding_factors=(2, 3, 4, 8),
@@ -473,7 +479,7 @@ def test_embedding_candidates_of_a_tied_lm(gpt2, tmp_path):
     assert entry["group"] == "embedding" and entry["tied"] and entry["factors"] == [2, 4, 8]  # 3 does not divide 32
     assert [c["label"] for c in entry["candidates"]] == ["keep", "emb f2", "emb f4", "emb f8"]
     E = model.transformer.wte.weight.detach().double()
-    measure = _ModelMeasure(model, held, 1024)
+    measure = ModelMeasure(model, held, 1024)
     for c in entry["candidates"][1:]:
         f = c["spec"]["embedding_factor"]
         assert c["params_excl_output_embedding"] == 64 * 32 // f + f
@@ -538,7 +544,7 @@ def test_embedding_of_an_untied_classifier_and_refine_with_it():
     from transformers import BertForSequenceClassification
 
     from kron.autoplan import Budget, Solution, items_from_profile
-    from kron.profile import _ModelMeasure
+    from kron.measure import ModelMeasure
     from kron.refine import refine_plan
 
     torch.manual_seed(0)
@@ -564,6 +570,6 @@ def test_embedding_of_an_untied_classifier_and_refine_with_it():
     m = copy.deepcopy(model)
     rep = apply_specs(m, plan.resolve(m), init="data", calib=stats)
     assert rep.params_after <= budget.value and rep.params_after == r.solution.cost
-    measure = _ModelMeasure(model, batches[:1], 4096)
+    measure = ModelMeasure(model, batches[:1], 4096)
     measure.model = m.eval()
     assert measure() == pytest.approx(r.kl, rel=1e-4)

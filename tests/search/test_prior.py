@@ -58,7 +58,7 @@ def demo_space(tmp_path_factory):
 
 def test_defaults_are_both_methods_and_the_data_aware_init(tmp_path):
     cfg = _cfg(tmp_path)
-    assert cfg.space.methods == ["kronecker", "lowrank"]
+    assert cfg.space.method_names() == ["kronecker", "lowrank"]
     assert cfg.trial.init_config.method == "data"
     assert "init" not in cfg.trial_section  # the section stays as written; the default is applied to trials
     assert _cfg(tmp_path, **{"trial.init": "svd"}).trial.init_config.method == "svd"
@@ -81,10 +81,10 @@ def test_damages_are_cached_on_disk(demo_space, monkeypatch):
     cfg, space, damages, tmp = demo_space
     files = list((tmp / "cache" / "damages").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["damages"] == damages
-    import kron.profile
+    import kron.damage
 
     monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
-    monkeypatch.setattr(kron.profile, "option_damages", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(kron.damage, "option_damages", lambda *a, **k: pytest.fail("recomputed"))
     from search.prior import search_damages
 
     assert search_damages(cfg, space) == damages
@@ -196,7 +196,7 @@ def test_a_search_started_by_the_first_release_resumes_with_its_defaults(tmp_pat
     (folder / "search_meta.json").write_text(json.dumps({"fingerprint": old_fp}))
 
     adopted = adopt_saved_defaults(cfg)
-    assert adopted.space.methods == ["kronecker"] and adopted.trial.init_config.method == "svd"
+    assert adopted.space.method_names() == ["kronecker"] and adopted.trial.init_config.method == "svd"
     assert "earlier release" in capsys.readouterr().err
     _check_fingerprint(adopted, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")  # matches
     # under the new defaults the same config would run differently: refused, naming the old defaults
@@ -204,7 +204,7 @@ def test_a_search_started_by_the_first_release_resumes_with_its_defaults(tmp_pat
         _check_fingerprint(cfg, lambda: json.dumps({"fingerprint": old_fp}).encode(), "meta")
     # what the user set explicitly is kept (and then checked against what the search ran with)
     mine = _cfg(tmp_path, **{"space.methods": ["lowrank"]})
-    assert adopt_saved_defaults(mine).space.methods == ["lowrank"]
+    assert adopt_saved_defaults(mine).space.method_names() == ["lowrank"]
     # a search this release started is left alone
     (folder / "search_meta.json").write_text(json.dumps({"fingerprint": config_fingerprint(cfg)}))
     assert adopt_saved_defaults(cfg) is cfg
@@ -218,7 +218,7 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
 
     from kron.calibration import ModuleStats
     from kron.methods import get_method
-    from kron.profile import _ModelMeasure, _swap
+    from kron.measure import ModelMeasure, swap_module
     from search.prior import KL_POINTS, _specs
     from trials.calibration import calibration_for, heldout_for
     from trials.trial import load_teacher
@@ -242,18 +242,18 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
     st = calibration_for(kl_cfg.trial, teacher, tok).stats(name)
     layer = get_method(opts[worst].method).build(teacher.get_submodule(name), opts[worst], "data",
                                                  stats=ModuleStats(S=st.S, tokens=st.tokens)).eval()
-    measure = _ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024)
-    old = _swap(teacher, name, layer)
+    measure = ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024)
+    old = swap_module(teacher, name, layer)
     try:  # the teacher is the process's cached one (trials.trial.load_teacher): later tests must find it whole
         with torch.no_grad():
             assert kl[name][worst] == pytest.approx(measure(), rel=1e-4)
     finally:
-        _swap(teacher, name, old)
+        swap_module(teacher, name, old)
     assert KL_POINTS == 4 and len(list((tmp / "cache" / "damages").glob("kl-*.json"))) == 1
     # the seeds are planned on these values; cached: a second space measures nothing
-    import kron.profile
+    import kron.measure
 
-    monkeypatch.setattr(kron.profile, "_ModelMeasure", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(kron.measure, "ModelMeasure", lambda *a, **k: pytest.fail("measured again"))
     again = SearchSpace.from_config(kl_cfg)
     assert again.seed_damages == kl and again.seeds == space.seeds and len(space.seeds) >= 2
     proxy = SearchSpace.from_config(_cfg(tmp, **base, **{"search.seed_damage": "proxy"}))
@@ -297,7 +297,7 @@ def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(de
     import torch
 
     from kron.methods import get_method, parse_option
-    from kron.profile import _ModelMeasure, _swap
+    from kron.measure import ModelMeasure, swap_module
     from trials.calibration import heldout_for
     from trials.trial import load_teacher
 
@@ -318,13 +318,13 @@ def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(de
     teacher.eval()
     strongest = max(measured, key=lambda o: int(o[1:]))
     layer = get_method("kron_embedding").build(teacher.get_submodule(name), parse_option(strongest), "svd").eval()
-    measure = _ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024, replay=False)
-    old = _swap(teacher, name, layer)
+    measure = ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024, replay=False)
+    old = swap_module(teacher, name, layer)
     try:  # the process's cached teacher: put its embedding back for the tests after this one
         with torch.no_grad():
             assert measured[strongest] == pytest.approx(measure(), rel=1e-4) and measured[strongest] > 0
     finally:
-        _swap(teacher, name, old)
+        swap_module(teacher, name, old)
     cheapest = min(space.seeds, key=lambda s: space.plan_costs(s[1])["params_excl_output_embedding"])
     assert cheapest[1][emb.key] != "keep" and cheapest[1][emb.key] != min(measured, key=lambda o: int(o[1:]))
     # seed_embedding false: nothing measured for the embedding, every seed on its mildest option or keep

@@ -442,8 +442,11 @@ def test_a_mixed_plan_trains_as_method_mixed(tmp_path):
     assert {m["kind"] for m in comp["modules"]} == {"linear", "lowrank"}
     from kron.errors import UserError
 
-    with pytest.raises(UserError, match="method 'kronecker': the plan makes module .* a low-rank U·V"):
-        build_student(load_trial_config({"teacher": "config:gpt2", "plan": {"rules": rules}}), teacher)
+    assert build_student(load_trial_config({"teacher": "config:gpt2", "plan": {"rules": rules}}),
+                         teacher)[1]["plan_method"] == "mixed"  # no method given: the plan says it is mixed
+    with pytest.raises(UserError, match=r"method 'kronecker': the plan makes module .* U·V .*\(mixed\)"):
+        build_student(load_trial_config({"teacher": "config:gpt2", "method": "kronecker", "plan": {"rules": rules}}),
+                      teacher)
 
 
 # ----------------------------------------------------------------------------------------------- seed plans

@@ -73,4 +73,4 @@ def test_bytes_budget_is_met_and_an_impossible_one_named():
     with pytest.raises(ConfigError, match="max_bytes"):
         SearchSpace.from_model(meta, {**SPACE, "budget": {"max_bytes": 1000}})
     with pytest.raises(ConfigError, match="quantize"):
-        SearchSpace.from_model(meta, {**SPACE, "quantize": ["int4"]})
+        SearchSpace.from_model(meta, {**SPACE, "quantize": ["int3"]})

@@ -126,8 +126,8 @@ def test_glue_trial_on_tiny_bert_classifier(tiny_bert_classifier, sst2_dir, tmp_
         ({"method": "layerdrop", "keep_layers": "odd"}, "method 'layerdrop' keeps whole teacher layers"),
         ({"method": "layerdrop", "plan": None, "keep_layers": []}, "keep_layers is empty"),
         ({"method": "layerdrop", "plan": None, "keep_layers": "first"}, "keep_layers"),
-        ({"lowrank_ratio": 2}, "lowrank_ratio applies to method 'lowrank' only (method is 'kronecker')"),
-        ({"keep_layers": "odd"}, "keep_layers applies to method 'layerdrop' only"),
+        ({"lowrank_ratio": 2}, "method 'lowrank' needs exactly one of lowrank_ratio"),
+        ({"keep_layers": "odd"}, "method 'layerdrop' keeps whole teacher layers and takes no plan"),
     ],
 )
 def test_bad_configs_name_the_field(patch, message):
@@ -191,16 +191,30 @@ def test_lowrank_trial_from_plan_rules(tiny_lm_teacher, text_corpus, tmp_path):
 
 @pytest.mark.parametrize("method, rules, message", [
     ("lowrank", [{"select": "mlp.c_fc", "factor": 2}],
-     "method 'lowrank': the plan gives module transformer.h.0.mlp.c_fc Kronecker factors"),
+     r"method 'lowrank': the plan makes module transformer.h.0.mlp.c_fc A .* \(kronecker\)"),
     ("kronecker", [{"select": "mlp.c_fc", "lowrank_rank": 2}],
-     "method 'kronecker': the plan makes module transformer.h.0.mlp.c_fc a low-rank U·V"),
+     r"method 'kronecker': the plan makes module transformer.h.0.mlp.c_fc U·V .* \(lowrank\)"),
 ])
-def test_methods_do_not_mix_factorisations(method, rules, message, tiny_lm_teacher, text_corpus, tmp_path):
+def test_a_named_method_must_be_what_the_plan_is(method, rules, message, tiny_lm_teacher, text_corpus, tmp_path):
     from kron.errors import UserError
 
     cfg = _lm_config(tiny_lm_teacher, text_corpus, method=method, plan={"rules": rules})
     with pytest.raises(UserError, match=message):
         run_trial(cfg, output_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("rules, method", [
+    ([{"select": ["mlp.c_fc", "mlp.c_proj"], "lowrank_rank": 2}], "lowrank"),
+    ([{"select": "mlp.c_fc", "factor": 2}, {"select": "wte", "embedding_factor": 2}], "kronecker"),
+    ([{"select": "mlp.c_fc", "factor": 2}, {"select": "mlp.c_proj", "lowrank_rank": 2, "quantize": "int8"}], "mixed"),
+])
+def test_the_plan_says_what_a_trial_is(rules, method, tiny_lm_teacher, text_corpus, tmp_path):
+    """No `method` in the config: a plan that is all low-rank is a low-rank trial (the baseline), Kronecker factors
+    with a Kronecker embedding a Kronecker trial, and one that mixes structures a mixed trial."""
+    cfg = _lm_config(tiny_lm_teacher, text_corpus, plan={"rules": rules})
+    cfg.pop("method", None)
+    summary = run_trial(cfg, output_dir=tmp_path, progress=False)
+    assert summary["status"] == "complete" and summary["method"] == method
 
 
 def test_layerdrop_trial(tiny_lm_teacher, text_corpus, tmp_path):

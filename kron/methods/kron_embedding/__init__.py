@@ -8,11 +8,30 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
+from pydantic import Field, field_validator
+
 from ...errors import PlanError
-from ..base import Method, ModuleSpec, Slot, check_keys, positive_int, register
+from ..base import Method, MethodOptions, ModuleSpec, Slot, check_keys, positive_int, register
 from ..linear import hints_for
 
-__all__ = ["EmbeddingSpec", "KroneckerEmbeddingMethod"]
+__all__ = ["EmbeddingOptions", "EmbeddingSpec", "KroneckerEmbeddingMethod"]
+
+
+class EmbeddingOptions(MethodOptions):
+    """The embedding factors a search or a profile offers: f of A (v x d/f) ⊗ B (1 x f), each dividing d."""
+
+    factors: list[int] = Field(default_factory=lambda: [2, 4, 8],
+                               description="f of A (v x d/f) ⊗ B (1 x f) for the embedding group")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("embedding_factors must list at least one factor f > 1, e.g. [2, 4]")
+        bad = [f for f in v if f < 2]
+        if bad:
+            raise ValueError(f"embedding factors must be integers >= 2 (f = 1 does not compress), got {bad}")
+        return sorted(set(v))
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class KroneckerEmbeddingMethod(Method):
     spec_type = EmbeddingSpec
     module_kinds = ("embedding",)
     primary_keys = ("embedding_factor",)
+    family = "kronecker"
     option_keys = {}
     order = 20
     dict_key = "embedding_factor"
@@ -102,9 +122,11 @@ class KroneckerEmbeddingMethod(Method):
                             f"{f}: f must divide the embedding size {n} and be > 1; valid: {valid}")
         return EmbeddingSpec(factor=f)
 
-    def candidates(self, m: int, n: int, constraints) -> list[EmbeddingSpec]:
-        """Each of `constraints.embedding_factors` that divides the embedding size."""
-        return [EmbeddingSpec(factor=f) for f in sorted({f for f in constraints.embedding_factors if n % f == 0})]
+    options_type = EmbeddingOptions
+
+    def candidates(self, m: int, n: int, options: EmbeddingOptions, span) -> list[EmbeddingSpec]:
+        """Each of the options' factors that divides the embedding size."""
+        return [EmbeddingSpec(factor=f) for f in sorted({f for f in options.factors if n % f == 0})]
 
     def build(self, module, spec: EmbeddingSpec, init: str):
         from .layer import KroneckerEmbedding

@@ -8,17 +8,42 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Literal, Mapping, Sequence
+
+from pydantic import Field, field_validator
 
 from ...errors import PlanError, ShapeError
 from ...shapes import FactorShape, factor_shapes, kron_macs, kron_params, validate_shape
-from ..base import LINEAR_KINDS, Method, ModuleSpec, Slot, check_keys, positive_int, register
+from ..base import LINEAR_KINDS, Method, MethodOptions, ModuleSpec, Slot, Span, check_keys, positive_int, register
 from ..linear import linear_rows, rows_and_dims, wrong_kind
 
-__all__ = ["SPLITS", "KroneckerMethod", "KroneckerSpec", "format_shape", "nearest_shape", "thin_shapes"]
+__all__ = ["SPLITS", "KroneckerMethod", "KroneckerOptions", "KroneckerSpec", "format_shape", "nearest_shape",
+           "thin_shapes"]
 
-# `space.ranks: auto`: the ranks offered per shape, kept where the compression range allows them
+# `ranks: auto`: the ranks offered per shape, kept where the compression range allows them
 AUTO_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class KroneckerOptions(MethodOptions):
+    """The Kronecker factors a search or a profile offers per matrix (within the shared compression span)."""
+
+    ranks: list[int] | Literal["auto"] = Field(
+        default_factory=lambda: [1], description="numbers of summed Kronecker products, or 'auto': per shape, every "
+                                                 "rank 1, 2, 4, ..., 64 whose compression lies in the range (the "
+                                                 "low-rank corner of the Kronecker family and high-rank sums)")
+    max_aspect: float | None = Field(None, ge=1, description="largest rows/cols ratio of A and of B")
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v):
+        if v == "auto":
+            return v
+        if not v:
+            raise ValueError("ranks must list at least one rank, e.g. [1] or [1, 2]")
+        bad = [r for r in v if r < 1]
+        if bad:
+            raise ValueError(f"ranks must be positive integers, got {bad}")
+        return sorted(set(v))
 
 
 def as_shape(value, what: str) -> tuple[int, int, int, int]:
@@ -239,18 +264,34 @@ class KroneckerMethod(Method):
                             f"{valid_shapes_hint(rows, slot.n, rank, rows * slot.n // 2)}")
         return KroneckerSpec(shape=shape, rank=rank, blocks=blocks)
 
-    def candidates(self, m: int, n: int, constraints) -> list[KroneckerSpec]:
-        """Valid shapes at each of `constraints.ranks` with compression in [min_compression, max_compression] and
-        factors no more elongated than max_aspect, thinned to max_shapes per matrix (evenly over log-compression),
-        in increasing compression."""
-        c = constraints
+    options_type = KroneckerOptions
+
+    def candidates(self, m: int, n: int, options: KroneckerOptions, span: Span) -> list[KroneckerSpec]:
+        """Valid shapes at each of the options' ranks with compression in the span and factors no more elongated
+        than max_aspect, thinned to the span's max_shapes per matrix (evenly over log-compression), in increasing
+        compression."""
         shapes = []
-        for r in (AUTO_RANKS if c.ranks == "auto" else c.ranks):  # "auto": every rank the compression range allows
-            shapes += factor_shapes(m, n, rank=r, min_compression=c.min_compression,
-                                    max_compression=c.max_compression, max_aspect=c.max_aspect)
-        shapes = thin_shapes(shapes, c.max_shapes)
+        for r in (AUTO_RANKS if options.ranks == "auto" else options.ranks):  # "auto": every rank the span allows
+            shapes += factor_shapes(m, n, rank=r, min_compression=span.min_compression,
+                                    max_compression=span.max_compression, max_aspect=options.max_aspect)
+        shapes = thin_shapes(shapes, span.max_shapes)
         shapes.sort(key=lambda s: (s.compression, s.rank, s.macs_per_token, s.shape))
         return [KroneckerSpec(shape=s.shape, rank=s.rank) for s in shapes]
+
+    def level_order(self, spec: KroneckerSpec, m: int, n: int) -> tuple:
+        """Among equally compressing shapes: the fewest B rows first (the input-side splits data-aware init serves
+        best), then the fewest multiply-adds."""
+        return (spec.shape[2], spec.macs(m, n), spec.label())
+
+    def block_damage(self, block, spec: KroneckerSpec):
+        from .damage import kronecker_damage
+
+        return kronecker_damage(block, spec)
+
+    def layer_from_factors(self, module, spec: KroneckerSpec, blocks: Sequence):
+        from .damage import kronecker_layer
+
+        return kronecker_layer(module, spec, blocks)
 
     def build(self, module, spec: KroneckerSpec, init: str, stats=None):
         from ..layers import linear_weight

@@ -73,7 +73,8 @@ class KroneckerLinear(FactoredLinear):
     @classmethod
     def _data_aware(cls, weight: torch.Tensor, S: torch.Tensor, shape, rank: int = 1, *,
                     ridge: float | None = None) -> tuple[dict, float, str]:
-        from ...datainit import DEFAULT_RIDGE, data_aware_kronecker
+        from ...datainit import DEFAULT_RIDGE
+        from .datainit import data_aware_kronecker
 
         f = data_aware_kronecker(weight, S, shape, rank, DEFAULT_RIDGE if ridge is None else ridge)
         return {"A": f.A, "B": f.B}, f.rel_error, f.init

@@ -151,10 +151,10 @@ class LowRankMethod(Method):
                             f"parameters for {per} of {rows * n:,}: no compression; {hint}")
         return LowRankSpec(rank=r, blocks=blocks)
 
-    def candidates(self, m: int, n: int, constraints) -> list[LowRankSpec]:
-        """Ranks whose compression m·n / (r·(m + n)) lies in [min_compression, max_compression], thinned to
-        max_shapes evenly over log-compression, in increasing compression."""
-        c = constraints
+    def candidates(self, m: int, n: int, options, span) -> list[LowRankSpec]:
+        """Ranks whose compression m·n / (r·(m + n)) lies in the span, thinned to its max_shapes evenly over
+        log-compression, in increasing compression."""
+        c = span
         lo = c.min_compression or 1.0
         hi = c.max_compression or math.inf
         ranks = [r for r in range(1, min(m, n)) if lo <= m * n / lowrank_params(m, n, r) <= hi
@@ -167,6 +167,16 @@ class LowRankMethod(Method):
                              for i in range(k)})
             ranks = [ranks[j] for j in picked]
         return [LowRankSpec(rank=r) for r in sorted(ranks, reverse=True)]
+
+    def block_damage(self, block, spec: LowRankSpec):
+        from .damage import lowrank_damage
+
+        return lowrank_damage(block, spec)
+
+    def layer_from_factors(self, module, spec: LowRankSpec, blocks):
+        from .damage import lowrank_layer
+
+        return lowrank_layer(module, spec, blocks)
 
     def build(self, module, spec: LowRankSpec, init: str, stats=None):
         from ..layers import linear_weight

@@ -77,7 +77,8 @@ class LowRankLinear(FactoredLinear):
     def _data_aware(cls, weight: torch.Tensor, S: torch.Tensor, rank: int, *,
                     ridge: float | None = None) -> tuple[dict, float, str]:
         """The whitened truncated SVD of SVD-LLM (`kron.datainit.whitened_lowrank`)."""
-        from ...datainit import DEFAULT_RIDGE, whitened_lowrank
+        from ...datainit import DEFAULT_RIDGE
+        from .datainit import whitened_lowrank
 
         f = whitened_lowrank(weight, S, rank, DEFAULT_RIDGE if ridge is None else ridge)
         return {"U": f.U, "V": f.V}, f.rel_error, f.init

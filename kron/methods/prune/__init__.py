@@ -27,12 +27,14 @@ import re
 from dataclasses import dataclass, replace
 from typing import ClassVar, Mapping, Sequence
 
+from pydantic import Field, field_validator
+
 from ...errors import PlanError
-from ..base import (LINEAR_KINDS, Method, ModuleSpec, Slot, check_keys, option_defaults,
+from ..base import (LINEAR_KINDS, Method, MethodOptions, ModuleSpec, Slot, check_keys, option_defaults,
                     positive_int, register)
 from ..linear import wrong_kind
 
-__all__ = ["PruneMethod", "PruneSpec", "removed_units"]
+__all__ = ["PruneMethod", "PruneOptions", "PruneSpec", "removed_units"]
 
 PARTS = ("heads", "ffn")
 SIDES = ("out", "in")
@@ -165,6 +167,24 @@ class PruneSpec(ModuleSpec):
                    blocks=inner.get("blocks", 1), scope=inner.get("scope", "layer"))
 
 
+class PruneOptions(MethodOptions):
+    """What a search offers of pruning: per attention / FFN block, these fractions of its units removed."""
+
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        description="the fractions of a block's units (heads / KV groups, FFN neurons) a pruned attention or FFN "
+                    "block may remove, each in (0, 1); rounded to whole units per block")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if isinstance(f, bool) or not 0 < f < 1]
+        if not v or bad:
+            raise ValueError(f"prune_fractions must list fractions of units removed, each in (0, 1) (e.g. "
+                             f"[0.25, 0.5]), got {bad or v}")
+        return sorted(set(v))
+
+
 class PruneMethod(Method):
     name = "prune"
     spec_type = PruneSpec
@@ -228,10 +248,35 @@ class PruneMethod(Method):
         return PruneSpec(part=part, side=ctx["side"], units=units, kept=units - removed, blocks=ctx.get("blocks", 1),
                          scope=fractions.get("scope", "layer"))
 
-    def candidates(self, m: int, n: int, constraints) -> list[PruneSpec]:
-        # pruning is decided per block (all of a layer's attention or FFN matrices together), not per matrix: a
-        # search offers it per matrix group (see the README), so nothing here
-        return []
+    # --- search: chosen per block (all of a layer's attention or FFN matrices together), never per matrix
+    options_type = PruneOptions
+    # part -> the searched groups its blocks span (`search.py`: which blocks, their options and costs)
+    block_parts = {"heads": ("attention", "attention_output"), "ffn": ("ffn_in", "ffn_out")}
+    block_hint = ("pruning is chosen per attention / FFN block, not per matrix: list prune in space.methods and the "
+                  "fractions in space.methods.prune.fractions")
+
+    def search_blocks(self, model) -> dict:
+        from .search import block_contexts
+
+        return block_contexts(model)
+
+    def choosable_blocks(self, contexts, searched, layers, **kw) -> dict:
+        from .search import prunable
+
+        return prunable(contexts, searched, layers, **kw)
+
+    def block_options(self, part, blocks, sizes, options: PruneOptions, extra, variants, width):
+        from .search import block_options
+
+        return block_options(part, blocks, sizes, options.fractions, extra, variants, width)
+
+    def seed_block_option(self, options, specs, names, seed, layers, key, where):
+        from .search import seed_option
+
+        return seed_option(options, specs, names, seed, layers, key, where)
+
+    def part_words(self, part: str) -> str:
+        return "attention heads" if part == "heads" else "FFN neurons"
 
     # --- modules
     def build(self, module, spec: PruneSpec, init: str, stats=None, keep: Sequence[int] | None = None,

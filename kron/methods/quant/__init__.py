@@ -30,11 +30,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
+
+from pydantic import Field, field_validator
 
 from ...errors import PlanError
-from ..base import LINEAR_KINDS, Method, ModuleSpec, Slot, get_method, method_of_module, parse_label, parse_option
-from ..base import positive_int, register, spec_from_dict
+from ..base import LINEAR_KINDS, Method, MethodOptions, ModuleSpec, Slot, get_method, method_of_module, parse_label
+from ..base import parse_option, positive_int, register, spec_from_dict
 
 __all__ = ["BITS", "DEFAULT_GROUP_SIZE", "INT4", "Int8Method", "QUANTIZE", "QUANTIZE_VALUES", "QuantMethod",
            "QuantizedSpec", "SCALE_BYTES", "quantized_bytes"]
@@ -57,6 +59,22 @@ def quantized_bytes(shapes, bits: int = BITS, group_size: int | None = None) -> 
         scales = 1 if group_size is None else max(-(-n // group_size), 1)
         total += rows * (-(-n * bits // 8) + SCALE_BYTES * scales)
     return total
+
+
+class QuantOptions(MethodOptions):
+    """What a search or a profile offers of quantisation: every structure (and the dense matrix) also in each of
+    `bits` (8: per-row scales; 4: `group_size` elements per scale), and the float structures too unless
+    `keep_float` is false."""
+
+    bits: list[Literal[8, 4]] = Field(default_factory=lambda: [8], min_length=1,
+                                      description="the widths offered: 8 (int8) and/or 4 (int4)")
+    group_size: int = Field(DEFAULT_GROUP_SIZE, ge=1, description="int4: elements per float32 scale along a row")
+    keep_float: bool = Field(True, description="also offer every structure unquantised (float weights)")
+
+    @field_validator("bits")
+    @classmethod
+    def _unique(cls, v):
+        return sorted(set(v), reverse=True)  # 8 before 4, as the options list them
 
 
 def _name(bits: int) -> str:
@@ -239,6 +257,36 @@ class QuantMethod(Method):
 
     def spec_for(self, options: Mapping, slot: Slot) -> QuantizedSpec:
         return self.modify(None, options, slot)
+
+    # --- search and profile
+    options_type = QuantOptions
+
+    def alias_options(self, alias: str | None) -> dict:
+        return {"bits": [QUANTIZE_VALUES[alias]]} if alias in QUANTIZE_VALUES else {}
+
+    def variants(self, inner: ModuleSpec | None, options: QuantOptions) -> list[QuantizedSpec]:
+        """`inner` (None: the dense matrix) in each of the options' widths; none for a structure that does not list
+        its weight tensors (embeddings)."""
+        if inner is not None:
+            try:
+                inner.weight_shapes(1, 1)
+            except NotImplementedError:
+                return []
+        return [QuantizedSpec(inner=inner, bits=b, group_size=options.group_size if b == 4 else None)
+                for b in options.bits]
+
+    def keeps_unmodified(self, options: QuantOptions) -> bool:
+        return options.keep_float
+
+    def candidates(self, m: int, n: int, options: QuantOptions, span) -> list[QuantizedSpec]:
+        """The dense matrix in each width (the variants of the structures come from `variants`)."""
+        return self.variants(None, options)
+
+    def modifier_damage(self, block, spec: QuantizedSpec) -> float:
+        """f of the dense matrix stored in the spec's width (`kron.damage`: added to its structure's damage)."""
+        from .layer import fake_quantize
+
+        return block.f(fake_quantize(block.W, spec.bits, spec.group_size))
 
     def modify(self, inner: ModuleSpec | None, options: Mapping, slot: Slot) -> QuantizedSpec:
         q = options.get("quantize")
