@@ -501,15 +501,17 @@ def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | 
     matrices' weights. damage: "proxy" (the relative output error; an embedding's: its table's weight error) or
     "kl" (the model-level KL, measured or estimated: `kl_damages`). methods: the linear methods whose candidates are
     offered (an embedding's factors are offered whenever the profile has them and `embeddings` is True; False: the
-    embedding stays as it is; a collection of factors: only those). A modifier's candidates (int8, int4) count as
-    their structure's method."""
+    embedding stays as it is; a collection of factors: only those). A modified structure (Kronecker in int4) is
+    offered only when both its methods are."""
     if damage not in DAMAGES:
         raise ConfigError(f"damage must be one of {', '.join(DAMAGES)}, got {damage!r}")
     totals = profile_totals(profile)
     if axis not in totals:
         raise PlanError(f"this profile has no {AXES[axis].words} totals (made before kronsearch counted them): make "
                         "it again with `kronsearch profile` for a budget on that axis")
-    wanted = set(methods) if methods is not None else None
+    from .methods import get_method
+
+    wanted = {get_method(m).name for m in methods} if methods is not None else None
     items = []
     dense_total = 0
     for name, mx in profile["matrices"].items():
@@ -520,8 +522,8 @@ def items_from_profile(profile: Mapping, axis: str, *, methods: Iterable[str] | 
         opts = []
         values = kl_damages(mx, name=name) if damage == "kl" else [c["damage"] for c in mx["candidates"]]
         for c, value in zip(mx["candidates"], values):
-            structure = c.get("structure", c["method"])
-            if c["method"] != "keep" and wanted is not None and structure not in wanted and not is_emb:
+            uses = c.get("methods") or ([get_method(c["method"]).name] if c["method"] != "keep" else [])
+            if wanted is not None and not is_emb and not set(uses) <= wanted:
                 continue
             if allowed is not None and c["method"] != "keep" and c["spec"].get("embedding_factor") not in allowed:
                 continue

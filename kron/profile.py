@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -104,7 +104,10 @@ def candidates_for(mx: Matrix, methods: Sequence[str], constraints: Constraints)
         wrapped = [method.variants(sp, options) for sp in out]
         out = (out if method.keeps_unmodified(options) else []) + [
             v for j in range(len(dense)) for v in [w[j] for w in wrapped if len(w) == len(dense)] + [dense[j]]]
-    return [replace(spec, blocks=mx.blocks) if mx.blocks > 1 else spec for spec in out]
+    if mx.blocks == 1:
+        return out
+    # a fused projection: each spec describes one block; a method whose specs cannot say blocks cannot take it
+    return [replace(spec, blocks=mx.blocks) for spec in out if "blocks" in {f.name for f in fields(spec)}]
 
 
 def method_names(methods: Sequence[str]) -> tuple[list[str], dict[str, dict]]:
@@ -336,7 +339,8 @@ def profile_model(model: nn.Module, stats, *, methods: Sequence[str] = DEFAULT_M
     methods, implied = method_names(methods)
     if implied:  # "int4" in the list: quantisation in 4 bits, as if its options said so
         opts = constraints.options_dict()
-        constraints = replace(constraints, options=Constraints(options={**implied, **opts}).options)
+        merged = {m: {**implied.get(m, {}), **opts.get(m, {})} for m in {**implied, **opts}}
+        constraints = replace(constraints, options=Constraints(options=merged).options)
     if not [m for m in methods if not get_method(m).modifier]:
         raise PlanError("give at least one compression method to profile (e.g. kronecker, lowrank)")
     for name in methods:

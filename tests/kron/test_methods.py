@@ -1,8 +1,9 @@
 """The method registry: a fourth compression method is one new module and nothing else.
 
-`BlockDiagonal` below is a complete method written the way a contributor would (a spec, a Method, a layer) and
-registered from this test module only. Without touching kron/plan.py, surgery, save/load or analysis, it must work
-in plan files, compression reports, saved folders, merging and analysis labels.
+`BlockDiagonal` below is a complete method written the way a contributor would (a spec, a Method with its own search
+options and candidates, a layer) and registered from this test module only. Without touching kron/plan.py, surgery,
+save/load, analysis, the search space, the profile or the knapsack, it must work in plan files, compression
+reports, saved folders, merging, analysis labels, a search space, a sensitivity profile and an automatic plan.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from kron import methods
 from kron.errors import PlanError
-from kron.methods import LINEAR_KINDS, Method, ModuleSpec, Slot
+from kron.methods import LINEAR_KINDS, Method, MethodOptions, ModuleSpec, Slot
 from kron.methods.base import check_keys, positive_int
 from kron.methods.layers import FactoredLinear, linear_weight
 from kron.plan import KEEP, CompressionPlan
@@ -107,9 +108,16 @@ class BlockDiagLinear(FactoredLinear):
         return layer
 
 
+class BlockDiagOptions(MethodOptions):
+    """Its search options: the numbers of diagonal blocks offered."""
+
+    ks: list[int] = [2, 4]
+
+
 class BlockDiagonal(Method):
     name = "blockdiag"
     spec_type = BlockDiagSpec
+    options_type = BlockDiagOptions
     module_kinds = LINEAR_KINDS
     primary_keys = ("diag_blocks",)
     option_keys = {}
@@ -132,6 +140,10 @@ class BlockDiagonal(Method):
         out_f, in_f = linear_weight(module)[0].shape
         return BlockDiagLinear(in_f, out_f, spec.k, bias=module.bias is not None, device=module.weight.device,
                                dtype=module.weight.dtype)
+
+    def candidates(self, m, n, options, span):
+        return [BlockDiagSpec(k) for k in options.ks if m % k == 0 and n % k == 0
+                and span.min_compression <= k <= (span.max_compression or math.inf)]
 
     def layer_types(self):
         return (BlockDiagLinear,)
@@ -208,6 +220,45 @@ def test_a_fourth_method_needs_no_change_elsewhere(blockdiag, tiny_gpt2, tmp_pat
     assert type(dense.get_submodule("transformer.h.1.mlp.c_fc")).__name__ == "Conv1D"
     assert format_factorisation({"diag_blocks": 2}) == "blockdiag k2"
     assert compression_factor("blockdiag k2") == 2.0
+
+
+def test_the_fourth_method_is_searched_profiled_and_planned(blockdiag, tiny_gpt2):
+    """Its options and candidates reach a search space (its own section of space.methods, validated by it), a
+    sensitivity profile (no data-aware init and no closed form: built with its data-free init and measured) and the
+    knapsack's automatic plan, with no other file changed."""
+    import copy
+
+    from kron.autoplan import Constraints, auto_plan, parse_budget, resolved_specs
+    from kron.calibration import collect_input_stats
+    from kron.profile import profile_model
+    from kron.surgery import apply_specs
+    from search.space import SearchSpace
+    from search.space_config import SpaceConfig
+
+    space = SearchSpace.from_model(tiny_gpt2, {"groups": ["ffn_in"], "methods": {"blockdiag": {"ks": [2, 4, 5]}}})
+    assert space.choices[0].options == ("bd2", "bd4")  # 5 divides nothing
+    params = {c.key: "bd4" for c in space.choices}
+    assert space.resolved(params)["transformer.h.0.mlp.c_fc"] == {"diag_blocks": 4}
+    assert space.plan_costs(params)["params"] < space.info.params
+    with pytest.raises(Exception, match="blockdiag.ks"):
+        SpaceConfig(methods={"blockdiag": {"ks": "two"}})
+    with pytest.raises(Exception, match="unknown option of method blockdiag"):
+        SpaceConfig(methods={"blockdiag": {"k": [2]}})
+
+    g = torch.Generator().manual_seed(0)
+    stats = collect_input_stats(tiny_gpt2, [torch.randint(0, 96, (4, 8), generator=g) for _ in range(2)])
+    prof = profile_model(tiny_gpt2, stats, methods=["blockdiag", "lowrank"], kl_subset=0,
+                         constraints=Constraints(max_compression=8, options={"blockdiag": {"ks": [2, 4]}}))
+    entry = prof["matrices"]["transformer.h.1.mlp.c_fc"]
+    bd = {c["label"]: c for c in entry["candidates"] if c["method"] == "blockdiag"}
+    assert set(bd) == {"blockdiag k2", "blockdiag k4"} and {c["init"] for c in bd.values()} == {None}
+    assert 0 < bd["blockdiag k2"]["damage"] < bd["blockdiag k4"]["damage"] < 1.5
+    sol = auto_plan(prof, parse_budget("ratio=1.3"), methods=["blockdiag"], damage="proxy")
+    assert {o.spec["method"] for o in sol.choice.values() if o.spec != KEEP} == {"blockdiag"}
+    plan = CompressionPlan.from_resolved(resolved_specs(sol))
+    m = copy.deepcopy(tiny_gpt2)
+    rep = apply_specs(m, plan.resolve(m), init="svd")
+    assert rep.compression_ratio >= 1.3 and rep.params_after_excluding_output_embedding == sol.cost
 
 
 def test_rule_errors_name_the_new_method(blockdiag):
