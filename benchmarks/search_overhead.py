@@ -129,13 +129,13 @@ def trial_overheads(timing: Timing, trial_cfg) -> list[dict]:
 
 
 def run_once(cfg, label: str) -> dict:
-    from search.space import SearchSpace
+    from search.prepare import prepared_space
     from search.tuner import run_search
 
     timing = Timing()
     _time_suggestions(timing)
     t0 = time.time()
-    space = SearchSpace.from_config(cfg)  # as `kronsearch search` does: validation is part of the wall time
+    space = prepared_space(cfg)  # as `kronsearch search` does: validation is part of the wall time
     t_space = time.time() - t0
     outcome = run_search(cfg, space, callbacks=[timing], stream=open(os.devnull, "w"))
     wall = time.time() - t0

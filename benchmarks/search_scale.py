@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     import optuna
 
     from search.config import load_search_config
-    from search.space import SearchSpace
+    from search.prepare import prepared_space
     from search.tuner import run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
                             snapshot_end_at=max(n // 4 + 1, n - max(2, n // 20)) if args.tracemalloc else None)
     sampler.start()
     t0 = time.time()
-    outcome = run_search(cfg, SearchSpace.from_config(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
+    outcome = run_search(cfg, prepared_space(cfg), callbacks=[timing], stream=open(os.devnull, "w"))
     wall = time.time() - t0
     sampler.stop()
     grown, grown_total = [], None

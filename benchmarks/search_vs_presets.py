@@ -100,10 +100,10 @@ def _no_training(cfg: dict) -> dict:
 def _auto_plans(args, out: Path) -> dict[str, tuple[dict, Path]]:
     """The search's automatic seed plans as plain trials (the same plans `seed_plans: [auto]` evaluates first)."""
     from search.config import load_search_config
-    from search.space import SearchSpace
+    from search.prepare import prepared_space
 
     cfg = load_search_config(_search_config(args, "search"))
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     todo = {}
     for label, params in space.seeds:
         name = label.removeprefix("seed:").replace("@", "-")

@@ -45,10 +45,10 @@ def trial_config(path: Path, steps: int | None, seed: int = 0) -> dict:
     """The config's trial section with one plan sampled from its space (its seed plans left out: they add options to
     the space and a sensitivity profile to build it), one thread, no checkpoint."""
     from search.config import load_search_config
-    from search.space import SearchSpace
+    from search.prepare import prepared_space
 
     cfg = load_search_config(path, overrides={"search.seed_plans": []})
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     params = space.sample_within_budget(seed) if space.budget is not None else space.sample(seed)
     trial = copy.deepcopy(cfg.trial_section)
     trial.update(plan={"rules": space.to_plan_rules(params)}, threads=1, device="cpu", save_checkpoint=False,

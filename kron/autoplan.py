@@ -24,7 +24,6 @@ Pure Python (numpy for the DP when installed), torch-free: `analysis` and the se
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 

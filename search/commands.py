@@ -44,6 +44,7 @@ def add_parsers(subparsers) -> None:
 
 def _search(args) -> int:
     from .config import load_search_config
+    from .prepare import prepare_space
     from .space import SearchSpace
 
     overrides = {"name": args.name, "search.storage": args.storage, "search.address": args.address,
@@ -58,6 +59,7 @@ def _search(args) -> int:
 
         check_experiment_folder(cfg, args.resume)
     space = SearchSpace.from_config(cfg)  # everything model-dependent is checked here, before Ray starts
+    space = prepare_space(cfg, space)  # then what needs the teacher's weights: the prior, the seed plans
     if args.dry_run:
         dry_run(cfg, space, show=args.show)
         return 0

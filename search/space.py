@@ -151,6 +151,7 @@ class SearchSpace(BudgetMixin):
         # what the automatic seeds minimise instead (search.seed_damage: kl, `prior.seed_kl_damages`); None: damages
         self.seed_damages = seed_damages
         self.seeds: list[tuple[str, dict]] = []  # (label, parameters) of the seed plans, evaluated first
+        self.prepared = False  # search.prepare.prepare_space has added its damages and seeds
         self.layer_mode, self.fixed_layers, self.count = self._layer_mode(space, info)
         self._prunable = self._prunable_blocks(space, info)
         self.choices: list[Choice] = self._build_choices(space, info)
@@ -171,20 +172,9 @@ class SearchSpace(BudgetMixin):
 
     @classmethod
     def from_config(cls, cfg: SearchConfig) -> "SearchSpace":
-        """Build the space of a search config, sizing it from the teacher's config on the meta device."""
-        trial = base_trial_config(cfg)
-        model = teacher_skeleton(trial)
-        space = cls.from_model(model, cfg.space)
-        from .config import has_auto_seeds
-        from .prior import needs_profile, search_damages, seed_kl_damages
-
-        if needs_profile(cfg):  # the real teacher and its calibration data, once, cached on disk
-            space = space.with_damages(search_damages(cfg, space))
-            if cfg.search.seed_damage == "kl" and has_auto_seeds(cfg.search.seed_plans):
-                space.seed_damages = seed_kl_damages(cfg, space, space.damages)
-        if cfg.search.seed_plans:
-            space = space.with_seeds(cfg.search.seed_plans, model, metric=cfg.size_metric)
-        return space
+        """The space of a search config, sized from the teacher's config on the meta device: data only, no weights
+        read and no calibration; the prior's damages and the seed plans come from `search.prepare.prepare_space`."""
+        return cls.from_model(teacher_skeleton(base_trial_config(cfg)), cfg.space)
 
     def _target_size(self, target: str, model, metric: str, name: str) -> int:
         """The size on `metric` an "auto@TARGET" seed aims at: TARGET itself when it is a size (3.5M), else the size

@@ -30,6 +30,7 @@ from .raystart import ray_env, ray_running, start_ray
 from .reference import prepare_locally, run_teacher_reference
 from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unfinished, write_meta
 from .scheduler import ParetoAwareASHA, SizeStratifiedASHA, make_scheduler
+from .prepare import prepare_space
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
 from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
@@ -86,8 +87,7 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
         if adopted is not cfg:
             cfg, space = adopted, None
     path, remote, local_dir = check_experiment_folder(cfg, resume)  # before the space: its profile takes minutes
-    if space is None:
-        space = SearchSpace.from_config(cfg)
+    space = prepare_space(cfg, SearchSpace.from_config(cfg) if space is None else space, stream)
     if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
         initial_params = [p for _, p in space.seeds] + list(initial_params or [])
     _validate_plan_format(cfg, space)

@@ -118,3 +118,26 @@ def test_prepare_device_follows_the_trials(tiny_search, device, gpu, expected):
     raw["trial"]["device"] = device
     raw["search"]["resources"] = {"cpu": 1, "gpu": gpu}
     assert _prepare_device(load_search_config(raw)) == expected
+
+
+def test_a_space_is_data_and_its_preparation_a_named_step(tiny_search, fresh_cache, monkeypatch):
+    """`SearchSpace.from_config` reads no weights and no data, whatever the config asks for; the prior's damages and
+    the automatic seeds come from `prepare_space`, which says what it does on its own line (and is done once)."""
+    import trials.trial as tt
+    from search.prepare import prepare_space
+    from search.space import SearchSpace
+
+    cfg = _cfg(tiny_search, seed_plans=["auto:2"], seed_damage="proxy")
+    real_load = tt.load_teacher
+    monkeypatch.setattr(tt, "load_teacher", lambda *a, **k: pytest.fail("read the teacher's weights"))
+    space = SearchSpace.from_config(cfg)
+    assert not space.seeds and space.damages is None and not space.prepared
+    monkeypatch.setattr(tt, "load_teacher", real_load)
+    out = io.StringIO()
+    prepared = prepare_space(cfg, space, stream=out)
+    assert prepared.prepared and len(prepared.seeds) == 2 and prepared.damages
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (f"preparing the space of {cfg.name}: the teacher's sensitivity to every option and 1 seed "
+                        "plan(s) ...")
+    assert lines[-1].startswith(f"prepared the space of {cfg.name} in ") and lines[-1].endswith(": 2 seed plan(s)")
+    assert prepare_space(cfg, prepared, stream=out) is prepared  # once

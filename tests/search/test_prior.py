@@ -10,6 +10,7 @@ import pytest
 from kron.errors import ConfigError
 from search.config import load_search_config
 from search.prior import auto_count, auto_seeds, choice_damage, pruned_options
+from search.prepare import prepared_space
 from search.space import SearchSpace
 
 from .test_search_space import meta_model
@@ -47,7 +48,7 @@ def demo_space(tmp_path_factory):
         text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(60)))
         cfg = _cfg(tmp, **{"trial.init": {"method": "data", "calib": str(text), "calib_tokens": 512},
                            "space.groups": ["attention_output", "ffn_in"], "space.max_shapes": 3})
-        space = SearchSpace.from_config(cfg)
+        space = prepared_space(cfg)
         from search.prior import search_damages
 
         damages = search_damages(cfg, space)
@@ -147,7 +148,7 @@ def test_auto_seeds_by_bytes_use_int8_where_it_is_nearly_free(demo_space, monkey
                        "space.max_shapes": 3, "space.quantize": ["none", "int8"],
                        "search.objectives": ["quality", "bytes"]})
     assert cfg.size_metric == "bytes"
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     damages = search_damages(cfg, space)
     int8_options = [o for opts in damages.values() for o in opts if o.endswith("int8")]
     assert int8_options and all(damages[m][o] >= 0 for m in damages for o in damages[m])
@@ -162,7 +163,7 @@ def test_auto_seeds_need_the_calibration_data_before_ray_starts(tmp_path, monkey
     missing = tmp_path / "nowhere.txt"
     cfg = _cfg(tmp_path, **{"search.seed_plans": ["auto"], "trial.init": {"method": "data", "calib": str(missing)}})
     with pytest.raises(ConfigError, match="needs calibration data from .*nowhere.txt"):
-        SearchSpace.from_config(cfg)
+        prepared_space(cfg)
     space = SearchSpace.from_model(meta_model("gpt2"), {"groups": ["ffn_in"], "layers": "all"})
     with pytest.raises(ConfigError, match="needs the teacher's calibration statistics"):
         space.with_seeds(["auto"], meta_model("gpt2"))
@@ -229,7 +230,7 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
             "space.max_shapes": 3, "search.seed_plans": ["auto"]}
     kl_cfg = _cfg(tmp, **base)
     assert kl_cfg.search.seed_damage == "kl"
-    space = SearchSpace.from_config(kl_cfg)
+    space = prepared_space(kl_cfg)
     kl = space.seed_damages
     assert kl is not None and set(kl) == set(damages)
     assert all(set(kl[m]) == set(damages[m]) and all(v >= 0 for v in kl[m].values()) for m in kl)
@@ -254,9 +255,9 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
     import kron.measure
 
     monkeypatch.setattr(kron.measure, "ModelMeasure", lambda *a, **k: pytest.fail("measured again"))
-    again = SearchSpace.from_config(kl_cfg)
+    again = prepared_space(kl_cfg)
     assert again.seed_damages == kl and again.seeds == space.seeds and len(space.seeds) >= 2
-    proxy = SearchSpace.from_config(_cfg(tmp, **base, **{"search.seed_damage": "proxy"}))
+    proxy = prepared_space(_cfg(tmp, **base, **{"search.seed_damage": "proxy"}))
     assert proxy.seed_damages is None and proxy.seeds
     with pytest.raises(Exception, match="seed_damage"):
         _cfg(tmp, **{"search.seed_damage": "mse"})
@@ -308,7 +309,7 @@ def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(de
             "search.objectives": ["quality", "params_excl_output_embedding"]}
     kl_cfg = _cfg(tmp, **base)
     assert kl_cfg.search.seed_embedding is True
-    space = SearchSpace.from_config(kl_cfg)
+    space = prepared_space(kl_cfg)
     emb = next(c for c in space.choices if any(mx.kind == "embedding" for mx in c.matrices))
     name = emb.matrices[0].name
     measured = space.seed_damages[name]
@@ -328,7 +329,7 @@ def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(de
     cheapest = min(space.seeds, key=lambda s: space.plan_costs(s[1])["params_excl_output_embedding"])
     assert cheapest[1][emb.key] != "keep" and cheapest[1][emb.key] != min(measured, key=lambda o: int(o[1:]))
     # seed_embedding false: nothing measured for the embedding, every seed on its mildest option or keep
-    legacy = SearchSpace.from_config(_cfg(tmp, **base, **{"search.seed_embedding": False}))
+    legacy = prepared_space(_cfg(tmp, **base, **{"search.seed_embedding": False}))
     assert name not in legacy.seed_damages
     assert {p[emb.key] for _, p in legacy.seeds} <= {"keep", emb.options[0]}
 

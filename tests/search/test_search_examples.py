@@ -13,7 +13,7 @@ import pytest
 
 from search.commands import dry_run
 from search.config import load_search_config
-from search.space import SearchSpace
+from search.prepare import prepared_space
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -80,7 +80,7 @@ def test_example_dry_run(name, tiny_teacher, capsys):
         pytest.skip("needs ../shared/models/all-MiniLM-L6-v2")
     overrides = {"trial.teacher": teacher} if teacher else None
     cfg = load_search_config(EXAMPLES / name, overrides=overrides)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     samples = dry_run(cfg, space, show=3)
     out = capsys.readouterr().out
     assert f"search {cfg.name}:" in out and "distinct plans" in out and "dry run: nothing was started" in out

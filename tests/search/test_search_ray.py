@@ -17,7 +17,7 @@ import yaml
 from kron.plan import CompressionPlan
 from search.commands import write_analysis
 from search.config import load_search_config
-from search.space import SearchSpace
+from search.prepare import prepared_space
 from search.finalize import _saved_study
 from search.tuner import run_search
 
@@ -42,7 +42,7 @@ def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
     raw = tiny_search(name="mo", num_samples=4, max_concurrent=1, reference=True,
                       asha={"grace_period": 2, "reduction_factor": 4, "size_buckets": 1, "keep_front": False})
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     mild = max((space.sample(i) for i in range(50)), key=lambda p: space.plan_costs(p)["params"])
     harsh = space.cheapest("params")
     outcome = run_search(cfg, space, initial_params=[mild, harsh])
@@ -156,7 +156,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(ray_session, tiny_sea
     raw = tiny_search(name="fails", num_samples=2, max_concurrent=1, asha=None)
     raw["trial"]["data"] = {"source": str(corpus), "seq_len": 16, "val_blocks": 2}
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     corpus.unlink()  # valid when checked, gone when the trials run
     outcome = run_search(cfg, space)
     summaries = _summaries(outcome.local_dir)
@@ -172,7 +172,7 @@ def test_existing_experiment_needs_resume_and_resume_needs_one(ray_session, tiny
     from search.resume import write_meta
 
     cfg = load_search_config(tiny_search(name="again", num_samples=1, asha=None))
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_search(cfg, space, resume=True)
     exp = Path(cfg.search.storage) / "again"
@@ -364,7 +364,7 @@ def test_trackers_study_journal_and_one_count_of_trials(ray_session, tiny_search
     raw = tiny_search(name="tracked", num_samples=4, max_concurrent=1, reference=True, loggers=loggers,
                       asha={"grace_period": 2, "reduction_factor": 2, "size_buckets": 1})
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     harsh = space.cheapest("params")
     mild = max((space.sample(i) for i in range(50)), key=lambda p: space.plan_costs(p)["params"])
     outcome = run_search(cfg, space, initial_params=[mild, harsh])

@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from search.config import load_search_config
-from search.space import SearchSpace
+from search.prepare import prepared_space
 from search.searcher import PlanSearcher, make_searcher
 from search.trainable import FINISHED, TIME_ATTR
 
@@ -21,7 +21,7 @@ def cfg_space(tiny_search):
         raw = tiny_search()
         raw["space"].update(space)
         cfg = load_search_config(raw)
-        return cfg, SearchSpace.from_config(cfg)
+        return cfg, prepared_space(cfg)
 
     return make
 
@@ -135,7 +135,7 @@ def test_size_stratified_asha_compares_trials_of_similar_size_only(cfg_space, ti
     raw = tiny_search()
     raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 2, "keep_front": False}
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     sched = make_scheduler(cfg, space)
     assert isinstance(sched, SizeStratifiedASHA) and sched.metric == "quality"
     assert "ASHA within 2 params strata" in sched.describe()
@@ -169,7 +169,7 @@ def test_pareto_aware_asha_keeps_seeds_and_the_front(cfg_space, tiny_search):
     raw["space"]["groups"] = ["attention", "attention_output", "ffn_in", "ffn_out"]  # all that uniform:2 compresses
     raw["search"]["asha"] = {"grace_period": 2, "reduction_factor": 2, "size_buckets": 1}
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     (label, seed_params), = space.seeds
     assert space.seed_label(seed_params) == label
     samples = sorted((p for p in (space.sample(i) for i in range(80)) if p != seed_params),
@@ -229,7 +229,7 @@ def test_pareto_aware_asha_keeps_seeds_and_the_front(cfg_space, tiny_search):
     # no seed plans and keep_front off: nothing to wrap
     raw["search"]["asha"].update(protect_seeds=True)
     raw["search"]["seed_plans"] = []
-    assert isinstance(make_scheduler(load_search_config(raw), SearchSpace.from_config(load_search_config(raw))),
+    assert isinstance(make_scheduler(load_search_config(raw), prepared_space(load_search_config(raw))),
                       ASHAScheduler)
 
 

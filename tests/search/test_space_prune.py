@@ -13,6 +13,7 @@ from kron.errors import ConfigError
 from kron.plan import CompressionPlan
 from kron.surgery import compress, count_bytes, count_params, macs_per_token
 from search.config import SpaceConfig
+from search.prepare import prepared_space
 from search.space import KEEP, NO_PRUNE, SearchSpace
 
 BLOCK_GROUPS = ["attention", "attention_output", "ffn_in", "ffn_out"]
@@ -363,7 +364,7 @@ def test_a_searched_plan_mixing_prune_and_kronecker_trains_as_mixed(tiny_teacher
     raw["space"] = {"groups": BLOCK_GROUPS, "methods": METHODS, "max_shapes": 2}
     raw["trial"]["init"] = "svd"
     cfg = load_search_config(raw)
-    space = SearchSpace.from_config(cfg)
+    space = prepared_space(cfg)
     params = {"L0.prune_heads": "0.5", "L0.prune_ffn": "0.5", "L1.prune_heads": NO_PRUNE, "L1.prune_ffn": NO_PRUNE}
     for c in space.choices:
         if c.layer == 1:
