@@ -62,7 +62,7 @@ def add_parsers(subparsers) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.report import _analyze as analyze, format_front_table
+    from analysis.report import analyze_with_summary as analyze, format_front_table
 
     written, summary = analyze(args.results, args.out, x=args.x, title=args.title)
     from analysis.results import counts_text, trial_counts
@@ -76,7 +76,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from analysis.compare import _compare as compare
+    from analysis.compare import compare_with_summary as compare
     from analysis.textfmt import fmt_delta, fmt_int, fmt_quality
 
     written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title, x=args.x)
@@ -114,12 +114,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_search_lines(summary) -> None:
-    from analysis.report import HV_MARGIN, _quality_name
+    from analysis.report import HV_MARGIN, quality_name_of
     from analysis.textfmt import fmt_int, fmt_quality, fmt_sci, human
 
     ref = summary.reference
     if ref is not None:
-        y_name = _quality_name(summary.marked) if ref["columns"][1] == "quality" else ref["columns"][1]
+        y_name = quality_name_of(summary.marked) if ref["columns"][1] == "quality" else ref["columns"][1]
         print(f"hypervolume reference point (common to all searches): {ref['columns'][0]}={fmt_int(ref['values'][0])}, "
               f"{y_name}={fmt_quality(ref['values'][1])} (worst observed values made {HV_MARGIN:.0%} worse)")
     for _, row in summary.stats.iterrows():

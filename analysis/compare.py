@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.report import (Summary, _best_index, _eligible, _has_plotly, _hypervolume_lines, _label, _out_dir,
-                             _quality_name, _trial_name, load_labelled, summarize)
+from analysis.report import (Summary, best_index, eligible_rows, plotly_available, hypervolume_lines, axis_name, results_dir,
+                             quality_name_of, trial_display_name, load_labelled, summarize)
 from analysis.results import as_floats, atomic_write_text, column_direction, is_reference
 from analysis.textfmt import fmt_delta, fmt_int, fmt_quality, md_table
 from kron.errors import DataError
@@ -30,16 +30,16 @@ def baseline_dominance(df: pd.DataFrame, y: str = "quality", *, x: str = "params
     """
     baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
     baselines = baselines[np.isfinite(as_floats(baselines[x])) & np.isfinite(as_floats(baselines[y]))]
-    trials = df[_eligible(df, x, y)]
+    trials = df[eligible_rows(df, x, y)]
     searches = sorted(trials["search"].dropna().unique(), key=str)
     direction = column_direction(pd.concat([trials, baselines]), y) if len(trials) + len(baselines) else "min"
     rows = []
     for _, base in baselines.sort_values(x).iterrows():
         bx, by = float(base[x]), float(base[y])
-        row = {"baseline": _trial_name(base), "method": str(base["method"]), "params": base[x], "quality": by}
+        row = {"baseline": trial_display_name(base), "method": str(base["method"]), "params": base[x], "quality": by}
         for scope, pool in [(None, trials)] + [(s, trials[trials["search"] == s]) for s in searches]:
             under = pool[as_floats(pool[x]) <= bx]
-            best = under.iloc[_best_index(under, y, direction, x)] if len(under) else None
+            best = under.iloc[best_index(under, y, direction, x)] if len(under) else None
             if best is None:
                 delta, dominates = math.nan, False
             else:
@@ -73,13 +73,13 @@ def compare(sources, out_dir, *, labels: Sequence[str] | None = None, title: str
     common reference point) and one per baseline (kind "baseline": its params and quality, the best search plan
     at <= its params, the quality delta, and whether that plan dominates it). Returns {file name: path}.
     """
-    return _compare(sources, out_dir, labels=labels, title=title, x=x)[0]
+    return compare_with_summary(sources, out_dir, labels=labels, title=title, x=x)[0]
 
 
-def _compare(sources, out_dir, *, labels=None, title=None, x="params"):
+def compare_with_summary(sources, out_dir, *, labels=None, title=None, x="params"):
     from analysis.plots import plot_pareto
 
-    out = _out_dir(out_dir)
+    out = results_dir(out_dir)
     df = load_labelled(sources, labels)
     if df.empty:
         raise DataError("no trials found in the given sources")
@@ -88,7 +88,7 @@ def _compare(sources, out_dir, *, labels=None, title=None, x="params"):
     table = _compare_table(summary.stats, dominance)
     written: dict[str, Path] = {}
     written["compare.csv"] = atomic_write_text(out / "compare.csv", table.to_csv(index=False))
-    html = out / "compare.html" if _has_plotly() else None
+    html = out / "compare.html" if plotly_available() else None
     written["compare.png"] = plot_pareto(summary.marked, x=x, y="quality", out_png=out / "compare.png",
                                          title=title or "Pareto fronts compared", html_out=html)
     if html is not None:
@@ -126,11 +126,11 @@ def _compare_table(stats: pd.DataFrame, dominance: pd.DataFrame) -> pd.DataFrame
 
 def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | None = None) -> str:
     marked, stats = summary.marked, summary.stats
-    qname = _quality_name(marked)
+    qname = quality_name_of(marked)
     lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
     lines += ["## Searches", ""]
-    lines += _hypervolume_lines(stats, summary.reference, qname)
-    xname = _label(summary.x)  # the size axis the fronts and the dominance are computed on
+    lines += hypervolume_lines(stats, summary.reference, qname)
+    xname = axis_name(summary.x)  # the size axis the fronts and the dominance are computed on
     rows = [[row["search"], row["best_trial"] or "—", fmt_quality(row["best_quality"]),
              fmt_int(row["best_x"]), row["knee_trial"] or "—", fmt_int(row["knee_x"]),
              fmt_quality(row["knee_quality"])]

@@ -27,10 +27,11 @@ import pandas as pd
 from analysis.export import plan_yaml
 from analysis.pareto import pareto_mask
 from analysis.results import atomic_write_text, is_reference, load_results, read_summary
+from analysis.textfmt import text_table
 from kron.errors import DataError
 from kron.vocab import AXES, OBJECTIVES, SIZE_AXES, latency_us_per_token
 
-__all__ = ["SearchReport", "analyze_search", "shorten", "text_table"]
+__all__ = ["SearchReport", "analyze_search", "plan_text_table", "shorten"]
 
 # the columns of pareto.csv and trials.csv, in this order (those the table has)
 CSV_COLUMNS = ["trial_id", "status", "quality_name", "quality", "params", "params_excl_output_embedding",
@@ -178,7 +179,7 @@ def _pareto_table(name: str, objectives: Sequence[str], front, complete, df, des
                      f"{int(r['macs_per_token']):,}" if r["macs_per_token"] is not None else "-", "-", "0",
                      "uncompressed reference, not trained"])
     pname = "params excl. out-emb" if pcol != "params" else "params"
-    lines.append(text_table(["trial", qname, pname, *(["bytes"] if by_bytes else []), "compr.", "MACs/token",
+    lines.append(plan_text_table(["trial", qname, pname, *(["bytes"] if by_bytes else []), "compr.", "MACs/token",
                              "us/token", "steps", "plan"], rows))
     pruned = _pruned_line(df[df["status"] == "pruned"], "bytes" if by_bytes else pcol)
     if pruned:
@@ -251,13 +252,7 @@ def shorten(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """A plain-text table: columns padded to their widest cell, numbers right-aligned (every column but plan,
-    trial and status), a dashed rule under the header."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    right = [i for i, h in enumerate(header) if h not in ("plan", "trial", "status")]
-
-    def fmt(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+def plan_text_table(header: list[str], rows: list[list[str]]) -> str:
+    """The tables of a search's console output (`analysis.textfmt.text_table`): numbers right-aligned (every
+    column but plan, trial and status), a dashed rule under the header."""
+    return text_table(header, rows, right=[i for i, h in enumerate(header) if h not in ("plan", "trial", "status")])

@@ -37,10 +37,10 @@ from analysis.results import (
     mark_pareto,
     plan_table,
 )
-from analysis.textfmt import (fmt_int, fmt_percent, fmt_quality, fmt_ratio, fmt_sci, human, md_table,
+from analysis.textfmt import (fmt_int, fmt_percent, fmt_quality, fmt_ratio, fmt_sci, human, md_table, text_table,
                               one_line, text_or_none)
 from kron.errors import DataError, UserError
-from kron.vocab import SIZE_AXES
+from kron.vocab import AXES, SIZE_AXES
 
 __all__ = ["analyze", "format_front_table", "common_reference", "search_stats", "front_rows", "load_labelled",
            "X_COLUMNS", "HV_MARGIN"]
@@ -94,7 +94,7 @@ def load_labelled(sources, labels: Sequence[str] | None = None) -> pd.DataFrame:
     return df.drop_duplicates("summary_path", keep="first").reset_index(drop=True)
 
 
-def _eligible(df: pd.DataFrame, x: str, y: str) -> pd.Series:
+def eligible_rows(df: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Complete, non-baseline rows with finite x and y."""
     ok = (df["status"] == "complete").fillna(False).astype(bool) & ~is_reference(df)
     for column in (x, y):
@@ -108,7 +108,7 @@ def common_reference(df: pd.DataFrame, x: str = "params", y: str = "quality") ->
 
     Returns {"columns": [x, y], "directions": [...], "values": [...], "worst": [...]}.
     """
-    rows = df[_eligible(df, x, y)]
+    rows = df[eligible_rows(df, x, y)]
     if rows.empty:
         return None
     directions = [column_direction(rows, x), column_direction(rows, y)]
@@ -135,7 +135,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
     """
     if reference is None:
         reference = common_reference(df, x, y)
-    ok = _eligible(df, x, y)
+    ok = eligible_rows(df, x, y)
     searches = sorted(df.loc[~is_reference(df), "search"].dropna().unique(), key=str)
     rows = []
     for search in searches:
@@ -150,7 +150,7 @@ def search_stats(df: pd.DataFrame, x: str = "params", y: str = "quality", refere
         if not good.empty:
             directions = [column_direction(good, x), column_direction(good, y)]
             values = np.column_stack([as_floats(good[x]), as_floats(good[y])])
-            best = good.iloc[_best_index(good, y, directions[1], x)]
+            best = good.iloc[best_index(good, y, directions[1], x)]
             knee = good.iloc[knee_point(values, directions)]
             row.update(best_trial=str(best["trial_id"]), best_quality=float(best["quality"]),
                        best_params=best["params"], best_x=float(best[x]), best_plan=text_or_none(best["plan_summary"]),
@@ -209,14 +209,14 @@ def analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: s
     Returns {file name: path} of what was written: results.csv, pareto.csv, pareto.png, pareto.html (when plotly
     is installed), plans_heatmap.png (when the front trials have resolved plans) and report.md.
     """
-    return _analyze(sources, out_dir, x=x, y=y, title=title)[0]
+    return analyze_with_summary(sources, out_dir, x=x, y=y, title=title)[0]
 
 
-def _analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: str | None = None):
+def analyze_with_summary(sources, out_dir, *, x: str = "params", y: str = "quality", title: str | None = None):
     """`analyze`, also returning its `Summary` (for the CLI's console output)."""
     from analysis.plots import plot_pareto, plot_plan_heatmap
 
-    out = _out_dir(out_dir)
+    out = results_dir(out_dir)
     df = load_labelled(sources)
     if df.empty:
         raise DataError("no trials found in the given sources")
@@ -229,7 +229,7 @@ def _analyze(sources, out_dir, *, x: str = "params", y: str = "quality", title: 
     written["results.csv"] = atomic_write_text(out / "results.csv", results.to_csv(index=False))
     written["pareto.csv"] = atomic_write_text(out / "pareto.csv", _pareto_csv(summary.front, y).to_csv(index=False))
 
-    html = out / "pareto.html" if _has_plotly() else None
+    html = out / "pareto.html" if plotly_available() else None
     written["pareto.png"] = plot_pareto(summary.marked, x=x, y=y, out_png=out / "pareto.png",
                                         title=title or _default_title(summary), html_out=html)
     if html is not None:
@@ -264,12 +264,12 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
                     note: str | None = None) -> str:
     """The markdown text of `report.md`."""
     marked, stats, x = summary.marked, summary.stats, summary.x
-    qname = _quality_name(marked)
+    qname = quality_name_of(marked)
     qdir = column_direction(marked[(marked["status"] == "complete").fillna(False)], "quality")
     lines = [f"# {title or _default_title(summary)}", ""]
     n_trials, _, references = trial_counts(marked)
     trials = marked[~is_reference(marked)]
-    lines += [f"{n_trials} trials in {trials['search'].nunique()} search(es); objectives: {_label(x)} (lower is "
+    lines += [f"{n_trials} trials in {trials['search'].nunique()} search(es); objectives: {axis_name(x)} (lower is "
               f"better) and {qname} ({'lower' if qdir == 'min' else 'higher'} is better)."
               + (f" References (not trials): {', '.join(references)}." if references else ""), ""]
     for image in images:
@@ -288,10 +288,10 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     if summary.front.empty:
         lines += ["No search has a complete trial: there is no front.", ""]
     else:
-        lines += [f"Front of each search ({_label(x)} vs {qname}); ★ marks the knee point.", ""]
+        lines += [f"Front of each search ({axis_name(x)} vs {qname}); ★ marks the knee point.", ""]
         rows = []
         for _, row in summary.front.iterrows():
-            rows.append([row["search"], int(row["rank"]), ("★ " if row["is_knee"] else "") + _trial_name(row),
+            rows.append([row["search"], int(row["rank"]), ("★ " if row["is_knee"] else "") + trial_display_name(row),
                          fmt_int(row["params"]), fmt_ratio(row["compression_ratio"]), fmt_quality(row["quality"]),
                          human(row["macs_per_token"]), human(row["throughput_tokens_per_s"]),
                          text_or_none(row["plan_summary"]) or ""])
@@ -307,7 +307,7 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
             lines.append(f"- **{row['search']}**: no complete trial")
             continue
         knee = _row_of(marked, row["search"], row["knee_trial"])
-        lines.append(f"- **{row['search']}**: {_trial_name(knee)} — {_label(x)} {fmt_int(knee[x])}, "
+        lines.append(f"- **{row['search']}**: {trial_display_name(knee)} — {axis_name(x)} {fmt_int(knee[x])}, "
                      f"{qname} {fmt_quality(knee['quality'])}, compression {fmt_ratio(knee['compression_ratio'])}; "
                      f"plan: {text_or_none(knee['plan_summary']) or '—'}")
     lines += ["", "## Best plan per search", ""]
@@ -317,20 +317,20 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
             rows.append([row["search"], "—", "", "", "", "no complete trial"])
             continue
         best = _row_of(marked, row["search"], row["best_trial"])
-        rows.append([row["search"], _trial_name(best), fmt_quality(best["quality"]), fmt_int(best["params"]),
+        rows.append([row["search"], trial_display_name(best), fmt_quality(best["quality"]), fmt_int(best["params"]),
                      fmt_ratio(best["compression_ratio"]), text_or_none(best["plan_summary"]) or ""])
     lines += md_table(["search", f"best trial (by {qname})", qname, "params", "compression", "plan"], rows,
                        numeric=(2, 3, 4)) + [""]
 
     lines += ["## Hypervolume", ""]
-    lines += _hypervolume_lines(stats, summary.reference, qname)
+    lines += hypervolume_lines(stats, summary.reference, qname)
 
     lines += ["## Failed trials", ""]
     failed = marked[marked["status"].isin(_FAILED).fillna(False)]
     if failed.empty:
         lines += ["None.", ""]
     else:
-        rows = [[row["search"], _trial_name(row), row["status"], one_line(row["error"]) or "(no error recorded)"]
+        rows = [[row["search"], trial_display_name(row), row["status"], one_line(row["error"]) or "(no error recorded)"]
                 for _, row in failed.sort_values(["search", "trial_id"]).iterrows()]
         lines += md_table(["search", "trial", "status", "error"], rows) + [""]
     if note:
@@ -338,17 +338,17 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     return "\n".join(lines)
 
 
-def _hypervolume_lines(stats: pd.DataFrame, reference: dict | None, qname: str) -> list[str]:
+def hypervolume_lines(stats: pd.DataFrame, reference: dict | None, qname: str) -> list[str]:
     if reference is None:
         return ["Not computed: no complete trial with finite objectives.", ""]
     (x, _), (rx, ry), (wx, wy) = reference["columns"], reference["values"], reference["worst"]
     dx, dy = reference["directions"]
-    lines = [f"Common reference point (the same for every search): **{_label(x)} = {fmt_int(rx)}, {qname} = "
+    lines = [f"Common reference point (the same for every search): **{axis_name(x)} = {fmt_int(rx)}, {qname} = "
              f"{fmt_quality(ry)}** — the worst value of each objective observed over the complete trials of all "
              f"{len(stats)} search(es) ({fmt_int(wx)} and {fmt_quality(wy)}), made {HV_MARGIN:.0%} worse "
-             f"({_label(x)} {_margin_word(dx, wx)}, {qname} {_margin_word(dy, wy)}). "
-             f"Hypervolume is the area of the ({_label(x)}, {qname}) "
-             f"plane dominated by a search's trials up to that point (units: {_label(x)} × {qname}); larger is "
+             f"({axis_name(x)} {_margin_word(dx, wx)}, {qname} {_margin_word(dy, wy)}). "
+             f"Hypervolume is the area of the ({axis_name(x)}, {qname}) "
+             f"plane dominated by a search's trials up to that point (units: {axis_name(x)} × {qname}); larger is "
              "better.", ""]
     rows = [[row["search"], fmt_sci(row["hypervolume"]), fmt_percent(row["hypervolume_share"]), int(row["on_front"]),
              int(row["complete"])] for _, row in stats.iterrows()]
@@ -375,24 +375,16 @@ def format_front_table(df: pd.DataFrame, *, x: str = "params", y: str = "quality
     front = front_rows(marked, x)
     if front.empty:
         return "no complete trials: no Pareto front"
-    qname = _quality_name(marked)
+    qname = quality_name_of(marked)
     header = ["search", "#", "trial", "params", "compr.", qname, "MACs/tok", "tok/s", "plan"]
     rows = []
     for _, row in front.iterrows():
         plan = text_or_none(row["plan_summary"]) or ""
         plan = plan if len(plan) <= max_plan else plan[: max_plan - 1] + "…"
-        rows.append([str(row["search"]), str(row["rank"]), ("*" if row["is_knee"] else " ") + _trial_name(row),
+        rows.append([str(row["search"]), str(row["rank"]), ("*" if row["is_knee"] else " ") + trial_display_name(row),
                      human(row["params"]), fmt_ratio(row["compression_ratio"]), fmt_quality(row["quality"]),
                      human(row["macs_per_token"]), human(row["throughput_tokens_per_s"]), plan])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = {1, 3, 4, 5, 6, 7}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-                         ).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    return "\n".join(out) + "\n(* = knee point)"
+    return text_table(header, rows, right={1, 3, 4, 5, 6, 7}, strip=True) + "\n(* = knee point)"
 
 
 def _with_knees(marked: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -409,7 +401,7 @@ def _with_knees(marked: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
-def _out_dir(out_dir) -> Path:
+def results_dir(out_dir) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {str(out)!r} exists and is not a directory")
@@ -417,14 +409,14 @@ def _out_dir(out_dir) -> Path:
     return out
 
 
-def _has_plotly() -> bool:
+def plotly_available() -> bool:
     try:
         return importlib.util.find_spec("plotly") is not None
     except (ImportError, ValueError):  # a broken or stubbed plotly
         return False
 
 
-def _best_index(group: pd.DataFrame, y: str, direction: str, x: str) -> int:
+def best_index(group: pd.DataFrame, y: str, direction: str, x: str) -> int:
     """Position of the best-`y` row of `group`; ties go to the smaller `x`, then to the smaller trial id."""
     quality = as_floats(group[y]) * (1.0 if direction == "min" else -1.0)
     size = as_floats(group[x])
@@ -441,20 +433,19 @@ def _default_title(summary: Summary) -> str:
     searches = [str(s) for s in summary.stats["search"]]
     names = ", ".join(searches) if len(searches) <= 3 else f"{len(searches)} searches"
     return f"Pareto front{'s' if len(searches) > 1 else ''} of {names or 'no search'}: " \
-           f"{_label(summary.x)} vs {_quality_name(summary.marked)}"
+           f"{axis_name(summary.x)} vs {quality_name_of(summary.marked)}"
 
 
-def _quality_name(df: pd.DataFrame) -> str:
+def quality_name_of(df: pd.DataFrame) -> str:
     names = df.loc[(df["status"] == "complete").fillna(False), "quality_name"].dropna().unique()
     if not len(names):
         names = df["quality_name"].dropna().unique()
     return str(names[0]) if len(names) else "quality"
 
 
-def _label(column: str) -> str:
-    """A size axis's short name in the markdown reports' text and table headers."""
-    return {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
-            "macs_per_token": "MACs/token"}.get(column, column)
+def axis_name(column: str) -> str:
+    """A size axis's short name in the markdown reports' text and table headers (`kron.vocab.AXES`)."""
+    return AXES[column].short if column in AXES else column
 
 
 def _margin_word(direction: str, worst: float) -> str:
@@ -464,7 +455,7 @@ def _margin_word(direction: str, worst: float) -> str:
     return f"{'+' if direction == 'min' else '−'} {HV_MARGIN:.0%} of |worst| (or of the observed range when 0)"
 
 
-def _trial_name(row) -> str:
+def trial_display_name(row) -> str:
     label = row.get("label")
     trial_id = str(row.get("trial_id"))
     if isinstance(label, str) and label and label != trial_id:

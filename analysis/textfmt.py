@@ -3,8 +3,25 @@ from __future__ import annotations
 
 from analysis.results import is_finite
 
-__all__ = ["fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
+__all__ = ["text_table", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
            "md_table", "one_line", "text_or_none"]
+
+
+def text_table(header, rows, *, right=None, rule: bool = True, indent: str = "", strip: bool = False) -> str:
+    """The console table of kronsearch: cells as text, columns padded to their widest cell and two spaces apart,
+    `right` the indices of the right-aligned columns (None: all of them), a dashed rule under the header when `rule`,
+    every line prefixed by `indent` (and right-stripped when `strip`)."""
+    header = [str(h) for h in header]
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    right = set(range(len(header))) if right is None else set(right)
+
+    def line(cells):
+        text = indent + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
+                                  enumerate(zip(cells, widths)))
+        return text.rstrip() if strip else text
+
+    return "\n".join([line(header), *([line(["-" * w for w in widths])] if rule else []), *(line(r) for r in rows)])
 
 
 def md_table(header, rows, numeric=()) -> list[str]:

@@ -188,10 +188,9 @@ def _mean(values: list[float], digits: int = 3) -> float | None:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    from analysis.textfmt import text_table
+
+    print(text_table(header, rows, right=(), rule=False))
 
 
 def main(argv=None) -> int:

@@ -399,9 +399,9 @@ def main(argv=None) -> int:
         b = res.get(f"{key}_last") if key != "overhead_s" else res["overhead_s_last_quarter"]
         ratio = f"{b / a:.2f}x" if a and b else "-"
         table.append([label, "-" if a is None else f"{a:g}", "-" if b is None else f"{b:g}", ratio])
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(4)]
-    for r in [header, *table]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    from analysis.textfmt import text_table
+
+    print(text_table(header, table, right=(1, 2, 3), rule=False))
     print(f"experiment state saved every {res['state_save_period_s']:g} s ({res['state_saves']} saves)")
     print(f"driver RSS (MB): start {res['driver_rss_mb_start']}, after {q} trials {res['driver_rss_mb_at_quarter']}, "
           f"after {n // 2} {res['driver_rss_mb_at_half']}, end {res['driver_rss_mb_end']}, max {res['driver_rss_mb_max']}; "

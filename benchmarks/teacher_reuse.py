@@ -239,9 +239,9 @@ def main(argv=None) -> int:
              f"{r['rss_growth_mb_while_filling']:.0f}",
              f"{r['step_s_disk']:.3f} ({r['speedup_disk_median']:.2f}x)" if r["step_s_disk"] else "-",
              str(r["identical_losses"])] for r in results]
-    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    from analysis.textfmt import text_table
+
+    print(text_table(header, rows, right=(), rule=False))
     print(json.dumps({"benchmark": "teacher_reuse", "smoke": args.smoke, "loadavg": [round(x, 2) for x in load],
                       "results": results}))
     return 0

@@ -172,8 +172,8 @@ class SizeAxis:
     the search's size strata, its prior and seeds, the knapsack, analysis and the CLI all read.
 
     name: the result column (trial summaries, tables) and the key of every cost dict (`{axis: value}`).
-    objective: its name in `search.objectives`. label: axis and table label. words: in a sentence ("the plan with
-    the fewest {words}"). budget_key: its limit in a search's `space.budget`. spellings: the AXIS of a budget
+    objective: its name in `search.objectives`. label: axis and plot label. words: in a sentence ("the plan with
+    the fewest {words}"). short: in report text and table headers. budget_key: its limit in a search's `space.budget`. spellings: the AXIS of a budget
     `AXIS=VALUE` (`plan --auto --budget`, seed targets), first the canonical one. totals_key: the model's total in a
     sensitivity profile's `model` header (and `search.model_info.ModelInfo`'s attribute).
     """
@@ -185,20 +185,22 @@ class SizeAxis:
     budget_key: str
     spellings: tuple[str, ...]
     totals_key: str
+    short: str  # in report text and table headers ("MACs/token")
 
 
 AXES: dict[str, SizeAxis] = {
     a.name: a for a in (
-        SizeAxis("params", "params", "parameters", "parameters", "max_params", ("params",), "params"),
+        SizeAxis("params", "params", "parameters", "parameters", "max_params", ("params",), "params", "params"),
         SizeAxis("params_excl_output_embedding", "params_excl_output_embedding", "parameters (excl. output embedding)",
                  "parameters excluding the output embedding", "max_params_excl_output_embedding",
-                 ("params_excl", "params_excl_output_embedding"), "params_excl_output_embedding"),
+                 ("params_excl", "params_excl_output_embedding"), "params_excl_output_embedding",
+                 "params excl. output embedding"),
         SizeAxis("macs_per_token", "macs", "MACs per token", "multiply-adds", "max_macs", ("macs", "macs_per_token"),
-                 "macs"),
+                 "macs", "MACs/token"),
         # weight storage: each tensor's elements x its stored width (float32 4; int8 1 and int4 ½, plus float32
         # scales)
         SizeAxis("bytes", "bytes", "weight storage (bytes)", "bytes of weight storage", "max_bytes", ("bytes",),
-                 "bytes"),
+                 "bytes", "bytes"),
     )
 }
 # Result columns a Pareto front may use as its size axis (known before training, so comparable across searches).

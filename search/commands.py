@@ -124,7 +124,7 @@ def _header(cfg, space) -> str:
 
 def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
     """Print the space's size and `show` sampled plans with their costs; returns the sampled parameter dicts."""
-    from analysis.front import shorten, text_table
+    from analysis.front import plan_text_table, shorten
 
     out = stream or sys.stdout
     print(_header(cfg, space), file=out)
@@ -155,7 +155,7 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
     seeds = f", the {len(space.seeds)} seed plan(s)" if space.seeds else ""
     print(f"{show} sampled plans{' (within the budget)' if space.budget is not None else ''}{seeds}, and the plan "
           f"with the fewest {fewest} (min):", file=out)
-    print(text_table(["#", "params", "params excl. out-emb", "compr.", "MACs/token", "plan"], rows), file=out)
+    print(plan_text_table(["#", "params", "params excl. out-emb", "compr.", "MACs/token", "plan"], rows), file=out)
     print("dry run: nothing was started or trained", file=out)
     return samples
 

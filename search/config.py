@@ -315,7 +315,7 @@ def _trial_from_section(trial: dict) -> TrialConfig:
     try:
         return TrialConfig.model_validate({**with_search_defaults(trial), "plan": copy.deepcopy(_PLACEHOLDER_PLAN)})
     except ValidationError as exc:
-        raise ValueError(_format_errors(exc, "", root=TrialConfig, prefix="trial.")) from None
+        raise ValueError(format_errors(exc, "", root=TrialConfig, prefix="trial.")) from None
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -334,7 +334,7 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | None = None,
+def format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | None = None,
                    prefix: str = "") -> str:
     """One "<where>: <field.path>: <problem> (got <value>)" per problem; unknown keys list the valid ones."""
     root = root or SearchConfig
@@ -401,7 +401,7 @@ def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, override
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, where)) from None
+        raise ConfigError(format_errors(exc, where)) from None
 
 
 def _looks_local(value: str) -> bool:

@@ -11,6 +11,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+from analysis.textfmt import text_table
+
+from .profile_commands import (add_auto_arguments, add_profile_parser, add_ridge_arg, calibration_stats_for,
+                               check_manual_plan, plan_auto)
+
 _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
              "config:bert-base-uncased / config:PATH/config.json (random weights)")
 
@@ -46,8 +51,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
     p.add_argument("--out", help="write the plan (with its concrete shapes) to this .yaml/.json file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_plan)
-    _add_auto_plan_options(p, g)  # plan --auto --budget ... (search.profile_commands)
+    p.set_defaults(func=_plan_command)
+    add_auto_arguments(p, g)  # plan --auto --budget ... (search.profile_commands)
 
     p = subparsers.add_parser(
         "compress", help="compress a model with a plan (SVD or data-aware initialisation) and save it",
@@ -72,7 +77,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
                    help="calibration token budget (default 8192; 1/8 is held out for the report's output error)")
     p.add_argument("--calib-seq-len", type=int, default=128, metavar="L", help="calibration block length")
-    _add_ridge_arg(p)  # --ridge (search.profile_commands)
+    add_ridge_arg(p)  # --ridge (search.profile_commands)
     p.add_argument("--split", choices=("auto", "output", "input"), default="auto",
                    help="side that factor rules and uniform:<f> split among equally compressing shapes: output (the "
                         "papers' tie-break), input (what data-aware init serves best); auto: input with --init data")
@@ -89,7 +94,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_merge)
 
-    _add_profile_command(subparsers)  # kronsearch profile (search.profile_commands)
+    add_profile_parser(subparsers)  # kronsearch profile (search.profile_commands)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -125,14 +130,20 @@ def _shapes(args) -> int:
 
 
 def print_table(header, rows, indent: str = "") -> None:
-    """Columns right-aligned to their widest cell, two spaces apart, each line prefixed by `indent`."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    print(indent + "  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in rows:
-        print(indent + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+    """Columns right-aligned to their widest cell, no rule, each line prefixed by `indent`
+    (`analysis.textfmt.text_table`)."""
+    print(text_table(header, rows, rule=False, indent=indent))
 
 
 # ----------------------------------------------------------------------------------------------- plan
+
+
+def _plan_command(args) -> int:
+    """`kronsearch plan`: an automatic plan with --auto (search.profile_commands), else the preset or plan file."""
+    if getattr(args, "auto", False):
+        return plan_auto(args)
+    check_manual_plan(args)
+    return _plan(args)
 
 
 def _plan(args) -> int:
@@ -210,22 +221,6 @@ def _compress(args) -> int:
     return 0
 
 
-def calibration_stats_for(args, model, src: str):
-    """Calibration statistics of the model on --calib (cached; the data loading lives in trials.calibration)."""
-    from kron.errors import ConfigError
-    from kron.models import load_tokenizer
-    from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_stats
-
-    tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
-    if tokens < 1:
-        raise ConfigError(f"--calib-tokens must be a positive number of tokens, got {tokens}")
-    if args.calib_seq_len < 2:
-        raise ConfigError(f"--calib-seq-len must be >= 2, got {args.calib_seq_len}")
-    tokenizer = load_tokenizer(src)
-    return calibration_stats(model, tokenizer, args.calib, tokens, seq_len=args.calib_seq_len,
-                             config_name=args.calib_config, model_id=src)
-
-
 # ----------------------------------------------------------------------------------------------- merge
 
 
@@ -259,27 +254,3 @@ def _merge(args) -> int:
     else:
         print(f"merged {args.dir} into a dense {type(model).__name__} ({n:,} parameters): {out}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------- profile, plan --auto
-
-
-def _add_profile_command(subparsers) -> None:
-    """`kronsearch profile`: the sensitivity profile (search.profile_commands, kron.profile)."""
-    from search.profile_commands import add_profile_parser
-
-    add_profile_parser(subparsers)
-
-
-def _add_auto_plan_options(plan_parser, choice_group) -> None:
-    """`kronsearch plan --auto --budget ...`: automatic plans from a profile (search.profile_commands, kron.autoplan)."""
-    from search.profile_commands import add_auto_arguments
-
-    add_auto_arguments(plan_parser, choice_group)
-
-
-def _add_ridge_arg(parser) -> None:
-    """`kronsearch compress --ridge R`: the same option as profile and plan --auto (search.profile_commands)."""
-    from search.profile_commands import add_ridge_arg
-
-    add_ridge_arg(parser)

@@ -96,7 +96,7 @@ def _teacher_and_cache(cfg, wanted: dict, extra_key: dict, prefix: str):
     None) for damages of the `wanted` options (module -> [(option, spec)]) of a search config's teacher."""
     from kron.models import pick_device
     from trials.calibration import calibration_for, default_calib_source
-    from trials.data import _model_fingerprint, default_cache_dir
+    from trials.data import model_fingerprint, default_cache_dir
     from trials.trial import load_teacher
 
     trial = cfg.trial
@@ -109,7 +109,7 @@ def _teacher_and_cache(cfg, wanted: dict, extra_key: dict, prefix: str):
         source = trial.init_config.calib or default_calib_source(trial)[0]
         raise ConfigError(f"the search's sensitivity profile (space.prior / search.seed_plans: auto) needs "
                           f"calibration data from {source!r}: {exc}") from None
-    key = {"teacher": _model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
+    key = {"teacher": model_fingerprint(teacher), "calibration": getattr(stats, "key", None),
            "tokens": tokens, "options": {n: [o for o, _ in v] for n, v in wanted.items()}, **extra_key}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = default_cache_dir() / "damages" / f"{prefix}{digest}.json"

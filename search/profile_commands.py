@@ -1,7 +1,7 @@
 """`kronsearch profile` and `kronsearch plan --auto`: sensitivity profiles and automatic plans under a budget.
 
-Registered from `search.model_commands` (two hooks there call `add_profile_parser` and `add_auto_arguments`); the work is in
-`kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack).
+Registered from `search.model_commands` (it calls `add_profile_parser`, `add_auto_arguments`, `add_ridge_arg`);
+the work is in `kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.textfmt import text_table
 from search.fmt import fmt_n
-from search.model_commands import print_table
 
 _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
              "config:bert-base-uncased / config:PATH/config.json (random weights)")
@@ -148,7 +148,6 @@ def add_auto_arguments(p, group) -> None:
                         "better, another one worse, within the budget) judged by the KL of the whole compressed model "
                         "on the held-out calibration batches, at most N measurements (kron.refine; 0: off, the "
                         "default; 40 is a good start)")
-    p.set_defaults(func=plan_dispatch)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -281,10 +280,9 @@ def _heldout(args, model, src):
 
 
 def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tokens, fresh, quiet):
-    from search.model_commands import calibration_stats_for as _calibration
     from kron.profile import profile_model
 
-    stats = _calibration(args, model, src)
+    stats = calibration_stats_for(args, model, src)
     heldout = _heldout(args, model, src) if kl_subset > 0 else None
     bar = None if quiet else _Bar("profile")
     factors = _embedding_factors(args)
@@ -295,7 +293,7 @@ def _run_profile(args, model, src, path, constraints, methods, kl_subset, kl_tok
 
 
 def _print_table(header, rows) -> None:
-    print_table(header, rows, indent="  ")
+    print(text_table(header, rows, rule=False, indent="  "))
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -348,19 +346,16 @@ def profile_command(args) -> int:
 # ----------------------------------------------------------------------------------------------- plan --auto
 
 
-def plan_dispatch(args) -> int:
-    if getattr(args, "auto", False):
-        return plan_auto(args)
+def check_manual_plan(args) -> None:
+    """ConfigError when options of `plan --auto` come without --auto (with --preset/--plan)."""
     from kron.errors import ConfigError
 
     given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks",
-                                                   "embedding_factors") if getattr(args, k, None) is not None]
+                                                   "embedding_factors", "method_option") if getattr(args, k, None)
+             is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --auto (an automatic plan "
                           "under a budget); with --preset/--plan leave them out")
-    from search.model_commands import _plan
-
-    return _plan(args)
 
 
 def _budgets(args):
@@ -541,7 +536,6 @@ def plan_auto(args) -> int:
 def _refiner(args, model, src, profile, methods, embeddings=True):
     """`--refine N`: a function (budget, knapsack solution) -> Refinement improving the plan on `model` (kron.refine),
     on the held-out calibration batches; the statistics and batches are read once for every budget."""
-    from search.model_commands import calibration_stats_for
     from kron.refine import refine_plan
 
     stats = calibration_stats_for(args, model, src)
@@ -581,3 +575,19 @@ def _plan_embeddings(args, profile):
 def _compression(mx, label: str) -> float:
     """The compression of the matrix's candidate `label` (an embedding's: its table's, without a tied head's copy)."""
     return next((c["compression"] for c in mx["candidates"] if c["label"] == label), 1.0)
+
+
+def calibration_stats_for(args, model, src: str):
+    """Calibration statistics of the model on --calib (cached; the data loading lives in trials.calibration)."""
+    from kron.errors import ConfigError
+    from kron.models import load_tokenizer
+    from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_stats
+
+    tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
+    if tokens < 1:
+        raise ConfigError(f"--calib-tokens must be a positive number of tokens, got {tokens}")
+    if args.calib_seq_len < 2:
+        raise ConfigError(f"--calib-seq-len must be >= 2, got {args.calib_seq_len}")
+    tokenizer = load_tokenizer(src)
+    return calibration_stats(model, tokenizer, args.calib, tokens, seq_len=args.calib_seq_len,
+                             config_name=args.calib_config, model_id=src)

@@ -11,7 +11,7 @@ from .trainable import FINISHED, trial_outcome
 __all__ = ["ProgressCallback"]
 
 
-def _callback_base():
+def callback_base():
     from ray.tune import Callback
 
     return Callback
@@ -27,7 +27,7 @@ def _size_text(value, metric: str) -> str:
     return f"{fmt_n(value)} {_SIZE_WORDS.get(metric, metric)}"
 
 
-class ProgressCallback(_callback_base()):
+class ProgressCallback(callback_base()):
     """One console line per event: a trial started, evaluated, finished, was pruned or failed; with the counts
     and the best quality so far per size bucket (tenths of the teacher's size on the search's size axis:
     `size_metric`, parameters by default)."""

@@ -258,12 +258,12 @@ class SearchSpace(BudgetMixin):
         if isinstance(space, dict):
             from pydantic import ValidationError
 
-            from .config import _format_errors
+            from .config import format_errors
 
             try:
                 space = SpaceConfig.model_validate(space)
             except ValidationError as exc:
-                raise ConfigError(_format_errors(exc, "", root=SpaceConfig, prefix="space.")) from None
+                raise ConfigError(format_errors(exc, "", root=SpaceConfig, prefix="space.")) from None
         return cls(space, inspect_model(model, space))
 
     @property

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .progress import _callback_base
+from .progress import callback_base
 
 __all__ = ["TrimEndedTrials", "trim_trial_state"]
 
@@ -50,7 +50,7 @@ def trim_trial_state(trial) -> bool:
     return True
 
 
-class TrimEndedTrials(_callback_base()):
+class TrimEndedTrials(callback_base()):
     """Ray Tune callback: `trim_trial_state` for every trial that completes or fails."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):

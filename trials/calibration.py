@@ -139,7 +139,7 @@ def calibration_stats(teacher, tokenizer, source: str, tokens: int = DEFAULT_CAL
     the disk cache when the same model, data, budget and sequence length were collected before."""
     from kron.calibration import CalibStats, collect_input_stats
 
-    from .data import _model_fingerprint, default_cache_dir, tokenizer_fingerprint
+    from .data import model_fingerprint, default_cache_dir, tokenizer_fingerprint
 
     source = str(source)
     if not source.strip():
@@ -148,7 +148,7 @@ def calibration_stats(teacher, tokenizer, source: str, tokens: int = DEFAULT_CAL
     key = {
         "format": _FORMAT,
         "model": model_id or "",
-        "fingerprint": _model_fingerprint(teacher),
+        "fingerprint": model_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "source": describe_source(source, config_name),
         "tokens": int(tokens),

@@ -290,7 +290,7 @@ def lm_batches(
 # ------------------------------------------------------------------------------------ data-free samples
 
 
-def _model_fingerprint(model) -> str:
+def model_fingerprint(model) -> str:
     """Hash of the config plus a few weights: two different teachers never share a sample cache."""
     h = hashlib.sha256()
     h.update(getattr(model.config, "name_or_path", "").encode())
@@ -335,7 +335,7 @@ def sample_teacher_text(
         raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
 
     settings = {
-        "model": _model_fingerprint(model),
+        "model": model_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "num_sequences": str(num_sequences),
         "seq_len": str(seq_len),

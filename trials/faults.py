@@ -5,7 +5,7 @@ applies when its fnmatch pattern matches the trial's name, its output directory 
 plan rules ("plan-<12 hex>"; Ray's trial ids are random, a plan given through initial_params is not). A pattern
 without '*' or '?' matches as a substring. The search forwards the driver's value to its Ray workers.
 'raise' raises a RuntimeError before the first stage, 'oom' a MemoryError, 'nan' makes the training loss NaN (the
-trial ends 'diverged' at its first step). Unset (the default) nothing here is imported. Used by
+trial ends 'diverged' at its first step). Unset (the default) `default_hooks` gives hooks that do nothing. Used by
 tests/search/test_faults.py and tests/trials/test_trial_faults.py to fail chosen trials.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .hooks import FAULT_ENV, TrialHooks
 if TYPE_CHECKING:
     from .config import TrialConfig
 
-__all__ = ["FAULT_KINDS", "FaultInjection", "plan_digest"]
+__all__ = ["FAULT_KINDS", "FaultInjection", "default_hooks", "plan_digest"]
 
 FAULT_KINDS = ("raise", "nan", "oom")
 
@@ -74,3 +74,10 @@ class FaultInjection(TrialHooks):
             return out
 
         return nan_loss
+
+
+def default_hooks(cfg: "TrialConfig", out_dir: Path | None) -> TrialHooks:
+    """The hooks of a trial run without explicit ones: fault injection when KRONSEARCH_FAULT_INJECT names this
+    trial (a testing aid), else none."""
+    hooks = FaultInjection.from_environment(cfg, out_dir)
+    return hooks if hooks is not None else TrialHooks()

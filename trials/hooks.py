@@ -7,19 +7,18 @@
 * `loss_fn(ilkd_loss)` once per stage: the function the training loop computes its loss with (return it unchanged,
   or a wrapper).
 
-`TrialHooks` itself does nothing. A trial run without hooks gets `default_hooks(cfg, out_dir)`: nothing, unless the
-testing aid KRONSEARCH_FAULT_INJECT is set (see `trials.faults`, which is imported only then).
+`TrialHooks` itself does nothing. A trial run without hooks gets `trials.faults.default_hooks(cfg, out_dir)`:
+nothing, unless the testing aid KRONSEARCH_FAULT_INJECT is set.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from .config import TrialConfig
 
-__all__ = ["FAULT_ENV", "TrialHooks", "default_hooks"]
+__all__ = ["FAULT_ENV", "TrialHooks"]
 
 FAULT_ENV = "KRONSEARCH_FAULT_INJECT"
 
@@ -33,15 +32,3 @@ class TrialHooks:
     def loss_fn(self, fn: Callable) -> Callable:
         """The loss function a stage trains with (`trials.distill.ilkd_loss` or a wrapper of it)."""
         return fn
-
-
-def default_hooks(cfg: "TrialConfig", out_dir: Path | None) -> TrialHooks:
-    """The hooks of a trial run without explicit ones: fault injection when KRONSEARCH_FAULT_INJECT names this
-    trial (a testing aid), else none."""
-    if os.environ.get(FAULT_ENV, "").strip():
-        from .faults import FaultInjection
-
-        hooks = FaultInjection.from_environment(cfg, out_dir)
-        if hooks is not None:
-            return hooks
-    return TrialHooks()

@@ -27,7 +27,8 @@ from kron.vocab import SCHEMA, SUMMARY_NAME
 from .config import StageConfig, TrialConfig, load_trial_config
 from .distill import DistillWeights, forward_for_distillation, ilkd_loss
 from .evaluate import batches, evaluate_glue, evaluate_kd, evaluate_lm
-from .hooks import TrialHooks, default_hooks
+from .faults import default_hooks
+from .hooks import TrialHooks
 from .teacher_cache import TeacherOutputs, teacher_cache, teacher_identity
 
 __all__ = ["run_trial", "prepare_data", "TrialResult", "SUMMARY_NAME", "SCHEMA", "clear_caches"]

@@ -75,8 +75,8 @@ def test_hooks_given_to_run_trial_need_no_environment(tiny_lm_teacher, text_corp
     """The fault plugin is ordinary trial hooks: passed explicitly, it acts without KRONSEARCH_FAULT_INJECT; and
     without the variable a trial gets hooks that do nothing."""
     from trials.config import load_trial_config
-    from trials.faults import FaultInjection
-    from trials.hooks import TrialHooks, default_hooks
+    from trials.faults import FaultInjection, default_hooks
+    from trials.hooks import TrialHooks
 
     monkeypatch.delenv("KRONSEARCH_FAULT_INJECT", raising=False)
     assert type(default_hooks(load_trial_config(_cfg(tiny_lm_teacher, text_corpus)), tmp_path)) is TrialHooks

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...errors import PlanError
 from ..layers import linear_weight
-from . import PruneSpec
+from .spec import PruneSpec
 
 __all__ = ["PrunedLinear", "unit_indices"]
 

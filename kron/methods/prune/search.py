@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from ...errors import ConfigError
-from . import PruneMethod, PruneSpec, removed_units
+from .spec import BLOCK_PARTS, PruneSpec, removed_units
 
 __all__ = ["block_contexts", "block_options", "prunable", "seed_option"]
 
 # the searched groups that make up a prunable block: a unit leaves all of them at once
-PARTS = PruneMethod.block_parts
+PARTS = BLOCK_PARTS
 
 
 def block_contexts(model) -> dict:
@@ -115,7 +115,7 @@ def block_options(part: str, blocks: Mapping[int, Mapping[str, Mapping]], sizes:
                 m, n, fused = sizes[name]
                 sp = PruneSpec(part=part, side=ctx["side"], units=ctx["units"], kept=kept[i], blocks=fused)
                 if suffix and wrap.get(suffix) is None:  # a seed's variant the space does not offer itself
-                    from .. import parse_option
+                    from ..base import parse_option
 
                     stored = parse_option(sp.option() + suffix)
                 else:
@@ -139,7 +139,7 @@ def seed_option(options: Sequence[str], specs: Mapping, names: Mapping[int, Sequ
     seed's spec, whether the choice lacks it): an existing option (a plain fraction, never a modified twin the
     seed did not ask for), else the fraction the seed removes, to be added. ConfigError when the layers of a tied
     choice are pruned by different fractions."""
-    from .. import parse_option, structure_of
+    from ..base import parse_option, structure_of
 
     opt = next((o for o in options[1:] if all(specs[o][i] == {n: seed[n] for n in names[i]} for i in layers)), None)
     if opt is not None:

@@ -25,7 +25,7 @@ from torch import nn
 from ...errors import PlanError
 from ...modules import dense_dims, layer_index
 from ...vocab import family_of_model_type, known_model_types
-from . import PruneSpec, with_kept
+from .spec import PruneSpec, with_kept
 
 __all__ = ["blocks_of", "check_blocks", "choose_units", "context", "fix_attention", "kept_heads", "merge_config"]
 
