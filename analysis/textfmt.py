@@ -1,9 +1,11 @@
-"""Number and text formatting shared by analysis's Markdown reports and console output ("—" for missing values)."""
+"""The number and text formatting of kronsearch — analysis's Markdown reports and every console line of the CLI and
+the search: counts (`human`: 2.51M, 800k, 1.2B), qualities, ratios, one-line texts and errors, tables. Missing
+values print as "—" unless a caller asks for another mark."""
 from __future__ import annotations
 
 from analysis.results import is_finite
 
-__all__ = ["text_table", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
+__all__ = ["text_table", "error_line", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
            "md_table", "one_line", "text_or_none"]
 
 
@@ -38,10 +40,10 @@ def md_cell(value) -> str:
 
 
 
-def human(value) -> str:
-    """2.51M, 800k, 12.3 — or "—" when missing."""
+def human(value, missing: str = "—") -> str:
+    """2.51M, 800k, 1.2B, 12.3 — or `missing` when there is no number."""
     if not is_finite(value):
-        return "—"
+        return missing
     value = float(value)
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
@@ -57,12 +59,22 @@ def fmt_int(value) -> str:
     return f"{human(value)} ({value:,.0f})" if abs(value) >= 1e3 else f"{value:,.0f}"
 
 
-def fmt_quality(value) -> str:
-    return f"{float(value):.4g}" if is_finite(value) else "—"
+def fmt_quality(value, missing: str = "—", *, nonfinite: bool = False) -> str:
+    """A quality (perplexity, accuracy) to 4 significant digits; `missing` for none — and for inf/NaN unless
+    `nonfinite`, which prints them ("inf": a diverged trial's is a value, not a gap)."""
+    if is_finite(value):
+        return f"{float(value):.4g}"
+    if nonfinite:
+        try:
+            return str(float(value))
+        except (TypeError, ValueError):
+            return missing
+    return missing
 
 
-def fmt_ratio(value) -> str:
-    return f"{float(value):.2f}×" if is_finite(value) else "—"
+def fmt_ratio(value, sign: str = "×", missing: str = "—") -> str:
+    """A compression ratio: 1.92× (the console writes 1.92x)."""
+    return f"{float(value):.2f}{sign}" if is_finite(value) else missing
 
 
 def fmt_sci(value) -> str:
@@ -84,9 +96,22 @@ def text_or_none(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def one_line(value) -> str | None:
+def error_line(error) -> str | None:
+    """A failed trial's error as the search records and prints it: the last line of its text (the original
+    "Type: message" Ray's traceback ends with), at most 500 characters."""
+    return one_line(error, last_line=True, limit=500)
+
+
+def one_line(value, *, limit: int | None = 300, last_line: bool = False) -> str | None:
+    """A text — or an exception's message (its type name when it has none) — on one line, whitespace collapsed,
+    longer than `limit` cut with "…" (None: no limit); `last_line`: only its last non-empty line (Ray wraps a
+    trial's exception in a traceback whose last line is the original "Type: message"). None for no text."""
+    if isinstance(value, BaseException):
+        value = str(value).strip() or type(value).__name__
     text = text_or_none(value)
     if text is None:
         return None
+    if last_line:
+        text = [line for line in text.splitlines() if line.strip()][-1]
     text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:299] + "…"
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"

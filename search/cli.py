@@ -55,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating data split" bars
     parser = build_parser()
     args = parser.parse_args(argv)
+    from analysis.textfmt import one_line
     from kron.errors import UserError
 
     try:
         rc = args.func(args)
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-        print(f"kronsearch {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"kronsearch {args.command}: error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kronsearch {args.command}: interrupted", file=sys.stderr)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KRONSEARCH_TRACEBACK"):
             raise
         print(
-            f"kronsearch {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            f"kronsearch {args.command}: internal error: {type(exc).__name__}: {one_line(exc, limit=None)} "
             "(set KRONSEARCH_TRACEBACK=1 for the traceback)",
             file=sys.stderr,
         )
@@ -89,11 +90,6 @@ def _quiet_if_imported() -> None:
                 hf_logging.set_verbosity_error()
         except Exception:  # an older or newer transformers without these: cosmetic only
             pass
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

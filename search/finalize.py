@@ -12,7 +12,7 @@ from kron.fsutil import atomic_write_json
 from kron.vocab import SCHEMA, SUMMARY_NAME
 
 from .config import SearchConfig, is_remote_storage
-from .fmt import one_line
+from analysis.textfmt import error_line
 from .resume import UNFINISHED, saved_trial_states
 from .storage import download, experiment_path
 from .trainable import searched_method, trial_outcome
@@ -63,7 +63,7 @@ def finalize_experiment(cfg: SearchConfig, space: SearchSpace, grid, *, local_di
             status = summary.get("status")
             if error is not None and status in ("running", None):
                 summary["status"] = "error"
-                summary["error"] = summary.get("error") or one_line(error)
+                summary["error"] = summary.get("error") or error_line(error)
             elif (error is None and outcome == "pruned" and status in ("running", "complete") and last
                   and ray_status.get(trial_dir.name, "TERMINATED") == "TERMINATED"):
                 summary["status"] = "pruned"  # stopped by ASHA or the time budget before it finished
@@ -175,7 +175,7 @@ def _error_summary(cfg: SearchConfig, space: SearchSpace, result, trial_id: str)
     except Exception:
         costs, plan = {}, None
     return {"schema": SCHEMA, "trial_id": trial_id, "search": cfg.name, "method": searched_method(cfg),
-            "label": trial_id, "status": "error", "error": one_line(result.error), "quality_name": trial.quality_name,
+            "label": trial_id, "status": "error", "error": error_line(result.error), "quality_name": trial.quality_name,
             "quality_mode": trial.quality_mode, "quality": None, "params": costs.get("params"),
             "params_excl_output_embedding": costs.get("params_excl_output_embedding"),
             "macs_per_token": costs.get("macs_per_token"), "compression_ratio": costs.get("compression_ratio"),

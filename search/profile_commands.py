@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.textfmt import text_table
-from search.fmt import fmt_n
+from analysis.textfmt import human, text_table
 
 _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
              "config:bert-base-uncased / config:PATH/config.json (random weights)")
@@ -519,7 +518,7 @@ def plan_auto(args) -> int:
         else:
             dmg = (f"predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]}; lower bound "
                    f"{sol.bound:.4g})")
-        print(f"  {dmg}; {report.params_after:,} params ({fmt_n(report.params_after)}), "
+        print(f"  {dmg}; {report.params_after:,} params ({human(report.params_after, '?')}), "
               f"{report.macs_per_token_after:,} MACs/token, ratio {report.compression_ratio:.3f}")
         for note in sol.notes:
             print(f"  note: {note}")

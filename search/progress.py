@@ -5,7 +5,7 @@ import math
 import sys
 import time
 
-from .fmt import fmt_n, fmt_q, fmt_x
+from analysis.textfmt import fmt_quality, fmt_ratio, human
 from .trainable import FINISHED, trial_outcome
 
 __all__ = ["ProgressCallback"]
@@ -24,7 +24,7 @@ _SIZE_WORDS = {"params": "params", "params_excl_output_embedding": "params excl.
 def _size_text(value, metric: str) -> str:
     if metric == "bytes":
         return "? MB" if value is None else f"{float(value) / 1e6:.1f} MB"
-    return f"{fmt_n(value)} {_SIZE_WORDS.get(metric, metric)}"
+    return f"{human(value, '?')} {_SIZE_WORDS.get(metric, metric)}"
 
 
 class ProgressCallback(callback_base()):
@@ -89,7 +89,8 @@ class ProgressCallback(callback_base()):
         c = self.counts
         text = f"running {len(self.running)}, done {c['complete']}, pruned {c['pruned']}, failed {c['fail']}"
         if self.best:
-            cells = [f"{10 * b}-{10 * b + 10}%: {fmt_q(q)}" for b, q in sorted(self.best.items())]
+            cells = [f"{10 * b}-{10 * b + 10}%: {fmt_quality(q, '-', nonfinite=True)}"
+                     for b, q in sorted(self.best.items())]
             text += f" | best {self.quality_name} by size: " + ", ".join(cells)
         return text
 
@@ -101,9 +102,10 @@ class ProgressCallback(callback_base()):
         if result.get(FINISHED):
             return
         q = result.get("quality")
-        qtext = fmt_q(q) if q is not None and math.isfinite(q) else f"({fmt_q(result.get('eval_quality'))})"
+        qtext = (fmt_quality(q, '-', nonfinite=True) if q is not None and math.isfinite(q)
+                 else f"({fmt_quality(result.get('eval_quality'), '-', nonfinite=True)})")
         self._print(f"trial {self._num(trial)} step {result.get('step')} {self.quality_name} {qtext}, "
-                    f"{_size_text(*self._size(result))} ({fmt_x(result.get('compression_ratio'))})")
+                    f"{_size_text(*self._size(result))} ({fmt_ratio(result.get('compression_ratio'), 'x', '?x')})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -117,7 +119,7 @@ class ProgressCallback(callback_base()):
                 self.best[b] = q
         word = {"complete": "finished", "pruned": "pruned (stopped early)", "fail": "failed (diverged)"}[outcome]
         self._print(f"trial {self._num(trial)} {word} at step {result.get('step')}: {self.quality_name} "
-                    f"{fmt_q(q)} | {self._status()}")
+                    f"{fmt_quality(q, '-', nonfinite=True)} | {self._status()}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)

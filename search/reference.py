@@ -11,7 +11,7 @@ from kron.fsutil import atomic_write_json
 from kron.vocab import SUMMARY_NAME
 
 from .config import SearchConfig
-from .fmt import fmt_n, fmt_q, one_line
+from analysis.textfmt import error_line, fmt_quality, human
 from .trainable import threads_for
 
 __all__ = ["REFERENCE_DIR", "prepare_locally", "run_teacher_reference"]
@@ -58,7 +58,7 @@ def prepare_locally(cfg: SearchConfig, local_dir: Path, stream=None) -> dict[str
             except UserError:
                 raise
             except Exception as exc:  # the search's results stand on their own
-                print(f"warning: the teacher reference evaluation failed: {one_line(exc)}", file=stream or sys.stderr)
+                print(f"warning: the teacher reference evaluation failed: {error_line(exc)}", file=stream or sys.stderr)
             else:
                 _write_reference(cfg, ref, summary, stream)
                 timings["reference_s"] = time.time() - t0
@@ -85,8 +85,9 @@ def _reference_trial(cfg: SearchConfig) -> dict:
 def _write_reference(cfg: SearchConfig, out: Path, summary: dict, stream=None) -> None:
     summary["search"] = cfg.name
     atomic_write_json(out / SUMMARY_NAME, summary)
-    print(f"teacher reference: {summary.get('quality_name')} {fmt_q(summary.get('quality'))}, "
-          f"{fmt_n(summary.get('params'))} params", file=stream or sys.stdout, flush=True)
+    quality = fmt_quality(summary.get('quality'), '-', nonfinite=True)
+    print(f"teacher reference: {summary.get('quality_name')} {quality}, "
+          f"{human(summary.get('params'), '?')} params", file=stream or sys.stdout, flush=True)
 
 
 def _reference_task(trial: dict, out_dir: str) -> dict:
@@ -109,7 +110,7 @@ def run_teacher_reference(cfg: SearchConfig, local_dir: Path, stream=None) -> Pa
     try:
         summary = ray.get(task.remote(_reference_trial(cfg), str(out)))
     except Exception as exc:  # the search's results stand on their own
-        print(f"warning: the teacher reference evaluation failed: {one_line(exc)}", file=stream or sys.stderr)
+        print(f"warning: the teacher reference evaluation failed: {error_line(exc)}", file=stream or sys.stderr)
         return None
     _write_reference(cfg, out, summary, stream)
     return out

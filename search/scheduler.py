@@ -5,7 +5,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .config import SearchConfig
-from .fmt import fmt_n
+from analysis.textfmt import human
 from .searcher import resumed_space
 from .trainable import TIME_ATTR
 
@@ -84,7 +84,7 @@ class SizeStratifiedASHA(_Delegating):
     def describe(self) -> str:
         names = {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
                  "macs_per_token": "MACs/token", "bytes": "bytes"}
-        edges = [fmt_n(e) for e in self.edges]
+        edges = [human(e, '?') for e in self.edges]
         cells = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">{edges[-1]}"]
         return f"ASHA within {self.n} {names[self.size_metric]} strata: " + ", ".join(cells)
 
