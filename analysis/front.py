@@ -4,15 +4,17 @@
                             describe=space.describe)
     print(report.text)          # the Pareto table (after any warning), as `kronsearch search` prints it
     report.paths                # {"Pareto front (CSV)": .../analysis/pareto.csv, "all trials (CSV)": ...,
-                                #  "Pareto plot": .../pareto.png, "front plans (YAML)": .../front}
+                                #  "Pareto plot": .../pareto.png, "report (Markdown)": .../report.md,
+                                #  "front plans (YAML)": .../front}
 
-Unlike `analysis.report.analyze` (a report over any number of searches and baselines, front over one size axis
-and quality), the front here is computed over every objective the search optimised (two or three: quality plus
-one or two of params, params_excl_output_embedding, macs, latency) and only among the search's complete trials.
-Writes under `<experiment>/analysis/`: pareto.csv, trials.csv (the search's trials only), references.csv (the
-teacher reference, when there is one: a reference point, never a trial), pareto.png and front/<rank>_<trial>.yaml (the front's
-plans, loadable as `plan: {file: ...}` or by `kron.plan.CompressionPlan.load`). Reads saved files only: no Ray,
-torch or transformers; a plan's one-line description comes from the caller (`describe`), which knows the space.
+The files are the report `kronsearch analyze` writes (`analysis.report.analyze`, the one report path: results.csv,
+pareto.csv, pareto.png, plans_heatmap.png, report.md; its front over quality and the first size objective known
+before training), plus what only the end of a search adds: trials.csv (the search's trials only), references.csv
+(the teacher reference, when there is one: a reference point, never a trial) and front/<rank>_<trial>.yaml (the
+plans of the front over every objective the search optimised — two or three: quality plus one or two of params,
+params_excl_output_embedding, macs, bytes, latency — loadable as `plan: {file: ...}` or by
+`kron.plan.CompressionPlan.load`), and the console table of that front. Reads saved files only: no Ray, torch or
+transformers; a plan's one-line description comes from the caller (`describe`), which knows the space.
 """
 from __future__ import annotations
 
@@ -80,8 +82,19 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
     adir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     notes: list[str] = []
-    atomic_write_text(adir / "pareto.csv", front[[c for c in CSV_COLUMNS if c in front]].to_csv(index=False))
-    paths["Pareto front (CSV)"] = adir / "pareto.csv"
+    # the report `kronsearch analyze` writes (results.csv, pareto.csv, pareto.png, plans_heatmap.png, report.md),
+    # over the first size objective known before training (latency is measured: parameters then)
+    from analysis.report import analyze_with_summary
+
+    x = size_col if size_col in SIZE_AXES else "params"
+    try:
+        written, _ = analyze_with_summary(local_dir, adir, x=x,
+                                          title=f"{name}: {df['quality_name'].iloc[0]} vs {AXES[x].label}")
+    except Exception as exc:  # a report problem must not hide the table
+        written = {}
+        notes.append(f"warning: could not write the report: {type(exc).__name__}: {exc}")
+    if "pareto.csv" in written:
+        paths["Pareto front (CSV)"] = written["pareto.csv"]
     refs, trials = df[is_reference(df)], df[~is_reference(df)]
     atomic_write_text(adir / "trials.csv", trials[[c for c in CSV_COLUMNS if c in trials]].sort_values(
         ["status", size_col]).to_csv(index=False))
@@ -92,16 +105,10 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
         paths["references (CSV)"] = old_refs
     elif old_refs.exists():
         old_refs.unlink()
-    if len(complete):
-        try:
-            from analysis.plots import plot_pareto
-
-            x = size_col if size_col in SIZE_AXES else "params"  # latency is measured: plot against parameters
-            paths["Pareto plot"] = plot_pareto(df.drop(columns=["on_front"]), x=x, y="quality",
-                                               out_png=adir / "pareto.png",
-                                               title=f"{name}: {df['quality_name'].iloc[0]} vs {AXES[x].label}")
-        except Exception as exc:  # a plot problem must not hide the table
-            notes.append(f"warning: could not draw the Pareto plot: {type(exc).__name__}: {exc}")
+    if len(complete) and "pareto.png" in written:
+        paths["Pareto plot"] = written["pareto.png"]
+    if "report.md" in written:
+        paths["report (Markdown)"] = written["report.md"]
     fdir = adir / "front"
     for old in fdir.glob("*.yaml") if fdir.exists() else []:
         old.unlink()

@@ -253,11 +253,15 @@ def analyze_with_summary(sources, out_dir, *, x: str = "params", y: str = "quali
     return written, summary
 
 
+# pareto.csv, of `kronsearch analyze` and of the end of a search alike: the front's trials, every size axis
+PARETO_COLUMNS = ["search", "rank", "trial_id", "label", "method", "status", "params", "compression_ratio", "quality",
+                  "quality_name", "macs_per_token", "params_excl_output_embedding", "bytes", "latency_us_per_token",
+                  "throughput_tokens_per_s", "steps", "plan_summary", "is_knee", "front_rank", "summary_path",
+                  "checkpoint"]
+
+
 def _pareto_csv(front: pd.DataFrame, y: str) -> pd.DataFrame:
-    columns = ["search", "rank", "trial_id", "label", "method", "params", "compression_ratio", "quality",
-               "quality_name", "macs_per_token", "throughput_tokens_per_s", "plan_summary", "is_knee",
-               "front_rank", "summary_path", "checkpoint"]
-    return front[[c for c in columns if c in front]]
+    return front[[c for c in PARETO_COLUMNS if c in front]]
 
 
 def report_markdown(summary: Summary, *, title: str | None = None, images: Sequence[str] = (),

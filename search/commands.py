@@ -1,8 +1,9 @@
 """`kronsearch search CONFIG`: run, resume or dry-run a compression-plan search, then print its Pareto front.
 
 A normal run ends with the Pareto table (complete trials, all searched objectives) and writes, under
-`<experiment>/analysis/`: pareto.csv (the front), trials.csv (every trial), pareto.png, and front/<trial>.yaml
-(the plans of the front, loadable as `plan: {file: ...}` in a trial config or by `kron.plan.CompressionPlan.load`).
+`<experiment>/analysis/`, the report `kronsearch analyze` writes (results.csv, pareto.csv, pareto.png,
+plans_heatmap.png, report.md), trials.csv (every trial), references.csv and front/<trial>.yaml (the plans of the
+front, loadable as `plan: {file: ...}` in a trial config or by `kron.plan.CompressionPlan.load`).
 """
 from __future__ import annotations
 
@@ -164,9 +165,9 @@ def dry_run(cfg, space, *, show: int = 5, stream=None) -> list[dict]:
 
 
 def write_analysis(cfg, local_dir: Path, space=None, *, stream=None) -> dict[str, Path]:
-    """Print the Pareto table of a finished search and write analysis/{pareto.csv, trials.csv, pareto.png,
-    front/*.yaml} (`analysis.front.analyze_search` over the search's objectives); returns the written paths by
-    label."""
+    """Print the Pareto table of a finished search and write its analysis/ folder (`analysis.front.analyze_search`:
+    the report of `kronsearch analyze`, trials.csv, references.csv, front/*.yaml over the search's objectives);
+    returns the written paths by label."""
     from analysis.front import analyze_search
 
     _, modes = cfg.objective_metrics()

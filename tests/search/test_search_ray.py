@@ -102,8 +102,12 @@ def test_multi_objective_search_with_asha(ray_session, tiny_search, capsys):
     table = capsys.readouterr().out
     assert "(teacher)" in table and "uncompressed reference" in table
     front = (exp / "analysis" / "pareto.csv").read_text().splitlines()
-    assert len(front) >= 2 and front[0].startswith("trial_id,status,quality_name,quality,params")
+    # the report `kronsearch analyze` writes (one report path): the same pareto.csv format, report.md beside it
+    from analysis.report import PARETO_COLUMNS
+
+    assert len(front) >= 2 and front[0].startswith(",".join(PARETO_COLUMNS[:7]))
     assert (exp / "analysis" / "pareto.png").stat().st_size > 0
+    assert paths["report (Markdown)"] == exp / "analysis" / "report.md" and (exp / "analysis" / "results.csv").is_file()
     plans = sorted((exp / "analysis" / "front").glob("*.yaml"))
     assert plans and len(plans) == len(front) - 1
     assert CompressionPlan.load(plans[0]).rules
