@@ -29,6 +29,7 @@ import math
 import sys
 from dataclasses import replace
 
+from analysis.textfmt import human
 from kron.errors import ConfigError, UserError
 from kron.vocab import SIZE_AXES
 
@@ -258,7 +259,7 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
         if key in seen or not options:
             continue
         seen.add(key)
-        out.append((f"seed:auto@{_short(target)}", options, layers))
+        out.append((f"seed:auto@{human(target)}", options, layers))
     return out
 
 
@@ -334,10 +335,3 @@ def _knapsack(space, damages: dict, metric: str):
 def teacher_size(space, metric: str) -> int:
     """The uncompressed model's size on a size axis (`kron.vocab.AXES`; anything else: parameters)."""
     return space.teacher_sizes()[metric if metric in SIZE_AXES else "params"]
-
-
-def _short(n: float) -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{suffix}"
-    return str(int(n))
