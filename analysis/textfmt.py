@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from analysis.results import is_finite
 
-__all__ = ["text_table", "error_line", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
+__all__ = ["shown_path", "text_table", "error_line", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
            "md_table", "one_line", "text_or_none"]
 
 
@@ -90,6 +90,20 @@ def fmt_delta(value, pct=None) -> str:
         return "—"
     text = f"{float(value):+.4g}"
     return text + (f" ({float(pct):+.1f}%)" if is_finite(pct) else "")
+
+
+def shown_path(path) -> str:
+    """A path as the console shows it: relative to the working directory when it lies inside it (so a transcript
+    holds no machine's absolute paths), else as given; a URI (s3://...) unchanged."""
+    text = str(path)
+    if "://" in text:
+        return text
+    from pathlib import Path
+
+    try:
+        return str(Path(text).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return text
 
 
 def text_or_none(value) -> str | None:

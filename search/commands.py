@@ -12,6 +12,7 @@ import random
 import sys
 from pathlib import Path
 
+from analysis.textfmt import shown_path
 from kron.vocab import AXES
 
 __all__ = ["add_parsers", "dry_run", "write_analysis"]
@@ -71,7 +72,7 @@ def _search(args) -> int:
     print(f"search {cfg.name}: {_counts(outcome)}", flush=True)
     paths = write_analysis(cfg, outcome.local_dir, space)
     for label, path in paths.items():
-        print(f"{label}: {path}")
+        print(f"{label}: {shown_path(path)}")
     if outcome.interrupted:
         print(f"search interrupted with unfinished trials; continue it with: kronsearch search {args.config} --resume"
               + (f" --name {cfg.name}" if args.name else ""), file=sys.stderr)
@@ -117,7 +118,7 @@ def _header(cfg, space) -> str:
     return (f"search {cfg.name}: {s.algorithm}, {s.num_samples} trials, {s.max_concurrent} at a time "
             f"({s.resources.cpu:g} CPU{'' if s.resources.cpu == 1 else 's'}"
             f"{f', {s.resources.gpu:g} GPU' if s.resources.gpu else ''} each) on {where}; objectives {objectives}; "
-            f"{asha}\n  space: 10^{space.size_log10():.2f} plans; results in {s.storage}/{cfg.name}")
+            f"{asha}\n  space: 10^{space.size_log10():.2f} plans; results in {shown_path(f'{s.storage}/{cfg.name}')}")
 
 
 # ----------------------------------------------------------------------------------------------- dry run

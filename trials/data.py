@@ -8,6 +8,7 @@ seq_len and split, so a second run starts instantly.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -362,6 +363,8 @@ def sample_teacher_text(
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    # transformers >= 5.25 calls the KV cache `cache` (passing `past_key_values` prints a FutureWarning per run)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()
     rows = []
@@ -371,8 +374,9 @@ def sample_teacher_text(
             ids = torch.full((n, 1), start_id, dtype=torch.long, device=device)
             past = None
             for _ in range(seq_len - 1):
-                out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                cache = {} if past is None else {cache_arg: past}
+                out = model(input_ids=ids if past is None else ids[:, -1:], use_cache=True, **cache)
+                past = out[cache_arg] if cache_arg in out else out.past_key_values
                 logits = out.logits[:, -1, :].float() / temperature
                 if top_k:
                     kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[:, -1:]

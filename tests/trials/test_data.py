@@ -181,6 +181,23 @@ def test_sample_teacher_text_shape_and_cache(tmp_path, tok, tiny_lm, monkeypatch
         sample_teacher_text(tiny_lm, tok, 5, 12, seed=4, cache_path=path)
 
 
+def test_sample_teacher_text_kv_cache_matches_full_recompute_without_warnings(tmp_path, tok, tiny_lm):
+    """The KV-cached sampler draws the tokens a full recompute of every prefix draws, and passes the cache under
+    the name the installed transformers takes (no deprecation warning printed by every search)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        s = sample_teacher_text(tiny_lm, tok, 3, 10, seed=5, top_k=None, cache_path=tmp_path / "s.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.full((3, 1), tok.bos_token_id, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(9):
+            logits = tiny_lm(input_ids=ids, use_cache=False).logits[:, -1, :].float()
+            ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)], dim=1)
+    assert torch.equal(s, ids)
+
+
 def test_sample_teacher_text_is_seeded_and_default_cached(tmp_path, tok, tiny_lm, monkeypatch):
     monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp_path))
     a = sample_teacher_text(tiny_lm, tok, 3, 8, seed=1, top_k=None)
