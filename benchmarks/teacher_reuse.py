@@ -73,7 +73,7 @@ def components(base: dict, n: int = 12) -> dict:
     from trials.distill import DistillWeights, forward_for_distillation, ilkd_loss
     from trials.evaluate import batches
     from trials.teacher_cache import TeacherCache, TeacherOutputs, teacher_identity
-    from trials.trial import _teacher_key, build_student, load_lm_data, load_teacher
+    from trials.inputs import build_student, load_lm_data, load_teacher, teacher_key
 
     cfg = load_trial_config(base)
     device = torch.device("cpu")
@@ -89,7 +89,7 @@ def components(base: dict, n: int = 12) -> dict:
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=st.lr)
     cache = TeacherCache()
     cache.configure(memory_mb=1 << 14)
-    ctx = teacher_identity(_teacher_key(cfg, device), teacher)
+    ctx = teacher_identity(teacher_key(cfg, device), teacher)
     it = batches({"input_ids": train}, st.batch_size, shuffle=True, seed=cfg.seed)
     rows = []
     for i in range(n + 1):
@@ -120,7 +120,8 @@ def components(base: dict, n: int = 12) -> dict:
 def measure(name: str, path: Path, steps: int | None, repeats: int, disk: bool, tmp: Path,
             components_only: bool = False) -> dict:
     from trials.teacher_cache import teacher_cache
-    from trials.trial import clear_caches, prepare_data, run_trial
+    from trials.inputs import clear_caches, prepare_data
+    from trials.trial import run_trial
 
     base = trial_config(path, steps)
     clear_caches()

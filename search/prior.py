@@ -98,7 +98,7 @@ def _teacher_and_cache(cfg, wanted: dict, extra_key: dict, prefix: str):
     from kron.models import pick_device
     from trials.calibration import calibration_for, default_calib_source
     from trials.data import model_fingerprint, default_cache_dir
-    from trials.trial import load_teacher
+    from trials.inputs import load_teacher
 
     trial = cfg.trial
     tokens = cfg.space.prior.calib_tokens if cfg.space.prior is not None and cfg.space.prior.calib_tokens else None

@@ -42,7 +42,7 @@ def prepare_locally(cfg: SearchConfig, local_dir: Path, stream=None) -> dict[str
 
     import torch
 
-    from trials.trial import clear_caches, prepare_data
+    from trials.inputs import clear_caches, prepare_data
 
     trial = cfg.trial
     device = _prepare_device(cfg)

@@ -26,7 +26,7 @@ def _cfg(tiny_search, **search):
 
 
 def test_prepare_builds_the_data_cache_and_the_reference(tiny_search, fresh_cache, tmp_path):
-    import trials.trial as tt
+    import trials.inputs as tt
 
     cfg = _cfg(tiny_search, reference=True)
     threads = torch.get_num_threads()
@@ -123,7 +123,7 @@ def test_prepare_device_follows_the_trials(tiny_search, device, gpu, expected):
 def test_a_space_is_data_and_its_preparation_a_named_step(tiny_search, fresh_cache, monkeypatch):
     """`SearchSpace.from_config` reads no weights and no data, whatever the config asks for; the prior's damages and
     the automatic seeds come from `prepare_space`, which says what it does on its own line (and is done once)."""
-    import trials.trial as tt
+    import trials.inputs as tt
     from search.prepare import prepare_space
     from search.space import SearchSpace
 

@@ -222,7 +222,7 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
     from kron.measure import ModelMeasure, swap_module
     from search.prior import KL_POINTS, _specs
     from trials.calibration import calibration_for, heldout_for
-    from trials.trial import load_teacher
+    from trials.inputs import load_teacher
 
     cfg, _, damages, tmp = demo_space
     monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))
@@ -245,7 +245,7 @@ def test_automatic_seeds_minimise_the_measured_kl_by_default(demo_space, monkeyp
                                                  stats=ModuleStats(S=st.S, tokens=st.tokens)).eval()
     measure = ModelMeasure(teacher, heldout_for(kl_cfg.trial, teacher, tok), 1024)
     old = swap_module(teacher, name, layer)
-    try:  # the teacher is the process's cached one (trials.trial.load_teacher): later tests must find it whole
+    try:  # the teacher is the process's cached one (trials.inputs.load_teacher): later tests must find it whole
         with torch.no_grad():
             assert kl[name][worst] == pytest.approx(measure(), rel=1e-4)
     finally:
@@ -300,7 +300,7 @@ def test_kl_seeds_measure_every_embedding_factor_and_may_factor_the_embedding(de
     from kron.methods import get_method, parse_option
     from kron.measure import ModelMeasure, swap_module
     from trials.calibration import heldout_for
-    from trials.trial import load_teacher
+    from trials.inputs import load_teacher
 
     cfg, _, _, tmp = demo_space
     monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp / "cache"))

@@ -433,7 +433,7 @@ def test_space_methods_are_validated_before_anything_runs():
 def test_a_mixed_plan_trains_as_method_mixed(tmp_path):
     """A searched plan that mixes methods is a 'mixed' trial: kronecker and lowrank trials stay single-method."""
     from trials.config import load_trial_config
-    from trials.trial import build_student
+    from trials.inputs import build_student
 
     teacher = real_model("gpt2")
     rules = [{"select": "mlp.c_fc", "shape": [8, 4, 8, 4]}, {"select": "mlp.c_proj", "lowrank_rank": 2}]

@@ -96,7 +96,7 @@ def test_trial_config_init():
 
 
 def test_build_student_with_data_init(tiny_lm_teacher, text_corpus, tmp_path, monkeypatch):
-    from trials.trial import build_student, load_teacher
+    from trials.inputs import build_student, load_teacher
 
     monkeypatch.setenv("KRONSEARCH_CACHE", str(tmp_path))
     cfg = load_trial_config({

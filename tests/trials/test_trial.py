@@ -50,11 +50,12 @@ def test_lm_trial_end_to_end(tiny_lm_teacher, text_corpus, tmp_path):
     assert on_disk["plan_resolved"]["transformer.h.1.attn.c_attn"]["blocks"] == 3
     # The best checkpoint reloads without the teacher and reproduces the recorded validation perplexity.
     from kron.io import load_compressed
-    from trials.trial import evaluate_lm, load_lm_data, load_trial_config as _l  # noqa: F401
+    from trials.evaluate import evaluate_lm  # noqa: F401
+    from trials.inputs import load_lm_data
 
     student = load_compressed(tmp_path / "checkpoint")
     cfg = load_trial_config(_lm_config(tiny_lm_teacher, text_corpus))
-    from trials.trial import load_teacher
+    from trials.inputs import load_teacher
 
     teacher, tok = load_teacher(cfg, torch.device("cpu"))
     _, val = load_lm_data(cfg, teacher, tok, torch.device("cpu"))
@@ -147,7 +148,8 @@ def _reload_and_check(tmp_path, summary, teacher, corpus):
     """The best checkpoint reloads through kron.models.load_model with the recorded size and perplexity."""
     from kron.models import load_model
     from kron.surgery import count_params
-    from trials.trial import evaluate_lm, load_lm_data, load_teacher
+    from trials.evaluate import evaluate_lm
+    from trials.inputs import load_lm_data, load_teacher
 
     student = load_model(tmp_path / "checkpoint", device="cpu", attn_implementation="eager")
     assert count_params(student) == summary["params"]
