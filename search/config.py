@@ -14,13 +14,11 @@ Ray runs each trial in its own working directory.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
 from kron.errors import ConfigError
@@ -505,10 +503,6 @@ def smoke_config(data: dict) -> dict:
     return data
 
 
-def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, width=120)
-
-
 def config_fingerprint(cfg: SearchConfig) -> dict:
     """The parts of a config that must not change when a search is resumed (the trial and the space)."""
     fp = {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json"),
@@ -529,11 +523,3 @@ AUTO_AT = re.compile(r"auto@(.*)")  # one automatic plan at a size: "auto@3.5M",
 def has_auto_seeds(names) -> bool:
     """Whether seed plan names ask for automatic plans ("auto", "auto:N", "auto@TARGET")."""
     return any(isinstance(n, str) and (AUTO_SEED.fullmatch(n) or AUTO_AT.fullmatch(n)) for n in names or ())
-
-
-def finite_or_none(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
