@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.pareto import pareto_mask
+from analysis.textfmt import human
 from analysis.results import (
     REFERENCE_METHODS,
     PLAN_INDEX,
@@ -296,7 +297,7 @@ def _render_pareto_matplotlib(data: ParetoPlotData, *, logx: bool, logy: bool):
         ax.set_xscale("log")
         _log_ticks(ax.xaxis, ticker)
     else:
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _human(v)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: human(v)))
     if logy:
         ax.set_yscale("log")
         _log_ticks(ax.yaxis, ticker)
@@ -484,15 +485,8 @@ def _log_ticks(axis, ticker) -> None:
     decades = math.log10(max(high, 1e-300) / max(low, 1e-300)) if low > 0 else 2
     subs = tuple(range(1, 10)) if decades < 1.2 else (1.0, 2.0, 5.0)
     axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _human(v)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: human(v)))
     axis.set_minor_formatter(ticker.NullFormatter())
-
-
-def _human(value: float) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 def _axis_label(column: str, quality_name: str) -> str:
@@ -512,7 +506,7 @@ def _hover(row, x: str, y: str) -> str:
     parts = [f"<b>{row.get('trial_id')}</b>"]
     if isinstance(row.get("label"), str):
         parts.append(str(row["label"]))
-    parts += [f"{x}={_human(float(row[x]))}", f"{row.get('quality_name', y) if y == 'quality' else y}={float(row[y]):.4g}"]
+    parts += [f"{x}={human(float(row[x]))}", f"{row.get('quality_name', y) if y == 'quality' else y}={float(row[y]):.4g}"]
     if isinstance(row.get("plan_summary"), str):
         parts.append(row["plan_summary"])
     return "<br>".join(parts)
@@ -522,7 +516,7 @@ def _plan_row_label(row, with_search: bool) -> str:
     name = row["label"] if isinstance(row["label"], str) else str(row["trial_id"])
     parts = [f"{row['search']}/{name}" if with_search else name]
     if is_finite(row["params"]):
-        parts.append(f"{_human(float(row['params']))}")
+        parts.append(f"{human(float(row['params']))}")
     if is_finite(row["quality"]):
         short = {"val_ppl": "ppl"}.get(str(row["quality_name"]), str(row["quality_name"]))
         quality = float(row["quality"])

@@ -4,6 +4,7 @@ values print as "—" unless a caller asks for another mark."""
 from __future__ import annotations
 
 from analysis.results import is_finite
+from kron.errors import one_line, text_or_none  # noqa: F401 (the one one-liner, here for the console's users)
 
 __all__ = ["shown_path", "text_table", "error_line", "fmt_delta", "fmt_int", "fmt_percent", "fmt_quality", "fmt_ratio", "fmt_sci", "human", "md_cell",
            "md_table", "one_line", "text_or_none"]
@@ -106,26 +107,7 @@ def shown_path(path) -> str:
         return text
 
 
-def text_or_none(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
 def error_line(error) -> str | None:
     """A failed trial's error as the search records and prints it: the last line of its text (the original
     "Type: message" Ray's traceback ends with), at most 500 characters."""
     return one_line(error, last_line=True, limit=500)
-
-
-def one_line(value, *, limit: int | None = 300, last_line: bool = False) -> str | None:
-    """A text — or an exception's message (its type name when it has none) — on one line, whitespace collapsed,
-    longer than `limit` cut with "…" (None: no limit); `last_line`: only its last non-empty line (Ray wraps a
-    trial's exception in a traceback whose last line is the original "Type: message"). None for no text."""
-    if isinstance(value, BaseException):
-        value = str(value).strip() or type(value).__name__
-    text = text_or_none(value)
-    if text is None:
-        return None
-    if last_line:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-    text = " ".join(text.split())
-    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .devices import parse_dtype, pick_device
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, one_line
 from .vocab import DEMO
 
 __all__ = ["KNOWN_CONFIGS", "TASKS", "build_from_config", "load_config", "load_model", "load_tokenizer",
@@ -91,7 +91,7 @@ def load_config(src: str | os.PathLike, *, trust_remote_code: bool = False):
         try:
             return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot read the model config {path}: {_short(exc)}") from None
+            raise CheckpointError(f"cannot read the model config {path}: {one_line(exc)}") from None
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -102,7 +102,7 @@ def load_config(src: str | os.PathLike, *, trust_remote_code: bool = False):
         try:
             return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot read {path / 'config.json'}: {_short(exc)}") from None
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {one_line(exc)}") from None
     _check_hub_name(text)
     try:
         return AutoConfig.from_pretrained(text, trust_remote_code=trust_remote_code)
@@ -121,14 +121,9 @@ def _check_hub_name(text: str) -> None:
 def _hub_failure(name: str, exc: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or \
         os.environ.get("TRANSFORMERS_OFFLINE") in ("1", "true", "True")
-    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else _short(exc)
+    why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else one_line(exc)
     return (f"cannot load {name!r}: no local directory of that name, and the Hugging Face Hub lookup failed ({why}); "
             "give a local model directory, a reachable hub name, or config:gpt2 / config:bert-base-uncased")
-
-
-def _short(exc: Exception, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -243,9 +238,9 @@ def load_model(src: str | os.PathLike, *, task: str = "auto", num_labels: int | 
         if local and isinstance(exc, SafetensorError):
             weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), path)
             raise CheckpointError(f"cannot load the model in {path}: {weights} is truncated or corrupt "
-                                  f"({_short(exc)})") from None
+                                  f"({one_line(exc)})") from None
         if local:
-            raise CheckpointError(f"cannot load the model in {path}: {_short(exc)}") from None
+            raise CheckpointError(f"cannot load the model in {path}: {one_line(exc)}") from None
         raise CheckpointError(_hub_failure(text, exc)) from None
     return model.to(device).eval()
 
@@ -283,7 +278,7 @@ def load_tokenizer(src: str | os.PathLike, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else text, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load a tokenizer from {text}: {_short(exc)}") from None
+        raise DataError(f"cannot load a tokenizer from {text}: {one_line(exc)}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",

@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from .config import SearchConfig
 from analysis.textfmt import human
+from kron.vocab import AXES
+
+from .config import SearchConfig
 from .searcher import resumed_space
 from .trainable import TIME_ATTR
 
@@ -82,11 +84,9 @@ class SizeStratifiedASHA(_Delegating):
         return sum(value > e for e in self.edges)
 
     def describe(self) -> str:
-        names = {"params": "params", "params_excl_output_embedding": "params excl. output embedding",
-                 "macs_per_token": "MACs/token", "bytes": "bytes"}
         edges = [human(e, '?') for e in self.edges]
         cells = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">{edges[-1]}"]
-        return f"ASHA within {self.n} {names[self.size_metric]} strata: " + ", ".join(cells)
+        return f"ASHA within {self.n} {AXES[self.size_metric].short} strata: " + ", ".join(cells)
 
     def _sched(self, trial):
         if trial.trial_id not in self._of:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kron.vocab import latency_us_per_token
+from kron.vocab import SIZE_AXES, latency_us_per_token
 
 from .config import SearchConfig, is_remote_storage, with_search_defaults
 from .storage import experiment_path
@@ -154,7 +154,7 @@ def _search_metrics(metrics: dict, costs: dict, final_stage: str, state: dict) -
     if reported is not None and int(reported) != costs["params"]:
         print(f"kronsearch: warning: trial reports {reported} parameters, the space predicted {costs['params']}",
               file=sys.stderr)
-    for k in ("params", "params_excl_output_embedding", "macs_per_token", "bytes", "compression_ratio"):
+    for k in (*SIZE_AXES, "compression_ratio"):
         if m.get(k) is None:
             m[k] = costs[k]
     m["latency_us_per_token"] = latency_us_per_token(metrics.get("throughput_tokens_per_s"))
