@@ -4,7 +4,7 @@
 that matrix compressed alone. The sum is a model of the real objective — the damage of the model with every
 matrix compressed at once — and a biased one: errors of successive layers interact, and the proxy is not comparable
 across matrices. On the demo teacher at 4x the knapsack plan ties the uniform low-rank preset at init instead of
-beating it (README, "Sensitivity profile and automatic plans").
+beating it (docs/autoplan.md).
 
 `refine_plan` starts from the knapsack's plan and improves it on the real objective: the KL(teacher ‖ student) of
 the whole compressed model on held-out calibration batches (`kron.measure.ModelMeasure`, the profile's model-level

@@ -179,9 +179,9 @@ class TrialConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads (default: leave torch's choice)")
     save_checkpoint: bool = True
-    qat: bool = Field(True, description="int8 matrices (quantize: int8) train through fake quantisation: float master "
-                      "weights, a straight-through estimator, the int8 weights recomputed from them; false keeps "
-                      "their int8 weights fixed during distillation and trains the rest")
+    qat: bool = Field(True, description="quantised matrices (quantize: int8 or int4) train through fake quantisation: "
+                      "float master weights, a straight-through estimator, the 8- or 4-bit weights recomputed from "
+                      "them; false keeps their quantised weights fixed during distillation and trains the rest")
     teacher_cache: bool | TeacherCacheConfig = Field(
         True, description="reuse the teacher's outputs across trials of one process: true (1 GiB in memory), false, "
                           "or {memory_mb, disk_mb, disk_dir}")
