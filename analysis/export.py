@@ -228,7 +228,9 @@ def build_model(summary: dict, dest: Path) -> dict:
                               "output directory")
     expected = summary.get("params")
     checkpoint = _checkpoint_dir(summary, existing_only=True)
-    with atomic_dir(dest, create=False) as tmp:
+    from kron.io import checkpoint_file
+
+    with atomic_dir(dest, create=False, owned=lambda n: n == "README.md" or checkpoint_file(n)) as tmp:
         if checkpoint is not None:
             shutil.copytree(checkpoint, tmp)
             source = "checkpoint"

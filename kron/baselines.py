@@ -198,7 +198,7 @@ def save_layerdrop(model: nn.Module, dir: str | os.PathLike, *, layer_map: Seque
     kronsearch.json: that file marks a `save_compressed` directory (Kronecker / low-rank modules to rebuild), and
     this one holds none.
     """
-    from .io import TOKENIZER_FILES
+    from .io import TOKENIZER_FILES, model_folder_file
 
     out = Path(dir).expanduser()
     if not callable(getattr(model, "save_pretrained", None)):
@@ -209,7 +209,7 @@ def save_layerdrop(model: nn.Module, dir: str | os.PathLike, *, layer_map: Seque
         if any(out.iterdir()) and not (out / LAYERDROP_INFO).is_file():
             raise CheckpointError(f"output directory {out} exists, is not empty and is not a layer-dropped checkpoint; "
                                   "choose another directory")
-    with atomic_dir(out, create=False) as tmp:
+    with atomic_dir(out, create=False, owned=lambda n: n == LAYERDROP_INFO or model_folder_file(n)) as tmp:
         kwargs = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors

@@ -1,19 +1,31 @@
 """Atomic file and directory writes, stdlib only (importable without torch, e.g. by `analysis`).
 
-A reader never sees a half-written results file, plan or checkpoint: either the old content or the new.
+A reader never sees a half-written results file, plan or checkpoint: either the old content or the new. A folder
+replaced by `atomic_dir` is replaced only when everything in it is what the writer owns (`owned`): a user's own
+files in an output folder are never deleted. The temporary folders carry the writer's host and pid, so a run killed
+with SIGKILL leaves one that the next write into the same parent removes.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "replace_dir"]
+from .errors import CheckpointError
+
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "clean_stale_temporaries", "foreign_entries", "replace_dir"]
+
+# an earlier release's temporary folders had no owner in their name: removed once this old (no writer is that slow)
+_UNOWNED_STALE_S = 6 * 3600
 
 
 def _umask() -> int:
@@ -61,6 +73,65 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 2) -
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=_jsonable) + "\n")
 
 
+def foreign_entries(dest: str | os.PathLike, owned: Callable[[str], bool]) -> list[str]:
+    """The names in folder `dest` that `owned` does not claim (sorted; [] for a missing or empty folder)."""
+    dest = Path(dest)
+    if not dest.is_dir():
+        return []
+    return sorted(e.name for e in dest.iterdir() if not owned(e.name))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `dest` that a killed writer left (`.NAME.tmp-HOST-PID-XXXXXXXX` of this host
+    whose process is gone — its `.NAME.old-...` put back as `dest` when the swap was cut short with `dest` gone —, and unowned `.NAME.tmp-XXXXXXXX` of an earlier
+    release older than 6 hours); returns what it removed. A live writer's folder, or another host's, is left."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    mine = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    unowned = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    host, now, removed = _host(), time.time(), []
+    for entry in sorted(dest.parent.iterdir()):
+        m = mine.fullmatch(entry.name)
+        if m is not None:
+            stale = m["host"] == host and not _pid_alive(int(m["pid"]))
+            if stale and m[1] == "old" and not dest.exists():
+                os.rename(entry, dest)  # killed between moving the old folder aside and the new one in: restore it
+                continue
+        elif (u := unowned.fullmatch(entry.name)) is not None:
+            try:
+                stale = now - entry.stat().st_mtime > _UNOWNED_STALE_S
+            except OSError:
+                stale = False
+            if stale and u[1] == "old" and not dest.exists():
+                os.rename(entry, dest)
+                continue
+        else:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _sibling(dest: Path, kind: str) -> Path:
+    return dest.parent / f".{dest.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Move a fully written directory `tmp` to `dest`, replacing an earlier one (moved aside, then deleted).
 
@@ -69,7 +140,7 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
     tmp, dest = Path(tmp), Path(dest)
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _sibling(dest, "old")
         os.rename(dest, old)
     os.rename(tmp, dest)
     if old is not None:
@@ -78,19 +149,34 @@ def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike, *, create: bool = True) -> Iterator[Path]:
+def atomic_dir(dest: str | os.PathLike, *, create: bool = True,
+               owned: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder of `dest` to fill; on success it replaces `dest` (see `replace_dir`),
     on an exception it is removed and `dest` is left as it was.
 
-    create=False leaves the folder to the writer (for `shutil.copytree` or `save_pretrained`).
+    create=False leaves the folder to the writer (for `shutil.copytree` or `save_pretrained`). `owned`: which
+    names of an existing `dest` the writer may replace; any other entry (a user's notes, another tool's files) makes
+    it refuse before anything is written, naming them — checked again just before the swap. Leftovers of killed
+    writers into the same `dest` are removed first (`clean_stale_temporaries`).
     """
     dest = Path(dest)
+
+    def check() -> None:
+        foreign = foreign_entries(dest, owned) if owned is not None else []
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise CheckpointError(f"{dest} holds files kronsearch did not write ({shown}); it never deletes them: "
+                                  "move them away or choose another output folder")
+
+    check()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale_temporaries(dest)
+    tmp = _sibling(dest, "tmp")
     if create:
         tmp.mkdir()
     try:
         yield tmp
+        check()
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

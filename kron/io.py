@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,13 +30,27 @@ from .plan import CompressionPlan, ModuleSpec, PlanError
 from .surgery import (SOURCE_ATTR, CompressionReport, apply_specs, count_params, is_factored, macs_per_token,
                       source_types, specs_from_model)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "TOKENIZER_FILES", "load_compressed", "merge", "read_info", "save_compressed"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "TOKENIZER_FILES", "checkpoint_file", "load_compressed", "merge",
+           "model_folder_file", "read_info", "save_compressed"]
 
 FORMAT = "kronsearch.compressed"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, PLAN, INFO = "model.safetensors", "config.json", "plan.yaml", "kronsearch.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+# what transformers' save_pretrained writes (one file, or shards and their index) beside the config
+_HF_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def checkpoint_file(name: str) -> bool:
+    """Whether `name` is a file `save_compressed` writes into a model folder (the only ones it replaces)."""
+    return name in (WEIGHTS, CONFIG, PLAN, INFO, *TOKENIZER_FILES)
+
+
+def model_folder_file(name: str) -> bool:
+    """Whether `name` is a file of a transformers model folder that kronsearch writes (merge, layer dropping): the
+    config, the weights (or their shards and index), the tokenizer."""
+    return name == CONFIG or name in TOKENIZER_FILES or _HF_WEIGHTS.fullmatch(name) is not None
 
 
 def _task_of_class(name: str) -> str:
@@ -68,8 +83,8 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
     Args:
         model: a model compressed with `kron.compress` (an uncompressed model is saved as is).
         plan: the plan that was applied (stored as plan.yaml); None stores a plan of the model's exact modules.
-        dir: output directory; replaced if it holds an earlier kronsearch checkpoint, refused if it holds
-            anything else.
+        dir: output directory; replaced if it holds an earlier kronsearch checkpoint and nothing else, refused if it
+            holds anything else (a user's file in it is never deleted).
         report: the CompressionReport (or its dict) to keep in kronsearch.json; when None, the current counts.
         task: "causal-lm", "sequence-classification" or "base"; default from the model's class name.
         tokenizer_dir: a directory whose tokenizer files are copied alongside (so evaluation needs no teacher).
@@ -97,7 +112,7 @@ def save_compressed(model: nn.Module, plan: CompressionPlan | None, dir: str | o
                   "params_excluding_output_embedding": count_params(model, exclude_output_embedding=True),
                   "macs_per_token": macs_per_token(model)}
     cls_name = type(model).__name__
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=checkpoint_file) as tmp:
         from safetensors.torch import save_model
 
         weights = tmp / WEIGHTS

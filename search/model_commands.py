@@ -6,9 +6,7 @@ config:PATH (random weights), or `demo` (the small GPT-2 bundled with kronsearch
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from analysis.textfmt import text_table
@@ -61,7 +59,10 @@ def add_parsers(subparsers) -> None:
                     f"Presets: {presets}")
     p.add_argument("--model", required=True, help=_SRC_HELP)
     p.add_argument("--plan", required=True, help="a plan file (.yaml/.json) or a preset name")
-    p.add_argument("--out", required=True, help="output directory (replaced if it holds a kronsearch checkpoint)")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier kronsearch checkpoint (and nothing else: files "
+                        "kronsearch did not write are never deleted)")
     p.add_argument("--task", default="auto", help="auto, causal-lm, sequence-classification or base")
     p.add_argument("--num-labels", type=int, default=None, help="labels of a sequence-classification head")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
@@ -188,7 +189,7 @@ def _compress(args) -> int:
     from kron.models import resolve_source
     from kron.surgery import compress
 
-    from kron.errors import ConfigError
+    from kron.errors import CheckpointError, ConfigError
 
     if args.init == "data" and args.calib is None:
         raise ConfigError("--init data needs calibration data: --calib SRC (a text file or folder, a hub dataset, "
@@ -197,6 +198,9 @@ def _compress(args) -> int:
         raise ConfigError("--calib-tokens and --calib-config describe --calib; give --calib SRC")
     if args.ridge is not None and args.init != "data":
         raise ConfigError("--ridge is the data-aware init's; give --init data (and --calib)")
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
     src = resolve_source(args.model)
     model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
     plan = get_plan(args.plan, model.config)
@@ -226,7 +230,8 @@ def _compress(args) -> int:
 
 def _merge(args) -> int:
     from kron.errors import CheckpointError
-    from kron.io import TOKENIZER_FILES, load_compressed, merge
+    from kron.fsutil import atomic_dir
+    from kron.io import TOKENIZER_FILES, load_compressed, merge, model_folder_file
     from kron.surgery import count_params
 
     out = Path(args.out).expanduser()
@@ -234,20 +239,12 @@ def _merge(args) -> int:
         raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
     model = load_compressed(args.dir, device="cpu")
     merge(model)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_dir(out, create=False, owned=model_folder_file) as tmp:
         model.save_pretrained(str(tmp))
         for name in TOKENIZER_FILES:
             f = Path(args.dir) / name
             if f.is_file() and not (tmp / name).exists():
                 shutil.copy2(f, tmp / name)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else os.unlink(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = count_params(model)
     if args.json:
         print(json.dumps({"out": str(out), "model_class": type(model).__name__, "params": n}))

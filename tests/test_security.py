@@ -169,3 +169,108 @@ def test_trust_remote_code_is_off_unless_asked():
     from trials.config import TrialConfig
 
     assert TrialConfig.model_fields["trust_remote_code"].default is False
+
+
+# ----------------------------------------------------------------------------------------------- output folders
+
+
+def _tiny_config(tmp_path) -> str:
+    from transformers import GPT2Config
+
+    cfg = tmp_path / "tiny.json"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+               eos_token_id=0).to_json_file(cfg)
+    return f"config:{cfg}"
+
+
+def _one_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_compress_onto_an_existing_folder_needs_overwrite_and_never_deletes_a_users_file(tmp_path, capsys):
+    """`compress --out` onto an earlier model folder used to replace it — and a NOTES.txt in it — with exit 0."""
+    from search.cli import main
+
+    model, out = _tiny_config(tmp_path), tmp_path / "student"
+    assert main(["compress", "--model", model, "--plan", "uniform:2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    weights = (out / "model.safetensors").read_bytes()
+    assert main(["compress", "--model", model, "--plan", "lowrank:2", "--out", str(out)]) == 2
+    assert "exists and is not empty; choose another --out or pass --overwrite" in _one_error(capsys)
+    assert (out / "model.safetensors").read_bytes() == weights  # untouched
+    (out / "NOTES.txt").write_text("my notes")
+    assert main(["compress", "--model", model, "--plan", "lowrank:2", "--out", str(out), "--overwrite"]) == 2
+    err = _one_error(capsys)
+    assert "holds files kronsearch did not write (NOTES.txt)" in err and "never deletes them" in err
+    assert (out / "NOTES.txt").read_text() == "my notes" and (out / "model.safetensors").read_bytes() == weights
+    (out / "NOTES.txt").unlink()
+    assert main(["compress", "--model", model, "--plan", "lowrank:2", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != weights  # replaced: it held only kronsearch's files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "tiny.json"]  # no temporary left
+
+
+def test_merge_overwrite_never_deletes_a_users_file(tmp_path, capsys):
+    from search.cli import main
+
+    ckpt, dense = tmp_path / "ckpt", tmp_path / "dense"
+    assert main(["compress", "--model", _tiny_config(tmp_path), "--plan", "uniform:2", "--out", str(ckpt)]) == 0
+    assert main(["merge", str(ckpt), "--out", str(dense)]) == 0
+    assert main(["merge", str(ckpt), "--out", str(dense), "--overwrite"]) == 0  # its own files: replaced
+    (dense / "results.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["merge", str(ckpt), "--out", str(dense), "--overwrite"]) == 2
+    assert "holds files kronsearch did not write (results.txt)" in _one_error(capsys)
+    assert (dense / "results.txt").read_text() == "keep me" and (dense / "config.json").is_file()
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(tmp_path):
+    """A SIGKILLed compress left a hidden `.out.tmp-*` (15 MB) for ever; the next write into the same parent removes
+    it when its process is gone, and leaves a live writer's, another host's and unrelated folders alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from kron.fsutil import _host, atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = _host()
+    left = tmp_path / f".out.tmp-{host}-{dead}-0123abcd"
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-0123abcd"
+    other_host = tmp_path / f".out.tmp-elsewhere-{dead}-0123abcd"
+    old_unowned = tmp_path / ".out.tmp-89abcdef"  # an earlier release's name: no owner, removed once old
+    fresh_unowned = tmp_path / ".out.tmp-fedcba98"
+    unrelated = tmp_path / ".other.tmp-x"
+    for d in (left, live, other_host, old_unowned, fresh_unowned, unrelated):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    stale = time.time() - 7 * 3600
+    os.utime(old_unowned, (stale, stale))
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("new")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["out", live.name, other_host.name, fresh_unowned.name, unrelated.name]), names
+
+
+def test_a_swap_cut_short_is_restored_not_deleted(tmp_path):
+    """Killed between moving the old folder aside and the new one in: the next write puts the old one back first,
+    so a refusal then still finds the user's folder where it was."""
+    import subprocess
+    import sys
+
+    from kron.fsutil import _host, atomic_dir
+    from kron.errors import CheckpointError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    aside = tmp_path / f".out.old-{_host()}-{dead}-0123abcd"
+    aside.mkdir()
+    (aside / "NOTES.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="did not write"):
+        with atomic_dir(tmp_path / "out", owned=lambda n: n == "model.safetensors"):
+            pass  # the check runs again before the swap, after the restore
+    assert (tmp_path / "out" / "NOTES.txt").read_text() == "mine"
+    assert not aside.exists()
