@@ -36,6 +36,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from regex import error as regex_error
 from torch import nn
 
 from . import methods
@@ -44,7 +45,7 @@ from .methods.base import (ModuleSpec, Slot, alternatives_message, check_keys, c
                            modifier_keys, option_defaults, positive_int, primary_keys, structure_of)
 from .methods.kronecker import nearest_shape
 from .modules import SUPPORTED_TYPES, dense_dims, layer_index, module_type, unsupported_message
-from .selectors import selector_matches
+from .selectors import compile_regex, selector_matches
 from .yamlio import dump_yaml
 
 __all__ = [
@@ -137,8 +138,8 @@ class Rule:
         for s in sel:
             if s.startswith("re:"):
                 try:
-                    re.compile(s[3:])
-                except re.error as exc:
+                    compile_regex(s[3:])
+                except regex_error as exc:
                     raise PlanError(f"{w}: select {s!r} is not a valid regular expression ({exc})") from None
         check_keys(options, [k for k in methods.rule_keys() if k not in ("select", "layers", "keep")], w)
         self.select: tuple[str, ...] = tuple(sel)
@@ -309,11 +310,15 @@ class CompressionPlan:
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "plan") -> "CompressionPlan":
-        """Parse YAML (or JSON, a subset of YAML) with yaml.safe_load."""
+        """Parse YAML (or JSON, a subset of YAML) with yaml's safe loader, within `kron.yamlio.load_yaml`'s caps."""
         import yaml
 
+        from .yamlio import YamlTooLarge, load_yaml
+
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
+        except YamlTooLarge as exc:
+            raise PlanError(f"{source}: too large to read: {exc}") from None
         except yaml.YAMLError as exc:
             raise PlanError(f"{source}: not valid YAML/JSON ({' '.join(str(exc).split())})") from None
         if not isinstance(data, Mapping):

@@ -46,6 +46,10 @@ def _version() -> str:
         return "unknown"
 
 
+# an error line's length at most: whatever the input echoed into a message, the user gets one readable line
+MAX_MESSAGE = 2000
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-call advice (attention masks, loss_type) would drown the progress lines; errors still show
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-        print(f"kronsearch {args.command}: error: {one_line(exc, limit=None)}", file=sys.stderr)
+        print(f"kronsearch {args.command}: error: {one_line(exc, limit=MAX_MESSAGE)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kronsearch {args.command}: interrupted", file=sys.stderr)
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KRONSEARCH_TRACEBACK"):
             raise
         print(
-            f"kronsearch {args.command}: internal error: {type(exc).__name__}: {one_line(exc, limit=None)} "
+            f"kronsearch {args.command}: internal error: {type(exc).__name__}: {one_line(exc, limit=MAX_MESSAGE)} "
             "(set KRONSEARCH_TRACEBACK=1 for the traceback)",
             file=sys.stderr,
         )

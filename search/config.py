@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
-from kron.errors import ConfigError
+from kron.errors import ConfigError, one_line
 from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
-from trials.config import TrialConfig, read_yaml_mapping
+from trials.config import MAX_ERROR_LINES, TrialConfig, read_yaml_mapping, shown_value
 
 from .space_config import BudgetConfig, LayerCount, PriorConfig, SpaceConfig, Strict  # noqa: F401 (re-exported)
 
@@ -338,7 +338,7 @@ def format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | N
     root = root or SearchConfig
     head = f"{where}: " if where else ""
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         # pydantic names union members in the location ("layers.LayerCount"); keep the real field names only
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or "'" in p))
         field = prefix + (".".join(str(p) for p in loc) or "(top level)")
@@ -354,11 +354,12 @@ def format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | N
         if err["type"] == "missing":
             lines.append(f"{head}{field}: required field missing")
             continue
-        got = err.get("input")
-        shown = repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
-        lines.append(f"{head}{field}: {msg} (got {shown})")
+        lines.append(f"{head}{field}: {one_line(msg)} (got {shown_value(err.get('input'))})")
     # a union (layers) reports one error per member: keep the distinct lines only
-    return "; ".join(dict.fromkeys(lines))
+    lines = list(dict.fromkeys(lines))
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
+    return "; ".join(lines)
 
 
 def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, overrides: dict | None = None,

@@ -365,7 +365,12 @@ def _budgets(args):
     if args.budget is not None:
         texts.append(args.budget)
     if args.budgets is not None:
-        texts += _csv(args.budgets)
+        items = [t.strip() for t in str(args.budgets).split(",")]
+        empty = [i for i, t in enumerate(items, 1) if not t]
+        if empty:
+            raise ConfigError(f"--budgets {args.budgets!r}: item {empty[0]} is empty; give AXIS=VALUE items separated "
+                              "by single commas (e.g. ratio=1.5,ratio=2)")
+        texts += items
     if not texts:
         raise ConfigError("--auto needs --budget AXIS=VALUE (params=3.5M, macs=2.1G, bytes=1.2M, params_excl=2M or "
                           "ratio=2) or --budgets")

@@ -274,3 +274,70 @@ def test_a_swap_cut_short_is_restored_not_deleted(tmp_path):
             pass  # the check runs again before the swap, after the restore
     assert (tmp_path / "out" / "NOTES.txt").read_text() == "mine"
     assert not aside.exists()
+
+
+# ----------------------------------------------------------------------------------------------- hostile configs
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_is_refused_before_validation(tmp_path, capsys):
+    """8 levels of 9 aliases under space.groups (a 1 KB file) took 17 s, 3.9 GB and printed a 312 MB error line."""
+    from search.cli import main
+
+    lines = ["name: bomb", "a0: &a0 [" + ", ".join(["attention"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    lines += ["trial: {teacher: demo}", "space:", "  groups: *a8", "search: {num_samples: 2}"]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines))
+    assert main(["search", str(bomb), "--dry-run"]) == 2
+    err = _one_error(capsys)
+    assert "aliases expand to more than 1,000,000 values" in err and len(err) < 300
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("\n".join(lines[1:10]) + "\nrules: *a8\n")
+    assert main(["plan", "--model", "config:gpt2", "--plan", str(plan)]) == 2
+    assert "too large to read" in _one_error(capsys)
+
+
+def test_an_error_echoes_a_bounded_value(tmp_path, capsys):
+    """Two levels of aliases (729 values) are fine to read but must not be echoed whole: one line, capped."""
+    from search.cli import main
+
+    lines = ["name: small-bomb", "a0: &a0 [" + ", ".join(["attention"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 3)]
+    lines += ["trial: {teacher: demo}", "space:", "  groups: *a2", "search: {num_samples: 2}"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("\n".join(lines))
+    assert main(["search", str(cfg), "--dry-run"]) == 2
+    err = _one_error(capsys)
+    assert "space.groups.0" in err and len(err) <= 2100
+
+
+def test_load_yaml_counts_shared_values_once_per_use():
+    from kron.yamlio import MAX_YAML_VALUES, YamlTooLarge, load_yaml
+
+    assert load_yaml("a: &x [1, 2]\nb: *x") == {"a": [1, 2], "b": [1, 2]}
+    assert load_yaml("") is None
+    wide = "a: &a [" + ", ".join(["1"] * 1000) + "]\nb: [" + ", ".join(["*a"] * (MAX_YAML_VALUES // 1000)) + "]"
+    with pytest.raises(YamlTooLarge, match="aliases expand"):
+        load_yaml(wide)
+
+
+@pytest.mark.timeout(60)
+def test_a_backtracking_regex_selector_cannot_hang_a_plan(tmp_path, capsys, monkeypatch):
+    """`re:(.|.)*Q` hung `plan` under Python's re; selectors match with the `regex` package and a time limit."""
+    import kron.selectors as sel
+    from kron.errors import PlanError
+    from search.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text('rules:\n  - select: "re:(.|.)*Q"\n    lowrank_ratio: 2\n')
+    assert main(["plan", "--model", "config:gpt2", "--plan", str(plan)]) == 2
+    assert "matches no module of this model" in _one_error(capsys)
+
+    class Slow:  # what a pattern past the time limit does
+        def fullmatch(self, name, timeout=None):
+            raise TimeoutError("regex timed out")
+
+    monkeypatch.setattr(sel, "compile_regex", lambda pattern: Slow())
+    with pytest.raises(PlanError, match=r"select 're:x': matching module 'a.b' took over .* s .*simplify it"):
+        sel.selector_matches("re:x", "a.b")

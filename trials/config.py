@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kron.errors import ConfigError
+from kron.errors import ConfigError, one_line
+from kron.yamlio import YamlTooLarge, load_yaml
 
 __all__ = [
     "DataConfig",
@@ -23,8 +24,11 @@ __all__ = [
     "StageConfig",
     "TeacherCacheConfig",
     "TrialConfig",
+    "MAX_ERROR_LINES",
     "format_validation_error",
     "load_trial_config",
+    "read_yaml_mapping",
+    "shown_value",
 ]
 
 
@@ -263,8 +267,23 @@ class TrialConfig(_Strict):
         return "max" if self.glue is not None else "min"
 
 
-def _shown(got) -> str:
-    return repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
+def _bounded_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_REPR = _bounded_repr()
+MAX_ERROR_LINES = 10  # problems listed in one message; the rest are counted
+
+
+def shown_value(got) -> str:
+    """A value as an error message echoes it: bounded (`reprlib`: a few items per level, long strings and numbers
+    cut), so a huge or deeply nested input never makes a huge message — and is never expanded to be shown."""
+    return _REPR.repr(got)
 
 
 def _model_at(model: type[BaseModel], loc) -> type[BaseModel] | None:
@@ -286,19 +305,19 @@ def format_validation_error(exc: ValidationError, where: str = "config", root: t
     """One line per problem: `field.path: message (got value)`; an unknown key lists the valid keys of its section
     when `root` (the validated model) is given."""
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             owner = _model_at(root, err["loc"][:-1]) if root is not None else None
             if owner is not None:
-                lines.append(f"{where}: {loc}: unknown key (got {_shown(err.get('input'))}); valid keys"
+                lines.append(f"{where}: {loc}: unknown key (got {shown_value(err.get('input'))}); valid keys"
                              f"{' here' if len(err['loc']) > 1 else ''}: {_known_fields(owner)}")
                 continue
-        got = err.get("input")
-        shown = repr(got) if not isinstance(got, dict) or len(repr(got)) < 80 else "{...}"
-        lines.append(f"{where}: {loc}: {msg} (got {shown})")
+        lines.append(f"{where}: {loc}: {one_line(msg)} (got {shown_value(err.get('input'))})")
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
     return "; ".join(lines)
 
 
@@ -315,7 +334,9 @@ def read_yaml_mapping(path: str | Path, what: str, *, empty_ok: bool = False) ->
     if not path.is_file():
         raise ConfigError(f"{what.split(' ')[0]} config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except YamlTooLarge as exc:
+        raise ConfigError(f"{path}: too large to read: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     except UnicodeDecodeError as exc:

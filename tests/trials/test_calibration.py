@@ -141,7 +141,7 @@ def test_cli_compress_init_data(tiny_lm_teacher, text_corpus, tmp_path, monkeypa
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
     rc = main(["compress", "--model", str(tiny_lm_teacher), "--plan", "uniform:2", "--out", str(out), "--init",
-               "data", "--calib", str(text_corpus), "--calib-tokens", "512", "--calib-seq-len", "32"])
+               "data", "--calib", str(text_corpus), "--calib-tokens", "512", "--calib-seq-len", "32", "--overwrite"])
     o, e = capsys.readouterr()
     assert rc == 0 and "out_err" in o and "held-out tokens" in o
     for argv, message in [
