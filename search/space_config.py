@@ -43,7 +43,8 @@ _QUANTIZE = ("none", "int8", "int4")  # the earlier `quantize: [none, int8]` lis
 class Strict(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              allow_inf_nan=False)  # lr: .inf passed every check, then every trial diverged
 
 
 class LayerCount(Strict):

@@ -33,7 +33,8 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              allow_inf_nan=False)  # lr: .inf passed every check, then every trial diverged
 
 
 class DataConfig(_Strict):

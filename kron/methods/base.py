@@ -326,7 +326,7 @@ class MethodOptions(BaseModel):
     validated by the method (unknown keys and bad values are errors naming them), its defaults in one place.
     Methods subclass it with their fields; a method without settings keeps this empty one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Method.options_type = MethodOptions
