@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, PLAN, INFO = "model.safetensors", "config.json", "plan.yaml", "kronsearch.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+# what a saved model's config may name as its attention (transformers' implementations)
+_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+                                   "paged_attention"})
 # what transformers' save_pretrained writes (one file, or shards and their index) beside the config
 _HF_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 
@@ -168,6 +171,24 @@ def read_info(dir: str | os.PathLike) -> dict:
     for key in ("model_class", "modules"):
         if key not in info:
             raise CheckpointError(f"{f} is incomplete: no {key!r}")
+    if not isinstance(info["modules"], dict) or not isinstance(info["model_class"], str):
+        raise CheckpointError(f"{f} is corrupt: 'modules' must be a mapping and 'model_class' a class name")
+    used = info.get("methods") or {}
+    if not isinstance(used, dict):
+        raise CheckpointError(f"{f} is corrupt: 'methods' must map method names to spec versions")
+    for name, version in used.items():
+        try:
+            method = methods.get_method(name)
+        except PlanError as exc:
+            raise CheckpointError(f"{f}: {exc} (a newer release wrote it?)") from None
+        newest = method.spec_type.version
+        if isinstance(version, bool) or not isinstance(version, int) or version > newest:
+            raise CheckpointError(f"{f} uses method {name!r} at version {version!r}; this kronsearch reads it up to "
+                                  f"version {newest} (a newer release wrote it?)")
+    attn = info.get("attn_implementation")
+    if attn is not None and (not isinstance(attn, str) or attn not in _ATTN_IMPLEMENTATIONS):
+        raise CheckpointError(f"{f}: attn_implementation {attn!r} is not one of "
+                              f"{', '.join(sorted(_ATTN_IMPLEMENTATIONS))}")
     return info
 
 

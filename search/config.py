@@ -117,6 +117,18 @@ class SearchSettings(Strict):
                                       "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
                                       "importable; []: none)")
 
+    @field_validator("seed_plans")
+    @classmethod
+    def _seed_sizes(cls, v: list[str]) -> list[str]:
+        from kron.budget import parse_number
+
+        for name in v:
+            m = AUTO_AT.fullmatch(name.strip())
+            size = parse_number(m.group(1)) if m is not None else None
+            if size is not None and not (1 <= size < 2**63):
+                raise ValueError(f"{name!r}: an automatic plan's size must be a finite number of at least 1")
+        return v
+
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str) -> str:

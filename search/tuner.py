@@ -31,6 +31,7 @@ from .reference import prepare_locally, run_teacher_reference
 from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unfinished, write_meta
 from .scheduler import ParetoAwareASHA, SizeStratifiedASHA, make_scheduler
 from .prepare import prepare_space
+from .lock import search_lock
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
 from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
@@ -81,6 +82,14 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     Raises ConfigError before Ray starts when the config, the space or the budget is invalid, or when
     `resume` finds nothing to resume. Ray is shut down at the end if it was started here (unless keep_ray).
     """
+    local = Path(experiment_path(cfg)) if not is_remote_storage(cfg.search.storage) else local_mirror(cfg)
+    with search_lock(local, cfg.name, stream):  # one process per search folder, from its checks to its end
+        return _run_search(cfg, space, resume=resume, stream=stream, keep_ray=keep_ray,
+                           initial_params=initial_params, callbacks=callbacks)
+
+
+def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, stream, keep_ray: bool,
+                initial_params: list[dict] | None, callbacks: list | None) -> SearchOutcome:
     t0 = time.time()
     if resume:  # a search an earlier release started keeps the defaults it ran with
         adopted = adopt_saved_defaults(cfg, stream)

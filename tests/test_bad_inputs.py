@@ -131,6 +131,8 @@ CASES = [
      ["--budgets 'ratio=1.5,,ratio=2': item 2 is empty"]),
     ("plan-budget-overflow", lambda f: ["plan", "--model", "demo", "--auto", "--budget", "params=1e400"], 2,
      ["budget 'params=1e400': must be a positive size"]),
+    ("search-seed-size-overflow", lambda f: f.search("search.seed_plans", ["auto@1e400"]), 2,
+     ["search.seed_plans", "'auto@1e400': an automatic plan's size must be a finite number"]),
     ("search-asha-grace", lambda f: f.search("search.asha", {"grace_period": 100}), 2,
      ["search.asha.grace_period 100 exceeds max_t 40"]),
     ("search-missing-section", lambda f: f.search("trial", DEL), 2, ["trial: required field missing"]),

@@ -341,3 +341,29 @@ def test_a_backtracking_regex_selector_cannot_hang_a_plan(tmp_path, capsys, monk
     monkeypatch.setattr(sel, "compile_regex", lambda pattern: Slow())
     with pytest.raises(PlanError, match=r"select 're:x': matching module 'a.b' took over .* s .*simplify it"):
         sel.selector_matches("re:x", "a.b")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i: i["methods"].update(spiral=1), "unknown compression method 'spiral'"),
+    (lambda i: i["methods"].update(kronecker=99), "uses method 'kronecker' at version 99; this kronsearch reads it up to"),
+    (lambda i: i.update(attn_implementation="rm -rf"), "attn_implementation 'rm -rf' is not one of"),
+    (lambda i: i.update(modules=[1, 2]), "'modules' must be a mapping"),
+])
+def test_a_model_folder_from_an_unknown_release_is_refused_not_loaded(tmp_path, capsys, edit, message):
+    """A kronsearch.json naming a method this release lacks, or a newer version of one, loaded anyway before."""
+    import json as _json
+
+    from kron.errors import CheckpointError
+    from kron.io import load_compressed
+    from search.cli import main
+
+    out = tmp_path / "m"
+    assert main(["compress", "--model", _tiny_config(tmp_path), "--plan", "uniform:2", "--out", str(out)]) == 0
+    info = _json.loads((out / "kronsearch.json").read_text())
+    edit(info)
+    (out / "kronsearch.json").write_text(_json.dumps(info))
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_compressed(out, device="cpu")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", "teacher-samples"]) == 2
+    assert message.split("'")[0] in _one_error(capsys)
