@@ -33,6 +33,9 @@ def add_parsers(subparsers) -> None:
                    help="print the size of the space and a few sampled plans with their costs; no Ray, no training")
     p.add_argument("--resume", action="store_true",
                    help="continue the search in <storage>/<name>: finished trials kept, unfinished ones rerun")
+    p.add_argument("--trust-state", action="store_true",
+                   help="--resume a folder whose state files this kronsearch did not sign (an earlier release's, "
+                        "another machine's); Ray unpickles them, so only for folders you trust (docs/security.md)")
     p.add_argument("--address", default=None, help="Ray cluster: 'auto' or 'ray://host:10001' (default: local Ray)")
     p.add_argument("--storage", default=None, help="experiment parent folder or URI (s3://...), overrides the config")
     p.add_argument("--name", default=None, help="experiment name, overrides the config")
@@ -68,7 +71,7 @@ def _search(args) -> int:
     from .tuner import run_search
 
     print(_header(cfg, space), flush=True)
-    outcome = run_search(cfg, space, resume=args.resume)
+    outcome = run_search(cfg, space, resume=args.resume, trust_state=args.trust_state)
     print(f"search {cfg.name}: {_counts(outcome)}", flush=True)
     paths = write_analysis(cfg, outcome.local_dir, space)
     for label, path in paths.items():

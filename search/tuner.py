@@ -32,6 +32,7 @@ from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unf
 from .scheduler import ParetoAwareASHA, SizeStratifiedASHA, make_scheduler
 from .prepare import prepare_space
 from .lock import search_lock
+from .statesign import StateSigner, check_state, sign_state
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
 from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
@@ -73,8 +74,11 @@ def check_experiment_folder(cfg: SearchConfig, resume: bool) -> tuple[str, bool,
 
 def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: bool = False, stream=None,
                keep_ray: bool = False, initial_params: list[dict] | None = None,
-               callbacks: list | None = None) -> SearchOutcome:
+               callbacks: list | None = None, trust_state: bool = False) -> SearchOutcome:
     """Run (or resume) a search and post-process its trial summaries; returns what happened.
+
+    trust_state: resume without checking the state files' signatures (`search.statesign`) — for a folder the
+    user trusts that this kronsearch did not sign (an earlier release's, another machine's).
 
     initial_params: plans (parameter dicts as `SearchSpace.sample` returns) to evaluate first, e.g. a known good
     configuration to start the search from.
@@ -85,17 +89,19 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     local = Path(experiment_path(cfg)) if not is_remote_storage(cfg.search.storage) else local_mirror(cfg)
     with search_lock(local, cfg.name, stream):  # one process per search folder, from its checks to its end
         return _run_search(cfg, space, resume=resume, stream=stream, keep_ray=keep_ray,
-                           initial_params=initial_params, callbacks=callbacks)
+                           initial_params=initial_params, callbacks=callbacks, trust_state=trust_state)
 
 
 def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, stream, keep_ray: bool,
-                initial_params: list[dict] | None, callbacks: list | None) -> SearchOutcome:
+                initial_params: list[dict] | None, callbacks: list | None, trust_state: bool) -> SearchOutcome:
     t0 = time.time()
     if resume:  # a search an earlier release started keeps the defaults it ran with
         adopted = adopt_saved_defaults(cfg, stream)
         if adopted is not cfg:
             cfg, space = adopted, None
     path, remote, local_dir = check_experiment_folder(cfg, resume)  # before the space: its profile takes minutes
+    if resume and not trust_state:
+        check_state(path)  # Ray's restore unpickles these files: only ones this user's kronsearch signed
     space = prepare_space(cfg, SearchSpace.from_config(cfg) if space is None else space, stream)
     if not resume and space.seeds:  # seed plans first (a resumed searcher keeps its own queue)
         initial_params = [p for _, p in space.seeds] + list(initial_params or [])
@@ -142,7 +148,14 @@ def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, s
                 tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
                                    local_dir=local_dir)
             t_fit = time.time()
-            grid = tuner.fit()
+            try:
+                grid = tuner.fit()
+            finally:  # finished or interrupted: the state it leaves is signed for the next --resume
+                try:
+                    sign_state(path, local_dir)
+                except OSError as exc:
+                    print(f"search {cfg.name}: warning: could not sign its state ({exc}); a --resume will need "
+                          "--trust-state", file=stream or sys.stderr)
         timings["fit_s"] = time.time() - t_fit
         if cfg.search.reference and not remote and not prepared and not unfinished(local_dir):
             t_ref = time.time()  # Ray already running here, or a cluster: the reference as a Ray task
@@ -191,6 +204,7 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
         name=cfg.name, **storage_args(cfg.search.storage), verbose=0,
         callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(),
                    *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or []),
+                   StateSigner(experiment_path(cfg), local_dir),
                    TrimEndedTrials()],  # last: the others see an ended trial's state untrimmed
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),

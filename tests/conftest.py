@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the search-state signing key (search.statesign) of the test session, not the user's
+os.environ.setdefault("KRONSEARCH_STATE_KEY", os.path.join(tempfile.mkdtemp(prefix="kronsearch-key-"), "state.key"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

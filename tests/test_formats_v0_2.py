@@ -258,7 +258,10 @@ def test_resuming_the_seeded_search_loses_and_reruns_nothing(local_ray, tmp_path
     want = EXPECTED["search"]
     exp, cfg_path = _relocated(tmp_path)
     kept = {k: v for k, v in _digests(exp).items() if k.startswith("trial_")}
-    rc, out = _run_cli(["search", str(cfg_path), "--resume"])
+    rc, out = _run_cli(["search", str(cfg_path), "--resume"])  # written before search state was signed
+    assert rc == 2, out
+    assert {k: v for k, v in _digests(exp).items() if k.startswith("trial_")} == kept
+    rc, out = _run_cli(["search", str(cfg_path), "--resume", "--trust-state"])
     assert rc == want["old_resume"]["rc"] == 0, out
     assert sorted(p.name for p in exp.glob("trial_*") if p.is_dir()) == want["trial_dirs"]
     after = _digests(exp)

@@ -441,7 +441,11 @@ def test_resuming_the_finished_search_loses_and_reruns_nothing(local_ray, tmp_pa
     assert "--resume" in capsys.readouterr().err
     assert {k: v for k, v in _digests(exp).items() if k in kept} == kept
 
-    rc, out = _run_cli(["search", str(cfg_path), "--resume"])
+    # its state was written before kronsearch signed search state: a plain --resume refuses to hand it to Ray
+    assert main(["search", str(cfg_path), "--resume"]) == 2
+    assert "no valid kronsearch state signatures" in capsys.readouterr().err
+    assert {k: v for k, v in _digests(exp).items() if k in kept} == kept
+    rc, out = _run_cli(["search", str(cfg_path), "--resume", "--trust-state"])
     assert rc == 0, out  # 130 would mean "interrupted with unfinished trials"
     assert sorted(p.name for p in exp.glob("trial_*") if p.is_dir()) == want["trial_dirs"]  # no trial added
     after = _digests(exp)

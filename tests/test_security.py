@@ -367,3 +367,43 @@ def test_a_model_folder_from_an_unknown_release_is_refused_not_loaded(tmp_path, 
     capsys.readouterr()
     assert main(["eval", "--model", str(out), "--data", "teacher-samples"]) == 2
     assert message.split("'")[0] in _one_error(capsys)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+class _Planted:
+    """A pickle that, when loaded, creates a file: what a planted `tuner.pkl` could do with a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_planted_pickle_before_ray_reads_it(tmp_path, capsys):
+    """A pickle planted in a search folder ran a shell command on `kronsearch search CONFIG --resume`: now every state
+    file Ray would unpickle must carry this kronsearch's signature, checked before Ray starts."""
+    import pickle
+
+    import yaml
+
+    from search.cli import main
+    from search.statesign import sign_state
+
+    raw = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    raw["search"]["storage"] = str(tmp_path / "runs")
+    raw["search"].pop("seed_plans", None)
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    exp = tmp_path / "runs" / raw["name"]
+    exp.mkdir(parents=True)
+    (exp / "experiment_state-2026-12-07_00-00-00.json").write_text("{}")
+    sign_state(exp)  # a folder this kronsearch wrote ...
+    marker = tmp_path / "pwned"
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))  # ... into which someone planted a pickle
+    assert main(["search", str(cfg), "--resume"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kronsearch")]
+    assert len(err) == 1 and "tuner.pkl is not signed" in err[0] and "--trust-state" in err[0], err
+    assert not marker.exists()
