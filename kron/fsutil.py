@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from .errors import CheckpointError
 
 __all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "clean_stale_temporaries", "foreign_entries", "replace_dir"]
+           "clean_stale_temporaries", "foreign_entries", "pid_alive", "replace_dir"]
 
 # an earlier release's temporary folders had no owner in their name: removed once this old (no writer is that slow)
 _UNOWNED_STALE_S = 6 * 3600
@@ -85,7 +85,8 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,7 +109,7 @@ def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
     for entry in sorted(dest.parent.iterdir()):
         m = mine.fullmatch(entry.name)
         if m is not None:
-            stale = m["host"] == host and not _pid_alive(int(m["pid"]))
+            stale = m["host"] == host and not pid_alive(int(m["pid"]))
             if stale and m[1] == "old" and not dest.exists():
                 os.rename(entry, dest)  # killed between moving the old folder aside and the new one in: restore it
                 continue

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kron.errors import ConfigError
+from kron.fsutil import pid_alive
 
 __all__ = ["LOCK_NAME", "search_lock"]
 
@@ -30,16 +31,6 @@ LOCK_NAME = ".kronsearch.lock"
 
 def _host() -> str:
     return socket.gethostname() or "localhost"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _read(path: Path) -> dict:
@@ -76,7 +67,7 @@ def search_lock(folder: str | os.PathLike, name: str, stream=None) -> Iterator[P
             break
         held = _read(path)
         pid, host = held.get("pid"), held.get("host")
-        if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+        if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
             print(f"search {name}: taking over the lock of process {pid} (started {held.get('started', '?')}), "
                   "which is gone", file=stream or sys.stderr, flush=True)
             with contextlib.suppress(FileNotFoundError):

@@ -279,14 +279,19 @@ def test_a_swap_cut_short_is_restored_not_deleted(tmp_path):
 # ----------------------------------------------------------------------------------------------- hostile configs
 
 
+def _alias_bomb(name: str, levels: int) -> list[str]:
+    """A search config whose space.groups is `levels` levels of 9 aliases each (9^(levels+1) values)."""
+    lines = [f"name: {name}", "a0: &a0 [" + ", ".join(["attention"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return lines + ["trial: {teacher: demo}", "space:", f"  groups: *a{levels}", "search: {num_samples: 2}"]
+
+
 @pytest.mark.timeout(60)
 def test_a_yaml_alias_bomb_is_refused_before_validation(tmp_path, capsys):
     """8 levels of 9 aliases under space.groups (a 1 KB file) took 17 s, 3.9 GB and printed a 312 MB error line."""
     from search.cli import main
 
-    lines = ["name: bomb", "a0: &a0 [" + ", ".join(["attention"] * 9) + "]"]
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    lines += ["trial: {teacher: demo}", "space:", "  groups: *a8", "search: {num_samples: 2}"]
+    lines = _alias_bomb("bomb", 8)
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines))
     assert main(["search", str(bomb), "--dry-run"]) == 2
@@ -302,9 +307,7 @@ def test_an_error_echoes_a_bounded_value(tmp_path, capsys):
     """Two levels of aliases (729 values) are fine to read but must not be echoed whole: one line, capped."""
     from search.cli import main
 
-    lines = ["name: small-bomb", "a0: &a0 [" + ", ".join(["attention"] * 9) + "]"]
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 3)]
-    lines += ["trial: {teacher: demo}", "space:", "  groups: *a2", "search: {num_samples: 2}"]
+    lines = _alias_bomb("small-bomb", 2)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("\n".join(lines))
     assert main(["search", str(cfg), "--dry-run"]) == 2
