@@ -132,8 +132,9 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_identity(model: nn.Module, source: str | None = None) -> dict:
-    """What names a model in a profile: its source, model type and a hash of its config."""
+def model_identity(model: nn.Module, source: str | None = None, *, weights_dir=None) -> dict:
+    """What names a model in a profile: its source, model type, a hash of its config and a fingerprint of its
+    weights (of a model built on the meta device: read from `weights_dir`'s model.safetensors when given)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         d = {k: v for k, v in config.to_dict().items()
@@ -142,14 +143,43 @@ def model_identity(model: nn.Module, source: str | None = None) -> dict:
     else:
         h = _digest([(n, tuple(p.shape)) for n, p in model.named_parameters()])
     fingerprint = None
-    params = list(model.parameters())
-    if params and all(p.device.type != "meta" for p in params[:2] + params[-2:]):
+    named = list(model.named_parameters())
+    picked = named[:2] + named[-2:]
+    if picked and all(p.device.type != "meta" for _, p in picked):
         hw = hashlib.sha256()
-        for p in params[:2] + params[-2:]:
+        for _, p in picked:
             hw.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
         fingerprint = hw.hexdigest()[:16]
+    elif picked and weights_dir is not None:
+        fingerprint = _file_fingerprint([n for n, _ in picked], weights_dir)
     return {"source": str(source) if source is not None else None,
             "model_type": getattr(config, "model_type", None), "config_hash": h, "fingerprint": fingerprint}
+
+
+def _file_fingerprint(names: Sequence[str], source) -> str | None:
+    """The weights fingerprint `model_identity` computes on a loaded model, read from a local model folder's
+    model.safetensors for a model built on the meta device (4 tensors, memory-mapped; None when the folder, the file
+    or one of those tensors is not there, e.g. a hub name or tied weights stored once)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(str(source)).expanduser() / "model.safetensors"
+    if not path.is_file():
+        return None
+    hw = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                key = name if name in keys else next((k for k in keys if k.endswith("." + name)
+                                                      or name.endswith("." + k)), None)
+                if key is None:
+                    return None
+                t = f.get_tensor(key)
+                hw.update(t.detach().to(torch.float32).flatten()[:4096].numpy().tobytes())
+    except Exception:  # an unreadable file: no fingerprint (the load that follows names the problem)
+        return None
+    return hw.hexdigest()[:16]
 
 
 def profile_header(model: nn.Module, stats, *, source: str | None, methods: Sequence[str], constraints: Constraints,

@@ -421,7 +421,8 @@ def plan_auto(args) -> int:
     else:
         profile = load_profile(args.profile)
         base = Constraints.from_dict(profile.get("constraints", {}))
-        want = {"model": model_identity(skeleton, args.model), "constraints": _constraints(args, base).to_dict()}
+        want = {"model": model_identity(skeleton, args.model, weights_dir=src),  # the weights' fingerprint too
+                "constraints": _constraints(args, base).to_dict()}
         if args.methods is not None:
             missing = [m for m in _methods(args) if m not in profile.get("methods", [])]
             if missing:

@@ -573,3 +573,27 @@ def test_embedding_of_an_untied_classifier_and_refine_with_it():
     measure = ModelMeasure(model, batches[:1], 4096)
     measure.model = m.eval()
     assert measure() == pytest.approx(r.kl, rel=1e-4)
+
+
+def test_a_profile_of_other_weights_is_refused_for_a_model_built_without_them(tmp_path):
+    """`plan --auto --profile` builds the model on the meta device, so the weights fingerprint was never compared and a
+    profile of the same config but other weights was accepted; the fingerprint is now read from the folder's
+    model.safetensors (4 tensors) and equals the loaded model's."""
+    from kron.models import build_from_config
+    from kron.profile import model_identity
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "m")
+    loaded = model_identity(model, "m")
+    skeleton = build_from_config(cfg, device="meta")
+    assert model_identity(skeleton, "m")["fingerprint"] is None  # no weights, nowhere to read them
+    assert model_identity(skeleton, "m", weights_dir=tmp_path / "m") == loaded
+    profile = {"format": "kronsearch.profile/2", "model": loaded}
+    check_header(profile, {"model": model_identity(skeleton, "m", weights_dir=tmp_path / "m")})
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)  # retrained: same config, other weights
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(DataError, match="model.fingerprint"):
+        check_header(profile, {"model": model_identity(skeleton, "m", weights_dir=tmp_path / "m")})
