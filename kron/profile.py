@@ -251,7 +251,45 @@ def load_profile(path: str | Path) -> dict:
         raise DataError(f"profile {path} is unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or data.get("format") not in FORMATS or not isinstance(data.get("matrices"), dict):
         raise DataError(f"{path} is not a kronsearch profile (expected format {FORMAT})")
+    for name, entry in data["matrices"].items():
+        _check_entry(entry, f"{path}: matrix {name}")
     return data
+
+
+_COUNTS = ("params", "params_excl_output_embedding", "macs", "bytes")
+_DAMAGE_TOLERANCE = 1e-6  # a measured KL or error a rounding below zero is still a zero
+
+
+def _check_entry(entry, where: str) -> None:
+    """DataError naming what is wrong with one matrix of a saved profile: no candidates, a method this release
+    lacks, a count that is not a whole number >= 0, a damage that is negative or not finite."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("candidates"), list) or not entry["candidates"]:
+        raise DataError(f"{where}: no candidates (a damaged or hand-edited profile; make it again)")
+    for c in entry["candidates"]:
+        if not isinstance(c, dict):
+            raise DataError(f"{where}: a candidate is not a mapping")
+        label = c.get("label", c.get("method"))
+        method = c.get("method")
+        if method != "keep":
+            from .methods import get_method
+
+            try:
+                get_method(method) if isinstance(method, str) else None
+            except PlanError as exc:
+                raise DataError(f"{where}, candidate {label!r}: {exc}") from None
+            if not isinstance(method, str):
+                raise DataError(f"{where}, candidate {label!r}: method must be a name, got {method!r}")
+        for key in _COUNTS:
+            v = c.get(key)
+            if key in c and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise DataError(f"{where}, candidate {label!r}: {key} must be a whole number >= 0, got {v!r}")
+        for key in ("damage", "model_damage"):
+            v = c.get(key)
+            if v is None and key == "model_damage":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < -_DAMAGE_TOLERANCE:
+                raise DataError(f"{where}, candidate {label!r}: {key} must be a finite number >= 0, got {v!r}")
 
 
 def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -597,3 +597,31 @@ def test_a_profile_of_other_weights_is_refused_for_a_model_built_without_them(tm
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(DataError, match="model.fingerprint"):
         check_header(profile, {"model": model_identity(skeleton, "m", weights_dir=tmp_path / "m")})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(damage=-85.0), "damage must be a finite number >= 0, got -85.0"),
+    (lambda c: c.update(model_damage=float("nan")), "model_damage must be a finite number >= 0"),
+    (lambda c: c.update(params="12"), "params must be a whole number >= 0, got '12'"),
+    (lambda c: c.update(params=-5), "params must be a whole number >= 0, got -5"),
+    (lambda c: c.update(method="spiral"), "unknown compression method 'spiral'"),
+])
+def test_a_damaged_profile_is_refused_naming_the_candidate(tmp_path, edit, message):
+    """Negative damages (a plan with 'predicted damage -85'), string or negative counts, unknown methods: each a
+    DataError naming the matrix and the candidate, not a plan built from them."""
+    from pathlib import Path
+
+    from kron.profile import load_profile
+
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "v0_2" / "profile" / "profile.json"
+    data = json.loads(src.read_text())
+    name = next(n for n, m in data["matrices"].items() if m.get("group") != "embedding")
+    edit(data["matrices"][name]["candidates"][1])
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"matrix {name}, candidate .*{message.replace('(', '[(]')}"):
+        load_profile(bad)
+    data["matrices"][name]["candidates"] = []
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=f"matrix {name}: no candidates"):
+        load_profile(bad)
