@@ -97,35 +97,33 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(dest: str | os.PathLike) -> list[Path]:
-    """Remove the temporary siblings of `dest` that a killed writer left (`.NAME.tmp-HOST-PID-XXXXXXXX` of this host
-    whose process is gone — its `.NAME.old-...` put back as `dest` when the swap was cut short with `dest` gone —, and unowned `.NAME.tmp-XXXXXXXX` of an earlier
-    release older than 6 hours); returns what it removed. A live writer's folder, or another host's, is left."""
+    """Remove the temporary siblings of `dest` that a killed writer left: `.NAME.tmp-HOST-PID-XXXXXXXX` of this host
+    whose process is gone, and an earlier release's unowned `.NAME.tmp-XXXXXXXX` older than 6 hours. Such a
+    `.NAME.old-...` is put back as `dest` instead when `dest` is gone (the swap was cut short). Returns what it
+    removed; a live writer's folder, or another host's, is left."""
     dest = Path(dest)
     if not dest.parent.is_dir():
         return []
     mine = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
     unowned = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-[0-9a-f]{{8}}")
     host, now, removed = _host(), time.time(), []
-    for entry in sorted(dest.parent.iterdir()):
-        m = mine.fullmatch(entry.name)
-        if m is not None:
+    for entry in sorted(dest.parent.iterdir()):  # ".old-" before ".tmp-": a swap cut short is restored first
+        if (m := mine.fullmatch(entry.name)) is not None:
             stale = m["host"] == host and not pid_alive(int(m["pid"]))
-            if stale and m[1] == "old" and not dest.exists():
-                os.rename(entry, dest)  # killed between moving the old folder aside and the new one in: restore it
-                continue
-        elif (u := unowned.fullmatch(entry.name)) is not None:
+        elif (m := unowned.fullmatch(entry.name)) is not None:
             try:
                 stale = now - entry.stat().st_mtime > _UNOWNED_STALE_S
             except OSError:
                 stale = False
-            if stale and u[1] == "old" and not dest.exists():
-                os.rename(entry, dest)
-                continue
         else:
             continue
-        if stale:
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            removed.append(entry)
+        if not stale:
+            continue
+        if m[1] == "old" and not dest.exists():
+            os.rename(entry, dest)  # killed between moving the old folder aside and the new one in: restore it
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 

@@ -146,10 +146,7 @@ def model_identity(model: nn.Module, source: str | None = None, *, weights_dir=N
     named = list(model.named_parameters())
     picked = named[:2] + named[-2:]
     if picked and all(p.device.type != "meta" for _, p in picked):
-        hw = hashlib.sha256()
-        for _, p in picked:
-            hw.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
-        fingerprint = hw.hexdigest()[:16]
+        fingerprint = _fingerprint(p for _, p in picked)
     elif picked and weights_dir is not None:
         fingerprint = _file_fingerprint([n for n, _ in picked], weights_dir)
     return {"source": str(source) if source is not None else None,
@@ -160,25 +157,28 @@ def _file_fingerprint(names: Sequence[str], source) -> str | None:
     """The weights fingerprint `model_identity` computes on a loaded model, read from a local model folder's
     model.safetensors for a model built on the meta device (4 tensors, memory-mapped; None when the folder, the file
     or one of those tensors is not there, e.g. a hub name or tied weights stored once)."""
-    import torch
     from safetensors import safe_open
 
     path = Path(str(source)).expanduser() / "model.safetensors"
     if not path.is_file():
         return None
-    hw = hashlib.sha256()
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-            for name in names:
-                key = name if name in keys else next((k for k in keys if k.endswith("." + name)
-                                                      or name.endswith("." + k)), None)
-                if key is None:
-                    return None
-                t = f.get_tensor(key)
-                hw.update(t.detach().to(torch.float32).flatten()[:4096].numpy().tobytes())
+            found = [name if name in keys else next((k for k in keys if k.endswith("." + name)
+                                                     or name.endswith("." + k)), None) for name in names]
+            if None in found:
+                return None
+            return _fingerprint(f.get_tensor(key) for key in found)
     except Exception:  # an unreadable file: no fingerprint (the load that follows names the problem)
         return None
+
+
+def _fingerprint(tensors) -> str:
+    """sha256 of the first 4,096 values (float32) of each tensor, 16 hex digits: a profile's weights fingerprint."""
+    hw = hashlib.sha256()
+    for t in tensors:
+        hw.update(t.detach().float().cpu().flatten()[:4096].numpy().tobytes())
     return hw.hexdigest()[:16]
 
 
@@ -270,15 +270,15 @@ def _check_entry(entry, where: str) -> None:
             raise DataError(f"{where}: a candidate is not a mapping")
         label = c.get("label", c.get("method"))
         method = c.get("method")
+        if not isinstance(method, str):
+            raise DataError(f"{where}, candidate {label!r}: method must be a name, got {method!r}")
         if method != "keep":
             from .methods import get_method
 
             try:
-                get_method(method) if isinstance(method, str) else None
+                get_method(method)
             except PlanError as exc:
                 raise DataError(f"{where}, candidate {label!r}: {exc}") from None
-            if not isinstance(method, str):
-                raise DataError(f"{where}, candidate {label!r}: method must be a name, got {method!r}")
         for key in _COUNTS:
             v = c.get(key)
             if key in c and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_seria
 
 from kron.errors import ConfigError, one_line
 from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
-from trials.config import MAX_ERROR_LINES, TrialConfig, read_yaml_mapping, shown_value
+from trials.config import TrialConfig, join_problems, read_yaml_mapping, shown_value
 
 from .space_config import BudgetConfig, LayerCount, PriorConfig, SpaceConfig, Strict  # noqa: F401 (re-exported)
 
@@ -368,10 +368,7 @@ def format_errors(exc: ValidationError, where: str, *, root: type[BaseModel] | N
             continue
         lines.append(f"{head}{field}: {one_line(msg)} (got {shown_value(err.get('input'))})")
     # a union (layers) reports one error per member: keep the distinct lines only
-    lines = list(dict.fromkeys(lines))
-    if len(lines) > MAX_ERROR_LINES:
-        lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
-    return "; ".join(lines)
+    return join_problems(list(dict.fromkeys(lines)))
 
 
 def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, overrides: dict | None = None,

@@ -179,6 +179,17 @@ def _plan(args) -> int:
     return 0
 
 
+def _check_out(out: str, overwrite: bool) -> Path:
+    """`--out` of compress and merge: a new or empty folder, or any folder with --overwrite (whose writer then
+    still refuses files it did not write: `kron.fsutil.atomic_dir`)."""
+    from kron.errors import CheckpointError
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- compress
 
 
@@ -189,7 +200,7 @@ def _compress(args) -> int:
     from kron.models import resolve_source
     from kron.surgery import compress
 
-    from kron.errors import CheckpointError, ConfigError
+    from kron.errors import ConfigError
 
     if args.init == "data" and args.calib is None:
         raise ConfigError("--init data needs calibration data: --calib SRC (a text file or folder, a hub dataset, "
@@ -198,9 +209,7 @@ def _compress(args) -> int:
         raise ConfigError("--calib-tokens and --calib-config describe --calib; give --calib SRC")
     if args.ridge is not None and args.init != "data":
         raise ConfigError("--ridge is the data-aware init's; give --init data (and --calib)")
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    _check_out(args.out, args.overwrite)
     src = resolve_source(args.model)
     model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
     plan = get_plan(args.plan, model.config)
@@ -229,14 +238,11 @@ def _compress(args) -> int:
 
 
 def _merge(args) -> int:
-    from kron.errors import CheckpointError
     from kron.fsutil import atomic_dir
     from kron.io import TOKENIZER_FILES, load_compressed, merge, model_folder_file
     from kron.surgery import count_params
 
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CheckpointError(f"output {out} exists and is not empty; choose another --out or pass --overwrite")
+    out = _check_out(args.out, args.overwrite)
     model = load_compressed(args.dir, device="cpu")
     merge(model)
     with atomic_dir(out, create=False, owned=model_folder_file) as tmp:

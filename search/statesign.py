@@ -61,16 +61,24 @@ def _key() -> bytes:
 
 
 def _fs(root: str):
-    """(pyarrow filesystem, path) of a local folder or a URI."""
+    """(pyarrow filesystem, path) of a local folder or a URI (`search.storage.storage_args`)."""
     import pyarrow.fs
 
-    if "://" in root:
-        return pyarrow.fs.FileSystem.from_uri(root.partition("?")[0] if root.startswith("file://") else root)
+    from .storage import storage_args
+
+    where = storage_args(root)
+    if "storage_filesystem" in where:
+        return where["storage_filesystem"], where["storage_path"].rstrip("/")
     return pyarrow.fs.LocalFileSystem(), str(Path(root).resolve())
 
 
+def _is_state_file(name: str) -> bool:
+    """A top-level file of an experiment folder that Ray's restore may unpickle."""
+    return name.endswith(".pkl") or ("state-" in name and name.endswith(".json"))
+
+
 def _state_files(fs, root: str) -> list[str]:
-    """Relative paths of the files Ray's restore may unpickle."""
+    """Names of the files Ray's restore may unpickle in the experiment folder `root`."""
     import pyarrow.fs
 
     try:
@@ -78,7 +86,7 @@ def _state_files(fs, root: str) -> list[str]:
     except OSError:
         return []
     names = (i.path.rstrip("/").rsplit("/", 1)[-1] for i in infos if i.type == pyarrow.fs.FileType.File)
-    return sorted(n for n in names if n.endswith(".pkl") or ("state-" in n and n.endswith(".json")))
+    return sorted(n for n in names if _is_state_file(n))
 
 
 def _mac(key: bytes, rel: str, data: bytes) -> str:
@@ -90,9 +98,9 @@ def _read(fs, path: str) -> bytes:
         return f.read()
 
 
-def sign_state(root: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> int:
-    """Sign the state files of the experiment at `root` (a folder or a URI) into its signature file (written
-    there; for a URI also into `local_dir`). Returns how many files were signed."""
+def sign_state(root: str | os.PathLike) -> int:
+    """Sign the state files of the experiment at `root` (a folder or a URI) into its signature file there.
+    Returns how many files were signed."""
     root = str(root)
     fs, base = _fs(root)
     key = _key()
@@ -102,9 +110,6 @@ def sign_state(root: str | os.PathLike, local_dir: str | os.PathLike | None = No
     if "://" in root:
         with fs.open_output_stream(f"{base}/{SIGNATURES}") as f:
             f.write(text)
-        if local_dir is not None:
-            Path(local_dir).mkdir(parents=True, exist_ok=True)
-            (Path(local_dir) / SIGNATURES).write_bytes(text)
     else:
         from kron.fsutil import atomic_write_bytes
 
@@ -140,37 +145,28 @@ def check_state(root: str | os.PathLike) -> None:
 
 class StateSigner(callback_base()):
     """A Tune callback (driver side) that re-signs a local experiment's state files after each step of Ray's loop
-    in which they changed (Ray saves its state in the step, before this), and at the end, so a killed search
-    resumes without --trust-state."""
+    in which they changed (Ray saves its state in the step, before this), so a killed search resumes without
+    --trust-state; the search signs once more when `fit` returns (`search.tuner`)."""
 
-    def __init__(self, root: str, local_dir: str | os.PathLike | None = None):
-        self.root, self.local_dir = str(root), local_dir
+    def __init__(self, root: str):
+        self.root = str(root)
         self._seen: tuple = ()
 
     def _stamp(self) -> tuple:
-        folder = Path(self.root)
-        out = []
-        for name in _state_files(*_fs(self.root)):
-            try:
-                st = (folder / name).stat()
-            except OSError:
-                continue
-            out.append((name, st.st_mtime_ns, st.st_size))
-        return tuple(out)
+        try:
+            with os.scandir(self.root) as entries:
+                return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries
+                                    if e.is_file() and _is_state_file(e.name)))
+        except OSError:
+            return ()
 
     def on_step_end(self, iteration, trials, **info):
         if "://" in self.root:
-            return
+            return  # remote: signed when the search ends
         stamp = self._stamp()
         if stamp != self._seen:
-            self._sign(stamp)
-
-    def on_experiment_end(self, trials, **info):
-        self._sign(None)
-
-    def _sign(self, stamp) -> None:
-        try:
-            sign_state(self.root, self.local_dir)
-        except OSError:
-            return  # a file mid-write: the next step signs it; the search's end signs everything once more
-        self._seen = stamp if stamp is not None else ()
+            try:
+                sign_state(self.root)
+            except OSError:
+                return  # a file mid-write: the next step signs it
+            self._seen = stamp

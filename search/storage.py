@@ -8,7 +8,7 @@ from kron.errors import ConfigError
 
 from .config import SearchConfig, is_remote_storage
 
-__all__ = ["download", "download_file", "experiment_path", "local_mirror", "remote_experiment_exists", "storage_args", "upload"]
+__all__ = ["download", "download_file", "experiment_path", "local_experiment_dir", "local_mirror", "remote_experiment_exists", "storage_args", "upload"]
 
 
 def experiment_path(cfg: SearchConfig) -> str:
@@ -27,6 +27,11 @@ def storage_args(uri: str) -> dict:
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     return {"storage_path": path, "storage_filesystem": fs}
+
+
+def local_experiment_dir(cfg: SearchConfig) -> Path:
+    """Where this driver keeps the experiment: the folder itself, or for remote storage its local mirror."""
+    return Path(experiment_path(cfg)) if not is_remote_storage(cfg.search.storage) else local_mirror(cfg)
 
 
 def local_mirror(cfg: SearchConfig) -> Path:

@@ -35,7 +35,7 @@ from .lock import search_lock
 from .statesign import StateSigner, check_state, sign_state
 from .searcher import STUDY_JOURNAL, PlanSearcher, make_searcher, resuming_into
 from .space import SearchSpace
-from .storage import (download_file, experiment_path, local_mirror, remote_experiment_exists, storage_args,
+from .storage import (download_file, experiment_path, local_experiment_dir, remote_experiment_exists, storage_args,
                       upload)
 from .tracking import check_loggers, logger_callbacks
 from .trainable import TrialSetup, make_trainable, trainable
@@ -59,7 +59,7 @@ def check_experiment_folder(cfg: SearchConfig, resume: bool) -> tuple[str, bool,
     minutes), so that a mistaken --resume or a name already used fails at once."""
     path = experiment_path(cfg)
     remote = is_remote_storage(cfg.search.storage)
-    local_dir = Path(path) if not remote else local_mirror(cfg)
+    local_dir = local_experiment_dir(cfg)
     if resume:
         if remote:
             check_remote_resume(cfg, path)
@@ -86,8 +86,7 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     Raises ConfigError before Ray starts when the config, the space or the budget is invalid, or when
     `resume` finds nothing to resume. Ray is shut down at the end if it was started here (unless keep_ray).
     """
-    local = Path(experiment_path(cfg)) if not is_remote_storage(cfg.search.storage) else local_mirror(cfg)
-    with search_lock(local, cfg.name, stream):  # one process per search folder, from its checks to its end
+    with search_lock(local_experiment_dir(cfg), cfg.name, stream):  # one process per search folder, from its checks to its end
         return _run_search(cfg, space, resume=resume, stream=stream, keep_ray=keep_ray,
                            initial_params=initial_params, callbacks=callbacks, trust_state=trust_state)
 
@@ -152,7 +151,7 @@ def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, s
                 grid = tuner.fit()
             finally:  # finished or interrupted: the state it leaves is signed for the next --resume
                 try:
-                    sign_state(path, local_dir)
+                    sign_state(path)
                 except OSError as exc:
                     print(f"search {cfg.name}: warning: could not sign its state ({exc}); a --resume will need "
                           "--trust-state", file=stream or sys.stderr)
@@ -204,7 +203,7 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
         name=cfg.name, **storage_args(cfg.search.storage), verbose=0,
         callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(),
                    *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or []),
-                   StateSigner(experiment_path(cfg), local_dir),
+                   StateSigner(experiment_path(cfg)),
                    TrimEndedTrials()],  # last: the others see an ended trial's state untrimmed
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),

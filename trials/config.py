@@ -26,6 +26,7 @@ __all__ = [
     "TrialConfig",
     "MAX_ERROR_LINES",
     "format_validation_error",
+    "join_problems",
     "load_trial_config",
     "read_yaml_mapping",
     "shown_value",
@@ -281,6 +282,13 @@ _REPR = _bounded_repr()
 MAX_ERROR_LINES = 10  # problems listed in one message; the rest are counted
 
 
+def join_problems(lines: list[str]) -> str:
+    """Validation problems on one line: the first `MAX_ERROR_LINES`, then how many more."""
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
+    return "; ".join(lines)
+
+
 def shown_value(got) -> str:
     """A value as an error message echoes it: bounded (`reprlib`: a few items per level, long strings and numbers
     cut), so a huge or deeply nested input never makes a huge message — and is never expanded to be shown."""
@@ -317,9 +325,7 @@ def format_validation_error(exc: ValidationError, where: str = "config", root: t
                              f"{' here' if len(err['loc']) > 1 else ''}: {_known_fields(owner)}")
                 continue
         lines.append(f"{where}: {loc}: {one_line(msg)} (got {shown_value(err.get('input'))})")
-    if len(lines) > MAX_ERROR_LINES:
-        lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
-    return "; ".join(lines)
+    return join_problems(lines)
 
 
 def _known_fields(model: type[BaseModel]) -> str:
