@@ -98,7 +98,10 @@ def test_an_int8_or_pruned_folder_loads_and_gives_the_same_logits(kind, tmp_path
                                     counts["macs_per_token"], counts["bytes"])
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
-    assert torch.equal(logits, saved["logits"])  # int8 weights and kept-unit indices reload bit-exactly
+    # int8 weights and kept-unit indices reload exactly; the logits agree to float rounding only: another CPU's
+    # kernels sum in another order (4.5e-8 at most on an AMD EPYC host, logits ~0.3), while a wrong scale or unit
+    # index moves them by 1e-2 and more
+    torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-6)
     assert CompressionPlan.load(ckpt / "plan.yaml").to_dict() == EXPECTED["plans_of_compressed"][kind]
     assert _digests(ckpt) == before, "loading changed the saved folder"
 
