@@ -244,6 +244,9 @@ class SearchConfig(Strict):
     @model_validator(mode="after")
     def _cross(self):
         trial = self.trial
+        if self.search.asha is not None and trial.lm_eval is not None:
+            raise ValueError("search.asha stops trials on their quality so far, but with trial.lm_eval the quality "
+                             "is a harness score measured only at a trial's end; set search.asha: null")
         if self.search.asha is not None:
             final = trial.stage2 if trial.stage2 is not None else trial.stage1
             max_t = self.search.asha.max_t or final.max_steps
@@ -377,8 +380,8 @@ def load_search_config(src: str | os.PathLike | dict | SearchConfig, *, override
 
     overrides: dotted keys set after reading, e.g. {"search.num_samples": 4, "name": "try2"} (CLI flags).
     smoke: shrink everything (a few tiny steps, two trials) for a quick end-to-end check; see `smoke_config`.
-    Relative local paths in the trial (teacher directory, data and GLUE sources) and the storage path are made
-    absolute against the current directory.
+    Relative local paths in the trial (teacher directory, data and GLUE sources, lm_eval include path) and the
+    storage path are made absolute against the current directory.
     """
     where = "search config"
     if isinstance(src, SearchConfig):
@@ -438,6 +441,8 @@ def _absolute_paths(trial: dict, where: str) -> dict:
         fix(trial["data"], "source", "trial.data.source", keep=("teacher-samples",))
     if isinstance(trial.get("glue"), dict):
         fix(trial["glue"], "source", "trial.glue.source", keep=("glue",))
+    if isinstance(trial.get("lm_eval"), dict):
+        fix(trial["lm_eval"], "include_path", "trial.lm_eval.include_path")
     _check_local_inputs(trial, where)
     return trial
 
@@ -482,7 +487,7 @@ def is_remote_storage(storage: str) -> bool:
 
 def smoke_config(data: dict) -> dict:
     """A copy of a raw config shrunk for a quick end-to-end check: 2 trials of 4 steps (evaluated every 2) on
-    16 short blocks, ASHA grace 2, and "-smoke" appended to the name."""
+    16 short blocks, ASHA grace 2, at most 8 examples per lm_eval task, and "-smoke" appended to the name."""
     data = copy.deepcopy(data)
     data["name"] = f"{data.get('name', 'search')}-smoke"
     trial = data.setdefault("trial", {})
@@ -504,6 +509,8 @@ def smoke_config(data: dict) -> dict:
         trial["glue"]["max_train_examples"] = 32
         trial["glue"]["max_eval_examples"] = 32
         trial["glue"]["max_len"] = min(int(trial["glue"].get("max_len", 32)), 32)
+    if isinstance(trial.get("lm_eval"), dict):
+        trial["lm_eval"]["limit"] = min(int(trial["lm_eval"].get("limit") or 8), 8)
     s = data.setdefault("search", {})
     s["num_samples"] = min(int(s.get("num_samples", 2)), 2)
     s["max_concurrent"] = min(int(s.get("max_concurrent", 2)), 2)

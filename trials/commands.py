@@ -18,8 +18,9 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_trial)
 
     e = subparsers.add_parser(
-        "eval", help="perplexity or GLUE metric of any model (teacher, compressed or merged directory)",
-        description="Evaluate a model: WikiText-style perplexity on a text source, or a GLUE task's metrics.")
+        "eval", help="perplexity, GLUE or lm-eval metrics of any model (teacher, compressed or merged directory)",
+        description="Evaluate a model: WikiText-style perplexity on a text source, a GLUE task's metrics, or "
+                    "lm-evaluation-harness tasks (the optional extra lm-eval).")
     e.add_argument("--model", required=True, help="'demo', a model directory (plain, compressed or merged), a hub "
                                                    "name")
     e.add_argument("--data", default=None, help="text source for perplexity: a file, a folder with "
@@ -31,6 +32,12 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--glue-task", default=None, help="evaluate a classifier on this GLUE task instead")
     e.add_argument("--glue-data", default="glue", help="GLUE folder in the TSV layout, or 'glue' (the hub)")
     e.add_argument("--max-len", type=int, default=128)
+    e.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="lm-evaluation-harness tasks instead, comma-separated: arc_easy,hellaswag,piqa,winogrande")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: the first N examples of each task")
+    e.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="lm-eval: folder of extra task YAMLs (local tasks, offline)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: each task's)")
     e.add_argument("--tokenizer", default=None, help="tokenizer source when the model folder has none")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default="auto")
@@ -82,8 +89,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_glue, evaluate_lm
 
-    if (args.data is None) == (args.glue_task is None):
-        raise ConfigError("give exactly one of --data (perplexity) or --glue-task (GLUE metric)")
+    if sum(a is not None for a in (args.data, args.glue_task, args.lm_eval)) != 1:
+        raise ConfigError("give exactly one of --data (perplexity), --glue-task (GLUE metric) or --lm-eval (harness "
+                          "tasks)")
+    if args.lm_eval is not None:  # lm-eval installed and the tasks known, before the model is loaded
+        from .harness import check_tasks, split_tasks
+
+        check_tasks(split_tasks(args.lm_eval), args.lm_eval_include)
     device = pick_device(args.device)
     src = resolve_source(args.model)
     task = "sequence-classification" if args.glue_task else "causal-lm"
@@ -100,6 +112,12 @@ def _eval(args: argparse.Namespace) -> int:
         result = {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len,
                   "blocks": int(blocks.shape[0]), "perplexity": metrics["quality"], "nll": metrics["val_nll"],
                   "throughput_tokens_per_s": metrics["throughput_tokens_per_s"]}
+    elif args.lm_eval is not None:
+        from .harness import run_harness
+
+        result = {"model": args.model, **run_harness(
+            model, tokenizer, args.lm_eval, limit=args.limit, batch_size=args.batch_size, device=device,
+            include_path=args.lm_eval_include, num_fewshot=args.num_fewshot)}
     else:
         from .glue import encode_glue, load_glue
 
@@ -113,6 +131,17 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for k, v in result.items():
+        for k, v in _flat(result).items():
             print(f"{k:>24s}: {v:.4f}" if isinstance(v, float) else f"{k:>24s}: {v}")
     return 0
+
+
+def _flat(result: dict, prefix: str = "") -> dict:
+    """Nested results (lm-eval's per-task metrics) as one level of "task.metric" keys, for the text output."""
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

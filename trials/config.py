@@ -20,6 +20,7 @@ __all__ = [
     "EarlyStopConfig",
     "GlueConfig",
     "InitConfig",
+    "LmEvalConfig",
     "PlanSource",
     "StageConfig",
     "TeacherCacheConfig",
@@ -68,6 +69,29 @@ class GlueConfig(_Strict):
 
         get_task(v)  # unknown task: "unknown GLUE task ...; valid: ..."
         return v
+
+
+class LmEvalConfig(_Strict):
+    """lm-evaluation-harness tasks whose score is the trial's final quality: the mean over `tasks` of each task's
+    main metric (`metric`, default acc_norm where the task reports it, else acc), higher is better, measured once on
+    the best checkpoint at the end (stage 1 still selects that checkpoint and stops early on val perplexity)."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names, e.g. [arc_easy, hellaswag, piqa, "
+                                                       "winogrande], or tasks defined in include_path")
+    limit: int | None = Field(None, ge=1, description="the first N examples of each task (default: all)")
+    include_path: str | None = Field(None, description="folder of extra task YAMLs (local, offline tasks)")
+    metric: str | None = Field(None, description="the metric of every task that counts (default: acc_norm where a "
+                                                 "task reports it, else acc, else its first)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: each task's own, 0 for "
+                                                            "the tasks above)")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: list[str]) -> list[str]:
+        from .harness import split_tasks
+
+        return split_tasks(v)  # stripped, no repeats; none at all: "no task names"
 
 
 class DistillConfig(_Strict):
@@ -180,6 +204,8 @@ class TrialConfig(_Strict):
     stage1: StageConfig | None = Field(default_factory=StageConfig)
     glue: GlueConfig | None = None
     stage2: StageConfig | None = None
+    lm_eval: LmEvalConfig | None = Field(None, description="make the final quality an lm-evaluation-harness score "
+                                                           "of the best checkpoint (stage 1 only)")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
@@ -237,6 +263,9 @@ class TrialConfig(_Strict):
             self.stage2 = StageConfig(lr=2e-5, batch_size=16, distill=DistillConfig(ce=0.02, logits=1.0))
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("a trial needs stage1 (LM distillation) and/or stage2 (GLUE task distillation)")
+        if self.lm_eval is not None and self.glue is not None:
+            raise ValueError("lm_eval scores the stage-1 language model, but this trial ends with GLUE task "
+                             f"distillation ({self.glue.task}) and ranks by its GLUE metric: remove lm_eval or glue")
         return self
 
     @property
@@ -258,6 +287,8 @@ class TrialConfig(_Strict):
 
     @property
     def quality_name(self) -> str:
+        if self.lm_eval is not None:
+            return f"lm_eval_{self.lm_eval.metric or 'acc'}"
         if self.glue is not None:
             from .glue import main_metric
 
@@ -266,7 +297,7 @@ class TrialConfig(_Strict):
 
     @property
     def quality_mode(self) -> str:
-        return "max" if self.glue is not None else "min"
+        return "max" if self.glue is not None or self.lm_eval is not None else "min"
 
 
 def _bounded_repr():

@@ -61,6 +61,7 @@ class _Run:
         self.best: float | None = None
         self.best_step: int | None = None
         self.checkpoint: str | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # lm_eval: the best weights, scored at the end
         self.summary: dict[str, Any] = {}
 
     def better(self, value: float, mode: str, min_delta: float = 0.0) -> bool:
@@ -94,6 +95,9 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         progress: show a progress bar (default: when no reporter is given).
         hooks: a `trials.hooks.TrialHooks` acting before training and on the loss function (default:
             `trials.hooks.default_hooks`, which does nothing unless KRONSEARCH_FAULT_INJECT is set).
+    With an `lm_eval` section the final quality is the harness score (trials.harness) of the stage's best weights,
+    which are put back into the student at the end; the stage still selects and stops early on val perplexity
+    (summary `val_ppl`), and `lm_eval` holds every task's metrics.
     A NaN/inf loss ends the trial with status 'diverged'; a bad config raises ConfigError before any work;
     any other error during the run (a UserError from the data or plan, running out of memory -- recorded as
     "out of memory: ..." --) is recorded with status 'error' and re-raised.
@@ -112,6 +116,10 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         "quality_name": cfg.quality_name, "quality_mode": cfg.quality_mode, "quality": None,
         "quality_at_init": None, "teacher_quality": None, "config": cfg.model_dump(mode="json"), "checkpoint": None,
     }
+    if cfg.lm_eval is not None:  # lm-eval installed, its tasks known: a config error, before any work
+        from .harness import check_tasks
+
+        check_tasks(cfg.lm_eval.tasks, cfg.lm_eval.include_path)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -143,6 +151,8 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
         for kind, stage_cfg in stages:
             run.best, run.best_step = None, None  # each stage selects on its own validation metric
             _run_stage(run, kind, stage_cfg, teacher, student, tokenizer, device)
+        if cfg.lm_eval is not None:
+            _harness_quality(run, teacher, student, tokenizer, device)
         if qat:
             disable_qat(student)  # the int8 weights from the trained masters; what was evaluated and saved
         status = "complete"
@@ -305,16 +315,19 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
         nonlocal since_best
         metrics = _evaluate(run, kind, student, eval_data, stage, device)
         q = metrics["quality"]
-        if stage_step == 0 and run.summary.get("quality_at_init") is None and final_stage:
+        if stage_step == 0 and run.summary.get("quality_at_init") is None and final_stage and cfg.lm_eval is None:
             run.summary["quality_at_init"] = q
             run.summary["teacher_quality"] = _teacher_quality(run, kind, teacher, eval_data, stage, device)
         improved = run.better(q, mode, stage.early_stopping.min_delta if stage.early_stopping else 0.0)
         if improved:
             run.best, run.best_step = q, run.step
             if final_stage:
-                run.summary["quality"] = q
+                # with lm_eval the quality is the harness score, known at the end; val perplexity only selects
+                run.summary["quality" if cfg.lm_eval is None else "val_ppl"] = q
                 run.summary["throughput_tokens_per_s"] = metrics.get("throughput_tokens_per_s")
                 _save_best(run, student)
+                if cfg.lm_eval is not None:
+                    run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
         record = {"stage": kind, "step": run.step, "tokens_seen": run.tokens_seen,
                   "wall_time_s": round(time.time() - run.t0, 3), **metrics,
                   **{f"loss_{k}" if k != "loss" else k: v for k, v in losses.items()}}
@@ -383,6 +396,32 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     finally:
         if bar is not None:
             bar.close()
+
+
+def _harness_quality(run: _Run, teacher, student, tokenizer, device) -> None:
+    """The trial's quality from lm-evaluation-harness (`cfg.lm_eval`): the best weights of the stage are put back
+    (early stopping ran on past them) and scored; the teacher is scored once per process on the same tasks."""
+    from .harness import harness_quality, run_harness
+
+    lm = run.cfg.lm_eval
+    if run.best_state is not None:
+        student.load_state_dict(run.best_state)
+        run.best_state = None
+
+    def score(model) -> tuple[float, dict]:
+        result = run_harness(model, tokenizer, lm.tasks, limit=lm.limit, batch_size=lm.batch_size, device=device,
+                             include_path=lm.include_path, num_fewshot=lm.num_fewshot)
+        return harness_quality(result, lm.tasks, lm.metric), result
+
+    quality, result = score(student)
+    if run.cfg.method == "teacher":  # the student is the teacher: no second run
+        teacher_q = quality
+    else:
+        key = ("teacher_quality", run.cfg.teacher, "lm_eval", lm.model_dump_json())
+        if key not in TEACHER_QUALITY:
+            TEACHER_QUALITY[key] = score(teacher)[0]
+        teacher_q = TEACHER_QUALITY[key]
+    run.write(quality=quality, teacher_quality=teacher_q, lm_eval=result)
 
 
 def _teacher_forward(run: _Run, teacher, device, keep_logits: bool) -> Callable:
