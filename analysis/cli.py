@@ -7,7 +7,10 @@
 RESULTS are search directories (searched recursively for trial_summary.json) or single summary files. Heavy
 modules (pandas, matplotlib; torch only for `export --build`) are imported inside the handlers, so
 `kronsearch --help` stays fast. Errors in the input (missing paths, no results, no matching trial) raise
-`kron.errors.UserError`, which the console script prints as one line with exit status 2.
+`kron.errors.UserError`, which the console script prints as one line with exit status 2; so does a results file
+that cannot be read (not JSON, nested too deeply, a number too long, text where a number belongs). A trial whose
+size is negative or not finite, or whose quality is not a finite number, is left out of every front, best, knee and
+selection, and each command prints one line naming it and why ("1 trial left out: s/t3 quality NaN").
 """
 from __future__ import annotations
 
@@ -65,10 +68,11 @@ def _analyze(args: argparse.Namespace) -> int:
     from analysis.report import analyze_with_summary as analyze, format_front_table
 
     written, summary = analyze(args.results, args.out, x=args.x, title=args.title)
-    from analysis.results import counts_text, trial_counts
+    from analysis.results import counts_text, left_out_line, trial_counts
 
     marked = summary.marked
     print(counts_text(*trial_counts(marked)))  # the teacher and other references are not trials
+    _print_left_out(left_out_line(marked, (args.x, "quality")))
     print(format_front_table(marked, x=args.x))
     _print_search_lines(summary)
     _print_paths(written)
@@ -79,7 +83,10 @@ def _compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare_with_summary as compare
     from analysis.textfmt import fmt_delta, fmt_int, fmt_quality
 
+    from analysis.results import left_out_line
+
     written, summary, dominance = compare(args.results, args.out, labels=args.labels, title=args.title, x=args.x)
+    _print_left_out(left_out_line(summary.marked, (args.x, "quality")))
     _print_search_lines(summary)
     for _, row in dominance.iterrows():
         if row["best_trial"] is None:
@@ -99,9 +106,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from analysis.export import export
+    from analysis.results import left_out_text
     from analysis.textfmt import fmt_quality, human
 
     record = export(args.results, args.select, args.out, build=args.build)
+    _print_left_out(left_out_text(record["left_out"]))
     print(f"selected {len(record['selected'])} trial(s) by {record['how']}:")
     for entry in record["selected"]:
         print(f"  {entry['search']}/{entry['trial_id']}: params {human(entry['params'])}, "
@@ -130,6 +139,11 @@ def _print_search_lines(summary) -> None:
               f"hypervolume {fmt_sci(row['hypervolume'])}; best {row['best_trial']} (quality "
               f"{fmt_quality(row['best_quality'])}, {human(row['best_params'])} params); knee {row['knee_trial']} "
               f"({human(row['knee_x'])} {summary.x}, quality {fmt_quality(row['knee_quality'])})")
+
+
+def _print_left_out(line: str | None) -> None:
+    if line:
+        print(f"{line} (not on any front, nor best, knee or selected)")
 
 
 def _print_paths(written: dict) -> None:

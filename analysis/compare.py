@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis.report import (Summary, best_index, eligible_rows, plotly_available, hypervolume_lines, axis_name, results_dir,
                              quality_name_of, trial_display_name, load_labelled, summarize)
-from analysis.results import as_floats, atomic_write_text, column_direction, is_reference
+from analysis.results import as_floats, atomic_write_text, column_direction, is_reference, left_out_line, usable_rows
 from analysis.textfmt import fmt_delta, fmt_int, fmt_quality, md_table
 from kron.errors import DataError
 
@@ -28,8 +28,7 @@ def baseline_dominance(df: pd.DataFrame, y: str = "quality", *, x: str = "params
     quality_delta_pct, dominates (bool: no worse in both objectives and better in one); and per search
     `delta:<search>` / `dominates:<search>`. "Best" = best quality, ties to fewer params, then trial id.
     """
-    baselines = df[(df["status"] == "complete").fillna(False) & is_reference(df)]
-    baselines = baselines[np.isfinite(as_floats(baselines[x])) & np.isfinite(as_floats(baselines[y]))]
+    baselines = df[usable_rows(df, (x, y)) & is_reference(df)]  # finite, non-negative sizes and quality
     trials = df[eligible_rows(df, x, y)]
     searches = sorted(trials["search"].dropna().unique(), key=str)
     direction = column_direction(pd.concat([trials, baselines]), y) if len(trials) + len(baselines) else "min"
@@ -128,6 +127,9 @@ def compare_markdown(summary: Summary, dominance: pd.DataFrame, *, title: str | 
     marked, stats = summary.marked, summary.stats
     qname = quality_name_of(marked)
     lines = [f"# {title or 'Pareto fronts compared'}", "", "![compare.png](compare.png)", ""]
+    left_out = left_out_line(marked, (summary.x, summary.y))
+    if left_out:
+        lines += [f"**{left_out}** (on no front and in no comparison).", ""]
     lines += ["## Searches", ""]
     lines += hypervolume_lines(stats, summary.reference, qname)
     xname = axis_name(summary.x)  # the size axis the fronts and the dominance are computed on

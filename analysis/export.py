@@ -10,8 +10,9 @@ ready-to-load compressed models.
     export(sources, "knee", "out/", build=True)  # + out/<trial_id>/, a directory written by kron.io.save_compressed
 
 Only complete, non-baseline trials (not teacher/preset/lowrank/layerdrop rows) with a finite quality and params
-take part; when several sources are given they form one pool (one front). Every file is written atomically and
-every model directory is assembled in a temporary sibling directory, checked, then renamed into place.
+take part (one with a negative or non-finite size or quality is left out, and selection.json names it); when
+several sources are given they form one pool (one front). Every file is written atomically and every model
+directory is assembled in a temporary sibling directory, checked, then renamed into place.
 
 Nothing here imports torch at module level: `export(..., build=True)` imports kron's model code when it runs.
 """
@@ -33,9 +34,13 @@ from analysis.results import (
     atomic_write_text,
     column_direction,
     is_reference,
+    left_out_entries,
+    left_out_text,
     load_results,
     read_summary,
+    usable_rows,
 )
+from analysis.summary_checks import shown_value
 from kron.errors import CheckpointError, DataError, UserError
 from kron.fsutil import atomic_dir
 from kron.vocab import AXES
@@ -141,13 +146,15 @@ def _candidates(df: pd.DataFrame) -> pd.DataFrame:
             raise DataError(f"results table has no column {column!r}; was it made by analysis.results.load_results?")
     done = (df["status"] == "complete").fillna(False).astype(bool)
     complete = df[done & ~is_reference(df)]
-    pool = complete[np.isfinite(_floats(complete["params"])) & np.isfinite(_floats(complete["quality"]))]
+    pool = complete[usable_rows(complete, ("params", "quality"))]
     if pool.empty:
         counts = df["status"].value_counts()
         what = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
         baselines = int((done & is_reference(df)).sum())
         extra = f"; {baselines} complete baseline(s) (teacher/preset/lowrank/layerdrop) are not candidates" \
             if baselines else ""
+        left_out = left_out_text(left_out_entries(complete, ("params", "quality")))
+        extra += f"; {left_out}" if left_out else ""
         raise UserError(f"no complete trials to select from: {len(df)} trials ({what}){extra}")
     direction = column_direction(pool, "quality")
     quality = _floats(pool["quality"]) * (1.0 if direction == "min" else -1.0)
@@ -173,7 +180,8 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
 
     Returns the selection record written to selection.json (with "selection_path"): {"how", "sources",
     "selected": [{trial_id, search, label, params, quality, quality_name, macs_per_token, compression_ratio,
-    plan_summary, plan_path, checkpoint_path, summary_path, [model_dir, model_source, model_params]}]}.
+    plan_summary, plan_path, checkpoint_path, summary_path, [model_dir, model_source, model_params]}], "left_out":
+    [{search, trial_id, role, reason}] (complete trials no selection may pick: `analysis.results.left_out_reasons`)}.
     """
     source_list = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not source_list:
@@ -188,7 +196,7 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
     for summary, row in zip(summaries, chosen.itertuples()):
         if not isinstance(summary.get("plan"), dict):
             raise CheckpointError(f"{summary['summary_path']}: trial {row.trial_id} records no plan "
-                                  f"(its \"plan\" is {summary.get('plan')!r}); nothing to export")
+                                  f"(its \"plan\" is {shown_value(summary.get('plan'))}); nothing to export")
     names = _file_names(chosen)
     out.mkdir(parents=True, exist_ok=True)
     selected = []
@@ -206,8 +214,9 @@ def export(sources, how: str, out_dir, *, build: bool = False) -> dict:
         if build:
             entry.update(build_model(summary, out / name))
         selected.append(entry)
+    done = (df["status"] == "complete").fillna(False).astype(bool)
     record = {"how": str(how), "sources": [str(Path(s).expanduser().resolve()) for s in source_list],
-              "selected": selected}
+              "selected": selected, "left_out": left_out_entries(df[done & ~is_reference(df)], ("params", "quality"))}
     path = atomic_write_text(out / SELECTION_NAME, json.dumps(record, indent=2) + "\n")
     return {**record, "selection_path": str(path)}
 

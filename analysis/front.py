@@ -28,7 +28,7 @@ import pandas as pd
 
 from analysis.export import plan_yaml
 from analysis.pareto import pareto_mask
-from analysis.results import atomic_write_text, is_reference, load_results, read_summary
+from analysis.results import atomic_write_text, is_reference, left_out_line, load_results, read_summary, usable_rows
 from analysis.textfmt import text_table
 from kron.errors import DataError
 from kron.vocab import AXES, OBJECTIVES, SIZE_AXES, latency_us_per_token
@@ -68,7 +68,8 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
     df["latency_us_per_token"] = [latency_us_per_token(t) for t in df["throughput_tokens_per_s"]]
     columns = [OBJECTIVES[o].column for o in objectives]
     modes = list(modes) if modes is not None else [_mode(df, o) for o in objectives]
-    complete = df[(df["status"] == "complete").fillna(False) & ~is_reference(df)].copy()
+    usable = usable_rows(df, columns)  # a negative or non-finite size or quality is on no front: named below
+    complete = df[usable & ~is_reference(df)].copy()
     values = np.column_stack([pd.to_numeric(complete[c], errors="coerce").astype(float).to_numpy() for c in columns]) \
         if len(complete) else np.zeros((0, len(columns)))
     mask = pareto_mask(values, modes) if len(complete) else np.zeros(0, dtype=bool)
@@ -82,6 +83,9 @@ def analyze_search(local_dir, name: str, objectives: Sequence[str], modes: Seque
     adir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     notes: list[str] = []
+    left_out = left_out_line(df, columns)
+    if left_out:
+        notes.append(f"warning: {left_out} (not ranked)")
     # the report `kronsearch analyze` writes (results.csv, pareto.csv, pareto.png, plans_heatmap.png, report.md),
     # over the first size objective known before training (latency is measured: parameters then)
     from analysis.report import analyze_with_summary

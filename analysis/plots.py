@@ -27,6 +27,7 @@ from analysis.results import (
     column_direction,
     compression_factor,
     is_reference,
+    left_out_reasons,
 )
 from kron.errors import DataError
 from kron.vocab import OBJECTIVES
@@ -96,7 +97,8 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
         missing = [column for column in (x, y) if column not in references]
         if missing:
             raise DataError(f"references table has no column(s) {missing}")
-    complete = df[(df["status"] == "complete").fillna(False)]
+    usable = left_out_reasons(df, (x, y)).isna()  # a negative or non-finite size or quality is never drawn
+    complete = df[(df["status"] == "complete").fillna(False) & usable]
     ref_mask = is_reference(complete)
     if isinstance(references, Sequence) and not isinstance(references, (str, pd.DataFrame)):
         names = set(references)
@@ -124,7 +126,7 @@ def pareto_plot_data(df: pd.DataFrame, *, x: str = "params", y: str = "quality",
         order = np.lexsort((gy[on_front] * (1 if y_dir == "min" else -1), gx[on_front]))
         mine = ((df["search"] == search) & ~is_reference(df)).fillna(False)
         n_trials = int(mine.sum())
-        pruned = df[mine & (df["status"] == "pruned").fillna(False)]
+        pruned = df[mine & (df["status"] == "pruned").fillna(False) & usable]
         px, py = as_floats(pruned[x]), as_floats(pruned[y])
         shown = np.isfinite(px) & np.isfinite(py)
         series.append(SearchSeries(

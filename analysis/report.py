@@ -32,10 +32,12 @@ from analysis.results import (
     as_floats,
     column_direction,
     is_reference,
+    left_out_line,
     trial_counts,
     load_results,
     mark_pareto,
     plan_table,
+    usable_rows,
 )
 from analysis.textfmt import (fmt_int, fmt_percent, fmt_quality, fmt_ratio, fmt_sci, human, md_table, text_table,
                               one_line, text_or_none)
@@ -95,8 +97,8 @@ def load_labelled(sources, labels: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def eligible_rows(df: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """Complete, non-baseline rows with finite x and y."""
-    ok = (df["status"] == "complete").fillna(False).astype(bool) & ~is_reference(df)
+    """Complete, non-baseline rows with finite x and y that `analysis.results.left_out_reasons` passes."""
+    ok = usable_rows(df, (x, y)) & ~is_reference(df)
     for column in (x, y):
         ok &= np.isfinite(as_floats(df[column]))
     return ok
@@ -276,6 +278,9 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
     lines += [f"{n_trials} trials in {trials['search'].nunique()} search(es); objectives: {axis_name(x)} (lower is "
               f"better) and {qname} ({'lower' if qdir == 'min' else 'higher'} is better)."
               + (f" References (not trials): {', '.join(references)}." if references else ""), ""]
+    left_out = left_out_line(marked, (x, summary.y))
+    if left_out:
+        lines += [f"**{left_out}** (not on any front, nor best, knee or hypervolume).", ""]
     for image in images:
         lines += [f"![{image}]({image})", ""]
 

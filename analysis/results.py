@@ -6,20 +6,20 @@ Nothing here imports Ray, torch or transformers: analysis works from the saved f
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.pareto import nondominated_ranks
-from kron.errors import CheckpointError, DataError
+from analysis.summary_checks import checked_number, read_json_object, shown_value, value_problems
+from kron.errors import CheckpointError, DataError, one_line
 from kron.fsutil import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from kron.vocab import (META_NAME, REFERENCE_METHODS, SCHEMA, STATUSES, SUMMARY_NAME,  # noqa: F401 (re-exported)
-                        SUMMARY_REQUIRED_KEYS)
+                        SIZE_AXES, SUMMARY_REQUIRED_KEYS)
 
 # Column name -> dtype of the table returned by `load_results`, in column order.
 RESULT_COLUMNS = {
@@ -29,6 +29,7 @@ RESULT_COLUMNS = {
     "label": "string",
     "status": "string",
     "error": "string",
+    "left_out": "string",  # why the row takes no part in fronts and selections (see `left_out_reasons`), else <NA>
     "quality_name": "string",
     "quality_mode": "string",
     "quality": "float64",
@@ -82,18 +83,20 @@ def read_summary(path: str | os.PathLike) -> dict:
     required key, or has a schema version other than "kronsearch.trial/1".
     """
     path = Path(path).resolve()
-    summary = _read_json_object(path)
+    summary = read_json_object(path)
     missing = [key for key in _REQUIRED_KEYS if key not in summary]
     if missing:
         raise CheckpointError(f"{path}: trial summary lacks required key(s) {missing}")
     if summary["schema"] != SCHEMA:
         raise CheckpointError(
-            f"{path}: unknown trial summary schema {summary['schema']!r}; this version reads {SCHEMA!r}"
+            f"{path}: unknown trial summary schema {shown_value(summary['schema'])}; this version reads {SCHEMA!r}"
         )
     if summary["status"] not in STATUSES:
-        raise CheckpointError(f"{path}: unknown status {summary['status']!r}; expected one of {list(STATUSES)}")
+        raise CheckpointError(f"{path}: unknown status {shown_value(summary['status'])}; expected one of "
+                              f"{list(STATUSES)}")
     if summary["quality_mode"] not in ("min", "max"):
-        raise CheckpointError(f"{path}: quality_mode must be 'min' or 'max', got {summary['quality_mode']!r}")
+        raise CheckpointError(f"{path}: quality_mode must be 'min' or 'max', got "
+                              f"{shown_value(summary['quality_mode'])}")
     summary["summary_path"] = str(path)
     return summary
 
@@ -101,9 +104,9 @@ def read_summary(path: str | os.PathLike) -> dict:
 def read_search_meta(path: str | os.PathLike) -> dict:
     """Parse one `search_meta.json` ({"name", "objectives", "method"}); `CheckpointError` if corrupt."""
     path = Path(path).resolve()
-    meta = _read_json_object(path)
+    meta = read_json_object(path)
     if "name" in meta and not isinstance(meta["name"], str):
-        raise CheckpointError(f"{path}: 'name' must be a string, got {meta['name']!r}")
+        raise CheckpointError(f"{path}: 'name' must be a string, got {shown_value(meta['name'])}")
     return meta
 
 
@@ -136,11 +139,15 @@ def load_results(sources, *, with_history: bool = False) -> pd.DataFrame:
 
     `checkpoint` is an absolute path string (resolved against the summary's folder) or None. With
     `with_history=True` a `history` column holds each trial's list of evaluation dicts.
+
+    A number field holding text, a bool, a list or an object, a count (params, macs, bytes, steps, tokens) that is
+    not a whole number, or a number out of range raises `CheckpointError` naming the file and the field. A row
+    whose values no front may use — a size (`kron.vocab.SIZE_AXES`) negative or not finite, a complete row's
+    quality missing or not finite — is kept, with the reason in `left_out` (non-finite counts read as <NA>).
     """
     rows = []
     for summary in iter_summaries(sources):
-        row = {column: summary.get(column) for column in RESULT_COLUMNS}
-        row["checkpoint"] = _checkpoint_path(summary)
+        row = _checked_row(summary)
         if with_history:
             row["history"] = list(summary.get("history") or [])
         rows.append(row)
@@ -160,7 +167,8 @@ def load_history(sources) -> pd.DataFrame:
             raise CheckpointError(f"{summary['summary_path']}: history must be a list, got {type(history).__name__}")
         for entry in history:
             if not isinstance(entry, Mapping):
-                raise CheckpointError(f"{summary['summary_path']}: history entries must be objects, got {entry!r}")
+                raise CheckpointError(f"{summary['summary_path']}: history entries must be objects, got "
+                                      f"{shown_value(entry)}")
             extra += [key for key in entry if key not in _HISTORY_FIELDS and key not in extra]
             rows.append({**ident, **entry})
     columns = [*_HISTORY_ID_COLUMNS, *_HISTORY_FIELDS, *sorted(set(extra) - set(_HISTORY_ID_COLUMNS))]
@@ -174,21 +182,79 @@ def load_history(sources) -> pd.DataFrame:
 def mark_pareto(df: pd.DataFrame, x: str = "params", y: str = "quality", *, by: str = "search") -> pd.DataFrame:
     """Copy of `df` with `front_rank` (0 = Pareto front) and `on_front` columns, computed per `by` group.
 
-    Only complete, non-reference rows take part (others get `front_rank` <NA>, `on_front` False). The
-    direction of `y` = "quality" comes from `quality_mode` (which must agree within a group); see
-    `column_direction` for the others.
+    Only complete, non-reference rows that `left_out_reasons` passes take part (others get `front_rank` <NA>,
+    `on_front` False); the copy's `left_out` column says why a row was left out. The direction of `y` = "quality"
+    comes from `quality_mode` (which must agree within a group); see `column_direction` for the others.
     """
     work = df.reset_index(drop=True)  # positional labels: df's own index may have duplicates
     ranks = pd.array([pd.NA] * len(work), dtype="Int64")
-    eligible = (work["status"] == "complete").fillna(False) & ~is_reference(work)
+    reasons = left_out_reasons(work, (x, y))
+    eligible = usable_rows(work, (x, y)) & ~is_reference(work)
     for _, group in work[eligible].groupby(by, sort=False, dropna=False):
         directions = [column_direction(group, x), column_direction(group, y)]
         values = np.column_stack([_as_float(group[x]), _as_float(group[y])])
         ranks[group.index.to_numpy()] = nondominated_ranks(values, directions)
     out = df.copy()
+    out["left_out"] = pd.array(reasons.to_numpy(), dtype="string")
     out["front_rank"] = ranks
     out["on_front"] = (ranks == 0).fillna(False).astype(bool)
     return out
+
+
+def left_out_reasons(df: pd.DataFrame, columns: Sequence[str] = ()) -> pd.Series:
+    """Why each row of a results table takes no part in fronts, best and knee points, hypervolumes, selections and
+    baseline comparisons ("quality NaN", "params -5, bytes -10", "macs_per_token missing"); <NA> for a usable row.
+
+    A row is left out when a size (`kron.vocab.SIZE_AXES`) is negative or not finite, or when it is complete and its
+    quality, or one of `columns` (the objectives in use), is missing or not finite. The reasons
+    come from the table's `left_out` column when it has one (`load_results` fills it from the files' own values),
+    else from its values. Rows that are not complete are never on a front anyway; a bad size still names them.
+    """
+    if "left_out" in df:
+        reasons = df["left_out"].astype("string").copy()
+    else:
+        records = df[[c for c in (*SIZE_AXES, "quality", "status") if c in df]].to_dict("records")
+        reasons = pd.Series([", ".join(value_problems(r, nan_is_missing=True)) or None for r in records],
+                            index=df.index, dtype="string")
+    complete = (df["status"] == "complete").fillna(False).astype(bool)
+    for column in dict.fromkeys(columns):
+        if column in df:
+            missing = complete & reasons.isna() & ~np.isfinite(as_floats(df[column]))
+            reasons[missing.to_numpy()] = f"{column} missing"
+    return reasons
+
+
+def usable_rows(df: pd.DataFrame, columns: Sequence[str] = ("params", "quality")) -> pd.Series:
+    """Boolean Series: complete rows that `left_out_reasons(df, columns)` passes (references included)."""
+    return (df["status"] == "complete").fillna(False).astype(bool) & left_out_reasons(df, columns).isna()
+
+
+def left_out_entries(df: pd.DataFrame, columns: Sequence[str] = ()) -> list[dict]:
+    """[{"search", "trial_id", "role": "trial" | "reference", "reason"}] of the rows `left_out_reasons` names."""
+    reasons = left_out_reasons(df, columns)
+    bad = reasons.notna().to_numpy()
+    rows = df[bad]
+    return [{"search": None if pd.isna(s) else str(s), "trial_id": str(t), "role": "reference" if ref else "trial",
+             "reason": str(r)}
+            for s, t, ref, r in zip(rows["search"], rows["trial_id"], is_reference(rows), reasons[bad])]
+
+
+def left_out_text(entries: Sequence[Mapping], most: int = 10) -> str | None:
+    """"2 trials left out: s/t3 quality NaN; s/t5 params -5" (at most `most` named), or None when none is."""
+    if not entries:
+        return None
+    n_ref = sum(1 for e in entries if e.get("role") == "reference")
+    counts = [f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in ((len(entries) - n_ref, "trial"),
+                                                                   (n_ref, "reference")) if n]
+    names = [f"{one_line(str(e['search']), limit=60)}/{one_line(e['trial_id'], limit=60)} {e['reason']}"
+             for e in entries[:most]]
+    more = f"; and {len(entries) - most} more" if len(entries) > most else ""
+    return f"{' and '.join(counts)} left out: {'; '.join(names)}{more}"
+
+
+def left_out_line(df: pd.DataFrame, columns: Sequence[str] = ()) -> str | None:
+    """`left_out_text` of a results table (None when every row is usable)."""
+    return left_out_text(left_out_entries(df, columns))
 
 
 def is_reference(df: pd.DataFrame) -> pd.Series:
@@ -288,7 +354,7 @@ def format_factorisation(spec) -> str:
         return spec_from_dict(spec).label()
     except (PlanError, KeyError, TypeError):
         raise CheckpointError(f"plan_resolved entry must be 'keep' or {{'shape': [m1, n1, m2, n2], ...}}, got "
-                              f"{spec!r}") from None
+                              f"{shown_value(spec)}") from None
 
 
 def compression_factor(cell) -> float:
@@ -328,19 +394,26 @@ def is_finite(value) -> bool:
 # --- internals ----------------------------------------------------------------------------------------------
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt JSON ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+def _checked_row(summary: Mapping) -> dict:
+    """The `RESULT_COLUMNS` values of one summary, type-checked (see `load_results`), with `left_out` filled in."""
+    path = summary["summary_path"]
+    row = {}
+    for column, dtype in RESULT_COLUMNS.items():
+        value = summary.get(column)
+        if dtype in ("float64", "Int64"):
+            value = checked_number(path, column, value, whole=dtype == "Int64")
+        elif dtype == "string" and value is not None and not isinstance(value, (str, int, float)):
+            raise CheckpointError(f"{path}: {column!r} must be a string, got {type(value).__name__} "
+                                  f"{shown_value(value)}")
+        row[column] = value
+    if summary.get("checkpoint") is not None and not isinstance(summary["checkpoint"], str):
+        raise CheckpointError(f"{path}: 'checkpoint' must be a path string, got {shown_value(summary['checkpoint'])}")
+    row["left_out"] = ", ".join(value_problems(row, nan_is_missing=False)) or None
+    for column, dtype in RESULT_COLUMNS.items():  # a count column holds <NA>, not NaN/inf; left_out says why
+        if dtype == "Int64" and isinstance(row[column], float):
+            row[column] = None
+    row["checkpoint"] = _checkpoint_path(summary)
+    return row
 
 
 def _search_name(folder: Path, root: Path) -> str:
