@@ -26,9 +26,14 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--data", default=None, help="text source for perplexity: a file, a folder with "
                                                 "train/valid/test files, or a datasets-hub name")
     e.add_argument("--config-name", default=None, help="datasets-hub config, e.g. wikitext-103-raw-v1")
-    e.add_argument("--split", default="valid", help="valid (default) or test; GLUE: dev")
-    e.add_argument("--seq-len", type=int, default=128)
-    e.add_argument("--max-blocks", type=int, default=None, help="evaluate on the first N blocks only")
+    e.add_argument("--split", default=None, help="valid or test (blocks: default valid; gptq: test); GLUE: dev")
+    e.add_argument("--protocol", choices=("blocks", "gptq"), default="blocks",
+                   help="perplexity protocol: blocks (the project's: lines + EOS cut into --seq-len blocks; default) "
+                        "or gptq (papers': the raw test split joined with blank lines, one stream, windows of the "
+                        "model's context; --data wikitext2, c4, NAME:PATH or a path)")
+    e.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per block/window (blocks: default 128; gptq: the model's context, at most 2048)")
+    e.add_argument("--max-blocks", type=int, default=None, help="evaluate on the first N blocks/windows only")
     e.add_argument("--glue-task", default=None, help="evaluate a classifier on this GLUE task instead")
     e.add_argument("--glue-data", default="glue", help="GLUE folder in the TSV layout, or 'glue' (the hub)")
     e.add_argument("--max-len", type=int, default=128)
@@ -89,6 +94,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_glue, evaluate_lm
 
+    if args.protocol == "gptq" and (args.glue_task or args.lm_eval):
+        raise ConfigError("--protocol gptq is a perplexity protocol: give it --data (wikitext2, c4, NAME:PATH or a "
+                          "path), not --glue-task or --lm-eval")
+    if args.protocol == "gptq" and args.data is None:
+        args.data = "wikitext2"  # the convention's corpus (the datasets hub, or its cache)
     if sum(a is not None for a in (args.data, args.glue_task, args.lm_eval)) != 1:
         raise ConfigError("give exactly one of --data (perplexity), --glue-task (GLUE metric) or --lm-eval (harness "
                           "tasks)")
@@ -102,15 +112,24 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_model(src, task=task, device=device)
     model.eval()
     tokenizer = load_tokenizer(resolve_source(args.tokenizer) if args.tokenizer else src)
-    if args.data is not None:
+    if args.data is not None and args.protocol == "gptq":
+        from .protocol import evaluate_gptq
+
+        result = {"model": args.model, **evaluate_gptq(model, tokenizer, args.data, seq_len=args.seq_len,
+                                                       batch_size=args.batch_size, device=device,
+                                                       split=args.split or "test", max_windows=args.max_blocks)}
+    elif args.data is not None:
         from .data import load_text_blocks
 
-        blocks = load_text_blocks(args.data, tokenizer, args.seq_len, args.split, config_name=args.config_name)
+        seq_len, split = args.seq_len or 128, args.split or "valid"
+        blocks = load_text_blocks(args.data, tokenizer, seq_len, split, config_name=args.config_name)
         if args.max_blocks:
             blocks = blocks[: args.max_blocks]
         metrics = evaluate_lm(model, blocks, args.batch_size, device)
-        result = {"model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len,
-                  "blocks": int(blocks.shape[0]), "perplexity": metrics["quality"], "nll": metrics["val_nll"],
+        # non-overlapping blocks of one stream of lines + EOS: a context and stride of seq_len, as stated
+        result = {"model": args.model, "protocol": "blocks", "data": args.data, "split": split, "seq_len": seq_len,
+                  "context": seq_len, "stride": seq_len, "blocks": int(blocks.shape[0]),
+                  "perplexity": metrics["quality"], "nll": metrics["val_nll"],
                   "throughput_tokens_per_s": metrics["throughput_tokens_per_s"]}
     elif args.lm_eval is not None:
         from .harness import run_harness
@@ -121,10 +140,11 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         from .glue import encode_glue, load_glue
 
-        split = "dev" if args.split == "valid" else args.split
-        data = encode_glue(load_glue(args.glue_task, args.glue_data, split), tokenizer, args.max_len)
+        split = "dev" if args.split in (None, "valid") else args.split
+        examples = load_glue(args.glue_task, args.glue_data, split)
+        data = encode_glue(examples, tokenizer, args.max_len)
         metrics = evaluate_glue(model, data, args.glue_task, args.batch_size, device)
-        result = {"model": args.model, "task": args.glue_task, "split": split,
+        result = {"model": args.model, "task": args.glue_task, "split": split, "examples": len(examples),
                   **{k.removeprefix("glue_"): v for k, v in metrics.items() if k.startswith("glue_")},
                   "throughput_tokens_per_s": metrics["throughput_tokens_per_s"]}
     result["params"] = count_params(model)
@@ -132,6 +152,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         for k, v in _flat(result).items():
+            if isinstance(v, str) and not v.isprintable():
+                v = json.dumps(v)  # the gptq joiner "\n\n": shown, not printed as blank lines
             print(f"{k:>24s}: {v:.4f}" if isinstance(v, float) else f"{k:>24s}: {v}")
     return 0
 
