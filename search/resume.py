@@ -2,7 +2,10 @@
 config fingerprint matches (locally or in a remote bucket), and which trials its saved state left unfinished."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +19,8 @@ from .config import SearchConfig, config_fingerprint
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["UNFINISHED", "adopt_saved_defaults", "check_remote_resume", "check_resume", "saved_trial_states", "unfinished", "write_meta"]
+__all__ = ["UNFINISHED", "adopt_saved_defaults", "check_remote_resume", "check_resume", "refuse_failed_restore",
+           "saved_trial_states", "unfinished", "write_meta"]
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # Ray trial states a resume runs (again)
 
@@ -248,3 +252,55 @@ def saved_trial_states(local_dir: Path) -> dict[str, str]:
 def unfinished(local_dir: Path) -> bool:
     """Trials left running or pending: fit() returned early (Ctrl-C returns normally, see ray-tune notes)."""
     return any(s in UNFINISHED for s in saved_trial_states(local_dir).values())
+
+
+# Ray Tune's TuneController catches any exception of its restore, logs it with this message and starts the
+# experiment again from nothing (unless fail_fast, which would also end a search at its first failed trial).
+_RAY_RESTORE_FAILED = "Failed to restore the run state."
+_RAY_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
+_STATE_LOCALS = ("checkpoint_path", "most_recent_checkpoint", "newest_state_path", "path", "dirpath")
+
+
+class _RestoreFailed(logging.Handler):
+    """Turns Ray's logged restore failure into a CheckpointError raised where Ray logs it, before it restarts."""
+
+    def __init__(self, where: str):
+        super().__init__(logging.ERROR)
+        self.where = where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() != _RAY_RESTORE_FAILED:
+            return
+        exc = record.exc_info[1] if record.exc_info else None
+        from kron.errors import one_line
+
+        raise CheckpointError(
+            f"--resume: the saved state {_failed_file(exc) or 'in ' + self.where} cannot be restored "
+            f"({type(exc).__name__ if exc else 'error'}: {one_line(exc) if exc else 'see the log'}); nothing was "
+            "started again. Restore the file from a backup, or start a new search with --name (the finished "
+            "trials' summaries stay readable by `kronsearch analyze`)") from exc
+
+
+def _failed_file(exc: BaseException | None) -> str | None:
+    """The state file whose reading raised `exc`: the innermost frame holding a path of a file that exists."""
+    tb, found = exc.__traceback__ if exc is not None else None, None
+    while tb is not None:
+        for name in _STATE_LOCALS:
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                found = os.path.basename(os.fspath(value))
+        tb = tb.tb_next
+    return found
+
+
+@contextlib.contextmanager
+def refuse_failed_restore(where: str):
+    """While active (around a resumed `Tuner.fit`), a state Ray cannot restore raises CheckpointError naming the
+    file instead of letting Ray start the search again silently beside the old one."""
+    handler = _RestoreFailed(where)
+    log = logging.getLogger(_RAY_CONTROLLER_LOGGER)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)

@@ -16,6 +16,7 @@ load once per worker.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from .finalize import SearchOutcome, finalize_experiment
 from .progress import ProgressCallback  # noqa: F401 (also re-exported, see below)
 from .raystart import ray_env, ray_running, start_ray
 from .reference import prepare_locally, run_teacher_reference
-from .resume import adopt_saved_defaults, check_remote_resume, check_resume, unfinished, write_meta
+from .resume import (adopt_saved_defaults, check_remote_resume, check_resume, refuse_failed_restore, unfinished,
+                     write_meta)
 from .scheduler import ParetoAwareASHA, SizeStratifiedASHA, make_scheduler
 from .prepare import prepare_space
 from .lock import search_lock
@@ -148,7 +150,8 @@ def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, s
                                    local_dir=local_dir)
             t_fit = time.time()
             try:
-                grid = tuner.fit()
+                with refuse_failed_restore(str(path)) if resume else contextlib.nullcontext():
+                    grid = tuner.fit()
             finally:  # finished or interrupted: the state it leaves is signed for the next --resume
                 try:
                     sign_state(path)
