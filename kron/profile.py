@@ -36,11 +36,11 @@ from torch import nn
 
 from .autoplan import DEFAULT_METHODS, Constraints
 from .damage import Proxy, candidate_damage, matrix_blocks, weight_of
-from .errors import DataError, PlanError
+from .errors import DataError, PlanError, one_line
 from .measure import ModelMeasure, spread_indices
 from .modules import LINEAR_GROUPS, Matrix, input_embedding_matrix, matrices
 
-__all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header",
+__all__ = ["DEFAULT_METHODS", "FORMAT", "Constraints", "Matrix", "candidates_for", "check_header", "check_matrices",
            "compressible_matrices", "embedding_matrices", "load_profile", "model_identity", "profile_header",
            "profile_model", "spearman"]
 
@@ -230,6 +230,36 @@ def check_header(profile: Mapping, want: Mapping, *, path: str | Path = "profile
         raise DataError(f"{path} was made for another setting (model {model.get('source')!r}, config hash "
                         f"{model.get('config_hash')}): {'; '.join(diffs)}. Give --profile a new file (or "
                         "--fresh to overwrite it), or run with the settings it was made for")
+
+
+def check_matrices(profile: Mapping, model: nn.Module, *, path: str | Path = "profile") -> None:
+    """DataError unless the profile covers exactly the model's compressible matrices, each complete and of the
+    model's shape (an embedding entry is optional: only profiles made with embedding factors have one). A header
+    that matches proves the same config; this catches a profile cut short or edited by hand, whose missing matrix
+    a plan would otherwise keep dense without a word, and an extra one no module answers to."""
+    want = {mx.name: mx for mx in compressible_matrices(model)}
+    optional = {mx.name: mx for mx in embedding_matrices(model)}
+    have = profile.get("matrices", {})
+    problems = []
+    missing = [n for n in want if n not in have]
+    if missing:
+        problems.append(f"{len(missing)} of the model's matrices have no entry (e.g. {missing[0]})")
+    extra = [n for n in have if n not in want and n not in optional]
+    if extra:  # names read from the file: shown bounded, on one line
+        problems.append(f"{len(extra)} entries name no matrix of the model (e.g. {one_line(extra[0], limit=80)})")
+    for name, entry in have.items():
+        mx = want.get(name) or optional.get(name)
+        if mx is None:
+            continue
+        if not isinstance(entry, Mapping) or entry.get("complete") is not True:
+            problems.append(f"{name} is marked incomplete")
+        elif (entry.get("m"), entry.get("n")) != (mx.m, mx.n):
+            problems.append(f"{name} is {entry.get('m')} x {entry.get('n')} in the profile, {mx.m} x {mx.n} in the "
+                            "model")
+    if problems:
+        raise DataError(f"{path} does not match the model: {'; '.join(problems[:4])}"
+                        f"{f' and {len(problems) - 4} more' if len(problems) > 4 else ''}; make the profile again "
+                        "with `kronsearch profile` (--fresh to overwrite it)")
 
 
 def _normal_constraints(c, methods) -> dict | None:

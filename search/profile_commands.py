@@ -394,7 +394,7 @@ def plan_auto(args) -> int:
     from kron.models import build_from_config, load_config, resolve_source
     from kron.plan import CompressionPlan
     from kron.autoplan import Constraints
-    from kron.profile import check_header, load_profile, model_identity
+    from kron.profile import check_header, check_matrices, load_profile, model_identity
     from kron.surgery import apply_specs
 
     budgets = _budgets(args)
@@ -433,6 +433,7 @@ def plan_auto(args) -> int:
         if missing:
             raise ConfigError(f"{args.profile} is incomplete ({len(missing)} matrices not profiled yet, e.g. "
                               f"{missing[0]}): rerun `kronsearch profile` to finish it")
+        check_matrices(profile, skeleton, path=args.profile)
     methods = _methods(args, default=profile.get("methods"))
     embeddings = _plan_embeddings(args, profile)
 

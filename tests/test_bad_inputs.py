@@ -221,7 +221,39 @@ CASES = [
                                      "--out", str(f.root / "e")], 2,
      ["cannot read 'lots' as a number; write e.g. 2.5e6"]),
     ("search-meta-corrupt", lambda f: _corrupt_meta(f), 2, ["search_meta.json is truncated or corrupt"]),
+    # a profile whose header matches the model but whose matrices do not: a missing matrix was kept dense silently
+    ("profile-missing-matrix", lambda f: _profile(f, lambda m: m.pop(_first_linear(m))), 2,
+     ["profile.json does not match the model: 1 of the model's matrices have no entry (e.g. transformer.h.0."]),
+    ("profile-extra-matrix", lambda f: _profile(f, lambda m: m.update({"transformer.h.9.mlp.c_fc": m[_first_linear(m)]})),
+     2, ["does not match the model: 1 entries name no matrix of the model (e.g. transformer.h.9.mlp.c_fc)"]),
+    ("profile-entry-incomplete", lambda f: _profile(f, lambda m: m[_first_linear(m)].update(complete=False)), 2,
+     ["does not match the model: transformer.h.0.", "is marked incomplete"]),
+    ("profile-entry-other-shape", lambda f: _profile(f, lambda m: m[_first_linear(m)].update(m=7)), 2,
+     ["does not match the model: transformer.h.0.", "is 7 x"]),
+    ("profile-pending", lambda f: _profile(f, lambda m: None, pending=["transformer.h.1.mlp.c_proj"]), 2,
+     ["profile.json is incomplete (1 matrices not profiled yet, e.g. transformer.h.1.mlp.c_proj)"]),
 ]
+
+
+def _first_linear(matrices: dict) -> str:
+    return next(n for n, m in matrices.items() if m.get("group") != "embedding")
+
+
+def _profile(f: Files, edit, pending=None) -> list[str]:
+    """`plan --auto` on a copy of the v0.2 fixture profile and its teacher, the profile's matrices edited."""
+    import shutil
+
+    fixtures = REPO / "tests" / "fixtures" / "v0_2"
+    teacher = f.root / "teacher"
+    shutil.copytree(fixtures / "teacher", teacher)
+    data = json.loads((fixtures / "profile" / "profile.json").read_text())
+    data["model"]["source"] = str(teacher)
+    edit(data["matrices"])
+    if pending is not None:
+        data["pending"] = pending
+    path = f.root / "profile.json"
+    path.write_text(json.dumps(data))
+    return ["plan", "--model", str(teacher), "--auto", "--profile", str(path), "--budget", "ratio=1.5"]
 
 
 def _binary(f: Files) -> str:
