@@ -6,8 +6,9 @@ exception's) on one line, for every package's error texts and console lines.
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "PlanError", "ShapeError", "UserError", "one_line",
-           "text_or_none"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DiskFullError", "PlanError", "ShapeError", "UserError",
+           "disk_full",
+           "one_line", "text_or_none"]
 
 
 class UserError(ValueError):
@@ -34,6 +35,10 @@ class CheckpointError(UserError):
     """A saved model or results file that is missing, truncated or corrupt."""
 
 
+class DiskFullError(UserError):
+    """The disk (or quota) ran out while kronsearch wrote: the machine's to fix, not the input's nor a bug."""
+
+
 def text_or_none(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -51,3 +56,44 @@ def one_line(value, *, limit: int | None = 300, last_line: bool = False) -> str 
         text = [line for line in text.splitlines() if line.strip()][-1]
     text = " ".join(text.split())
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux; macOS: 28, 69)
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28")
+
+
+def disk_full(exc: BaseException | str | None) -> str | None:
+    """What ran out when `exc` (or an exception it was raised from or wraps, such as a Ray task error or a
+    safetensors error that only carries the OS message; or the text of an error file) is a full disk or an exceeded
+    quota: "No space left on device" with the file when known; None for any other error."""
+    if isinstance(exc, str):
+        exc = RuntimeError(exc)
+    for link in _chain(exc):
+        if isinstance(link, DiskFullError):  # already said, with what could not be written
+            return str(link).removeprefix("the disk is full: ")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{exc.strerror or 'No space left on device'}{where}"
+        text = str(exc)
+        for words in _FULL_WORDS:
+            if words in text:
+                return "Disk quota exceeded" if words == "Disk quota exceeded" else "No space left on device"
+        exc = _next(exc)
+    return None
+
+
+def _next(exc: BaseException) -> BaseException | None:
+    """The exception `exc` wraps: a Ray task error's `cause`, else the one it was raised from or during."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = _next(exc)

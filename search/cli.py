@@ -50,6 +50,12 @@ def _version() -> str:
 MAX_MESSAGE = 2000
 
 
+_AFTER_FULL = {  # what a full disk left behind, by command: folders are written aside and swapped in whole
+    "search": "free space and run it again (with --resume once trials have started: the finished ones are kept)",
+    None: "nothing was left half-written; free space and run it again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' per-call advice (attention masks, loss_type) would drown the progress lines; errors still show
@@ -71,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kronsearch {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # internal error: keep it short, point at the traceback switch
+        from kron.errors import disk_full
+
+        full = disk_full(exc)
+        if full is not None:  # the machine's fault, not ours: the user's to fix
+            print(f"kronsearch {args.command}: error: the disk is full: {one_line(full, limit=400)}; "
+                  f"{_AFTER_FULL.get(args.command, _AFTER_FULL[None])}", file=sys.stderr)
+            return 2
         if os.environ.get("KRONSEARCH_TRACEBACK"):
             raise
         print(

@@ -149,14 +149,17 @@ class PlanSearcher(_searcher_base()):
         ot_trial = self._ot_trials[trial_id]
         outcome, values = trial_outcome(result, error, self._metric if isinstance(self._metric, list) else
                                    [self._metric], self.max_t)
-        ot_trial.set_user_attr("outcome", outcome)
         state = {"complete": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED,
                  "fail": optuna.trial.TrialState.FAIL}[outcome]
         try:
             if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-                # told before a kill that the saved searcher state did not see; the journal keeps that answer
+                # told before a kill that the saved searcher state did not see; the journal keeps that answer (a
+                # finished trial takes no more attributes either: Optuna raises UpdateFinishedTrialError)
                 log.info("trial %s was already told to Optuna", trial_id)
-            elif outcome == "complete":
+                self._completed_trials.add(trial_id)
+                return
+            ot_trial.set_user_attr("outcome", outcome)
+            if outcome == "complete":
                 self._ot_study.tell(ot_trial, values)
             else:
                 self._ot_study.tell(ot_trial, state=state)

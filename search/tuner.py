@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from kron.errors import ConfigError
+from kron.errors import ConfigError, DiskFullError, disk_full
 from kron.vocab import META_NAME, SUMMARY_NAME
 
 from .config import SearchConfig, is_remote_storage, with_search_defaults
@@ -41,7 +41,7 @@ from .storage import (download_file, experiment_path, local_experiment_dir, remo
                       upload)
 from .tracking import check_loggers, logger_callbacks
 from .trainable import TrialSetup, make_trainable, trainable
-from .trialstate import TrimEndedTrials
+from .trialstate import StopOnFullDisk, TrimEndedTrials, quiet_full_disk_errors, take_full_disk
 
 __all__ = ["run_search"]
 # Ray pickles the searcher (and the scheduler, callbacks, trial set-up) into tuner.pkl by module path: searches
@@ -88,7 +88,8 @@ def run_search(cfg: SearchConfig, space: SearchSpace | None = None, *, resume: b
     Raises ConfigError before Ray starts when the config, the space or the budget is invalid, or when
     `resume` finds nothing to resume. Ray is shut down at the end if it was started here (unless keep_ray).
     """
-    with search_lock(local_experiment_dir(cfg), cfg.name, stream):  # one process per search folder, from its checks to its end
+    # one process per search folder, from its checks to its end; Ray's tracebacks of a full disk left out
+    with search_lock(local_experiment_dir(cfg), cfg.name, stream), quiet_full_disk_errors():
         return _run_search(cfg, space, resume=resume, stream=stream, keep_ray=keep_ray,
                            initial_params=initial_params, callbacks=callbacks, trust_state=trust_state)
 
@@ -149,15 +150,28 @@ def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, s
                 tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
                                    local_dir=local_dir)
             t_fit = time.time()
+            full = take_full_disk()  # (none yet: clears what an earlier search in this process left)
             try:
                 with refuse_failed_restore(str(path)) if resume else contextlib.nullcontext():
                     grid = tuner.fit()
+                full = take_full_disk()  # the search ended early because a trial found the disk full
+            except Exception as exc:
+                full = disk_full(exc)
+                if full is None:
+                    raise
             finally:  # finished or interrupted: the state it leaves is signed for the next --resume
                 try:
                     sign_state(path)
+                    unsigned = False
                 except OSError as exc:
-                    print(f"search {cfg.name}: warning: could not sign its state ({exc}); a --resume will need "
-                          "--trust-state", file=stream or sys.stderr)
+                    unsigned = True
+                    if full is None:
+                        print(f"search {cfg.name}: warning: could not sign its state ({exc}); a --resume will "
+                              "need --trust-state", file=stream or sys.stderr)
+            if full is not None:  # one line, exit 2: the trials that finished stay, a --resume goes on
+                raise DiskFullError(f"the disk is full: {full}; the search stopped, the trials that finished are "
+                                    "kept: free space and run it again with --resume"
+                                    + (" --trust-state (its state could not be signed)" if unsigned else ""))
         timings["fit_s"] = time.time() - t_fit
         if cfg.search.reference and not remote and not prepared and not unfinished(local_dir):
             t_ref = time.time()  # Ray already running here, or a cluster: the reference as a Ray task
@@ -206,7 +220,7 @@ def _new_tuner(cfg: SearchConfig, space: SearchSpace, stream, initial_params=Non
         name=cfg.name, **storage_args(cfg.search.storage), verbose=0,
         callbacks=[progress, JsonLoggerCallback(), CSVLoggerCallback(),
                    *logger_callbacks(cfg.search.logger_names, cfg.name, local_dir), *(callbacks or []),
-                   StateSigner(experiment_path(cfg)),
+                   StateSigner(experiment_path(cfg)), StopOnFullDisk(),
                    TrimEndedTrials()],  # last: the others see an ended trial's state untrimmed
         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         sync_config=tune.SyncConfig(sync_artifacts=is_remote_storage(cfg.search.storage)),

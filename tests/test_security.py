@@ -211,6 +211,51 @@ def test_compress_onto_an_existing_folder_needs_overwrite_and_never_deletes_a_us
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "tiny.json"]  # no temporary left
 
 
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device", "model.safetensors"),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' own
+])
+def test_a_full_disk_during_compress_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, monkeypatch, error):
+    """A full disk during `compress --out` was an "internal error" (exit 1): now exit 2, one line saying so, and no
+    folder or temporary left behind (the same holds on a real 2 MB tmpfs: checked by hand, see docs/security.md)."""
+    import safetensors.torch
+
+    from search.cli import main
+
+    def full(model, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\0" * 1000)  # part of the file, then the disk is full
+        raise error
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    model, out = _tiny_config(tmp_path), tmp_path / "student"
+    assert main(["compress", "--model", model, "--plan", "uniform:2", "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert err.startswith("kronsearch compress: error: the disk is full: No space left on device"), err
+    assert "nothing was left half-written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json"]  # no folder, no hidden temporary
+
+
+def test_disk_full_is_found_through_wrapping_errors():
+    from kron.errors import disk_full
+
+    class RayTaskLike(Exception):
+        def __init__(self, cause):
+            super().__init__("ray task failed")
+            self.cause = cause
+
+    try:
+        try:
+            raise OSError(122, "Disk quota exceeded", "/data/run/trial_1/checkpoint")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer) == "Disk quota exceeded (/data/run/trial_1/checkpoint)"
+        assert disk_full(RayTaskLike(outer)) == "Disk quota exceeded (/data/run/trial_1/checkpoint)"
+    assert disk_full(OSError(13, "Permission denied")) is None
+    assert disk_full(ValueError("no space here")) is None
+
+
 def test_merge_overwrite_never_deletes_a_users_file(tmp_path, capsys):
     from search.cli import main
 

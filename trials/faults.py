@@ -4,8 +4,8 @@ The variable holds comma-separated `kind:pattern` rules, e.g. "raise:*trial_a*,n
 applies when its fnmatch pattern matches the trial's name, its output directory or `plan_digest` of its inline
 plan rules ("plan-<12 hex>"; Ray's trial ids are random, a plan given through initial_params is not). A pattern
 without '*' or '?' matches as a substring. The search forwards the driver's value to its Ray workers.
-'raise' raises a RuntimeError before the first stage, 'oom' a MemoryError, 'nan' makes the training loss NaN (the
-trial ends 'diverged' at its first step). Unset (the default) `default_hooks` gives hooks that do nothing. Used by
+'raise' raises a RuntimeError before the first stage, 'oom' a MemoryError, 'nospace' the OSError of a full disk
+(ENOSPC), 'nan' makes the training loss NaN (the trial ends 'diverged' at its first step). Unset (the default) `default_hooks` gives hooks that do nothing. Used by
 tests/search/test_faults.py and tests/trials/test_trial_faults.py to fail chosen trials.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FAULT_KINDS", "FaultInjection", "default_hooks", "plan_digest"]
 
-FAULT_KINDS = ("raise", "nan", "oom")
+FAULT_KINDS = ("raise", "nan", "oom", "nospace")
 
 
 def plan_digest(rules) -> str:
@@ -33,7 +33,7 @@ def plan_digest(rules) -> str:
 
 
 class FaultInjection(TrialHooks):
-    """Hooks that inject one fault: 'raise', 'oom' (before training) or 'nan' (every training loss)."""
+    """Hooks that inject one fault: 'raise', 'oom', 'nospace' (before training) or 'nan' (every training loss)."""
 
     def __init__(self, kind: str):
         if kind not in FAULT_KINDS:
@@ -63,6 +63,11 @@ class FaultInjection(TrialHooks):
             raise RuntimeError(f"injected fault ({FAULT_ENV}): trial raised on purpose")
         if self.kind == "oom":
             raise MemoryError(f"injected fault ({FAULT_ENV})")
+        if self.kind == "nospace":
+            import errno
+
+            raise OSError(errno.ENOSPC, f"No space left on device (injected fault, {FAULT_ENV})",
+                          str(out_dir) if out_dir is not None else None)
 
     def loss_fn(self, fn: Callable) -> Callable:
         if self.kind != "nan":

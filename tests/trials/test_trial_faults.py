@@ -40,6 +40,7 @@ def test_a_user_error_at_run_time_is_recorded_then_raised(tiny_lm_teacher, text_
 @pytest.mark.parametrize("kind, exc, fragment", [
     ("oom", MemoryError, "out of memory: MemoryError"),
     ("raise", RuntimeError, "RuntimeError: injected fault"),
+    ("nospace", OSError, "OSError: [Errno 28] No space left on device"),
 ])
 def test_injected_exceptions_are_recorded(tiny_lm_teacher, text_corpus, tmp_path, monkeypatch, kind, exc, fragment):
     monkeypatch.setenv("KRONSEARCH_FAULT_INJECT", f"{kind}:faul*,nan:other")
