@@ -22,8 +22,8 @@ from .devices import parse_dtype, pick_device
 from .errors import CheckpointError, ConfigError, DataError, one_line
 from .vocab import DEMO
 
-__all__ = ["KNOWN_CONFIGS", "TASKS", "build_from_config", "load_config", "load_model", "load_tokenizer",
-           "parse_dtype", "pick_device", "task_of"]
+__all__ = ["KNOWN_CONFIGS", "TASKS", "build_from_config", "is_causal_lm", "load_config", "load_model",
+           "load_tokenizer", "parse_dtype", "pick_device", "task_of"]
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "base")
 KNOWN_CONFIGS = {
@@ -283,3 +283,10 @@ def load_tokenizer(src: str | os.PathLike, *, trust_remote_code: bool = False):
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "merges.txt", "special_tokens_map.json")
+
+
+def is_causal_lm(model) -> bool:
+    """Whether `model` is a causal LM with an output embedding (a ...LMHeadModel / ...ForCausalLM)."""
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and (
+        type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+    )

@@ -125,7 +125,7 @@ def run_harness(model, tokenizer, tasks: list[str] | str, *, limit: int | None =
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"lm-eval limit must be a positive number of examples per task, got {limit!r}")
     manager = check_tasks(tasks, include_path)
-    from .inputs import is_causal_lm
+    from kron.models import is_causal_lm
 
     if not is_causal_lm(model):
         raise ConfigError(f"lm-eval scores causal language models; {type(model).__name__} is not one (a "

@@ -12,6 +12,7 @@ import torch
 
 from kron.errors import UserError
 from kron.initcache import process_init_cache
+from kron.models import is_causal_lm  # re-exported: trials.trial and older callers import it from here
 
 from .config import TrialConfig, load_trial_config
 from .teacher_cache import teacher_cache, teacher_identity
@@ -87,12 +88,6 @@ def prepare_data(config, device: str | torch.device | None = None) -> dict[str, 
         trial_calibration(cfg, teacher, tokenizer)  # fills the disk cache every trial's init reads
         out["calibration_s"] = time.time() - t2
     return out
-
-
-def is_causal_lm(model) -> bool:
-    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and (
-        type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
-    )
 
 
 def load_lm_data(cfg: TrialConfig, teacher, tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
