@@ -15,9 +15,10 @@ measured KL by more than `min_gain` (relative) is kept and the list is made agai
 `patience` moves in a row fail or after `max_evals` measurements. It never returns a plan the measure rates worse
 than the start, nor one over the budget.
 
-Every matrix is built with its method's data-aware init once per candidate and cached, so a measurement costs one
-forward pass over the held-out tokens. Pure torch: the caller hands in the model, its calibration statistics and
-held-out batches (`trials.calibration` in the CLI).
+`PlanEvaluator` does the measuring (also for `kron.evo`'s evolutionary search): every matrix is built with its
+method's data-aware init once per candidate and cached, so a measurement costs one forward pass over the held-out
+tokens, at one or more token levels (a cheap screening level, then the full one). Pure torch: the caller hands in
+the model, its calibration statistics and held-out batches (`trials.calibration` in the CLI).
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from .autoplan import Budget, Item, Option, Solution, budget_room, items_from_profile
-from .errors import DataError, PlanError
+from .errors import ConfigError, DataError, PlanError
 
-__all__ = ["Refinement", "refine_plan", "staircase"]
+__all__ = ["PlanEvaluator", "Refinement", "check_token_levels", "plan_choice", "refine_plan", "staircase"]
 
 
 @dataclass
@@ -69,22 +70,76 @@ def staircase(item: Item) -> list[Option]:
     return out
 
 
-class _Evaluator:
-    """Measures plans (name -> Option) on the model: builds each (matrix, candidate) once, swaps it in, measures."""
+def check_token_levels(token_levels: Sequence[int | None]) -> tuple:
+    """The held-out token levels of a `PlanEvaluator` as a tuple: positive integers, strictly increasing, None (every
+    held-out token) only last. ConfigError otherwise."""
+    levels = tuple(token_levels) if not isinstance(token_levels, (int, str)) else (token_levels,)
+    if not levels:
+        raise ConfigError("the model-level measure needs at least one token level, got none")
+    for i, t in enumerate(levels):
+        last = i == len(levels) - 1
+        if t is None and last:
+            continue
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ConfigError(f"token levels are positive numbers of held-out tokens (None: all of them, last), got "
+                              f"{t!r} in {list(levels)}")
+        if i and (levels[i - 1] is None or levels[i - 1] >= t):
+            raise ConfigError(f"token levels must increase (a screening level first, the full one last), got "
+                              f"{list(levels)}")
+    return levels
 
-    def __init__(self, model: nn.Module, stats, heldout: Sequence, kl_tokens: int | None, ridge: float | None):
+
+class PlanEvaluator:
+    """Measures plans (name -> Option) on the model: the KL of the whole compressed model on the held-out batches,
+    at one or more token levels (a cheap screening level first, the full one last; `kron.measure.ModelMeasure`
+    each, at most that many tokens, None: all of them). Every (matrix, candidate) layer is built once (data-aware
+    init from `stats`, with `ridge`) and shared by all levels; a value is cached per (plan, level), so asking again
+    costs nothing and is not counted. A level the held-out batches cannot fill beyond the level below it (the same
+    tokens) shares that level's measure and cache.
+
+    `evals_per_level` / `tokens_per_level`: measurements made and held-out tokens they ran over, per level;
+    `tokens(level)`: the tokens one measurement at that level reads."""
+
+    def __init__(self, model: nn.Module, stats, heldout: Sequence, token_levels: Sequence[int | None] = (4096,),
+                 ridge: float | None = None):
         from .measure import ModelMeasure
 
         self.model = model
         self.ridge = ridge
         self.stats = stats
+        self.token_levels = check_token_levels(token_levels)
         self.modules = dict(model.named_modules())
-        self.measure = ModelMeasure(model, heldout, kl_tokens)
+        self.measures: list = []
+        self.slots: list[int] = []  # level -> index into measures
+        for level in self.token_levels:
+            m = ModelMeasure(model, heldout, level)
+            if self.measures and m.tokens == self.measures[-1].tokens:
+                self.slots.append(len(self.measures) - 1)  # the held-out batches ran out: the same measure
+            else:
+                self.measures.append(m)
+                self.slots.append(len(self.measures) - 1)
         self.built: dict[tuple[str, str], nn.Module] = {}
         self.seen: dict[tuple, float] = {}
-        self.evals = 0
+        self.evals_per_level = [0] * len(self.token_levels)
+        self.tokens_per_level = [0] * len(self.token_levels)
 
-    def _layer(self, name: str, option: Option) -> nn.Module:
+    @property
+    def evals(self) -> int:
+        """Measurements made, over all levels."""
+        return sum(self.evals_per_level)
+
+    @property
+    def measure(self):
+        """The full level's ModelMeasure."""
+        return self.measures[self.slots[-1]]
+
+    def tokens(self, level: int = -1) -> int:
+        """Held-out tokens one measurement at `level` reads."""
+        return self.measures[self.slots[level]].tokens
+
+    def layer(self, name: str, option: Option) -> nn.Module:
+        """The layer of matrix `name` for candidate `option`, built once (data-aware init; an embedding's factors
+        data-free, as the profile built them)."""
         from .calibration import ModuleStats
         from .methods import get_method
         from .methods.base import spec_from_dict
@@ -94,7 +149,7 @@ class _Evaluator:
             spec = spec_from_dict(option.spec)
             method = get_method(spec.method)
             with torch.no_grad():
-                if not method.data_init:  # the word embedding's factors: data-free, as the profile built them
+                if not method.data_init:
                     layer = method.build(self.modules[name], spec, "svd")
                 else:
                     st = self.stats.stats(name)
@@ -103,18 +158,42 @@ class _Evaluator:
             self.built[key] = layer.eval()
         return self.built[key]
 
-    def __call__(self, choice: Mapping[str, Option]) -> float:
-        key = tuple(sorted((n, o.label) for n, o in choice.items()))
+    def __call__(self, choice: Mapping[str, Option], level: int = -1) -> float:
+        """The measure of the plan `choice` at token level `level` (an index into token_levels; -1: the full one)."""
+        if not -len(self.token_levels) <= level < len(self.token_levels):
+            raise ConfigError(f"token level {level} out of range: this evaluator has {len(self.token_levels)}")
+        level %= len(self.token_levels)
+        slot = self.slots[level]
+        key = (tuple(sorted((n, o.label) for n, o in choice.items())), slot)
         if key in self.seen:
             return self.seen[key]
-        value = self.measure.with_layers({name: self._layer(name, o) for name, o in choice.items()
-                                          if o.spec != "keep"})
+        measure = self.measures[slot]
+        value = measure.with_layers({name: self.layer(name, o) for name, o in choice.items() if o.spec != "keep"})
         if value != value:
-            raise DataError("the refined plan's model-level measure is NaN (the calibration statistics or a weight "
-                            "hold extreme values)")
+            raise DataError("a plan's model-level measure is NaN (the calibration statistics or a weight hold "
+                            "extreme values)")
         self.seen[key] = value
-        self.evals += 1
+        self.evals_per_level[level] += 1
+        self.tokens_per_level[level] += measure.tokens
         return value
+
+
+def plan_choice(items: Sequence[Item], solution: Solution) -> dict[str, Option]:
+    """The plan `solution` (from `kron.autoplan.auto_plan` on the same profile) as name -> the items' own Option of
+    the same label (its damage is the items' objective, not the solution's). PlanError when the solution lacks a
+    matrix or chose a candidate the items do not offer (it was made from another profile or methods)."""
+    by_name = {it.name: it for it in items}
+    missing = [n for n in by_name if n not in solution.choice]
+    if missing:
+        raise PlanError(f"the plan to improve has no choice for {missing[0]}: it was made from another profile")
+    choice = {}
+    for n, it in by_name.items():
+        o = solution.choice[n]
+        same = [x for x in it.options if x.label == o.label]
+        if not same:
+            raise PlanError(f"the plan to improve chose {o.label} for {n}, which the profile does not offer")
+        choice[n] = same[0]
+    return choice
 
 
 def _moves(items: Sequence[Item], stairs: Mapping[str, list[Option]], choice: Mapping[str, Option], slack: int):
@@ -157,22 +236,12 @@ def refine_plan(model: nn.Module, stats, profile: Mapping, budget: Budget, solut
     t0 = time.time()
     items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage, embeddings=embeddings)
     room = budget_room(profile, budget, fixed)
-    by_name = {it.name: it for it in items}
-    missing = [n for n in by_name if n not in solution.choice]
-    if missing:
-        raise PlanError(f"the plan to refine has no choice for {missing[0]}: it was made from another profile")
-    choice = {n: solution.choice[n] for n in by_name}
-    # the solution's options carry the damage of its own objective; use the items' (same labels) from here on
-    for n, o in list(choice.items()):
-        same = [x for x in by_name[n].options if x.label == o.label]
-        if not same:
-            raise PlanError(f"the plan to refine chose {o.label} for {n}, which the profile does not offer")
-        choice[n] = same[0]
+    choice = plan_choice(items, solution)
     stairs = {it.name: staircase(it) for it in items}
     was_training = model.training
     model.eval()
     try:
-        ev = _Evaluator(model, stats, heldout, kl_tokens, profile.get("ridge"))
+        ev = PlanEvaluator(model, stats, heldout, (kl_tokens,), profile.get("ridge"))
         start = best = ev(choice)
         if progress is not None:
             progress(ev.evals, best)

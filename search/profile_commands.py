@@ -1,17 +1,20 @@
 """`kronsearch profile` and `kronsearch plan --auto`: sensitivity profiles and automatic plans under a budget.
 
 Registered from `search.model_commands` (it calls `add_profile_parser`, `add_auto_arguments`, `add_ridge_arg`);
-the work is in `kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack).
+the work is in `kron.profile` (damage per matrix and candidate) and `kron.autoplan` (the multiple-choice knapsack);
+the searches on the model that improve a plan (`--refine`, `--search evo`) are wired in `search.evo_commands`.
 """
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 from analysis.textfmt import human, text_table
+
+from .evo_commands import add_search_arguments, check_search_args, model_search, per_budget_path, search_record, \
+    search_text
 
 _SRC_HELP = ("model: a local model directory, a hub name, 'demo' (the bundled GPT-2), or config:gpt2 / "
              "config:bert-base-uncased / config:PATH/config.json (random weights)")
@@ -142,11 +145,7 @@ def add_auto_arguments(p, group) -> None:
     p.add_argument("--solver", choices=("dp", "lagrange"), default="dp",
                    help="with --auto: dp (exact, or within the stated gap on a rounded cost grid; default) or "
                         "lagrange (multiplier sweep and greedy fill)")
-    p.add_argument("--refine", type=int, default=0, metavar="N",
-                   help="with --auto and --calib: improve each plan by exchange moves (one matrix one candidate "
-                        "better, another one worse, within the budget) judged by the KL of the whole compressed model "
-                        "on the held-out calibration batches, at most N measurements (kron.refine; 0: off, the "
-                        "default; 40 is a good start)")
+    add_search_arguments(p)  # --refine N, --search evo (search.evo_commands)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -350,8 +349,9 @@ def check_manual_plan(args) -> None:
     from kron.errors import ConfigError
 
     given = [f"--{k.replace('_', '-')}" for k in ("budget", "budgets", "profile", "calib", "methods", "ranks",
-                                                   "embedding_factors", "method_option") if getattr(args, k, None)
-             is not None]
+                                                   "embedding_factors", "method_option", "search", "generations",
+                                                   "offspring", "evo_state", "evo_tokens", "time_budget_s")
+             if getattr(args, k, None) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --auto (an automatic plan "
                           "under a budget); with --preset/--plan leave them out")
@@ -377,14 +377,6 @@ def _budgets(args):
     return [parse_budget(t) for t in texts]
 
 
-def _out_path(out: str, budget, several: bool) -> Path:
-    p = Path(out)
-    if not several:
-        return p
-    tag = re.sub(r"[^A-Za-z0-9.]+", "", str(budget).replace("=", ""))
-    return p.with_name(f"{p.stem}-{tag}{p.suffix or '.yaml'}")
-
-
 _DAMAGE_WORDS = {"proxy": "sum of relative output errors", "kl": "sum of model-level KLs, measured or interpolated"}
 
 
@@ -398,11 +390,7 @@ def plan_auto(args) -> int:
     from kron.surgery import apply_specs
 
     budgets = _budgets(args)
-    if args.refine < 0:
-        raise ConfigError(f"--refine takes a number of measurements >= 0, got {args.refine}")
-    if args.refine and args.calib is None:
-        raise ConfigError("--refine measures plans on the model: give --calib SRC (its held-out batches are the "
-                          "measure; with --profile too, the profile is reused)")
+    on_model = check_search_args(args)  # --refine / --search evo: their values, before any work
     if args.profile is None and args.calib is None:
         raise ConfigError("--auto needs a profile: --profile profile.json (from `kronsearch profile`) or --calib "
                           "SRC to make one now")
@@ -416,7 +404,7 @@ def plan_auto(args) -> int:
         _, model = _load(args)
         kl = (KL_POINTS, 1024) if args.damage != "proxy" else (0, 1)
         profile = _run_profile(args, model, src, args.profile, constraints, methods, *kl, False, args.json)
-        if not args.refine:
+        if not on_model:
             model = None
     else:
         profile = load_profile(args.profile)
@@ -449,7 +437,8 @@ def plan_auto(args) -> int:
                   "some matrix, so the plan minimises the summed relative output error (--damage proxy); make the "
                   f"profile with --kl-subset {KL_POINTS} for the KL objective", file=sys.stderr)
     args.damage = damage
-    refine = _refiner(args, model, src, profile, methods, embeddings) if args.refine else None
+    improve = (model_search(args, model, profile, methods, embeddings, calibration_stats_for(args, model, src),
+                            _heldout(args, model, src), len(budgets) > 1) if on_model else None)
 
     results = []
     for budget in budgets:
@@ -461,12 +450,13 @@ def plan_auto(args) -> int:
                 raise
             print(f"kronsearch plan: skipped {budget}: {exc}", file=sys.stderr)
             continue
-        refinement = None
-        if refine is not None:
-            refinement = refine(budget, sol)
-            sol = refinement.solution
+        searched = None
+        if improve is not None:
+            searched = improve(budget, sol)
+            sol = searched.solution
         resolved = resolved_specs(sol)
-        what = (f"refined on the model: KL {refinement.start_kl:.4g} -> {refinement.kl:.4g}" if refinement else
+        verb = "evolved" if sol.solver.endswith("+evo") else "refined"
+        what = (f"{verb} on the model: KL {searched.start_kl:.4g} -> {searched.kl:.4g}" if searched else
                 f"predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]})")
         plan = CompressionPlan.from_resolved(resolved, name=f"auto {budget}",
                                              description=f"kronsearch plan --auto --budget {budget}: {what}")
@@ -480,28 +470,27 @@ def plan_auto(args) -> int:
                               "model; the profile's sizes do not match it (make the profile again)")
         path = None
         if args.out:
-            path = _out_path(args.out, budget, len(budgets) > 1)
+            path = per_budget_path(args.out, budget, len(budgets) > 1)
             plan.save(path)
-        results.append((budget, sol, plan, report, path, refinement))
+        results.append((budget, sol, plan, report, path, searched))
 
     if not results:
         raise PlanError(f"no budget of {', '.join(map(str, budgets))} is reachable with this profile's candidates")
     if args.json:
         out = []
-        for budget, sol, plan, report, path, refinement in results:
+        for budget, sol, plan, report, path, searched in results:
             d = sol.to_dict()
-            d.update({"budget": str(budget), "damage_kind": "kl, measured jointly" if refinement else args.damage,
-                      "refinement": refinement.to_dict() if refinement else None, "plan": plan.to_dict(),
+            d.update({"budget": str(budget), "damage_kind": "kl, measured jointly" if searched else args.damage,
+                      **search_record(searched), "plan": plan.to_dict(),
                       "params": report.params_after, "macs": report.macs_per_token_after,
                       "ratio": report.compression_ratio,
                       "plan_file": str(path) if path else None, "notes": sol.notes})
             out.append(d)
         print(json.dumps({"model": args.model, "profile": args.profile, "plans": out}))
         return 0
-    for budget, sol, plan, report, path, refinement in results:
-        if refinement is not None:
-            quality = (f"refined from the knapsack's plan: {len(refinement.moves)} moves in {refinement.evals} "
-                       f"measurements, {refinement.seconds:.0f} s")
+    for budget, sol, plan, report, path, searched in results:
+        if searched is not None:
+            quality, lines = search_text(searched)
         elif sol.exact:
             quality = "exact"
         elif sol.gap <= 0:
@@ -515,12 +504,9 @@ def plan_auto(args) -> int:
             rows.append((name, o.label, f"{_compression(mx, o.label):.2f}x",
                          f"{o.damage:.4g}"))
         _print_table(("matrix", "choice", "compression", "damage"), rows)
-        if refinement is not None:
-            print(f"  KL of the whole model on {refinement.tokens:,} held-out calibration tokens: "
-                  f"{refinement.start_kl:.4g} (the knapsack's plan) -> {refinement.kl:.4g} "
-                  f"({100 * refinement.gain:.1f}% lower)")
-            for move in refinement.moves:
-                print(f"  move: {move}")
+        if searched is not None:
+            for line in lines:
+                print(f"  {line}")
             dmg = "KL measured"
         else:
             dmg = (f"predicted damage {sol.damage:.4g} ({_DAMAGE_WORDS[args.damage]}; lower bound "
@@ -537,26 +523,6 @@ def plan_auto(args) -> int:
                      [(str(b), f"{r.params_after:,}", f"{r.macs_per_token_after:,}", f"{r.compression_ratio:.3f}",
                        f"{s.damage:.4g}") for b, s, _, r, _, _ in results])
     return 0
-
-
-def _refiner(args, model, src, profile, methods, embeddings=True):
-    """`--refine N`: a function (budget, knapsack solution) -> Refinement improving the plan on `model` (kron.refine),
-    on the held-out calibration batches; the statistics and batches are read once for every budget."""
-    from kron.refine import refine_plan
-
-    stats = calibration_stats_for(args, model, src)
-    heldout = _heldout(args, model, src)
-
-    def refine(budget, sol):
-        def bar(done, best):
-            if done == 1 or done % 10 == 0 or done == args.refine:
-                print(f"  refine {budget}: {done}/{args.refine} measurements, KL {best:.4g}", file=sys.stderr,
-                      flush=True)
-
-        return refine_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
-                           max_evals=args.refine, embeddings=embeddings, progress=None if args.json else bar)
-
-    return refine
 
 
 def _plan_embeddings(args, profile):
