@@ -278,14 +278,15 @@ def evolve_plan(model, stats, profile: Mapping, budget: Budget, solution: Soluti
                 token_levels: Sequence[int | None] = DEFAULT_TOKEN_LEVELS, max_switches: int = 3, seed: int = 0,
                 time_budget_s: float | None = None, patience: int | None = None, state_path=None,
                 progress: Callable[[int, float], None] | None = None,
-                evaluate_many: Callable[[list, int], list] | None = None) -> Evolution:
+                evaluate_many: Callable[[list, int], list] | None = None, workers: int = 1) -> Evolution:
     """Evolve `solution` (from `kron.autoplan.auto_plan` on the same profile, budget, methods, damage and
     embeddings) on the model; see the module docstring. heldout: the held-out batches the KL is measured on;
     token_levels: tokens per measurement at each selection step (increasing; None: all); survivors: see
     `check_evo_settings`; stops after `generations` in all (a resumed run's included), after `time_budget_s` seconds
     of this call, or after `patience` generations without a better parent. progress(generation, parent's KL) after
     each generation. evaluate_many(choices, level) -> one KL per plan (name -> Option) at token level index `level`:
-    measures in place of the in-process `kron.refine.PlanEvaluator` (model and stats are then unused).
+    measures in place of the in-process `kron.refine.PlanEvaluator` (model and stats are then unused); workers: how
+    many processes it spreads a batch over (reported, not used).
 
     Returns an Evolution whose solution has the measured KL as its damage (bound = nan)."""
     levels, survivors = check_evo_settings(generations, offspring, max_switches, token_levels, survivors,
@@ -402,4 +403,4 @@ def evolve_plan(model, stats, profile: Mapping, budget: Budget, solution: Soluti
                    notes=list(solution.notes) + [f"evolved on the model: KL {start_kl:.4g} -> {parent_kl:.4g} in "
                                                  f"{gen} generations, {sum(evals)} measurements ({stopped})"])
     return Evolution(sol, start_kl, parent_kl, gen, stopped, levels, level_tokens, evals, tokens,
-                     seconds_before + time.time() - t0, history, resumed)
+                     seconds_before + time.time() - t0, history, resumed, workers)

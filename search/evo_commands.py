@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-EVO_FLAGS = ("generations", "offspring", "evo_state", "evo_tokens", "time_budget_s")
+EVO_FLAGS = ("generations", "offspring", "evo_state", "evo_tokens", "time_budget_s", "evo_workers")
 
 
 def add_search_arguments(p) -> None:
@@ -41,6 +41,10 @@ def add_search_arguments(p) -> None:
                         "exists (refused when made with other settings); with --budgets one file per budget")
     p.add_argument("--time-budget-s", type=float, default=None, metavar="S",
                    help="with --search evo: stop each plan's evolution after S seconds (the best plan so far)")
+    p.add_argument("--evo-workers", type=int, default=None, metavar="N",
+                   help="with --search evo: measure each generation's plans on N Ray workers, each holding a copy of "
+                        "the model and its built layers (local Ray, one CPU each, unless Ray runs here already); "
+                        "default: in this process")
 
 
 def _evo_tokens(text: str | None) -> tuple:
@@ -80,6 +84,8 @@ def check_search_args(args) -> bool:
         flag = "--search evo" if evo else "--refine"
         raise ConfigError(f"{flag} measures plans on the model: give --calib SRC (its held-out batches are the "
                           "measure; with --profile too, the profile is reused)")
+    if evo and args.evo_workers is not None and (isinstance(args.evo_workers, bool) or args.evo_workers < 1):
+        raise ConfigError(f"--evo-workers takes a number of workers >= 1, got {args.evo_workers}")
     if evo:
         args.evo_levels, _ = check_evo_settings(
             40 if args.generations is None else args.generations, 16 if args.offspring is None else args.offspring,
@@ -116,11 +122,16 @@ def model_search(args, model, profile, methods, embeddings, stats, heldout, seve
                 last[0] = best
 
             state = per_budget_path(args.evo_state, budget, several, ".json") if args.evo_state else None
-            return evolve_plan(model, stats, profile, budget, sol, heldout, methods=methods, damage=args.damage,
-                               embeddings=embeddings, generations=generations,
-                               offspring=16 if args.offspring is None else args.offspring,
-                               token_levels=args.evo_levels, time_budget_s=args.time_budget_s, state_path=state,
-                               progress=None if quiet else bar)
+            kwargs = dict(methods=methods, damage=args.damage, embeddings=embeddings, generations=generations,
+                          offspring=16 if args.offspring is None else args.offspring, token_levels=args.evo_levels,
+                          time_budget_s=args.time_budget_s, state_path=state, progress=None if quiet else bar)
+            if not args.evo_workers:
+                return evolve_plan(model, stats, profile, budget, sol, heldout, **kwargs)
+            from .evo_workers import EvoWorkers
+
+            with EvoWorkers(model, stats, heldout, args.evo_levels, profile.get("ridge"), args.evo_workers) as pool:
+                return evolve_plan(model, stats, profile, budget, sol, heldout, evaluate_many=pool.evaluate_many,
+                                   workers=args.evo_workers, **kwargs)
 
         return evolve
     if not args.refine:

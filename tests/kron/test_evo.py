@@ -313,7 +313,9 @@ def test_plan_auto_search_evo_end_to_end(saved_teacher, tmp_path, monkeypatch, c
                        (["--search", "evo", "--offspring", "-1"], "offspring must be a positive integer"),
                        (["--search", "evo", "--evo-tokens", "4096,512"], "token levels must increase"),
                        (["--search", "evo", "--evo-tokens", "abc"], "--evo-tokens takes positive token counts"),
-                       (["--search", "evo", "--time-budget-s", "-1"], "time_budget_s must be a positive")):
+                       (["--search", "evo", "--time-budget-s", "-1"], "time_budget_s must be a positive"),
+                       (["--search", "evo", "--evo-workers", "0"], "--evo-workers takes a number of workers >= 1"),
+                       (["--evo-workers", "2"], "--evo-workers goes with --search evo")):
         rc, _, err = _run(capsys, *base, "--budget", "ratio=1.3", *extra)
         assert rc == 2 and msg in err and "Traceback" not in err, (extra, err)
     rc, _, err = _run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile",
@@ -321,3 +323,23 @@ def test_plan_auto_search_evo_end_to_end(saved_teacher, tmp_path, monkeypatch, c
     assert rc == 2 and "--search evo measures plans on the model: give --calib" in err
     rc, _, err = _run(capsys, "plan", "--model", model, "--preset", "uniform:2", "--search", "evo")
     assert rc == 2 and "--search goes with --auto" in err
+
+
+@pytest.mark.ray
+def test_ray_workers_give_the_in_process_evolution(setup):
+    """Two Ray workers (search.evo_workers), each with a copy of the model and its own built layers, measure the same
+    plans as the in-process evaluator: a seeded evolution ends with the same plan and KL, and reports 2 workers."""
+    from search.evo_workers import EvoWorkers
+
+    model, stats, held, prof, budget, start = setup
+    alone = evolve_plan(model, stats, prof, budget, start, held, **FAST)
+    with EvoWorkers(model, stats, held, LEVELS, prof.get("ridge"), 2) as pool:
+        spread = evolve_plan(model, stats, prof, budget, start, held, evaluate_many=pool.evaluate_many, workers=2,
+                             **FAST)
+        counts = pool.counts()
+    assert _labels(spread.solution) == _labels(alone.solution)
+    assert spread.kl == pytest.approx(alone.kl, rel=1e-5) and spread.history == pytest.approx(alone.history, rel=1e-5)
+    assert spread.evals_per_level == alone.evals_per_level and spread.to_dict()["workers"] == 2
+    assert counts["workers"] == 2 and counts["evals_per_level"] == alone.evals_per_level  # each plan measured once
+    with pytest.raises(Exception, match="--evo-workers takes a number of workers >= 1"):
+        EvoWorkers(model, stats, held, LEVELS, None, 0)
