@@ -151,12 +151,13 @@ def model_search(args, model, profile, methods, embeddings, stats, heldout, seve
 
 
 def search_record(result) -> dict:
-    """The JSON fields of a search's result: "refinement" and "evolution" (None for the one not run)."""
+    """The JSON fields of a search's result: "refinement" (None when not run, as before there was an evolution) and,
+    when `--search evo` ran, "evolution" (absent otherwise: a plan's JSON without it is what earlier releases wrote)."""
     from kron.evo import Evolution
 
-    evo = isinstance(result, Evolution)
-    return {"refinement": result.to_dict() if result is not None and not evo else None,
-            "evolution": result.to_dict() if evo else None}
+    if isinstance(result, Evolution):
+        return {"refinement": None, "evolution": result.to_dict()}
+    return {"refinement": result.to_dict() if result is not None else None}
 
 
 def search_text(result) -> tuple[str, list[str]]:
