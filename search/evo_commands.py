@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-EVO_FLAGS = ("generations", "offspring", "evo_state", "evo_tokens", "time_budget_s", "evo_workers")
+EVO_FLAGS = ("generations", "offspring", "evo_state", "evo_tokens", "time_budget_s", "evo_workers", "evo_seed")
 
 
 def add_search_arguments(p) -> None:
@@ -41,6 +41,9 @@ def add_search_arguments(p) -> None:
                         "exists (refused when made with other settings); with --budgets one file per budget")
     p.add_argument("--time-budget-s", type=float, default=None, metavar="S",
                    help="with --search evo: stop each plan's evolution after S seconds (the best plan so far)")
+    p.add_argument("--evo-seed", type=int, default=None, metavar="N",
+                   help="with --search evo: the random seed of the switches (default 0; another seed is another run, "
+                        "to see how much the result depends on it)")
     p.add_argument("--evo-workers", type=int, default=None, metavar="N",
                    help="with --search evo: measure each generation's plans on N Ray workers, each holding a copy of "
                         "the model and its built layers (local Ray, one CPU each, unless Ray runs here already); "
@@ -123,6 +126,7 @@ def model_search(args, model, profile, methods, embeddings, stats, heldout, seve
 
             state = per_budget_path(args.evo_state, budget, several, ".json") if args.evo_state else None
             kwargs = dict(methods=methods, damage=args.damage, embeddings=embeddings, generations=generations,
+                          seed=0 if args.evo_seed is None else args.evo_seed,
                           offspring=16 if args.offspring is None else args.offspring, token_levels=args.evo_levels,
                           time_budget_s=args.time_budget_s, state_path=state, progress=None if quiet else bar)
             if not args.evo_workers:

@@ -300,6 +300,11 @@ def test_plan_auto_search_evo_end_to_end(saved_teacher, tmp_path, monkeypatch, c
     rc, out, err = _run(capsys, *base, "--budget", "ratio=1.3", *evo, "--evo-state", state, "--json")
     again = json.loads(out)["plans"][0]
     assert rc == 0 and again["evolution"]["resumed_from"] == 2 and again["choice"] == p["choice"]
+    # another seed is another run: refused by a state file made with seed 0, fine without one
+    rc, _, err = _run(capsys, *base, "--budget", "ratio=1.3", *evo, "--evo-seed", "1", "--evo-state", state)
+    assert rc == 2 and "seed" in err, err
+    rc, out, err = _run(capsys, *base, "--budget", "ratio=1.3", *evo, "--evo-seed", "1", "--json")
+    assert rc == 0 and json.loads(out)["plans"][0]["evolution"]["generations"] == 2, err
     # text output and a front of budgets, one state file each
     rc, out, err = _run(capsys, *base, "--budgets", "ratio=1.2,ratio=1.4", *evo, "--evo-state", state)
     assert rc == 0, err
@@ -315,7 +320,8 @@ def test_plan_auto_search_evo_end_to_end(saved_teacher, tmp_path, monkeypatch, c
                        (["--search", "evo", "--evo-tokens", "abc"], "--evo-tokens takes positive token counts"),
                        (["--search", "evo", "--time-budget-s", "-1"], "time_budget_s must be a positive"),
                        (["--search", "evo", "--evo-workers", "0"], "--evo-workers takes a number of workers >= 1"),
-                       (["--evo-workers", "2"], "--evo-workers goes with --search evo")):
+                       (["--evo-workers", "2"], "--evo-workers goes with --search evo"),
+                       (["--evo-seed", "2"], "--evo-seed goes with --search evo")):
         rc, _, err = _run(capsys, *base, "--budget", "ratio=1.3", *extra)
         assert rc == 2 and msg in err and "Traceback" not in err, (extra, err)
     rc, _, err = _run(capsys, "plan", "--model", model, "--auto", "--budget", "ratio=1.3", "--profile",
