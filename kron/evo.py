@@ -196,18 +196,10 @@ def _batch_parts(batch):
 
 
 def _tokens_read(batches: Sequence, max_tokens: int | None) -> int:
-    """The held-out tokens a `kron.measure.ModelMeasure` with this budget reads (its rule: whole rows)."""
-    from .measure import first_rows
+    """The held-out tokens a `kron.measure.ModelMeasure` with this budget reads (its rule, without running it)."""
+    from .measure import budgeted_batches
 
-    seen = 0
-    for b in batches:
-        if max_tokens is not None and seen >= max_tokens:
-            break
-        if max_tokens is not None:
-            b = first_rows(b, max_tokens - seen)
-        ids, mask = _batch_parts(b)
-        seen += int(mask.sum().item()) if mask is not None else int(ids.numel())
-    return seen
+    return sum(n for _, n in budgeted_batches(batches, max_tokens))
 
 
 def _heldout_digest(batches: Sequence) -> str:

@@ -16,7 +16,8 @@ from torch import nn
 
 from .errors import DataError, PlanError
 
-__all__ = ["REPLAY_MAX_BYTES", "ModelMeasure", "first_rows", "spread_indices", "swap_module"]
+__all__ = ["REPLAY_MAX_BYTES", "ModelMeasure", "batch_tokens", "budgeted_batches", "first_rows", "spread_indices",
+           "swap_module"]
 
 
 def _model_inputs(batch, device, extra: Mapping | None = None):
@@ -28,6 +29,27 @@ def _model_inputs(batch, device, extra: Mapping | None = None):
     if extra:
         kw.update(extra)
     return kw, mask
+
+
+def batch_tokens(batch) -> int:
+    """The tokens of a held-out batch a measure counts: the attention mask's ones, else every input id."""
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids")
+    mask = None if isinstance(batch, torch.Tensor) else batch.get("attention_mask")
+    return int(mask.sum().item()) if mask is not None else int(ids.numel())
+
+
+def budgeted_batches(batches: Sequence, max_tokens: int | None, whole_batches: bool = False):
+    """(batch, its tokens) for each held-out batch a measure with the budget `max_tokens` reads: batches until the
+    budget is reached, the last cut to its first rows (`first_rows`) unless `whole_batches`."""
+    seen = 0
+    for b in batches:
+        if max_tokens is not None and seen >= max_tokens:
+            break
+        if max_tokens is not None and not whole_batches:
+            b = first_rows(b, max_tokens - seen)
+        n = batch_tokens(b)
+        seen += n
+        yield b, n
 
 
 def first_rows(batch, tokens: int):
@@ -95,11 +117,7 @@ class ModelMeasure:
         seen, kept = 0, 0
         try:
             with torch.no_grad():
-                for b in batches:
-                    if max_tokens is not None and seen >= max_tokens:
-                        break
-                    if max_tokens is not None and not whole_batches:
-                        b = first_rows(b, max_tokens - seen)
+                for b, n in budgeted_batches(batches, max_tokens, whole_batches):
                     kw, mask = _model_inputs(b, dev, self.extra)
                     recording.clear()
                     out = model(**kw)
@@ -118,7 +136,7 @@ class ModelMeasure:
                             self.layers_name, self.layers, self.recorded = None, None, []  # replay off
                         else:
                             self.recorded.append(list(recording))
-                    seen += int(mask.sum().item()) if mask is not None else int(kw["input_ids"].numel())
+                    seen += n
         finally:
             for h in hooks:
                 h.remove()

@@ -15,7 +15,7 @@ Workers use the device each one picks (`kron.models.pick_device`): a GPU where R
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 __all__ = ["EvoWorkers"]
 
@@ -34,9 +34,7 @@ def _worker_class():
             from kron.refine import PlanEvaluator
 
             torch.set_num_threads(1)  # one core per worker: n workers on n cores, not n x n threads
-            device = pick_device("auto")
-            model = model.to(device).eval()
-            heldout = [_to(b, device) for b in heldout]
+            model = model.to(pick_device("auto")).eval()  # the measure moves the held-out batches to it
             self.evaluator = PlanEvaluator(model, stats, heldout, token_levels, ridge)
 
         def warm(self, choice) -> int:
@@ -55,12 +53,6 @@ def _worker_class():
                     "layers_built": len(ev.built)}
 
     return EvoWorker
-
-
-def _to(batch, device):
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-    return batch.to(device) if hasattr(batch, "to") else batch
 
 
 class EvoWorkers:
@@ -151,7 +143,3 @@ class EvoWorkers:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def hook(self) -> Callable[[list, int], list]:
-        return self.evaluate_many
