@@ -23,7 +23,7 @@ from .errors import CheckpointError, ConfigError, DataError, one_line
 from .vocab import DEMO
 
 __all__ = ["KNOWN_CONFIGS", "TASKS", "build_from_config", "is_causal_lm", "load_config", "load_model",
-           "load_tokenizer", "parse_dtype", "pick_device", "task_of"]
+           "load_tokenizer", "max_positions", "parse_dtype", "pick_device", "task_of"]
 
 TASKS = ("auto", "causal-lm", "sequence-classification", "base")
 KNOWN_CONFIGS = {
@@ -290,3 +290,9 @@ def is_causal_lm(model) -> bool:
     return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and (
         type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
     )
+
+
+def max_positions(model) -> int | None:
+    """The positions the model's config allows (GPT-2's n_positions, others' max_position_embeddings), or None."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)

@@ -29,11 +29,6 @@ _FORMAT = 1
 _BATCH = 8
 
 
-def _max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
-
-
 def describe_source(source: str, config_name: str | None = None) -> dict:
     """What identifies a calibration source in the cache key (local files by path, size and mtime)."""
     from .data import local_source_file
@@ -113,7 +108,9 @@ def calibration_batches(teacher, tokenizer, source: str, tokens: int = DEFAULT_C
 
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ConfigError(f"calib_tokens must be a positive integer, got {tokens!r}")
-    max_pos = _max_positions(teacher)
+    from kron.models import max_positions
+
+    max_pos = max_positions(teacher)
     if max_pos is not None:
         seq_len = min(seq_len, max_pos)
     if source.startswith("glue:"):

@@ -88,12 +88,13 @@ def _looks_like_hub_name(source: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts)
 
 
-def _read_local_texts(path: Path, cache_dir: Path) -> list[str]:
-    """Records of one local file, via the `datasets` builders (text lines, json "text" field, parquet column)."""
+def read_local_texts(path: Path, cache_dir: Path, builder: str | None = None) -> list[str]:
+    """Records of one local file, via the `datasets` builders (text lines, json "text" field, parquet column);
+    `builder` (text, json, parquet) overrides the one the suffix picks."""
     import datasets
 
     suffix = path.suffix.lower()
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix, "text")
+    builder = builder or {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix, "text")
     try:
         ds = datasets.load_dataset(
             builder, data_files={"data": str(path)}, split="data", cache_dir=str(cache_dir / "hf_datasets")
@@ -150,7 +151,7 @@ def iter_texts(
     split = canonical_split(split)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     local = local_source_file(source, split)
-    texts = _read_local_texts(local, cache) if local else _read_hub_texts(str(source), config_name, split, cache)
+    texts = read_local_texts(local, cache) if local else _read_hub_texts(str(source), config_name, split, cache)
     return [t.strip() for t in texts if t and t.strip()]
 
 
@@ -328,7 +329,9 @@ def sample_teacher_text(
         raise ConfigError(f"need num_sequences >= 1 and seq_len >= 2, got {num_sequences} and {seq_len}")
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    from kron.models import max_positions
+
+    max_pos = max_positions(model)
     if max_pos is not None and seq_len > max_pos:
         raise ConfigError(f"seq_len={seq_len} is longer than the model's {max_pos} positions")
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id(tokenizer)

@@ -21,9 +21,7 @@ perplexity). The output always says which protocol, context, stride and number o
 """
 from __future__ import annotations
 
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +73,6 @@ def raw_rows(path: str | os.PathLike) -> list[str]:
         return [line if line.strip() else "" for line in f]
 
 
-def _json_rows(path: Path) -> list[str]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset("json", data_files={"data": str(path)}, split="data")
-    except Exception as exc:
-        raise DataError(f"could not read {path} as json lines: {type(exc).__name__}: {exc}") from exc
-    if "text" not in ds.column_names:
-        raise DataError(f"{path} has no 'text' field (found: {', '.join(ds.column_names)})")
-    return list(ds["text"])
-
-
 def load_rows(corpus: Corpus, path: str | None, split: str = "test") -> tuple[list[str], str]:
     """The corpus's rows (capped by `max_rows`) and a description of where they came from."""
     if path is not None:
@@ -97,8 +83,12 @@ def load_rows(corpus: Corpus, path: str | None, split: str = "test") -> tuple[li
             p = resolve_split_file(p, split)
         if not p.is_file():
             raise DataError(f"{p} does not exist")
-        name = p.name.lower()
-        rows = _json_rows(p) if name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) else raw_rows(p)
+        if p.name.lower().endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):  # C4's shards: "text" records
+            from .data import default_cache_dir, read_local_texts
+
+            rows = read_local_texts(p, default_cache_dir(), builder="json")
+        else:
+            rows = raw_rows(p)
         where = str(p)
     else:
         import datasets
@@ -139,41 +129,20 @@ def windows(ids, seq_len: int, max_windows: int | None = None):
 
 def default_seq_len(model) -> int:
     """The model's context, at most MAX_CONTEXT."""
-    cfg = getattr(model, "config", None)
-    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    from kron.models import max_positions
+
+    ctx = max_positions(model)
     return min(int(ctx), MAX_CONTEXT) if ctx else MAX_CONTEXT
 
 
 def check_seq_len(model, seq_len: int) -> None:
-    cfg = getattr(model, "config", None)
-    ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    from kron.models import max_positions
+
+    ctx = max_positions(model)
     if seq_len < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {seq_len}")
     if ctx and seq_len > ctx:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({ctx} positions)")
-
-
-def gptq_perplexity(model, wins, *, batch_size: int, device) -> dict:
-    """exp(mean NLL over every predicted token of every window); also the totals that make it checkable."""
-    import torch
-
-    from .evaluate import sync
-
-    model.eval()
-    nll, count, seconds = 0.0, 0, 0.0
-    with torch.no_grad():
-        for i in range(0, wins.shape[0], batch_size):
-            ids = wins[i : i + batch_size].to(device)
-            t0 = time.perf_counter()
-            logits = model(input_ids=ids).logits
-            sync(device)
-            seconds += time.perf_counter() - t0
-            nll += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
-    mean = nll / count
-    return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "predicted_tokens": count,
-            "throughput_tokens_per_s": wins.numel() / seconds if seconds else None}
 
 
 def evaluate_gptq(model, tokenizer, data: str | None, *, seq_len: int | None, batch_size: int, device,
@@ -186,8 +155,11 @@ def evaluate_gptq(model, tokenizer, data: str | None, *, seq_len: int | None, ba
     ids = token_stream(rows, corpus.joiner, tokenizer)
     caps = [c for c in (corpus.max_windows, max_windows) if c is not None]
     wins = windows(ids, seq_len, min(caps) if caps else None)
-    result = gptq_perplexity(model, wins, batch_size=batch_size, device=device)
+    from .evaluate import evaluate_lm
+
+    m = evaluate_lm(model, wins, batch_size, device)  # exp(mean NLL over every predicted token of every window)
     return {"protocol": "gptq", "corpus": corpus.name, "source": where, "rows": len(rows),
             "joiner": corpus.joiner, "stream_tokens": int(ids.numel()), "context": seq_len, "stride": seq_len,
             "windows": int(wins.shape[0]), "unused_tokens": int(ids.numel() - wins.numel()),
-            **result}
+            "perplexity": m["quality"], "nll": m["val_nll"], "predicted_tokens": int(wins[:, 1:].numel()),
+            "throughput_tokens_per_s": m["throughput_tokens_per_s"]}
