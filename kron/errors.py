@@ -7,8 +7,7 @@ exception's) on one line, for every package's error texts and console lines.
 from __future__ import annotations
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "DiskFullError", "PlanError", "ShapeError", "UserError",
-           "disk_full",
-           "one_line", "text_or_none"]
+           "disk_full", "one_line", "text_or_none"]
 
 
 class UserError(ValueError):
@@ -59,29 +58,24 @@ def one_line(value, *, limit: int | None = 300, last_line: bool = False) -> str 
 
 
 _FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux; macOS: 28, 69)
-_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28")
+_FULL_WORDS = {"No space left on device": "No space left on device", "Disk quota exceeded": "Disk quota exceeded",
+               "os error 28": "No space left on device"}  # in a message -> what ran out (first match)
 
 
 def disk_full(exc: BaseException | str | None) -> str | None:
     """What ran out when `exc` (or an exception it was raised from or wraps, such as a Ray task error or a
     safetensors error that only carries the OS message; or the text of an error file) is a full disk or an exceeded
     quota: "No space left on device" with the file when known; None for any other error."""
-    if isinstance(exc, str):
-        exc = RuntimeError(exc)
-    for link in _chain(exc):
+    links = list(_chain(RuntimeError(exc) if isinstance(exc, str) else exc))
+    for link in links:
         if isinstance(link, DiskFullError):  # already said, with what could not be written
             return str(link).removeprefix("the disk is full: ")
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
-            where = f" ({exc.filename})" if exc.filename else ""
-            return f"{exc.strerror or 'No space left on device'}{where}"
-        text = str(exc)
-        for words in _FULL_WORDS:
-            if words in text:
-                return "Disk quota exceeded" if words == "Disk quota exceeded" else "No space left on device"
-        exc = _next(exc)
+    for link in links:
+        if isinstance(link, OSError) and link.errno in _FULL_ERRNOS:
+            return f"{link.strerror or 'No space left on device'}" + (f" ({link.filename})" if link.filename else "")
+        found = next((what for words, what in _FULL_WORDS.items() if words in str(link)), None)
+        if found is not None:
+            return found
     return None
 
 

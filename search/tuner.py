@@ -150,7 +150,8 @@ def _run_search(cfg: SearchConfig, space: SearchSpace | None, *, resume: bool, s
                 tuner = _new_tuner(cfg, space, stream, initial_params, callbacks, spent_s=time.time() - t0,
                                    local_dir=local_dir)
             t_fit = time.time()
-            full = take_full_disk()  # (none yet: clears what an earlier search in this process left)
+            take_full_disk()  # clears what an earlier search in this process may have left
+            full = None
             try:
                 with refuse_failed_restore(str(path)) if resume else contextlib.nullcontext():
                     grid = tuner.fit()
