@@ -12,7 +12,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kron.autoplan import Constraints, auto_plan, items_from_profile, parse_budget, resolved_specs
-from kron.calibration import collect_input_stats
 from kron.errors import ConfigError, PlanError
 from kron.evo import check_evo_settings, evolve_plan, mutate
 from kron.measure import ModelMeasure
@@ -34,14 +33,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0)).eval()
-    g = torch.Generator().manual_seed(1)
-    fit = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
-    held = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
-    stats = collect_input_stats(model, fit)
+def setup(make_calibrated_gpt2):
+    model, stats, held = make_calibrated_gpt2(4, 2)
     prof = profile_model(model, stats, constraints=Constraints(max_shapes=3, max_compression=8), kl_subset=0)
     budget = parse_budget("ratio=2")
     start = auto_plan(prof, budget, damage="proxy", embeddings=False)

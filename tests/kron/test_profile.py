@@ -26,14 +26,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0)).eval()
-    g = torch.Generator().manual_seed(1)
-    fit = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
-    held = [torch.randint(0, 64, (2, 16), generator=g)]
-    return model, collect_input_stats(model, fit), held
+def gpt2(make_calibrated_gpt2):
+    return make_calibrated_gpt2(2, 1)
 
 
 def test_gpt2_profile(gpt2, tmp_path):
