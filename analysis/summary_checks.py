@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kron.errors import CheckpointError, one_line
+from kron.errors import CheckpointError, one_line, shown_value  # shown_value: also imported from here
 from kron.vocab import SIZE_AXES
 
 __all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "MAX_JSON_BYTES", "checked_number", "read_json_object", "shown_value", "value_problems"]
@@ -27,22 +26,6 @@ MAX_JSON_BYTES = 64 * 2**20
 MAX_INT_DIGITS = 4300  # Python's own cap on int(str); JSON integers beyond it are refused with this file's name
 MAX_DEPTH = 64  # levels of arrays/objects (a summary has about 6): deeper values would overflow the stack later
 _INT64 = 2**63  # counts are stored as Int64
-
-
-def _bounded_repr() -> reprlib.Repr:
-    r = reprlib.Repr()
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
-    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
-    return r
-
-
-_REPR = _bounded_repr()
-
-
-def shown_value(value) -> str:
-    """A value as an error message echoes it: bounded (a few items per level, long strings and numbers cut), so a
-    huge or deeply nested input never makes a huge message (the same bounds as `trials.config.shown_value`)."""
-    return _REPR.repr(value)
 
 
 _TOO_DEEP = object()

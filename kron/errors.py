@@ -7,7 +7,7 @@ exception's) on one line, for every package's error texts and console lines.
 from __future__ import annotations
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "DiskFullError", "PlanError", "ShapeError", "UserError",
-           "disk_full", "one_line", "text_or_none"]
+           "disk_full", "one_line", "shown_value", "text_or_none"]
 
 
 class UserError(ValueError):
@@ -55,6 +55,24 @@ def one_line(value, *, limit: int | None = 300, last_line: bool = False) -> str 
         text = [line for line in text.splitlines() if line.strip()][-1]
     text = " ".join(text.split())
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _bounded_repr():
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def shown_value(value) -> str:
+    """A value as an error message echoes it: bounded (`reprlib`: a few items per level, long strings and numbers
+    cut), so a huge or deeply nested input never makes a huge message — and is never expanded to be shown."""
+    return _REPR.repr(value)
 
 
 _FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux; macOS: 28, 69)

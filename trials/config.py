@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kron.errors import ConfigError, one_line
+from kron.errors import ConfigError, one_line, shown_value  # shown_value: also imported from here
 from kron.yamlio import YamlTooLarge, load_yaml
 
 __all__ = [
@@ -300,16 +300,6 @@ class TrialConfig(_Strict):
         return "max" if self.glue is not None or self.lm_eval is not None else "min"
 
 
-def _bounded_repr():
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
-    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
-    return r
-
-
-_REPR = _bounded_repr()
 MAX_ERROR_LINES = 10  # problems listed in one message; the rest are counted
 
 
@@ -318,12 +308,6 @@ def join_problems(lines: list[str]) -> str:
     if len(lines) > MAX_ERROR_LINES:
         lines = lines[:MAX_ERROR_LINES] + [f"and {len(lines) - MAX_ERROR_LINES} more problems"]
     return "; ".join(lines)
-
-
-def shown_value(got) -> str:
-    """A value as an error message echoes it: bounded (`reprlib`: a few items per level, long strings and numbers
-    cut), so a huge or deeply nested input never makes a huge message — and is never expanded to be shown."""
-    return _REPR.repr(got)
 
 
 def _model_at(model: type[BaseModel], loc) -> type[BaseModel] | None:
