@@ -1,7 +1,19 @@
-"""Shared by the kron tests: the tiny GPT-2 with calibration statistics that the profile and evolution tests use."""
+"""Shared by the kron tests: the tiny GPT-2 with calibration statistics that the profile and evolution tests use, and
+one torch thread for the tests that ask for it."""
 from __future__ import annotations
 
 import pytest
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): small matrices, faster without thread hand-offs."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

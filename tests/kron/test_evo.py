@@ -24,12 +24,7 @@ LEVELS = (32, 128)  # screening, full: the held-out batches hold 128 tokens
 FAST = dict(generations=4, offspring=6, token_levels=LEVELS, embeddings=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test of this file (tests/kron/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from kron.surgery import apply_specs
 C = Constraints(max_shapes=2, max_compression=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test of this file (tests/kron/conftest.py)
 
 
 @pytest.fixture(scope="module")
