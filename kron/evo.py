@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .autoplan import Budget, Option, Solution, budget_room, items_from_profile
+from .autoplan import Budget, Item, Option, Solution, budget_room, items_from_profile
 from .errors import ConfigError, DataError, PlanError
 from .refine import PlanEvaluator, check_token_levels, plan_choice, staircase
 
-__all__ = ["DEFAULT_TOKEN_LEVELS", "FORMAT", "Evolution", "check_evo_settings", "evolve_plan", "mutate"]
+__all__ = ["DEFAULT_TOKEN_LEVELS", "FORMAT", "Evolution", "check_evo_settings", "evolve_choice", "evolve_plan",
+           "mutate"]
 
 FORMAT = "kronsearch.evo/1"
 DEFAULT_TOKEN_LEVELS = (512, 4096)  # screening level, full level (held-out tokens per measurement, at most)
@@ -283,27 +284,62 @@ def evolve_plan(model, stats, profile: Mapping, budget: Budget, solution: Soluti
     Returns an Evolution whose solution has the measured KL as its damage (bound = nan)."""
     levels, survivors = check_evo_settings(generations, offspring, max_switches, token_levels, survivors,
                                            time_budget_s, patience)
-    t0 = time.time()
     items, fixed = items_from_profile(profile, budget.axis, methods=methods, damage=damage, embeddings=embeddings)
     room = budget_room(profile, budget, fixed)
     start = plan_choice(items, solution)
     if sum(o.cost for o in start.values()) > room:
         raise PlanError(f"the plan to evolve is over its budget {budget}: it was made for another budget")
-    stairs = {it.name: staircase(it) for it in items}
-    by_label = {it.name: {o.label: o for o in it.options} for it in items}
-    level_tokens = [_tokens_read(heldout, t) for t in levels]
-    slots = [level_tokens.index(n) for n in level_tokens]  # a level no larger than the one below shares its values
     header = _header(profile, budget, methods, damage, embeddings, items, start, heldout, levels, survivors,
                      offspring, max_switches, seed)
-    path = Path(state_path) if state_path is not None else None
-    state = _load_state(path, header) if path is not None else None
-
     was_training = getattr(model, "training", False)
     ev = None
     if evaluate_many is None:
         model.eval()
         ev = PlanEvaluator(model, stats, heldout, levels, profile.get("ridge"))
         evaluate_many = lambda choices, level: [ev(c, level) for c in choices]  # noqa: E731
+    try:
+        return evolve_choice(items, room, start, heldout, evaluate_many, header=header, fixed=fixed,
+                             budget=str(budget), solution=solution, generations=generations, offspring=offspring,
+                             survivors=survivors, token_levels=levels, max_switches=max_switches, seed=seed,
+                             time_budget_s=time_budget_s, patience=patience, state_path=state_path,
+                             progress=progress, workers=workers)
+    finally:
+        if ev is not None:
+            model.train(was_training)
+
+
+def evolve_choice(items: Sequence[Item], room: int, start: Mapping[str, Option], heldout: Sequence,
+                  evaluate_many: Callable[[list, int], list], *, header: Mapping | None = None, fixed: int = 0,
+                  budget: str = "", solution: Solution | None = None, generations: int = 40, offspring: int = 16,
+                  survivors: Sequence[int] | None = None, token_levels: Sequence[int | None] = DEFAULT_TOKEN_LEVELS,
+                  max_switches: int = 3, seed: int = 0, time_budget_s: float | None = None,
+                  patience: int | None = None, state_path=None, progress: Callable[[int, float], None] | None = None,
+                  workers: int = 1) -> Evolution:
+    """The evolution itself, on any multiple-choice items (`kron.autoplan.Item`: a profile's matrices, or a search
+    space's choices, whose options' labels the measure understands): `start` (item name -> Option, its summed cost
+    within `room`) evolved by `evaluate_many(choices, level)` (one KL per plan at token level index `level`) on
+    `heldout` (only counted here: the tokens each level reads). header: what a state file must match to be resumed
+    (default: the items, the start, the held-out batches and the settings); fixed: the size outside the items, added
+    to the result's cost; budget: its text for messages; solution: the start's Solution (its solver and notes are
+    carried on). The other settings: `evolve_plan`."""
+    levels, survivors = check_evo_settings(generations, offspring, max_switches, token_levels, survivors,
+                                           time_budget_s, patience)
+    t0 = time.time()
+    start = dict(start)
+    if sum(o.cost for o in start.values()) > room:
+        raise PlanError(f"the plan to evolve is over its budget {budget or room}: it was made for another budget")
+    stairs = {it.name: staircase(it) for it in items}
+    by_label = {it.name: {o.label: o for o in it.options} for it in items}
+    level_tokens = [_tokens_read(heldout, t) for t in levels]
+    slots = [level_tokens.index(n) for n in level_tokens]  # a level no larger than the one below shares its values
+    if header is None:
+        candidates = [(it.name, [(o.label, o.cost, repr(o.damage)) for o in it.options]) for it in items]
+        header = json.loads(json.dumps({
+            "room": room, "candidates": _digest(candidates), "start": _digest(_key(start)),
+            "heldout": _heldout_digest(heldout), "token_levels": list(levels), "survivors": list(survivors),
+            "offspring": offspring, "max_switches": max_switches, "seed": seed}, default=str))
+    path = Path(state_path) if state_path is not None else None
+    state = _load_state(path, dict(header)) if path is not None else None
     cache: dict[tuple, float] = {}
     evals, tokens = [0] * len(levels), [0] * len(levels)
 
@@ -320,79 +356,77 @@ def evolve_plan(model, stats, profile: Mapping, budget: Budget, solution: Soluti
             tokens[level] += len(todo) * level_tokens[level]
         return [cache[(_key(c), slots[level])] for c in choices]
 
-    try:
-        if state is None:
-            rng = random.Random(seed)
-            parent = start
-            gen, stale, seconds_before, resumed = 0, 0, 0.0, 0
-            parent_kl = start_kl = measure([start], len(levels) - 1)[0]
-            history = [parent_kl]
+    if state is None:
+        rng = random.Random(seed)
+        parent = start
+        gen, stale, seconds_before, resumed = 0, 0, 0.0, 0
+        parent_kl = start_kl = measure([start], len(levels) - 1)[0]
+        history = [parent_kl]
+    else:
+        (rng, parent, gen, stale, parent_kl, start_kl, history, seconds_before, evals,
+         tokens) = _resumed(state, by_label, path)
+        resumed = gen
+
+    def save(stopped: str | None) -> None:
+        if path is None:
+            return
+        from .fsutil import atomic_write_json
+
+        version, internal, gauss = rng.getstate()
+        atomic_write_json(path, {
+            "format": FORMAT, "header": header, "generation": gen, "stopped": stopped,
+            "parent": {n: o.label for n, o in parent.items()}, "kl": parent_kl, "start_kl": start_kl,
+            "stale": stale, "history": history, "evals": evals, "tokens": tokens,
+            "seconds": seconds_before + time.time() - t0, "rng": [version, list(internal), gauss]}, indent=None)
+
+    if state is None:
+        save(None)
+    stopped = "generations"
+    while True:
+        if gen >= generations:
+            break
+        if patience is not None and stale >= patience:
+            stopped = "patience"
+            break
+        if time_budget_s is not None and time.time() - t0 >= time_budget_s:
+            stopped = "time budget"
+            break
+        children, seen = [], {_key(parent)}
+        for _ in range(4 * offspring):  # distinct children; a tiny plan may have fewer
+            if len(children) >= offspring:
+                break
+            child = mutate(parent, stairs, room, rng, rng.randint(1, max_switches))
+            if _key(child) not in seen:
+                seen.add(_key(child))
+                children.append(child)
+        if not children:
+            stopped = "no switch keeps the budget"
+            break
+        pool = list(range(len(children)))
+        for level in range(len(levels)):
+            values = measure([children[i] for i in pool], level)
+            ranked = sorted(zip(values, pool))  # ties: the earlier child
+            pool = [i for _, i in ranked[:survivors[level]]]
+        best_kl, best = ranked[0]
+        gen += 1
+        if best_kl < parent_kl:
+            parent, parent_kl, stale = children[best], best_kl, 0
         else:
-            (rng, parent, gen, stale, parent_kl, start_kl, history, seconds_before, evals,
-             tokens) = _resumed(state, by_label, path)
-            resumed = gen
-
-        def save(stopped: str | None) -> None:
-            if path is None:
-                return
-            from .fsutil import atomic_write_json
-
-            version, internal, gauss = rng.getstate()
-            atomic_write_json(path, {
-                "format": FORMAT, "header": header, "generation": gen, "stopped": stopped,
-                "parent": {n: o.label for n, o in parent.items()}, "kl": parent_kl, "start_kl": start_kl,
-                "stale": stale, "history": history, "evals": evals, "tokens": tokens,
-                "seconds": seconds_before + time.time() - t0, "rng": [version, list(internal), gauss]}, indent=None)
-
-        if state is None:
-            save(None)
-        stopped = "generations"
-        while True:
-            if gen >= generations:
-                break
-            if patience is not None and stale >= patience:
-                stopped = "patience"
-                break
-            if time_budget_s is not None and time.time() - t0 >= time_budget_s:
-                stopped = "time budget"
-                break
-            children, seen = [], {_key(parent)}
-            for _ in range(4 * offspring):  # distinct children; a tiny plan may have fewer
-                if len(children) >= offspring:
-                    break
-                child = mutate(parent, stairs, room, rng, rng.randint(1, max_switches))
-                if _key(child) not in seen:
-                    seen.add(_key(child))
-                    children.append(child)
-            if not children:
-                stopped = "no switch keeps the budget"
-                break
-            pool = list(range(len(children)))
-            for level in range(len(levels)):
-                values = measure([children[i] for i in pool], level)
-                ranked = sorted(zip(values, pool))  # ties: the earlier child
-                pool = [i for _, i in ranked[:survivors[level]]]
-            best_kl, best = ranked[0]
-            gen += 1
-            if best_kl < parent_kl:
-                parent, parent_kl, stale = children[best], best_kl, 0
-            else:
-                stale += 1
-            history.append(parent_kl)
-            save(None)
-            if progress is not None:
-                progress(gen, parent_kl)
-        save(stopped)
-    finally:
-        if ev is not None:
-            model.train(was_training)
+            stale += 1
+        history.append(parent_kl)
+        save(None)
+        if progress is not None:
+            progress(gen, parent_kl)
+    save(stopped)
     cost = sum(o.cost for o in parent.values())
     if cost > room or parent_kl > start_kl:  # switches keep the room and the parent only improves
-        raise PlanError(f"internal check failed: the evolved plan costs {cost + fixed:,} (budget {budget}) with KL "
-                        f"{parent_kl:.4g} against the start's {start_kl:.4g}")
+        raise PlanError(f"internal check failed: the evolved plan costs {cost + fixed:,} (budget {budget or room}) "
+                        f"with KL {parent_kl:.4g} against the start's {start_kl:.4g}")
+    solver = solution.solver if solution is not None else "knapsack"
+    notes = list(solution.notes) if solution is not None else []
     sol = Solution(choice=dict(parent), damage=parent_kl, cost=cost + fixed, room=room + fixed, bound=float("nan"),
-                   solver=solution.solver + "+evo", exact=False,
-                   notes=list(solution.notes) + [f"evolved on the model: KL {start_kl:.4g} -> {parent_kl:.4g} in "
-                                                 f"{gen} generations, {sum(evals)} measurements ({stopped})"])
+                   solver=solver + "+evo", exact=False,
+                   notes=notes + [f"evolved on the model: KL {start_kl:.4g} -> {parent_kl:.4g} in {gen} generations, "
+                                  f"{sum(evals)} measurements ({stopped})"])
     return Evolution(sol, start_kl, parent_kl, gen, stopped, levels, level_tokens, evals, tokens,
                      seconds_before + time.time() - t0, history, resumed, workers)

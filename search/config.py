@@ -77,6 +77,27 @@ class ResourcesConfig(Strict):
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions (0.5) share a GPU")
 
 
+class SeedEvolveConfig(Strict):
+    """`search.seed_evolve`: the automatic seeds (seed_plans: auto, auto:N, auto@TARGET) evolved on the model before
+    the search starts (`search.seed_evolution`, `kron.evo`): each seed's knapsack plan, over the space's own choices,
+    improved by (1+λ) generations judged by the whole compressed teacher's KL on the held-out calibration tokens."""
+
+    generations: int = Field(20, ge=1, description="generations per seed")
+    offspring: int = Field(12, ge=1, description="children per generation (the best quarter re-measured on more "
+                                                 "tokens)")
+    tokens: list[int] = Field(default_factory=lambda: [512, 4096], min_length=1,
+                              description="held-out tokens per measurement at each selection step, increasing "
+                                          "(at most what the calibration holds out: 1/8 of its tokens)")
+    seed: int = Field(0, description="the random seed of the switches")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, v: list[int]) -> list[int]:
+        if any(t < 1 for t in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"tokens must be positive and increasing, got {v}")
+        return v
+
+
 class SearchSettings(Strict):
     algorithm: Literal["tpe", "nsga2", "random"] = "tpe"
     num_samples: int = Field(16, ge=1, description="trials to run (plans over the budget do not count)")
@@ -113,9 +134,26 @@ class SearchSettings(Strict):
                           "with the embedding alone factored is measured for each of its options; they are data-free, "
                           "as in trials). false: seeds keep the embedding's mildest option, as releases before this "
                           "one did")
+    seed_evolve: SeedEvolveConfig | None = Field(
+        None, description="evolve the automatic seeds on the model before the search (true: the defaults; a mapping: "
+                          "generations, offspring, tokens, seed); null: the knapsack's plans, as before")
     loggers: list[str] | None = Field(None, description="experiment trackers fed by Ray Tune's logger callbacks: "
                                       "tensorboard, mlflow, wandb (null: tensorboard when tensorboardX is "
                                       "importable; []: none)")
+
+    @field_validator("seed_evolve", mode="before")
+    @classmethod
+    def _seed_evolve(cls, v):
+        if v is True:
+            return {}
+        return None if v is False else v
+
+    @model_validator(mode="after")
+    def _evolve_needs_auto(self):
+        if self.seed_evolve is not None and not has_auto_seeds(self.seed_plans):
+            raise ValueError("search.seed_evolve evolves the automatic seed plans: add auto, auto:N or auto@TARGET "
+                             "to search.seed_plans, or remove seed_evolve")
+        return self
 
     @field_validator("seed_plans")
     @classmethod
@@ -530,6 +568,8 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
             fp["seed_damage"] = cfg.search.seed_damage
             if cfg.search.seed_damage == "kl":
                 fp["seed_embedding"] = cfg.search.seed_embedding
+            if cfg.search.seed_evolve is not None:  # absent otherwise: searches from before it resume unchanged
+                fp["seed_evolve"] = cfg.search.seed_evolve.model_dump(mode="json")
     return fp
 
 

@@ -35,8 +35,16 @@ def prepare_space(cfg: SearchConfig, space, stream=None):
         if cfg.search.seed_damage == "kl" and has_auto_seeds(cfg.search.seed_plans):
             space.seed_damages = seed_kl_damages(cfg, space, space.damages, stream=out)
     if cfg.search.seed_plans:
+        evolve = None
+        if cfg.search.seed_evolve is not None and has_auto_seeds(cfg.search.seed_plans):
+            from .seed_evolution import seed_evolver
+
+            s = cfg.search.seed_evolve
+            print(f"evolving the automatic seeds on the model ({s.generations} generations x {s.offspring} "
+                  "offspring each) ...", file=out, flush=True)
+            evolve = seed_evolver(cfg, space, stream=out)
         space = space.with_seeds(cfg.search.seed_plans, teacher_skeleton(base_trial_config(cfg)),
-                                 metric=cfg.size_metric)
+                                 metric=cfg.size_metric, evolve=evolve)
     if what:
         print(f"prepared the space of {cfg.name} in {time.time() - t0:.1f} s"
               + (f": {len(space.seeds)} seed plan(s)" if cfg.search.seed_plans else ""), file=out, flush=True)

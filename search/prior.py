@@ -238,9 +238,12 @@ def pruned_options(space, damages: dict, max_damage: float) -> dict[str, list[st
     return out
 
 
-def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str, dict[str, str], frozenset]]:
+def auto_seeds(space, damages: dict, count: int, metric: str, evolve=None
+               ) -> list[tuple[str, dict[str, str], frozenset]]:
     """`count` automatic plans of `space` as (label, module -> option, decomposed layers), cheapest first; see the
-    module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token, bytes)."""
+    module docstring. metric: the size axis (params, params_excl_output_embedding, macs_per_token, bytes).
+    evolve(label, items, room, Solution, fixed choice) -> Solution: each knapsack plan improved on the model
+    (`search.seed_evolution`, labels then end in "+evo"); None: the knapsack's plans."""
     from kron.autoplan import solve
     from kron.errors import PlanError
 
@@ -255,17 +258,22 @@ def auto_seeds(space, damages: dict, count: int, metric: str) -> list[tuple[str,
             sol = solve(items, target - lo)
         except PlanError:
             continue
+        label = f"seed:auto@{human(target)}"
+        if evolve is not None and sol.choice:
+            sol, label = evolve(label, items, target - lo, sol, fixed_choice), label + "+evo"
         options, layers, key = _seed_of(space, sol, fixed_choice)
         if key in seen or not options:
             continue
         seen.add(key)
-        out.append((f"seed:auto@{human(target)}", options, layers))
+        out.append((label, options, layers))
     return out
 
 
-def auto_seed_at(space, damages: dict, target: int, metric: str, label: str) -> tuple[str, dict[str, str], frozenset]:
+def auto_seed_at(space, damages: dict, target: int, metric: str, label: str, evolve=None
+                 ) -> tuple[str, dict[str, str], frozenset]:
     """One automatic plan of `space` at most `target` in size on `metric` (the knapsack of `auto_seeds`), as
-    (label, module -> option, decomposed layers). ConfigError when the space has no plan that small."""
+    (label, module -> option, decomposed layers); evolve: as for `auto_seeds`. ConfigError when the space has no
+    plan that small."""
     from kron.autoplan import solve
 
     items, fixed_choice, lo, _ = _knapsack(space, damages, metric)
@@ -273,6 +281,8 @@ def auto_seed_at(space, damages: dict, target: int, metric: str, label: str) -> 
         raise ConfigError(f"search.seed_plans: {label.removeprefix('seed:')!r}: the space's smallest plan has "
                           f"{lo:,} ({metric}), above the target {int(target):,}")
     sol = solve(items, int(target) - lo)
+    if evolve is not None and sol.choice:
+        sol, label = evolve(label, items, int(target) - lo, sol, fixed_choice), label + "+evo"
     options, layers, _ = _seed_of(space, sol, fixed_choice)
     if not options:
         raise ConfigError(f"search.seed_plans: {label.removeprefix('seed:')!r}: at {int(target):,} ({metric}) the "

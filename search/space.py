@@ -146,9 +146,10 @@ class SearchSpace(ChoiceBuilder, SpaceSize, BudgetMixin):
         return SearchSpace(self.config, self.info, extra_options=self._extra_options, dropped_options=drop,
                            damages=damages, seed_damages=self.seed_damages)
 
-    def with_seeds(self, names: list[str], model, *, metric: str = "params") -> "SearchSpace":
+    def with_seeds(self, names: list[str], model, *, metric: str = "params", evolve=None) -> "SearchSpace":
         """This space, with the options the seed plans `names` need added, and `seeds` set (search.seeds).
-        "auto" / "auto:N" seeds need the damages (`with_damages`); metric: their size axis."""
+        "auto" / "auto:N" seeds need the damages (`with_damages`); metric: their size axis; evolve: improves each
+        automatic seed on the model (`search.seed_evolution.seed_evolver`; None: the knapsack's plans)."""
         from .prior import auto_count, auto_seed_at, auto_seeds, auto_target
         from .seeds import Seed, resolve_seeds, seed_options
 
@@ -166,10 +167,10 @@ class SearchSpace(ChoiceBuilder, SpaceSize, BudgetMixin):
             damages = self.seed_damages if self.seed_damages is not None else self.damages
             if n is not None:
                 seeds += [Seed(label, options, layers)
-                          for label, options, layers in auto_seeds(self, damages, n, metric)]
+                          for label, options, layers in auto_seeds(self, damages, n, metric, evolve)]
                 continue
             size = self._target_size(target, model, metric, name)
-            seeds.append(Seed(*auto_seed_at(self, damages, size, metric, f"seed:{name}")))
+            seeds.append(Seed(*auto_seed_at(self, damages, size, metric, f"seed:{name}", evolve)))
         extras: dict[str, list[str]] = {}
         for seed in seeds:
             for key, opt in seed_options(seed, self)[1].items():
