@@ -17,15 +17,18 @@ perplexity in percent with a 95% interval from the paired per-block NLL differen
 
     python benchmarks/autoplan.py [--part gpt2|demo|both] [--threads 1] [--max-shapes 8] [--shapes-per-level 2]
                                   [--kl-subset 4] [--kl-tokens 1024] [--damage proxy|kl|both] [--refine N]
-                                  [--presets P1,P2]
-                                  [--mixed-only]
+                                  [--presets P1,P2] [--mixed-only]
+    python benchmarks/autoplan.py --part evo [--evo-models demo,minilm,stories] [--evo-bytes 4,8]
+                                  [--evo-generations 20] [--evo-offspring 12] [--evo-seed 0]
 
-Part `evo` (`--part evo`, not in `both`): on the demo teacher at `--evo-budgets` (default ratio=2,4,8), the knapsack
-plan (methods kronecker+lowrank, damage kl; the word embedding's factors 2, 4, 8 profiled, as `kronsearch profile`
-does by default), the same refined (`--refine N`, default 40) and evolved on the model
-(`kron.evo`, `--evo-generations` x `--evo-offspring`): the joint KL on the held-out calibration tokens (what both
-searches minimise), the perplexity right after data-aware init on WikiText-2 valid blocks (text no search saw),
-paired against the knapsack's plan, and what each search cost.
+Part `evo` (`--part evo`, not in `both`; `benchmarks/autoplan_evo.py`): on `--evo-models` (demo, minilm, stories)
+at `--evo-budgets` (default ratio=2,4,8) and, with `--evo-bytes 4,8`, at 1/4 and 1/8 of the teacher's bytes with
+int8/int4 among the candidates: the uniform presets, the knapsack plan (damage kl; the word embedding's factors 2,
+4, 8 profiled, as `kronsearch profile` does by default), the same refined (`--refine N`, default 40) and evolved on
+the model (`kron.evo`, `--evo-generations` x `--evo-offspring`, `--evo-seed`): the joint KL on the held-out
+calibration tokens (what both searches minimise), the quality right after data-aware init on data no search saw
+(perplexity on WikiText-2 valid blocks; SST-2 dev accuracy for minilm), paired against the knapsack's plan, and
+what each search cost.
 
 `--refine N`: each automatic plan is also refined on the model (`kron.refine`: exchange moves judged by the joint
 KL of the whole compressed model on the held-out calibration batches, at most N measurements) — a "+refine" row.
@@ -236,94 +239,6 @@ def demo_part(args) -> dict:
             "eval_blocks": int(blocks.shape[0]), "calib_tokens": stats.tokens}
 
 
-def evo_part(args) -> dict:
-    """Knapsack plan vs --refine vs --search evo on the demo teacher at --evo-budgets: the joint KL on the held-out
-    calibration tokens (what the searches minimise) and the perplexity right after data-aware init on WikiText-2
-    valid blocks (text they never saw), each paired with the knapsack's plan; and each search's cost."""
-    from kron import load_model
-    from kron.autoplan import Constraints, auto_plan, parse_budget, resolved_specs
-    from kron.evo import evolve_plan
-    from kron.models import load_tokenizer, resolve_source
-    from kron.plan import CompressionPlan
-    from kron.profile import profile_model
-    from kron.autoplan import items_from_profile
-    from kron.refine import PlanEvaluator, plan_choice, refine_plan
-    from kron.surgery import compress
-    from trials.calibration import calibration_batches, calibration_stats
-    from trials.data import load_text_blocks
-
-    src = resolve_source("demo")
-    teacher = load_model(src, device="cpu").eval()
-    tok = load_tokenizer(src)
-    data = Path(args.data)
-    if not data.exists():
-        sys.exit(f"WikiText-2 not found at {data}: no perplexity to report (pass --data DIR)")
-    blocks = load_text_blocks(data, tok, 128, "valid")[: args.eval_blocks]
-    stats = calibration_stats(teacher, tok, str(data), args.calib_tokens, seq_len=128, model_id="demo")
-    heldout = calibration_batches(teacher, tok, str(data), args.calib_tokens, seq_len=128)[1]
-    c = Constraints(max_shapes=args.max_shapes, shapes_per_level=args.shapes_per_level)
-    t0 = time.time()
-    from search.profile_commands import EMBEDDING_FACTORS  # as `kronsearch profile` makes it: 4x and 8x need them
-
-    prof = profile_model(teacher, stats, constraints=c, source="demo", heldout=heldout, kl_subset=args.kl_subset,
-                         kl_tokens=args.kl_tokens, embedding_factors=EMBEDDING_FACTORS, progress=_bar("demo"))
-    prof_s = time.time() - t0
-    methods = ["kronecker", "lowrank"]
-    ev = PlanEvaluator(teacher, stats, heldout, (None,), prof.get("ridge"))  # the full held-out part, every plan
-    rows = []
-    for text in args.evo_budgets.split(","):
-        budget = parse_budget(text)
-        try:
-            sol = auto_plan(prof, budget, methods=methods, damage="kl")
-        except Exception as exc:  # unreachable: say so, go on
-            rows.append({"budget": text, "error": str(exc)})
-            print(f"  {text}: {exc}", file=sys.stderr, flush=True)
-            continue
-        items, _ = items_from_profile(prof, budget.axis, methods=methods, damage="kl")
-        t = time.time()
-        ref = refine_plan(teacher, stats, prof, budget, sol, heldout, methods=methods, damage="kl",
-                          max_evals=args.refine or 40)
-        ref_s = time.time() - t
-        evo = evolve_plan(teacher, stats, prof, budget, sol, heldout, methods=methods, damage="kl",
-                          generations=args.evo_generations, offspring=args.evo_offspring)
-        base_nll = None
-        for name, s, cost in (("knapsack", sol, None),
-                              ("+refine", ref.solution, {"evals": ref.evals, "seconds": round(ref_s, 1)}),
-                              ("+evo", evo.solution, {"evals": evo.evals, "tokens": evo.tokens,
-                                                      "seconds": round(evo.seconds, 1),
-                                                      "generations": evo.generations, "workers": evo.workers})):
-            kl = ev(plan_choice(items, s))
-            rep = compress(teacher, CompressionPlan.from_resolved(resolved_specs(s)), init="data", calib=stats,
-                           inplace=False)
-            nll = block_nlls(rep.model, blocks)
-            base_nll = nll if base_nll is None else base_nll
-            rows.append({"budget": text, "plan": name, "params_excl": rep.params_after_excluding_output_embedding, "ratio": rep.compression_ratio,
-                         "kl": kl, "ppl": _ppl(nll), "vs_knapsack": None if name == "knapsack" else
-                         paired_nll(nll, base_nll), "cost": cost})
-            print(f"  {text} {name}: KL {kl:.4f}, ppl {_ppl(nll):.2f}", file=sys.stderr, flush=True)
-    print(f"\ndemo teacher, methods kronecker+lowrank, damage kl: KL on {ev.tokens():,} held-out calibration tokens "
-          f"(WikiText-2 train), perplexity after data-aware init (no distillation) on {blocks.shape[0]} blocks of 128 "
-          f"tokens of WikiText-2 valid; evo {args.evo_generations} generations x {args.evo_offspring} offspring, "
-          f"refine at most {args.refine or 40} measurements; profile {prof_s:.0f} s")
-    print(f"{'budget':<9} {'plan':<9} {'ratio':>6} {'KL':>8} {'KL vs knap.':>11} {'ppl':>8} "
-          f"{'ppl vs knapsack, 95% CI':>30} {'cost':>24}")
-    knap = {}
-    for r in rows:
-        if r.get("error"):
-            print(f"{r['budget']:<9} {r['error']}")
-            continue
-        knap.setdefault(r["budget"], r["kl"])
-        vs = r.get("vs_knapsack")
-        vs = (f"{vs['ppl_change_pct']:+.2f}% [{vs['ci_pct'][0]:+.2f}, {vs['ci_pct'][1]:+.2f}] {vs['verdict']}"
-              if vs else "")
-        cost = r.get("cost")
-        cost = f"{cost['evals']} evals, {cost['seconds']:.0f} s" if cost else ""
-        print(f"{r['budget']:<9} {r['plan']:<9} {r['ratio']:>6.3f} {r['kl']:>8.4f} "
-              f"{100 * (r['kl'] / knap[r['budget']] - 1):>+10.1f}% {r['ppl']:>8.2f} {vs:>30} {cost:>24}")
-    return {"rows": rows, "profile_s": round(prof_s, 1), "heldout_tokens": ev.tokens(),
-            "eval_blocks": int(blocks.shape[0]), "generations": args.evo_generations, "offspring": args.evo_offspring}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("gpt2", "demo", "both", "evo"), default="both",
@@ -331,6 +246,12 @@ def main() -> None:
     p.add_argument("--evo-budgets", default="ratio=2,ratio=4,ratio=8")
     p.add_argument("--evo-generations", type=int, default=20)
     p.add_argument("--evo-offspring", type=int, default=12)
+    p.add_argument("--evo-seed", type=int, default=0)
+    p.add_argument("--evo-models", default="demo", help="evo: the models, comma-separated: demo, minilm, stories")
+    p.add_argument("--evo-bytes", default="", metavar="F1,F2",
+                   help="evo: also budgets of 1/F of the teacher's bytes, int8 and int4 among the candidates")
+    p.add_argument("--minilm-teacher", default="runs/minilm-sst2-teacher",
+                   help="evo: where the SST-2 fine-tuned MiniLM is (made there when absent, ~12 min)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-shapes", type=int, default=8)
     p.add_argument("--shapes-per-level", type=int, default=2)
@@ -359,6 +280,8 @@ def main() -> None:
     if args.part in ("gpt2", "both"):
         result["gpt2"] = gpt2_part(args)
     if args.part == "evo":
+        from autoplan_evo import evo_part
+
         result["evo"] = evo_part(args)
     print(json.dumps(result))
 
