@@ -14,6 +14,7 @@ from .selectors import selector_matches
 
 __all__ = [
     "DEMO",
+    "DEMO_TEACHER_RELEASE",
     "FAMILIES",
     "GROUPS",
     "META_NAME",
@@ -266,3 +267,7 @@ REFERENCE_METHODS = ("teacher", "preset", "lowrank", "layerdrop")
 
 # The model name that stands for the small GPT-2 bundled with kronsearch.
 DEMO = "demo"
+# The bundled teacher's release: 1 (40 minutes of training, under one epoch), 2 (retrained to convergence, its model
+# card says how). Searches record it (`search.config.config_fingerprint`), so one started with another release is not
+# resumed with this one: its trials would distil two different teachers into one front.
+DEMO_TEACHER_RELEASE = 1

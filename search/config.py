@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
 from kron.errors import ConfigError, one_line
-from kron.vocab import GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
+from kron.vocab import DEMO, DEMO_TEACHER_RELEASE, GROUPS, OBJECTIVES, SIZE_AXES, SIZE_OBJECTIVES
 from trials.config import TrialConfig, join_problems, read_yaml_mapping, shown_value
 
 from .space_config import BudgetConfig, LayerCount, PriorConfig, SpaceConfig, Strict  # noqa: F401 (re-exported)
@@ -562,6 +562,8 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
     """The parts of a config that must not change when a search is resumed (the trial and the space)."""
     fp = {"trial": cfg.trial_section, "space": cfg.space.model_dump(mode="json"),
           "init": cfg.trial.init_config.method}  # the init trials get, set or by default (search_defaults)
+    if cfg.trial.teacher == DEMO and DEMO_TEACHER_RELEASE > 1:  # release 1 was never recorded: its searches lack it
+        fp["demo_teacher_release"] = DEMO_TEACHER_RELEASE
     if cfg.search.seed_plans:  # they add options to the space
         fp["seed_plans"] = list(cfg.search.seed_plans)
         if has_auto_seeds(cfg.search.seed_plans):  # what the automatic seeds minimise decides which they are

@@ -99,6 +99,12 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
         raise CheckpointError(f"--resume: {where} is corrupt (a JSON {type(old).__name__}, expected an object)")
     fp = _normalised(old.get("fingerprint"))
     new = json.loads(json.dumps(config_fingerprint(cfg)))
+    if fp is not None and fp != new and fp.get("demo_teacher_release", 1) != new.get("demo_teacher_release", 1):
+        raise ConfigError(f"--resume: the search {cfg.name!r} distilled release {fp.get('demo_teacher_release', 1)} "
+                          f"of the bundled demo teacher; this kronsearch bundles release "
+                          f"{new.get('demo_teacher_release', 1)} (retrained: kron/demo_teacher/MODEL_CARD.md), so its "
+                          "trials would not be comparable; start a new search with --name (the old one's results "
+                          "stay readable by kronsearch analyze)")
     if fp is not None and fp != new:
         legacy = _legacy_defaults_changed(old.get("fingerprint"), fp, new)
         if legacy:

@@ -114,3 +114,22 @@ def test_evolved_seeds_have_a_lower_kl_than_the_knapsacks_and_are_cached(evo_set
 
     monkeypatch.setattr(kron.evo, "evolve_choice", lambda *a, **k: pytest.fail("evolved again"))
     assert prepared_space(evo_cfg).seeds == evolved.seeds
+
+
+def test_a_search_of_another_demo_teacher_release_is_not_resumed(tmp_path, monkeypatch):
+    """Release 1 of the bundled teacher was never recorded: a search of it (no key) resumes while release 1 is
+    bundled, and is refused, naming both releases, once another one is; a search of a user's teacher is untouched."""
+    import search.config as sc
+    from search.config import config_fingerprint
+    from search.resume import _check_fingerprint
+
+    old = _cfg(tmp_path, **{"search.seed_plans": ["auto"]})
+    meta = json.dumps({"fingerprint": config_fingerprint(old)}).encode()
+    assert "demo_teacher_release" not in config_fingerprint(old)
+    _check_fingerprint(old, lambda: meta, "meta")
+    monkeypatch.setattr(sc, "DEMO_TEACHER_RELEASE", 2)
+    assert config_fingerprint(old)["demo_teacher_release"] == 2
+    with pytest.raises(ConfigError, match="release 1 of the bundled demo teacher; this kronsearch bundles release 2"):
+        _check_fingerprint(old, lambda: meta, "meta")
+    mine = _cfg(tmp_path, **{"trial.teacher": "config:gpt2"})
+    assert "demo_teacher_release" not in config_fingerprint(mine)
