@@ -207,7 +207,19 @@ class TrialConfig(_Strict):
     lm_eval: LmEvalConfig | None = Field(None, description="make the final quality an lm-evaluation-harness score "
                                                            "of the best checkpoint (stage 1 only)")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the student's weights (and the teacher's "
+                                                                        "unless teacher_dtype says otherwise)")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the frozen teacher's weights: bfloat16 / float16 halve its memory (its outputs are "
+                          "compared in float32); null: as dtype")
+    amp: Literal["none", "bfloat16", "float16"] = Field(
+        "none", description="mixed precision for the student's forward pass and losses (torch.autocast; float16 "
+                            "with a gradient scaler, CUDA only); the weights and optimiser stay in dtype")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer layer's activations in the backward pass instead of keeping "
+                           "them (transformers' gradient checkpointing): less memory, ~30% more time")
+    memory_check: bool = Field(True, description="refuse, before loading, a trial whose teacher, student, gradients "
+                                                 "and optimiser states cannot fit the device's free memory")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads (default: leave torch's choice)")
     save_checkpoint: bool = True
@@ -266,7 +278,17 @@ class TrialConfig(_Strict):
         if self.lm_eval is not None and self.glue is not None:
             raise ValueError("lm_eval scores the stage-1 language model, but this trial ends with GLUE task "
                              f"distillation ({self.glue.task}) and ranks by its GLUE metric: remove lm_eval or glue")
+        if self.amp == "float16" and self.device == "cpu":
+            raise ValueError("amp float16 needs a CUDA device (its gradient scaler); on a CPU use amp: bfloat16")
+        if self.amp != "none" and self.dtype != "float32":
+            raise ValueError(f"amp {self.amp} keeps float32 weights and runs the forward pass in {self.amp}: with "
+                             f"dtype {self.dtype} the weights are already in it; give one of the two")
         return self
+
+    @property
+    def teacher_dtype_name(self) -> str:
+        """The dtype the teacher is loaded in: `teacher_dtype`, else `dtype`."""
+        return self.teacher_dtype or self.dtype
 
     @property
     def builds_by_plan(self) -> bool:

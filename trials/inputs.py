@@ -46,7 +46,7 @@ def load_teacher(cfg: TrialConfig, device: torch.device):
         from kron.models import load_model, load_tokenizer, resolve_source
 
         src = resolve_source(cfg.teacher)
-        model = load_model(src, task=task, device=device, dtype=getattr(torch, cfg.dtype),
+        model = load_model(src, task=task, device=device, dtype=getattr(torch, cfg.teacher_dtype_name),
                            trust_remote_code=cfg.trust_remote_code)
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")  # ILKD needs the attention probabilities
@@ -58,7 +58,7 @@ def load_teacher(cfg: TrialConfig, device: torch.device):
 
 def teacher_key(cfg: TrialConfig, device) -> tuple:
     task = "sequence-classification" if cfg.glue is not None else "auto"
-    return (cfg.teacher, task, str(device), cfg.dtype, cfg.trust_remote_code)
+    return (cfg.teacher, task, str(device), cfg.teacher_dtype_name, cfg.trust_remote_code)
 
 
 def prepare_data(config, device: str | torch.device | None = None) -> dict[str, float]:
@@ -161,13 +161,15 @@ def build_student(cfg: TrialConfig, teacher) -> tuple[torch.nn.Module, dict, Any
         from kron.baselines import drop_layers, size_report
 
         student, layer_map = drop_layers(teacher, cfg.keep_layers, inplace=False)
-        student.requires_grad_(True)
+        student.requires_grad_(True).to(getattr(torch, cfg.dtype))
         n_teacher = teacher.config.num_hidden_layers
         comp = size_report(teacher, student)
         comp.update(plan={"method": "layerdrop", "keep_layers": layer_map, "teacher_layers": n_teacher},
                     plan_summary=f"layerdrop keep {layer_map} of {n_teacher} layers", layer_map=layer_map)
         return student, comp, None
     student = copy.deepcopy(teacher).requires_grad_(True)
+    if cfg.teacher_dtype_name != cfg.dtype:  # a half-precision teacher: the student trains in its own dtype
+        student.to(getattr(torch, cfg.dtype))
     if cfg.builds_by_plan:
         from kron.baselines import describe_lowrank
         from kron.methods.base import family_of, structure_of

@@ -129,8 +129,17 @@ def run_trial(config, report: Reporter | None = None, *, output_dir: str | os.Pa
     run.summary["device"] = torch.cuda.get_device_name(device) + f" ({device})" if device.type == "cuda" else str(device)
     student = None
     try:
+        if cfg.memory_check:  # the teacher's config on the meta device against the free memory: before loading
+            from .memory import check_trial_memory
+
+            need = check_trial_memory(cfg, device)
+            run.summary["memory_estimate_gib"] = None if need is None else round(need["total"] / 2**30, 3)
         teacher, tokenizer = load_teacher(cfg, device)
         student, comp, plan = build_student(cfg, teacher)
+        if cfg.gradient_checkpointing:
+            from .memory import enable_checkpointing
+
+            enable_checkpointing(student)
         # int8 layers train through fake quantisation; without it their int8 weights would stay as initialised
         qat = enable_qat(student) if cfg.qat else 0
         run.hooks.before_training(cfg, out_dir)
@@ -305,6 +314,9 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
     teacher_forward = _teacher_forward(run, teacher, device, keep_logits=weights.logits > 0)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    from .memory import autocast, grad_scaler
+
+    scaler = grad_scaler(cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / stage.warmup_steps) if stage.warmup_steps else 1.0)
 
@@ -365,17 +377,26 @@ def _run_stage(run: _Run, kind: str, stage: StageConfig, teacher, student, token
             if needs_teacher:  # cross-entropy-only training (a baseline) skips the teacher's forward pass
                 with torch.no_grad():
                     t_out = teacher_forward(batch["input_ids"], mask)
-            s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
-            out = loss_fn(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
-                          ce_loss=getattr(s_out, "loss", None), head_map=_head_map(run, student))
+            with autocast(cfg, device):
+                s_out = forward_for_distillation(student, batch["input_ids"], mask, labels)
+                out = loss_fn(s_out, t_out, weights, attention_mask=mask, layer_map=_layer_map(run, stage),
+                              ce_loss=getattr(s_out, "loss", None), head_map=_head_map(run, student))
             if not torch.isfinite(out.loss):
                 raise _Diverged(f"non-finite loss {out.loss.item()} at step {run.step + 1} (stage {kind}); "
                                 f"components {out.parts}")
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if stage.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-            opt.step()
+            if scaler is None:
+                out.loss.backward()
+                if stage.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+                opt.step()
+            else:  # float16: scaled gradients, unscaled for the clip; a step with inf gradients is skipped
+                scaler.scale(out.loss).backward()
+                if stage.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             run.train_s += time.perf_counter() - t_step
             run.step += 1
