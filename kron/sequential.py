@@ -1,0 +1,280 @@
+"""Layer by layer, in bounded memory: a model whose weights stay on disk until a layer needs them, and the
+calibration statistics collected one transformer layer at a time (SparseGPT / GPTQ's `llama_sequential`,
+llm-compressor's sequential onloading).
+
+`LazyModel.open(src)` builds the model's structure with its parameters on the meta device (buffers real:
+`accelerate.init_empty_weights(include_buffers=False)`) and reads tensors from its safetensors files, memory-mapped,
+only when `load(prefix)` asks for a module's weights; `unload(prefix)` puts them back on the meta device. The
+modules outside the transformer layers (embeddings, final norm, head) are loaded by `load_outside()`.
+
+`sequential_stats(lazy, batches, heldout=...)` then:
+
+1. runs the model on the calibration batches up to its first layer, whose inputs (positional and keyword:
+   hidden states, attention mask, rotary position embeddings, ...) are captured per batch — the layer itself never
+   runs (a stand-in raises once it has them);
+2. for each layer in turn: loads its weights onto the device, runs it on every batch's inputs with forward
+   pre-hooks on its linear modules accumulating S = E[x xᵀ] exactly as `kron.calibration.collect_input_stats`
+   does (per batch in float32, summed in float64, padding left out), keeps its outputs as the next layer's inputs,
+   and unloads it.
+
+Memory: one layer's weights, its matrices' S (two per matrix with held-out batches) and the hidden states of the
+calibration tokens (tokens x width floats), instead of the whole model and every S at once; one pass over the
+data. The statistics equal `collect_input_stats` on the whole model (tested to a tolerance on tiny GPT-2, BERT and
+Llama models). Only the transformer layers' matrices are collected (what plans compress; the head's input is not).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .calibration import (CalibStats, ModuleStats, _Accumulator, _as_inputs, _count_tokens, _in_features,
+                          linear_modules)
+from .errors import CheckpointError, DataError, PlanError
+
+__all__ = ["LazyModel", "sequential_stats"]
+
+
+class _Captured(Exception):
+    pass
+
+
+class LazyModel:
+    """A transformers model whose parameters live in its safetensors files until `load` asks for them (see the
+    module docstring). `model`: the nn.Module (meta parameters until loaded); `layers_name`, `layers`: its
+    transformer layer list (`kron.baselines.layer_list`); `loaded_bytes`: the parameter bytes on a device now."""
+
+    def __init__(self, model: nn.Module, files: dict[str, Path], device, dtype=None):
+        from .baselines import layer_list
+
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.files = files  # checkpoint key -> its safetensors file
+        self.layers_name, self.layers = layer_list(model)
+        self._handles: dict[Path, object] = {}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self._prefix = prefix + "." if prefix else ""
+
+    @classmethod
+    def open(cls, src: str | os.PathLike, *, task: str = "auto", device="cpu", dtype=None,
+             trust_remote_code: bool = False) -> "LazyModel":
+        """The model in folder `src` (config.json + model.safetensors, or a sharded index) with no weight read yet."""
+        from accelerate import init_empty_weights
+
+        from .models import _auto_class, _resolve_task, load_config, resolve_source
+
+        path = Path(resolve_source(src)).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"the layer-by-layer path reads a local model folder; {path} is not one")
+        files: dict[str, Path] = {}
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index ({exc})") from None
+            files = {k: path / v for k, v in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                files = {k: path / "model.safetensors" for k in f.keys()}
+        else:
+            raise CheckpointError(f"{path} has no model.safetensors (or index): the layer-by-layer path reads "
+                                  "safetensors only")
+        config = load_config(str(path), trust_remote_code=trust_remote_code)
+        kwargs = {"trust_remote_code": trust_remote_code, "attn_implementation": "eager"}
+        with init_empty_weights(include_buffers=False):
+            model = _auto_class(_resolve_task(task, config)).from_config(config, **kwargs)
+        model.eval().requires_grad_(False)
+        return cls(model, files, device, dtype)
+
+    def _key(self, name: str) -> str | None:
+        """The checkpoint key of parameter `name` (a base model saved alone lacks the task model's prefix)."""
+        if name in self.files:
+            return name
+        if self._prefix and name.startswith(self._prefix) and name[len(self._prefix):] in self.files:
+            return name[len(self._prefix):]
+        if self._prefix + name in self.files:
+            return self._prefix + name
+        return None
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.files[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file].get_tensor(key)
+
+    def _params(self, prefix: str):
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        for name, p in module.named_parameters(recurse=True):
+            yield (f"{prefix}.{name}" if prefix else name), p
+
+    def _set(self, full: str, value: torch.Tensor) -> None:
+        owner, _, leaf = full.rpartition(".")
+        module = self.model.get_submodule(owner) if owner else self.model
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+    def load(self, prefix: str) -> None:
+        """Read the weights of module `prefix` (dotted name) onto the device. A parameter the checkpoint lacks
+        (a head tied to the embedding) is tied again after loading; any other is an error naming it."""
+        missing = []
+        for full, p in list(self._params(prefix)):
+            if not p.is_meta:
+                continue
+            key = self._key(full)
+            if key is None:
+                missing.append(full)
+                continue
+            t = self._tensor(key)
+            self._set(full, t.to(device=self.device, dtype=self.dtype or t.dtype))
+        if missing:
+            self.model.tie_weights()
+            still = [n for n in missing if self.model.get_parameter(n).is_meta]
+            if still:
+                raise CheckpointError(f"the checkpoint has no tensor for {', '.join(still[:3])}")
+
+    def unload(self, prefix: str) -> None:
+        """Put module `prefix`'s parameters back on the meta device (their memory freed)."""
+        for full, p in list(self._params(prefix)):
+            if not p.is_meta:
+                self._set(full, torch.empty_like(p, device="meta"))
+
+    def load_outside(self) -> None:
+        """Load every parameter outside the transformer layers (embeddings, norms, head)."""
+        layer_prefix = self.layers_name + "."
+        for name, _ in self.model.named_parameters():
+            if not name.startswith(layer_prefix):
+                owner = name.rpartition(".")[0]
+                self.load(owner)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+
+
+def _layer_inputs(lazy: LazyModel, batches: list) -> list[tuple[list, dict, torch.Tensor | None]]:
+    """Per batch, (positional args, keyword args, padding mask) the first transformer layer is called with."""
+    first = lazy.layers[0]
+    got: list = []
+
+    def grab(module, args, kwargs):
+        got.append((list(args), dict(kwargs)))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    out = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                kw, mask = _as_inputs(batch)
+                kw = {k: v.to(lazy.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+                if _takes_cache(lazy.model):  # no key/value cache of every layer for every batch
+                    kw.setdefault("use_cache", False)
+                got.clear()
+                try:
+                    lazy.model(**kw)
+                except _Captured:
+                    pass
+                if not got:
+                    raise PlanError(f"the {type(lazy.model).__name__} never called its first layer "
+                                    f"({lazy.layers_name}.0): the layer-by-layer path cannot run it")
+                args, kwargs = got[0]
+                out.append((args, kwargs, mask.to(lazy.device) if mask is not None else None))
+    finally:
+        handle.remove()
+    return out
+
+
+def _takes_cache(model) -> bool:
+    import inspect
+
+    return "use_cache" in inspect.signature(model.forward).parameters
+
+
+def _hidden(args: list, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: list, kwargs: dict, h: torch.Tensor) -> tuple[list, dict]:
+    if args:
+        return [h, *args[1:]], kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def sequential_stats(lazy: LazyModel, batches: Iterable, *, heldout: Iterable | None = None,
+                     key: Mapping | None = None, progress=None) -> CalibStats:
+    """S = E[x xᵀ] of every linear matrix of the transformer layers, one layer loaded at a time (see the module
+    docstring); the same CalibStats as `kron.calibration.collect_input_stats` (in memory). progress(i, n) after
+    each layer."""
+    batches = list(batches)
+    heldout = list(heldout) if heldout is not None else []
+    fit_tokens = sum(_count_tokens(b) for b in batches)
+    if fit_tokens == 0:
+        raise DataError("the calibration batches hold no tokens")
+    t0 = time.time()
+    lazy.load_outside()
+    inputs = {"fit": _layer_inputs(lazy, batches), "heldout": _layer_inputs(lazy, heldout) if heldout else []}
+    names, memory, dims = [], {}, {}
+    n_layers = len(lazy.layers)
+    with torch.no_grad():
+        for i, layer in enumerate(lazy.layers):
+            prefix = f"{lazy.layers_name}.{i}"
+            lazy.load(prefix)
+            mods = {f"{prefix}.{n}": m for n, m in linear_modules(layer).items()}
+            acc: dict = {}
+            state = {"mask": None, "target": "fit"}
+
+            def hook(module, args, kwargs, name):
+                x = (args[0] if args else next(iter(kwargs.values()))).detach()
+                mask = state["mask"]
+                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                    x = x[mask.to(torch.bool)]
+                acc[(name, state["target"])].add(x.reshape(-1, x.shape[-1]))
+
+            handles = []
+            for n, m in mods.items():
+                dims[n] = width = _in_features(m)
+                acc[(n, "fit")] = _Accumulator(width, lazy.device)
+                if heldout:
+                    acc[(n, "heldout")] = _Accumulator(width, lazy.device)
+                handles.append(m.register_forward_pre_hook(
+                    lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True))
+            try:
+                for target in ("fit", "heldout"):
+                    state["target"] = target
+                    nxt = []
+                    for args, kwargs, mask in inputs[target]:
+                        state["mask"] = mask
+                        out = layer(*args, **kwargs)
+                        h = out[0] if isinstance(out, (tuple, list)) else out
+                        nxt.append((*_with_hidden(args, kwargs, h), mask))
+                    inputs[target] = nxt
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in mods:
+                a = acc.pop((n, "fit"))
+                count = max(a.count, 1)
+                st = ModuleStats(S=(a.S / count).cpu(), tokens=a.count, mean=(a.sum / count).cpu())
+                if heldout:
+                    hacc = acc.pop((n, "heldout"))
+                    st.S_heldout = (hacc.S / max(hacc.count, 1)).cpu()
+                    st.heldout_tokens = hacc.count
+                if not torch.isfinite(st.S).all():
+                    raise DataError(f"the model produced non-finite activations at {n} on the calibration data")
+                memory[n] = st
+                names.append(n)
+            lazy.unload(prefix)
+            if progress is not None:
+                progress(i + 1, n_layers)
+    heldout_tokens = sum(_count_tokens(b) for b in heldout)
+    return CalibStats(names, fit_tokens, heldout_tokens, dict(key or {}), time.time() - t0, None, memory, dims)
