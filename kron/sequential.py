@@ -54,7 +54,9 @@ class LazyModel:
 
         self.model = model
         self.device = torch.device(device)
-        self.dtype = dtype
+        from .devices import parse_dtype
+
+        self.dtype = parse_dtype(dtype)
         self.files = files  # checkpoint key -> its safetensors file
         self.layers_name, self.layers = layer_list(model)
         self._handles: dict[Path, object] = {}
@@ -92,6 +94,7 @@ class LazyModel:
         kwargs = {"trust_remote_code": trust_remote_code, "attn_implementation": "eager"}
         with init_empty_weights(include_buffers=False):
             model = _auto_class(_resolve_task(task, config)).from_config(config, **kwargs)
+        model.tie_weights()  # a tied head shares the embedding's (meta) parameter, as the loaded model will
         model.eval().requires_grad_(False)
         return cls(model, files, device, dtype)
 
@@ -136,11 +139,10 @@ class LazyModel:
                 continue
             t = self._tensor(key)
             self._set(full, t.to(device=self.device, dtype=self.dtype or t.dtype))
-        if missing:
-            self.model.tie_weights()
-            still = [n for n in missing if self.model.get_parameter(n).is_meta]
-            if still:
-                raise CheckpointError(f"the checkpoint has no tensor for {', '.join(still[:3])}")
+        self.model.tie_weights()  # a new embedding Parameter: the tied head points at it again
+        still = [n for n in missing if self.model.get_parameter(n).is_meta]
+        if still:
+            raise CheckpointError(f"the checkpoint has no tensor for {', '.join(still[:3])}")
 
     def unload(self, prefix: str) -> None:
         """Put module `prefix`'s parameters back on the meta device (their memory freed)."""
@@ -210,71 +212,148 @@ def _with_hidden(args: list, kwargs: dict, h: torch.Tensor) -> tuple[list, dict]
     return args, {**kwargs, "hidden_states": h}
 
 
+def _collect_layer(lazy: LazyModel, i: int, inputs: dict, heldout: bool) -> tuple[dict, dict]:
+    """Layer i's matrices' statistics on `inputs` ({"fit": [...], "heldout": [...]}) and its outputs as the next
+    layer's inputs (same structure), in one pass."""
+    prefix = f"{lazy.layers_name}.{i}"
+    layer = lazy.layers[i]
+    mods = {f"{prefix}.{n}": m for n, m in linear_modules(layer).items()}
+    acc: dict = {}
+    state = {"mask": None, "target": "fit"}
+
+    def hook(module, args, kwargs, name):
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()
+        mask = state["mask"]
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(torch.bool)]
+        acc[(name, state["target"])].add(x.reshape(-1, x.shape[-1]))
+
+    handles = []
+    for n, m in mods.items():
+        width = _in_features(m)
+        acc[(n, "fit")] = _Accumulator(width, lazy.device)
+        if heldout:
+            acc[(n, "heldout")] = _Accumulator(width, lazy.device)
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True))
+    try:
+        outputs = {}
+        for target in ("fit", "heldout"):
+            state["target"] = target
+            outputs[target] = _run_layer(layer, inputs[target], state)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for n in mods:
+        a = acc.pop((n, "fit"))
+        count = max(a.count, 1)
+        st = ModuleStats(S=(a.S / count).cpu(), tokens=a.count, mean=(a.sum / count).cpu())
+        if heldout:
+            hacc = acc.pop((n, "heldout"))
+            st.S_heldout = (hacc.S / max(hacc.count, 1)).cpu()
+            st.heldout_tokens = hacc.count
+        if not torch.isfinite(st.S).all():
+            raise DataError(f"the model produced non-finite activations at {n} on the calibration data")
+        stats[n] = st
+    return stats, outputs
+
+
+def _run_layer(layer: nn.Module, inputs: list, state: dict | None = None) -> list:
+    out = []
+    for args, kwargs, mask in inputs:
+        if state is not None:
+            state["mask"] = mask
+        res = layer(*args, **kwargs)
+        h = res[0] if isinstance(res, (tuple, list)) else res
+        out.append((*_with_hidden(args, kwargs, h), mask))
+    return out
+
+
+def _start(lazy: LazyModel, batches: Iterable, heldout: Iterable | None):
+    batches = list(batches)
+    heldout = list(heldout) if heldout is not None else []
+    if sum(_count_tokens(b) for b in batches) == 0:
+        raise DataError("the calibration batches hold no tokens")
+    lazy.load_outside()
+    inputs = {"fit": _layer_inputs(lazy, batches), "heldout": _layer_inputs(lazy, heldout) if heldout else []}
+    return batches, heldout, inputs
+
+
 def sequential_stats(lazy: LazyModel, batches: Iterable, *, heldout: Iterable | None = None,
                      key: Mapping | None = None, progress=None) -> CalibStats:
     """S = E[x xᵀ] of every linear matrix of the transformer layers, one layer loaded at a time (see the module
     docstring); the same CalibStats as `kron.calibration.collect_input_stats` (in memory). progress(i, n) after
     each layer."""
-    batches = list(batches)
-    heldout = list(heldout) if heldout is not None else []
-    fit_tokens = sum(_count_tokens(b) for b in batches)
-    if fit_tokens == 0:
-        raise DataError("the calibration batches hold no tokens")
     t0 = time.time()
-    lazy.load_outside()
-    inputs = {"fit": _layer_inputs(lazy, batches), "heldout": _layer_inputs(lazy, heldout) if heldout else []}
-    names, memory, dims = [], {}, {}
+    batches, heldout, inputs = _start(lazy, batches, heldout)
+    memory, dims = {}, {}
     n_layers = len(lazy.layers)
     with torch.no_grad():
-        for i, layer in enumerate(lazy.layers):
+        for i in range(n_layers):
             prefix = f"{lazy.layers_name}.{i}"
             lazy.load(prefix)
-            mods = {f"{prefix}.{n}": m for n, m in linear_modules(layer).items()}
-            acc: dict = {}
-            state = {"mask": None, "target": "fit"}
-
-            def hook(module, args, kwargs, name):
-                x = (args[0] if args else next(iter(kwargs.values()))).detach()
-                mask = state["mask"]
-                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                    x = x[mask.to(torch.bool)]
-                acc[(name, state["target"])].add(x.reshape(-1, x.shape[-1]))
-
-            handles = []
-            for n, m in mods.items():
-                dims[n] = width = _in_features(m)
-                acc[(n, "fit")] = _Accumulator(width, lazy.device)
-                if heldout:
-                    acc[(n, "heldout")] = _Accumulator(width, lazy.device)
-                handles.append(m.register_forward_pre_hook(
-                    lambda mod, args, kwargs, _n=n: hook(mod, args, kwargs, _n), with_kwargs=True))
-            try:
-                for target in ("fit", "heldout"):
-                    state["target"] = target
-                    nxt = []
-                    for args, kwargs, mask in inputs[target]:
-                        state["mask"] = mask
-                        out = layer(*args, **kwargs)
-                        h = out[0] if isinstance(out, (tuple, list)) else out
-                        nxt.append((*_with_hidden(args, kwargs, h), mask))
-                    inputs[target] = nxt
-            finally:
-                for h in handles:
-                    h.remove()
-            for n in mods:
-                a = acc.pop((n, "fit"))
-                count = max(a.count, 1)
-                st = ModuleStats(S=(a.S / count).cpu(), tokens=a.count, mean=(a.sum / count).cpu())
-                if heldout:
-                    hacc = acc.pop((n, "heldout"))
-                    st.S_heldout = (hacc.S / max(hacc.count, 1)).cpu()
-                    st.heldout_tokens = hacc.count
-                if not torch.isfinite(st.S).all():
-                    raise DataError(f"the model produced non-finite activations at {n} on the calibration data")
-                memory[n] = st
-                names.append(n)
+            stats, inputs = _collect_layer(lazy, i, inputs, bool(heldout))
+            memory.update(stats)
+            dims.update({n: st.S.shape[0] for n, st in stats.items()})
             lazy.unload(prefix)
             if progress is not None:
                 progress(i + 1, n_layers)
-    heldout_tokens = sum(_count_tokens(b) for b in heldout)
-    return CalibStats(names, fit_tokens, heldout_tokens, dict(key or {}), time.time() - t0, None, memory, dims)
+    return CalibStats(list(memory), sum(_count_tokens(b) for b in batches), sum(_count_tokens(b) for b in heldout),
+                      dict(key or {}), time.time() - t0, None, memory, dims)
+
+
+def sequential_compress(lazy: LazyModel, plan, batches: Iterable, *, heldout: Iterable | None = None,
+                        init: str = "data", feed: str = "teacher", ridge: float | None = None,
+                        split: str | None = None, progress=None):
+    """The model compressed by `plan` one transformer layer at a time: each layer loaded, its matrices' statistics
+    collected on its inputs, its modules replaced (`kron.surgery.apply_specs`, data-aware init), its compressed
+    layers kept (the teacher's weights of the layer unloaded); the modules outside the layers (a factored
+    embedding) last, data-free. feed: what the next layer's inputs are — "teacher" (the uncompressed layer's
+    outputs: the statistics, and so the result, equal whole-model compression's) or "compressed" (the compressed
+    layer's outputs: each layer fitted to the inputs it will see, as SparseGPT / GPTQ do). Returns (the model,
+    one CompressionReport of the whole model: the counts before and after, every module's record)."""
+    from .plan import KEEP
+    from .surgery import CompressionReport, apply_specs, as_plan, count_bytes, count_params, default_split, macs_per_token
+
+    if feed not in ("teacher", "compressed"):
+        raise PlanError(f"feed must be 'teacher' or 'compressed', got {feed!r}")
+    model = lazy.model
+    resolved = as_plan(plan, getattr(model, "config", None)).resolve(model, split=split or default_split(init))
+    prefix_of = lambda i: f"{lazy.layers_name}.{i}"  # noqa: E731
+    before = (count_params(model), count_params(model, exclude_output_embedding=True), macs_per_token(model),
+              count_bytes(model))
+    batches, heldout, inputs = _start(lazy, batches, heldout)
+    reports = []
+    n_layers = len(lazy.layers)
+    with torch.no_grad():
+        for i in range(n_layers):
+            p = prefix_of(i) + "."
+            specs = {n: s for n, s in resolved.items() if n.startswith(p) and s != KEEP}
+            lazy.load(prefix_of(i))
+            stats, outputs = _collect_layer(lazy, i, inputs, bool(heldout))
+            if specs:
+                calib = CalibStats(list(stats), stats[next(iter(stats))].tokens, 0, {}, 0.0, None, stats,
+                                   {n: st.S.shape[0] for n, st in stats.items()})
+                reports.append(apply_specs(model, specs, inplace=True, init=init, calib=calib, ridge=ridge))
+                model.requires_grad_(False)
+                if feed == "compressed":
+                    outputs = {t: _run_layer(lazy.layers[i], inputs[t]) for t in inputs}
+            inputs = outputs
+            if progress is not None:
+                progress(i + 1, n_layers)
+        outside = {n: s for n, s in resolved.items() if not n.startswith(lazy.layers_name + ".") and s != KEEP}
+        if outside:
+            reports.append(apply_specs(model, outside, inplace=True, init="svd"))
+    after_excl = count_params(model, exclude_output_embedding=True)
+    report = CompressionReport(
+        params_before=before[0], params_after=count_params(model), params_before_excluding_output_embedding=before[1],
+        params_after_excluding_output_embedding=after_excl, compression_ratio=before[1] / max(after_excl, 1),
+        macs_per_token_before=before[2], macs_per_token_after=macs_per_token(model),
+        modules=[m for r in reports for m in r.modules],
+        untied_output_embedding=any(r.untied_output_embedding for r in reports), init=init,
+        calib={"tokens": sum(_count_tokens(b) for b in batches), "heldout_tokens": sum(_count_tokens(b) for b in heldout),
+               "key": {"layer_by_layer": True, "feed": feed}},
+        notes=[n for r in reports for n in r.notes] + [f"compressed layer by layer (feed: {feed})"],
+        bytes_before=before[3], bytes_after=count_bytes(model), model=model)
+    return model.eval(), report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from analysis.textfmt import text_table
@@ -82,6 +83,14 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--split", choices=("auto", "output", "input"), default="auto",
                    help="side that factor rules and uniform:<f> split among equally compressing shapes: output (the "
                         "papers' tie-break), input (what data-aware init serves best); auto: input with --init data")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --init data: one transformer layer at a time (kron.sequential): the weights read from "
+                        "the model folder's safetensors as each layer needs them, its statistics collected on its "
+                        "inputs, the layer compressed — for models whose whole-model calibration does not fit")
+    p.add_argument("--feed", choices=("teacher", "compressed"), default=None,
+                   help="with --sequential: the next layer's inputs are the teacher layer's outputs (default; the "
+                        "same result as without --sequential) or the compressed layer's (each layer fitted to the "
+                        "inputs it will see, as SparseGPT/GPTQ do)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of a table")
     p.set_defaults(func=_compress)
 
@@ -209,15 +218,20 @@ def _compress(args) -> int:
         raise ConfigError("--calib-tokens and --calib-config describe --calib; give --calib SRC")
     if args.ridge is not None and args.init != "data":
         raise ConfigError("--ridge is the data-aware init's; give --init data (and --calib)")
+    if args.feed is not None and not args.sequential:
+        raise ConfigError("--feed goes with --sequential")
     _check_out(args.out, args.overwrite)
     src = resolve_source(args.model)
-    model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
-    plan = get_plan(args.plan, model.config)
-    calib = None
-    if args.calib is not None:
-        calib = calibration_stats_for(args, model, src)
     split = None if args.split == "auto" else args.split
-    report = compress(model, plan, init=args.init, calib=calib, split=split, ridge=args.ridge)
+    if args.sequential:
+        model, plan, report, calib = _compress_sequential(args, src, split)
+    else:
+        model = load_model(src, task=args.task, num_labels=args.num_labels, device=args.device, dtype=args.dtype)
+        plan = get_plan(args.plan, model.config)
+        calib = None
+        if args.calib is not None:
+            calib = calibration_stats_for(args, model, src)
+        report = compress(model, plan, init=args.init, calib=calib, split=split, ridge=args.ridge)
     tok = src if Path(src).is_dir() else None
     out = save_compressed(model, plan, args.out, report=report, tokenizer_dir=tok)
     if args.json:
@@ -232,6 +246,40 @@ def _compress(args) -> int:
     print(report.summary())
     print(f"saved to {out}")
     return 0
+
+
+def _compress_sequential(args, src: str, split):
+    """`compress --sequential`: (model, plan, report, calibration info) by `kron.sequential.sequential_compress`."""
+    from kron.errors import ConfigError
+    from kron.models import load_tokenizer, pick_device
+    from kron.presets import get_plan
+    from kron.sequential import LazyModel, sequential_compress
+    from trials.calibration import DEFAULT_CALIB_TOKENS, calibration_batches
+
+    if args.init != "data":
+        raise ConfigError("--sequential compresses with the data-aware init, layer by layer: give --init data and "
+                          "--calib SRC")
+    if args.calib == "teacher-samples":
+        raise ConfigError("--sequential cannot sample text from a model it never holds whole: give --calib a text "
+                          "file or folder, a hub dataset or glue:<task>[:DIR]")
+    if args.num_labels is not None:
+        raise ConfigError("--sequential keeps the checkpoint's head: --num-labels is for the whole-model path")
+    tokens = DEFAULT_CALIB_TOKENS if args.calib_tokens is None else args.calib_tokens
+    if tokens < 1 or args.calib_seq_len < 2:
+        raise ConfigError(f"--calib-tokens must be >= 1 and --calib-seq-len >= 2, got {tokens} and "
+                          f"{args.calib_seq_len}")
+    lazy = LazyModel.open(src, task=args.task, device=pick_device(args.device), dtype=args.dtype)
+    plan = get_plan(args.plan, lazy.model.config)
+    fit, held = calibration_batches(lazy.model, load_tokenizer(src), args.calib, tokens, seq_len=args.calib_seq_len,
+                                    config_name=args.calib_config)
+
+    def bar(done, total):
+        if not args.json:
+            print(f"  layer {done}/{total} compressed", file=sys.stderr, flush=True)
+
+    model, report = sequential_compress(lazy, plan, fit, heldout=held, init="data", feed=args.feed or "teacher",
+                                        ridge=args.ridge, split=split, progress=bar)
+    return model, plan, report, report.calib
 
 
 # ----------------------------------------------------------------------------------------------- merge
