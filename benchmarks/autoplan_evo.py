@@ -129,9 +129,9 @@ def model_rows(m: dict, args) -> tuple[list[dict], dict]:
 
     teacher, stats, heldout = m["teacher"], m["stats"], m["heldout"]
     rows: list[dict] = []
-    t_q = quality_of = m["quality"](teacher)
+    t_q = m["quality"](teacher)
     rows.append({"model": m["name"], "group": "teacher", "plan": "teacher", "ratio": 1.0, "kl": 0.0,
-                 "quality": m["summary"](t_q)})
+                 "bytes": count_bytes(teacher), "quality": m["summary"](t_q)})
     c = Constraints(max_shapes=args.max_shapes, shapes_per_level=args.shapes_per_level)
     suites = [("ratio", ["kronecker", "lowrank"], [parse_budget(b) for b in args.evo_budgets.split(",") if b])]
     if args.evo_bytes:
@@ -195,7 +195,6 @@ def model_rows(m: dict, args) -> tuple[list[dict], dict]:
                              m["paired"](q, base), "cost": cost})
                 print(f"  {m['name']} {budget} {name}: KL {kl:.4f}, quality {rows[-1]['quality']:.2f}",
                       file=sys.stderr, flush=True)
-    del quality_of
     return rows, info
 
 
