@@ -75,6 +75,10 @@ def _analyze(args: argparse.Namespace) -> int:
     _print_left_out(left_out_line(marked, (args.x, "quality")))
     print(format_front_table(marked, x=args.x))
     _print_search_lines(summary)
+    from analysis.fidelity import rung_agreement_text
+
+    for name, table in (summary.agreement or {}).items():
+        print(f"{name}: {rung_agreement_text(table)}")
     _print_paths(written)
     return 0
 

@@ -65,6 +65,7 @@ class Summary(NamedTuple):
     reference: dict | None  # {"values": [x_ref, y_ref], "columns": [x, y], "directions": [...]} or None
     x: str
     y: str
+    agreement: dict | None = None  # search -> `analysis.fidelity.rung_agreement` table (only searches with one)
 
 
 def load_labelled(sources, labels: Sequence[str] | None = None) -> pd.DataFrame:
@@ -249,6 +250,10 @@ def analyze_with_summary(sources, out_dir, *, x: str = "params", y: str = "quali
         except DataError as exc:
             heatmap_note = f"no plan heat map: {exc}"
 
+    from analysis.fidelity import agreement_by_search
+    from analysis.results import load_history
+
+    summary = summary._replace(agreement=agreement_by_search(load_history(sources)))
     text = report_markdown(summary, title=title, images=[name for name in ("pareto.png", "plans_heatmap.png")
                                                          if name in written], note=heatmap_note)
     written["report.md"] = atomic_write_text(out / "report.md", text)
@@ -333,6 +338,18 @@ def report_markdown(summary: Summary, *, title: str | None = None, images: Seque
 
     lines += ["## Hypervolume", ""]
     lines += hypervolume_lines(stats, summary.reference, qname)
+
+    agreement = summary.agreement or {}
+    if agreement:
+        lines += ["## Short budgets against the longest", "",
+                  "How well each budget (training steps) ranked the trials that went on to the longest one: Spearman's "
+                  "rank correlation of their quality there with their quality at the end (p: two-sided).", ""]
+        for name, table in agreement.items():
+            rows = [[name, int(r["rung"]), int(r["top"]), int(r["trials"]),
+                     "n/a" if r["spearman"] is None else f"{r['spearman']:+.3f}",
+                     "n/a" if r["p"] is None else f"{r['p']:.2g}"] for _, r in table.iterrows()]
+            lines += md_table(["search", "step", "top step", "trials", "Spearman", "p"], rows,
+                               numeric=(1, 2, 3, 4, 5)) + [""]
 
     lines += ["## Failed trials", ""]
     failed = marked[marked["status"].isin(_FAILED).fillna(False)]
