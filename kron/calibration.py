@@ -200,6 +200,28 @@ class _Accumulator:
         self.count += x.shape[0]
 
 
+def input_rows(args, kwargs, mask: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer's input (its forward pre-hook's first argument) as rows (tokens x width), the positions where
+    `mask` (batch x positions) is 0 left out."""
+    x = (args[0] if args else next(iter(kwargs.values()))).detach()
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def module_stats(name: str, fit: "_Accumulator", heldout: "_Accumulator | None" = None) -> ModuleStats:
+    """One matrix's ModuleStats from its accumulated fit (and held-out) inputs; DataError when they are not
+    finite."""
+    count = max(fit.count, 1)
+    st = ModuleStats(S=(fit.S / count).cpu(), tokens=fit.count, mean=(fit.sum / count).cpu())
+    if heldout is not None:
+        st.S_heldout = (heldout.S / max(heldout.count, 1)).cpu()
+        st.heldout_tokens = heldout.count
+    if not torch.isfinite(st.S).all():
+        raise DataError(f"the model produced non-finite activations at {name} on the calibration data")
+    return st
+
+
 def _as_inputs(batch) -> tuple[dict, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):  # full blocks: an all-ones mask (no padding to leave out)
         return {"input_ids": batch, "attention_mask": torch.ones_like(batch)}, None
@@ -293,13 +315,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable, names: Iterable[str
             state = {"mask": None, "target": "fit"}
 
             def hook(module, args, kwargs, name):
-                x = args[0] if args else next(iter(kwargs.values()))
-                x = x.detach()
-                mask = state["mask"]
-                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                    x = x[mask.to(torch.bool)]
-                x = x.reshape(-1, x.shape[-1])
-                acc[(name, state["target"])].add(x)
+                acc[(name, state["target"])].add(input_rows(args, kwargs, state["mask"]))
 
             handles = []
             for n in group:
@@ -323,15 +339,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable, names: Iterable[str
                 for h in handles:
                     h.remove()
             for n in group:
-                a = acc.pop((n, "fit"))
-                count = max(a.count, 1)
-                st = ModuleStats(S=(a.S / count).cpu(), tokens=a.count, mean=(a.sum / count).cpu())
-                if heldout:
-                    h = acc.pop((n, "heldout"))
-                    st.S_heldout = (h.S / max(h.count, 1)).cpu()
-                    st.heldout_tokens = h.count
-                if not torch.isfinite(st.S).all():
-                    raise DataError(f"the model produced non-finite activations at {n} on the calibration data")
+                st = module_stats(n, acc.pop((n, "fit")), acc.pop((n, "heldout")) if heldout else None)
                 if directory is not None:
                     _write_module(directory, n, st)
                 else:

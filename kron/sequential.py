@@ -33,8 +33,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .calibration import (CalibStats, ModuleStats, _Accumulator, _as_inputs, _count_tokens, _in_features,
-                          linear_modules)
+from .calibration import (CalibStats, _Accumulator, _as_inputs, _count_tokens, _in_features, input_rows,
+                          linear_modules, module_stats)
 from .errors import CheckpointError, DataError, PlanError
 
 __all__ = ["LazyModel", "sequential_stats"]
@@ -222,11 +222,7 @@ def _collect_layer(lazy: LazyModel, i: int, inputs: dict, heldout: bool) -> tupl
     state = {"mask": None, "target": "fit"}
 
     def hook(module, args, kwargs, name):
-        x = (args[0] if args else next(iter(kwargs.values()))).detach()
-        mask = state["mask"]
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(torch.bool)]
-        acc[(name, state["target"])].add(x.reshape(-1, x.shape[-1]))
+        acc[(name, state["target"])].add(input_rows(args, kwargs, state["mask"]))
 
     handles = []
     for n, m in mods.items():
@@ -244,18 +240,7 @@ def _collect_layer(lazy: LazyModel, i: int, inputs: dict, heldout: bool) -> tupl
     finally:
         for h in handles:
             h.remove()
-    stats = {}
-    for n in mods:
-        a = acc.pop((n, "fit"))
-        count = max(a.count, 1)
-        st = ModuleStats(S=(a.S / count).cpu(), tokens=a.count, mean=(a.sum / count).cpu())
-        if heldout:
-            hacc = acc.pop((n, "heldout"))
-            st.S_heldout = (hacc.S / max(hacc.count, 1)).cpu()
-            st.heldout_tokens = hacc.count
-        if not torch.isfinite(st.S).all():
-            raise DataError(f"the model produced non-finite activations at {n} on the calibration data")
-        stats[n] = st
+    stats = {n: module_stats(n, acc.pop((n, "fit")), acc.pop((n, "heldout")) if heldout else None) for n in mods}
     return stats, outputs
 
 
