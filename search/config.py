@@ -66,10 +66,46 @@ class AshaConfig(Strict):
                                                   "to max_t, and their results still count in ASHA's rungs, so "
                                                   "sampled trials must match them to go on; false: ASHA stops seeds "
                                                   "like sampled trials")
+    rungs: list[int] | None = Field(None, min_length=2, description="explicit budgets (training steps) at which "
+                                   "trials are judged, increasing, the last the top budget every front plan is "
+                                   "trained to (e.g. [60, 200, 600]); replaces grace_period and max_t's geometric "
+                                   "rungs")
+    promote: float | None = Field(None, gt=0, lt=1, description="the share of a rung's trials that go on to the "
+                                                               "next (1 / reduction_factor; e.g. 0.33)")
     keep_front: bool = Field(True, description="a trial whose (quality, size) at a step is on the Pareto front of "
                                                "every result reported at that step is not stopped (ASHA ranks by "
                                                "quality within a size stratum and would stop a plan that extends the "
                                                "front); false: plain ASHA decisions")
+
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, v):
+        if v is not None and (any(r < 1 for r in v) or any(a >= b for a, b in zip(v, v[1:]))):
+            raise ValueError(f"rungs must be positive and increasing (the last the top budget), got {v}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit(cls, data):
+        """rungs set grace_period (the first) and max_t (the last); promote sets reduction_factor = 1 / promote."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        rungs, promote = data.get("rungs"), data.get("promote")
+        if isinstance(rungs, list) and len(rungs) >= 2 and all(isinstance(r, int) for r in rungs):
+            for key, implied in (("grace_period", rungs[0]), ("max_t", rungs[-1])):
+                if data.get(key) is not None and data[key] != implied:
+                    raise ValueError(f"{key} {data[key]} contradicts rungs {rungs} (whose first is the grace period "
+                                     "and last the top budget): give one of the two")
+                data[key] = implied
+        if isinstance(promote, (int, float)) and not isinstance(promote, bool) and 0 < promote < 1:
+            rf = data.get("reduction_factor")
+            if rf is not None and abs(float(rf) * promote - 1) > 1e-9:
+                raise ValueError(f"promote {promote} contradicts reduction_factor {rf} (promote = 1 / "
+                                 "reduction_factor): give one of the two")
+            data["reduction_factor"] = 1.0 / promote
+        return data
 
 
 class ResourcesConfig(Strict):
@@ -290,6 +326,11 @@ class SearchConfig(Strict):
             max_t = self.search.asha.max_t or final.max_steps
             if max_t < 1:
                 raise ValueError("search.asha: the final stage has max_steps 0, nothing to schedule; set asha: null")
+            rungs = self.search.asha.rungs
+            if rungs is not None and rungs[-1] > final.max_steps:
+                raise ValueError(f"search.asha.rungs: the top rung {rungs[-1]} is beyond the final stage's max_steps "
+                                 f"{final.max_steps}, so no trial would reach it; raise max_steps to {rungs[-1]} or "
+                                 "lower the rungs")
             if self.search.asha.grace_period > max_t:
                 raise ValueError(f"search.asha.grace_period {self.search.asha.grace_period} exceeds max_t {max_t} "
                                  "(the final stage's max_steps): no trial could ever be stopped early")
@@ -572,6 +613,9 @@ def config_fingerprint(cfg: SearchConfig) -> dict:
                 fp["seed_embedding"] = cfg.search.seed_embedding
             if cfg.search.seed_evolve is not None:  # absent otherwise: searches from before it resume unchanged
                 fp["seed_evolve"] = cfg.search.seed_evolve.model_dump(mode="json")
+    a = cfg.search.asha
+    if a is not None and a.rungs is not None:  # an explicit schedule (absent otherwise, as before it existed)
+        fp["asha_rungs"] = {"rungs": list(a.rungs), "reduction_factor": a.reduction_factor}
     return fp
 
 

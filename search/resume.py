@@ -116,6 +116,7 @@ def _check_fingerprint(cfg: SearchConfig, read, where: str) -> None:
         changed += ["search.seed_damage"] if fp.get("seed_damage") != new.get("seed_damage") else []
         changed += ["search.seed_embedding"] if fp.get("seed_embedding") != new.get("seed_embedding") else []
         changed += ["search.seed_evolve"] if fp.get("seed_evolve") != new.get("seed_evolve") else []
+        changed += ["search.asha.rungs"] if fp.get("asha_rungs") != new.get("asha_rungs") else []
         raise ConfigError(f"--resume: the {' and '.join(changed)} section(s) of the config changed since the search "
                           f"{cfg.name!r} started; resume with the original config, or start a new search with --name")
 

@@ -14,7 +14,7 @@ from .trainable import TIME_ATTR
 if TYPE_CHECKING:
     from .space import SearchSpace
 
-__all__ = ["ParetoAwareASHA", "SizeStratifiedASHA", "make_scheduler"]
+__all__ = ["ParetoAwareASHA", "SizeStratifiedASHA", "explicit_rungs", "make_scheduler", "milestones"]
 
 
 def _scheduler_base():
@@ -174,6 +174,23 @@ class ParetoAwareASHA(_Delegating):
                 f"{why.count('front')} trials on the front")
 
 
+def explicit_rungs(asha, rungs) -> None:
+    """Give each bracket of Ray's ASHAScheduler `asha` the milestones `rungs` (increasing steps, the last max_t) in
+    place of its geometric ones (grace_period x reduction_factor^k): a trial is judged at each of them against the
+    results recorded there, the best 1/reduction_factor going on."""
+    for bracket in asha._brackets:
+        bracket._rungs = [(int(r), {}) for r in reversed(list(rungs))]
+
+
+def milestones(sched) -> list[list[int]]:
+    """The milestones of every ASHA bracket under `sched` (for describing and testing a schedule)."""
+    found = []
+    for s in [getattr(sched, "inner", sched)]:
+        for a in getattr(s, "strata", [s]):
+            found += [sorted(int(m) for m, _ in b._rungs) for b in getattr(a, "_brackets", [])]
+    return found
+
+
 def make_scheduler(cfg: SearchConfig, space: SearchSpace):
     """FIFO without ASHA; plain ASHA for one size stratum; `SizeStratifiedASHA` otherwise; wrapped in
     `ParetoAwareASHA` for `asha.protect_seeds` (when the space has seed plans) and `asha.keep_front`. A trial that
@@ -189,8 +206,13 @@ def make_scheduler(cfg: SearchConfig, space: SearchSpace):
                   stop_last_trials=cfg.asha_max_t < cfg.final_stage_steps)
     if a.size_buckets == 1:
         sched = ASHAScheduler(**kwargs)
+        inner = [sched]
     else:  # latency is measured, not known in advance: cfg.size_metric stratifies by parameters then
         sched = SizeStratifiedASHA(space, size_metric=cfg.size_metric, n=a.size_buckets, **kwargs)
+        inner = sched.strata
+    if a.rungs is not None:
+        for s in inner:
+            explicit_rungs(s, a.rungs)
     protect = a.protect_seeds and bool(space.seeds)
     if protect or a.keep_front:
         sched = ParetoAwareASHA(sched, space, time_attr=TIME_ATTR, max_t=cfg.asha_max_t, metric="quality",
