@@ -127,6 +127,8 @@ def main(argv=None) -> int:
                         "ones alone")
     p.add_argument("--out", default=None, help="default runs/search_vs_presets[-minilm]")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--references", nargs="+", default=None, metavar="LABEL",
+                   help="only these references (e.g. teacher lowrank:2 kngpt2), for a quick check at another budget")
     args = p.parse_args(argv)
     minilm = resolve_teacher_args(args, "search_vs_presets")
     out = Path(args.out).resolve()
@@ -138,7 +140,8 @@ def main(argv=None) -> int:
         refs = out / "references"
         todo = {label: ({**evidence_trial(args), **patch}, refs / label.replace(":", "-"))
                 for label, patch in references(args.teacher).items()
-                if not (refs / label.replace(":", "-") / "trial_summary.json").is_file()}
+                if not (refs / label.replace(":", "-") / "trial_summary.json").is_file()
+                and (args.references is None or label in args.references)}
         if "teacher" in todo:
             todo["teacher"] = (_no_training(todo["teacher"][0]), todo["teacher"][1])
         _run_all(todo)
