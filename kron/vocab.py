@@ -270,4 +270,4 @@ DEMO = "demo"
 # The bundled teacher's release: 1 (40 minutes of training, under one epoch), 2 (retrained to convergence, its model
 # card says how). Searches record it (`search.config.config_fingerprint`), so one started with another release is not
 # resumed with this one: its trials would distil two different teachers into one front.
-DEMO_TEACHER_RELEASE = 1
+DEMO_TEACHER_RELEASE = 2
