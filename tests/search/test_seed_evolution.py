@@ -117,19 +117,24 @@ def test_evolved_seeds_have_a_lower_kl_than_the_knapsacks_and_are_cached(evo_set
 
 
 def test_a_search_of_another_demo_teacher_release_is_not_resumed(tmp_path, monkeypatch):
-    """Release 1 of the bundled teacher was never recorded: a search of it (no key) resumes while release 1 is
-    bundled, and is refused, naming both releases, once another one is; a search of a user's teacher is untouched."""
+    """Release 1 of the bundled teacher was never recorded: a search of it (no key) resumes only while release 1 is
+    bundled, and is refused, naming both releases, under release 2; a search of release 2 resumes; a search of a
+    user's teacher records no release."""
     import search.config as sc
+    from kron.vocab import DEMO_TEACHER_RELEASE
     from search.config import config_fingerprint
     from search.resume import _check_fingerprint
 
-    old = _cfg(tmp_path, **{"search.seed_plans": ["auto"]})
-    meta = json.dumps({"fingerprint": config_fingerprint(old)}).encode()
-    assert "demo_teacher_release" not in config_fingerprint(old)
-    _check_fingerprint(old, lambda: meta, "meta")
-    monkeypatch.setattr(sc, "DEMO_TEACHER_RELEASE", 2)
-    assert config_fingerprint(old)["demo_teacher_release"] == 2
+    assert DEMO_TEACHER_RELEASE == 2  # the bundled one (kron/demo_teacher/MODEL_CARD.md)
+    cfg = _cfg(tmp_path, **{"search.seed_plans": ["auto"]})
+    now = config_fingerprint(cfg)
+    assert now["demo_teacher_release"] == 2
+    _check_fingerprint(cfg, lambda: json.dumps({"fingerprint": now}).encode(), "meta")  # release 2: resumes
+    release1 = json.dumps({"fingerprint": {k: v for k, v in now.items() if k != "demo_teacher_release"}}).encode()
     with pytest.raises(ConfigError, match="release 1 of the bundled demo teacher; this kronsearch bundles release 2"):
-        _check_fingerprint(old, lambda: meta, "meta")
+        _check_fingerprint(cfg, lambda: release1, "meta")
+    monkeypatch.setattr(sc, "DEMO_TEACHER_RELEASE", 1)  # as the last release bundled it: the same search resumes
+    assert "demo_teacher_release" not in config_fingerprint(cfg)
+    _check_fingerprint(cfg, lambda: release1, "meta")
     mine = _cfg(tmp_path, **{"trial.teacher": "config:gpt2"})
     assert "demo_teacher_release" not in config_fingerprint(mine)
