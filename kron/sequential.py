@@ -173,13 +173,14 @@ def _layer_inputs(lazy: LazyModel, batches: list) -> list[tuple[list, dict, torc
         raise _Captured
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    no_cache = _takes_cache(lazy.model)  # no key/value cache of every layer for every batch
     out = []
     try:
         with torch.no_grad():
             for batch in batches:
                 kw, mask = _as_inputs(batch)
                 kw = {k: v.to(lazy.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-                if _takes_cache(lazy.model):  # no key/value cache of every layer for every batch
+                if no_cache:
                     kw.setdefault("use_cache", False)
                 got.clear()
                 try:
